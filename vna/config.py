@@ -1,0 +1,296 @@
+"""Configuration: TOML file, then ``VNA_*`` environment variables, then CLI flags.
+
+Parsed once into frozen dataclasses; each component receives its own slice.
+Nothing else in vna reads the environment or config files.
+
+Environment variables name a setting by its section and key in upper case,
+joined by ``_``: ``VNA_DICOM_PORT=11113``, ``VNA_INDEX_BACKEND=cassandra``,
+``VNA_INDEX_CASSANDRA_CONTACT_POINTS=10.0.0.1,10.0.0.2``, ``VNA_DATA_DIR=/srv/vna``
+(``archive`` keys may omit the section). Lists are comma separated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from vna.errors import ConfigError
+
+__all__ = [
+    "RemoteAE",
+    "DicomConfig",
+    "HotTierConfig",
+    "CassandraConfig",
+    "IndexConfig",
+    "ArchiveConfig",
+    "Config",
+    "load_config",
+]
+
+
+@dataclass(frozen=True)
+class RemoteAE:
+    """A DICOM peer the archive may connect to (C-MOVE destination, commitment reports)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """The DIMSE front-end."""
+
+    ae_title: str = "VNA"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aes: tuple[str, ...] = ()
+    max_associations: int = 32
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_pdu: int = 65536
+    workers: int = 1
+    remote: tuple[RemoteAE, ...] = ()
+
+    def find_remote(self, ae_title: str) -> RemoteAE | None:
+        """Return the configured peer with this AE title (trailing spaces ignored)."""
+        wanted = ae_title.strip()
+        for ae in self.remote:
+            if ae.ae_title == wanted:
+                return ae
+        return None
+
+
+@dataclass(frozen=True)
+class HotTierConfig:
+    """Hot replicas: N filesystem directories, write quorum W (0 means W = N)."""
+
+    replicas: tuple[str, ...] = ("hot/r1", "hot/r2")
+    write_quorum: int = 0
+    fsync: bool = True
+
+    @property
+    def quorum(self) -> int:
+        """The effective write quorum."""
+        return self.write_quorum or len(self.replicas)
+
+
+@dataclass(frozen=True)
+class CassandraConfig:
+    """Connection and schema settings of the Cassandra index."""
+
+    contact_points: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 9042
+    local_dc: str = "dc1"
+    keyspace: str = "vna"
+    replication: str = '{"dc1": 1}'
+    username: str = ""
+    password: str = ""
+    consistency: str = "LOCAL_QUORUM"
+    serial_consistency: str = "LOCAL_SERIAL"
+    request_timeout: float = 30.0
+    concurrency: int = 32
+
+    @property
+    def replication_map(self) -> dict[str, int]:
+        """The per-datacenter replication factors."""
+        try:
+            value = json.loads(self.replication)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"index.cassandra.replication is not JSON: {exc}") from exc
+        if not isinstance(value, dict) or not all(isinstance(v, int) for v in value.values()):
+            raise ConfigError('index.cassandra.replication must look like {"dc1": 3}')
+        return {str(k): int(v) for k, v in value.items()}
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which index backend, and its settings."""
+
+    backend: str = "sqlite"
+    sqlite_path: str = "index.sqlite"
+    migrate_on_start: bool = True
+    cassandra: CassandraConfig = field(default_factory=CassandraConfig)
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """Archive-wide policy."""
+
+    data_dir: str = "./vna-data"
+    duplicate_policy: str = "reject"  # or "version"
+    site_id: str = "local"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole effective configuration."""
+
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    hot: HotTierConfig = field(default_factory=HotTierConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        """The absolute data directory."""
+        return Path(self.archive.data_dir).expanduser().resolve()
+
+    def resolve(self, path: str) -> Path:
+        """A configured path, relative ones taken under the data directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.data_dir / p
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config as plain data (for ``vna config show``); secrets masked."""
+        data = dataclasses.asdict(self)
+        if data["index"]["cassandra"]["password"]:
+            data["index"]["cassandra"]["password"] = "***"
+        return data
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ) and isinstance(typ, type):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table")
+        return _build(typ, value, where)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list")
+        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: unsupported type")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be an integer, not {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, not {value!r}") from None
+    if typ is str:
+        if isinstance(value, dict):
+            return json.dumps(value)
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where} must be a string")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {typ!r}")
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{where}]: {', '.join(sorted(unknown))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Map ``VNA_SECTION_KEY`` variables onto the config tree."""
+    tree: dict[str, Any] = {}
+    paths: dict[str, tuple[str, ...]] = {}
+
+    def walk(cls: type[Any], prefix: tuple[str, ...]) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            if dataclasses.is_dataclass(typ):
+                walk(typ, prefix + (f.name,))
+            elif f.name != "remote":
+                paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
+
+    walk(Config, ())
+    for f in dataclasses.fields(ArchiveConfig):
+        paths[f.name.upper()] = ("archive", f.name)
+    for name, value in env.items():
+        if not name.startswith("VNA_"):
+            continue
+        path = paths.get(name[4:])
+        if path is None:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective config: defaults < TOML file < ``VNA_*`` env < overrides.
+
+    ``overrides`` is a nested mapping (from CLI flags). Raises ConfigError.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    if env:
+        data = _merge(data, _env_overrides(env))
+    if overrides:
+        data = _merge(data, overrides)
+    cfg: Config = _build(Config, data, "config")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    if not cfg.hot.replicas:
+        raise ConfigError("hot.replicas must name at least one replica directory")
+    if not 1 <= cfg.hot.quorum <= len(cfg.hot.replicas):
+        raise ConfigError(
+            f"hot.write_quorum must be between 1 and {len(cfg.hot.replicas)} (the replica count)"
+        )
+    if cfg.archive.duplicate_policy not in ("reject", "version"):
+        raise ConfigError("archive.duplicate_policy must be 'reject' or 'version'")
+    if cfg.index.backend not in ("sqlite", "cassandra"):
+        raise ConfigError("index.backend must be 'sqlite' or 'cassandra'")
+    if not 0 < cfg.dicom.port < 65536:
+        raise ConfigError("dicom.port must be between 1 and 65535")
+    ae = cfg.dicom.ae_title
+    if not ae or len(ae) > 16 or "\\" in ae or not ae.isprintable():
+        raise ConfigError("dicom.ae_title must be 1-16 printable characters")
+    if cfg.dicom.max_associations < 1 or cfg.dicom.workers < 1:
+        raise ConfigError("dicom.max_associations and dicom.workers must be >= 1")
+    cfg.index.cassandra.replication_map  # validates

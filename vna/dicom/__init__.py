@@ -1,0 +1,1 @@
+"""The DIMSE front-end (pynetdicom): thin handlers translating DIMSE <-> services."""

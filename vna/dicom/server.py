@@ -1,0 +1,418 @@
+"""The DIMSE server: one pynetdicom AE, handlers bound as data, each a thin translation.
+
+Services: Verification, Storage (every storage SOP class pynetdicom knows, all
+transfer syntaxes it knows, received to a spool file and never decoded),
+Patient/Study Root Query/Retrieve FIND/MOVE/GET, Storage Commitment Push Model.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from vna.archive import Archive
+from vna.config import DicomConfig
+from vna.dicom import status as st
+from vna.domain import QueryLevel
+from vna.errors import InvalidInput, VnaError
+from vna.services.retrieve import InstanceRef
+
+__all__ = ["DicomServer"]
+
+log = logging.getLogger(__name__)
+
+# Receive C-STORE datasets straight to a spool file (no decode), send retrieved
+# files without decoding them.
+_config.STORE_RECV_CHUNKED_DATASET = True
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+_UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, "1.2.840.10008.1.2.2"}
+_PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
+                 PatientRootQueryRetrieveInformationModelGet}
+_SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
+
+
+class FileBackedDataset(Dataset):  # type: ignore[misc]
+    """A placeholder yielded to pynetdicom's C-GET/C-MOVE loops for a stored file.
+
+    pynetdicom's retrieve loops accept only Datasets; :func:`_send_c_store`
+    recognises this class and sends the verified file's bytes unchanged.
+    """
+
+    def __init__(self, path: Path, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_uid
+        object.__setattr__(self, "vna_path", path)
+        object.__setattr__(self, "vna_ts", transfer_syntax_uid)
+
+
+_original_send_c_store = Association.send_c_store
+
+
+def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+    """Send a FileBackedDataset as raw file bytes (uncompressed fallback if its syntax was not accepted)."""
+    if isinstance(dataset, FileBackedDataset):
+        path: Path = dataset.vna_path
+        ts = dataset.vna_ts
+        has_cx = any(
+            cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == ts and cx.as_scu
+            for cx in self.accepted_contexts)
+        if has_cx or ts not in _UNCOMPRESSED:
+            return _original_send_c_store(self, path, *args, **kwargs)
+        return _original_send_c_store(self, dcmread(path), *args, **kwargs)
+    return _original_send_c_store(self, dataset, *args, **kwargs)
+
+
+Association.send_c_store = _send_c_store
+
+
+def _identifier_map(ds: Dataset) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for elem in ds:
+        kw = elem.keyword or keyword_for_tag(elem.tag)
+        if not kw or kw in _SKIP_KEYS or elem.tag.group in (0x0000, 0x0002):
+            continue
+        if elem.VR == "SQ":
+            out[kw] = ""
+            continue
+        value = elem.value
+        if value is None:
+            out[kw] = ""
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            out[kw] = "\\".join(str(v) for v in value)
+        else:
+            out[kw] = str(value)
+    return out
+
+
+def _response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
+    rsp = Dataset()
+    rsp.QueryRetrieveLevel = level
+    non_ascii = False
+    for kw, value in row.items():
+        tag = tag_for_keyword(kw)
+        if tag is None:
+            continue
+        vr = requested[tag].VR if tag in requested else dictionary_VR(tag)
+        if vr == "SQ":
+            rsp.add_new(tag, "SQ", [])
+            continue
+        if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
+            try:
+                rsp.add_new(tag, vr, int(value) if vr not in ("FL", "FD") else float(value))
+            except ValueError:
+                rsp.add_new(tag, vr, None)
+            continue
+        if vr in ("IS", "DS") and value == "":
+            rsp.add_new(tag, vr, None)
+            continue
+        if not value.isascii():
+            non_ascii = True
+        rsp.add_new(tag, vr, value.split("\\") if "\\" in value and vr not in ("LT", "ST", "UT") else value)
+    if non_ascii or "SpecificCharacterSet" in requested:
+        rsp.SpecificCharacterSet = "ISO_IR 192"
+    return rsp
+
+
+class DicomServer:
+    """Runs the archive's DIMSE services on one port."""
+
+    def __init__(self, archive: Archive, cfg: DicomConfig) -> None:
+        self.archive = archive
+        self.cfg = cfg
+        self.ae = self._build_ae()
+        self._server: ThreadedAssociationServer | None = None
+        self._inflight = 0
+        self._idle = threading.Condition()
+
+    def _build_ae(self) -> AE:
+        cfg = self.cfg
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.acse_timeout = cfg.acse_timeout
+        ae.dimse_timeout = cfg.dimse_timeout
+        ae.network_timeout = cfg.network_timeout
+        ae.maximum_pdu_size = cfg.max_pdu
+        if cfg.allowed_calling_aes:
+            ae.require_calling_aet = list(cfg.allowed_calling_aes)
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        for uid in (
+            PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
+            PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet,
+            StorageCommitmentPushModel,
+        ):
+            ae.add_supported_context(uid)
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """The event bindings (data, not code paths)."""
+        return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_C_ECHO, lambda event: st.SUCCESS),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_N_ACTION, self.on_n_action),
+        ]
+
+    def start(self) -> ThreadedAssociationServer:
+        """Listen in background threads; returns the server."""
+        self._server = self.ae.start_server(
+            (self.cfg.host, self.cfg.port), block=False, evt_handlers=self.handlers())
+        return self._server
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let running C-STOREs finish (up to ``grace`` s), abort the associations.
+
+        An instance whose store finishes after its association was aborted is
+        complete in the archive but unacknowledged; the sender's retry is
+        idempotent.
+        """
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
+        self.ae.shutdown()
+
+    # -- handlers ------------------------------------------------------------
+    @staticmethod
+    def _on_conn_open(event: evt.Event) -> None:
+        try:
+            sock = event.assoc.dul.socket.socket
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError) as exc:
+            log.debug("could not set TCP_NODELAY: %s", exc)
+
+    def on_store(self, event: evt.Event) -> Dataset:
+        """C-STORE: ingest the spooled file; Success only once durable and indexed."""
+        req = event.request
+        calling = event.assoc.requestor.ae_title.strip()
+        rsp = Dataset()
+        with self._idle:
+            self._inflight += 1
+        try:
+            self.archive.ingest.ingest_file(
+                Path(event.dataset_path), source_ae=calling,
+                expected_sop_uid=str(req.AffectedSOPInstanceUID),
+                expected_sop_class=str(req.AffectedSOPClassUID),
+            )
+            rsp.Status = st.SUCCESS
+        except VnaError as exc:
+            rsp.Status = st.status_for(exc)
+            rsp.ErrorComment = str(exc)[:64]
+            log.warning("C-STORE from %s refused (0x%04X): %s", calling, rsp.Status, exc)
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+        return rsp
+
+    def _level(self, event: evt.Event) -> tuple[QueryLevel, Dataset]:
+        ds = event.identifier
+        level = str(ds.get("QueryRetrieveLevel", "")).strip().upper()
+        try:
+            qlevel = QueryLevel(level)
+        except ValueError:
+            raise InvalidInput(f"QueryRetrieveLevel {level!r} is not PATIENT/STUDY/SERIES/IMAGE") from None
+        model = event.request.AffectedSOPClassUID
+        if qlevel is QueryLevel.PATIENT and model not in _PATIENT_ROOT:
+            raise InvalidInput("PATIENT level needs the Patient Root information model")
+        return qlevel, ds
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """C-FIND: one pending response per match."""
+        try:
+            level, ds = self._level(event)
+        except (InvalidInput, AttributeError, ValueError) as exc:
+            log.warning("C-FIND refused: %s", exc)
+            yield st.IDENTIFIER_MISMATCH, None
+            return
+        try:
+            for row in self.archive.query.find(level, _identifier_map(ds)):
+                if event.is_cancelled:
+                    yield st.CANCEL, None
+                    return
+                yield st.PENDING, _response(level.value, row, ds)
+        except VnaError as exc:
+            log.error("C-FIND failed: %s", exc)
+            yield st.status_for(exc), None
+
+    def _select(self, event: evt.Event) -> list[InstanceRef]:
+        level, ds = self._level(event)
+        ident = _identifier_map(ds)
+        conds = self.archive.query.conditions(level, ident)
+        if not conds:
+            raise InvalidInput("a retrieve needs at least one unique key")
+        return self.archive.retrieve.select(level, conds)
+
+    def _suboperations(self, event: evt.Event, refs: list[InstanceRef]) -> Iterator[tuple[int, Dataset | None]]:
+        for ref in refs:
+            if event.is_cancelled:
+                yield st.CANCEL, None
+                return
+            try:
+                with self.archive.retrieve.open_verified(ref.sop_uid) as inst:
+                    yield st.PENDING, FileBackedDataset(inst.path, ref.sop_class_uid, ref.sop_uid,
+                                                        ref.transfer_syntax_uid)
+            except VnaError as exc:
+                log.error("retrieve of %s failed: %s", ref.sop_uid, exc)
+                yield st.PENDING, Dataset()  # not a FileBackedDataset: counted as a failed sub-operation
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        """C-GET: C-STORE sub-operations on the same association."""
+        try:
+            refs = self._select(event)
+        except (InvalidInput, AttributeError, ValueError) as exc:
+            log.warning("C-GET refused: %s", exc)
+            yield 0
+            yield st.IDENTIFIER_MISMATCH, None
+            return
+        except VnaError as exc:
+            yield 0
+            yield st.status_for(exc), None
+            return
+        yield len(refs)
+        yield from self._suboperations(event, refs)
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        """C-MOVE: C-STORE sub-operations on a new association to a configured destination."""
+        dest_ae = event.move_destination
+        dest_name = (dest_ae.decode("ascii", "replace") if isinstance(dest_ae, bytes) else str(dest_ae)).strip()
+        remote = self.cfg.find_remote(dest_name)
+        if remote is None:
+            log.warning("C-MOVE to unknown destination %r refused", dest_name)
+            yield None, None
+            return
+        try:
+            refs = self._select(event)
+        except (InvalidInput, AttributeError, ValueError) as exc:
+            log.warning("C-MOVE refused: %s", exc)
+            yield remote.host, remote.port
+            yield 0
+            yield st.IDENTIFIER_MISMATCH, None
+            return
+        except VnaError as exc:
+            yield remote.host, remote.port
+            yield 0
+            yield st.status_for(exc), None
+            return
+        yield remote.host, remote.port, {"contexts": _contexts_for(refs)}
+        yield len(refs)
+        yield from self._suboperations(event, refs)
+
+    def on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """Storage Commitment request: answer now, send the N-EVENT-REPORT on a new association."""
+        req = event.request
+        if req.RequestedSOPClassUID != StorageCommitmentPushModel or req.ActionTypeID != 1:
+            return 0x0123, None  # no such action
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            info = event.action_information
+            transaction_uid = str(info.TransactionUID)
+            items = [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID))
+                     for i in info.ReferencedSOPSequence]
+        except (AttributeError, ValueError, TypeError) as exc:
+            log.warning("Storage Commitment request from %s is malformed: %s", calling, exc)
+            return 0x0115, None  # invalid argument value
+        remote = self.cfg.find_remote(calling)
+        if remote is None:
+            log.warning("Storage Commitment from %s: calling AE is not a configured remote", calling)
+            return 0x0213, None  # resource limitation: nowhere to send the report
+        threading.Thread(
+            target=self._commitment_report, args=(transaction_uid, items, remote.host, remote.port, calling),
+            name=f"vna-commit-{transaction_uid[-8:]}", daemon=True,
+        ).start()
+        return st.SUCCESS, None
+
+    def _commitment_report(self, transaction_uid: str, items: list[tuple[str, str]],
+                           host: str, port: int, ae_title: str) -> None:
+        ok: list[Dataset] = []
+        failed: list[Dataset] = []
+        for cls, uid in items:
+            item = Dataset()
+            item.ReferencedSOPClassUID = cls
+            item.ReferencedSOPInstanceUID = uid
+            try:
+                committed = self.archive.is_committed(uid, cls)
+            except VnaError as exc:
+                log.error("commitment check of %s failed: %s", uid, exc)
+                committed = False
+            if committed:
+                ok.append(item)
+            else:
+                item.FailureReason = 0x0112  # no such object instance
+                failed.append(item)
+        report = Dataset()
+        report.TransactionUID = transaction_uid
+        report.RetrieveAETitle = self.cfg.ae_title
+        if ok:
+            report.ReferencedSOPSequence = ok
+        if failed:
+            report.FailedSOPSequence = failed
+        event_type = 2 if failed else 1
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.acse_timeout = self.cfg.acse_timeout
+        ae.dimse_timeout = self.cfg.dimse_timeout
+        ae.network_timeout = self.cfg.network_timeout
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate(host, port, ae_title=ae_title)
+        if not assoc.is_established:
+            log.error("Storage Commitment report %s: cannot associate with %s", transaction_uid, ae_title)
+            return
+        try:
+            status, _ = assoc.send_n_event_report(
+                report, event_type, StorageCommitmentPushModel, UID("1.2.840.10008.1.20.1.1"))
+            log.info("Storage Commitment report %s to %s: %d committed, %d failed (status %s)",
+                     transaction_uid, ae_title, len(ok), len(failed),
+                     f"0x{status.Status:04X}" if status and "Status" in status else "none")
+        finally:
+            assoc.release()
+
+
+def _contexts_for(refs: list[InstanceRef]) -> list[PresentationContext]:
+    """Storage contexts for a C-MOVE sub-association.
+
+    One context per (SOP class, stored transfer syntax), so a compressed
+    instance is never negotiated down to a syntax it cannot be sent in;
+    uncompressed syntaxes also offer the other uncompressed ones.
+    """
+    seen: set[tuple[str, str]] = set()
+    contexts = []
+    for r in refs:
+        if (r.sop_class_uid, r.transfer_syntax_uid) in seen:
+            continue
+        seen.add((r.sop_class_uid, r.transfer_syntax_uid))
+        syntaxes = [r.transfer_syntax_uid]
+        if r.transfer_syntax_uid in _UNCOMPRESSED:
+            syntaxes += [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts not in syntaxes]
+        contexts.append(build_context(r.sop_class_uid, syntaxes))
+    return contexts[:128]

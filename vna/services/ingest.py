@@ -1,0 +1,166 @@
+"""IngestService: one path for every way an instance enters the archive.
+
+Sequence (architecture §5): hash the spooled Part 10 file -> parse the header
+only -> validate UIDs -> duplicate policy -> write N hot replicas in parallel
+(quorum W) -> register instance + placements in the index as one unit ->
+return. Any failure before registration deletes what was written; nothing is
+half-registered. Pixel data is never decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+
+from vna.checksum import sha256_file
+from vna.domain import InstanceRecord, PlacementState, QueryLevel, validate_uid
+from vna.errors import DuplicateConflict, InvalidDataset, StateConflict
+from vna.index.base import Index
+from vna.index.query import LEVEL_KEYS
+from vna.storage.accessor import TierAccessor, iter_file
+
+__all__ = ["IngestResult", "IngestService"]
+
+log = logging.getLogger(__name__)
+
+_ATTR_KEYS = tuple(k for lv in QueryLevel for k in LEVEL_KEYS[lv])
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one instance. ``duplicate``: identical bytes were already stored."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    version: int
+    content_sha256: str
+    size: int
+    duplicate: bool
+    missing_replicas: tuple[str, ...] = ()
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip(" \x00")
+
+
+@dataclass(frozen=True)
+class _Header:
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    attrs: dict[str, str]
+
+
+def read_header(path: Path) -> _Header:
+    """Parse and validate the header of a Part 10 file (pixel data is not read)."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        meta = ds.file_meta
+        ts = _text(meta.get("TransferSyntaxUID"))
+        attrs: dict[str, str] = {}
+        for kw in _ATTR_KEYS:
+            if kw in ds:
+                attrs[kw] = _text(ds[kw].value)
+        sop = ds.get("SOPInstanceUID")
+        cls = ds.get("SOPClassUID")
+        study = ds.get("StudyInstanceUID")
+        series = ds.get("SeriesInstanceUID")
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error) as exc:
+        raise InvalidDataset(f"dataset cannot be parsed: {exc}") from exc
+    except OSError as exc:
+        raise InvalidDataset(f"dataset cannot be read: {exc}") from exc
+    return _Header(
+        sop_uid=validate_uid(sop, "SOPInstanceUID"),
+        sop_class_uid=validate_uid(cls, "SOPClassUID"),
+        study_uid=validate_uid(study, "StudyInstanceUID"),
+        series_uid=validate_uid(series, "SeriesInstanceUID"),
+        transfer_syntax_uid=validate_uid(ts, "TransferSyntaxUID"),
+        attrs=attrs,
+    )
+
+
+class IngestService:
+    """Stores Part 10 files in the hot tier and registers them in the index."""
+
+    def __init__(self, index: Index, hot: TierAccessor, duplicate_policy: str = "reject") -> None:
+        self.index = index
+        self.hot = hot
+        self.duplicate_policy = duplicate_policy
+
+    def ingest_file(
+        self,
+        path: Path,
+        *,
+        source_ae: str = "",
+        expected_sop_uid: str | None = None,
+        expected_sop_class: str | None = None,
+    ) -> IngestResult:
+        """Store the Part 10 file at ``path`` (which the caller owns and may delete after).
+
+        Returns only once the bytes are on at least W replicas and indexed.
+        Raises InvalidInput, DuplicateConflict, QuorumNotMet/StorageError,
+        IndexUnavailable; on any raise nothing new is stored or registered.
+        """
+        content_sha256, size = sha256_file(path)
+        h = read_header(path)
+        if expected_sop_uid is not None and h.sop_uid != expected_sop_uid.strip("\x00 "):
+            raise InvalidDataset(
+                f"SOPInstanceUID in the dataset ({h.sop_uid}) differs from the request ({expected_sop_uid})")
+        if expected_sop_class is not None and h.sop_class_uid != expected_sop_class.strip("\x00 "):
+            raise InvalidDataset(
+                f"SOPClassUID in the dataset ({h.sop_class_uid}) differs from the request ({expected_sop_class})")
+        for _attempt in range(5):
+            existing = self.index.get_instance(h.sop_uid)
+            if existing is not None and existing.content_sha256 == content_sha256:
+                return IngestResult(h.sop_uid, h.sop_class_uid, h.study_uid, existing.version,
+                                    content_sha256, size, duplicate=True)
+            if existing is not None and self.duplicate_policy == "reject":
+                raise DuplicateConflict(
+                    f"SOP Instance {h.sop_uid} is already stored with different content")
+            version = 1 if existing is None else existing.version + 1
+            try:
+                return self._store(path, h, version, content_sha256, size, source_ae)
+            except StateConflict:
+                log.info("concurrent store of %s version %d; re-checking", h.sop_uid, version)
+                continue
+        raise DuplicateConflict(f"SOP Instance {h.sop_uid} is being stored concurrently; retry")
+
+    def _store(self, path: Path, h: _Header, version: int, sha: str, size: int, source_ae: str) -> IngestResult:
+        key = f"{h.study_uid}/{h.series_uid}/{h.sop_uid}.v{version}.{uuid.uuid4().hex[:12]}.dcm"
+        t0 = time.monotonic()
+        writes = self.hot.write(key, lambda: iter_file(str(path)), sha)
+        now = time.time()
+        placements = self.hot.placements(
+            writes, sop_uid=h.sop_uid, version=version, content_sha256=sha, content_size=size, now=now)
+        record = InstanceRecord(
+            sop_uid=h.sop_uid, series_uid=h.series_uid, study_uid=h.study_uid, sop_class_uid=h.sop_class_uid,
+            transfer_syntax_uid=h.transfer_syntax_uid, version=version, content_sha256=sha,
+            content_size=size, received_at=now, source_ae=source_ae, attrs=h.attrs,
+        )
+        written = [w.store_id for w in writes if w.ok]
+        try:
+            self.index.register(record, placements)
+        except BaseException:
+            self.hot.delete_all(key, written)
+            raise
+        missing = tuple(p.store_id for p in placements if p.state is PlacementState.MISSING)
+        if missing:
+            log.warning("instance %s stored with replicas missing on %s", h.sop_uid, ",".join(missing))
+        log.debug("stored %s v%d (%d bytes) in %.1f ms", h.sop_uid, version, size, (time.monotonic() - t0) * 1e3)
+        return IngestResult(h.sop_uid, h.sop_class_uid, h.study_uid, version, sha, size, False, missing)

@@ -1,0 +1,134 @@
+"""RetrieveService: find the instances to send and hand out verified copies.
+
+Copies are tried in tier order (cache, hot, cold). Each is verified against its
+recorded digests before it is handed out; a copy that fails is marked CORRUPT
+(or MISSING) in the index, quarantined, and the next copy is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from vna.checksum import sha256_file
+from vna.domain import Placement, PlacementState, QueryLevel, Tier
+from vna.errors import BlobNotFound, IntegrityError, LastVerifiedCopyLost, NotFound, StorageError
+from vna.index.base import Index
+from vna.index.query import Condition
+from vna.storage.accessor import TierAccessor
+from vna.storage.base import LocalPathStore
+
+__all__ = ["VerifiedInstance", "InstanceRef", "RetrieveService"]
+
+log = logging.getLogger(__name__)
+
+_TIER_ORDER = {Tier.CACHE: 0, Tier.HOT: 1, Tier.COLD: 2}
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """An instance selected for retrieval."""
+
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass(frozen=True)
+class VerifiedInstance:
+    """A local file whose bytes were just verified against the index digests."""
+
+    path: Path
+    sop_uid: str
+    content_sha256: str
+    size: int
+
+
+class RetrieveService:
+    """Reads instances back, verifying every byte."""
+
+    def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], spool_dir: Path) -> None:
+        self.index = index
+        self.tiers = tiers
+        self.spool_dir = spool_dir
+        spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def select(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRef]:
+        """Instances under the matching entities, in a stable order."""
+        rows = self.index.find(QueryLevel.IMAGE, conditions)
+        refs = [InstanceRef(r["SOPInstanceUID"], r["SOPClassUID"], r["TransferSyntaxUID"]) for r in rows]
+        return sorted(refs, key=lambda r: r.sop_uid)
+
+    @contextmanager
+    def open_verified(self, sop_uid: str) -> Iterator[VerifiedInstance]:
+        """Yield a verified local copy of the current version of ``sop_uid``.
+
+        Raises NotFound if the instance is unknown and LastVerifiedCopyLost if
+        no recorded copy verifies.
+        """
+        placements = [p for p in self.index.placements(sop_uid) if p.state is PlacementState.OK]
+        if not placements and self.index.get_instance(sop_uid) is None:
+            raise NotFound(f"instance {sop_uid} is not in the archive")
+        placements.sort(key=lambda p: (_TIER_ORDER[p.tier], p.store_id))
+        for p in placements:
+            found = self._verify(p)
+            if found is None:
+                continue
+            path, is_temp = found
+            try:
+                yield VerifiedInstance(path, sop_uid, p.content_sha256, p.content_size)
+            finally:
+                if is_temp:
+                    path.unlink(missing_ok=True)
+            return
+        raise LastVerifiedCopyLost(f"no copy of instance {sop_uid} verifies")
+
+    def _verify(self, p: Placement) -> tuple[Path, bool] | None:
+        """A verified local file for the placement (and whether it is a temp copy), or None."""
+        accessor = self.tiers.get(p.tier)
+        if accessor is None:
+            return None
+        try:
+            store = accessor.store(p.store_id)
+        except KeyError:
+            return None
+        tmp: Path | None = None
+        try:
+            if p.codec == "identity" and p.offset is None and isinstance(store, LocalPathStore):
+                path = store.local_path(p.blob_key)
+                try:
+                    sha, size = sha256_file(path)
+                except FileNotFoundError:
+                    raise BlobNotFound(f"{p.store_id}:{p.blob_key} not found") from None
+                except OSError as exc:
+                    raise StorageError(f"{p.store_id}:{p.blob_key}: {exc.strerror}") from exc
+                if sha != p.content_sha256 or size != p.content_size:
+                    raise IntegrityError(f"{p.store_id}:{p.blob_key} content digest mismatch")
+                return path, False
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".dcm")
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as fh:
+                accessor.read_verified(p, fh.write)
+            return tmp, True
+        except IntegrityError as exc:
+            self._mark(p, PlacementState.CORRUPT, str(exc))
+            try:
+                store.quarantine(p.blob_key)
+            except StorageError as qexc:
+                log.error("could not quarantine %s:%s: %s", p.store_id, p.blob_key, qexc)
+        except BlobNotFound as exc:
+            self._mark(p, PlacementState.MISSING, str(exc))
+        except StorageError as exc:
+            log.warning("copy of %s on %s unreadable: %s", p.sop_uid, p.store_id, exc)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        return None
+
+    def _mark(self, p: Placement, state: PlacementState, why: str) -> None:
+        log.error("placement %s on %s is %s: %s", p.sop_uid, p.store_id, state.value, why)
+        self.index.transition(p, state)

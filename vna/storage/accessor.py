@@ -1,0 +1,140 @@
+"""TierAccessor: one tier's replicas seen as one — codec, digests, parallel writes, quorum.
+
+Adapters below stay dumb; everything that checks bytes lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+from vna.checksum import HashingIterator
+from vna.codec import Codec, get_codec
+from vna.domain import Placement, PlacementState, Tier
+from vna.errors import IntegrityError, QuorumNotMet, StorageError, VnaError
+from vna.storage.base import BlobStore
+
+__all__ = ["ReplicaWrite", "TierAccessor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaWrite:
+    """Outcome of writing one replica."""
+
+    store_id: str
+    key: str
+    ok: bool
+    stored_sha256: str = ""
+    stored_size: int = 0
+    error: str = ""
+
+
+class TierAccessor:
+    """Writes to and reads from the BlobStores of one tier.
+
+    ``write`` fans the bytes out to every replica in parallel, verifies that
+    each replica received exactly the content digest, and succeeds when at
+    least ``quorum`` replicas hold the bytes durably. Below quorum it deletes
+    what it wrote (compensation) and raises QuorumNotMet.
+    """
+
+    def __init__(self, tier: Tier, stores: Sequence[BlobStore], quorum: int, codec: Codec) -> None:
+        self.tier = tier
+        self.stores = list(stores)
+        self.quorum = quorum
+        self.codec = codec
+        self._pool = ThreadPoolExecutor(max_workers=max(2, 4 * len(self.stores)), thread_name_prefix=f"vna-{tier.value}")
+
+    def close(self) -> None:
+        """Stop the writer threads."""
+        self._pool.shutdown(wait=True)
+
+    def store(self, store_id: str) -> BlobStore:
+        """The store with this id (KeyError if unknown)."""
+        for s in self.stores:
+            if s.store_id == store_id:
+                return s
+        raise KeyError(store_id)
+
+    def _write_one(
+        self, store: BlobStore, key: str, source: Callable[[], Iterable[bytes]], content_sha256: str
+    ) -> ReplicaWrite:
+        content = HashingIterator(source())
+        stored = HashingIterator(self.codec.encode(content))
+        try:
+            store.put(key, stored)
+        except VnaError as exc:
+            log.warning("replica %s failed to write %s: %s", store.store_id, key, exc)
+            return ReplicaWrite(store.store_id, key, False, error=str(exc))
+        if content.hexdigest() != content_sha256:
+            store.delete(key)
+            return ReplicaWrite(store.store_id, key, False, error="content changed while writing")
+        return ReplicaWrite(store.store_id, key, True, stored.hexdigest(), stored.size)
+
+    def write(
+        self, key: str, source: Callable[[], Iterable[bytes]], content_sha256: str
+    ) -> list[ReplicaWrite]:
+        """Write ``source()`` to every replica under ``key``; raise QuorumNotMet below quorum."""
+        futures = [self._pool.submit(self._write_one, s, key, source, content_sha256) for s in self.stores]
+        results = [f.result() for f in futures]
+        ok = [r for r in results if r.ok]
+        if len(ok) < self.quorum:
+            self.delete_all(key, [r.store_id for r in ok])
+            errors = "; ".join(f"{r.store_id}: {r.error}" for r in results if not r.ok)
+            raise QuorumNotMet(f"{len(ok)} of {len(self.stores)} replicas written, {self.quorum} required ({errors})")
+        return results
+
+    def delete_all(self, key: str, store_ids: Iterable[str]) -> None:
+        """Best-effort compensating delete of ``key`` on the given stores."""
+        for sid in store_ids:
+            try:
+                self.store(sid).delete(key)
+            except StorageError as exc:
+                log.error("compensating delete of %s on %s failed: %s", key, sid, exc)
+
+    def placements(
+        self, writes: Sequence[ReplicaWrite], *, sop_uid: str, version: int, content_sha256: str,
+        content_size: int, now: float | None = None,
+    ) -> list[Placement]:
+        """Placement records for a write: OK for replicas that took it, MISSING for the others."""
+        ts = time.time() if now is None else now
+        return [
+            Placement(
+                sop_uid=sop_uid, version=version, tier=self.tier, store_id=w.store_id, blob_key=w.key,
+                codec=self.codec.name, content_sha256=content_sha256, content_size=content_size,
+                stored_sha256=w.stored_sha256, stored_size=w.stored_size,
+                state=PlacementState.OK if w.ok else PlacementState.MISSING,
+                created_at=ts, verified_at=ts if w.ok else None,
+            )
+            for w in writes
+        ]
+
+    def read_verified(self, placement: Placement, sink: Callable[[bytes], object]) -> None:
+        """Stream the placement's original bytes into ``sink``; raise IntegrityError on any mismatch.
+
+        The caller must not trust what reached ``sink`` unless this returns.
+        """
+        store = self.store(placement.store_id)
+        stored = HashingIterator(store.open(placement.blob_key, placement.offset or 0, placement.length))
+        content = HashingIterator(get_codec(placement.codec).decode(stored))
+        for data in content:
+            sink(data)
+        if stored.hexdigest() != placement.stored_sha256 or stored.size != placement.stored_size:
+            raise IntegrityError(
+                f"{placement.store_id}:{placement.blob_key} stored digest mismatch "
+                f"(size {stored.size}, expected {placement.stored_size})")
+        if content.hexdigest() != placement.content_sha256 or content.size != placement.content_size:
+            raise IntegrityError(f"{placement.store_id}:{placement.blob_key} content digest mismatch")
+
+
+def iter_file(path: str) -> Iterator[bytes]:
+    """Chunks of a local file (used as a replayable write source)."""
+    from vna.checksum import read_chunks
+
+    with open(path, "rb") as fh:
+        yield from read_chunks(fh)

@@ -1,0 +1,174 @@
+"""FilesystemBlobStore: one directory, atomic create-new writes with fsync."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+from vna.checksum import read_chunks
+from vna.domain import BlobStat
+from vna.errors import BlobExists, BlobNotFound, StorageUnavailable
+from vna.storage.base import safe_key
+
+__all__ = ["FilesystemBlobStore"]
+
+_TMP = ".tmp"
+_QUARANTINE = ".quarantine"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemBlobStore:
+    """Blobs as files under ``root``.
+
+    ``put`` writes ``root/.tmp/<random>``, fsyncs it, hard-links it to the final
+    path (the link fails if the key exists: create-new), removes the temp name
+    and fsyncs the directories it touched. A crash leaves at most a temp file,
+    never a partial blob under a key.
+    """
+
+    def __init__(self, store_id: str, root: Path, *, fsync: bool = True) -> None:
+        self.store_id = store_id
+        self.root = Path(root)
+        self.fsync = fsync
+        try:
+            (self.root / _TMP).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"{store_id}: cannot create {self.root}: {exc.strerror}") from exc
+
+    def __repr__(self) -> str:
+        return f"FilesystemBlobStore({self.store_id!r}, {str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / safe_key(key)
+
+    def local_path(self, key: str) -> Path:
+        """The file holding ``key``."""
+        return self._path(key)
+
+    def _makedirs(self, directory: Path) -> None:
+        missing: list[Path] = []
+        d = directory
+        while not d.exists() and d != self.root:
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            if self.fsync:
+                _fsync_dir(d.parent)
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> BlobStat:
+        final = self._path(key)
+        tmp = self.root / _TMP / f"{uuid.uuid4().hex}.part"
+        size = 0
+        try:
+            if final.exists():
+                raise BlobExists(f"{self.store_id}: {key} already exists")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for data in chunks:
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                    size += len(data)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._makedirs(final.parent)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                raise BlobExists(f"{self.store_id}: {key} already exists") from None
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        return BlobStat(key=key, size=size)
+
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"{self.store_id}: {key} not found") from None
+        except OSError as exc:
+            raise StorageUnavailable(f"{self.store_id}: cannot read {key}: {exc.strerror}") from exc
+        return self._read(fh, key, offset, length)
+
+    def _read(self, fh: BinaryIO, key: str, offset: int, length: int | None) -> Iterator[bytes]:
+        with fh:
+            try:
+                if offset:
+                    fh.seek(offset)
+                yield from read_chunks(fh, length)
+            except OSError as exc:
+                raise StorageUnavailable(f"{self.store_id}: cannot read {key}: {exc.strerror}") from exc
+
+    def stat(self, key: str) -> BlobStat:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            raise BlobNotFound(f"{self.store_id}: {key} not found") from None
+        except OSError as exc:
+            raise StorageUnavailable(f"{self.store_id}: cannot stat {key}: {exc.strerror}") from exc
+        return BlobStat(key=key, size=st.st_size)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageUnavailable(f"{self.store_id}: cannot delete {key}: {exc.strerror}") from exc
+        if self.fsync:
+            try:
+                _fsync_dir(path.parent)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise StorageUnavailable(f"{self.store_id}: fsync after delete: {exc.strerror}") from exc
+
+    def quarantine(self, key: str) -> str:
+        src = self._path(key)
+        qkey = f"{_QUARANTINE}/{key}.{int(time.time())}.{uuid.uuid4().hex[:8]}"
+        dst = self.root / qkey
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+        except FileNotFoundError:
+            raise BlobNotFound(f"{self.store_id}: {key} not found") from None
+        except OSError as exc:
+            raise StorageUnavailable(f"{self.store_id}: cannot quarantine {key}: {exc.strerror}") from exc
+        return qkey
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            if rel == ".":
+                dirnames[:] = [d for d in dirnames if d not in (_TMP, _QUARANTINE)]
+                rel = ""
+            dirnames.sort()
+            for name in sorted(filenames):
+                key = f"{rel}/{name}" if rel else name
+                if key.startswith(prefix):
+                    yield key
