@@ -312,6 +312,9 @@ def jvm_command(node: Node, lib: Path, java: str, heap_max: str, fast_unsafe: bo
         raise LaunchError(f"no jamm-*.jar in {lib}; run fetch again")
     h = node.home
     cmd = [java, *_JVM_BASE, "-Xms256m", f"-Xmx{heap_max}"]
+    major = _java_major(java)
+    if major is not None and 18 <= major <= 23:  # 24+ cannot run Cassandra 5.0 at all
+        cmd.append("-Djava.security.manager=allow")
     for e in _ADD_EXPORTS:
         cmd += ["--add-exports", f"{e}=ALL-UNNAMED"]
     for o in _ADD_OPENS:
@@ -587,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "fetch":
             t0 = time.monotonic()
             lib = fetch(quiet=True)
-            n = len(list(lib.glob("*.jar")))
-            print(f"{lib} ({n} jars, {time.monotonic() - t0:.1f}s)")
+            jars = len(list(lib.glob("*.jar")))
+            print(f"{lib} ({jars} jars, {time.monotonic() - t0:.1f}s)")
         elif a.cmd == "start":
             t0 = time.monotonic()
             nodes = start(a.dir, a.port, a.layout, a.wait, storage_port=a.storage_port,

@@ -159,8 +159,11 @@ class DicomServer:
         if cfg.allowed_calling_aes:
             ae.require_calling_aet = list(cfg.allowed_calling_aes)
         ae.add_supported_context(Verification)
+        # pynetdicom accepts the first of *our* syntaxes that the peer proposed:
+        # prefer explicit VR little endian over implicit, keep every other syntax
+        syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+            ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
         for uid in (
             PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
             PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,

@@ -132,7 +132,7 @@ class IngestService:
                                     content_sha256, size, duplicate=True)
             if existing is not None and self.duplicate_policy == "reject":
                 raise DuplicateConflict(
-                    f"SOP Instance {h.sop_uid} is already stored with different content")
+                    f"already stored with different content: {h.sop_uid}")
             version = 1 if existing is None else existing.version + 1
             try:
                 return self._store(path, h, version, content_sha256, size, source_ae)

@@ -1,0 +1,56 @@
+# vna — developer entry points. `make run` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast lint typecheck system-deps cassandra cassandra-stop bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+## Start the archive on the embedded default (SQLite index, hot replicas under ./vna-data).
+run: install
+	$(BIN)/vna serve
+
+## Debian packages the tests drive as real peers (DCMTK), installed when missing.
+system-deps:
+	@command -v storescu >/dev/null 2>&1 || { \
+	  echo "installing DCMTK (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; }
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "installing Java 17 + Maven (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
+
+## The whole suite: unit, contract (SQLite + a real Cassandra), DIMSE integration with DCMTK, faults.
+test: install system-deps
+	$(BIN)/python ops/cassandra/launcher.py fetch
+	$(BIN)/mypy vna
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Without Cassandra: quick inner loop.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not cassandra" $(PYTEST_ARGS)
+
+typecheck: install
+	$(BIN)/mypy vna
+
+## A local Cassandra node for development (data under ./.cassandra, CQL on 9042).
+cassandra: install
+	$(BIN)/python ops/cassandra/launcher.py fetch
+	$(BIN)/python ops/cassandra/launcher.py start --dir .cassandra --port 9042
+
+cassandra-stop:
+	$(BIN)/python ops/cassandra/launcher.py stop --dir .cassandra
+
+bench: install system-deps
+	$(BIN)/python -m benchmarks.ingest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache

@@ -1,0 +1,419 @@
+"""C-STORE ingest throughput: vna vs Orthanc 1.10 vs DCMTK storescp.
+
+Same corpus, same client (DCMTK ``storescu``, TCP_NODELAY=1), same machine, one
+run. For every (receiver, corpus, associations) run a fresh receiver process is
+started on fresh storage, warmed up with a few distinct small instances, then
+timed from the start of the ``storescu`` process(es) until all have exited.
+Instances actually stored are counted on the receiver side.
+
+    .venv/bin/python -m benchmarks.ingest [--ct 200] [--small 1000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from benchmarks.corpus import write_corpus
+
+HOST = "127.0.0.1"
+CLIENT_AET = "BENCHSCU"
+ARG_LIMIT = 100_000  # bytes of file arguments per storescu command (well below ARG_MAX)
+RECEIVERS = ("vna", "orthanc", "storescp")
+NOTES = {
+    "vna": "SQLite index, 2 fsynced hot replicas, W=2",
+    "orthanc": "Orthanc 1.10 defaults: SyncStorageArea (fsync) + MD5, SQLite index",
+    "storescp": "DCMTK storescp +B --fork: writes files, NO fsync, no index",
+}
+
+
+def nodelay_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for DCMTK tools and Orthanc: Nagle off (see notes/real-peers.md)."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    env.update(extra or {})
+    return env
+
+
+def fs_type(path: Path) -> str:
+    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
+    best, kind = "", "?"
+    try:
+        real = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            mnt = parts[1]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll ``pred`` until true; raise with the log tail on timeout or early exit."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} not ready (exit={proc.poll() if proc else None})\n{tail}")
+
+
+def port_free(port: int) -> bool:
+    """True if nothing listens on HOST:port."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) != 0
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group we started (by its PID), SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)  # start_new_session=True: pgid == our child's pid
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@dataclass
+class Receiver:
+    """A started receiver: how to address it and count what it stored."""
+
+    name: str
+    port: int
+    aet: str
+    proc: subprocess.Popen
+    count: Callable[[], int | None]
+    log: Path
+
+
+def start_vna(work: Path, port: int, extra_args: list[str], workers: int | None, timeout: float) -> Receiver:
+    """``vna serve`` on fresh storage; ready on the "vna ready" log line."""
+    data, log = work / "vna-data", work / "vna.log"
+    venv_bin = Path(sys.executable).parent
+    vna = str(venv_bin / "vna") if (venv_bin / "vna").exists() else "vna"
+    env = nodelay_env({"VNA_DICOM_WORKERS": str(workers)} if workers else None)
+    cmd = [vna, "serve", "--data-dir", str(data), "--dicom-port", str(port), "--ae-title", "VNA",
+           "--host", HOST, *extra_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env,
+                            start_new_session=True)
+    wait_until(lambda: "vna ready" in log.read_text(errors="replace"), timeout, "vna", proc, log)
+
+    def count() -> int | None:
+        r = subprocess.run([vna, "index", "stats", "--data-dir", str(data), "--json"], capture_output=True,
+                           text=True, timeout=60, env=env)
+        return int(json.loads(r.stdout)["instances"]) if r.returncode == 0 else None
+
+    return Receiver("vna", port, "VNA", proc, count, log)
+
+
+def start_orthanc(work: Path, port: int, http_port: int, timeout: float) -> Receiver:
+    """Orthanc with its own config (defaults otherwise); ready when HTTP /system answers."""
+    log = work / "orthanc.log"
+    cfg = {
+        "Name": "bench-orthanc",
+        "StorageDirectory": str(work / "orthanc-storage"),
+        "IndexDirectory": str(work / "orthanc-index"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": port,
+        "HttpPort": http_port,
+        "DicomCheckCalledAet": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [],
+    }
+    conf = work / "orthanc.json"
+    conf.write_text(json.dumps(cfg, indent=2))
+    exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    proc = subprocess.Popen([exe, str(conf)], stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                            env=nodelay_env(), start_new_session=True, cwd=work)
+    base = f"http://{HOST}:{http_port}"
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(base + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    def ready() -> bool:
+        try:
+            get("/system")
+            return True
+        except OSError:
+            return False
+
+    wait_until(ready, timeout, "Orthanc", proc, log)
+    return Receiver("orthanc", port, "ORTHANC", proc, lambda: int(get("/statistics")["CountInstances"]), log)
+
+
+def start_storescp(work: Path, port: int, timeout: float) -> Receiver:
+    """DCMTK storescp writing files bit-preserving, one forked child per association."""
+    out, log = work / "storescp-out", work / "storescp.log"
+    out.mkdir()
+    exe = shutil.which("storescp") or "storescp"
+    proc = subprocess.Popen([exe, "--fork", "-dhl", "+B", "-aet", "STORESCP", "-od", str(out), str(port)],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=nodelay_env(),
+                            start_new_session=True, cwd=work)
+
+    def ready() -> bool:
+        r = subprocess.run(["echoscu", "-aet", CLIENT_AET, "-aec", "STORESCP", HOST, str(port)],
+                           capture_output=True, env=nodelay_env(), timeout=10)
+        return r.returncode == 0
+
+    wait_until(ready, timeout, "storescp", proc, log)
+    return Receiver("storescp", port, "STORESCP", proc, lambda: sum(1 for p in out.rglob("*") if p.is_file()), log)
+
+
+def split(items: list[Path], parts: int) -> list[list[Path]]:
+    """Contiguous, near-equal chunks (studies stay together)."""
+    n, r = divmod(len(items), parts)
+    out, i = [], 0
+    for k in range(parts):
+        j = i + n + (1 if k < r else 0)
+        out.append(items[i:j])
+        i = j
+    return [c for c in out if c]
+
+
+def storescu_cmd(rcv: Receiver, files: list[Path], corpus_dir: Path) -> list[str]:
+    """One storescu invocation (one association) sending ``files`` (names relative to corpus_dir)."""
+    names = [str(f.relative_to(corpus_dir)) for f in files]
+    if sum(len(n) + 1 for n in names) > ARG_LIMIT:
+        raise ValueError(f"{len(names)} file names exceed {ARG_LIMIT} bytes; use fewer instances per association")
+    return ["storescu", "-aet", CLIENT_AET, "-aec", rcv.aet, "-to", "60", "-ta", "60", "-td", "120",
+            HOST, str(rcv.port), *names]
+
+
+def send(rcv: Receiver, files: list[Path], corpus_dir: Path, associations: int, timeout: float) -> float:
+    """Run ``associations`` storescu processes at once; seconds from first start until all exited."""
+    cmds = [storescu_cmd(rcv, chunk, corpus_dir) for chunk in split(files, associations)]
+    env = nodelay_env()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(c, cwd=corpus_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for c in cmds]
+    errs: list[str] = []
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        if p.returncode != 0:
+            errs.append(f"storescu exit {p.returncode}: {err.decode(errors='replace')[-500:]}")
+    elapsed = time.perf_counter() - t0
+    if errs:
+        raise RuntimeError("; ".join(errs))
+    return elapsed
+
+
+@dataclass
+class Result:
+    """One timed row of the table."""
+
+    receiver: str
+    corpus: str
+    associations: int
+    instances: int
+    seconds: float
+    inst_per_s: float
+    mb_per_s: float
+    stored: int | None
+    runs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Corpus:
+    """A generated corpus on disk."""
+
+    name: str
+    dir: Path
+    files: list[Path]
+    nbytes: int
+
+
+def make_corpus(root: Path, name: str, kind: str, count: int, per_study: int, seed: int) -> Corpus:
+    """Generate ``count`` instances of ``kind`` (studies of ``per_study``) under ``root/name``."""
+    d = root / name
+    studies = max(1, -(-count // per_study))
+    files = write_corpus(d, kind, studies, per_study, seed)[:count]
+    return Corpus(name, d, files, sum(f.stat().st_size for f in files))
+
+
+def start(name: str, work: Path, args: argparse.Namespace) -> Receiver:
+    """Start receiver ``name`` on fresh storage under ``work``."""
+    base = args.port_base
+    if name == "vna":
+        return start_vna(work, base, shlex.split(args.vna_args), args.vna_workers, args.start_timeout)
+    if name == "orthanc":
+        return start_orthanc(work, base + 1, base + 2, args.start_timeout)
+    return start_storescp(work, base + 3, args.start_timeout)
+
+
+def one_run(name: str, corpus: Corpus, assoc: int, warm: Corpus | None, root: Path,
+            args: argparse.Namespace) -> tuple[float, int | None]:
+    """Fresh receiver, warm-up, timed send, receiver-side count; always stops the server."""
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    rcv = start(name, work, args)
+    try:
+        if warm is not None:
+            send(rcv, warm.files, warm.dir, 1, args.send_timeout)
+        secs = send(rcv, corpus.files, corpus.dir, assoc, args.send_timeout)
+        try:
+            stored = rcv.count()
+        except Exception as e:  # noqa: BLE001 - counting is best-effort
+            print(f"  ! {name}: could not count stored instances: {e}", file=sys.stderr)
+            stored = None
+        if stored is not None and warm is not None:
+            stored -= len(warm.files)
+        return secs, stored
+    except Exception:
+        print(f"--- {name} log tail ---\n{rcv.log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        stop_process(rcv.proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def runs(args: argparse.Namespace, corpora: list[Corpus], warm: Corpus | None, root: Path) -> Iterator[Result]:
+    """All (corpus, associations, receiver) combinations, ``--repeat`` times each (median reported)."""
+    for corpus in corpora:
+        for assoc in args.associations:
+            for name in args.receivers:
+                times, stored = [], None
+                for _ in range(args.repeat):
+                    secs, stored = one_run(name, corpus, assoc, warm, root, args)
+                    times.append(secs)
+                    if stored is not None and stored != len(corpus.files):
+                        print(f"  ! {name}: {stored} stored of {len(corpus.files)} sent", file=sys.stderr)
+                secs = statistics.median(times)
+                n = len(corpus.files)
+                r = Result(name, corpus.name, assoc, n, secs, n / secs, corpus.nbytes / secs / 1e6, stored,
+                           [round(t, 4) for t in times])
+                print(f"  {name:9s} {corpus.name:6s} x{assoc}: {r.inst_per_s:8.1f} inst/s "
+                      f"({secs:.2f} s, stored {stored})", file=sys.stderr, flush=True)
+                yield r
+
+
+def table(results: list[Result]) -> str:
+    """Results plus vna ratios per (corpus, associations)."""
+    head = f"{'receiver':9s} {'corpus':6s} {'assoc':>5s} {'inst':>6s} {'stored':>6s} {'seconds':>8s} " \
+           f"{'inst/s':>8s} {'MB/s':>7s}  {'vna/orthanc':>11s} {'vna/storescp':>12s}"
+    lines = [head, "-" * len(head)]
+    by = {(r.receiver, r.corpus, r.associations): r for r in results}
+    for r in results:
+        ratios = ["", ""]
+        v = by.get(("vna", r.corpus, r.associations))
+        if r.receiver == "vna" and v:
+            for i, peer in enumerate(("orthanc", "storescp")):
+                p = by.get((peer, r.corpus, r.associations))
+                ratios[i] = f"{v.inst_per_s / p.inst_per_s:.2f}" if p else "-"
+        lines.append(f"{r.receiver:9s} {r.corpus:6s} {r.associations:5d} {r.instances:6d} "
+                     f"{'?' if r.stored is None else r.stored:>6} {r.seconds:8.2f} {r.inst_per_s:8.1f} "
+                     f"{r.mb_per_s:7.1f}  {ratios[0]:>11s} {ratios[1]:>12s}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ct", type=int, default=200, help="CT instances (512x512 16-bit, ~526 KB); 0 to skip")
+    ap.add_argument("--small", type=int, default=1000, help="small instances (64x64 8-bit); 0 to skip")
+    ap.add_argument("--per-study", type=int, default=100, help="instances per generated study")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=10, help="distinct small instances sent before timing (0: none)")
+    ap.add_argument("--associations", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
+                    help="comma-separated parallel association counts (default 1,4)")
+    ap.add_argument("--receivers", type=lambda s: s.split(","), default=list(RECEIVERS),
+                    help="comma-separated subset of vna,orthanc,storescp")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per cell, median reported")
+    ap.add_argument("--port-base", type=int, default=11240,
+                    help="vna=base, Orthanc DICOM=base+1 HTTP=base+2, storescp=base+3")
+    ap.add_argument("--vna-args", default="", help="extra args for 'vna serve' (shell-quoted string)")
+    ap.add_argument("--vna-workers", type=int, default=None, help="set VNA_DICOM_WORKERS=N for vna serve")
+    ap.add_argument("--tmp-dir", type=Path, default=None, help="where corpora and receiver storage go")
+    ap.add_argument("--start-timeout", type=float, default=60.0)
+    ap.add_argument("--send-timeout", type=float, default=300.0)
+    ap.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    args = ap.parse_args(argv)
+    bad = [r for r in args.receivers if r not in RECEIVERS]
+    if bad:
+        ap.error(f"unknown receivers: {bad}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate corpora, run every cell, print the table, optionally write JSON."""
+    args = parse_args(argv)
+    for tool in ("storescu", "echoscu", "storescp", "Orthanc"):
+        if not shutil.which(tool) and not (tool == "Orthanc" and Path("/usr/sbin/Orthanc").exists()):
+            print(f"missing tool: {tool}", file=sys.stderr)
+            return 2
+    ports = {"vna": [args.port_base], "orthanc": [args.port_base + 1, args.port_base + 2],
+             "storescp": [args.port_base + 3]}
+    busy = [p for r in args.receivers for p in ports[r] if not port_free(p)]
+    if busy:
+        print(f"ports already in use: {busy}; choose another --port-base", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="vna-bench-ingest-", dir=args.tmp_dir))
+    try:
+        print(f"generating corpora in {root} ...", file=sys.stderr, flush=True)
+        corpora = []
+        if args.ct:
+            corpora.append(make_corpus(root / "corpus", "ct", "ct", args.ct, args.per_study, args.seed))
+        if args.small:
+            corpora.append(make_corpus(root / "corpus", "small", "small", args.small, args.per_study, args.seed))
+        warm = make_corpus(root / "corpus", "warmup", "small", args.warmup, args.warmup, args.seed + 1000) \
+            if args.warmup else None
+        t0 = time.monotonic()
+        results = list(runs(args, corpora, warm, root))
+        total = time.monotonic() - t0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    fs = fs_type(args.tmp_dir or Path(tempfile.gettempdir()))
+    print(table(results))
+    print(f"\nclient: DCMTK storescu, TCP_NODELAY=1, timed from process start until all exit; "
+          f"warm-up: {args.warmup} distinct small instances per server before timing; "
+          f"fresh server + storage per run; median of {args.repeat}; storage fs: {fs}; cores: {os.cpu_count()}; "
+          f"wall {total:.0f} s")
+    for name in args.receivers:
+        print(f"  {name}: {NOTES[name]}" + (f" (workers={args.vna_workers})" if name == "vna" and args.vna_workers
+                                            else "") + (f" args={args.vna_args!r}" if name == "vna" and args.vna_args
+                                                        else ""))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "results": [asdict(r) for r in results],
+            "settings": {"ct": args.ct, "small": args.small, "warmup": args.warmup, "repeat": args.repeat,
+                         "associations": args.associations, "vna_args": args.vna_args,
+                         "vna_workers": args.vna_workers, "fs": fs, "cpus": os.cpu_count()},
+            "notes": NOTES,
+        }, indent=2))
+    short = [r for r in results if r.stored is not None and r.stored != r.instances]
+    return 1 if short else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
