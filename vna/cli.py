@@ -61,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     spool = cfg.resolve("spool/incoming")
     spool.mkdir(parents=True, exist_ok=True)
+    for stale in spool.iterdir():  # never acknowledged: a previous process died mid-receive
+        stale.unlink(missing_ok=True)
     # pynetdicom spools incoming datasets with tempfile: keep them on the data disk
     tempfile.tempdir = str(spool)
     archive = Archive(cfg)

@@ -55,6 +55,22 @@ def store_dataset(port: int, ds: Dataset | Path, ts: str | None = None) -> Datas
         assoc.release()
 
 
+def store_raw(port: int, path: Path, sop_class: str, ts: str) -> Dataset:
+    """C-STORE a file's dataset bytes as they are, without parsing them on the client side."""
+    from pynetdicom import _config
+
+    ae = _ae()
+    ae.add_requested_context(sop_class, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VNA")
+    assert assoc.is_established
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        return assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+        assoc.release()
+
+
 def find(port: int, identifier: dict[str, Any], patient_root: bool = False) -> tuple[list[Dataset], int]:
     """C-FIND; returns (pending identifiers, final status)."""
     model = PatientRootQueryRetrieveInformationModelFind if patient_root else StudyRootQueryRetrieveInformationModelFind

@@ -8,6 +8,7 @@ Patient/Study Root Query/Retrieve FIND/MOVE/GET, Storage Commitment Push Model.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from pathlib import Path
@@ -177,6 +178,7 @@ class DicomServer:
         """The event bindings (data, not code paths)."""
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_ECHO, lambda event: st.SUCCESS),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -214,6 +216,20 @@ class DicomServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError) as exc:
             log.debug("could not set TCP_NODELAY: %s", exc)
+
+    @staticmethod
+    def _on_conn_close(event: evt.Event) -> None:
+        """Remove the spool file of a C-STORE cut off mid-transfer (pynetdicom keeps it)."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        spool = getattr(message, "_data_set_file", None)
+        if spool is None:
+            return
+        try:
+            spool.close()
+            os.unlink(spool.name)
+            log.info("removed the spool of an incomplete C-STORE from %s", event.assoc.requestor.ae_title)
+        except OSError:
+            pass
 
     def on_store(self, event: evt.Event) -> Dataset:
         """C-STORE: ingest the spooled file; Success only once durable and indexed."""

@@ -10,14 +10,18 @@ half-registered. Pixel data is never decoded.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
@@ -57,6 +61,19 @@ def _text(value: Any) -> str:
     return str(value).strip(" \x00")
 
 
+def _check_complete(ds: Dataset, size: int) -> None:
+    """Raise InvalidDataset if a top-level value runs past the end of the file."""
+    for elem in ds._dict.values():
+        if not isinstance(elem, RawDataElement):
+            continue
+        if elem.length == 0xFFFFFFFF:
+            # undefined length (encapsulated pixel data): its delimiter item must follow the value
+            if elem.value is not None and elem.value_tell + len(elem.value) + 8 > size:
+                raise InvalidDataset(f"dataset is truncated inside element {elem.tag}")
+        elif elem.value_tell + elem.length > size:
+            raise InvalidDataset(f"dataset is truncated inside element {elem.tag}")
+
+
 @dataclass(frozen=True)
 class _Header:
     sop_uid: str
@@ -68,9 +85,16 @@ class _Header:
 
 
 def read_header(path: Path) -> _Header:
-    """Parse and validate the header of a Part 10 file (pixel data is not read)."""
+    """Parse and validate a Part 10 file without reading (or decoding) its large values.
+
+    Values over 1 KiB (pixel data above all) are skipped, not read; their
+    recorded lengths are checked against the file size, so a truncated
+    dataset is refused rather than stored.
+    """
     try:
-        ds = dcmread(path, stop_before_pixels=True)
+        size = os.path.getsize(path)
+        ds = dcmread(path, defer_size=1024)
+        _check_complete(ds, size)
         meta = ds.file_meta
         ts = _text(meta.get("TransferSyntaxUID"))
         attrs: dict[str, str] = {}
@@ -81,7 +105,8 @@ def read_header(path: Path) -> _Header:
         cls = ds.get("SOPClassUID")
         study = ds.get("StudyInstanceUID")
         series = ds.get("SeriesInstanceUID")
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error) as exc:
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error,
+            zlib.error) as exc:
         raise InvalidDataset(f"dataset cannot be parsed: {exc}") from exc
     except OSError as exc:
         raise InvalidDataset(f"dataset cannot be read: {exc}") from exc
@@ -121,10 +146,10 @@ class IngestService:
         h = read_header(path)
         if expected_sop_uid is not None and h.sop_uid != expected_sop_uid.strip("\x00 "):
             raise InvalidDataset(
-                f"SOPInstanceUID in the dataset ({h.sop_uid}) differs from the request ({expected_sop_uid})")
+                f"SOPInstanceUID differs from the request: {h.sop_uid} != {expected_sop_uid}")
         if expected_sop_class is not None and h.sop_class_uid != expected_sop_class.strip("\x00 "):
             raise InvalidDataset(
-                f"SOPClassUID in the dataset ({h.sop_class_uid}) differs from the request ({expected_sop_class})")
+                f"SOPClassUID differs from the request: {h.sop_class_uid} != {expected_sop_class}")
         for _attempt in range(5):
             existing = self.index.get_instance(h.sop_uid)
             if existing is not None and existing.content_sha256 == content_sha256:
