@@ -227,7 +227,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             typ = hints[f.name]
-            if dataclasses.is_dataclass(typ):
+            if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
             elif f.name != "remote":
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)

@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -21,16 +21,6 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StorageCommitmentPushModel,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from vna.archive import Archive
@@ -49,13 +39,24 @@ log = logging.getLogger(__name__)
 _config.STORE_RECV_CHUNKED_DATASET = True
 _config.STORE_SEND_CHUNKED_DATASET = True
 
+# SOP classes (PS3.4); spelled out because pynetdicom.sop_class builds them dynamically
+Verification = UID("1.2.840.10008.1.1")
+StorageCommitmentPushModel = UID("1.2.840.10008.1.20.1")
+StorageCommitmentPushModelInstance = UID("1.2.840.10008.1.20.1.1")
+PatientRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.1.1")
+PatientRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.1.2")
+PatientRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.1.3")
+StudyRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.2.1")
+StudyRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.2.2")
+StudyRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.2.3")
+
 _UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, "1.2.840.10008.1.2.2"}
 _PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
                  PatientRootQueryRetrieveInformationModelGet}
 _SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 
 
-class FileBackedDataset(Dataset):  # type: ignore[misc]
+class FileBackedDataset(Dataset):
     """A placeholder yielded to pynetdicom's C-GET/C-MOVE loops for a stored file.
 
     pynetdicom's retrieve loops accept only Datasets; :func:`_send_c_store`
@@ -87,7 +88,7 @@ def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
     return _original_send_c_store(self, dataset, *args, **kwargs)
 
 
-Association.send_c_store = _send_c_store
+Association.send_c_store = _send_c_store  # type: ignore[method-assign]
 
 
 def _identifier_map(ds: Dataset) -> dict[str, str]:
@@ -164,7 +165,7 @@ class DicomServer:
         # prefer explicit VR little endian over implicit, keep every other syntax
         syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
+            ae.add_supported_context(cast(UID, cx.abstract_syntax), syntaxes, scu_role=True, scp_role=True)
         for uid in (
             PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
             PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,
@@ -174,7 +175,7 @@ class DicomServer:
             ae.add_supported_context(uid)
         return ae
 
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[Any]:
         """The event bindings (data, not code paths)."""
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -189,9 +190,11 @@ class DicomServer:
 
     def start(self) -> ThreadedAssociationServer:
         """Listen in background threads; returns the server."""
-        self._server = self.ae.start_server(
+        server = self.ae.start_server(
             (self.cfg.host, self.cfg.port), block=False, evt_handlers=self.handlers())
-        return self._server
+        assert server is not None
+        self._server = server
+        return server
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let running C-STOREs finish (up to ``grace`` s), abort the associations.
@@ -211,7 +214,7 @@ class DicomServer:
     @staticmethod
     def _on_conn_open(event: evt.Event) -> None:
         try:
-            sock = event.assoc.dul.socket.socket
+            sock = cast(Any, event.assoc.dul.socket).socket
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError) as exc:
@@ -233,7 +236,7 @@ class DicomServer:
 
     def on_store(self, event: evt.Event) -> Dataset:
         """C-STORE: ingest the spooled file; Success only once durable and indexed."""
-        req = event.request
+        req = cast(Any, event.request)
         calling = event.assoc.requestor.ae_title.strip()
         rsp = Dataset()
         with self._idle:
@@ -262,7 +265,7 @@ class DicomServer:
             qlevel = QueryLevel(level)
         except ValueError:
             raise InvalidInput(f"QueryRetrieveLevel {level!r} is not PATIENT/STUDY/SERIES/IMAGE") from None
-        model = event.request.AffectedSOPClassUID
+        model = cast(Any, event.request).AffectedSOPClassUID
         if qlevel is QueryLevel.PATIENT and model not in _PATIENT_ROOT:
             raise InvalidInput("PATIENT level needs the Patient Root information model")
         return qlevel, ds
@@ -350,7 +353,7 @@ class DicomServer:
 
     def on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
         """Storage Commitment request: answer now, send the N-EVENT-REPORT on a new association."""
-        req = event.request
+        req = cast(Any, event.request)
         if req.RequestedSOPClassUID != StorageCommitmentPushModel or req.ActionTypeID != 1:
             return 0x0123, None  # no such action
         calling = event.assoc.requestor.ae_title.strip()
@@ -409,7 +412,7 @@ class DicomServer:
             return
         try:
             status, _ = assoc.send_n_event_report(
-                report, event_type, StorageCommitmentPushModel, UID("1.2.840.10008.1.20.1.1"))
+                report, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
             log.info("Storage Commitment report %s to %s: %d committed, %d failed (status %s)",
                      transaction_uid, ae_title, len(ok), len(failed),
                      f"0x{status.Status:04X}" if status and "Status" in status else "none")

@@ -162,7 +162,7 @@ class SqliteIndex:
                 self._upsert(conn, "series", "SeriesInstanceUID", record.series_uid,
                              {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.SERIES][1:]}
                              | {"StudyInstanceUID": record.study_uid})
-                inst = {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.IMAGE][1:]}
+                inst: dict[str, Any] = {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.IMAGE][1:]}
                 inst |= {
                     "SeriesInstanceUID": record.series_uid, "StudyInstanceUID": record.study_uid,
                     "version": record.version, "SOPClassUID": record.sop_class_uid,
