@@ -191,3 +191,17 @@ def test_calling_ae_allowlist(make_server: Factory, corpus: list[Path]) -> None:
     srv = make_server('[dicom]\nallowed_calling_aes = ["GOODPACS"]\n')
     assert not scu.echo(srv.port, calling="EVILPACS")
     assert scu.echo(srv.port, calling="GOODPACS")
+
+
+def test_truncated_compressed_datasets_are_refused(make_server: Factory, tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    srv = make_server()
+    for name in ("image_dfl.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm"):
+        src = Path(str(get_testdata_file(name)))
+        meta = dcmread(src, stop_before_pixels=True).file_meta
+        body = dataset_bytes(src)
+        bad = _with_body(src, body[: len(body) - 200], tmp_path / f"cut-{name}")
+        rsp = scu.store_raw(srv.port, bad, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        assert rsp.Status == 0xC000, (name, rsp)
+    _nothing_left(srv)

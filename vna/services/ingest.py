@@ -24,6 +24,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from vna.checksum import sha256_file
 from vna.domain import InstanceRecord, PlacementState, QueryLevel, validate_uid
@@ -94,8 +95,9 @@ def read_header(path: Path) -> _Header:
     try:
         size = os.path.getsize(path)
         ds = dcmread(path, defer_size=1024)
-        _check_complete(ds, size)
         meta = ds.file_meta
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            _check_complete(ds, size)  # (a truncated deflate stream fails to inflate instead)
         ts = _text(meta.get("TransferSyntaxUID"))
         attrs: dict[str, str] = {}
         for kw in _ATTR_KEYS:

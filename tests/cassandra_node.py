@@ -1,0 +1,113 @@
+"""Pytest plugin: a real Cassandra 5.0 node for the tests (never mocked, never skipped).
+
+``cassandra_endpoint`` (session): ``(host, port)`` of a running node. With
+``VNA_TEST_CASSANDRA=host:port`` (set by the Makefile / .ci/run, which start the
+node) that one is used; otherwise a fresh single node is started with
+``ops/cassandra/launcher.py`` in a temporary directory on free ports and stopped
+at the end of the session. A node that cannot start is a test error.
+
+``cassandra_index`` (function): a migrated :class:`CassandraIndex` on a fresh
+keyspace ``vna_test_<random>``, dropped afterwards. ``cassandra_admin`` (session):
+a raw driver session for fixtures that need one (dropping keyspaces, fault setup).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from vna.config import CassandraConfig
+from vna.index.cassandra import CassandraIndex
+
+__all__ = ["cassandra_endpoint", "cassandra_admin", "cassandra_config", "cassandra_index"]
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER = ROOT / "ops" / "cassandra" / "launcher.py"
+LOCAL_DC = os.environ.get("VNA_TEST_CASSANDRA_DC", "dc1")
+
+
+def _load_launcher() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("vna_ops_cassandra_launcher", LAUNCHER)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {LAUNCHER}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def cassandra_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    env = os.environ.get("VNA_TEST_CASSANDRA", "").strip()
+    if env:
+        host, _, port = env.rpartition(":")
+        yield (host or "127.0.0.1", int(port))
+        return
+    launcher = _load_launcher()
+    home = tmp_path_factory.mktemp("cassandra")
+    nodes = launcher.start(home, port=_free_port(), storage_port=_free_port(), log=False)
+    try:
+        yield (nodes[0].address, nodes[0].native_port)
+    finally:
+        launcher.stop(home)
+
+
+@pytest.fixture(scope="session")
+def cassandra_admin(cassandra_endpoint: tuple[str, int]) -> Iterator[Any]:
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.policies import DCAwareRoundRobinPolicy
+    from cassandra.query import dict_factory
+
+    host, port = cassandra_endpoint
+    profile = ExecutionProfile(load_balancing_policy=DCAwareRoundRobinPolicy(local_dc=LOCAL_DC),
+                               request_timeout=60, row_factory=dict_factory)
+    cluster = Cluster([host], port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+    session = cluster.connect()
+    try:
+        yield session
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def cassandra_config(cassandra_endpoint: tuple[str, int]) -> Callable[..., CassandraConfig]:
+    """Factory: a CassandraConfig for the test node and a fresh keyspace name."""
+    host, port = cassandra_endpoint
+
+    def make(**overrides: Any) -> CassandraConfig:
+        values: dict[str, Any] = dict(
+            contact_points=(host,), port=port, local_dc=LOCAL_DC,
+            keyspace=f"vna_test_{uuid.uuid4().hex[:12]}", replication=f'{{"{LOCAL_DC}": 1}}',
+            request_timeout=30.0)
+        values.update(overrides)
+        return CassandraConfig(**values)
+
+    return make
+
+
+@pytest.fixture
+def cassandra_index(
+    cassandra_config: Callable[..., CassandraConfig], cassandra_admin: Any
+) -> Iterator[CassandraIndex]:
+    cfg = cassandra_config()
+    index = CassandraIndex(cfg)
+    try:
+        index.migrate()
+        yield index
+    finally:
+        index.close()
+        cassandra_admin.execute(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}")

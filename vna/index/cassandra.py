@@ -1,0 +1,963 @@
+"""CassandraIndex: the cluster / multi-site index on Apache Cassandra 5.0 with SAI.
+
+Behaves exactly like :class:`vna.index.sqlite.SqliteIndex` behind the Index port
+(one contract suite runs on both); only the storage differs. Schema:
+``vna/index/cql/001_initial.cql``.
+
+Data model
+    ``studies`` (one row per study, patient attributes denormalised, SAI on
+    patient_id, accession_number, study_day, study_date_odd, modalities,
+    name_p1/name_p3), ``studies_by_patient`` (PATIENT-level grouping),
+    ``series`` and ``instances`` (one partition per study, the instance rows
+    clustered by series, SOP UID and *version*), ``instance_versions`` (commit
+    record and locator by SOP UID), ``placements`` (partition = SOP UID,
+    clustering version, store_id), ``leases``, ``schema_version``.
+
+Registration is all-or-nothing as seen by readers
+    1. *Claim*: ``INSERT INTO instance_versions ... IF NOT EXISTS`` with
+       ``complete = false`` and a random ``claim_id``. Not applied -> the version
+       exists (complete, or another registration is in flight) -> StateConflict.
+       An incomplete claim older than ``stale_claim_after`` seconds (a writer
+       died mid-registration) is taken over by LWT and its leftovers removed.
+    2. *Placements*: one conditional batch of ``INSERT ... IF NOT EXISTS`` (one
+       partition, so it is a single Paxos round). Placements are only ever
+       written by LWT (insert, transition, delete), never mixed with plain writes.
+    3. *Catalogue*: one logged batch upserting the study, studies_by_patient,
+       series and the instance-version row.
+    4. *Commit*: ``UPDATE instance_versions SET complete = true IF claim_id = ?``.
+       This single linearizable write is the moment the instance appears.
+    Readers require the commit: ``get_instance`` returns the newest *complete*
+    version; ``placements`` answers only for complete versions; ``find`` shows
+    an instance row only if its (study, series, version) is that of the newest
+    complete version, and a study/series/patient only if it has such an
+    instance. If anything after the claim fails, the writer (while still owning
+    the claim) deletes its instance row and placements, then releases the claim
+    (LWT ``IF claim_id = ?``), and raises IndexUnavailable (StateConflict if the
+    claim was lost). If that clean-up fails too, the claim stays incomplete, so
+    nothing is visible, and the next registration takes it over once stale.
+    Known deviation from SQLite: the study/series attribute upserts of step 3
+    are not undone when a *re-registration into an existing* study fails; the
+    study shows the attribute values that failed instance carried.
+
+Pushdown (always a superset; every candidate is checked with
+:func:`vna.index.query.matches_all`, so results equal SQLite's)
+    StudyInstanceUID single/list -> partition reads; SOPInstanceUID (IMAGE) ->
+    instance_versions; SeriesInstanceUID (SERIES/IMAGE) -> SAI on series;
+    otherwise one SAI query on ``studies`` ANDing: PatientID and
+    AccessionNumber EQ, StudyDate EQ / range on a ``date`` column (plus a query
+    for unparsable StudyDates), ModalitiesInStudy / Modality ``CONTAINS``,
+    PatientName by casefolded family-name prefix (1 or 3 characters; ASCII
+    literal prefixes only). One list condition fans out into parallel EQ
+    queries (deduplicated without memory). Without any, a paged scan.
+    SAI returns rows in token order: the order of rows is unspecified, as in SQLite.
+    Computed keys and visibility need each study's partitions plus one
+    instance_versions and one placements read per instance (run concurrently).
+
+``stats()`` is a paged full scan (instance_versions, studies, placements);
+distinct study/series/patient counts keep their UIDs in memory.
+
+Every driver error maps to IndexUnavailable through :func:`_unavailable`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from cassandra import ConsistencyLevel, DriverException
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.concurrent import execute_concurrent_with_args
+from cassandra.connection import ConnectionException
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import BatchStatement, BatchType, PreparedStatement, SimpleStatement, dict_factory
+
+from vna.config import CassandraConfig
+from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
+from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
+from vna.index.base import IndexStats, TierStats
+from vna.index.query import COMPUTED_KEYS, LEVEL_KEYS, Condition, MatchKind, matches_all
+
+__all__ = ["CassandraIndex"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_FETCH_SIZE = 500
+_EMPTY_PATIENT = "\x00"  # partition keys may not be empty; PatientID "" is grouped under this
+_KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
+_DC_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+#: Every foreign exception the driver raises for an unreachable / failing cluster.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (DriverException, NoHostAvailable, ConnectionException, OSError)
+
+Row = dict[str, Any]
+
+# DICOM keyword -> CQL column, per table (the schema file must agree).
+_PATIENT_COLS = {
+    "PatientName": "patient_name", "PatientID": "patient_id", "IssuerOfPatientID": "issuer_of_patient_id",
+    "PatientBirthDate": "patient_birth_date", "PatientSex": "patient_sex",
+}
+_STUDY_COLS = _PATIENT_COLS | {
+    "StudyDate": "study_date", "StudyTime": "study_time", "AccessionNumber": "accession_number",
+    "StudyID": "study_id", "StudyDescription": "study_description",
+    "ReferringPhysicianName": "referring_physician_name",
+}
+_SERIES_COLS = {
+    "Modality": "modality", "SeriesNumber": "series_number", "SeriesDescription": "series_description",
+    "BodyPartExamined": "body_part_examined", "SeriesDate": "series_date", "SeriesTime": "series_time",
+}
+_INSTANCE_COLS = {
+    "InstanceNumber": "instance_number", "ContentDate": "content_date", "ContentTime": "content_time",
+    "NumberOfFrames": "number_of_frames", "Rows": "image_rows", "Columns": "image_columns",
+}
+# Keys of the SqliteIndex rows at each level (stored part), so rows compare equal.
+_STUDY_ROW_KEYS = frozenset({"StudyInstanceUID", *_STUDY_COLS, "updated_at"})
+_SERIES_ROW_KEYS = frozenset({"SeriesInstanceUID", "StudyInstanceUID", *_SERIES_COLS})
+_INSTANCE_ROW_KEYS = frozenset({
+    "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "version", "SOPClassUID", *_INSTANCE_COLS,
+    "TransferSyntaxUID", "content_sha256", "content_size", "received_at", "source_ae",
+})
+_PLACEMENT_COLS = (
+    "sop_uid", "version", "store_id", "tier", "blob_key", "codec", "content_sha256", "content_size",
+    "stored_sha256", "stored_size", "state", "created_at", "verified_at", "byte_offset", "byte_length",
+)
+_VERSION_COLS = (
+    "sop_uid", "version", "series_uid", "study_uid", "sop_class_uid", "transfer_syntax_uid",
+    "content_sha256", "content_size", "received_at", "source_ae", "attrs",
+)
+
+
+def _unavailable(exc: BaseException, what: str) -> IndexUnavailable:
+    """The one mapping of driver errors into the vna error tree."""
+    return IndexUnavailable(f"Cassandra index: {what} failed: {type(exc).__name__}: {exc}")
+
+
+def _s(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _fold(text: str) -> str:
+    """Casefold consistent with ``re.IGNORECASE`` for ASCII patterns (dotted/dotless i fold to i)."""
+    return text.replace("\u0130", "i").replace("\u0131", "i").casefold()
+
+
+def _family_key(name: str) -> str:
+    return re.split(r"[\^=]", _fold(name.strip(" \x00")), maxsplit=1)[0]
+
+
+def _parse_da(value: str) -> datetime.date | None:
+    key = value.replace(".", "").strip()
+    if re.fullmatch(r"\d{8}", key):
+        try:
+            return datetime.date(int(key[:4]), int(key[4:6]), int(key[6:]))
+        except ValueError:
+            return None
+    return None
+
+
+def _study_day(value: str) -> tuple[datetime.date | None, bool]:
+    """(date for SAI, odd) — odd: non-empty but not a parsable DA, found by a separate query."""
+    v = value.strip(" \x00")
+    if not v:
+        return None, False
+    day = _parse_da(v)
+    return day, day is None
+
+
+def _sqlite_like(pattern: str, value: str) -> bool:
+    """SQLite ``LIKE`` (ASCII-only case folding) of a DICOM ``*``/``?`` pattern."""
+    def low(s: str) -> str:
+        return "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in s)
+
+    rx = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(low(ch)) for ch in pattern)
+    return re.fullmatch(rx, low(value), re.DOTALL) is not None
+
+
+def _sqlite_where(c: Condition, value: str) -> bool:
+    """SqliteIndex's SQL pre-filter on a studies column, for PATIENT-level grouping.
+
+    SQLite aggregates (max) the patient attributes over the studies that pass its
+    WHERE clause, so which studies feed the aggregate depends on that pre-filter;
+    mirrored here so PATIENT rows are identical when studies disagree.
+    """
+    if c.kind is MatchKind.SINGLE and c.vr not in ("PN", "TM", "IS", "DS", "US", "DT"):
+        return value == c.values[0]
+    if c.kind is MatchKind.SINGLE and c.vr == "PN":
+        return _sqlite_like(c.values[0], value)
+    if c.kind is MatchKind.LIST and c.vr in ("UI", "CS", "LO", "SH", "AE", "DA"):
+        return value in c.values
+    if c.kind is MatchKind.WILDCARD and c.vr != "TM":
+        return _sqlite_like(c.values[0], value)
+    if c.kind is MatchKind.RANGE and c.vr == "DA":
+        low, high = c.values
+        return value != "" and (not low or value >= low.replace(".", "")) and (
+            not high or value <= high.replace(".", ""))
+    return True
+
+
+def _name_pushdown(c: Condition) -> tuple[str, str] | None:
+    """(column, value) of a family-name prefix every PatientName matching ``c`` has."""
+    if c.kind is MatchKind.SINGLE:
+        literal, exact = c.values[0], True
+    elif c.kind is MatchKind.WILDCARD:
+        pattern = c.values[0]
+        cut = min((i for i in (pattern.find("*"), pattern.find("?")) if i >= 0), default=len(pattern))
+        literal, exact = pattern[:cut], False
+    else:
+        return None
+    if not literal.isascii():
+        return None
+    q = _fold(literal)
+    m = re.search(r"[\^=]", q)
+    if m:
+        family, exact = q[: m.start()], True
+    else:
+        family = q
+    if exact:
+        return ("name_p3", family[:3]) if family else None
+    if len(family) >= 3:
+        return "name_p3", family[:3]
+    if family:
+        return "name_p1", family[:1]
+    return None
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One SAI query on ``studies`` (a conjunction) and a memoryless de-duplication rule."""
+
+    clauses: tuple[str, ...]
+    params: tuple[Any, ...]
+    skip: Callable[[Row], bool] | None = None
+
+
+@dataclass(frozen=True)
+class _Current:
+    """The newest complete version of an instance."""
+
+    version: int
+    study_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class _Inst:
+    """One visible instance row of a study partition."""
+
+    row: Row
+    online: bool
+    nearline: bool
+
+
+class CassandraIndex:
+    """Index on a Cassandra 5.0 cluster (SAI), one datacenter per site.
+
+    Connects in the constructor (IndexUnavailable if no host answers). Thread-safe.
+    ``stale_claim_after``: seconds after which an incomplete registration claim is
+    considered abandoned and may be taken over.
+    """
+
+    def __init__(self, cfg: CassandraConfig, *, stale_claim_after: float = 300.0) -> None:
+        if not _KEYSPACE_RE.match(cfg.keyspace):
+            raise ConfigError(f"index.cassandra.keyspace {cfg.keyspace!r} is not a valid keyspace name")
+        try:
+            consistency = ConsistencyLevel.name_to_value[cfg.consistency.upper()]
+            serial = ConsistencyLevel.name_to_value[cfg.serial_consistency.upper()]
+        except KeyError as exc:
+            raise ConfigError(f"unknown Cassandra consistency level {exc.args[0]!r}") from None
+        self.cfg = cfg
+        self.stale_claim_after = stale_claim_after
+        self._ks = cfg.keyspace
+        self._prepared: dict[str, PreparedStatement] = {}
+        self._lock = threading.Lock()
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
+            consistency_level=consistency,
+            serial_consistency_level=serial,
+            request_timeout=cfg.request_timeout,
+            row_factory=dict_factory,
+        )
+        auth = PlainTextAuthProvider(username=cfg.username, password=cfg.password) if cfg.username else None
+        self._cluster = Cluster(
+            contact_points=list(cfg.contact_points),
+            port=cfg.port,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            auth_provider=auth,
+            connect_timeout=min(10.0, cfg.request_timeout),
+            control_connection_timeout=min(10.0, cfg.request_timeout),
+            max_schema_agreement_wait=30,
+        )
+        try:
+            self._session: Session = self._cluster.connect()
+        except _DRIVER_ERRORS as exc:
+            self._cluster.shutdown()
+            raise _unavailable(exc, f"connect to {','.join(cfg.contact_points)}:{cfg.port}") from exc
+        self._session.default_fetch_size = _FETCH_SIZE
+
+    # -- plumbing ------------------------------------------------------------
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except _DRIVER_ERRORS as exc:
+            raise _unavailable(exc, what) from exc
+
+    def _t(self, table: str) -> str:
+        return f"{self._ks}.{table}"
+
+    def _prep(self, cql: str) -> PreparedStatement:
+        stmt = self._prepared.get(cql)
+        if stmt is None:
+            stmt = self._session.prepare(cql)
+            with self._lock:
+                self._prepared[cql] = stmt
+        return stmt
+
+    def _exec(self, cql: str, params: Sequence[Any] = ()) -> Any:
+        return self._session.execute(self._prep(cql), tuple(params))
+
+    def _concurrent(self, cql: str, params: Sequence[tuple[Any, ...]]) -> list[list[Row]]:
+        """Run one prepared statement for many parameter tuples; all rows of each, in order."""
+        if not params:
+            return []
+        results = execute_concurrent_with_args(
+            self._session, self._prep(cql), params, concurrency=max(1, self.cfg.concurrency),
+            raise_on_first_error=True)
+        return [list(result) for _ok, result in results]
+
+    def close(self) -> None:
+        self._cluster.shutdown()
+
+    # -- schema --------------------------------------------------------------
+    def migrate(self) -> int:
+        ddl = resources.files("vna.index").joinpath("cql/001_initial.cql").read_text()
+        statements = [s.strip() for s in re.sub(r"--[^\n]*", "", ddl).split(";") if s.strip()]
+        statements = [s.replace("{keyspace}", self._ks) for s in statements]
+        indexes = {m.group(1) for s in statements if (m := re.match(r"CREATE INDEX IF NOT EXISTS (\w+)", s))}
+        replication = {"class": "NetworkTopologyStrategy"}
+        for dc, rf in self.cfg.replication_map.items():
+            if not _DC_RE.match(dc):
+                raise ConfigError(f"index.cassandra.replication: bad datacenter name {dc!r}")
+            replication[dc] = str(rf)
+        repl = ", ".join(f"'{k}': '{v}'" for k, v in replication.items())
+        with self._errors("migrate"):
+            self._ddl(f"CREATE KEYSPACE IF NOT EXISTS {self._ks} WITH replication = {{{repl}}}")
+            self._ddl(f"CREATE TABLE IF NOT EXISTS {self._t('schema_version')} "
+                      "(version int PRIMARY KEY, applied_at double)")
+            rows = self._session.execute(f"SELECT version FROM {self._t('schema_version')}")
+            current = max((int(r["version"]) for r in rows), default=0)
+            if current < 1:
+                for stmt in statements:  # tables and SAI indexes, all before any data
+                    self._ddl(stmt)
+            self._wait_for_indexes(indexes)
+            if current < 1:
+                self._session.execute(
+                    f"INSERT INTO {self._t('schema_version')} (version, applied_at) VALUES (%s, %s)",
+                    (SCHEMA_VERSION, time.time()))
+        return SCHEMA_VERSION
+
+    def _ddl(self, cql: str) -> None:
+        rs = self._session.execute(SimpleStatement(cql))
+        if not rs.response_future.is_schema_agreed:
+            raise IndexUnavailable(f"Cassandra index: no schema agreement after: {cql[:80]}")
+
+    def _wait_for_indexes(self, names: set[str]) -> None:
+        """Poll every live node of the local DC until each SAI index is queryable."""
+        deadline = time.monotonic() + max(60.0, self.cfg.request_timeout)
+        query = "SELECT index_name, is_queryable FROM system_views.sai_column_indexes WHERE keyspace_name = %s"
+        while True:
+            pending: set[str] = set()
+            for host in self._cluster.metadata.all_hosts():
+                if not host.is_up or host.datacenter != self.cfg.local_dc:
+                    continue  # remote DCs are not connected; their front-ends wait there
+                rows = self._session.execute(query, (self._ks,), host=host)
+                pending |= names - {r["index_name"] for r in rows if r["is_queryable"]}
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise IndexUnavailable(f"Cassandra index: SAI indexes not queryable: {sorted(pending)}")
+            time.sleep(0.2)
+
+    # -- instances -----------------------------------------------------------
+    def _versions(self, sop_uid: str) -> list[Row]:
+        return list(self._exec(f"SELECT * FROM {self._t('instance_versions')} WHERE sop_uid = ?", (sop_uid,)))
+
+    def get_instance(self, sop_uid: str) -> InstanceRecord | None:
+        with self._errors("get_instance"):
+            rows = self._versions(sop_uid)
+        for r in rows:  # newest first (clustering order)
+            if r["complete"]:
+                return InstanceRecord(
+                    sop_uid=r["sop_uid"], series_uid=r["series_uid"], study_uid=r["study_uid"],
+                    sop_class_uid=r["sop_class_uid"], transfer_syntax_uid=r["transfer_syntax_uid"],
+                    version=int(r["version"]), content_sha256=r["content_sha256"],
+                    content_size=int(r["content_size"]), received_at=float(r["received_at"]),
+                    source_ae=_s(r["source_ae"]), attrs=json.loads(r["attrs"] or "{}"),
+                )
+        return None
+
+    def register(self, record: InstanceRecord, placements: Sequence[Placement]) -> None:
+        for p in placements:
+            if p.sop_uid != record.sop_uid or p.version != record.version:
+                raise InvalidInput(f"placement {p.store_id} is for {p.sop_uid} v{p.version}, "
+                                   f"not {record.sop_uid} v{record.version}")
+        by_store = list({p.store_id: p for p in placements}.values())  # last wins, like INSERT OR REPLACE
+        claim = uuid.uuid4()
+        try:
+            with self._errors("register (claim)"):
+                self._claim(record, claim)
+        except IndexUnavailable:
+            self._abort(record, claim, by_store)  # the claim may have been applied
+            raise
+        try:
+            self._insert_placements(by_store)
+            self._write_catalogue(record)
+            res = self._exec(
+                f"UPDATE {self._t('instance_versions')} SET complete = true "
+                "WHERE sop_uid = ? AND version = ? IF claim_id = ?", (record.sop_uid, record.version, claim))
+            if not res.was_applied:
+                raise StateConflict(f"instance {record.sop_uid} version {record.version}: registration claim lost")
+        except _DRIVER_ERRORS as exc:
+            self._abort(record, claim, by_store)
+            raise _unavailable(exc, "register") from exc
+        except BaseException:
+            self._abort(record, claim, by_store)
+            raise
+
+    def _claim(self, record: InstanceRecord, claim: uuid.UUID) -> None:
+        values = (
+            record.sop_uid, record.version, record.series_uid, record.study_uid, record.sop_class_uid,
+            record.transfer_syntax_uid, record.content_sha256, record.content_size, record.received_at,
+            record.source_ae, json.dumps(record.attrs),
+        )
+        now = time.time()
+        res = self._exec(
+            f"INSERT INTO {self._t('instance_versions')} ({', '.join(_VERSION_COLS)}, complete, claim_id, claimed_at) "
+            f"VALUES ({', '.join('?' for _ in _VERSION_COLS)}, false, ?, ?) IF NOT EXISTS", (*values, claim, now))
+        if res.was_applied:
+            return
+        old = res.one()
+        conflict = StateConflict(f"instance {record.sop_uid} version {record.version} exists")
+        if old.get("complete") is not False or now - float(old.get("claimed_at") or now) < self.stale_claim_after:
+            raise conflict
+        sets = ", ".join(f"{c} = ?" for c in _VERSION_COLS[2:])
+        res = self._exec(
+            f"UPDATE {self._t('instance_versions')} SET {sets}, claim_id = ?, claimed_at = ? "
+            "WHERE sop_uid = ? AND version = ? IF complete = false AND claim_id = ?",
+            (*values[2:], claim, now, record.sop_uid, record.version, old["claim_id"]))
+        if not res.was_applied:
+            raise conflict
+        log.warning("took over an abandoned registration of %s version %d", record.sop_uid, record.version)
+        self._exec(f"DELETE FROM {self._t('instances')} WHERE study_uid = ? AND series_uid = ? "
+                   "AND sop_uid = ? AND version = ?",
+                   (old["study_uid"], old["series_uid"], record.sop_uid, record.version))
+        for r in self._exec(f"SELECT store_id FROM {self._t('placements')} WHERE sop_uid = ? AND version = ?",
+                            (record.sop_uid, record.version)):
+            self._exec(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ? "
+                       "IF EXISTS", (record.sop_uid, record.version, r["store_id"]))
+
+    def _insert_placements(self, placements: Sequence[Placement]) -> None:
+        if not placements:
+            return
+        stmt = self._prep(
+            f"INSERT INTO {self._t('placements')} ({', '.join(_PLACEMENT_COLS)}) "
+            f"VALUES ({', '.join('?' for _ in _PLACEMENT_COLS)}) IF NOT EXISTS")
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        for p in placements:
+            batch.add(stmt, (
+                p.sop_uid, p.version, p.store_id, p.tier.value, p.blob_key, p.codec, p.content_sha256,
+                p.content_size, p.stored_sha256, p.stored_size, p.state.value, p.created_at, p.verified_at,
+                p.offset, p.length))
+        res = self._session.execute(batch)
+        if not res.was_applied:
+            p = placements[0]
+            raise StateConflict(f"placements of {p.sop_uid} version {p.version} already exist")
+
+    def _write_catalogue(self, record: InstanceRecord) -> None:
+        a = record.attrs
+        study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
+        family = _family_key(study["patient_name"])
+        day, odd = _study_day(study["study_date"])
+        modality = a.get("Modality", "").strip(" \x00")
+        sets = ", ".join(f"{c} = ?" for c in study)
+        add = ", modalities = modalities + ?" if modality else ""
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        batch.add(self._prep(
+            f"UPDATE {self._t('studies')} SET {sets}, updated_at = ?, name_p1 = ?, name_p3 = ?, "
+            f"study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
+            (*study.values(), record.received_at, family[:1] or None, family[:3] or None, day, odd,
+             *([{modality}] if modality else []), record.study_uid))
+        batch.add(self._prep(f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
+                  (study["patient_id"] or _EMPTY_PATIENT, record.study_uid))
+        series = {col: a.get(kw, "") for kw, col in _SERIES_COLS.items()}
+        batch.add(self._prep(
+            f"INSERT INTO {self._t('series')} (study_uid, series_uid, {', '.join(series)}) "
+            f"VALUES (?, ?, {', '.join('?' for _ in series)})"),
+            (record.study_uid, record.series_uid, *series.values()))
+        inst: dict[str, Any] = {col: a.get(kw, "") for kw, col in _INSTANCE_COLS.items()}
+        inst |= {
+            "sop_class_uid": record.sop_class_uid, "transfer_syntax_uid": record.transfer_syntax_uid,
+            "content_sha256": record.content_sha256, "content_size": record.content_size,
+            "received_at": record.received_at, "source_ae": record.source_ae,
+        }
+        batch.add(self._prep(
+            f"INSERT INTO {self._t('instances')} (study_uid, series_uid, sop_uid, version, {', '.join(inst)}) "
+            f"VALUES (?, ?, ?, ?, {', '.join('?' for _ in inst)})"),
+            (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values()))
+        self._session.execute(batch)
+
+    def _abort(self, record: InstanceRecord, claim: uuid.UUID, placements: Sequence[Placement]) -> None:
+        """Best effort: while the claim is still ours, remove what we wrote, then release it."""
+        try:
+            cur = self._session.execute(self._serial(
+                f"SELECT claim_id FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ?",
+                (record.sop_uid, record.version))).one()
+            if cur is None or cur["claim_id"] != claim:
+                return
+            self._exec(f"DELETE FROM {self._t('instances')} WHERE study_uid = ? AND series_uid = ? "
+                       "AND sop_uid = ? AND version = ?",
+                       (record.study_uid, record.series_uid, record.sop_uid, record.version))
+            for p in placements:
+                self._exec(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? "
+                           "AND store_id = ? IF EXISTS", (p.sop_uid, p.version, p.store_id))
+            self._exec(f"DELETE FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ? "
+                       "IF claim_id = ?", (record.sop_uid, record.version, claim))
+        except _DRIVER_ERRORS as exc:
+            log.warning("could not undo the failed registration of %s version %d (%s); "
+                        "it stays invisible until taken over", record.sop_uid, record.version, exc)
+
+    def _serial(self, cql: str, params: Sequence[Any]) -> Any:
+        bound = self._prep(cql).bind(tuple(params))
+        bound.consistency_level = ConsistencyLevel.name_to_value[self.cfg.serial_consistency.upper()]
+        return bound
+
+    @staticmethod
+    def _placement(r: Row) -> Placement:
+        return Placement(
+            sop_uid=r["sop_uid"], version=int(r["version"]), tier=Tier(r["tier"]), store_id=r["store_id"],
+            blob_key=r["blob_key"], codec=r["codec"], content_sha256=r["content_sha256"],
+            content_size=int(r["content_size"]), stored_sha256=r["stored_sha256"],
+            stored_size=int(r["stored_size"]), state=PlacementState(r["state"]),
+            created_at=float(r["created_at"]), verified_at=r["verified_at"],
+            offset=r["byte_offset"], length=r["byte_length"],
+        )
+
+    def placements(self, sop_uid: str, version: int | None = None) -> list[Placement]:
+        with self._errors("placements"):
+            complete = [int(r["version"]) for r in self._versions(sop_uid) if r["complete"]]
+            if version is None:
+                if not complete:
+                    return []
+                version = complete[0]
+            elif version not in complete:
+                return []
+            rows = self._exec(f"SELECT * FROM {self._t('placements')} WHERE sop_uid = ? AND version = ?",
+                              (sop_uid, version))
+            return [self._placement(r) for r in rows]
+
+    def transition(
+        self, placement: Placement, new_state: PlacementState, *, verified_at: float | None = None
+    ) -> bool:
+        p = placement
+        t = self._t("placements")
+        key = "WHERE sop_uid = ? AND version = ? AND store_id = ?"
+        sets, set_params = ("state = ?, verified_at = ?", (new_state.value, verified_at)) \
+            if verified_at is not None else ("state = ?", (new_state.value,))
+        update = f"UPDATE {t} SET {sets} {key} IF state = ? AND blob_key = ?"
+        params = (*set_params, p.sop_uid, p.version, p.store_id, p.state.value, p.blob_key)
+        with self._errors("transition"):
+            if new_state is not PlacementState.TO_DELETE:
+                return bool(self._exec(update, params).was_applied)
+            # TO_DELETE: one Paxos round on the instance's partition also asserts that
+            # another copy of this version is still OK, so two copies cannot both go.
+            for _attempt in range(3):
+                rows = list(self._session.execute(self._serial(
+                    f"SELECT store_id, state, blob_key FROM {t} WHERE sop_uid = ? AND version = ?",
+                    (p.sop_uid, p.version))))
+                mine = [r for r in rows if r["store_id"] == p.store_id]
+                if not mine or mine[0]["state"] != p.state.value or mine[0]["blob_key"] != p.blob_key:
+                    return False
+                others = [r["store_id"] for r in rows if r["store_id"] != p.store_id and r["state"] == "OK"]
+                if not others:
+                    return False
+                batch = BatchStatement(batch_type=BatchType.LOGGED)
+                batch.add(self._prep(update), params)
+                batch.add(self._prep(f"UPDATE {t} SET guarded_at = ? {key} IF state = 'OK'"),
+                          (time.time(), p.sop_uid, p.version, others[0]))
+                if self._session.execute(batch).was_applied:
+                    return True
+            return False
+
+    # -- query ---------------------------------------------------------------
+    def find(
+        self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None
+    ) -> Iterator[dict[str, str]]:
+        conds = list(conditions)
+        rows = self._patient_rows(conds) if level is QueryLevel.PATIENT else self._rows(level, conds)
+        return self._limited(rows, limit)
+
+    def _limited(self, rows: Iterator[dict[str, str]], limit: int | None) -> Iterator[dict[str, str]]:
+        n = 0
+        try:
+            for row in rows:
+                yield row
+                n += 1
+                if limit is not None and n >= limit:  # same check as SqliteIndex
+                    return
+        except _DRIVER_ERRORS as exc:
+            raise _unavailable(exc, "find") from exc
+
+    # candidate studies ------------------------------------------------------
+    def _study_queries(self, level: QueryLevel, conds: Sequence[Condition]) -> list[_Query]:
+        """SAI pushdown: one conjunction, or the alternatives of one fanned-out condition."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        used: set[str] = set()
+        fan: list[_Query] | None = None
+
+        def eq(col: str, value: Any) -> None:
+            used.add(col)
+            clauses.append(f"{col} = ?")
+            params.append(value)
+
+        for c in conds:
+            kw = c.keyword
+            if kw in ("PatientID", "AccessionNumber"):
+                col = _STUDY_COLS[kw]
+                if col in used:
+                    continue
+                if c.kind is MatchKind.SINGLE:
+                    eq(col, c.values[0])
+                elif c.kind is MatchKind.LIST and fan is None:
+                    used.add(col)
+                    fan = [_Query((f"{col} = ?",), (v,)) for v in dict.fromkeys(c.values)]
+            elif kw == "StudyDate" and "study_day" not in used:
+                if c.kind is MatchKind.SINGLE and (day := _parse_da(c.values[0])) is not None:
+                    eq("study_day", day)
+                elif c.kind is MatchKind.LIST and fan is None:
+                    days = [_parse_da(v) for v in c.values]
+                    if all(d is not None for d in days):
+                        used.add("study_day")
+                        fan = [_Query(("study_day = ?",), (d,)) for d in dict.fromkeys(days)]
+                elif c.kind is MatchKind.RANGE and fan is None:
+                    low, high = (_parse_da(v) if v else None for v in c.values)
+                    if low is not None or high is not None:
+                        used.add("study_day")
+                        rng = [(op, d) for op, d in ((">=", low), ("<=", high)) if d is not None]
+                        fan = [_Query(tuple(f"study_day {op} ?" for op, _ in rng), tuple(d for _, d in rng)),
+                               _Query(("study_date_odd = ?",), (True,))]
+            elif kw in ("ModalitiesInStudy", "Modality") and "modalities" not in used:
+                if c.kind is MatchKind.SINGLE:
+                    used.add("modalities")
+                    clauses.append("modalities CONTAINS ?")
+                    params.append(c.values[0])
+                elif c.kind is MatchKind.LIST and fan is None:
+                    used.add("modalities")
+                    items = list(dict.fromkeys(c.values))
+                    fan = [_Query(("modalities CONTAINS ?",), (m,), _seen_modality(items[:i]))
+                           for i, m in enumerate(items)]
+            elif kw == "PatientName" and "name" not in used:
+                push = _name_pushdown(c)
+                if push is not None:
+                    used.add("name")
+                    eq(*push)
+        if fan is None:
+            return [_Query(tuple(clauses), tuple(params))]
+        return [_Query((*clauses, *q.clauses), (*params, *q.params), q.skip) for q in fan]
+
+    def _studies_where(self, queries: Sequence[_Query]) -> Iterator[Row]:
+        for q in queries:
+            where = f" WHERE {' AND '.join(q.clauses)}" if q.clauses else ""
+            for r in self._exec(f"SELECT * FROM {self._t('studies')}{where}", q.params):
+                if q.skip is None or not q.skip(r):
+                    yield r
+
+    def _studies_by_uid(self, uids: Iterable[str]) -> Iterator[Row]:
+        for uid in uids:
+            r = self._exec(f"SELECT * FROM {self._t('studies')} WHERE study_uid = ?", (uid,)).one()
+            if r is not None:
+                yield r
+
+    def _candidate_studies(self, level: QueryLevel, conds: Sequence[Condition]) -> Iterator[Row]:
+        def uids(keyword: str) -> list[str] | None:
+            for c in conds:
+                if c.keyword == keyword and c.kind in (MatchKind.SINGLE, MatchKind.LIST):
+                    return list(dict.fromkeys(c.values))
+            return None
+
+        study_uids = uids("StudyInstanceUID")
+        if study_uids is not None:
+            return self._studies_by_uid(study_uids)
+        sop_uids = uids("SOPInstanceUID") if level is QueryLevel.IMAGE else None
+        if sop_uids is not None:
+            found: dict[str, None] = {}
+            for cur in self._current(sop_uids).values():
+                if cur is not None:
+                    found[cur.study_uid] = None
+            return self._studies_by_uid(found)
+        series_uids = uids("SeriesInstanceUID") if level in (QueryLevel.SERIES, QueryLevel.IMAGE) else None
+        if series_uids is not None:
+            found = {}
+            for suid in series_uids:
+                for r in self._exec(f"SELECT study_uid FROM {self._t('series')} WHERE series_uid = ?", (suid,)):
+                    found[r["study_uid"]] = None
+            return self._studies_by_uid(found)
+        return self._studies_where(self._study_queries(level, conds))
+
+    # per-study content --------------------------------------------------------
+    def _current(self, sop_uids: Sequence[str]) -> dict[str, _Current | None]:
+        """Newest complete version (and where it lives) of each SOP instance."""
+        out: dict[str, _Current | None] = {}
+        results = self._concurrent(
+            f"SELECT version, study_uid, series_uid, complete FROM {self._t('instance_versions')} WHERE sop_uid = ?",
+            [(s,) for s in sop_uids])
+        for sop, rows in zip(sop_uids, results):
+            done = [r for r in rows if r["complete"]]
+            out[sop] = _Current(int(done[0]["version"]), done[0]["study_uid"], done[0]["series_uid"]) if done else None
+        return out
+
+    def _instances(
+        self, study_uid: str, keep: Callable[[Row], bool] | None, need_availability: bool
+    ) -> list[_Inst]:
+        """Visible instance rows of a study (those ``keep`` accepts), with availability flags."""
+        rows = [r for r in self._exec(f"SELECT * FROM {self._t('instances')} WHERE study_uid = ?", (study_uid,))
+                if keep is None or keep(r)]
+        sops = list(dict.fromkeys(r["sop_uid"] for r in rows))
+        current = self._current(sops)
+        visible = [r for r in rows if (cur := current[r["sop_uid"]]) is not None and cur.version == r["version"]
+                   and cur.study_uid == study_uid and cur.series_uid == r["series_uid"]]
+        flags: list[tuple[bool, bool]] = [(False, False)] * len(visible)
+        if need_availability:
+            results = self._concurrent(
+                f"SELECT tier, state FROM {self._t('placements')} WHERE sop_uid = ? AND version = ?",
+                [(r["sop_uid"], r["version"]) for r in visible])
+            flags = [(any(p["state"] == "OK" and p["tier"] in ("hot", "cache") for p in ps),
+                      any(p["state"] == "OK" for p in ps)) for ps in results]
+        return [_Inst(r, online, nearline) for r, (online, nearline) in zip(visible, flags)]
+
+    def _series_rows(self, study_uid: str) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for r in self._exec(f"SELECT * FROM {self._t('series')} WHERE study_uid = ?", (study_uid,)):
+            row = {"SeriesInstanceUID": r["series_uid"], "StudyInstanceUID": study_uid}
+            row |= {kw: _s(r[col]) for kw, col in _SERIES_COLS.items()}
+            out[r["series_uid"]] = row
+        return out
+
+    # rows --------------------------------------------------------------------
+    def _rows(self, level: QueryLevel, conds: list[Condition]) -> Iterator[dict[str, str]]:
+        study_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS]
+        series_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS]
+        stored_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS | _INSTANCE_ROW_KEYS]
+        for raw in self._candidate_studies(level, conds):
+            base = _study_row(raw)
+            if not matches_all(study_conds, base):
+                continue
+            uid = base["StudyInstanceUID"]
+            if level is QueryLevel.STUDY:
+                insts = self._instances(uid, None, True)
+                if not insts:
+                    continue
+                series = self._series_rows(uid)
+                visible_series = {i.row["series_uid"] for i in insts}
+                mods = sorted({s["Modality"] for k, s in series.items() if k in visible_series and s["Modality"]})
+                row = base | {
+                    "ModalitiesInStudy": "\\".join(mods),
+                    "NumberOfStudyRelatedSeries": str(len(visible_series)),
+                    "NumberOfStudyRelatedInstances": str(len(insts)),
+                    "InstanceAvailability": _availability(insts),
+                }
+                if matches_all(conds, row):
+                    yield row
+                continue
+            series = {k: s for k, s in self._series_rows(uid).items() if matches_all(series_conds, base | s)}
+            if not series:
+                continue
+            if level is QueryLevel.SERIES:
+                insts = self._instances(uid, lambda r: r["series_uid"] in series, True)
+                for suid, s in series.items():
+                    mine = [i for i in insts if i.row["series_uid"] == suid]
+                    if not mine:
+                        continue
+                    row = base | s | {
+                        "NumberOfSeriesRelatedInstances": str(len(mine)),
+                        "InstanceAvailability": _availability(mine),
+                    }
+                    if matches_all(conds, row):
+                        yield row
+                continue
+
+            def keep(r: Row) -> bool:
+                s = series.get(r["series_uid"])
+                return s is not None and matches_all(stored_conds, base | s | _instance_row(r))
+
+            for i in self._instances(uid, keep, True):
+                part = _instance_row(i.row)
+                row = base | series[i.row["series_uid"]] | part | {
+                    "InstanceAvailability": _availability([i]),
+                    "AvailableTransferSyntaxUID": part["TransferSyntaxUID"],
+                }
+                if matches_all(conds, row):
+                    yield row
+
+    def _patient_rows(self, conds: list[Condition]) -> Iterator[dict[str, str]]:
+        allowed = set(LEVEL_KEYS[QueryLevel.PATIENT]) | set(COMPUTED_KEYS[QueryLevel.PATIENT])
+        if any(c.keyword not in allowed for c in conds):
+            return  # the PATIENT row lacks that key: nothing can match (as in SQLite)
+        pid_cond = next((c for c in conds if c.keyword == "PatientID"
+                         and c.kind in (MatchKind.SINGLE, MatchKind.LIST)), None)
+        pids: Iterable[str]
+        if pid_cond is not None:
+            pids = dict.fromkeys(pid_cond.values)
+        else:
+            queries = self._study_queries(QueryLevel.PATIENT, conds)
+            if any(q.clauses for q in queries):
+                pids = _unique(_s(r["patient_id"]) for r in self._studies_where(queries))
+            else:
+                pids = (("" if r["patient_key"] == _EMPTY_PATIENT else r["patient_key"])
+                        for r in self._exec(f"SELECT DISTINCT patient_key FROM {self._t('studies_by_patient')}"))
+        for pid in pids:
+            row = self._patient_row(pid, conds)
+            if row is not None and matches_all(conds, row):
+                yield row
+
+    def _patient_row(self, pid: str, conds: list[Condition]) -> dict[str, str] | None:
+        uids = [r["study_uid"] for r in self._exec(
+            f"SELECT study_uid FROM {self._t('studies_by_patient')} WHERE patient_key = ?",
+            (pid or _EMPTY_PATIENT,))]
+        visible: list[dict[str, str]] = []
+        series: set[str] = set()
+        instances = 0
+        for raw in self._studies_by_uid(uids):
+            if _s(raw["patient_id"]) != pid:
+                continue  # stale entry: the study was re-registered under another PatientID
+            insts = self._instances(raw["study_uid"], None, False)
+            if insts:
+                visible.append(_study_row(raw))
+                series |= {i.row["series_uid"] for i in insts}
+                instances += len(insts)
+        where = [c for c in conds if c.keyword in _PATIENT_COLS]
+        passed = [s for s in visible if all(_sqlite_where(c, s[c.keyword]) for c in where)]
+        if not passed:
+            return None
+        row = {"PatientID": pid}
+        row |= {kw: max(s[kw] for s in passed) for kw in LEVEL_KEYS[QueryLevel.PATIENT] if kw != "PatientID"}
+        row |= {
+            "NumberOfPatientRelatedStudies": str(len(visible)),
+            "NumberOfPatientRelatedSeries": str(len(series)),
+            "NumberOfPatientRelatedInstances": str(instances),
+        }
+        return row
+
+    # -- stats & leases --------------------------------------------------------
+    def stats(self) -> IndexStats:
+        studies: set[str] = set()
+        series: set[str] = set()
+        hidden: set[tuple[str, int]] = set()
+        instances = content_bytes = 0
+        tiers: dict[str, dict[str, Any]] = {}
+        with self._errors("stats"):
+            last = None
+            for r in self._session.execute(self._prep(
+                    f"SELECT sop_uid, version, study_uid, series_uid, content_size, complete "
+                    f"FROM {self._t('instance_versions')}")):
+                if not r["complete"]:
+                    hidden.add((r["sop_uid"], int(r["version"])))
+                elif r["sop_uid"] != last:  # newest complete version of this SOP instance
+                    last = r["sop_uid"]
+                    instances += 1
+                    content_bytes += int(r["content_size"])
+                    studies.add(r["study_uid"])
+                    series.add(r["series_uid"])
+            patients = {_s(r["patient_id"]) for r in self._session.execute(self._prep(
+                f"SELECT study_uid, patient_id FROM {self._t('studies')}")) if r["study_uid"] in studies}
+            for r in self._session.execute(self._prep(
+                    f"SELECT sop_uid, version, tier, state, stored_size FROM {self._t('placements')}")):
+                if (r["sop_uid"], int(r["version"])) in hidden:
+                    continue
+                t = tiers.setdefault(r["tier"], {"placements": 0, "stored_bytes": 0, "by_state": {}})
+                t["placements"] += 1
+                t["by_state"][r["state"]] = t["by_state"].get(r["state"], 0) + 1
+                if r["state"] == "OK":
+                    t["stored_bytes"] += int(r["stored_size"])
+        return IndexStats(
+            patients=len(patients), studies=len(studies), series=len(series), instances=instances,
+            content_bytes=content_bytes, tiers={k: TierStats(**v) for k, v in tiers.items()},
+        )
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        t = self._t("leases")
+        with self._errors("acquire_lease"):
+            for _attempt in range(3):
+                now = time.time()
+                seconds = max(1, math.ceil(ttl))
+                res = self._exec(f"INSERT INTO {t} (name, owner, expires_at) VALUES (?, ?, ?) "
+                                 "IF NOT EXISTS USING TTL ?", (name, owner, now + ttl, seconds))
+                if res.was_applied:
+                    return True
+                cur = res.one()
+                if cur["owner"] != owner and float(cur["expires_at"]) > now:
+                    return False
+                res = self._exec(f"UPDATE {t} USING TTL ? SET owner = ?, expires_at = ? WHERE name = ? "
+                                 "IF owner = ? AND expires_at = ?",
+                                 (seconds, owner, now + ttl, name, cur["owner"], cur["expires_at"]))
+                if res.was_applied:
+                    return True
+            return False
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self._errors("release_lease"):
+            self._exec(f"DELETE FROM {self._t('leases')} WHERE name = ? IF owner = ?", (name, owner))
+
+
+def _seen_modality(earlier: list[str]) -> Callable[[Row], bool]:
+    """Skip a study an earlier CONTAINS query of the same fan-out already returned."""
+    def skip(r: Row) -> bool:
+        mods = r.get("modalities") or ()
+        return any(m in mods for m in earlier)
+    return skip
+
+
+def _unique(values: Iterable[str]) -> Iterator[str]:
+    seen: set[str] = set()
+    for v in values:
+        if v not in seen:
+            seen.add(v)
+            yield v
+
+
+def _study_row(r: Row) -> dict[str, str]:
+    row = {"StudyInstanceUID": str(r["study_uid"])}
+    row |= {kw: _s(r[col]) for kw, col in _STUDY_COLS.items()}
+    row["updated_at"] = _s(r["updated_at"])
+    return row
+
+
+def _instance_row(r: Row) -> dict[str, str]:
+    row = {
+        "SOPInstanceUID": str(r["sop_uid"]), "SeriesInstanceUID": str(r["series_uid"]),
+        "StudyInstanceUID": str(r["study_uid"]), "version": _s(r["version"]),
+        "SOPClassUID": _s(r["sop_class_uid"]), "TransferSyntaxUID": _s(r["transfer_syntax_uid"]),
+        "content_sha256": _s(r["content_sha256"]), "content_size": _s(r["content_size"]),
+        "received_at": _s(r["received_at"]), "source_ae": _s(r["source_ae"]),
+    }
+    row |= {kw: _s(r[col]) for kw, col in _INSTANCE_COLS.items()}
+    return row
+
+
+def _availability(insts: Sequence[_Inst]) -> str:
+    if insts and all(i.online for i in insts):
+        return "ONLINE"
+    if insts and all(i.nearline for i in insts):
+        return "NEARLINE"
+    return "UNAVAILABLE"
