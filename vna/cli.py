@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +40,8 @@ def _load(args: argparse.Namespace) -> Config:
         over.setdefault("dicom", {})["port"] = args.dicom_port
     if getattr(args, "ae_title", None):
         over.setdefault("dicom", {})["ae_title"] = args.ae_title
+    if getattr(args, "workers", None):
+        over.setdefault("dicom", {})["workers"] = args.workers
     if getattr(args, "host", None):
         over.setdefault("dicom", {})["host"] = args.host
     return load_config(args.config, env=os.environ, overrides=over)
@@ -53,31 +57,103 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the DIMSE server until SIGTERM/SIGINT."""
-    from vna.archive import Archive
-    from vna.dicom.server import DicomServer
-
-    cfg = _load(args)
+def _prepare_spool(cfg: Config) -> None:
     spool = cfg.resolve("spool/incoming")
     spool.mkdir(parents=True, exist_ok=True)
     for stale in spool.iterdir():  # never acknowledged: a previous process died mid-receive
         stale.unlink(missing_ok=True)
+
+
+def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_level: str | None = None) -> None:
+    """One DIMSE server process: serve until ``stop`` is set (``ready`` is set once listening)."""
+    from vna.archive import Archive
+    from vna.dicom.server import DicomServer
+
+    if log_level is not None:  # a spawned worker
+        _setup_logging(log_level)
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     # pynetdicom spools incoming datasets with tempfile: keep them on the data disk
-    tempfile.tempdir = str(spool)
+    tempfile.tempdir = str(cfg.resolve("spool/incoming"))
     archive = Archive(cfg)
-    server = DicomServer(archive, cfg.dicom)
+    server = DicomServer(archive, cfg.dicom, reuse_port=reuse_port)
+    try:
+        server.start()
+        ready.set()
+        stop.wait()
+    finally:
+        server.stop()
+        archive.close()
+
+
+def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str) -> None:
+    _serve_process(cfg, stop, ready, True, log_level)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the DIMSE server (``dicom.workers`` processes on one port) until SIGTERM/SIGINT."""
+    cfg = _load(args)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_spool(cfg)
+    if cfg.index.migrate_on_start:
+        from vna.index import open_index
+
+        open_index(cfg).close()  # migrate once, before any worker starts
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server.start()
-    log.info("vna ready: DICOM AE %s listening on %s:%d (index %s, %d hot replicas, W=%d, data %s)",
-             cfg.dicom.ae_title, cfg.dicom.host, cfg.dicom.port, cfg.index.backend,
-             len(cfg.hot.replicas), cfg.hot.quorum, cfg.data_dir)
-    stop.wait()
+    summary = (f"DICOM AE {cfg.dicom.ae_title} listening on {cfg.dicom.host}:{cfg.dicom.port} "
+               f"(index {cfg.index.backend}, {len(cfg.hot.replicas)} hot replicas, W={cfg.hot.quorum}, "
+               f"data {cfg.data_dir}")
+    if cfg.dicom.workers == 1:
+        ready = threading.Event()
+        thread = threading.Thread(target=_serve_process, args=(cfg, stop, ready, False), name="vna-serve")
+        thread.start()
+        while not ready.wait(0.1):
+            if not thread.is_alive():
+                return 1
+        log.info("vna ready: %s)", summary)
+        while thread.is_alive():
+            thread.join(0.5)
+        log.info("vna stopped")
+        return 0
+    return _serve_workers(cfg, stop, summary, args.log_level)
+
+
+def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: str) -> int:
+    """Supervise ``dicom.workers`` processes sharing the DICOM port; restart any that dies."""
+    ctx = multiprocessing.get_context("spawn")
+
+    def spawn(i: int) -> tuple[Any, Any, Any]:
+        wstop, wready = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_worker_main, args=(cfg, wstop, wready, log_level), name=f"vna-worker-{i}")
+        proc.start()
+        log.info("worker %d started (pid %s)", i, proc.pid)
+        return proc, wstop, wready
+
+    workers = [spawn(i) for i in range(cfg.dicom.workers)]
+    deadline = time.monotonic() + 120
+    while not all(w[2].is_set() for w in workers):
+        if stop.is_set() or time.monotonic() > deadline or any(not w[0].is_alive() for w in workers):
+            log.error("workers failed to start")
+            stop.set()
+            break
+        time.sleep(0.05)
+    else:
+        log.info("vna ready: %s, %d worker processes)", summary, len(workers))
+    while not stop.wait(1.0):
+        for i, (proc, _, _) in enumerate(workers):
+            if not proc.is_alive():
+                log.error("worker %d exited with %s; restarting it", i, proc.exitcode)
+                workers[i] = spawn(i)
     log.info("vna stopping")
-    server.stop()
-    archive.close()
+    for _, wstop, _ in workers:
+        wstop.set()
+    for proc, _, _ in workers:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
     log.info("vna stopped")
     return 0
 
@@ -167,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-port", type=int)
     p.add_argument("--ae-title")
     p.add_argument("--host")
+    p.add_argument("--workers", type=int, help="DICOM worker processes sharing the port")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="configuration")

@@ -139,12 +139,25 @@ def _response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
     return rsp
 
 
-class DicomServer:
-    """Runs the archive's DIMSE services on one port."""
+class _ReusePortServer(ThreadedAssociationServer):
+    """An association server whose socket shares its port with sibling worker processes."""
 
-    def __init__(self, archive: Archive, cfg: DicomConfig) -> None:
+    def server_bind(self) -> None:
+        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class DicomServer:
+    """Runs the archive's DIMSE services on one port.
+
+    With ``reuse_port`` several processes listen on the same port
+    (SO_REUSEPORT) and the kernel spreads associations over them.
+    """
+
+    def __init__(self, archive: Archive, cfg: DicomConfig, *, reuse_port: bool = False) -> None:
         self.archive = archive
         self.cfg = cfg
+        self.reuse_port = reuse_port
         self.ae = self._build_ae()
         self._server: ThreadedAssociationServer | None = None
         self._inflight = 0
@@ -190,9 +203,14 @@ class DicomServer:
 
     def start(self) -> ThreadedAssociationServer:
         """Listen in background threads; returns the server."""
-        server = self.ae.start_server(
-            (self.cfg.host, self.cfg.port), block=False, evt_handlers=self.handlers())
-        assert server is not None
+        if not self.reuse_port:
+            server = self.ae.start_server(
+                (self.cfg.host, self.cfg.port), block=False, evt_handlers=self.handlers())
+            assert server is not None
+        else:
+            server = cast(ThreadedAssociationServer, self.ae.make_server(
+                (self.cfg.host, self.cfg.port), evt_handlers=self.handlers(), server_class=_ReusePortServer))
+            threading.Thread(target=server.serve_forever, name="vna-acceptor", daemon=True).start()
         self._server = server
         return server
 
