@@ -111,14 +111,16 @@ def test_garbage_and_truncated_datasets_are_refused(make_server: Factory, corpus
     _still_serving(srv, corpus[1])
 
 
-def test_unknown_sop_class_is_not_negotiated(make_server: Factory, corpus: list[Path]) -> None:
+def test_unknown_sop_class_or_transfer_syntax_is_not_negotiated(make_server: Factory, corpus: list[Path]) -> None:
     srv = make_server()
-    ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context("1.2.3.4.5.6.7.8.9", ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", srv.port, ae_title="VNA")
-    if assoc.is_established:
-        assert assoc.accepted_contexts == []
-        assoc.release()
+    ct = dcmread(corpus[0], stop_before_pixels=True)
+    for sop_class, syntax in (("1.2.3.4.5.6.7.8.9", ExplicitVRLittleEndian), (str(ct.SOPClassUID), "1.2.3.4.99")):
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="VNA")
+        assert not assoc.is_established or assoc.accepted_contexts == []
+        if assoc.is_established:
+            assoc.release()
     _still_serving(srv, corpus[0])
 
 

@@ -365,7 +365,8 @@ class DicomServer:
             yield 0
             yield st.status_for(exc), None
             return
-        yield remote.host, remote.port, {"contexts": _contexts_for(refs)}
+        yield remote.host, remote.port, {"contexts": _contexts_for(refs),
+                                         "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
         yield len(refs)
         yield from self._suboperations(event, refs)
 
@@ -424,7 +425,7 @@ class DicomServer:
         ae.dimse_timeout = self.cfg.dimse_timeout
         ae.network_timeout = self.cfg.network_timeout
         ae.add_requested_context(StorageCommitmentPushModel)
-        assoc = ae.associate(host, port, ae_title=ae_title)
+        assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, self._on_conn_open)])
         if not assoc.is_established:
             log.error("Storage Commitment report %s: cannot associate with %s", transaction_uid, ae_title)
             return
