@@ -26,6 +26,9 @@ __all__ = [
     "RemoteAE",
     "DicomConfig",
     "HotTierConfig",
+    "S3Config",
+    "ColdTierConfig",
+    "LifecycleConfig",
     "CassandraConfig",
     "IndexConfig",
     "ArchiveConfig",
@@ -83,6 +86,48 @@ class HotTierConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """One S3-compatible bucket (AWS S3, Ceph RGW, MinIO, SeaweedFS...)."""
+
+    endpoint_url: str = ""          # empty: AWS default endpoint
+    bucket: str = ""
+    prefix: str = ""                # key prefix inside the bucket
+    region: str = "us-east-1"
+    access_key: str = ""            # empty: boto3's default credential chain
+    secret_key: str = ""
+    storage_class: str = ""         # e.g. STANDARD_IA, GLACIER_IR; empty: bucket default
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class ColdTierConfig:
+    """The compressed cold tier: a filesystem directory (embedded default) or an S3 bucket."""
+
+    backend: str = "filesystem"     # or "s3"
+    path: str = "cold"              # filesystem backend, relative to data_dir
+    s3: S3Config = field(default_factory=S3Config)
+    zstd_level: int = 9
+    bundle_by: str = "series"       # or "study": one cold object per series / per study
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """When studies move from hot to cold. Disabled unless ``enabled``."""
+
+    enabled: bool = False
+    min_age_days: float = 365.0
+    age_basis: str = "ingest"       # "ingest" (received_at), "study_date", or "last_access"
+    modalities: tuple[str, ...] = ()    # only studies with one of these modalities (empty: any)
+    source_aes: tuple[str, ...] = ()    # only studies received from these AEs (empty: any)
+    exclude_modalities: tuple[str, ...] = ()
+    interval_seconds: float = 3600.0    # daemon pause between runs in `vna serve`
+    batch_limit: int = 100              # studies per daemon run
+    cache_ttl_days: float = 0.0         # >0: recalled instances are kept on the hot tier this long
+
+
+@dataclass(frozen=True)
 class CassandraConfig:
     """Connection and schema settings of the Cassandra index."""
 
@@ -136,6 +181,8 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
     hot: HotTierConfig = field(default_factory=HotTierConfig)
+    cold: ColdTierConfig = field(default_factory=ColdTierConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
 
     @property
@@ -153,6 +200,8 @@ class Config:
         data = dataclasses.asdict(self)
         if data["index"]["cassandra"]["password"]:
             data["index"]["cassandra"]["password"] = "***"
+        if data["cold"]["s3"]["secret_key"]:
+            data["cold"]["s3"]["secret_key"] = "***"
         return data
 
 
@@ -294,3 +343,11 @@ def _validate(cfg: Config) -> None:
     if cfg.dicom.max_associations < 1 or cfg.dicom.workers < 1:
         raise ConfigError("dicom.max_associations and dicom.workers must be >= 1")
     cfg.index.cassandra.replication_map  # validates
+    if cfg.cold.backend not in ("filesystem", "s3"):
+        raise ConfigError("cold.backend must be 'filesystem' or 's3'")
+    if cfg.cold.backend == "s3" and not cfg.cold.s3.bucket:
+        raise ConfigError("cold.s3.bucket is required when cold.backend = 's3'")
+    if cfg.cold.bundle_by not in ("series", "study"):
+        raise ConfigError("cold.bundle_by must be 'series' or 'study'")
+    if cfg.lifecycle.age_basis not in ("ingest", "study_date", "last_access"):
+        raise ConfigError("lifecycle.age_basis must be 'ingest', 'study_date' or 'last_access'")
