@@ -6,6 +6,7 @@ Exit codes: 0 clean, 1 findings or failures, 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import multiprocessing
@@ -18,33 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from vna.config import Config, load_config
+from vna.cli_support import add_common, load
+from vna.config import Config
 from vna.errors import ConfigError, VnaError
 
 __all__ = ["main"]
 
 log = logging.getLogger("vna")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file")
-    p.add_argument("--data-dir", help="data directory (default ./vna-data)")
-    p.add_argument("--log-level", default=os.environ.get("VNA_LOG_LEVEL", "INFO"))
-
-
-def _load(args: argparse.Namespace) -> Config:
-    over: dict[str, Any] = {}
-    if getattr(args, "data_dir", None):
-        over.setdefault("archive", {})["data_dir"] = args.data_dir
-    if getattr(args, "dicom_port", None):
-        over.setdefault("dicom", {})["port"] = args.dicom_port
-    if getattr(args, "ae_title", None):
-        over.setdefault("dicom", {})["ae_title"] = args.ae_title
-    if getattr(args, "workers", None):
-        over.setdefault("dicom", {})["workers"] = args.workers
-    if getattr(args, "host", None):
-        over.setdefault("dicom", {})["host"] = args.host
-    return load_config(args.config, env=os.environ, overrides=over)
 
 
 def _setup_logging(level: str) -> None:
@@ -92,7 +73,7 @@ def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the DIMSE server (``dicom.workers`` processes on one port) until SIGTERM/SIGINT."""
-    cfg = _load(args)
+    cfg = load(args)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     _prepare_spool(cfg)
     if cfg.index.migrate_on_start:
@@ -160,7 +141,7 @@ def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     """Print the effective config as JSON."""
-    cfg = _load(args)
+    cfg = load(args)
     print(json.dumps(cfg.as_dict(), indent=2))
     return 0
 
@@ -169,7 +150,7 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     """Print index counts and bytes per tier."""
     from vna.index import open_index
 
-    cfg = _load(args)
+    cfg = load(args)
     index = open_index(cfg)
     try:
         s = index.stats()
@@ -198,7 +179,7 @@ def cmd_index_migrate(args: argparse.Namespace) -> int:
     """Create or upgrade the index schema."""
     from vna.index import open_index
 
-    cfg = _load(args)
+    cfg = load(args)
     index = open_index(cfg)
     try:
         version = index.migrate()
@@ -212,7 +193,7 @@ def cmd_store(args: argparse.Namespace) -> int:
     """Ingest Part 10 files directly (bulk import), one line per file."""
     from vna.archive import Archive
 
-    cfg = _load(args)
+    cfg = load(args)
     archive = Archive(cfg)
     failures = 0
     try:
@@ -239,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("serve", help="run the archive (DICOM DIMSE)")
-    _common(p)
+    add_common(p)
     p.add_argument("--dicom-port", type=int)
     p.add_argument("--ae-title")
     p.add_argument("--host")
@@ -249,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="configuration")
     csub = p.add_subparsers(dest="what", required=True)
     q = csub.add_parser("show", help="print the effective configuration")
-    _common(q)
+    add_common(q)
     q.add_argument("--dicom-port", type=int)
     q.add_argument("--ae-title")
     q.set_defaults(func=cmd_config_show)
@@ -257,18 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="index administration")
     isub = p.add_subparsers(dest="what", required=True)
     q = isub.add_parser("stats", help="counts and bytes per tier")
-    _common(q)
+    add_common(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_index_stats)
     q = isub.add_parser("migrate", help="create or upgrade the schema")
-    _common(q)
+    add_common(q)
     q.set_defaults(func=cmd_index_migrate)
 
     p = sub.add_parser("store", help="import DICOM files or directories")
-    _common(p)
+    add_common(p)
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_store)
+
+    # verbs of the job modules register themselves
+    for module in _VERB_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
+
+
+#: Modules exposing ``register(subparsers)`` for their verbs.
+_VERB_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

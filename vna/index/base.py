@@ -16,10 +16,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
-from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel
+from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.index.query import Condition
 
-__all__ = ["Index", "IndexStats", "TierStats"]
+__all__ = ["Index", "IndexStats", "TierStats", "StudySummary"]
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """What the lifecycle manager needs to decide about one study."""
+
+    study_uid: str
+    study_date: str
+    modalities: tuple[str, ...]
+    source_aes: tuple[str, ...]
+    last_received: float
+    last_access: float | None
+    held: bool
+    instances: int
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,59 @@ class Index(Protocol):
         self, level: QueryLevel, conditions: Sequence[Condition], *, limit: int | None = None
     ) -> Iterator[dict[str, str]]:
         """Matching rows at ``level`` with every key of that level and above, computed keys included."""
+        ...
+
+    # -- placement ledger (jobs) --------------------------------------------
+    def add_placements(self, placements: Sequence[Placement]) -> None:
+        """Record new copies (e.g. PENDING cold copies) of registered instance versions.
+
+        Raises StateConflict (and records none) if any (sop_uid, version, store_id) exists.
+        """
+        ...
+
+    def replace_placement(self, old: Placement, new: Placement) -> bool:
+        """Replace a copy's row iff its stored state and blob key still equal ``old``'s.
+
+        Same (sop_uid, version, store_id). Used to finish a PENDING copy (digests,
+        OK) and to repair a damaged copy under a new blob key. Moving to
+        TO_DELETE follows the rule of :meth:`transition`.
+        """
+        ...
+
+    def delete_placement(self, placement: Placement) -> bool:
+        """Remove the row iff it is still TO_DELETE with the same blob key (purge: blob first, row second)."""
+        ...
+
+    def iter_placements(
+        self,
+        *,
+        tier: Tier | None = None,
+        states: Sequence[PlacementState] | None = None,
+        store_id: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Placement]:
+        """Placements of current and old versions, never-verified first, then oldest ``verified_at``."""
+        ...
+
+    # -- studies (lifecycle) ---------------------------------------------------
+    def study_instances(self, study_uid: str) -> list[InstanceRecord]:
+        """The current version of every instance of the study (sorted by series, SOP UID)."""
+        ...
+
+    def iter_studies(self, *, received_before: float | None = None, limit: int | None = None) -> Iterator[StudySummary]:
+        """Studies (optionally only those whose newest instance arrived before the time), oldest first."""
+        ...
+
+    def record_access(self, study_uid: str, when: float) -> None:
+        """Note that the study was read (for ``age_basis = "last_access"``)."""
+        ...
+
+    def set_hold(self, study_uid: str, held: bool, reason: str = "") -> None:
+        """Place or lift a legal hold: a held study is never migrated or deleted."""
+        ...
+
+    def is_held(self, study_uid: str) -> bool:
+        """True if the study is under legal hold."""
         ...
 
     def stats(self) -> IndexStats:

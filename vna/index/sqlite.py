@@ -18,12 +18,13 @@ from typing import Any, Iterator, Sequence
 
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import IndexUnavailable, StateConflict
-from vna.index.base import IndexStats, TierStats
+from vna.index.base import IndexStats, StudySummary, TierStats
 from vna.index.query import LEVEL_KEYS, Condition, MatchKind, matches_all
 
 __all__ = ["SqliteIndex"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_MIGRATIONS = {1: "sql/001_initial.sql", 2: "sql/002_lifecycle.sql"}
 
 _TABLE = {
     QueryLevel.PATIENT: "st",
@@ -116,14 +117,15 @@ class SqliteIndex:
 
     # -- schema ------------------------------------------------------------
     def migrate(self) -> int:
-        ddl = resources.files("vna.index").joinpath("sql/001_initial.sql").read_text()
         try:
             conn = self._conn()
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-            current = row[0] or 0
-            if current < 1:
-                conn.executescript("BEGIN IMMEDIATE;" + ddl + "INSERT INTO schema_version VALUES (1); COMMIT;")
+            for version, name in sorted(_MIGRATIONS.items()):
+                current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+                if current < version:
+                    ddl = resources.files("vna.index").joinpath(name).read_text()
+                    conn.executescript(
+                        f"BEGIN IMMEDIATE;{ddl};INSERT INTO schema_version VALUES ({version}); COMMIT;")
             return SCHEMA_VERSION
         except sqlite3.Error as exc:
             raise IndexUnavailable(f"SQLite migration failed: {exc}") from exc
@@ -133,15 +135,7 @@ class SqliteIndex:
         rows = self._read(
             "SELECT * FROM instance_versions WHERE sop_uid = ? ORDER BY version DESC LIMIT 1", (sop_uid,)
         )
-        if not rows:
-            return None
-        r = rows[0]
-        return InstanceRecord(
-            sop_uid=r["sop_uid"], series_uid=r["series_uid"], study_uid=r["study_uid"],
-            sop_class_uid=r["sop_class_uid"], transfer_syntax_uid=r["transfer_syntax_uid"],
-            version=r["version"], content_sha256=r["content_sha256"], content_size=r["content_size"],
-            received_at=r["received_at"], source_ae=r["source_ae"], attrs=json.loads(r["attrs"]),
-        )
+        return self._record(rows[0]) if rows else None
 
     def register(self, record: InstanceRecord, placements: Sequence[Placement]) -> None:
         a = record.attrs
@@ -234,6 +228,141 @@ class SqliteIndex:
                 return cur.rowcount == 1
         except sqlite3.Error as exc:
             raise IndexUnavailable(f"SQLite transition failed: {exc}") from exc
+
+    def add_placements(self, placements: Sequence[Placement]) -> None:
+        try:
+            with self._write() as conn:
+                for p in placements:
+                    try:
+                        conn.execute(
+                            "INSERT INTO placements VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (p.sop_uid, p.version, p.store_id, p.tier.value, p.blob_key, p.codec, p.content_sha256,
+                             p.content_size, p.stored_sha256, p.stored_size, p.state.value, p.created_at,
+                             p.verified_at, p.offset, p.length))
+                    except sqlite3.IntegrityError:
+                        raise StateConflict(f"placement of {p.sop_uid} v{p.version} on {p.store_id} exists") from None
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"SQLite add_placements failed: {exc}") from exc
+
+    def replace_placement(self, old: Placement, new: Placement) -> bool:
+        if (old.sop_uid, old.version, old.store_id) != (new.sop_uid, new.version, new.store_id):
+            raise ValueError("replace_placement keeps (sop_uid, version, store_id)")
+        try:
+            with self._write() as conn:
+                if new.state is PlacementState.TO_DELETE and old.state is not PlacementState.TO_DELETE:
+                    other = conn.execute(
+                        "SELECT 1 FROM placements WHERE sop_uid = ? AND version = ? AND store_id != ? "
+                        "AND state = 'OK' LIMIT 1", (old.sop_uid, old.version, old.store_id)).fetchone()
+                    if other is None:
+                        return False
+                cur = conn.execute(
+                    "UPDATE placements SET tier = ?, blob_key = ?, codec = ?, content_sha256 = ?, content_size = ?, "
+                    "stored_sha256 = ?, stored_size = ?, state = ?, created_at = ?, verified_at = ?, "
+                    '"offset" = ?, length = ? '
+                    "WHERE sop_uid = ? AND version = ? AND store_id = ? AND state = ? AND blob_key = ?",
+                    (new.tier.value, new.blob_key, new.codec, new.content_sha256, new.content_size,
+                     new.stored_sha256, new.stored_size, new.state.value, new.created_at, new.verified_at,
+                     new.offset, new.length, old.sop_uid, old.version, old.store_id, old.state.value, old.blob_key))
+                return cur.rowcount == 1
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"SQLite replace_placement failed: {exc}") from exc
+
+    def delete_placement(self, placement: Placement) -> bool:
+        p = placement
+        try:
+            with self._write() as conn:
+                cur = conn.execute(
+                    "DELETE FROM placements WHERE sop_uid = ? AND version = ? AND store_id = ? "
+                    "AND state = 'TO_DELETE' AND blob_key = ?", (p.sop_uid, p.version, p.store_id, p.blob_key))
+                return cur.rowcount == 1
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"SQLite delete_placement failed: {exc}") from exc
+
+    def iter_placements(
+        self,
+        *,
+        tier: Tier | None = None,
+        states: Sequence[PlacementState] | None = None,
+        store_id: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Placement]:
+        where, params = [], []
+        if tier is not None:
+            where.append("tier = ?")
+            params.append(tier.value)
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            params.extend(st.value for st in states)
+        if store_id is not None:
+            where.append("store_id = ?")
+            params.append(store_id)
+        sql = "SELECT * FROM placements"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY verified_at IS NOT NULL, verified_at, sop_uid, version, store_id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return (self._placement(r) for r in self._read(sql, params))
+
+    def study_instances(self, study_uid: str) -> list[InstanceRecord]:
+        rows = self._read(
+            "SELECT v.* FROM instances i JOIN instance_versions v ON v.sop_uid = i.SOPInstanceUID "
+            "AND v.version = i.version WHERE i.StudyInstanceUID = ? ORDER BY v.series_uid, v.sop_uid", (study_uid,))
+        return [self._record(r) for r in rows]
+
+    @staticmethod
+    def _record(r: sqlite3.Row) -> InstanceRecord:
+        return InstanceRecord(
+            sop_uid=r["sop_uid"], series_uid=r["series_uid"], study_uid=r["study_uid"],
+            sop_class_uid=r["sop_class_uid"], transfer_syntax_uid=r["transfer_syntax_uid"],
+            version=r["version"], content_sha256=r["content_sha256"], content_size=r["content_size"],
+            received_at=r["received_at"], source_ae=r["source_ae"], attrs=json.loads(r["attrs"]),
+        )
+
+    def iter_studies(self, *, received_before: float | None = None, limit: int | None = None) -> Iterator[StudySummary]:
+        sql = (
+            "SELECT st.StudyInstanceUID AS uid, st.StudyDate AS date, st.last_access AS last_access, "
+            "max(i.received_at) AS last_received, count(i.SOPInstanceUID) AS n, "
+            "group_concat(DISTINCT se.Modality) AS mods, group_concat(DISTINCT i.source_ae) AS aes, "
+            "(SELECT 1 FROM holds h WHERE h.study_uid = st.StudyInstanceUID) AS held "
+            "FROM studies st JOIN instances i ON i.StudyInstanceUID = st.StudyInstanceUID "
+            "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
+            "GROUP BY st.StudyInstanceUID")
+        params: list[Any] = []
+        if received_before is not None:
+            sql += " HAVING max(i.received_at) < ?"
+            params.append(received_before)
+        sql += " ORDER BY last_received"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for r in self._read(sql, params):
+            yield StudySummary(
+                study_uid=r["uid"], study_date=r["date"],
+                modalities=tuple(sorted(m for m in (r["mods"] or "").split(",") if m)),
+                source_aes=tuple(sorted(a for a in (r["aes"] or "").split(",") if a)),
+                last_received=r["last_received"], last_access=r["last_access"], held=bool(r["held"]),
+                instances=r["n"])
+
+    def record_access(self, study_uid: str, when: float) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute("UPDATE studies SET last_access = max(coalesce(last_access, 0), ?) "
+                             "WHERE StudyInstanceUID = ?", (when, study_uid))
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"SQLite record_access failed: {exc}") from exc
+
+    def set_hold(self, study_uid: str, held: bool, reason: str = "") -> None:
+        try:
+            with self._write() as conn:
+                if held:
+                    conn.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?)", (study_uid, reason, time.time()))
+                else:
+                    conn.execute("DELETE FROM holds WHERE study_uid = ?", (study_uid,))
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"SQLite set_hold failed: {exc}") from exc
+
+    def is_held(self, study_uid: str) -> bool:
+        return bool(self._read("SELECT 1 FROM holds WHERE study_uid = ?", (study_uid,)))
 
     # -- query -------------------------------------------------------------
     def find(
