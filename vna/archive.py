@@ -27,8 +27,10 @@ class Archive:
             for i, path in enumerate(cfg.hot.replicas)
         ]
         self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec())
+        #: every tier's accessor, by tier (the cold tier joins when configured)
+        self.tiers: dict[Tier, TierAccessor] = {Tier.HOT: self.hot}
         self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy)
-        self.retrieve = RetrieveService(self.index, {Tier.HOT: self.hot}, cfg.resolve("spool/retrieve"))
+        self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"))
         self.query = QueryService(self.index, cfg.dicom.ae_title)
 
     def is_committed(self, sop_uid: str, sop_class_uid: str | None = None) -> bool:
@@ -42,5 +44,6 @@ class Archive:
 
     def close(self) -> None:
         """Release threads and connections."""
-        self.hot.close()
+        for accessor in self.tiers.values():
+            accessor.close()
         self.index.close()
