@@ -47,11 +47,12 @@ def store_dataset(port: int, ds: Dataset | Path, ts: str | None = None) -> Datas
     ae.add_requested_context(head.SOPClassUID, ts or head.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="VNA")
     assert assoc.is_established
+    previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = isinstance(ds, Path)
     try:
         return assoc.send_c_store(ds)
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+        _config.STORE_SEND_CHUNKED_DATASET = previous
         assoc.release()
 
 
@@ -63,11 +64,12 @@ def store_raw(port: int, path: Path, sop_class: str, ts: str) -> Dataset:
     ae.add_requested_context(sop_class, ts)
     assoc = ae.associate("127.0.0.1", port, ae_title="VNA")
     assert assoc.is_established
+    previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         return assoc.send_c_store(path)
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+        _config.STORE_SEND_CHUNKED_DATASET = previous
         assoc.release()
 
 

@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
@@ -50,10 +50,15 @@ StudyRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.2.1")
 StudyRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.2.2")
 StudyRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.2.3")
 
-_UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, "1.2.840.10008.1.2.2"}
+# pynetdicom converts between these two when a peer accepted the other one
+_LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1137.0.1")
+IMPLEMENTATION_VERSION_NAME = "VNA_010"
 _PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
                  PatientRootQueryRetrieveInformationModelGet}
+_UNIQUE_KEYS = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
 _SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
+_ECHOED_KEYS = ("TimezoneOffsetFromUTC",)
 
 
 class FileBackedDataset(Dataset):
@@ -63,12 +68,18 @@ class FileBackedDataset(Dataset):
     recognises this class and sends the verified file's bytes unchanged.
     """
 
-    def __init__(self, path: Path, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str) -> None:
+    def __init__(self, path: Path | None, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str,
+                 originator: str | None = None) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid
         self.SOPInstanceUID = sop_uid
         object.__setattr__(self, "vna_path", path)
         object.__setattr__(self, "vna_ts", transfer_syntax_uid)
+        object.__setattr__(self, "vna_originator", originator)
+
+
+class _SubOperationFailed(Exception):
+    """Raised instead of sending a sub-operation whose instance has no verified copy."""
 
 
 _original_send_c_store = Association.send_c_store
@@ -77,12 +88,16 @@ _original_send_c_store = Association.send_c_store
 def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
     """Send a FileBackedDataset as raw file bytes (uncompressed fallback if its syntax was not accepted)."""
     if isinstance(dataset, FileBackedDataset):
-        path: Path = dataset.vna_path
+        path: Path | None = dataset.vna_path
+        if path is None:  # pynetdicom counts the exception as a failed sub-operation
+            raise _SubOperationFailed(f"no verified copy of {dataset.SOPInstanceUID}")
+        if dataset.vna_originator is not None:  # C-MOVE: the requester, not us (PS3.7 9.3.1.1)
+            kwargs["originator_aet"] = dataset.vna_originator
         ts = dataset.vna_ts
         has_cx = any(
             cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == ts and cx.as_scu
             for cx in self.accepted_contexts)
-        if has_cx or ts not in _UNCOMPRESSED:
+        if has_cx or ts not in _LITTLE_ENDIAN:
             return _original_send_c_store(self, path, *args, **kwargs)
         return _original_send_c_store(self, dcmread(path), *args, **kwargs)
     return _original_send_c_store(self, dataset, *args, **kwargs)
@@ -134,6 +149,9 @@ def _response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
         if not value.isascii():
             non_ascii = True
         rsp.add_new(tag, vr, value.split("\\") if "\\" in value and vr not in ("LT", "ST", "UT") else value)
+    for kw in _ECHOED_KEYS:  # PS3.4 C.4.1.1.3.2: returned as sent
+        if kw in requested:
+            rsp.add(requested[kw])
     if non_ascii or "SpecificCharacterSet" in requested:
         rsp.SpecificCharacterSet = "ISO_IR 192"
     return rsp
@@ -166,6 +184,8 @@ class DicomServer:
     def _build_ae(self) -> AE:
         cfg = self.cfg
         ae = AE(ae_title=cfg.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_associations = cfg.max_associations
         ae.acse_timeout = cfg.acse_timeout
         ae.dimse_timeout = cfg.dimse_timeout
@@ -308,13 +328,14 @@ class DicomServer:
 
     def _select(self, event: evt.Event) -> list[InstanceRef]:
         level, ds = self._level(event)
-        ident = _identifier_map(ds)
+        ident = {k: v for k, v in _identifier_map(ds).items() if k in _UNIQUE_KEYS}
         conds = self.archive.query.conditions(level, ident)
         if not conds:
             raise InvalidInput("a retrieve needs at least one unique key")
         return self.archive.retrieve.select(level, conds)
 
-    def _suboperations(self, event: evt.Event, refs: list[InstanceRef]) -> Iterator[tuple[int, Dataset | None]]:
+    def _suboperations(self, event: evt.Event, refs: list[InstanceRef],
+                       originator: str | None = None) -> Iterator[tuple[int, Dataset | None]]:
         for ref in refs:
             if event.is_cancelled:
                 yield st.CANCEL, None
@@ -322,10 +343,11 @@ class DicomServer:
             try:
                 with self.archive.retrieve.open_verified(ref.sop_uid) as inst:
                     yield st.PENDING, FileBackedDataset(inst.path, ref.sop_class_uid, ref.sop_uid,
-                                                        ref.transfer_syntax_uid)
+                                                        ref.transfer_syntax_uid, originator)
             except VnaError as exc:
                 log.error("retrieve of %s failed: %s", ref.sop_uid, exc)
-                yield st.PENDING, Dataset()  # not a FileBackedDataset: counted as a failed sub-operation
+                # no path: the send raises, pynetdicom counts a failed sub-operation and lists the UID
+                yield st.PENDING, FileBackedDataset(None, ref.sop_class_uid, ref.sop_uid, ref.transfer_syntax_uid)
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association."""
@@ -333,11 +355,11 @@ class DicomServer:
             refs = self._select(event)
         except (InvalidInput, AttributeError, ValueError) as exc:
             log.warning("C-GET refused: %s", exc)
-            yield 0
+            yield 1  # pynetdicom ends with Success after a count of 0: announce one, then fail
             yield st.IDENTIFIER_MISMATCH, None
             return
         except VnaError as exc:
-            yield 0
+            yield 1
             yield st.status_for(exc), None
             return
         yield len(refs)
@@ -357,18 +379,18 @@ class DicomServer:
         except (InvalidInput, AttributeError, ValueError) as exc:
             log.warning("C-MOVE refused: %s", exc)
             yield remote.host, remote.port
-            yield 0
+            yield 1  # pynetdicom ends with Success after a count of 0: announce one, then fail
             yield st.IDENTIFIER_MISMATCH, None
             return
         except VnaError as exc:
             yield remote.host, remote.port
-            yield 0
+            yield 1
             yield st.status_for(exc), None
             return
         yield remote.host, remote.port, {"contexts": _contexts_for(refs),
                                          "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
         yield len(refs)
-        yield from self._suboperations(event, refs)
+        yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip())
 
     def on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
         """Storage Commitment request: answer now, send the N-EVENT-REPORT on a new association."""
@@ -394,6 +416,19 @@ class DicomServer:
         ).start()
         return st.SUCCESS, None
 
+    def _commitment_failure(self, sop_class: str, sop_uid: str) -> int | None:
+        """None if committed, else the Failure Reason (PS3.4 J.3.2.1.3)."""
+        try:
+            inst = self.archive.index.get_instance(sop_uid)
+            if inst is None:
+                return 0x0112  # no such object instance
+            if inst.sop_class_uid != sop_class:
+                return 0x0119  # class / instance conflict
+            return None if self.archive.is_committed(sop_uid, sop_class) else 0x0110  # processing failure
+        except VnaError as exc:
+            log.error("commitment check of %s failed: %s", sop_uid, exc)
+            return 0x0110
+
     def _commitment_report(self, transaction_uid: str, items: list[tuple[str, str]],
                            host: str, port: int, ae_title: str) -> None:
         ok: list[Dataset] = []
@@ -402,15 +437,11 @@ class DicomServer:
             item = Dataset()
             item.ReferencedSOPClassUID = cls
             item.ReferencedSOPInstanceUID = uid
-            try:
-                committed = self.archive.is_committed(uid, cls)
-            except VnaError as exc:
-                log.error("commitment check of %s failed: %s", uid, exc)
-                committed = False
-            if committed:
+            reason = self._commitment_failure(cls, uid)
+            if reason is None:
                 ok.append(item)
             else:
-                item.FailureReason = 0x0112  # no such object instance
+                item.FailureReason = reason
                 failed.append(item)
         report = Dataset()
         report.TransactionUID = transaction_uid
@@ -424,8 +455,12 @@ class DicomServer:
         ae.acse_timeout = self.cfg.acse_timeout
         ae.dimse_timeout = self.cfg.dimse_timeout
         ae.network_timeout = self.cfg.network_timeout
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.add_requested_context(StorageCommitmentPushModel)
-        assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, self._on_conn_open)])
+        # we act as SCP of the Push Model on an association we request (PS3.4 J.3.3)
+        assoc = ae.associate(host, port, ae_title=ae_title, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+                             evt_handlers=[(evt.EVT_CONN_OPEN, self._on_conn_open)])
         if not assoc.is_established:
             log.error("Storage Commitment report %s: cannot associate with %s", transaction_uid, ae_title)
             return
@@ -453,7 +488,7 @@ def _contexts_for(refs: list[InstanceRef]) -> list[PresentationContext]:
             continue
         seen.add((r.sop_class_uid, r.transfer_syntax_uid))
         syntaxes = [r.transfer_syntax_uid]
-        if r.transfer_syntax_uid in _UNCOMPRESSED:
+        if r.transfer_syntax_uid in _LITTLE_ENDIAN:
             syntaxes += [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts not in syntaxes]
         contexts.append(build_context(r.sop_class_uid, syntaxes))
     return contexts[:128]

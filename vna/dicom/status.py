@@ -24,12 +24,12 @@ PENDING = 0xFF00
 CANCEL = 0xFE00
 OUT_OF_RESOURCES = 0xA700          # storage / index unavailable, quorum not met: retry later
 CANNOT_UNDERSTAND = 0xC000         # dataset unparsable or inconsistent with the request
-INVALID_UID = 0xC001               # a UID is missing, malformed or unsafe
-DUPLICATE_SOP_INSTANCE = 0x0111    # same SOP Instance UID, different bytes, policy reject
+INVALID_UID = 0xC0E1               # a UID is missing, malformed or unsafe (vna-specific 0xCxxx)
+DUPLICATE_SOP_INSTANCE = 0x0111    # same SOP Instance UID, different bytes, policy reject (as dcm4chee)
 IDENTIFIER_MISMATCH = 0xA900       # C-FIND/MOVE/GET identifier does not match the SOP class
 MOVE_DESTINATION_UNKNOWN = 0xA801
 SUBOPS_FAILED = 0xA702             # C-MOVE/C-GET: out of resources, unable to perform sub-operations
-UNABLE_TO_PROCESS = 0xC211
+UNABLE_TO_PROCESS = 0xC0FF         # internal error (distinct from pynetdicom's own 0xC2xx/0xC3xx)
 
 _TABLE: list[tuple[type[VnaError], int]] = [
     (InvalidUID, INVALID_UID),

@@ -7,7 +7,7 @@ same on every backend. Rows are ``keyword -> str`` mappings.
 Supported: universal (empty value or ``*``), single value, wildcard (``*``,
 ``?``), range for DA/TM/DT (``a-b``, ``a-``, ``-b``), list of UIDs (``\\``),
 multi-valued stored attributes (``ModalitiesInStudy``). PN matching is
-case-insensitive unless configured otherwise. A stored empty value matches
+case-insensitive (``make_condition(..., pn_case_insensitive=False)`` for exact). A stored empty value matches
 only universal matching.
 """
 
