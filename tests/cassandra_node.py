@@ -6,15 +6,19 @@ node) that one is used; otherwise a fresh single node is started with
 ``ops/cassandra/launcher.py`` in a temporary directory on free ports and stopped
 at the end of the session. A node that cannot start is a test error.
 
-``cassandra_index`` (function): a migrated :class:`CassandraIndex` on a fresh
-keyspace ``vna_test_<random>``, dropped afterwards. ``cassandra_admin`` (session):
-a raw driver session for fixtures that need one (dropping keyspaces, fault setup).
+``cassandra_index`` (function): a migrated :class:`CassandraIndex` on an empty
+keyspace of its own. Keyspaces (``vna_test_<random>``) come from
+``cassandra_keyspaces``, a session pool: creating and migrating one costs ~3 s and
+dropping one ~2 s on a small machine, truncating its tables ~0.3 s, so a used
+keyspace is truncated and handed to the next test; all are dropped at session end.
+``cassandra_admin`` (session): a raw driver session (truncate/drop, fault setup).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import sys
 import uuid
@@ -27,7 +31,10 @@ import pytest
 from vna.config import CassandraConfig
 from vna.index.cassandra import CassandraIndex
 
-__all__ = ["cassandra_endpoint", "cassandra_admin", "cassandra_config", "cassandra_index"]
+__all__ = [
+    "KeyspacePool", "cassandra_endpoint", "cassandra_admin", "cassandra_config", "cassandra_keyspaces",
+    "cassandra_index",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "ops" / "cassandra" / "launcher.py"
@@ -59,11 +66,12 @@ def cassandra_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         return
     launcher = _load_launcher()
     home = tmp_path_factory.mktemp("cassandra")
-    nodes = launcher.start(home, port=_free_port(), storage_port=_free_port(), log=False)
+    nodes = launcher.start(home, port=_free_port(), storage_port=_free_port())
     try:
         yield (nodes[0].address, nodes[0].native_port)
     finally:
         launcher.stop(home)
+        shutil.rmtree(home, ignore_errors=True)  # commit log segments are large
 
 
 @pytest.fixture(scope="session")
@@ -83,10 +91,48 @@ def cassandra_admin(cassandra_endpoint: tuple[str, int]) -> Iterator[Any]:
         cluster.shutdown()
 
 
-@pytest.fixture
-def cassandra_config(cassandra_endpoint: tuple[str, int]) -> Callable[..., CassandraConfig]:
-    """Factory: a CassandraConfig for the test node and a fresh keyspace name."""
-    host, port = cassandra_endpoint
+class KeyspacePool:
+    """Migrated, empty keyspaces for tests; ``release`` truncates and recycles one."""
+
+    def __init__(self, admin: Any, make_config: Callable[..., CassandraConfig]) -> None:
+        self.admin = admin
+        self.make_config = make_config
+        self.free: list[str] = []
+        self.all: list[str] = []
+
+    def acquire(self) -> str:
+        if self.free:
+            return self.free.pop()
+        cfg = self.make_config()
+        index = CassandraIndex(cfg)
+        try:
+            index.migrate()
+        finally:
+            index.close()
+        self.all.append(cfg.keyspace)
+        return cfg.keyspace
+
+    def truncate(self, keyspace: str) -> None:
+        """Empty every data table of ``keyspace`` (the schema version stays)."""
+        rows = self.admin.execute(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", (keyspace,))
+        for r in rows:
+            if r["table_name"] != "schema_version":
+                self.admin.execute(f"TRUNCATE {keyspace}.{r['table_name']}")
+
+    def release(self, keyspace: str) -> None:
+        self.truncate(keyspace)
+        self.free.append(keyspace)
+
+    def drop_all(self) -> None:
+        for keyspace in self.all:
+            self.admin.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+        self.all.clear()
+        self.free.clear()
+
+
+def _config_factory(endpoint: tuple[str, int]) -> Callable[..., CassandraConfig]:
+    host, port = endpoint
 
     def make(**overrides: Any) -> CassandraConfig:
         values: dict[str, Any] = dict(
@@ -100,14 +146,29 @@ def cassandra_config(cassandra_endpoint: tuple[str, int]) -> Callable[..., Cassa
 
 
 @pytest.fixture
-def cassandra_index(
-    cassandra_config: Callable[..., CassandraConfig], cassandra_admin: Any
-) -> Iterator[CassandraIndex]:
-    cfg = cassandra_config()
-    index = CassandraIndex(cfg)
+def cassandra_config(cassandra_endpoint: tuple[str, int]) -> Callable[..., CassandraConfig]:
+    """Factory: a CassandraConfig for the test node with a new keyspace name (not created)."""
+    return _config_factory(cassandra_endpoint)
+
+
+@pytest.fixture(scope="session")
+def cassandra_keyspaces(cassandra_endpoint: tuple[str, int], cassandra_admin: Any) -> Iterator[KeyspacePool]:
+    pool = KeyspacePool(cassandra_admin, _config_factory(cassandra_endpoint))
     try:
-        index.migrate()
+        yield pool
+    finally:
+        pool.drop_all()
+
+
+@pytest.fixture
+def cassandra_index(
+    cassandra_config: Callable[..., CassandraConfig], cassandra_keyspaces: KeyspacePool
+) -> Iterator[CassandraIndex]:
+    keyspace = cassandra_keyspaces.acquire()
+    index = CassandraIndex(cassandra_config(keyspace=keyspace))
+    try:
+        index.migrate()  # already migrated: checks idempotency on every use
         yield index
     finally:
         index.close()
-        cassandra_admin.execute(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}")
+        cassandra_keyspaces.release(keyspace)

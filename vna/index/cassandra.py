@@ -2,7 +2,7 @@
 
 Behaves exactly like :class:`vna.index.sqlite.SqliteIndex` behind the Index port
 (one contract suite runs on both); only the storage differs. Schema:
-``vna/index/cql/001_initial.cql``.
+``vna/index/cql/*.cql`` (versions as in SQLite).
 
 Data model
     ``studies`` (one row per study, patient attributes denormalised, SAI on
@@ -37,7 +37,7 @@ Registration is all-or-nothing as seen by readers
     nothing is visible, and the next registration takes it over once stale.
     Known deviation from SQLite: the study/series attribute upserts of step 3
     are not undone when a *re-registration into an existing* study fails; the
-    study shows the attribute values that failed instance carried.
+    study keeps the attribute values the failed instance carried.
 
 Pushdown (always a superset; every candidate is checked with
 :func:`vna.index.query.matches_all`, so results equal SQLite's)
@@ -47,11 +47,25 @@ Pushdown (always a superset; every candidate is checked with
     AccessionNumber EQ, StudyDate EQ / range on a ``date`` column (plus a query
     for unparsable StudyDates), ModalitiesInStudy / Modality ``CONTAINS``,
     PatientName by casefolded family-name prefix (1 or 3 characters; ASCII
-    literal prefixes only). One list condition fans out into parallel EQ
-    queries (deduplicated without memory). Without any, a paged scan.
-    SAI returns rows in token order: the order of rows is unspecified, as in SQLite.
+    literal prefixes only). One list condition fans out into one EQ query per
+    item (deduplicated without memory). Without any, a paged scan. PATIENT
+    rows group ``studies_by_patient`` and aggregate like SQLite (``max`` over
+    the studies its WHERE clause keeps: :func:`_sqlite_where`). SAI returns
+    token order, so row order is unspecified (SQLite sorts PATIENT rows only).
     Computed keys and visibility need each study's partitions plus one
     instance_versions and one placements read per instance (run concurrently).
+
+Job operations (schema v2)
+    ``add_placements`` is one Paxos round per instance (atomic per instance;
+    across instances a conflict removes the rows already added, best effort).
+    ``replace_placement``/``delete_placement``/``transition`` are LWT; retiring a
+    copy (TO_DELETE) is a conditional batch that also asserts another OK copy,
+    so two copies cannot be retired concurrently. ``iter_placements`` uses SAI
+    on tier/state/store_id and hides uncommitted versions (SAI on ``complete``);
+    ``iter_studies`` scans every study with its partitions. Both order in
+    memory (a heap of ``limit`` when given). ``record_access`` writes with
+    ``USING TIMESTAMP`` = the access time, so the newest access wins without a
+    read; holds are a plain table.
 
 ``stats()`` is a paged full scan (instance_versions, studies, placements);
 distinct study/series/patient counts keep their UIDs in memory.
@@ -62,6 +76,7 @@ Every driver error maps to IndexUnavailable through :func:`_unavailable`.
 from __future__ import annotations
 
 import datetime
+import heapq
 import json
 import logging
 import math
@@ -85,14 +100,15 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement, Simple
 from vna.config import CassandraConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
-from vna.index.base import IndexStats, TierStats
+from vna.index.base import IndexStats, StudySummary, TierStats
 from vna.index.query import COMPUTED_KEYS, LEVEL_KEYS, Condition, MatchKind, matches_all
 
 __all__ = ["CassandraIndex"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql"}
 _FETCH_SIZE = 500
 _EMPTY_PATIENT = "\x00"  # partition keys may not be empty; PatientID "" is grouped under this
 _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
@@ -122,7 +138,7 @@ _INSTANCE_COLS = {
     "NumberOfFrames": "number_of_frames", "Rows": "image_rows", "Columns": "image_columns",
 }
 # Keys of the SqliteIndex rows at each level (stored part), so rows compare equal.
-_STUDY_ROW_KEYS = frozenset({"StudyInstanceUID", *_STUDY_COLS, "updated_at"})
+_STUDY_ROW_KEYS = frozenset({"StudyInstanceUID", *_STUDY_COLS, "updated_at", "last_access"})
 _SERIES_ROW_KEYS = frozenset({"SeriesInstanceUID", "StudyInstanceUID", *_SERIES_COLS})
 _INSTANCE_ROW_KEYS = frozenset({
     "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "version", "SOPClassUID", *_INSTANCE_COLS,
@@ -340,11 +356,15 @@ class CassandraIndex:
         self._cluster.shutdown()
 
     # -- schema --------------------------------------------------------------
-    def migrate(self) -> int:
-        ddl = resources.files("vna.index").joinpath("cql/001_initial.cql").read_text()
+    def _migration(self, name: str) -> list[str]:
+        ddl = resources.files("vna.index").joinpath(name).read_text()
         statements = [s.strip() for s in re.sub(r"--[^\n]*", "", ddl).split(";") if s.strip()]
-        statements = [s.replace("{keyspace}", self._ks) for s in statements]
-        indexes = {m.group(1) for s in statements if (m := re.match(r"CREATE INDEX IF NOT EXISTS (\w+)", s))}
+        return [s.replace("{keyspace}", self._ks) for s in statements]
+
+    def migrate(self) -> int:
+        migrations = {version: self._migration(name) for version, name in sorted(_MIGRATIONS.items())}
+        indexes = {m.group(1) for statements in migrations.values() for s in statements
+                   if (m := re.match(r"CREATE INDEX IF NOT EXISTS (\w+)", s))}
         replication = {"class": "NetworkTopologyStrategy"}
         for dc, rf in self.cfg.replication_map.items():
             if not _DC_RE.match(dc):
@@ -357,14 +377,17 @@ class CassandraIndex:
                       "(version int PRIMARY KEY, applied_at double)")
             rows = self._session.execute(f"SELECT version FROM {self._t('schema_version')}")
             current = max((int(r["version"]) for r in rows), default=0)
-            if current < 1:
-                for stmt in statements:  # tables and SAI indexes, all before any data
+            for version, statements in migrations.items():
+                if current >= version:
+                    continue
+                for stmt in statements:  # every statement is idempotent (IF [NOT] EXISTS)
                     self._ddl(stmt)
-            self._wait_for_indexes(indexes)
-            if current < 1:
+                self._wait_for_indexes(indexes & {m.group(1) for s in statements
+                                                  if (m := re.match(r"CREATE INDEX IF NOT EXISTS (\w+)", s))})
                 self._session.execute(
                     f"INSERT INTO {self._t('schema_version')} (version, applied_at) VALUES (%s, %s)",
-                    (SCHEMA_VERSION, time.time()))
+                    (version, time.time()))
+            self._wait_for_indexes(indexes)
         return SCHEMA_VERSION
 
     def _ddl(self, cql: str) -> None:
@@ -398,14 +421,18 @@ class CassandraIndex:
             rows = self._versions(sop_uid)
         for r in rows:  # newest first (clustering order)
             if r["complete"]:
-                return InstanceRecord(
-                    sop_uid=r["sop_uid"], series_uid=r["series_uid"], study_uid=r["study_uid"],
-                    sop_class_uid=r["sop_class_uid"], transfer_syntax_uid=r["transfer_syntax_uid"],
-                    version=int(r["version"]), content_sha256=r["content_sha256"],
-                    content_size=int(r["content_size"]), received_at=float(r["received_at"]),
-                    source_ae=_s(r["source_ae"]), attrs=json.loads(r["attrs"] or "{}"),
-                )
+                return self._record(r)
         return None
+
+    @staticmethod
+    def _record(r: Row) -> InstanceRecord:
+        return InstanceRecord(
+            sop_uid=r["sop_uid"], series_uid=r["series_uid"], study_uid=r["study_uid"],
+            sop_class_uid=r["sop_class_uid"], transfer_syntax_uid=r["transfer_syntax_uid"],
+            version=int(r["version"]), content_sha256=r["content_sha256"],
+            content_size=int(r["content_size"]), received_at=float(r["received_at"]),
+            source_ae=_s(r["source_ae"]), attrs=json.loads(r["attrs"] or "{}"),
+        )
 
     def register(self, record: InstanceRecord, placements: Sequence[Placement]) -> None:
         for p in placements:
@@ -421,7 +448,8 @@ class CassandraIndex:
             self._abort(record, claim, by_store)  # the claim may have been applied
             raise
         try:
-            self._insert_placements(by_store)
+            if not self._insert_placements(by_store):
+                raise StateConflict(f"placements of {record.sop_uid} version {record.version} already exist")
             self._write_catalogue(record)
             res = self._exec(
                 f"UPDATE {self._t('instance_versions')} SET complete = true "
@@ -467,9 +495,10 @@ class CassandraIndex:
             self._exec(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ? "
                        "IF EXISTS", (record.sop_uid, record.version, r["store_id"]))
 
-    def _insert_placements(self, placements: Sequence[Placement]) -> None:
+    def _insert_placements(self, placements: Sequence[Placement]) -> bool:
+        """Insert rows of ONE partition (sop_uid) in one Paxos round; False (nothing written) if any exists."""
         if not placements:
-            return
+            return True
         stmt = self._prep(
             f"INSERT INTO {self._t('placements')} ({', '.join(_PLACEMENT_COLS)}) "
             f"VALUES ({', '.join('?' for _ in _PLACEMENT_COLS)}) IF NOT EXISTS")
@@ -479,10 +508,7 @@ class CassandraIndex:
                 p.sop_uid, p.version, p.store_id, p.tier.value, p.blob_key, p.codec, p.content_sha256,
                 p.content_size, p.stored_sha256, p.stored_size, p.state.value, p.created_at, p.verified_at,
                 p.offset, p.length))
-        res = self._session.execute(batch)
-        if not res.was_applied:
-            p = placements[0]
-            raise StateConflict(f"placements of {p.sop_uid} version {p.version} already exist")
+        return bool(self._session.execute(batch).was_applied)
 
     def _write_catalogue(self, record: InstanceRecord) -> None:
         a = record.attrs
@@ -528,9 +554,10 @@ class CassandraIndex:
             self._exec(f"DELETE FROM {self._t('instances')} WHERE study_uid = ? AND series_uid = ? "
                        "AND sop_uid = ? AND version = ?",
                        (record.study_uid, record.series_uid, record.sop_uid, record.version))
-            for p in placements:
+            for p in placements:  # ours only: rows found in place (conflict) keep another blob key
                 self._exec(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? "
-                           "AND store_id = ? IF EXISTS", (p.sop_uid, p.version, p.store_id))
+                           "AND store_id = ? IF state = ? AND blob_key = ?",
+                           (p.sop_uid, p.version, p.store_id, p.state.value, p.blob_key))
             self._exec(f"DELETE FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ? "
                        "IF claim_id = ?", (record.sop_uid, record.version, claim))
         except _DRIVER_ERRORS as exc:
@@ -579,25 +606,192 @@ class CassandraIndex:
         with self._errors("transition"):
             if new_state is not PlacementState.TO_DELETE:
                 return bool(self._exec(update, params).was_applied)
-            # TO_DELETE: one Paxos round on the instance's partition also asserts that
-            # another copy of this version is still OK, so two copies cannot both go.
-            for _attempt in range(3):
-                rows = list(self._session.execute(self._serial(
-                    f"SELECT store_id, state, blob_key FROM {t} WHERE sop_uid = ? AND version = ?",
-                    (p.sop_uid, p.version))))
-                mine = [r for r in rows if r["store_id"] == p.store_id]
-                if not mine or mine[0]["state"] != p.state.value or mine[0]["blob_key"] != p.blob_key:
-                    return False
-                others = [r["store_id"] for r in rows if r["store_id"] != p.store_id and r["state"] == "OK"]
-                if not others:
-                    return False
-                batch = BatchStatement(batch_type=BatchType.LOGGED)
-                batch.add(self._prep(update), params)
-                batch.add(self._prep(f"UPDATE {t} SET guarded_at = ? {key} IF state = 'OK'"),
-                          (time.time(), p.sop_uid, p.version, others[0]))
-                if self._session.execute(batch).was_applied:
-                    return True
-            return False
+            return self._guarded(p, update, params)
+
+    def _guarded(self, p: Placement, update: str, params: Sequence[Any]) -> bool:
+        """Apply a conditional update of ``p``'s row that retires it (TO_DELETE).
+
+        One Paxos round on the instance's partition also asserts that another copy
+        of this version is still OK, so two copies cannot both be retired.
+        """
+        t = self._t("placements")
+        for _attempt in range(3):
+            rows = list(self._session.execute(self._serial(
+                f"SELECT store_id, state, blob_key FROM {t} WHERE sop_uid = ? AND version = ?",
+                (p.sop_uid, p.version))))
+            mine = [r for r in rows if r["store_id"] == p.store_id]
+            if not mine or mine[0]["state"] != p.state.value or mine[0]["blob_key"] != p.blob_key:
+                return False
+            others = [r["store_id"] for r in rows if r["store_id"] != p.store_id and r["state"] == "OK"]
+            if not others:
+                return False
+            batch = BatchStatement(batch_type=BatchType.LOGGED)
+            batch.add(self._prep(update), tuple(params))
+            batch.add(self._prep(f"UPDATE {t} SET guarded_at = ? "
+                                 "WHERE sop_uid = ? AND version = ? AND store_id = ? IF state = 'OK'"),
+                      (time.time(), p.sop_uid, p.version, others[0]))
+            if self._session.execute(batch).was_applied:
+                return True
+        return False
+
+    # -- placement ledger (jobs) ------------------------------------------------
+    def add_placements(self, placements: Sequence[Placement]) -> None:
+        """Insert the rows, one Paxos round per instance.
+
+        Atomic per instance; across instances a conflict removes the rows already
+        added (best effort, while they are unchanged) before StateConflict.
+        """
+        keys = [(p.sop_uid, p.version, p.store_id) for p in placements]
+        if len(set(keys)) != len(keys):
+            raise StateConflict("add_placements: the same placement twice")
+        groups: dict[str, list[Placement]] = {}
+        for p in placements:
+            groups.setdefault(p.sop_uid, []).append(p)
+        added: list[Placement] = []
+        with self._errors("add_placements"):
+            try:
+                for sop, group in groups.items():
+                    if not self._insert_placements(group):
+                        raise StateConflict(f"a placement of {sop} already exists")
+                    added.extend(group)
+            except BaseException:
+                self._remove_unchanged(added)
+                raise
+
+    def _remove_unchanged(self, placements: Sequence[Placement]) -> None:
+        for p in placements:
+            try:
+                self._exec(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? "
+                           "AND store_id = ? IF state = ? AND blob_key = ?",
+                           (p.sop_uid, p.version, p.store_id, p.state.value, p.blob_key))
+            except _DRIVER_ERRORS as exc:
+                log.warning("could not remove placement of %s on %s after a failed add (%s)",
+                            p.sop_uid, p.store_id, exc)
+
+    def replace_placement(self, old: Placement, new: Placement) -> bool:
+        if (old.sop_uid, old.version, old.store_id) != (new.sop_uid, new.version, new.store_id):
+            raise ValueError("replace_placement keeps (sop_uid, version, store_id)")
+        update = (
+            f"UPDATE {self._t('placements')} SET tier = ?, blob_key = ?, codec = ?, content_sha256 = ?, "
+            "content_size = ?, stored_sha256 = ?, stored_size = ?, state = ?, created_at = ?, verified_at = ?, "
+            "byte_offset = ?, byte_length = ? WHERE sop_uid = ? AND version = ? AND store_id = ? "
+            "IF state = ? AND blob_key = ?")
+        params = (new.tier.value, new.blob_key, new.codec, new.content_sha256, new.content_size,
+                  new.stored_sha256, new.stored_size, new.state.value, new.created_at, new.verified_at,
+                  new.offset, new.length, old.sop_uid, old.version, old.store_id, old.state.value, old.blob_key)
+        with self._errors("replace_placement"):
+            if new.state is PlacementState.TO_DELETE and old.state is not PlacementState.TO_DELETE:
+                return self._guarded(old, update, params)
+            return bool(self._exec(update, params).was_applied)
+
+    def delete_placement(self, placement: Placement) -> bool:
+        p = placement
+        with self._errors("delete_placement"):
+            return bool(self._exec(
+                f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ? "
+                "IF state = 'TO_DELETE' AND blob_key = ?", (p.sop_uid, p.version, p.store_id, p.blob_key)
+            ).was_applied)
+
+    def _hidden_versions(self) -> set[tuple[str, int]]:
+        """(sop_uid, version) of uncommitted registrations (few: in flight or abandoned)."""
+        return {(r["sop_uid"], int(r["version"])) for r in self._exec(
+            f"SELECT sop_uid, version FROM {self._t('instance_versions')} WHERE complete = ?", (False,))}
+
+    def iter_placements(
+        self,
+        *,
+        tier: Tier | None = None,
+        states: Sequence[PlacementState] | None = None,
+        store_id: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[Placement]:
+        """SAI on tier/state/store_id, then an in-memory order (a heap of ``limit`` when given)."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if tier is not None:
+            clauses.append("tier = ?")
+            params.append(tier.value)
+        if store_id is not None:
+            clauses.append("store_id = ?")
+            params.append(store_id)
+        wanted: list[str | None] = list(dict.fromkeys(s.value for s in states)) if states else [None]
+
+        def rows(hidden: set[tuple[str, int]]) -> Iterator[Placement]:
+            for state in wanted:
+                where = clauses + (["state = ?"] if state is not None else [])
+                cql = f"SELECT * FROM {self._t('placements')}" + (f" WHERE {' AND '.join(where)}" if where else "")
+                for r in self._exec(cql, (*params, *([state] if state is not None else []))):
+                    if (r["sop_uid"], int(r["version"])) not in hidden:
+                        yield self._placement(r)
+
+        def order(p: Placement) -> tuple[bool, float, str, int, str]:
+            return (p.verified_at is not None, p.verified_at or 0.0, p.sop_uid, p.version, p.store_id)
+
+        with self._errors("iter_placements"):
+            found = rows(self._hidden_versions())
+            selected = heapq.nsmallest(limit, found, key=order) if limit is not None else sorted(found, key=order)
+            hidden = self._hidden_versions()  # claimed while we scanned
+        yield from (p for p in selected if (p.sop_uid, p.version) not in hidden)
+
+    # -- studies (lifecycle) -------------------------------------------------------
+    def study_instances(self, study_uid: str) -> list[InstanceRecord]:
+        with self._errors("study_instances"):
+            insts = self._instances(study_uid, None, False)
+            rows = self._concurrent(
+                f"SELECT * FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ?",
+                [(i.row["sop_uid"], i.row["version"]) for i in insts])
+        records = [self._record(r[0]) for r in rows if r]
+        return sorted(records, key=lambda r: (r.series_uid, r.sop_uid))
+
+    def iter_studies(self, *, received_before: float | None = None, limit: int | None = None) -> Iterator[StudySummary]:
+        """A paged scan of every study with its partitions; sorted in memory (a heap of ``limit`` when given)."""
+        def summaries(held: set[str]) -> Iterator[StudySummary]:
+            for raw in self._exec(f"SELECT study_uid, study_date, last_access FROM {self._t('studies')}"):
+                uid = raw["study_uid"]
+                insts = self._instances(uid, None, False)
+                if not insts:
+                    continue
+                last = max(float(i.row["received_at"]) for i in insts)
+                if received_before is not None and not last < received_before:
+                    continue
+                series = self._series_rows(uid)
+                mods = {series[s]["Modality"] for s in {i.row["series_uid"] for i in insts} if s in series}
+                yield StudySummary(
+                    study_uid=uid, study_date=_s(raw["study_date"]), modalities=tuple(sorted(m for m in mods if m)),
+                    source_aes=tuple(sorted({_s(i.row["source_ae"]) for i in insts} - {""})),
+                    last_received=last, last_access=raw["last_access"], held=uid in held, instances=len(insts))
+
+        def order(s: StudySummary) -> tuple[float, str]:
+            return s.last_received, s.study_uid
+
+        with self._errors("iter_studies"):
+            held = {r["study_uid"] for r in self._exec(f"SELECT study_uid FROM {self._t('holds')}")}
+            found = summaries(held)
+            selected = heapq.nsmallest(limit, found, key=order) if limit is not None else sorted(found, key=order)
+        yield from selected
+
+    def record_access(self, study_uid: str, when: float) -> None:
+        """The write timestamp is the access time, so the newest access wins (no read-modify-write)."""
+        with self._errors("record_access"):
+            t = self._t("studies")
+            if self._exec(f"SELECT study_uid FROM {t} WHERE study_uid = ?", (study_uid,)).one() is None:
+                return
+            self._exec(f"UPDATE {t} USING TIMESTAMP ? SET last_access = ? WHERE study_uid = ?",
+                       (max(0, int(when * 1_000_000)), when, study_uid))
+
+    def set_hold(self, study_uid: str, held: bool, reason: str = "") -> None:
+        t = self._t("holds")
+        with self._errors("set_hold"):
+            if held:
+                self._exec(f"INSERT INTO {t} (study_uid, reason, created_at) VALUES (?, ?, ?)",
+                           (study_uid, reason, time.time()))
+            else:
+                self._exec(f"DELETE FROM {t} WHERE study_uid = ?", (study_uid,))
+
+    def is_held(self, study_uid: str) -> bool:
+        with self._errors("is_held"):
+            return self._exec(f"SELECT study_uid FROM {self._t('holds')} WHERE study_uid = ?",
+                              (study_uid,)).one() is not None
 
     # -- query ---------------------------------------------------------------
     def find(
@@ -940,6 +1134,7 @@ def _study_row(r: Row) -> dict[str, str]:
     row = {"StudyInstanceUID": str(r["study_uid"])}
     row |= {kw: _s(r[col]) for kw, col in _STUDY_COLS.items()}
     row["updated_at"] = _s(r["updated_at"])
+    row["last_access"] = _s(r.get("last_access"))
     return row
 
 
