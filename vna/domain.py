@@ -76,6 +76,7 @@ class BlobStat:
     key: str
     size: int
     sha256: str | None = None
+    modified: float | None = None  # last-modified time (epoch seconds) if the store knows it
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,25 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from vna.domain import BlobStat
 
-__all__ = ["BlobStore", "LocalPathStore", "safe_key"]
+__all__ = ["BlobStore", "FileCopyStore", "LocalPathStore", "safe_key"]
 
 
-def safe_key(key: str) -> str:
+def safe_key(key: str, *, quarantined: bool = False) -> str:
     """Return ``key`` if it is a safe relative blob key, else raise ValueError.
 
-    Keys are ``/``-separated segments of ``[A-Za-z0-9._-]``, no segment is ``.``
-    or ``..`` or empty. Callers build keys from validated UIDs; this is the
-    last line of defence against path traversal.
+    Keys are ``/``-separated segments of ``[A-Za-z0-9._-]``; no segment is empty
+    or starts with ``.`` (that excludes ``.``/``..`` and reserves ``.tmp``,
+    ``.quarantine`` and the like for the stores themselves). Callers build keys
+    from validated UIDs; this is the last line of defence against path traversal.
+    ``quarantined`` also admits keys under ``.quarantine/`` (reading them back for forensics).
     """
     if not key or len(key) > 1024 or key.startswith("/"):
         raise ValueError(f"unsafe blob key {key!r}")
-    for seg in key.split("/"):
-        if seg in ("", ".", "..") or not all(c.isalnum() or c in "._-" for c in seg):
+    segments = key.split("/")
+    if quarantined and segments[0] == ".quarantine" and len(segments) > 1:
+        segments = segments[1:]
+    for seg in segments:
+        if seg == "" or seg.startswith(".") or not all(c.isalnum() or c in "._-" for c in seg):
             raise ValueError(f"unsafe blob key {key!r}")
         if not seg.isascii():
             raise ValueError(f"unsafe blob key {key!r}")
@@ -62,6 +67,15 @@ class BlobStore(Protocol):
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """Every key under ``prefix`` (quarantined blobs excluded)."""
+        ...
+
+
+@runtime_checkable
+class FileCopyStore(Protocol):
+    """Optional capability: ``put`` of a local file without streaming it through Python."""
+
+    def put_file(self, key: str, source: Path) -> BlobStat:
+        """Same contract as ``put`` with the file's bytes."""
         ...
 
 
