@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.corpus import write_corpus
 
-pytest_plugins = ["tests.cassandra_node"]
+pytest_plugins = ["tests.cassandra_node", "tests.s3_server"]
 
 ROOT = Path(__file__).resolve().parent.parent
 VNA = [sys.executable, "-m", "vna.cli"]

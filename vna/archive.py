@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from vna.codec import IdentityCodec
+from typing import TYPE_CHECKING
+
+from vna.codec import IdentityCodec, PixelCodec
 from vna.config import Config
 from vna.domain import PlacementState, Tier
 from vna.index import Index, open_index
@@ -10,7 +12,11 @@ from vna.services.ingest import IngestService
 from vna.services.query import QueryService
 from vna.services.retrieve import RetrieveService
 from vna.storage.accessor import TierAccessor
+from vna.storage.base import BlobStore
 from vna.storage.filesystem import FilesystemBlobStore
+
+if TYPE_CHECKING:
+    from vna.lifecycle.migrator import Migrator
 
 __all__ = ["Archive"]
 
@@ -27,11 +33,26 @@ class Archive:
             for i, path in enumerate(cfg.hot.replicas)
         ]
         self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec())
-        #: every tier's accessor, by tier (the cold tier joins when configured)
-        self.tiers: dict[Tier, TierAccessor] = {Tier.HOT: self.hot}
+        self.cold = TierAccessor(Tier.COLD, [self._cold_store(cfg)], 1, PixelCodec(cfg.cold.zstd_level))
+        #: every tier's accessor, by tier
+        self.tiers: dict[Tier, TierAccessor] = {Tier.HOT: self.hot, Tier.COLD: self.cold}
         self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy)
         self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"))
         self.query = QueryService(self.index, cfg.dicom.ae_title)
+
+    @staticmethod
+    def _cold_store(cfg: Config) -> BlobStore:
+        if cfg.cold.backend == "s3":
+            from vna.storage.s3 import S3BlobStore
+
+            return S3BlobStore("cold-s3", cfg.cold.s3)
+        return FilesystemBlobStore("cold-1", cfg.resolve(cfg.cold.path), fsync=cfg.hot.fsync)
+
+    def migrator(self) -> Migrator:
+        """The lifecycle job on this archive's tiers."""
+        from vna.lifecycle.migrator import Migrator
+
+        return Migrator(self.index, self.hot, self.cold, self.retrieve, self.cfg.lifecycle, self.cfg.cold)
 
     def is_committed(self, sop_uid: str, sop_class_uid: str | None = None) -> bool:
         """True if the current version has at least W verified (OK) hot copies."""

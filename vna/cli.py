@@ -45,10 +45,15 @@ def _prepare_spool(cfg: Config) -> None:
         stale.unlink(missing_ok=True)
 
 
-def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_level: str | None = None) -> None:
-    """One DIMSE server process: serve until ``stop`` is set (``ready`` is set once listening)."""
+def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_level: str | None = None,
+                   run_jobs: bool = True) -> None:
+    """One DIMSE server process: serve until ``stop`` is set (``ready`` is set once listening).
+
+    With ``run_jobs`` it also runs the enabled background jobs (lifecycle...).
+    """
     from vna.archive import Archive
     from vna.dicom.server import DicomServer
+    from vna.jobs import Daemon
 
     if log_level is not None:  # a spawned worker
         _setup_logging(log_level)
@@ -58,17 +63,24 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
     tempfile.tempdir = str(cfg.resolve("spool/incoming"))
     archive = Archive(cfg)
     server = DicomServer(archive, cfg.dicom, reuse_port=reuse_port)
+    daemons: list[Daemon] = []
+    if run_jobs and cfg.lifecycle.enabled:
+        daemons.append(Daemon(archive.migrator(), cfg.lifecycle.interval_seconds, cfg.lifecycle.batch_limit))
     try:
         server.start()
+        for d in daemons:
+            d.start()
         ready.set()
         stop.wait()
     finally:
+        for d in daemons:
+            d.stop()
         server.stop()
         archive.close()
 
 
-def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str) -> None:
-    _serve_process(cfg, stop, ready, True, log_level)
+def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str, run_jobs: bool) -> None:
+    _serve_process(cfg, stop, ready, True, log_level, run_jobs)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -107,7 +119,8 @@ def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: 
 
     def spawn(i: int) -> tuple[Any, Any, Any]:
         wstop, wready = ctx.Event(), ctx.Event()
-        proc = ctx.Process(target=_worker_main, args=(cfg, wstop, wready, log_level), name=f"vna-worker-{i}")
+        proc = ctx.Process(target=_worker_main, args=(cfg, wstop, wready, log_level, i == 0),
+                           name=f"vna-worker-{i}")
         proc.start()
         log.info("worker %d started (pid %s)", i, proc.pid)
         return proc, wstop, wready
@@ -257,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Modules exposing ``register(subparsers)`` for their verbs.
-_VERB_MODULES: tuple[str, ...] = ()
+_VERB_MODULES: tuple[str, ...] = ("vna.integrity.cli", "vna.lifecycle.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

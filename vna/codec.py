@@ -12,7 +12,7 @@ import zstandard
 
 from vna.errors import ConfigError, IntegrityError
 
-__all__ = ["Codec", "IdentityCodec", "ZstdCodec", "get_codec"]
+__all__ = ["Codec", "IdentityCodec", "ZstdCodec", "PixelCodec", "get_codec"]
 
 
 class Codec(Protocol):
@@ -68,10 +68,32 @@ class ZstdCodec:
             raise IntegrityError(f"zstd frame cannot be decoded: {exc}") from exc
 
 
+class PixelCodec:
+    """``dicom-px1``: pixel-aware lossless compression of a whole Part 10 file (see vna.pixelcodec).
+
+    Works on whole instances (frames of a cold bundle), so it buffers.
+    """
+
+    def __init__(self, level: int = 9) -> None:
+        self.level = level
+        from vna import pixelcodec
+
+        self.name = pixelcodec.CODEC_NAME
+        self._impl = pixelcodec
+
+    def encode(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        yield self._impl.encode(b"".join(chunks), self.level)
+
+    def decode(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        yield self._impl.decode(b"".join(chunks))
+
+
 def get_codec(name: str) -> Codec:
     """The codec registered under ``name``; raises ConfigError for unknown names."""
     if name == "identity":
         return IdentityCodec()
     if name == "zstd":
         return ZstdCodec()
+    if name == "dicom-px1":
+        return PixelCodec()
     raise ConfigError(f"unknown codec {name!r}")

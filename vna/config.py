@@ -29,6 +29,7 @@ __all__ = [
     "S3Config",
     "ColdTierConfig",
     "LifecycleConfig",
+    "IntegrityConfig",
     "CassandraConfig",
     "IndexConfig",
     "ArchiveConfig",
@@ -125,6 +126,26 @@ class LifecycleConfig:
     interval_seconds: float = 3600.0    # daemon pause between runs in `vna serve`
     batch_limit: int = 100              # studies per daemon run
     cache_ttl_days: float = 0.0         # >0: recalled instances are kept on the hot tier this long
+    lease_seconds: float = 300.0        # a study's migration lease; renewed per bundle, expires if a worker dies
+
+
+VERIFY_LEVELS = ("exists", "size", "stored", "content")
+
+
+@dataclass(frozen=True)
+class IntegrityConfig:
+    """Scrub (detection), repair and orphan settings. Daemons run only when enabled."""
+
+    verify_level: str = "content"       # one of VERIFY_LEVELS, cheapest first
+    objects_per_second: float = 0.0     # scrub rate limit (0: unlimited)
+    bytes_per_second: float = 0.0       # scrub read-rate limit (0: unlimited)
+    orphan_grace_seconds: float = 86400.0   # blobs younger than this are never called orphans
+    stale_pending_seconds: float = 3600.0   # a hot PENDING copy older than this is redone by repair
+    scrub_interval_seconds: float = 3600.0  # daemon pause between scrub runs in `vna serve`
+    repair_interval_seconds: float = 600.0  # daemon pause between repair runs in `vna serve`
+    scrub_enabled: bool = False
+    repair_enabled: bool = False
+    batch_limit: int = 10000            # placements per daemon run
 
 
 @dataclass(frozen=True)
@@ -183,6 +204,7 @@ class Config:
     hot: HotTierConfig = field(default_factory=HotTierConfig)
     cold: ColdTierConfig = field(default_factory=ColdTierConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
 
     @property
@@ -351,3 +373,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cold.bundle_by must be 'series' or 'study'")
     if cfg.lifecycle.age_basis not in ("ingest", "study_date", "last_access"):
         raise ConfigError("lifecycle.age_basis must be 'ingest', 'study_date' or 'last_access'")
+    ic = cfg.integrity
+    if ic.verify_level not in VERIFY_LEVELS:
+        raise ConfigError(f"integrity.verify_level must be one of {', '.join(VERIFY_LEVELS)}")
+    if ic.objects_per_second < 0 or ic.bytes_per_second < 0:
+        raise ConfigError("integrity.objects_per_second and integrity.bytes_per_second must be >= 0 (0: unlimited)")
+    if ic.orphan_grace_seconds < 0 or ic.stale_pending_seconds < 0:
+        raise ConfigError("integrity.orphan_grace_seconds and integrity.stale_pending_seconds must be >= 0")
+    if ic.scrub_interval_seconds <= 0 or ic.repair_interval_seconds <= 0:
+        raise ConfigError("integrity.scrub_interval_seconds and integrity.repair_interval_seconds must be > 0")
+    if ic.batch_limit < 1:
+        raise ConfigError("integrity.batch_limit must be >= 1")

@@ -1,0 +1,177 @@
+"""Lifecycle: aged studies move to compressed cold bundles, come back bit-exact, holds are honoured, crashes are survivable."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from pydicom import dcmread
+
+from tests.conftest import ROOT, VNA, StoreScp, VnaServer, dataset_bytes
+from tests.faults.test_storage_faults import mount, remount  # noqa: F401  (fixture)
+from tests.integration import scu
+from vna.config import S3Config
+from vna.storage.s3 import S3BlobStore
+
+Factory = Callable[..., VnaServer]
+
+LIFECYCLE = "[lifecycle]\nmin_age_days = 0\n"
+
+
+def _json(srv: VnaServer, *args: str) -> dict:  # type: ignore[type-arg]
+    r = srv.cli(*args, "--json")
+    assert r.returncode in (0, 1), r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def _hot_files(srv: VnaServer) -> list[Path]:
+    return [p for p in (srv.data_dir / "hot").rglob("*.dcm") if ".tmp" not in p.parts and ".quarantine" not in p.parts]
+
+
+def _get_study(srv: VnaServer, path: Path) -> tuple[object, dict[str, bytes]]:
+    ds = dcmread(path, stop_before_pixels=True)
+    _, final, raw = scu.get(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID},
+                            [str(ds.SOPClassUID)])
+    return final, raw
+
+
+def test_migrate_recall_and_nearline(make_server: Factory, corpus: list[Path], storescp: StoreScp) -> None:
+    srv = make_server(LIFECYCLE + f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {storescp.port}\n')
+    assert all(r.Status == 0 for r in scu.store(srv.port, corpus))
+    plan = _json(srv, "lifecycle", "plan")
+    assert len(plan["studies"]) == 4 and plan["hot_bytes"] > 0
+    assert plan["estimated_cold_bytes"] < plan["hot_bytes"]
+
+    report = _json(srv, "lifecycle", "run")
+    assert report["done"] == 4 and report["failures"] == 0
+    stats = _json(srv, "index", "stats")
+    assert stats["instances"] == len(corpus)
+    assert stats["tiers"]["cold"]["by_state"] == {"OK": len(corpus)}
+    assert "hot" not in stats["tiers"] or stats["tiers"]["hot"]["placements"] == 0
+    assert _hot_files(srv) == []
+    cold_bytes = stats["tiers"]["cold"]["stored_bytes"]
+    assert cold_bytes < stats["content_bytes"]  # compressed
+
+    rows, _ = scu.find(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "", "InstanceAvailability": ""})
+    assert {r.InstanceAvailability for r in rows} == {"NEARLINE"}
+
+    # recall over C-GET (every study) and C-MOVE (one study), bit-exact
+    for first in {dcmread(p, stop_before_pixels=True).StudyInstanceUID: p for p in corpus}.values():
+        final, raw = _get_study(srv, first)
+        assert final.Status == 0  # type: ignore[attr-defined]
+        for p in corpus:
+            d = dcmread(p, stop_before_pixels=True)
+            if str(d.SOPInstanceUID) in raw:
+                assert raw[str(d.SOPInstanceUID)] == dataset_bytes(p)
+    ds = dcmread(corpus[0], stop_before_pixels=True)
+    _, final = scu.move(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID}, "DEST")
+    assert final.Status == 0 and final.NumberOfCompletedSuboperations == 3
+    # a second run has nothing to do
+    assert _json(srv, "lifecycle", "run")["done"] == 0
+
+
+def test_legal_hold_blocks_migration(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server(LIFECYCLE)
+    assert all(r.Status == 0 for r in scu.store(srv.port, corpus))
+    held = str(dcmread(corpus[0], stop_before_pixels=True).StudyInstanceUID)
+    r = srv.cli("lifecycle", "hold", held, "--reason", "litigation 2026-17")
+    assert r.returncode == 0, r.stderr
+    assert srv.cli("lifecycle", "hold", "../etc").returncode == 2
+    assert srv.cli("lifecycle", "hold", "1.2.3.4.5").returncode == 1  # unknown study
+    assert _json(srv, "lifecycle", "run")["done"] == 3
+    stats = _json(srv, "index", "stats")
+    assert stats["tiers"]["hot"]["by_state"] == {"OK": 6}  # the held study's 3 instances, 2 replicas
+    assert srv.cli("lifecycle", "release", held).returncode == 0
+    assert _json(srv, "lifecycle", "run")["done"] == 1
+    assert _hot_files(srv) == []
+
+
+def test_cold_store_failure_leaves_hot_untouched_and_rerun_completes(
+        make_server: Factory, corpus: list[Path], mount: Callable[..., Path]) -> None:  # noqa: F811
+    cold = mount("cold", "64k")
+    srv = make_server(LIFECYCLE + f'[cold]\npath = "{cold}"\n')
+    ct = [p for p in corpus if p.name.startswith("ct-7-0000")]
+    assert all(r.Status == 0 for r in scu.store(srv.port, ct))
+    report = _json(srv, "lifecycle", "run")
+    assert report["failures"] == 1 and report["done"] == 0
+    stats = _json(srv, "index", "stats")
+    assert stats["tiers"]["hot"]["by_state"] == {"OK": 6}
+    assert stats["tiers"]["cold"]["by_state"] == {"PENDING": 3}  # intent recorded, nothing claimed
+    final, raw = _get_study(srv, ct[0])
+    assert final.Status == 0 and len(raw) == 3  # type: ignore[attr-defined]
+    subprocess.run(["mount", "-o", "remount,size=64m", str(cold)], check=True)
+    report = _json(srv, "lifecycle", "run")
+    assert report["done"] == 1 and report["failures"] == 0
+    stats = _json(srv, "index", "stats")
+    assert stats["tiers"]["cold"]["by_state"] == {"OK": 3}
+    assert _hot_files(srv) == []
+    assert len([p for p in cold.rglob("*.bundle")]) == 1  # no duplicate bundle
+    final, raw = _get_study(srv, ct[0])
+    assert final.Status == 0 and all(raw[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] == dataset_bytes(p)
+                                     for p in ct)  # type: ignore[attr-defined]
+
+
+def test_kill_9_during_migration_then_rerun(make_server: Factory, tmp_path: Path) -> None:
+    from benchmarks.corpus import write_corpus
+
+    files = write_corpus(tmp_path / "c", "ct", studies=4, per_study=8, seed=21)
+    srv = make_server(LIFECYCLE + "lease_seconds = 2\n")
+    assert all(r.Status == 0 for r in scu.store(srv.port, files))
+    proc = subprocess.Popen([*VNA, "lifecycle", "run", "--config", str(srv.config), "--data-dir", str(srv.data_dir)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((srv.data_dir / "cold").rglob("*.bundle")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    time.sleep(2.5)  # the dead worker's lease expires
+    report = _json(srv, "lifecycle", "run")
+    assert report["failures"] == 0
+    stats = _json(srv, "index", "stats")
+    assert stats["tiers"]["cold"]["by_state"] == {"OK": len(files)}
+    assert _hot_files(srv) == []
+    bundles = list((srv.data_dir / "cold").rglob("*.bundle"))
+    assert len(bundles) == 4  # abandoned half-bundles were removed
+    for study_first in files[::8]:
+        final, raw = _get_study(srv, study_first)
+        assert final.Status == 0 and len(raw) == 8  # type: ignore[attr-defined]
+    for f in files:
+        assert raw.get(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID), dataset_bytes(f)) == dataset_bytes(f)
+
+
+def test_lifecycle_daemon_in_serve(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server("[lifecycle]\nenabled = true\nmin_age_days = 0\ninterval_seconds = 0.5\n")
+    assert all(r.Status == 0 for r in scu.store(srv.port, corpus[:3]))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = _json(srv, "index", "stats")
+        if stats["tiers"].get("cold", {}).get("by_state") == {"OK": 3} and not _hot_files(srv):
+            break
+        time.sleep(0.3)
+    assert stats["tiers"]["cold"]["by_state"] == {"OK": 3}
+    final, raw = _get_study(srv, corpus[0])
+    assert final.Status == 0 and raw  # type: ignore[attr-defined]
+
+
+def test_cold_tier_on_s3(make_server: Factory, corpus: list[Path], s3_config: S3Config,
+                         s3_store: S3BlobStore) -> None:
+    c = s3_config
+    srv = make_server(LIFECYCLE + f'[cold]\nbackend = "s3"\n[cold.s3]\nendpoint_url = "{c.endpoint_url}"\n'
+                      f'bucket = "{c.bucket}"\naccess_key = "{c.access_key}"\nsecret_key = "{c.secret_key}"\n')
+    mr = [p for p in corpus if p.name.startswith("mr-")]
+    assert all(r.Status == 0 for r in scu.store(srv.port, mr))
+    report = _json(srv, "lifecycle", "run")
+    assert report["done"] == 1 and report["failures"] == 0
+    keys = list(s3_store.iter_keys())
+    assert len(keys) == 1 and keys[0].endswith(".bundle")
+    assert _hot_files(srv) == []
+    final, raw = _get_study(srv, mr[0])
+    assert final.Status == 0  # type: ignore[attr-defined]
+    assert [raw[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] for p in mr] == [dataset_bytes(p) for p in mr]
+    # the config shows the secret masked
+    shown = srv.cli("config", "show").stdout
+    assert c.secret_key not in shown and "***" in shown

@@ -1,0 +1,302 @@
+"""Migration of aged studies from the hot replicas to compressed cold bundles, and the purge that follows.
+
+Per study (crash-safe; architecture §5):
+
+1. take the study's lease (another worker or site never migrates it at the same time);
+2. per bundle (a series, or the whole study): record cold placements ``PENDING``
+   naming the new bundle key — a crash from here on leaves a known key to clean up;
+3. read every instance from the hot tier, verifying its digests;
+4. compress each into an independent frame of a seekable bundle; put the bundle;
+5. read every frame back with a ranged read and verify both digests;
+6. cold placements ``OK`` (with frame offsets), then hot placements ``TO_DELETE`` —
+   the index refuses that unless another copy of the instance is OK;
+7. purge: delete each hot blob, then its row;
+8. release the lease.
+
+Killed at any step, the next run finishes the job: a ``PENDING`` cold row is
+restarted under a fresh key (its half-written bundle is deleted), ``OK`` rows
+are kept, ``TO_DELETE`` rows are purged after re-verifying another copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+from vna.config import ColdTierConfig, LifecycleConfig
+from vna.domain import InstanceRecord, Placement, PlacementState, Tier
+from vna.errors import BlobNotFound, IntegrityError, StateConflict, StorageError, VnaError
+from vna.index.base import Index, StudySummary
+from vna.jobs import JobReport
+from vna.lifecycle.rules import evaluate
+from vna.services.retrieve import RetrieveService
+from vna.storage.accessor import TierAccessor
+from vna.storage.base import BlobStore
+from vna.storage.bundle import BundleEntry, BundleWriter, decode_frame
+
+__all__ = ["Migrator", "Purger", "StudyPlan"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """One study the lifecycle would move."""
+
+    study_uid: str
+    instances: int
+    hot_bytes: int
+
+
+class Purger:
+    """Deletes hot copies marked TO_DELETE: blob first, row second, after re-verifying another copy."""
+
+    name = "purge"
+
+    def __init__(self, index: Index, tiers: dict[Tier, TierAccessor]) -> None:
+        self.index = index
+        self.tiers = tiers
+
+    def _other_copy_verifies(self, p: Placement) -> bool:
+        for other in self.index.placements(p.sop_uid, p.version):
+            if other.store_id == p.store_id or other.state is not PlacementState.OK:
+                continue
+            accessor = self.tiers.get(other.tier)
+            if accessor is None:
+                continue
+            try:
+                accessor.read_verified(other, lambda _data: None)
+                return True
+            except (IntegrityError, StorageError) as exc:
+                log.error("purge of %s on %s: sibling %s does not verify: %s",
+                          p.sop_uid, p.store_id, other.store_id, exc)
+        return False
+
+    def purge(self, p: Placement, *, verify: bool = True) -> bool:
+        """Delete one TO_DELETE copy; False (nothing touched) if no other copy verifies."""
+        if verify and not self._other_copy_verifies(p):
+            return False
+        accessor = self.tiers.get(p.tier)
+        if accessor is None:
+            return False
+        accessor.store(p.store_id).delete(p.blob_key)
+        return self.index.delete_placement(p)
+
+    def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
+        """Purge at most ``limit`` TO_DELETE copies."""
+        report = JobReport(self.name, dry_run=dry_run)
+        for p in self.index.iter_placements(states=[PlacementState.TO_DELETE], limit=limit):
+            report.examined += 1
+            if dry_run:
+                report.details.append({"sop_uid": p.sop_uid, "store": p.store_id, "bytes": p.stored_size})
+                continue
+            try:
+                if self.purge(p):
+                    report.done += 1
+                    report.bytes += p.stored_size
+                else:
+                    report.findings += 1
+            except VnaError as exc:
+                log.error("purge of %s on %s failed: %s", p.sop_uid, p.store_id, exc)
+                report.failures += 1
+        return report
+
+
+class Migrator:
+    """The lifecycle job: moves due studies to the cold tier (see module docstring)."""
+
+    name = "lifecycle"
+
+    def __init__(
+        self,
+        index: Index,
+        hot: TierAccessor,
+        cold: TierAccessor,
+        retrieve: RetrieveService,
+        rules: LifecycleConfig,
+        cold_cfg: ColdTierConfig,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        self.index = index
+        self.hot = hot
+        self.cold = cold
+        self.cold_store: BlobStore = cold.stores[0]
+        self.retrieve = retrieve
+        self.rules = rules
+        self.cold_cfg = cold_cfg
+        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold})
+
+    # -- selection -----------------------------------------------------------
+    def due(self, now: float | None = None) -> Iterator[StudySummary]:
+        """Studies the rules select now, oldest first."""
+        now = time.time() if now is None else now
+        received_before = None
+        if self.rules.age_basis == "ingest":
+            received_before = now - self.rules.min_age_days * 86400.0
+        for study in self.index.iter_studies(received_before=received_before):
+            if evaluate(study, self.rules, now).migrate and self._has_hot(study.study_uid):
+                yield study
+
+    def _has_hot(self, study_uid: str) -> bool:
+        for inst in self.index.study_instances(study_uid):
+            if any(p.tier is Tier.HOT and p.state in (PlacementState.OK, PlacementState.TO_DELETE)
+                   for p in self.index.placements(inst.sop_uid, inst.version)):
+                return True
+        return False
+
+    def plan(self, limit: int | None = None) -> list[StudyPlan]:
+        """What a run would move (no change)."""
+        out = []
+        for study in self.due():
+            instances = self.index.study_instances(study.study_uid)
+            out.append(StudyPlan(study.study_uid, len(instances), sum(i.content_size for i in instances)))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    # -- run -------------------------------------------------------------------
+    def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
+        """Migrate at most ``limit`` due studies, then purge what interrupted runs left TO_DELETE."""
+        report = self._migrate_due(limit, dry_run)
+        purge = self.purger.run_once(limit=None, dry_run=dry_run)
+        report.findings += purge.findings
+        report.failures += purge.failures
+        report.bytes += purge.bytes if not dry_run else 0
+        return report
+
+    def _migrate_due(self, limit: int | None, dry_run: bool) -> JobReport:
+        report = JobReport(self.name, dry_run=dry_run)
+        for study in self.due():
+            if limit is not None and report.examined >= limit:
+                break
+            report.examined += 1
+            if dry_run:
+                plan = self.plan_one(study.study_uid)
+                report.details.append({"study": plan.study_uid, "instances": plan.instances, "bytes": plan.hot_bytes})
+                report.bytes += plan.hot_bytes
+                continue
+            lease = f"lifecycle:{study.study_uid}"
+            if not self.index.acquire_lease(lease, self.owner, self.rules.lease_seconds):
+                log.info("study %s is leased by another worker (or one that died: retried when it expires)",
+                         study.study_uid)
+                report.details.append({"study": study.study_uid, "skipped": "leased"})
+                continue
+            try:
+                moved = self.migrate_study(study.study_uid)
+                report.done += 1
+                report.bytes += moved
+            except VnaError as exc:
+                log.error("migration of study %s failed (will be retried): %s", study.study_uid, exc)
+                report.failures += 1
+            finally:
+                self.index.release_lease(lease, self.owner)
+        return report
+
+    def plan_one(self, study_uid: str) -> StudyPlan:
+        instances = self.index.study_instances(study_uid)
+        return StudyPlan(study_uid, len(instances), sum(i.content_size for i in instances))
+
+    def migrate_study(self, study_uid: str) -> int:
+        """Move one study (the caller holds its lease). Returns hot bytes freed."""
+        if self.index.is_held(study_uid):
+            return 0
+        groups: dict[str, list[InstanceRecord]] = defaultdict(list)
+        for inst in self.index.study_instances(study_uid):
+            groups[study_uid if self.cold_cfg.bundle_by == "study" else inst.series_uid].append(inst)
+        for group_uid, instances in sorted(groups.items()):
+            todo = [i for i in instances if not self._cold_ok(i)]
+            if todo:
+                if not self.index.acquire_lease(f"lifecycle:{study_uid}", self.owner, self.rules.lease_seconds):
+                    raise StateConflict(f"lost the lease of study {study_uid}")
+                self._migrate_group(study_uid, group_uid, todo)
+        freed = 0
+        for inst in self.index.study_instances(study_uid):
+            freed += self._retire_hot(inst)
+        return freed
+
+    def _cold_ok(self, inst: InstanceRecord) -> bool:
+        return any(p.tier is Tier.COLD and p.state is PlacementState.OK
+                   for p in self.index.placements(inst.sop_uid, inst.version))
+
+    def _pending_rows(self, instances: list[InstanceRecord], key: str, now: float) -> list[Placement]:
+        """Record (or restart under ``key``) the PENDING cold placements of the group."""
+        rows = []
+        fresh = []
+        for inst in instances:
+            current = {p.store_id: p for p in self.index.placements(inst.sop_uid, inst.version)}
+            row = Placement(
+                sop_uid=inst.sop_uid, version=inst.version, tier=Tier.COLD, store_id=self.cold_store.store_id,
+                blob_key=key, codec="pending", content_sha256=inst.content_sha256, content_size=inst.content_size,
+                stored_sha256="", stored_size=0, state=PlacementState.PENDING, created_at=now)
+            old = current.get(self.cold_store.store_id)
+            if old is None:
+                fresh.append(row)
+            else:
+                # a previous run died after recording its intent: restart under the new key
+                if not self.index.replace_placement(old, row):
+                    raise StateConflict(f"cold placement of {inst.sop_uid} changed concurrently")
+                if old.blob_key != key:
+                    self._delete_quietly(old.blob_key)
+            rows.append(row)
+        if fresh:
+            self.index.add_placements(fresh)
+        return rows
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self.cold_store.delete(key)
+        except StorageError as exc:
+            log.warning("could not delete abandoned bundle %s: %s", key, exc)
+
+    def _migrate_group(self, study_uid: str, group_uid: str, instances: list[InstanceRecord]) -> None:
+        now = time.time()
+        key = f"{study_uid}/{group_uid}.{uuid.uuid4().hex[:12]}.bundle"
+        pending = self._pending_rows(instances, key, now)
+        writer = BundleWriter(self.cold_cfg.zstd_level)
+        for inst in instances:
+            with self.retrieve.open_verified(inst.sop_uid) as verified:
+                writer.add(inst.sop_uid, inst.version, verified.path.read_bytes())
+        entries, data = writer.finish()
+        self.cold_store.put(key, [data] if isinstance(data, bytes) else data)
+        by_uid = {e.sop_uid: e for e in entries}
+        verified_at = time.time()
+        for row in pending:
+            entry = by_uid[row.sop_uid]
+            self._verify_frame(key, entry)
+            done = replace(row, codec=entry.codec, stored_sha256=entry.stored_sha256, stored_size=entry.length,
+                           offset=entry.offset, length=entry.length, state=PlacementState.OK, verified_at=verified_at)
+            if not self.index.replace_placement(row, done):
+                raise StateConflict(f"cold placement of {row.sop_uid} changed during migration")
+        log.info("bundle %s: %d instances of study %s on %s", key, len(entries), study_uid, self.cold_store.store_id)
+
+    def _verify_frame(self, key: str, entry: BundleEntry) -> None:
+        frame = b"".join(self.cold_store.open(key, entry.offset, entry.length))
+        decode_frame(frame, entry)  # raises IntegrityError on any mismatch
+
+    def _retire_hot(self, inst: InstanceRecord) -> int:
+        """Hot copies -> TO_DELETE (refused by the index without another OK copy), then purge."""
+        if not self._cold_ok(inst):
+            return 0
+        freed = 0
+        for p in self.index.placements(inst.sop_uid, inst.version):
+            if p.tier is not Tier.HOT:
+                continue
+            if p.state is PlacementState.OK or p.state in (PlacementState.MISSING, PlacementState.CORRUPT):
+                if not self.index.transition(p, PlacementState.TO_DELETE):
+                    continue
+                p = replace(p, state=PlacementState.TO_DELETE)
+            if p.state is PlacementState.TO_DELETE:
+                try:
+                    # the cold frame was verified moments ago in this run
+                    if self.purger.purge(p, verify=False):
+                        freed += p.stored_size
+                except BlobNotFound:
+                    pass
+        return freed
