@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.datadict import tag_for_keyword
+from pydicom.tag import BaseTag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -31,7 +34,7 @@ from vna.domain import InstanceRecord, PlacementState, QueryLevel, validate_uid
 from vna.errors import DuplicateConflict, InvalidDataset, StateConflict
 from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
-from vna.storage.accessor import TierAccessor, iter_file
+from vna.storage.accessor import TierAccessor
 
 __all__ = ["IngestResult", "IngestService"]
 
@@ -85,12 +88,37 @@ class _Header:
     attrs: dict[str, str]
 
 
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"}
+_ASCII_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"}
+_PN_DELIMS = {0x5C, 0x5E, 0x3D}   # \ ^ =
+_TEXT_DELIMS = {0x5C}
+_UID_TAGS = {
+    "SOPInstanceUID": 0x00080018, "SOPClassUID": 0x00080016,
+    "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
+}
+_ATTR_TAGS = {kw: int(tag_for_keyword(kw) or 0) for kw in _ATTR_KEYS}
+
+
+def _value(ds: Dataset, tag: int, encodings: list[str]) -> str | None:
+    """The element's value as text, decoded straight from its raw bytes when possible."""
+    elem = ds._dict.get(BaseTag(tag))
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement) and elem.VR in _TEXT_VRS and isinstance(elem.value, bytes):
+        raw = elem.value
+        if elem.VR in _ASCII_VRS:
+            return raw.decode("ascii", "replace").strip(" \x00")
+        return decode_bytes(raw, encodings, _PN_DELIMS if elem.VR == "PN" else _TEXT_DELIMS).strip(" \x00")
+    return _text(ds[tag].value)
+
+
 def read_header(path: Path) -> _Header:
     """Parse and validate a Part 10 file without reading (or decoding) its large values.
 
     Values over 1 KiB (pixel data above all) are skipped, not read; their
     recorded lengths are checked against the file size, so a truncated
-    dataset is refused rather than stored.
+    dataset is refused rather than stored. Text values are decoded directly
+    from their raw bytes (pydicom's full conversion costs more than the rest).
     """
     try:
         size = os.path.getsize(path)
@@ -99,24 +127,24 @@ def read_header(path: Path) -> _Header:
         if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
             _check_complete(ds, size)  # (a truncated deflate stream fails to inflate instead)
         ts = _text(meta.get("TransferSyntaxUID"))
+        charset = ds._dict.get(BaseTag(0x00080005))
+        encodings = convert_encodings(ds.SpecificCharacterSet if charset is not None else None)
         attrs: dict[str, str] = {}
-        for kw in _ATTR_KEYS:
-            if kw in ds:
-                attrs[kw] = _text(ds[kw].value)
-        sop = ds.get("SOPInstanceUID")
-        cls = ds.get("SOPClassUID")
-        study = ds.get("StudyInstanceUID")
-        series = ds.get("SeriesInstanceUID")
+        for kw, tag in _ATTR_TAGS.items():
+            text = _value(ds, tag, encodings)
+            if text is not None:
+                attrs[kw] = text
+        uids = {kw: _value(ds, tag, encodings) for kw, tag in _UID_TAGS.items()}
     except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error,
-            zlib.error) as exc:
+            zlib.error, LookupError) as exc:
         raise InvalidDataset(f"dataset cannot be parsed: {exc}") from exc
     except OSError as exc:
         raise InvalidDataset(f"dataset cannot be read: {exc}") from exc
     return _Header(
-        sop_uid=validate_uid(sop, "SOPInstanceUID"),
-        sop_class_uid=validate_uid(cls, "SOPClassUID"),
-        study_uid=validate_uid(study, "StudyInstanceUID"),
-        series_uid=validate_uid(series, "SeriesInstanceUID"),
+        sop_uid=validate_uid(uids["SOPInstanceUID"], "SOPInstanceUID"),
+        sop_class_uid=validate_uid(uids["SOPClassUID"], "SOPClassUID"),
+        study_uid=validate_uid(uids["StudyInstanceUID"], "StudyInstanceUID"),
+        series_uid=validate_uid(uids["SeriesInstanceUID"], "SeriesInstanceUID"),
         transfer_syntax_uid=validate_uid(ts, "TransferSyntaxUID"),
         attrs=attrs,
     )
@@ -171,7 +199,7 @@ class IngestService:
     def _store(self, path: Path, h: _Header, version: int, sha: str, size: int, source_ae: str) -> IngestResult:
         key = f"{h.study_uid}/{h.series_uid}/{h.sop_uid}.v{version}.{uuid.uuid4().hex[:12]}.dcm"
         t0 = time.monotonic()
-        writes = self.hot.write(key, lambda: iter_file(str(path)), sha)
+        writes = self.hot.write_file(key, path, sha, size)
         now = time.time()
         placements = self.hot.placements(
             writes, sop_uid=h.sop_uid, version=version, content_sha256=sha, content_size=size, now=now)

@@ -9,13 +9,14 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence, cast
 
 from vna.checksum import HashingIterator
 from vna.codec import Codec, get_codec
 from vna.domain import Placement, PlacementState, Tier
 from vna.errors import IntegrityError, QuorumNotMet, StorageError, VnaError
-from vna.storage.base import BlobStore
+from vna.storage.base import BlobStore, FileCopyStore
 
 __all__ = ["ReplicaWrite", "TierAccessor"]
 
@@ -76,12 +77,43 @@ class TierAccessor:
             return ReplicaWrite(store.store_id, key, False, error="content changed while writing")
         return ReplicaWrite(store.store_id, key, True, stored.hexdigest(), stored.size)
 
+    def _copy_one(self, store: FileCopyStore, store_id: str, key: str, path: Path, sha256: str,
+                  size: int) -> ReplicaWrite:
+        try:
+            stat = store.put_file(key, path)
+        except VnaError as exc:
+            log.warning("replica %s failed to write %s: %s", store_id, key, exc)
+            return ReplicaWrite(store_id, key, False, error=str(exc))
+        if stat.size != size:
+            cast(BlobStore, store).delete(key)
+            return ReplicaWrite(store_id, key, False, error=f"wrote {stat.size} bytes of {size}")
+        return ReplicaWrite(store_id, key, True, sha256, size)
+
+    def write_file(self, key: str, path: Path, content_sha256: str, size: int) -> list[ReplicaWrite]:
+        """Write a local file (whose digest the caller computed) to every replica; see :meth:`write`.
+
+        With the identity codec, stores that can copy files do so in the kernel
+        and the stored digest is the content digest.
+        """
+        if self.codec.name != "identity":
+            return self.write(key, lambda: iter_file(str(path)), content_sha256)
+        futures = []
+        for s in self.stores:
+            if isinstance(s, FileCopyStore):
+                futures.append(self._pool.submit(self._copy_one, s, s.store_id, key, path, content_sha256, size))
+            else:
+                futures.append(self._pool.submit(self._write_one, s, key, lambda: iter_file(str(path)),
+                                                 content_sha256))
+        return self._quorum(key, [f.result() for f in futures])
+
     def write(
         self, key: str, source: Callable[[], Iterable[bytes]], content_sha256: str
     ) -> list[ReplicaWrite]:
         """Write ``source()`` to every replica under ``key``; raise QuorumNotMet below quorum."""
         futures = [self._pool.submit(self._write_one, s, key, source, content_sha256) for s in self.stores]
-        results = [f.result() for f in futures]
+        return self._quorum(key, [f.result() for f in futures])
+
+    def _quorum(self, key: str, results: list[ReplicaWrite]) -> list[ReplicaWrite]:
         ok = [r for r in results if r.ok]
         if len(ok) < self.quorum:
             self.delete_all(key, [r.store_id for r in ok])
