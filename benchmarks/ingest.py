@@ -84,20 +84,38 @@ def port_free(port: int) -> bool:
         return s.connect_ex((HOST, port)) != 0
 
 
+def _group_alive(pgid: int) -> bool:
+    """True while any process of our child's process group exists."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group we started (by its PID), SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    """SIGTERM our child by PID, wait for it and its process group (workers, forked children);
+    SIGKILL the group (start_new_session=True: pgid == our child's PID) after ``grace`` seconds."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
         try:
-            os.killpg(proc.pid, sig)  # start_new_session=True: pgid == our child's pid
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            continue
+            pass
+    deadline = time.monotonic() + (grace if proc.poll() is not None else 0)
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(proc.pid):
+        print(f"  ! pid {proc.pid}: still running (or its group) after SIGTERM + {grace:.0f} s; SIGKILL",
+              file=sys.stderr)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 @dataclass
@@ -299,23 +317,25 @@ def one_run(name: str, corpus: Corpus, assoc: int, warm: Corpus | None, root: Pa
 
 
 def runs(args: argparse.Namespace, corpora: list[Corpus], warm: Corpus | None, root: Path) -> Iterator[Result]:
-    """All (corpus, associations, receiver) combinations, ``--repeat`` times each (median reported)."""
+    """Every (corpus, associations) cell; receivers interleaved per repeat so machine noise hits all alike."""
     for corpus in corpora:
         for assoc in args.associations:
+            times: dict[str, list[float]] = {name: [] for name in args.receivers}
+            counts: dict[str, list[int | None]] = {name: [] for name in args.receivers}
+            for _ in range(args.repeat):
+                for name in args.receivers:
+                    secs, n = one_run(name, corpus, assoc, warm, root, args)
+                    times[name].append(secs)
+                    counts[name].append(n)
+                    if n is not None and n != len(corpus.files):
+                        print(f"  ! {name}: {n} stored of {len(corpus.files)} sent", file=sys.stderr)
+                    print(f"  {name:9s} {corpus.name:6s} x{assoc}: {len(corpus.files) / secs:8.1f} inst/s "
+                          f"({secs:.2f} s, stored {n})", file=sys.stderr, flush=True)
             for name in args.receivers:
-                times, stored = [], None
-                for _ in range(args.repeat):
-                    secs, stored = one_run(name, corpus, assoc, warm, root, args)
-                    times.append(secs)
-                    if stored is not None and stored != len(corpus.files):
-                        print(f"  ! {name}: {stored} stored of {len(corpus.files)} sent", file=sys.stderr)
-                secs = statistics.median(times)
-                n = len(corpus.files)
-                r = Result(name, corpus.name, assoc, n, secs, n / secs, corpus.nbytes / secs / 1e6, stored,
-                           [round(t, 4) for t in times])
-                print(f"  {name:9s} {corpus.name:6s} x{assoc}: {r.inst_per_s:8.1f} inst/s "
-                      f"({secs:.2f} s, stored {stored})", file=sys.stderr, flush=True)
-                yield r
+                secs, n = statistics.median(times[name]), len(corpus.files)
+                stored = None if None in counts[name] else min(counts[name])  # worst run
+                yield Result(name, corpus.name, assoc, n, secs, n / secs, corpus.nbytes / secs / 1e6, stored,
+                             [round(t, 4) for t in times[name]])
 
 
 def table(results: list[Result]) -> str:
@@ -394,6 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     fs = fs_type(args.tmp_dir or Path(tempfile.gettempdir()))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "results": [asdict(r) for r in results],
+            "settings": {"ct": args.ct, "small": args.small, "warmup": args.warmup, "repeat": args.repeat,
+                         "associations": args.associations, "vna_args": args.vna_args,
+                         "vna_workers": args.vna_workers, "fs": fs, "cpus": os.cpu_count()},
+            "notes": NOTES,
+        }, indent=2))
     print(table(results))
     print(f"\nclient: DCMTK storescu, TCP_NODELAY=1, timed from process start until all exit; "
           f"warm-up: {args.warmup} distinct small instances per server before timing; "
@@ -403,14 +431,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {NOTES[name]}" + (f" (workers={args.vna_workers})" if name == "vna" and args.vna_workers
                                             else "") + (f" args={args.vna_args!r}" if name == "vna" and args.vna_args
                                                         else ""))
-    if args.json:
-        args.json.write_text(json.dumps({
-            "results": [asdict(r) for r in results],
-            "settings": {"ct": args.ct, "small": args.small, "warmup": args.warmup, "repeat": args.repeat,
-                         "associations": args.associations, "vna_args": args.vna_args,
-                         "vna_workers": args.vna_workers, "fs": fs, "cpus": os.cpu_count()},
-            "notes": NOTES,
-        }, indent=2))
     short = [r for r in results if r.stored is not None and r.stored != r.instances]
     return 1 if short else 0
 
