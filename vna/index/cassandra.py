@@ -803,6 +803,8 @@ class CassandraIndex:
 
     def _limited(self, rows: Iterator[dict[str, str]], limit: int | None) -> Iterator[dict[str, str]]:
         n = 0
+        if limit is not None and limit <= 0:
+            return
         try:
             for row in rows:
                 yield row

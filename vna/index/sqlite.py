@@ -399,6 +399,9 @@ class SqliteIndex:
         self, level: QueryLevel, cursor: sqlite3.Cursor, conditions: Sequence[Condition], limit: int | None
     ) -> Iterator[dict[str, str]]:
         n = 0
+        if limit is not None and limit <= 0:
+            cursor.close()
+            return
         try:
             while True:
                 batch = cursor.fetchmany(500)
@@ -441,6 +444,8 @@ class SqliteIndex:
         if c.kind is MatchKind.SINGLE and c.vr not in ("PN", "TM", "IS", "DS", "US", "DT"):
             where.append(f"{col} = ?")
             params.append(c.values[0])
+        elif c.kind in (MatchKind.SINGLE, MatchKind.WILDCARD) and c.vr == "PN" and not c.values[0].isascii():
+            return  # SQLite's LIKE folds ASCII case only: leave non-ASCII names to the Python matcher
         elif c.kind is MatchKind.SINGLE and c.vr == "PN":
             where.append(f"{col} LIKE ? ESCAPE '\\'")
             params.append(_like_pattern(c.values[0]))

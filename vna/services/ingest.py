@@ -106,6 +106,8 @@ def _value(ds: Dataset, tag: int, encodings: list[str]) -> str | None:
         return None
     if isinstance(elem, RawDataElement) and elem.VR in _TEXT_VRS and isinstance(elem.value, bytes):
         raw = elem.value
+        if elem.VR == "DA":  # legacy "2020.01.01" is stored as "20200101" so every index compares alike
+            return raw.decode("ascii", "replace").strip(" \x00").replace(".", "")
         if elem.VR in _ASCII_VRS:
             return raw.decode("ascii", "replace").strip(" \x00")
         return decode_bytes(raw, encodings, _PN_DELIMS if elem.VR == "PN" else _TEXT_DELIMS).strip(" \x00")
