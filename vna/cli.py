@@ -64,8 +64,12 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
     archive = Archive(cfg)
     server = DicomServer(archive, cfg.dicom, reuse_port=reuse_port)
     daemons: list[Daemon] = []
-    if run_jobs and cfg.lifecycle.enabled:
-        daemons.append(Daemon(archive.migrator(), cfg.lifecycle.interval_seconds, cfg.lifecycle.batch_limit))
+    if run_jobs:
+        from vna.integrity import daemons as integrity_daemons
+
+        if cfg.lifecycle.enabled:
+            daemons.append(Daemon(archive.migrator(), cfg.lifecycle.interval_seconds, cfg.lifecycle.batch_limit))
+        daemons.extend(integrity_daemons(archive))
     try:
         server.start()
         for d in daemons:

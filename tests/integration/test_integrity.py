@@ -418,3 +418,31 @@ def test_marks_and_repairs_lose_to_concurrent_changes(tmp_path: Path, ct: list[P
     finally:
         tiers[Tier.HOT].close()
         index.close()
+
+
+def test_scrub_and_repair_daemons_in_serve(make_server: Callable[..., VnaServer], corpus: list[Path]) -> None:
+    from tests.conftest import dataset_bytes
+    from tests.integration import scu as _scu
+
+    srv = make_server("[integrity]\nscrub_enabled = true\nrepair_enabled = true\n"
+                      "scrub_interval_seconds = 0.5\nrepair_interval_seconds = 0.5\n")
+    assert _scu.store(srv.port, [corpus[0]])[0].Status == 0
+    blob = next(p for p in (srv.data_dir / "hot" / "r1").rglob("*.dcm") if ".quarantine" not in p.parts)
+    data = bytearray(blob.read_bytes())
+    data[-10] ^= 0x01
+    blob.write_bytes(bytes(data))
+    deadline = time.monotonic() + 60
+    live: list[Path] = []
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        live = [p for p in (srv.data_dir / "hot" / "r1").rglob("*.dcm") if ".quarantine" not in p.parts]
+        stats = json.loads(srv.cli("index", "stats", "--json").stdout)
+        if stats["tiers"]["hot"]["by_state"] == {"OK": 2} and live and blob not in live:
+            break
+    assert blob not in live and len(live) == 1, srv.log.read_text()[-2000:]  # scrubbed away, repaired anew
+    assert live[0].read_bytes() == corpus[0].read_bytes() or dataset_bytes(live[0]) == dataset_bytes(corpus[0])
+    ds = dcmread(corpus[0], stop_before_pixels=True)
+    _, final, raw = _scu.get(srv.port, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": ds.StudyInstanceUID,
+                                        "SeriesInstanceUID": ds.SeriesInstanceUID,
+                                        "SOPInstanceUID": ds.SOPInstanceUID}, [str(ds.SOPClassUID)])
+    assert final.Status == 0 and raw[str(ds.SOPInstanceUID)] == dataset_bytes(corpus[0])

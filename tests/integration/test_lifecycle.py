@@ -175,3 +175,15 @@ def test_cold_tier_on_s3(make_server: Factory, corpus: list[Path], s3_config: S3
     # the config shows the secret masked
     shown = srv.cli("config", "show").stdout
     assert c.secret_key not in shown and "***" in shown
+
+
+def test_age_by_last_access(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server("[lifecycle]\nmin_age_days = 0.0001\nage_basis = \"last_access\"\n")  # ~9 s
+    ct0 = [p for p in corpus if p.name.startswith("ct-7-0000")]
+    ct1 = [p for p in corpus if p.name.startswith("ct-7-0001")]
+    assert all(r.Status == 0 for r in scu.store(srv.port, ct0 + ct1))
+    time.sleep(9)
+    final, _ = _get_study(srv, ct1[0])  # read: ct1 is "recently used" again
+    assert final.Status == 0  # type: ignore[attr-defined]
+    plan = _json(srv, "lifecycle", "plan")
+    assert [s["study_uid"] for s in plan["studies"]] == [str(dcmread(ct0[0], stop_before_pixels=True).StudyInstanceUID)]

@@ -332,7 +332,9 @@ class DicomServer:
         conds = self.archive.query.conditions(level, ident)
         if not conds:
             raise InvalidInput("a retrieve needs at least one unique key")
-        return self.archive.retrieve.select(level, conds)
+        refs = self.archive.retrieve.select(level, conds)
+        self.archive.retrieve.record_access(refs)
+        return refs
 
     def _suboperations(self, event: evt.Event, refs: list[InstanceRef],
                        originator: str | None = None) -> Iterator[tuple[int, Dataset | None]]:

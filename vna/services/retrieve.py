@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class InstanceRef:
     sop_uid: str
     sop_class_uid: str
     transfer_syntax_uid: str
+    study_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,15 @@ class RetrieveService:
     def select(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRef]:
         """Instances under the matching entities, in a stable order."""
         rows = self.index.find(QueryLevel.IMAGE, conditions)
-        refs = [InstanceRef(r["SOPInstanceUID"], r["SOPClassUID"], r["TransferSyntaxUID"]) for r in rows]
+        refs = [InstanceRef(r["SOPInstanceUID"], r["SOPClassUID"], r["TransferSyntaxUID"], r["StudyInstanceUID"])
+                for r in rows]
         return sorted(refs, key=lambda r: r.sop_uid)
+
+    def record_access(self, refs: Sequence[InstanceRef]) -> None:
+        """Note a read of each study the refs belong to (lifecycle ``age_basis = "last_access"``)."""
+        now = time.time()
+        for study_uid in sorted({r.study_uid for r in refs if r.study_uid}):
+            self.index.record_access(study_uid, now)
 
     @contextmanager
     def open_verified(self, sop_uid: str) -> Iterator[VerifiedInstance]:
