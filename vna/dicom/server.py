@@ -380,19 +380,27 @@ class DicomServer:
             refs = self._select(event)
         except (InvalidInput, AttributeError, ValueError) as exc:
             log.warning("C-MOVE refused: %s", exc)
-            yield remote.host, remote.port
-            yield 1  # pynetdicom ends with Success after a count of 0: announce one, then fail
-            yield st.IDENTIFIER_MISMATCH, None
+            yield from self._refuse_move(remote.host, remote.port, st.IDENTIFIER_MISMATCH)
             return
         except VnaError as exc:
-            yield remote.host, remote.port
-            yield 1
-            yield st.status_for(exc), None
+            yield from self._refuse_move(remote.host, remote.port, st.status_for(exc))
             return
         yield remote.host, remote.port, {"contexts": _contexts_for(refs),
                                          "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
         yield len(refs)
         yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip())
+
+    @staticmethod
+    def _refuse_move(host: str, port: int, status: int) -> Iterator[Any]:
+        """Make pynetdicom answer a C-MOVE with ``status``.
+
+        pynetdicom answers Success when 0 sub-operations are announced, and
+        associates with the destination before it asks for the first status:
+        announce one sub-operation over a Verification-only association, then fail.
+        """
+        yield host, port, {"contexts": [build_context(Verification)]}
+        yield 1
+        yield status, None
 
     def on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
         """Storage Commitment request: answer now, send the N-EVENT-REPORT on a new association."""
