@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from typing import TYPE_CHECKING
 
+from vna.audit import (APPLICATION_ACTIVITY, APPLICATION_START, APPLICATION_STOP, INSTANCES_ACCESSED, Actor, AuditLog,
+                       Code)
 from vna.codec import IdentityCodec, PixelCodec
 from vna.config import Config
 from vna.domain import PlacementState, Tier
+from vna.errors import AuditUnavailable, NotFound
 from vna.index import Index, open_index
 from vna.services.ingest import IngestService
 from vna.services.query import QueryService
@@ -14,31 +20,44 @@ from vna.services.retrieve import RetrieveService
 from vna.storage.accessor import TierAccessor
 from vna.storage.base import BlobStore
 from vna.storage.filesystem import FilesystemBlobStore
+from vna.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from vna.lifecycle.migrator import Migrator
 
 __all__ = ["Archive"]
 
+log = logging.getLogger(__name__)
+
 
 class Archive:
-    """Everything one vna process needs, wired from its config. Close it when done."""
+    """Everything one vna process needs, wired from its config. Close it when done.
 
-    def __init__(self, cfg: Config, index: Index | None = None) -> None:
+    ``telemetry``: an already built one (tests pass in-memory exporters);
+    by default it is set up from ``cfg.telemetry``.
+    """
+
+    def __init__(self, cfg: Config, index: Index | None = None, *, telemetry: Telemetry | None = None) -> None:
         self.cfg = cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.telemetry = telemetry if telemetry is not None else Telemetry.setup(cfg.telemetry)
+        self.audit = AuditLog(cfg.audit, cfg.resolve(cfg.audit.path), telemetry=self.telemetry,
+                              source={"ae": cfg.dicom.ae_title, "site": cfg.archive.site_id})
+        self._activity(APPLICATION_START)
         self.index = index if index is not None else open_index(cfg)
         stores = [
             FilesystemBlobStore(f"hot-{i + 1}", cfg.resolve(path), fsync=cfg.hot.fsync)
             for i, path in enumerate(cfg.hot.replicas)
         ]
-        self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec())
+        self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec(), telemetry=self.telemetry)
         self.cold = TierAccessor(Tier.COLD, [self._cold_store(cfg)], 1, PixelCodec(cfg.cold.zstd_level))
         #: every tier's accessor, by tier
         self.tiers: dict[Tier, TierAccessor] = {Tier.HOT: self.hot, Tier.COLD: self.cold}
-        self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy)
-        self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"))
-        self.query = QueryService(self.index, cfg.dicom.ae_title)
+        self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy,
+                                    audit=self.audit, telemetry=self.telemetry)
+        self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"),
+                                        audit=self.audit, telemetry=self.telemetry)
+        self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit)
 
     @staticmethod
     def _cold_store(cfg: Config) -> BlobStore:
@@ -52,7 +71,8 @@ class Archive:
         """The lifecycle job on this archive's tiers."""
         from vna.lifecycle.migrator import Migrator
 
-        return Migrator(self.index, self.hot, self.cold, self.retrieve, self.cfg.lifecycle, self.cfg.cold)
+        return Migrator(self.index, self.hot, self.cold, self.retrieve, self.cfg.lifecycle, self.cfg.cold,
+                        audit=self.audit, telemetry=self.telemetry)
 
     def is_committed(self, sop_uid: str, sop_class_uid: str | None = None) -> bool:
         """True if the current version has at least W verified (OK) hot copies."""
@@ -63,8 +83,36 @@ class Archive:
               if p.state is PlacementState.OK and p.tier is Tier.HOT]
         return len(ok) >= self.hot.quorum
 
+    def set_hold(self, study_uid: str, held: bool, reason: str, actor: Actor) -> None:
+        """Place or lift a legal hold on a study, audited (refused first if the trail cannot be written).
+
+        Raises NotFound for an unknown study, AuditUnavailable, IndexUnavailable.
+        """
+        instances = self.index.study_instances(study_uid)
+        if not instances:
+            raise NotFound(f"study {study_uid} is not in the archive")
+        with self.audit.operation(INSTANCES_ACCESSED, "U", actor, study_uids=[study_uid],
+                                  patient_ids={i.attrs.get("PatientID", "") for i in instances},
+                                  details={"change": "legal hold placed" if held else "legal hold lifted",
+                                           "reason": reason}):
+            self.index.set_hold(study_uid, held, reason if held else "")
+
+    def _activity(self, what: Code) -> None:
+        """Record the start (with the digest of the configuration loaded) or the stop of this process."""
+        details = {}
+        if what is APPLICATION_START:
+            config = json.dumps(self.cfg.as_dict(), sort_keys=True, default=str).encode()
+            details = {"config_sha256": hashlib.sha256(config).hexdigest(), "data_dir": str(self.cfg.data_dir)}
+        try:
+            self.audit.record(APPLICATION_ACTIVITY, "E", Actor.process("vna"), event_type=what, details=details)
+        except AuditUnavailable as exc:
+            log.error("%s not audited: %s", what.meaning, exc)
+
     def close(self) -> None:
-        """Release threads and connections."""
+        """Release threads and connections; the audit trail and telemetry are flushed last."""
         for accessor in self.tiers.values():
             accessor.close()
         self.index.close()
+        self._activity(APPLICATION_STOP)
+        self.audit.close()
+        self.telemetry.shutdown()

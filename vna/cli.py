@@ -39,17 +39,22 @@ def _setup_logging(level: str) -> None:
 
 
 def _prepare_spool(cfg: Config) -> None:
-    spool = cfg.resolve("spool/incoming")
-    spool.mkdir(parents=True, exist_ok=True)
-    for stale in spool.iterdir():  # never acknowledged: a previous process died mid-receive
-        stale.unlink(missing_ok=True)
+    for name in ("spool/incoming", "spool/grpc"):
+        spool = cfg.resolve(name)
+        spool.mkdir(parents=True, exist_ok=True)
+        for stale in spool.iterdir():  # never acknowledged: a previous process died mid-receive
+            stale.unlink(missing_ok=True)
 
 
 def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_level: str | None = None,
-                   run_jobs: bool = True) -> None:
-    """One DIMSE server process: serve until ``stop`` is set (``ready`` is set once listening).
+                   run_jobs: bool = True, dicom: bool = True) -> None:
+    """One server process: serve until ``stop`` is set (``ready`` is set once listening).
 
-    With ``run_jobs`` it also runs the enabled background jobs (lifecycle...).
+    It runs the DIMSE server (unless ``dicom`` is false) and, when
+    ``grpc.enabled``, the gRPC server; with ``reuse_port`` both share their
+    ports with sibling worker processes (SO_REUSEPORT: every worker serves
+    both protocols). With ``run_jobs`` it also runs the enabled background
+    jobs (lifecycle...).
     """
     from vna.archive import Archive
     from vna.dicom.server import DicomServer
@@ -62,7 +67,12 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
     # pynetdicom spools incoming datasets with tempfile: keep them on the data disk
     tempfile.tempdir = str(cfg.resolve("spool/incoming"))
     archive = Archive(cfg)
-    server = DicomServer(archive, cfg.dicom, reuse_port=reuse_port)
+    server = DicomServer(archive, cfg.dicom, reuse_port=reuse_port) if dicom else None
+    grpc_server = None
+    if cfg.grpc.enabled:
+        from vna.api.server import GrpcServer
+
+        grpc_server = GrpcServer(archive, cfg, reuse_port=reuse_port)
     daemons: list[Daemon] = []
     if run_jobs:
         from vna.integrity import daemons as integrity_daemons
@@ -71,7 +81,10 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
             daemons.append(Daemon(archive.migrator(), cfg.lifecycle.interval_seconds, cfg.lifecycle.batch_limit))
         daemons.extend(integrity_daemons(archive))
     try:
-        server.start()
+        if server is not None:
+            server.start()
+        if grpc_server is not None:
+            grpc_server.start()
         for d in daemons:
             d.start()
         ready.set()
@@ -79,17 +92,23 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
     finally:
         for d in daemons:
             d.stop()
-        server.stop()
+        if grpc_server is not None:
+            grpc_server.stop()
+        if server is not None:
+            server.stop()
         archive.close()
 
 
-def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str, run_jobs: bool) -> None:
-    _serve_process(cfg, stop, ready, True, log_level, run_jobs)
+def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str, run_jobs: bool, dicom: bool = True) -> None:
+    _serve_process(cfg, stop, ready, True, log_level, run_jobs, dicom)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the DIMSE server (``dicom.workers`` processes on one port) until SIGTERM/SIGINT."""
+    """Run the DIMSE and gRPC servers (``dicom.workers`` processes on their ports) until SIGTERM/SIGINT."""
     cfg = load(args)
+    dicom = not args.no_dicom
+    if not dicom and not cfg.grpc.enabled:
+        raise ConfigError("--no-dicom leaves nothing to serve: enable [grpc]")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     _prepare_spool(cfg)
     if cfg.index.migrate_on_start:
@@ -99,12 +118,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    summary = (f"DICOM AE {cfg.dicom.ae_title} listening on {cfg.dicom.host}:{cfg.dicom.port} "
+    fronts = []
+    if dicom:
+        fronts.append(f"DICOM AE {cfg.dicom.ae_title} listening on {cfg.dicom.host}:{cfg.dicom.port}")
+    if cfg.grpc.enabled:
+        fronts.append(f"gRPC on {cfg.grpc.host}:{cfg.grpc.port} (TLS {'on' if cfg.grpc.tls_cert else 'off'})")
+    summary = (f"{', '.join(fronts)} "
                f"(index {cfg.index.backend}, {len(cfg.hot.replicas)} hot replicas, W={cfg.hot.quorum}, "
                f"data {cfg.data_dir}")
     if cfg.dicom.workers == 1:
         ready = threading.Event()
-        thread = threading.Thread(target=_serve_process, args=(cfg, stop, ready, False), name="vna-serve")
+        thread = threading.Thread(target=_serve_process, args=(cfg, stop, ready, False, None, True, dicom),
+                                  name="vna-serve")
         thread.start()
         while not ready.wait(0.1):
             if not thread.is_alive():
@@ -114,16 +139,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             thread.join(0.5)
         log.info("vna stopped")
         return 0
-    return _serve_workers(cfg, stop, summary, args.log_level)
+    return _serve_workers(cfg, stop, summary, args.log_level, dicom)
 
 
-def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: str) -> int:
+def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: str, dicom: bool = True) -> int:
     """Supervise ``dicom.workers`` processes sharing the DICOM port; restart any that dies."""
     ctx = multiprocessing.get_context("spawn")
 
     def spawn(i: int) -> tuple[Any, Any, Any]:
         wstop, wready = ctx.Event(), ctx.Event()
-        proc = ctx.Process(target=_worker_main, args=(cfg, wstop, wready, log_level, i == 0),
+        proc = ctx.Process(target=_worker_main, args=(cfg, wstop, wready, log_level, i == 0, dicom),
                            name=f"vna-worker-{i}")
         proc.start()
         log.info("worker %d started (pid %s)", i, proc.pid)
@@ -236,12 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vna", description="vendor-neutral archive")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("serve", help="run the archive (DICOM DIMSE)")
+    p = sub.add_parser("serve", help="run the archive (DICOM DIMSE and, when [grpc] enabled, gRPC)")
     add_common(p)
     p.add_argument("--dicom-port", type=int)
     p.add_argument("--ae-title")
     p.add_argument("--host")
-    p.add_argument("--workers", type=int, help="DICOM worker processes sharing the port")
+    p.add_argument("--workers", type=int, help="worker processes sharing the DICOM (and gRPC) port")
+    p.add_argument("--no-dicom", action="store_true", help="serve gRPC only (needs grpc.enabled)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="configuration")
@@ -274,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Modules exposing ``register(subparsers)`` for their verbs.
-_VERB_MODULES: tuple[str, ...] = ("vna.integrity.cli", "vna.lifecycle.cli")
+_VERB_MODULES: tuple[str, ...] = ("vna.integrity.cli", "vna.lifecycle.cli", "vna.api.cli",
+                                   "vna.audit_cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

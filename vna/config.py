@@ -33,6 +33,10 @@ __all__ = [
     "CassandraConfig",
     "IndexConfig",
     "ArchiveConfig",
+    "AuditConfig",
+    "TelemetryConfig",
+    "GrpcToken",
+    "GrpcConfig",
     "Config",
     "load_config",
 ]
@@ -176,6 +180,46 @@ class CassandraConfig:
         return {str(k): int(v) for k, v in value.items()}
 
 
+AUDIT_FAILURE_POLICIES = ("refuse", "buffer")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail: hash-chained JSON lines, optionally forwarded to a syslog collector (RFC 5424).
+
+    ``fsync``: records are written to the kernel before the operation is
+    answered, and fsynced every ``fsync_interval`` seconds (0: each record,
+    before the answer). ``on_failure``: "refuse" answers every audited
+    operation with a failure (before storing) while the trail cannot be
+    written; "buffer" keeps up to ``buffer_max`` records in memory, logs an
+    ERROR and flags health, and refuses once the buffer is full.
+    """
+
+    enabled: bool = True
+    path: str = "audit/audit.log"   # relative to data_dir
+    fsync: bool = True
+    fsync_interval: float = 1.0
+    on_failure: str = "refuse"      # or "buffer"
+    buffer_max: int = 10000
+    min_free_mb: int = 16           # "refuse": refuse before storing when the audit filesystem has less free
+    syslog_host: str = ""           # empty: no forwarding
+    syslog_port: int = 514
+    syslog_protocol: str = "udp"    # or "tcp" (RFC 6587 octet counting); only tcp detects a lost collector
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """OpenTelemetry traces and metrics. Disabled: no-op instruments, nothing exported."""
+
+    enabled: bool = False
+    service_name: str = "vna"
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int = 0        # 0: no Prometheus scrape endpoint
+    otlp_endpoint: str = ""         # e.g. "http://collector:4317" (OTLP/gRPC); empty: no OTLP export
+    export_interval_seconds: float = 10.0   # OTLP metric export period
+    trace_sample_ratio: float = 1.0
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     """Which index backend, and its settings."""
@@ -195,6 +239,37 @@ class ArchiveConfig:
     site_id: str = "local"
 
 
+GRPC_ROLES = ("read", "write")
+
+
+@dataclass(frozen=True)
+class GrpcToken:
+    """One bearer token of the gRPC API (``[[grpc.token]]``): a name for logs, the secret, a role."""
+
+    name: str
+    token: str
+    role: str = "read"              # "read" or "write" (write includes read)
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    """The gRPC front-end. TLS when ``tls_cert``/``tls_key`` are set; mutual TLS when ``client_ca`` is too.
+
+    Paths are relative to the data directory unless absolute. Every call but
+    health checks needs one of the ``token`` bearer tokens.
+    """
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = 50051
+    tls_cert: str = ""              # PEM server certificate (chain)
+    tls_key: str = ""               # PEM private key of tls_cert
+    client_ca: str = ""             # PEM CA bundle: clients must present a certificate it signed
+    token: tuple[GrpcToken, ...] = ()
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_workers: int = 16           # RPCs served at once (the servicer thread pool)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
@@ -206,6 +281,9 @@ class Config:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -224,6 +302,8 @@ class Config:
             data["index"]["cassandra"]["password"] = "***"
         if data["cold"]["s3"]["secret_key"]:
             data["cold"]["s3"]["secret_key"] = "***"
+        for tok in data["grpc"]["token"]:
+            tok["token"] = "***"
         return data
 
 
@@ -300,7 +380,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             typ = hints[f.name]
             if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
-            elif f.name != "remote":
+            elif f.name not in ("remote", "token"):  # lists of tables: TOML only
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
 
     walk(Config, ())
@@ -384,3 +464,56 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("integrity.scrub_interval_seconds and integrity.repair_interval_seconds must be > 0")
     if ic.batch_limit < 1:
         raise ConfigError("integrity.batch_limit must be >= 1")
+    _validate_grpc(cfg.grpc)
+    _validate_observability(cfg.audit, cfg.telemetry)
+
+
+def _validate_grpc(g: GrpcConfig) -> None:
+    if not 0 < g.port < 65536:
+        raise ConfigError("grpc.port must be between 1 and 65535")
+    if bool(g.tls_cert) != bool(g.tls_key):
+        raise ConfigError("grpc.tls_cert and grpc.tls_key must be set together")
+    if g.client_ca and not g.tls_cert:
+        raise ConfigError("grpc.client_ca (mutual TLS) needs grpc.tls_cert and grpc.tls_key")
+    if g.max_message_bytes < 65536:
+        raise ConfigError("grpc.max_message_bytes must be >= 65536")
+    if g.max_workers < 1:
+        raise ConfigError("grpc.max_workers must be >= 1")
+    names: set[str] = set()
+    secrets: set[str] = set()
+    for i, t in enumerate(g.token):
+        if not t.name or t.name in names:
+            raise ConfigError(f"grpc.token[{i}].name must be set and unique")
+        if t.role not in GRPC_ROLES:
+            raise ConfigError(f"grpc.token[{i}].role must be one of {', '.join(GRPC_ROLES)}")
+        if len(t.token) < 16 or not t.token.isprintable() or " " in t.token:
+            raise ConfigError(f"grpc.token[{i}].token must be at least 16 printable characters without spaces")
+        if t.token in secrets:
+            raise ConfigError(f"grpc.token[{i}].token is used by another token")
+        names.add(t.name)
+        secrets.add(t.token)
+    if g.enabled and not g.token:
+        raise ConfigError("grpc.enabled needs at least one [[grpc.token]] (every call is authenticated)")
+
+
+def _validate_observability(a: AuditConfig, t: TelemetryConfig) -> None:
+    if a.on_failure not in AUDIT_FAILURE_POLICIES:
+        raise ConfigError(f"audit.on_failure must be one of {', '.join(AUDIT_FAILURE_POLICIES)}")
+    if a.buffer_max < 1:
+        raise ConfigError("audit.buffer_max must be >= 1")
+    if a.fsync_interval < 0 or a.min_free_mb < 0:
+        raise ConfigError("audit.fsync_interval and audit.min_free_mb must be >= 0")
+    if not a.path:
+        raise ConfigError("audit.path must be set")
+    if a.syslog_protocol not in ("udp", "tcp"):
+        raise ConfigError("audit.syslog_protocol must be 'udp' or 'tcp'")
+    if a.syslog_host and not 0 < a.syslog_port < 65536:
+        raise ConfigError("audit.syslog_port must be between 1 and 65535")
+    if not 0 <= t.prometheus_port < 65536:
+        raise ConfigError("telemetry.prometheus_port must be between 0 (off) and 65535")
+    if not 0.0 <= t.trace_sample_ratio <= 1.0:
+        raise ConfigError("telemetry.trace_sample_ratio must be between 0 and 1")
+    if t.export_interval_seconds <= 0:
+        raise ConfigError("telemetry.export_interval_seconds must be > 0")
+    if not t.service_name:
+        raise ConfigError("telemetry.service_name must be set")

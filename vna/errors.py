@@ -19,6 +19,7 @@ statuses through one table each (``vna/dicom/status.py``).
     │   ├── BlobNotFound            the key is absent
     │   ├── StorageUnavailable      the store cannot be reached / written
     │   └── QuorumNotMet            fewer than W replicas took a write
+    ├── AuditUnavailable            the audit trail cannot be written (operation refused)
     ├── IntegrityError              bytes do not hash to the recorded digest
     │   └── LastVerifiedCopyLost    no verified copy of an instance remains
     └── IndexError_                 the index failed
@@ -42,6 +43,7 @@ __all__ = [
     "BlobNotFound",
     "StorageUnavailable",
     "QuorumNotMet",
+    "AuditUnavailable",
     "IntegrityError",
     "LastVerifiedCopyLost",
     "IndexError_",
@@ -97,6 +99,10 @@ class StorageUnavailable(StorageError):
 
 class QuorumNotMet(StorageError):
     """Fewer than the required number of replicas accepted a write."""
+
+
+class AuditUnavailable(VnaError):
+    """The audit trail cannot be written and policy refuses service (DIMSE: out of resources)."""
 
 
 class IntegrityError(VnaError):

@@ -11,7 +11,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from vna.telemetry import Telemetry
 
 __all__ = ["JobReport", "Job", "Daemon"]
 
@@ -57,11 +60,14 @@ class Daemon:
     """Runs a job every ``interval`` seconds in a background thread until stopped.
 
     A failing run is logged and retried at the next interval; it never kills
-    the process serving DICOM.
+    the process serving DICOM. With ``telemetry`` each run is a ``job.<name>``
+    span and counted (give none for a job that instruments its own runs).
     """
 
-    def __init__(self, job: Job, interval: float, limit: int | None = None) -> None:
+    def __init__(self, job: Job, interval: float, limit: int | None = None, *,
+                 telemetry: Telemetry | None = None) -> None:
         self.job = job
+        self.telemetry = telemetry
         self.interval = interval
         self.limit = limit
         self._stop = threading.Event()
@@ -81,7 +87,11 @@ class Daemon:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                report = self.job.run_once(limit=self.limit)
+                if self.telemetry is None:
+                    report = self.job.run_once(limit=self.limit)
+                else:
+                    with self.telemetry.job(self.job.name) as run:
+                        report = run.report = self.job.run_once(limit=self.limit)
                 log.info("%s", report.summary())
             except Exception:  # a daemon must survive any single failed run
                 log.exception("job %s failed; retrying in %.0f s", self.job.name, self.interval)

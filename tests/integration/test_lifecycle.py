@@ -135,7 +135,11 @@ def test_kill_9_during_migration_then_rerun(make_server: Factory, tmp_path: Path
     assert stats["tiers"]["cold"]["by_state"] == {"OK": len(files)}
     assert _hot_files(srv) == []
     bundles = list((srv.data_dir / "cold").rglob("*.bundle"))
-    assert len(bundles) == 4  # abandoned half-bundles were removed
+    # a half-finished bundle whose frames were already claimed stays (its frames are in use);
+    # one no placement refers to was removed: nothing on the cold tier is an orphan
+    assert 4 <= len(bundles) <= 5
+    orphans = _json(srv, "integrity", "orphans", "--grace", "0")
+    assert orphans["findings"] == 0, orphans
     for study_first in files[::8]:
         final, raw = _get_study(srv, study_first)
         assert final.Status == 0 and len(raw) == 8  # type: ignore[attr-defined]

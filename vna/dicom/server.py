@@ -11,8 +11,9 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
-from typing import Any, Iterator, cast
+from typing import Any, Callable, Iterator, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -22,13 +23,15 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vna.archive import Archive
+from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig
 from vna.dicom import status as st
 from vna.domain import QueryLevel
-from vna.errors import InvalidInput, VnaError
-from vna.services.retrieve import InstanceRef
+from vna.errors import AuditUnavailable, InvalidInput, VnaError
+from vna.services.retrieve import InstanceRef, Transfer
 
 __all__ = ["DicomServer"]
 
@@ -69,13 +72,15 @@ class FileBackedDataset(Dataset):
     """
 
     def __init__(self, path: Path | None, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str,
-                 originator: str | None = None) -> None:
+                 originator: str | None = None, xfer: Transfer | None = None, size: int = 0) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid
         self.SOPInstanceUID = sop_uid
         object.__setattr__(self, "vna_path", path)
         object.__setattr__(self, "vna_ts", transfer_syntax_uid)
         object.__setattr__(self, "vna_originator", originator)
+        object.__setattr__(self, "vna_xfer", xfer)       # counts the sub-operation's result
+        object.__setattr__(self, "vna_size", size)
 
 
 class _SubOperationFailed(Exception):
@@ -87,6 +92,20 @@ _original_send_c_store = Association.send_c_store
 
 def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
     """Send a FileBackedDataset as raw file bytes (uncompressed fallback if its syntax was not accepted)."""
+    if isinstance(dataset, FileBackedDataset) and dataset.vna_xfer is not None:
+        xfer: Transfer = dataset.vna_xfer
+        try:
+            rsp = _send_file(self, dataset, *args, **kwargs)
+        except Exception:
+            xfer.sent(False)
+            raise
+        status = int(rsp.Status) if rsp is not None and "Status" in rsp else -1
+        xfer.sent(status == 0 or status >> 12 == 0xB, dataset.vna_size)   # success or warning
+        return rsp
+    return _send_file(self, dataset, *args, **kwargs)
+
+
+def _send_file(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
     if isinstance(dataset, FileBackedDataset):
         path: Path | None = dataset.vna_path
         if path is None:  # pynetdicom counts the exception as a failed sub-operation
@@ -104,6 +123,20 @@ def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
 
 
 Association.send_c_store = _send_c_store  # type: ignore[method-assign]
+
+
+def _actor(event: evt.Event) -> Actor:
+    """The peer of the event's association, for the audit trail."""
+    r = event.assoc.requestor
+    return Actor(str(r.ae_title).strip(), "ae", str(r.address))
+
+
+def _status_of(rsp: Any) -> int:
+    if isinstance(rsp, Dataset):
+        return int(rsp.get("Status", st.UNABLE_TO_PROCESS))
+    if isinstance(rsp, tuple):
+        return int(rsp[0]) if rsp and isinstance(rsp[0], int) else st.SUCCESS
+    return int(rsp) if isinstance(rsp, int) else st.SUCCESS
 
 
 def _identifier_map(ds: Dataset) -> dict[str, str]:
@@ -180,6 +213,8 @@ class DicomServer:
         self._server: ThreadedAssociationServer | None = None
         self._inflight = 0
         self._idle = threading.Condition()
+        self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
+        self._assocs_lock = threading.Lock()
 
     def _build_ae(self) -> AE:
         cfg = self.cfg
@@ -209,17 +244,23 @@ class DicomServer:
         return ae
 
     def handlers(self) -> list[Any]:
-        """The event bindings (data, not code paths)."""
-        return [
+        """The event bindings (data, not code paths); with telemetry each DIMSE handler runs in a span."""
+        t = self._traced
+        bindings: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
-            (evt.EVT_C_ECHO, lambda event: st.SUCCESS),
-            (evt.EVT_C_STORE, self.on_store),
-            (evt.EVT_C_FIND, self.on_find),
-            (evt.EVT_C_MOVE, self.on_move),
-            (evt.EVT_C_GET, self.on_get),
-            (evt.EVT_N_ACTION, self.on_n_action),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, t("c-echo", lambda event: st.SUCCESS)),
+            (evt.EVT_C_STORE, t("c-store", self.on_store)),
+            (evt.EVT_C_FIND, t("c-find", self.on_find, generator=True)),
+            (evt.EVT_C_MOVE, t("c-move", self.on_move, generator=True)),
+            (evt.EVT_C_GET, t("c-get", self.on_get, generator=True)),
+            (evt.EVT_N_ACTION, t("n-action", self.on_n_action)),
         ]
+        if self.archive.telemetry.enabled:
+            bindings += [(evt.EVT_REQUESTED, self._assoc_begin), (evt.EVT_ACCEPTED, self._assoc_accepted),
+                         (evt.EVT_CONN_CLOSE, self._assoc_end)]
+        return bindings
 
     def start(self) -> ThreadedAssociationServer:
         """Listen in background threads; returns the server."""
@@ -232,6 +273,7 @@ class DicomServer:
                 (self.cfg.host, self.cfg.port), evt_handlers=self.handlers(), server_class=_ReusePortServer))
             threading.Thread(target=server.serve_forever, name="vna-acceptor", daemon=True).start()
         self._server = server
+        self.archive.telemetry.start_endpoint()
         return server
 
     def stop(self, grace: float = 30.0) -> None:
@@ -247,6 +289,108 @@ class DicomServer:
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
         self.ae.shutdown()
+
+    # -- telemetry and audit of associations ----------------------------------------
+    def _traced(self, op: str, handler: Callable[[evt.Event], Any], generator: bool = False
+                ) -> Callable[[evt.Event], Any]:
+        """``handler`` inside a ``dimse.<op>`` span (child of its association's), counted and timed."""
+        tel = self.archive.telemetry
+        if not tel.enabled:
+            return handler
+
+        def run(event: evt.Event) -> Any:
+            t0 = time.perf_counter()
+            status = st.UNABLE_TO_PROCESS
+            with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER) as span:
+                try:
+                    rsp = handler(event)
+                    status = _status_of(rsp)
+                    return rsp
+                finally:
+                    self._op_done(span, op, status, t0)
+
+        def run_generator(event: evt.Event) -> Iterator[Any]:
+            t0 = time.perf_counter()
+            status: int | None = None
+            with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER) as span:
+                try:
+                    for item in handler(event):
+                        if isinstance(item, tuple) and len(item) == 2:
+                            if item[0] is None:
+                                status = st.MOVE_DESTINATION_UNKNOWN
+                            elif isinstance(item[0], int) and item[0] not in (st.PENDING, 0xFF01):
+                                status = item[0]
+                        yield item
+                except GeneratorExit:
+                    # pynetdicom stops iterating after a final status: only a close before one is a cancel
+                    status = st.CANCEL if status is None else status
+                    raise
+                except BaseException:
+                    status = st.UNABLE_TO_PROCESS
+                    raise
+                finally:
+                    self._op_done(span, op, st.SUCCESS if status is None else status, t0)
+
+        return run_generator if generator else run
+
+    def _op_done(self, span: Span | None, op: str, status: int, t0: float) -> None:
+        tel = self.archive.telemetry
+        text = f"0x{status:04X}"
+        if span is not None:
+            span.set_attribute("dicom.status", text)
+            if status not in (st.SUCCESS, st.PENDING, st.CANCEL) and status >> 12 != 0xB:
+                span.set_status(Status(StatusCode.ERROR, text))
+        tel.dimse_operations.add(1, {"op": op, "status": text})
+        tel.dimse_duration.record(time.perf_counter() - t0, {"op": op})
+
+    def _assoc_span(self, event: evt.Event) -> Span | None:
+        with self._assocs_lock:
+            entry = self._assocs.get(id(event.assoc))
+        return entry[0] if entry else None
+
+    def _assoc_begin(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        calling = getattr(r.primitive, "calling_ae_title", None) or r.ae_title   # not negotiated yet
+        span = self.archive.telemetry.start_span("dimse.association", {
+            "dicom.calling_ae": str(calling).strip(), "dicom.called_ae": self.cfg.ae_title,
+            "net.peer.ip": str(r.address), "net.peer.port": int(r.port or 0)}, kind=SpanKind.SERVER)
+        with self._assocs_lock:
+            self._assocs[id(event.assoc)] = (span, False)
+
+    def _assoc_accepted(self, event: evt.Event) -> None:
+        tel = self.archive.telemetry
+        with self._assocs_lock:
+            span, _ = self._assocs.get(id(event.assoc), (None, False))
+            self._assocs[id(event.assoc)] = (span, True)
+        tel.dimse_associations.add(1, {"result": "accepted"})
+        tel.dimse_associations_open.add(1)
+
+    def _assoc_end(self, event: evt.Event) -> None:
+        with self._assocs_lock:
+            span, accepted = self._assocs.pop(id(event.assoc), (None, False))
+        if accepted:
+            self.archive.telemetry.dimse_associations_open.add(-1)
+        if span is not None:
+            span.end()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """A rejected calling AE title is an authentication failure (audited); count every rejection."""
+        actor = _actor(event)
+        allowed = self.cfg.allowed_calling_aes
+        reason = "calling AE title not recognised" if allowed and actor.id not in allowed else "resources"
+        self.archive.telemetry.dimse_associations.add(1, {"result": "rejected"})
+        span = self._assoc_span(event)
+        if span is not None:
+            span.set_status(Status(StatusCode.ERROR, f"association rejected: {reason}"))
+        if reason == "resources":
+            log.warning("association from %s (%s) rejected: too many associations", actor.id, actor.address)
+            return
+        log.warning("association from %s (%s) rejected: %s", actor.id, actor.address, reason)
+        try:
+            self.archive.audit.record(USER_AUTHENTICATION, "E", actor, outcome=4, event_type=LOGIN,
+                                      details={"reason": reason, "called_ae": self.cfg.ae_title})
+        except AuditUnavailable as exc:
+            log.error("authentication failure of %s not audited: %s", actor.id, exc)
 
     # -- handlers ------------------------------------------------------------
     @staticmethod
@@ -283,7 +427,7 @@ class DicomServer:
             self.archive.ingest.ingest_file(
                 Path(event.dataset_path), source_ae=calling,
                 expected_sop_uid=str(req.AffectedSOPInstanceUID),
-                expected_sop_class=str(req.AffectedSOPClassUID),
+                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event),
             )
             rsp.Status = st.SUCCESS
         except VnaError as exc:
@@ -317,7 +461,7 @@ class DicomServer:
             yield st.IDENTIFIER_MISMATCH, None
             return
         try:
-            for row in self.archive.query.find(level, _identifier_map(ds)):
+            for row in self.archive.query.find(level, _identifier_map(ds), actor=_actor(event)):
                 if event.is_cancelled:
                     yield st.CANCEL, None
                     return
@@ -327,29 +471,30 @@ class DicomServer:
             yield st.status_for(exc), None
 
     def _select(self, event: evt.Event) -> list[InstanceRef]:
+        self.archive.audit.require()  # refuse before sending anything
         level, ds = self._level(event)
         ident = {k: v for k, v in _identifier_map(ds).items() if k in _UNIQUE_KEYS}
         conds = self.archive.query.conditions(level, ident)
         if not conds:
             raise InvalidInput("a retrieve needs at least one unique key")
-        refs = self.archive.retrieve.select(level, conds)
-        self.archive.retrieve.record_access(refs)
-        return refs
+        return self.archive.retrieve.select(level, conds)
 
-    def _suboperations(self, event: evt.Event, refs: list[InstanceRef],
-                       originator: str | None = None) -> Iterator[tuple[int, Dataset | None]]:
+    def _suboperations(self, event: evt.Event, refs: list[InstanceRef], originator: str | None,
+                       xfer: Transfer) -> Iterator[tuple[int, Dataset | None]]:
         for ref in refs:
             if event.is_cancelled:
                 yield st.CANCEL, None
                 return
-            try:
-                with self.archive.retrieve.open_verified(ref.sop_uid) as inst:
-                    yield st.PENDING, FileBackedDataset(inst.path, ref.sop_class_uid, ref.sop_uid,
-                                                        ref.transfer_syntax_uid, originator)
-            except VnaError as exc:
-                log.error("retrieve of %s failed: %s", ref.sop_uid, exc)
-                # no path: the send raises, pynetdicom counts a failed sub-operation and lists the UID
-                yield st.PENDING, FileBackedDataset(None, ref.sop_class_uid, ref.sop_uid, ref.transfer_syntax_uid)
+            with self.archive.telemetry.span("retrieve.instance"):
+                try:
+                    with self.archive.retrieve.open_verified(ref.sop_uid) as inst:
+                        yield st.PENDING, FileBackedDataset(inst.path, ref.sop_class_uid, ref.sop_uid,
+                                                            ref.transfer_syntax_uid, originator, xfer, inst.size)
+                except VnaError as exc:
+                    log.error("retrieve of %s failed: %s", ref.sop_uid, exc)
+                    # no path: the send raises, pynetdicom counts a failed sub-operation and lists the UID
+                    yield st.PENDING, FileBackedDataset(None, ref.sop_class_uid, ref.sop_uid,
+                                                        ref.transfer_syntax_uid, xfer=xfer)
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association."""
@@ -364,8 +509,9 @@ class DicomServer:
             yield 1
             yield st.status_for(exc), None
             return
-        yield len(refs)
-        yield from self._suboperations(event, refs)
+        with self.archive.retrieve.transfer(refs, _actor(event), op="c-get") as xfer:
+            yield len(refs)
+            yield from self._suboperations(event, refs, None, xfer)
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         """C-MOVE: C-STORE sub-operations on a new association to a configured destination."""
@@ -385,10 +531,12 @@ class DicomServer:
         except VnaError as exc:
             yield from self._refuse_move(remote.host, remote.port, st.status_for(exc))
             return
-        yield remote.host, remote.port, {"contexts": _contexts_for(refs),
-                                         "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
-        yield len(refs)
-        yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip())
+        dest = Actor(dest_name, "ae", f"{remote.host}:{remote.port}")
+        with self.archive.retrieve.transfer(refs, _actor(event), op="c-move", destination=dest) as xfer:
+            yield remote.host, remote.port, {"contexts": _contexts_for(refs),
+                                             "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
+            yield len(refs)
+            yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip(), xfer)
 
     @staticmethod
     def _refuse_move(host: str, port: int, status: int) -> Iterator[Any]:
@@ -420,18 +568,26 @@ class DicomServer:
         if remote is None:
             log.warning("Storage Commitment from %s: calling AE is not a configured remote", calling)
             return 0x0213, None  # resource limitation: nowhere to send the report
+        try:
+            self.archive.audit.require()
+        except AuditUnavailable as exc:
+            log.error("Storage Commitment from %s refused: %s", calling, exc)
+            return 0x0213, None
         threading.Thread(
-            target=self._commitment_report, args=(transaction_uid, items, remote.host, remote.port, calling),
+            target=self._commitment_report,
+            args=(transaction_uid, items, remote.host, remote.port, calling, _actor(event)),
             name=f"vna-commit-{transaction_uid[-8:]}", daemon=True,
         ).start()
         return st.SUCCESS, None
 
-    def _commitment_failure(self, sop_class: str, sop_uid: str) -> int | None:
+    def _commitment_failure(self, sop_class: str, sop_uid: str, rec: AuditScope) -> int | None:
         """None if committed, else the Failure Reason (PS3.4 J.3.2.1.3)."""
         try:
             inst = self.archive.index.get_instance(sop_uid)
             if inst is None:
                 return 0x0112  # no such object instance
+            rec.study_uids.append(inst.study_uid)
+            rec.patient_ids.append(inst.attrs.get("PatientID", ""))
             if inst.sop_class_uid != sop_class:
                 return 0x0119  # class / instance conflict
             return None if self.archive.is_committed(sop_uid, sop_class) else 0x0110  # processing failure
@@ -440,19 +596,26 @@ class DicomServer:
             return 0x0110
 
     def _commitment_report(self, transaction_uid: str, items: list[tuple[str, str]],
-                           host: str, port: int, ae_title: str) -> None:
+                           host: str, port: int, ae_title: str, actor: Actor) -> None:
         ok: list[Dataset] = []
         failed: list[Dataset] = []
-        for cls, uid in items:
-            item = Dataset()
-            item.ReferencedSOPClassUID = cls
-            item.ReferencedSOPInstanceUID = uid
-            reason = self._commitment_failure(cls, uid)
-            if reason is None:
-                ok.append(item)
-            else:
-                item.FailureReason = reason
-                failed.append(item)
+        try:
+            with self.archive.audit.operation(INSTANCES_ACCESSED, "R", actor, details={
+                    "purpose": "storage commitment", "transaction_uid": transaction_uid}) as rec:
+                for cls, uid in items:
+                    item = Dataset()
+                    item.ReferencedSOPClassUID = cls
+                    item.ReferencedSOPInstanceUID = uid
+                    reason = self._commitment_failure(cls, uid, rec)
+                    if reason is None:
+                        ok.append(item)
+                    else:
+                        item.FailureReason = reason
+                        failed.append(item)
+                rec.details.update({"instances": len(items), "committed": len(ok), "failed": len(failed)})
+                rec.outcome = 4 if failed else 0
+        except AuditUnavailable as exc:  # the answer was promised: send it, the loss is logged
+            log.error("Storage Commitment %s from %s not audited: %s", transaction_uid, ae_title, exc)
         report = Dataset()
         report.TransactionUID = transaction_uid
         report.RetrieveAETitle = self.cfg.ae_title

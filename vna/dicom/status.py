@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vna.errors import (
+    AuditUnavailable,
     DuplicateConflict,
     IndexUnavailable,
     InvalidDataset,
@@ -38,6 +39,7 @@ _TABLE: list[tuple[type[VnaError], int]] = [
     (DuplicateConflict, DUPLICATE_SOP_INSTANCE),
     (StorageError, OUT_OF_RESOURCES),
     (IndexUnavailable, OUT_OF_RESOURCES),
+    (AuditUnavailable, OUT_OF_RESOURCES),
     (NotFound, CANNOT_UNDERSTAND),
 ]
 

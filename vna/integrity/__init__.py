@@ -58,9 +58,9 @@ def daemons(archive: "Archive") -> "list[Daemon]":
     if ic.scrub_enabled:
         scrubber = Scrubber(archive.index, archive.tiers, level=ic.verify_level,
                             objects_per_second=ic.objects_per_second, bytes_per_second=ic.bytes_per_second)
-        out.append(Daemon(scrubber, ic.scrub_interval_seconds, ic.batch_limit))
+        out.append(Daemon(scrubber, ic.scrub_interval_seconds, ic.batch_limit, telemetry=archive.telemetry))
     if ic.repair_enabled:
         repairer = Repairer(archive.index, archive.tiers, archive.cfg.resolve("spool/integrity"),
                             stale_pending_seconds=ic.stale_pending_seconds)
-        out.append(Daemon(repairer, ic.repair_interval_seconds, ic.batch_limit))
+        out.append(Daemon(repairer, ic.repair_interval_seconds, ic.batch_limit, telemetry=archive.telemetry))
     return out

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from vna.cli_support import add_common, add_job_flags, load, print_report
-from vna.errors import InvalidInput, NotFound, VnaError
+from vna.errors import InvalidInput, VnaError
 
 __all__ = ["register"]
 
@@ -82,13 +82,13 @@ def cmd_hold(args: argparse.Namespace) -> int:
     """Place or lift a legal hold on a study."""
     from vna.domain import validate_uid
 
+    from vna.audit import Actor
+
     archive = _archive(args)
     try:
         uid = validate_uid(args.study_uid, "StudyInstanceUID")
-        if not archive.index.study_instances(uid):
-            raise NotFound(f"study {uid} is not in the archive")
         held = args.what == "hold"
-        archive.index.set_hold(uid, held, args.reason if held else "")
+        archive.set_hold(uid, held, args.reason, Actor.local_user())
         print(f"study {uid}: legal hold {'placed' if held else 'lifted'}")
     except InvalidInput as exc:
         print(f"vna: {exc}")

@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+from vna.audit import INSTANCES_ACCESSED, Actor, AuditLog
 from vna.config import ColdTierConfig, LifecycleConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, Tier
 from vna.errors import BlobNotFound, IntegrityError, StateConflict, StorageError, VnaError
@@ -38,6 +39,7 @@ from vna.services.retrieve import RetrieveService
 from vna.storage.accessor import TierAccessor
 from vna.storage.base import BlobStore
 from vna.storage.bundle import BundleEntry, BundleWriter, decode_frame
+from vna.telemetry import Telemetry
 
 __all__ = ["Migrator", "Purger", "StudyPlan"]
 
@@ -58,9 +60,11 @@ class Purger:
 
     name = "purge"
 
-    def __init__(self, index: Index, tiers: dict[Tier, TierAccessor]) -> None:
+    def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], *, audit: AuditLog | None = None) -> None:
         self.index = index
         self.tiers = tiers
+        self.audit = audit if audit is not None else AuditLog.disabled()
+        self.actor = Actor.process("vna-purge")
 
     def _other_copy_verifies(self, p: Placement) -> bool:
         for other in self.index.placements(p.sop_uid, p.version):
@@ -78,14 +82,25 @@ class Purger:
         return False
 
     def purge(self, p: Placement, *, verify: bool = True) -> bool:
-        """Delete one TO_DELETE copy; False (nothing touched) if no other copy verifies."""
+        """Delete one TO_DELETE copy; False (nothing touched) if no other copy verifies.
+
+        Audited ("DICOM Instances Accessed", action U: a copy is deleted, the
+        instance is not); raises AuditUnavailable before deleting when the
+        trail refuses service.
+        """
         if verify and not self._other_copy_verifies(p):
             return False
         accessor = self.tiers.get(p.tier)
         if accessor is None:
             return False
-        accessor.store(p.store_id).delete(p.blob_key)
-        return self.index.delete_placement(p)
+        inst = self.index.get_instance(p.sop_uid)
+        with self.audit.operation(INSTANCES_ACCESSED, "U", self.actor,
+                                  patient_ids=[inst.attrs.get("PatientID", "")] if inst else [],
+                                  study_uids=[inst.study_uid] if inst else [],
+                                  details={"change": "copy purged", "sop_uid": p.sop_uid, "version": p.version,
+                                           "tier": p.tier.value, "store": p.store_id, "bytes": p.stored_size}):
+            accessor.store(p.store_id).delete(p.blob_key)
+            return self.index.delete_placement(p)
 
     def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
         """Purge at most ``limit`` TO_DELETE copies."""
@@ -122,8 +137,12 @@ class Migrator:
         cold_cfg: ColdTierConfig,
         *,
         owner: str | None = None,
+        audit: AuditLog | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.index = index
+        self.audit = audit if audit is not None else AuditLog.disabled()
+        self.telemetry = telemetry if telemetry is not None else Telemetry.disabled()
         self.hot = hot
         self.cold = cold
         self.cold_store: BlobStore = cold.stores[0]
@@ -131,7 +150,8 @@ class Migrator:
         self.rules = rules
         self.cold_cfg = cold_cfg
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold})
+        self._verified_now: set[str] = set()
+        self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold}, audit=self.audit)
 
     # -- selection -----------------------------------------------------------
     def due(self, now: float | None = None) -> Iterator[StudySummary]:
@@ -164,11 +184,13 @@ class Migrator:
     # -- run -------------------------------------------------------------------
     def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
         """Migrate at most ``limit`` due studies, then purge what interrupted runs left TO_DELETE."""
-        report = self._migrate_due(limit, dry_run)
-        purge = self.purger.run_once(limit=None, dry_run=dry_run)
-        report.findings += purge.findings
-        report.failures += purge.failures
-        report.bytes += purge.bytes if not dry_run else 0
+        with self.telemetry.job(self.name) as run:
+            report = self._migrate_due(limit, dry_run)
+            purge = self.purger.run_once(limit=None, dry_run=dry_run)
+            report.findings += purge.findings
+            report.failures += purge.failures
+            report.bytes += purge.bytes if not dry_run else 0
+            run.report = report
         return report
 
     def _migrate_due(self, limit: int | None, dry_run: bool) -> JobReport:
@@ -189,15 +211,28 @@ class Migrator:
                 report.details.append({"study": study.study_uid, "skipped": "leased"})
                 continue
             try:
-                moved = self.migrate_study(study.study_uid)
+                moved = self._audited_migrate(study.study_uid)
                 report.done += 1
                 report.bytes += moved
+                self.telemetry.lifecycle_studies.add(1, {"outcome": "migrated"})
             except VnaError as exc:
                 log.error("migration of study %s failed (will be retried): %s", study.study_uid, exc)
                 report.failures += 1
+                self.telemetry.lifecycle_studies.add(1, {"outcome": "failed"})
             finally:
                 self.index.release_lease(lease, self.owner)
         return report
+
+    def _audited_migrate(self, study_uid: str) -> int:
+        """:meth:`migrate_study` as one audited change ("DICOM Instances Accessed", action U)."""
+        instances = self.index.study_instances(study_uid)
+        with self.audit.operation(INSTANCES_ACCESSED, "U", Actor.process("vna-lifecycle"), study_uids=[study_uid],
+                                  patient_ids={i.attrs.get("PatientID", "") for i in instances},
+                                  details={"change": "migrated to cold tier", "instances": len(instances),
+                                           "store": self.cold_store.store_id}) as rec:
+            freed = self.migrate_study(study_uid)
+            rec.details["hot_bytes_freed"] = freed
+            return freed
 
     def plan_one(self, study_uid: str) -> StudyPlan:
         instances = self.index.study_instances(study_uid)
@@ -210,6 +245,7 @@ class Migrator:
         groups: dict[str, list[InstanceRecord]] = defaultdict(list)
         for inst in self.index.study_instances(study_uid):
             groups[study_uid if self.cold_cfg.bundle_by == "study" else inst.series_uid].append(inst)
+        self._verified_now = set()
         for group_uid, instances in sorted(groups.items()):
             todo = [i for i in instances if not self._cold_ok(i)]
             if todo:
@@ -218,7 +254,7 @@ class Migrator:
                 self._migrate_group(study_uid, group_uid, todo)
         freed = 0
         for inst in self.index.study_instances(study_uid):
-            freed += self._retire_hot(inst)
+            freed += self._retire_hot(inst, verified_now=inst.sop_uid in self._verified_now)
         return freed
 
     def _cold_ok(self, inst: InstanceRecord) -> bool:
@@ -226,9 +262,16 @@ class Migrator:
                    for p in self.index.placements(inst.sop_uid, inst.version))
 
     def _pending_rows(self, instances: list[InstanceRecord], key: str, now: float) -> list[Placement]:
-        """Record (or restart under ``key``) the PENDING cold placements of the group."""
+        """Record (or restart under ``key``) the PENDING cold placements of the group.
+
+        A bundle left by an interrupted run is deleted only once no placement
+        refers to it any more: the run may have marked some of its frames OK
+        before it died, and those copies (and their retired hot siblings)
+        depend on it.
+        """
         rows = []
         fresh = []
+        abandoned: set[str] = set()
         for inst in instances:
             current = {p.store_id: p for p in self.index.placements(inst.sop_uid, inst.version)}
             row = Placement(
@@ -243,10 +286,15 @@ class Migrator:
                 if not self.index.replace_placement(old, row):
                     raise StateConflict(f"cold placement of {inst.sop_uid} changed concurrently")
                 if old.blob_key != key:
-                    self._delete_quietly(old.blob_key)
+                    abandoned.add(old.blob_key)
             rows.append(row)
         if fresh:
             self.index.add_placements(fresh)
+        if abandoned:  # (a scan of the cold ledger, only after an interrupted run)
+            in_use = {p.blob_key for p in self.index.iter_placements(tier=Tier.COLD, store_id=self.cold_store.store_id)
+                      if p.blob_key in abandoned}
+            for old_key in sorted(abandoned - in_use):
+                self._delete_quietly(old_key)
         return rows
 
     def _delete_quietly(self, key: str) -> None:
@@ -274,14 +322,18 @@ class Migrator:
                            offset=entry.offset, length=entry.length, state=PlacementState.OK, verified_at=verified_at)
             if not self.index.replace_placement(row, done):
                 raise StateConflict(f"cold placement of {row.sop_uid} changed during migration")
+            self._verified_now.add(row.sop_uid)
         log.info("bundle %s: %d instances of study %s on %s", key, len(entries), study_uid, self.cold_store.store_id)
 
     def _verify_frame(self, key: str, entry: BundleEntry) -> None:
         frame = b"".join(self.cold_store.open(key, entry.offset, entry.length))
         decode_frame(frame, entry)  # raises IntegrityError on any mismatch
 
-    def _retire_hot(self, inst: InstanceRecord) -> int:
-        """Hot copies -> TO_DELETE (refused by the index without another OK copy), then purge."""
+    def _retire_hot(self, inst: InstanceRecord, *, verified_now: bool) -> int:
+        """Hot copies -> TO_DELETE (refused by the index without another OK copy), then purge.
+
+        The purge re-verifies the cold copy unless this run just wrote and verified it.
+        """
         if not self._cold_ok(inst):
             return 0
         freed = 0
@@ -294,8 +346,7 @@ class Migrator:
                 p = replace(p, state=PlacementState.TO_DELETE)
             if p.state is PlacementState.TO_DELETE:
                 try:
-                    # the cold frame was verified moments ago in this run
-                    if self.purger.purge(p, verify=False):
+                    if self.purger.purge(p, verify=not verified_now):
                         freed += p.stored_size
                 except BlobNotFound:
                     pass

@@ -29,12 +29,14 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope
 from vna.checksum import sha256_file
 from vna.domain import InstanceRecord, PlacementState, QueryLevel, validate_uid
 from vna.errors import DuplicateConflict, InvalidDataset, StateConflict
 from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
 from vna.storage.accessor import TierAccessor
+from vna.telemetry import Telemetry
 
 __all__ = ["IngestResult", "IngestService"]
 
@@ -153,12 +155,20 @@ def read_header(path: Path) -> _Header:
 
 
 class IngestService:
-    """Stores Part 10 files in the hot tier and registers them in the index."""
+    """Stores Part 10 files in the hot tier and registers them in the index.
 
-    def __init__(self, index: Index, hot: TierAccessor, duplicate_policy: str = "reject") -> None:
+    Every call is audited (one "DICOM Instances Transferred" record, action C)
+    and traced (``ingest`` > ``ingest.hash``, ``ingest.parse``, ``ingest.write``,
+    ``ingest.index``).
+    """
+
+    def __init__(self, index: Index, hot: TierAccessor, duplicate_policy: str = "reject", *,
+                 audit: AuditLog | None = None, telemetry: Telemetry | None = None) -> None:
         self.index = index
         self.hot = hot
         self.duplicate_policy = duplicate_policy
+        self.audit = audit if audit is not None else AuditLog.disabled()
+        self.telemetry = telemetry if telemetry is not None else Telemetry.disabled()
 
     def ingest_file(
         self,
@@ -167,15 +177,43 @@ class IngestService:
         source_ae: str = "",
         expected_sop_uid: str | None = None,
         expected_sop_class: str | None = None,
+        actor: Actor | None = None,
     ) -> IngestResult:
         """Store the Part 10 file at ``path`` (which the caller owns and may delete after).
 
         Returns only once the bytes are on at least W replicas and indexed.
         Raises InvalidInput, DuplicateConflict, QuorumNotMet/StorageError,
         IndexUnavailable; on any raise nothing new is stored or registered.
+        Raises AuditUnavailable before anything is stored when the audit
+        trail refuses service, and after storing if the record of this
+        store cannot be written (the instance is then stored, unacknowledged;
+        a retry is idempotent). ``actor`` defaults to the AE ``source_ae``.
         """
-        content_sha256, size = sha256_file(path)
-        h = read_header(path)
+        who = actor if actor is not None else Actor(source_ae or "unknown", "ae")
+        tel = self.telemetry
+        with self.audit.operation(INSTANCES_TRANSFERRED, "C", who) as rec, tel.span("ingest"):
+            try:
+                result = self._ingest(path, source_ae, expected_sop_uid, expected_sop_class, rec)
+            except BaseException:
+                tel.ingest_instances.add(1, {"outcome": "failed"})
+                raise
+            rec.details.update({"version": result.version, "bytes": result.size, "duplicate": result.duplicate})
+            if result.missing_replicas:
+                rec.details["missing_replicas"] = list(result.missing_replicas)
+            tel.ingest_instances.add(1, {"outcome": "duplicate" if result.duplicate else "stored"})
+            if not result.duplicate:
+                tel.ingest_bytes.add(result.size)
+            return result
+
+    def _ingest(self, path: Path, source_ae: str, expected_sop_uid: str | None, expected_sop_class: str | None,
+                rec: AuditScope) -> IngestResult:
+        with self.telemetry.stage("ingest.hash"):
+            content_sha256, size = sha256_file(path)
+        with self.telemetry.stage("ingest.parse"):
+            h = read_header(path)
+        rec.patient_ids.append(h.attrs.get("PatientID", ""))
+        rec.study_uids.append(h.study_uid)
+        rec.details.update({"sop_uid": h.sop_uid, "series_uid": h.series_uid, "sop_class_uid": h.sop_class_uid})
         if expected_sop_uid is not None and h.sop_uid != expected_sop_uid.strip("\x00 "):
             raise InvalidDataset(
                 f"SOPInstanceUID differs from the request: {h.sop_uid} != {expected_sop_uid}")
@@ -201,7 +239,8 @@ class IngestService:
     def _store(self, path: Path, h: _Header, version: int, sha: str, size: int, source_ae: str) -> IngestResult:
         key = f"{h.study_uid}/{h.series_uid}/{h.sop_uid}.v{version}.{uuid.uuid4().hex[:12]}.dcm"
         t0 = time.monotonic()
-        writes = self.hot.write_file(key, path, sha, size)
+        with self.telemetry.stage("ingest.write"):
+            writes = self.hot.write_file(key, path, sha, size)
         now = time.time()
         placements = self.hot.placements(
             writes, sop_uid=h.sop_uid, version=version, content_sha256=sha, content_size=size, now=now)
@@ -212,7 +251,8 @@ class IngestService:
         )
         written = [w.store_id for w in writes if w.ok]
         try:
-            self.index.register(record, placements)
+            with self.telemetry.stage("ingest.index"):
+                self.index.register(record, placements)
         except BaseException:
             self.hot.delete_all(key, written)
             raise

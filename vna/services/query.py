@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator, Mapping
 
+from vna.audit import QUERY, Actor, AuditLog
 from vna.domain import QueryLevel
 from vna.errors import InvalidInput
 from vna.index.base import Index
@@ -12,13 +13,24 @@ from vna.index.query import Condition, keys_for_level, make_condition
 __all__ = ["QueryService"]
 
 _LEVEL_ORDER = [QueryLevel.PATIENT, QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE]
+_UNIDENTIFIED = Actor("unidentified", "unknown")
+_WILDCARDS = ("*", "?")
+
+
+def _exact(value: str) -> list[str]:
+    """The values of a single-value or UID-list key; none for wildcard or universal matching."""
+    if not value or any(c in value for c in _WILDCARDS):
+        return []
+    return [v for v in value.split("\\") if v]
 
 
 class QueryService:
     """Answers queries expressed as ``keyword -> value`` identifiers."""
 
-    def __init__(self, index: Index, retrieve_ae_title: str, *, pn_case_insensitive: bool = True) -> None:
+    def __init__(self, index: Index, retrieve_ae_title: str, *, pn_case_insensitive: bool = True,
+                 audit: AuditLog | None = None) -> None:
         self.index = index
+        self.audit = audit if audit is not None else AuditLog.disabled()
         self.retrieve_ae_title = retrieve_ae_title
         self.pn_case_insensitive = pn_case_insensitive
 
@@ -35,21 +47,35 @@ class QueryService:
         return out
 
     def find(
-        self, level: QueryLevel, identifier: Mapping[str, str], *, limit: int | None = None
+        self, level: QueryLevel, identifier: Mapping[str, str], *, limit: int | None = None,
+        actor: Actor | None = None,
     ) -> Iterator[dict[str, str]]:
         """Yield one ``keyword -> value`` dict per match, holding exactly the requested keys.
 
         Keys the archive does not record come back empty. RetrieveAETitle is
-        filled with this archive's AE title. Raises InvalidInput for a bad level.
+        filled with this archive's AE title. Raises InvalidInput for a bad level,
+        AuditUnavailable (before querying) when the audit trail refuses service.
+        Audited as one "Query" record (the keys sent, the number of matches)
+        when the iteration ends.
         """
         if level not in _LEVEL_ORDER:
             raise InvalidInput(f"unknown query level {level!r}")
-        conds = self.conditions(level, identifier)
-        for row in self.index.find(level, conds, limit=limit):
-            out = {}
-            for kw in identifier:
-                if kw == "RetrieveAETitle":
-                    out[kw] = self.retrieve_ae_title
-                else:
-                    out[kw] = row.get(kw, "")
-            yield out
+        keys = {k: v for k, v in identifier.items() if v and v != "*"}
+        with self.audit.operation(QUERY, "E", actor or _UNIDENTIFIED,
+                                  patient_ids=_exact(identifier.get("PatientID", "")),
+                                  study_uids=_exact(identifier.get("StudyInstanceUID", "")),
+                                  details={"level": level.value, "keys": keys}) as rec:
+            n = 0
+            try:
+                conds = self.conditions(level, identifier)
+                for row in self.index.find(level, conds, limit=limit):
+                    out = {}
+                    for kw in identifier:
+                        if kw == "RetrieveAETitle":
+                            out[kw] = self.retrieve_ae_title
+                        else:
+                            out[kw] = row.get(kw, "")
+                    n += 1
+                    yield out
+            finally:
+                rec.details["matches"] = n

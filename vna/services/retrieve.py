@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog
 from vna.checksum import sha256_file
 from vna.domain import Placement, PlacementState, QueryLevel, Tier
 from vna.errors import BlobNotFound, IntegrityError, LastVerifiedCopyLost, NotFound, StorageError
@@ -23,8 +24,9 @@ from vna.index.base import Index
 from vna.index.query import Condition
 from vna.storage.accessor import TierAccessor
 from vna.storage.base import LocalPathStore
+from vna.telemetry import Telemetry
 
-__all__ = ["VerifiedInstance", "InstanceRef", "RetrieveService"]
+__all__ = ["VerifiedInstance", "InstanceRef", "Transfer", "RetrieveService"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class InstanceRef:
     sop_class_uid: str
     transfer_syntax_uid: str
     study_uid: str = ""
+    patient_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,21 +54,69 @@ class VerifiedInstance:
     size: int
 
 
+@dataclass
+class Transfer:
+    """One retrieve operation in progress: the front-end counts what it handed out."""
+
+    refs: list[InstanceRef]
+    completed: int = 0
+    failed: int = 0
+    bytes: int = 0
+
+    def sent(self, ok: bool, size: int = 0) -> None:
+        """Count one sub-operation's result."""
+        if ok:
+            self.completed += 1
+            self.bytes += size
+        else:
+            self.failed += 1
+
+
 class RetrieveService:
     """Reads instances back, verifying every byte."""
 
-    def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], spool_dir: Path) -> None:
+    def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], spool_dir: Path, *,
+                 audit: AuditLog | None = None, telemetry: Telemetry | None = None) -> None:
         self.index = index
         self.tiers = tiers
         self.spool_dir = spool_dir
+        self.audit = audit if audit is not None else AuditLog.disabled()
+        self.telemetry = telemetry if telemetry is not None else Telemetry.disabled()
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def select(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRef]:
         """Instances under the matching entities, in a stable order."""
-        rows = self.index.find(QueryLevel.IMAGE, conditions)
-        refs = [InstanceRef(r["SOPInstanceUID"], r["SOPClassUID"], r["TransferSyntaxUID"], r["StudyInstanceUID"])
-                for r in rows]
+        with self.telemetry.stage("retrieve.select"):
+            rows = self.index.find(QueryLevel.IMAGE, conditions)
+            refs = [InstanceRef(r["SOPInstanceUID"], r["SOPClassUID"], r["TransferSyntaxUID"], r["StudyInstanceUID"],
+                                r.get("PatientID", "")) for r in rows]
         return sorted(refs, key=lambda r: r.sop_uid)
+
+    @contextmanager
+    def transfer(self, refs: list[InstanceRef], actor: Actor, *, op: str,
+                 destination: Actor | None = None) -> Iterator[Transfer]:
+        """Audit and count one retrieve of ``refs`` by ``actor`` (to ``destination``, else to the actor).
+
+        Raises AuditUnavailable on entry, before anything is sent, when the
+        audit trail refuses service. Records the study access (lifecycle
+        ``last_access``) and, at the end, one "DICOM Instances Transferred"
+        record (action R) with the counts the block reported.
+        """
+        with self.audit.operation(INSTANCES_TRANSFERRED, "R", actor, patient_ids=[r.patient_id for r in refs],
+                                  study_uids=[r.study_uid for r in refs]) as rec:
+            self.record_access(refs)
+            xfer = Transfer(refs)
+            try:
+                yield xfer
+            finally:
+                rec.details.update({"op": op, "instances": len(refs), "completed": xfer.completed,
+                                    "failed": xfer.failed, "bytes": xfer.bytes})
+                if destination is not None:
+                    rec.details["destination"] = destination.as_dict()
+                if xfer.failed:
+                    rec.outcome = 4 if xfer.completed else 8
+                self.telemetry.retrieve_instances.add(xfer.completed, {"op": op})
+                self.telemetry.retrieve_bytes.add(xfer.bytes, {"op": op})
 
     def record_access(self, refs: Sequence[InstanceRef]) -> None:
         """Note a read of each study the refs belong to (lifecycle ``age_basis = "last_access"``)."""
@@ -85,7 +136,8 @@ class RetrieveService:
             raise NotFound(f"instance {sop_uid} is not in the archive")
         placements.sort(key=lambda p: (_TIER_ORDER[p.tier], p.store_id))
         for p in placements:
-            found = self._verify(p)
+            with self.telemetry.stage("retrieve.verify", {"vna.tier": p.tier.value}):
+                found = self._verify(p)
             if found is None:
                 continue
             path, is_temp = found

@@ -5,18 +5,21 @@ Adapters below stay dumb; everything that checks bytes lives here.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, cast
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator, Sequence, cast
 
 from vna.checksum import HashingIterator
 from vna.codec import Codec, get_codec
 from vna.domain import Placement, PlacementState, Tier
 from vna.errors import IntegrityError, QuorumNotMet, StorageError, VnaError
 from vna.storage.base import BlobStore, FileCopyStore
+from vna.telemetry import Telemetry
 
 __all__ = ["ReplicaWrite", "TierAccessor"]
 
@@ -44,8 +47,10 @@ class TierAccessor:
     what it wrote (compensation) and raises QuorumNotMet.
     """
 
-    def __init__(self, tier: Tier, stores: Sequence[BlobStore], quorum: int, codec: Codec) -> None:
+    def __init__(self, tier: Tier, stores: Sequence[BlobStore], quorum: int, codec: Codec, *,
+                 telemetry: Telemetry | None = None) -> None:
         self.tier = tier
+        self.telemetry = telemetry if telemetry is not None else Telemetry.disabled()
         self.stores = list(stores)
         self.quorum = quorum
         self.codec = codec
@@ -68,7 +73,8 @@ class TierAccessor:
         content = HashingIterator(source())
         stored = HashingIterator(self.codec.encode(content))
         try:
-            store.put(key, stored)
+            with self.telemetry.stage("storage.write", {"vna.store": store.store_id, "vna.tier": self.tier.value}):
+                store.put(key, stored)
         except VnaError as exc:
             log.warning("replica %s failed to write %s: %s", store.store_id, key, exc)
             return ReplicaWrite(store.store_id, key, False, error=str(exc))
@@ -80,7 +86,8 @@ class TierAccessor:
     def _copy_one(self, store: FileCopyStore, store_id: str, key: str, path: Path, sha256: str,
                   size: int) -> ReplicaWrite:
         try:
-            stat = store.put_file(key, path)
+            with self.telemetry.stage("storage.write", {"vna.store": store_id, "vna.tier": self.tier.value}):
+                stat = store.put_file(key, path)
         except VnaError as exc:
             log.warning("replica %s failed to write %s: %s", store_id, key, exc)
             return ReplicaWrite(store_id, key, False, error=str(exc))
@@ -100,18 +107,23 @@ class TierAccessor:
         futures = []
         for s in self.stores:
             if isinstance(s, FileCopyStore):
-                futures.append(self._pool.submit(self._copy_one, s, s.store_id, key, path, content_sha256, size))
+                futures.append(self._submit(self._copy_one, s, s.store_id, key, path, content_sha256, size))
             else:
-                futures.append(self._pool.submit(self._write_one, s, key, lambda: iter_file(str(path)),
-                                                 content_sha256))
+                futures.append(self._submit(self._write_one, s, key, lambda: iter_file(str(path)), content_sha256))
         return self._quorum(key, [f.result() for f in futures])
 
     def write(
         self, key: str, source: Callable[[], Iterable[bytes]], content_sha256: str
     ) -> list[ReplicaWrite]:
         """Write ``source()`` to every replica under ``key``; raise QuorumNotMet below quorum."""
-        futures = [self._pool.submit(self._write_one, s, key, source, content_sha256) for s in self.stores]
+        futures = [self._submit(self._write_one, s, key, source, content_sha256) for s in self.stores]
         return self._quorum(key, [f.result() for f in futures])
+
+    def _submit(self, fn: Callable[..., ReplicaWrite], *args: Any) -> Future[ReplicaWrite]:
+        """Run on the writer pool; with telemetry, in a copy of the caller's context (span parent)."""
+        if self.telemetry.enabled:
+            return self._pool.submit(contextvars.copy_context().run, fn, *args)
+        return self._pool.submit(fn, *args)
 
     def _quorum(self, key: str, results: list[ReplicaWrite]) -> list[ReplicaWrite]:
         ok = [r for r in results if r.ok]

@@ -1,0 +1,355 @@
+"""The audit trail against a real `vna serve`: what DIMSE traffic and jobs record, the hash chain,
+`vna audit verify|search`, and the failure policies (full audit disk, unreachable syslog collector)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import ROOT, VNA, StoreScp, VnaServer, free_port
+from tests.integration import scu
+from vna.audit import GENESIS, Actor, AuditLog, INSTANCES_TRANSFERRED, QUERY, record_hash, verify
+from vna.config import AuditConfig
+
+Factory = Callable[..., VnaServer]
+
+
+def _records(srv: VnaServer) -> list[dict[str, Any]]:
+    path = srv.data_dir / "audit" / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _stats(srv: VnaServer) -> dict[str, Any]:
+    r = srv.cli("index", "stats", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def _head(path: Path) -> tuple[str, str]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return str(ds.PatientID), str(ds.StudyInstanceUID)
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_dimse_traffic_is_audited(make_server: Factory, corpus: list[Path], storescp: StoreScp) -> None:
+    srv = make_server('[dicom]\nallowed_calling_aes = ["TESTSCU", "DEST"]\n'
+                      f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {storescp.port}\n')
+    assert all(r.Status == 0 for r in scu.store(srv.port, corpus))
+    mr = [p for p in corpus if p.name.startswith("mr-")]
+    patient, study = _head(mr[0])
+    found, status = scu.find(srv.port, {"QueryRetrieveLevel": "STUDY", "PatientID": patient,
+                                        "StudyInstanceUID": study})
+    assert status == 0 and len(found) == 1
+    _, final, _ = scu.get(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                          [str(dcmread(mr[0], stop_before_pixels=True).SOPClassUID)])
+    assert final.Status == 0
+    _, final = scu.move(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, "DEST")
+    assert final.Status == 0
+    assert not scu.echo(srv.port, calling="INTRUDER")
+    r = srv.cli("lifecycle", "hold", study, "--reason", "litigation")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert srv.stop() == 0
+
+    recs = _records(srv)
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    start, stop = recs[0], recs[-1]
+    assert (start["event_id"], start["event_type"]["code"]) == ("110100", "110120")
+    assert len(start["details"]["config_sha256"]) == 64
+    assert (stop["event_id"], stop["event_type"]["code"]) == ("110100", "110121")
+
+    stored = [r for r in recs if r["event_id"] == "110104" and r["action"] == "C"]
+    assert len(stored) == len(corpus) and all(r["outcome"] == 0 for r in stored)
+    assert {r["actor"]["id"] for r in stored} == {"TESTSCU"} and stored[0]["actor"]["address"] == "127.0.0.1"
+    mine = [r for r in stored if r["study_uids"] == [study]]
+    assert len(mine) == len(mr) and all(r["patient_ids"] == [patient] for r in mine)
+    assert {r["details"]["sop_uid"] for r in mine} == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                                                        for p in mr}
+
+    (query,) = [r for r in recs if r["event_id"] == "110112"]
+    assert query["action"] == "E" and query["patient_ids"] == [patient] and query["study_uids"] == [study]
+    assert query["details"]["level"] == "STUDY" and query["details"]["matches"] == 1
+
+    sent = [r for r in recs if r["event_id"] == "110104" and r["action"] == "R"]
+    by_op = {r["details"]["op"]: r for r in sent}
+    assert set(by_op) == {"c-get", "c-move"}
+    for r in sent:
+        assert r["outcome"] == 0 and r["study_uids"] == [study] and r["patient_ids"] == [patient]
+        assert r["details"]["completed"] == len(mr) and r["details"]["failed"] == 0
+    assert by_op["c-move"]["details"]["destination"] == {"id": "DEST", "kind": "ae",
+                                                         "address": f"127.0.0.1:{storescp.port}"}
+
+    (auth,) = [r for r in recs if r["event_id"] == "110114"]
+    assert auth["outcome"] == 4 and auth["actor"]["id"] == "INTRUDER" and auth["event_type"]["code"] == "110122"
+
+    (hold,) = [r for r in recs if r["event_id"] == "110103"]
+    assert hold["action"] == "U" and hold["study_uids"] == [study] and hold["patient_ids"] == [patient]
+    assert hold["details"] == {"change": "legal hold placed", "reason": "litigation"}
+    assert hold["actor"]["kind"] == "user"
+
+    r = srv.cli("audit", "verify", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["intact"] is True
+    # verify itself is recorded (Audit Log Used) and the chain still holds
+    assert _records(srv)[-1]["event_id"] == "110101"
+    assert verify(srv.data_dir / "audit" / "audit.log").intact
+
+
+def test_lifecycle_moves_and_purges_are_audited(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server("[lifecycle]\nmin_age_days = 0\n")
+    small = [p for p in corpus if p.name.startswith("small-")]
+    assert all(r.Status == 0 for r in scu.store(srv.port, small))
+    patient, study = _head(small[0])
+    r = srv.cli("lifecycle", "run", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = _records(srv)
+    (move,) = [r for r in recs if r["details"].get("change") == "migrated to cold tier"]
+    assert move["event_id"] == "110103" and move["action"] == "U" and move["outcome"] == 0
+    assert move["study_uids"] == [study] and move["patient_ids"] == [patient]
+    assert move["actor"] == {"id": "vna-lifecycle", "kind": "process", "address": socket.gethostname()}
+    purged = [r for r in recs if r["details"].get("change") == "copy purged"]
+    assert len(purged) == 2 * len(small)          # both hot replicas of every instance
+    assert {r["details"]["tier"] for r in purged} == {"hot"} and all(r["study_uids"] == [study] for r in purged)
+    assert verify(srv.data_dir / "audit" / "audit.log").intact
+
+
+def test_worker_processes_share_one_chain(make_server: Factory, corpus: list[Path]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = make_server("[dicom]\nworkers = 2\n")
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda part: scu.store(srv.port, part), [corpus[i::4] for i in range(4)]))
+    assert all(r.Status == 0 for rs in results for r in rs)
+    assert srv.stop() == 0
+    recs = _records(srv)
+    assert len({r["source"]["pid"] for r in recs}) == 2            # both workers wrote
+    assert len([r for r in recs if r["event_id"] == "110104"]) == len(corpus)
+    assert verify(srv.data_dir / "audit" / "audit.log").intact
+
+
+def _trail(tmp_path: Path, n: int = 10) -> Path:
+    """A trail of ``n`` records written by the real writer."""
+    path = tmp_path / "audit" / "audit.log"
+    log = AuditLog(AuditConfig(), path)
+    for i in range(n):
+        event = QUERY if i % 3 == 0 else INSTANCES_TRANSFERRED
+        log.record(event, "C", Actor(f"AE{i % 2}", "ae", "10.0.0.9"), patient_ids=[f"P{i % 4}"],
+                   study_uids=[f"1.2.3.{i % 5}"], details={"i": i})
+    log.close()
+    return path
+
+
+def _verify_cli(tmp_path: Path, path: Path) -> tuple[int, dict[str, Any]]:
+    cfg = tmp_path / "v.toml"
+    cfg.write_text(f'[audit]\npath = "{path}"\n')
+    r = subprocess.run([*VNA, "audit", "verify", "--json", "--config", str(cfg), "--data-dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return r.returncode, json.loads(r.stdout)
+
+
+def test_verify_detects_an_edited_record(tmp_path: Path) -> None:
+    path = _trail(tmp_path)
+    code, out = _verify_cli(tmp_path, path)
+    assert code == 0 and out["intact"] and out["records"] == 10
+    lines = path.read_text().splitlines(keepends=True)[:10]   # the CLI appended its own record
+    path.write_text("".join(lines))
+    rec = json.loads(lines[4])
+    rec["patient_ids"] = ["SOMEONE-ELSE"]                      # edited, hash left as it was
+    lines[4] = json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n"
+    path.write_text("".join(lines))
+    code, out = _verify_cli(tmp_path, path)
+    assert code == 1 and not out["intact"] and out["first_bad_seq"] == 5 and "edited" in out["reason"]
+
+    rec["hash"] = record_hash(rec)                             # edited and re-hashed: the next link breaks
+    lines[4] = json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n"
+    path.write_text("".join(lines[:10]))
+    code, out = _verify_cli(tmp_path, path)
+    assert code == 1 and out["first_bad_seq"] == 6 and "prev_hash" in out["reason"]
+
+
+def test_verify_detects_a_removed_record(tmp_path: Path) -> None:
+    path = _trail(tmp_path)
+    lines = path.read_text().splitlines(keepends=True)
+    del lines[6]                                               # seq 7
+    path.write_text("".join(lines))
+    code, out = _verify_cli(tmp_path, path)
+    assert code == 1 and out["first_bad_seq"] == 7 and "missing" in out["reason"]
+    # renumbering the rest does not help: the hash chain still breaks there
+    fixed = []
+    for i, line in enumerate(lines, 1):
+        rec = json.loads(line)
+        rec["seq"] = i
+        rec["hash"] = record_hash(rec)
+        fixed.append(json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n")
+    path.write_text("".join(fixed))
+    res = verify(path)
+    assert not res.intact and res.first_bad_seq == 7
+
+
+def test_writer_continues_the_chain_across_processes_and_repairs_a_torn_tail(tmp_path: Path) -> None:
+    path = _trail(tmp_path, 3)
+    with open(path, "ab") as fh:
+        fh.write(b'{"action":"C","seq":4,"tru')             # a crash mid-write
+    log = AuditLog(AuditConfig(), path)
+    log.record(QUERY, "E", Actor("X"))
+    log.close()
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["seq"] for r in recs] == [1, 2, 3, 4]
+    assert recs[3]["details"]["torn_tail_bytes_removed"] == 26 and recs[0]["prev_hash"] == GENESIS
+    assert verify(path).intact
+
+
+def test_search_filters(tmp_path: Path) -> None:
+    path = _trail(tmp_path)
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[audit]\npath = "{path}"\n')
+
+    def search(*args: str) -> list[dict[str, Any]]:
+        r = subprocess.run([*VNA, "audit", "search", "--json", *args, "--config", str(cfg),
+                            "--data-dir", str(tmp_path / "d")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    assert [r["details"]["i"] for r in search("--patient", "P1")] == [1, 5, 9]
+    assert [r["details"]["i"] for r in search("--study", "1.2.3.0")] == [0, 5]
+    assert [r["details"]["i"] for r in search("--actor", "ae1", "--event", "110104")] == [1, 5, 7]
+    assert [r["details"]["i"] for r in search("--event", "query")] == [0, 3, 6, 9]
+    assert search("--since", "2999-01-01") == []
+    assert len(search("--until", "2999-01-01T00:00:00+01:00", "--patient", "P0")) == 3
+    # every search is itself recorded (it shows patient data)
+    assert [r["details"]["verb"] for r in search("--event", "110101")] == ["search"] * 6
+
+
+def test_full_audit_disk_refuses_before_storing(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server('[audit]\npath = "/dev/full"\n')          # every write: ENOSPC
+    rsps = scu.store(srv.port, corpus[:2])
+    assert [r.Status for r in rsps] == [0xA700, 0xA700]
+    assert _stats(srv)["instances"] == 0
+    assert not [p for p in (srv.data_dir / "hot").rglob("*.dcm") if ".tmp" not in p.parts]
+    _, status = scu.find(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ""})
+    assert status == 0xA700
+    assert "AUDIT TRAIL FAILING" in srv.log.read_text()
+
+
+def test_full_audit_disk_buffer_policy_serves_until_the_buffer_is_full(make_server: Factory,
+                                                                        corpus: list[Path]) -> None:
+    srv = make_server('[audit]\npath = "/dev/full"\non_failure = "buffer"\nbuffer_max = 3\n')
+    # held in memory: the application start, then one record per store; the third store finds it full
+    rsps = scu.store(srv.port, corpus[:4])
+    assert [r.Status for r in rsps] == [0, 0, 0xA700, 0xA700]
+    assert _stats(srv)["instances"] == 2
+    log = srv.log.read_text()
+    assert "AUDIT TRAIL FAILING" in log and "policy buffer" in log
+    srv.stop()
+    assert "3 records still unwritten" in srv.log.read_text()   # never silently
+
+
+class _Collector:
+    """A TCP syslog collector (RFC 6587 octet counting) that can be started late."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.messages: list[bytes] = []
+        self._sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", self.port))
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+
+    def _accept(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while b" " in buf:
+                    size, rest = buf.split(b" ", 1)
+                    if len(rest) < int(size):
+                        break
+                    self.messages.append(rest[:int(size)])
+                    buf = rest[int(size):]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(m.split(b"\xef\xbb\xbf", 1)[1]) for m in self.messages]
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+
+@pytest.fixture
+def collector() -> Iterator[_Collector]:
+    c = _Collector(free_port())
+    yield c
+    c.stop()
+
+
+def test_unreachable_collector_refuses_then_recovers(make_server: Factory, corpus: list[Path],
+                                                     collector: _Collector) -> None:
+    srv = make_server(f'[audit]\nsyslog_host = "127.0.0.1"\nsyslog_port = {collector.port}\nsyslog_protocol = "tcp"\n')
+    assert [r.Status for r in scu.store(srv.port, corpus[:1])] == [0xA700]
+    assert _stats(srv)["instances"] == 0
+    collector.start()
+    _wait(lambda: bool(collector.messages), 10, "the held application-start record to be forwarded")
+    assert [r.Status for r in scu.store(srv.port, corpus[:2])] == [0, 0]
+    _wait(lambda: len(collector.messages) >= 3, 10, "the store records")
+    local = _records(srv)
+    forwarded = collector.records()
+    assert [r["seq"] for r in forwarded] == [r["seq"] for r in local]      # in order, none lost
+    assert [r["hash"] for r in forwarded] == [r["hash"] for r in local]
+    assert collector.messages[0].startswith(b"<110>1 ")                   # facility 13 (log audit), informational
+    assert b"vna-audit@32473" in collector.messages[0]
+
+
+def test_unreachable_collector_buffer_policy_forwards_later(make_server: Factory, corpus: list[Path],
+                                                            collector: _Collector) -> None:
+    srv = make_server(f'[audit]\non_failure = "buffer"\nsyslog_host = "127.0.0.1"\nsyslog_port = {collector.port}\n'
+                      'syslog_protocol = "tcp"\n')
+    assert all(r.Status == 0 for r in scu.store(srv.port, corpus[:3]))
+    assert "AUDIT TRAIL FAILING" in srv.log.read_text()
+    collector.start()
+    _wait(lambda: len(collector.messages) >= 4, 10, "the held records to be forwarded")
+    assert [r["seq"] for r in collector.records()] == [r["seq"] for r in _records(srv)] == [1, 2, 3, 4]
+
+
+def test_udp_forwarding(tmp_path: Path) -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(5)
+    port = rx.getsockname()[1]
+    log = AuditLog(AuditConfig(syslog_host="127.0.0.1", syslog_port=port), tmp_path / "a.log")
+    log.record(QUERY, "E", Actor("AE1", "ae", "10.1.1.1"), patient_ids=["P9"])
+    log.close()
+    msg = rx.recv(65536)
+    rx.close()
+    head, body = msg.split(b"\xef\xbb\xbf", 1)
+    assert head.startswith(b"<110>1 ") and b' vna ' in head
+    assert json.loads(body)["patient_ids"] == ["P9"]

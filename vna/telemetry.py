@@ -1,0 +1,473 @@
+"""OpenTelemetry for vna, configured here and nowhere else.
+
+:meth:`Telemetry.setup` turns a :class:`~vna.config.TelemetryConfig` into one
+object holding a tracer, a meter and the archive's instruments. Disabled (the
+default) every instrument is a do-nothing object and :meth:`Telemetry.span` /
+:meth:`Telemetry.stage` return one shared null context manager: no clock
+reads, no allocations on the hot path.
+
+Enabled, it uses its own TracerProvider and MeterProvider (never the global
+ones, so several archives can live in one process), and exports:
+
+- OTLP/gRPC to ``otlp_endpoint`` (traces in batches, metrics every
+  ``export_interval_seconds``);
+- Prometheus text format on ``http://prometheus_host:prometheus_port/metrics``,
+  rendered by :func:`render_prometheus` from an on-demand metric reader and
+  served by a stdlib HTTP server (no extra dependency);
+- log lines written inside a span end with ``trace_id=... span_id=...``.
+
+Spans: ``dimse.association`` (one per association) > ``dimse.c-store`` /
+``dimse.c-find`` / ``dimse.c-get`` / ``dimse.c-move`` / ``dimse.n-action`` /
+``dimse.c-echo`` > ``ingest`` > ``ingest.hash`` / ``ingest.parse`` /
+``ingest.write`` (> ``storage.write`` per replica) / ``ingest.index``;
+``retrieve.select``, ``retrieve.instance`` > ``retrieve.verify``; ``job.<name>``
+per job run. Metric names are listed in :data:`METRICS`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from vna.config import TelemetryConfig
+from vna.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, MetricsData
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from vna.jobs import JobReport
+
+__all__ = ["Telemetry", "METRICS", "render_prometheus", "Attributes"]
+
+log = logging.getLogger(__name__)
+
+Attributes = Mapping[str, str | int | float | bool]
+
+#: Latency buckets in seconds (the SDK default assumes milliseconds).
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: name -> (kind, unit, description). Kinds: counter, updown, histogram.
+METRICS: dict[str, tuple[str, str, str]] = {
+    "vna.ingest.instances": ("counter", "{instance}", "instances ingested, by outcome (stored, duplicate, failed)"),
+    "vna.ingest.bytes": ("counter", "By", "bytes of instances stored (new versions only)"),
+    "vna.retrieve.instances": ("counter", "{instance}", "instances handed out verified for C-GET/C-MOVE, by op"),
+    "vna.retrieve.bytes": ("counter", "By", "bytes of instances handed out verified, by op"),
+    "vna.stage.duration": ("histogram", "s", "latency of one stage (ingest.hash, storage.write, ingest.index...)"),
+    "vna.dimse.operations": ("counter", "{operation}", "DIMSE operations answered, by op and final status"),
+    "vna.dimse.duration": ("histogram", "s", "DIMSE operation latency, by op"),
+    "vna.dimse.associations": ("counter", "{association}", "association requests, by result"),
+    "vna.dimse.associations.open": ("updown", "{association}", "associations open now"),
+    "vna.job.runs": ("counter", "{run}", "job runs, by job and outcome"),
+    "vna.job.items": ("counter", "{item}", "job items, by job and kind (examined, done, findings, failures)"),
+    "vna.job.bytes": ("counter", "By", "bytes a job moved, verified or freed, by job"),
+    "vna.job.duration": ("histogram", "s", "job run latency, by job"),
+    "vna.lifecycle.studies": ("counter", "{study}", "studies migrated to the cold tier, by outcome"),
+    "vna.audit.records": ("counter", "{record}", "audit records written, by event id"),
+    "vna.audit.failures": ("counter", "{failure}", "audit write or forward failures, by sink"),
+}
+
+
+class _Noop:
+    """Stands in for every instrument when telemetry is disabled."""
+
+    def add(self, amount: float, attributes: Attributes | None = None) -> None:
+        """Do nothing."""
+
+    def record(self, amount: float, attributes: Attributes | None = None) -> None:
+        """Do nothing."""
+
+
+_NOOP = _Noop()
+_NULL_CM: AbstractContextManager[None] = nullcontext()
+
+
+class _TraceFormatter(logging.Formatter):
+    """Appends the current trace and span id to a handler's formatted line."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            text += f" trace_id={ctx.trace_id:032x} span_id={ctx.span_id:016x}"
+        return text
+
+
+@dataclass
+class JobRun:
+    """Filled in by the job inside :meth:`Telemetry.job`."""
+
+    report: JobReport | None = None
+
+
+class Telemetry:
+    """Tracer, meter and the archive's instruments (see module docstring). Shut it down when done."""
+
+    def __init__(
+        self,
+        cfg: TelemetryConfig,
+        *,
+        span_exporter: SpanExporter | None = None,
+        metric_readers: Sequence[MetricReader] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.enabled
+        self._tracer_provider: TracerProvider | None = None
+        self._meter_provider: MeterProvider | None = None
+        self._prometheus: Any = None          # InMemoryMetricReader when the endpoint is configured
+        self._http: ThreadingHTTPServer | None = None
+        self._formatted: list[tuple[logging.Handler, logging.Formatter | None]] = []
+        self._lock = threading.Lock()
+        self.endpoint_port: int | None = None
+        if not self.enabled:
+            self.tracer: trace.Tracer = trace.NoOpTracer()
+            for name in METRICS:
+                setattr(self, _attr(name), _NOOP)
+            return
+        self._setup(span_exporter, metric_readers)
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def setup(cls, cfg: TelemetryConfig, **kwargs: Any) -> "Telemetry":
+        """Build the telemetry of one process from its config (``kwargs``: test exporters/readers)."""
+        return cls(cfg, **kwargs)
+
+    @classmethod
+    def disabled(cls) -> "Telemetry":
+        """A no-op instance (for services built without an archive)."""
+        return cls(TelemetryConfig(enabled=False))
+
+    def _setup(self, span_exporter: SpanExporter | None, metric_readers: Sequence[MetricReader]) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        cfg = self.cfg
+        resource = Resource.create({"service.name": cfg.service_name,
+                                    "service.instance.id": f"{socket.gethostname()}:{os.getpid()}"})
+        readers: list[MetricReader] = list(metric_readers)
+        span_processors: list[Any] = []
+        if span_exporter is not None:
+            span_processors.append(SimpleSpanProcessor(span_exporter))
+        if cfg.otlp_endpoint:
+            otlp_spans, otlp_metrics = _otlp_exporters(cfg.otlp_endpoint)
+            span_processors.append(BatchSpanProcessor(otlp_spans))
+            readers.append(PeriodicExportingMetricReader(
+                otlp_metrics, export_interval_millis=cfg.export_interval_seconds * 1000.0))
+        if cfg.prometheus_port:
+            self._prometheus = InMemoryMetricReader()
+            readers.append(self._prometheus)
+        self._tracer_provider = TracerProvider(resource=resource,
+                                               sampler=ParentBased(TraceIdRatioBased(cfg.trace_sample_ratio)))
+        for proc in span_processors:
+            self._tracer_provider.add_span_processor(proc)
+        self._meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        self.tracer = self._tracer_provider.get_tracer("vna")
+        meter = self._meter_provider.get_meter("vna")
+        for name, (kind, unit, desc) in METRICS.items():
+            inst: Any
+            if kind == "counter":
+                inst = meter.create_counter(name, unit=unit, description=desc)
+            elif kind == "updown":
+                inst = meter.create_up_down_counter(name, unit=unit, description=desc)
+            else:
+                inst = meter.create_histogram(name, unit=unit, description=desc,
+                                              explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS)
+            setattr(self, _attr(name), inst)
+        self._meter = meter
+        self._install_log_formatter()
+
+    # -- instruments (set in __init__; typed here for mypy) ------------------
+    ingest_instances: Any
+    ingest_bytes: Any
+    retrieve_instances: Any
+    retrieve_bytes: Any
+    stage_duration: Any
+    dimse_operations: Any
+    dimse_duration: Any
+    dimse_associations: Any
+    dimse_associations_open: Any
+    job_runs: Any
+    job_items: Any
+    job_bytes: Any
+    job_duration: Any
+    lifecycle_studies: Any
+    audit_records: Any
+    audit_failures: Any
+
+    def gauge(self, name: str, unit: str, description: str,
+              callback: Callable[[], Iterable[tuple[float, Attributes]]]) -> None:
+        """Register an observable gauge whose values ``callback`` returns at collection time."""
+        if not self.enabled:
+            return
+
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(v, dict(a)) for v, a in callback()]
+
+        self._meter.create_observable_gauge(name, callbacks=[observe], unit=unit, description=description)
+
+    # -- spans ------------------------------------------------------------------
+    def span(self, name: str, attributes: Attributes | None = None, *,
+             parent: trace.Span | None = None, kind: trace.SpanKind = trace.SpanKind.INTERNAL
+             ) -> AbstractContextManager[trace.Span | None]:
+        """A span made current for the block (child of ``parent`` if given, else of the current span)."""
+        if not self.enabled:
+            return _NULL_CM
+        ctx = trace.set_span_in_context(parent) if parent is not None else None
+        return self.tracer.start_as_current_span(name, context=ctx, attributes=attributes, kind=kind)
+
+    def start_span(self, name: str, attributes: Attributes | None = None,
+                   kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> trace.Span | None:
+        """A span the caller ends (not made current): e.g. one per association."""
+        if not self.enabled:
+            return None
+        return self.tracer.start_span(name, attributes=attributes, kind=kind)
+
+    def stage(self, name: str, attributes: Attributes | None = None) -> AbstractContextManager[Any]:
+        """A span plus one ``vna.stage.duration`` sample (attribute ``stage=name``)."""
+        if not self.enabled:
+            return _NULL_CM
+        return self._stage(name, attributes)
+
+    @contextmanager
+    def _stage(self, name: str, attributes: Attributes | None) -> Iterator[trace.Span]:
+        t0 = time.perf_counter()
+        with self.tracer.start_as_current_span(name, attributes=attributes) as span:
+            try:
+                yield span
+            finally:
+                self.stage_duration.record(time.perf_counter() - t0, {"stage": name})
+
+    def job(self, name: str) -> AbstractContextManager[JobRun]:
+        """Wrap one job run: a ``job.<name>`` span and the job metrics from the report set on the JobRun."""
+        if not self.enabled:
+            return nullcontext(JobRun())
+        return self._job(name)
+
+    @contextmanager
+    def _job(self, name: str) -> Iterator[JobRun]:
+        run = JobRun()
+        t0 = time.perf_counter()
+        outcome = "error"
+        with self.tracer.start_as_current_span(f"job.{name}", attributes={"vna.job": name}) as span:
+            try:
+                yield run
+                r = run.report
+                if r is not None:
+                    outcome = "failures" if r.failures else "findings" if r.findings else "clean"
+                    for kind in ("examined", "done", "findings", "failures"):
+                        value = int(getattr(r, kind))
+                        span.set_attribute(f"vna.job.{kind}", value)
+                        if value:
+                            self.job_items.add(value, {"job": name, "kind": kind})
+                    if r.bytes and not r.dry_run:
+                        self.job_bytes.add(r.bytes, {"job": name})
+                else:
+                    outcome = "clean"
+            finally:
+                self.job_runs.add(1, {"job": name, "outcome": outcome})
+                self.job_duration.record(time.perf_counter() - t0, {"job": name})
+
+    # -- logs -----------------------------------------------------------------
+    def _install_log_formatter(self) -> None:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler.formatter, _TraceFormatter):
+                continue
+            self._formatted.append((handler, handler.formatter))
+            handler.setFormatter(_TraceFormatter(handler.formatter))
+
+    def _remove_log_formatter(self) -> None:
+        for handler, original in self._formatted:
+            handler.setFormatter(original)
+        self._formatted.clear()
+
+    # -- Prometheus ---------------------------------------------------------------
+    def render_metrics(self) -> str:
+        """The current metrics in Prometheus text format ("" without a Prometheus endpoint)."""
+        if self._prometheus is None:
+            return ""
+        return render_prometheus(self._prometheus.get_metrics_data())
+
+    def start_endpoint(self, attempts: int = 16) -> int | None:
+        """Serve ``/metrics`` on the configured port (idempotent); returns the port, None if not configured.
+
+        When the port is taken (another worker process of the same server
+        holds it) the next ones are tried, up to ``attempts``; the port used is logged.
+        """
+        if self._prometheus is None:
+            return None
+        with self._lock:
+            if self._http is not None:
+                return self.endpoint_port
+            render = self.render_metrics
+            last: OSError | None = None
+            for port in range(self.cfg.prometheus_port, min(self.cfg.prometheus_port + attempts, 65536)):
+                try:
+                    self._http = _MetricsServer((self.cfg.prometheus_host, port), _handler(render))
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    last = exc
+            if self._http is None:
+                raise ConfigError(f"telemetry.prometheus_port: no free port from {self.cfg.prometheus_port}: {last}")
+            self.endpoint_port = int(self._http.server_address[1])
+            threading.Thread(target=self._http.serve_forever, name="vna-metrics", daemon=True).start()
+        log.info("Prometheus metrics on http://%s:%d/metrics", self.cfg.prometheus_host, self.endpoint_port)
+        return self.endpoint_port
+
+    def stop_endpoint(self) -> None:
+        """Stop serving ``/metrics`` (idempotent)."""
+        with self._lock:
+            http, self._http = self._http, None
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+
+    def shutdown(self) -> None:
+        """Flush exporters, stop the endpoint, restore log formatters. Idempotent."""
+        self.stop_endpoint()
+        self._remove_log_formatter()
+        tp, mp = self._tracer_provider, self._meter_provider
+        self._tracer_provider = self._meter_provider = None
+        if tp is not None:
+            tp.shutdown()
+        if mp is not None:
+            mp.shutdown()
+
+
+def _attr(metric: str) -> str:
+    return metric.removeprefix("vna.").replace(".", "_")
+
+
+def _otlp_exporters(endpoint: str) -> tuple[Any, Any]:
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:  # pragma: no cover - a dependency of vna
+        raise ConfigError(f"telemetry.otlp_endpoint needs opentelemetry-exporter-otlp-proto-grpc: {exc}") from exc
+    insecure = endpoint.startswith("http://")
+    return OTLPSpanExporter(endpoint=endpoint, insecure=insecure), OTLPMetricExporter(endpoint=endpoint,
+                                                                                      insecure=insecure)
+
+
+# -- Prometheus text format ----------------------------------------------------------
+
+class _MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def _handler(render: Callable[[], str]) -> type[BaseHTTPRequestHandler]:
+    class MetricsHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.split("?")[0] not in ("/metrics", "/"):
+                self.send_error(404)
+                return
+            body = render().encode("utf-8")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+            log.debug("metrics scrape from %s: " + format, self.client_address[0], *args)
+
+    return MetricsHandler
+
+
+_NAME_BAD = re.compile(r"[^a-zA-Z0-9_:]")
+_UNIT_SUFFIX = {"s": "_seconds", "By": "_bytes"}
+
+
+def _prom_name(name: str, unit: str) -> str:
+    out = _NAME_BAD.sub("_", name)
+    suffix = _UNIT_SUFFIX.get(unit, "")
+    if suffix and not out.endswith(suffix):
+        out += suffix
+    return out
+
+
+def _prom_value(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def _labels(attrs: Mapping[str, Any] | None, extra: tuple[str, str] | None = None) -> str:
+    items = [(_NAME_BAD.sub("_", str(k)), str(v)) for k, v in sorted((attrs or {}).items())]
+    if extra is not None:
+        items.append(extra)
+    if not items:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in items) + "}"
+
+
+def _esc(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_prometheus(data: MetricsData | None) -> str:
+    """OpenTelemetry metrics data as Prometheus text exposition format 0.0.4 (cumulative).
+
+    Monotonic sums become counters (``_total``), other sums and gauges gauges,
+    histograms ``_bucket``/``_sum``/``_count``. Units ``s`` and ``By`` become
+    ``_seconds`` / ``_bytes`` suffixes.
+    """
+    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+
+    lines: list[str] = []
+    if data is None:
+        return ""
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                base = _prom_name(m.name, m.unit or "")
+                desc = (m.description or "").replace("\\", "\\\\").replace("\n", "\\n")
+                agg = m.data
+                if isinstance(agg, Sum) and agg.is_monotonic:
+                    name = base if base.endswith("_total") else base + "_total"
+                    lines += [f"# HELP {name} {desc}", f"# TYPE {name} counter"]
+                    lines += [f"{name}{_labels(p.attributes)} {_prom_value(p.value)}" for p in agg.data_points]
+                elif isinstance(agg, (Sum, Gauge)):
+                    lines += [f"# HELP {base} {desc}", f"# TYPE {base} gauge"]
+                    lines += [f"{base}{_labels(p.attributes)} {_prom_value(p.value)}" for p in agg.data_points]
+                elif isinstance(agg, Histogram):
+                    lines += [f"# HELP {base} {desc}", f"# TYPE {base} histogram"]
+                    for p in agg.data_points:
+                        cumulative = 0
+                        for bound, count in zip(p.explicit_bounds, p.bucket_counts):
+                            cumulative += count
+                            lines.append(f"{base}_bucket{_labels(p.attributes, ('le', _prom_value(float(bound))))} "
+                                         f"{cumulative}")
+                        lines.append(f"{base}_bucket{_labels(p.attributes, ('le', '+Inf'))} {p.count}")
+                        lines.append(f"{base}_sum{_labels(p.attributes)} {_prom_value(p.sum)}")
+                        lines.append(f"{base}_count{_labels(p.attributes)} {p.count}")
+    return "\n".join(lines) + "\n" if lines else ""
