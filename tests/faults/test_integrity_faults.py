@@ -4,6 +4,7 @@ C-GET), and reported as unrecoverable (LastVerifiedCopyLost, data untouched) whe
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
@@ -15,6 +16,9 @@ from tests.conftest import VnaServer, dataset_bytes
 from tests.integration import scu
 from tests.integration.test_integrity import (assert_retrieves_bit_exact, blob_of, blobs, get_bytes, header, hot,
                                               placements_db, run, stored_archive)
+
+from vna.config import S3Config
+from vna.storage.s3 import S3BlobStore
 
 Factory = Callable[..., VnaServer]
 #: run vna without the capabilities that let root ignore file permissions, so chmod 000 bites
@@ -203,3 +207,51 @@ def test_replica_missed_during_ingest_is_rereplicated(make_server: Factory, moun
         blob_of(r1, sop(p)).unlink()
         got, status = get_bytes(srv, p)
         assert status == 0 and got == dataset_bytes(p)  # from the copy re-replicated to r2
+
+
+def _cold_on_s3(make_server: Factory, s3_config: S3Config) -> VnaServer:
+    c = s3_config
+    return make_server(
+        "[lifecycle]\nmin_age_days = 0\n"
+        f'[cold]\nbackend = "s3"\n[cold.s3]\nendpoint_url = "{c.endpoint_url}"\nbucket = "{c.bucket}"\n'
+        f'access_key = "{c.access_key}"\nsecret_key = "{c.secret_key}"\n')
+
+
+def test_cold_object_in_seaweedfs_corrupted_or_deleted(make_server: Factory, ct: list[Path],
+                                                       s3_config: S3Config, s3_store: S3BlobStore) -> None:
+    import boto3
+
+    srv = _cold_on_s3(make_server, s3_config)
+    study0, study1 = ct[:3], ct[3:]
+    assert all(r.Status == 0 for r in scu.store(srv.port, ct))
+    assert json.loads(srv.cli("lifecycle", "run", "--json").stdout)["done"] == 2
+    keys = sorted(s3_store.iter_keys())
+    assert len(keys) == 2
+    code, rep, _ = run(srv, "scrub", "--tier", "cold")
+    assert code == 0 and rep["findings"] == 0
+    s3 = boto3.client("s3", endpoint_url=s3_config.endpoint_url, aws_access_key_id=s3_config.access_key,
+                      aws_secret_access_key=s3_config.secret_key, region_name=s3_config.region)
+    by_study = {k.split("/")[0]: k for k in keys}
+    # one byte flipped inside study 0's bundle (rewritten behind vna's back), study 1's bundle deleted
+    key0 = by_study[str(header(study0[0]).StudyInstanceUID)]
+    data = bytearray(b"".join(s3_store.open(key0)))
+    data[len(data) // 2] ^= 0xFF
+    s3.put_object(Bucket=s3_config.bucket, Key=key0, Body=bytes(data))
+    s3.delete_object(Bucket=s3_config.bucket, Key=by_study[str(header(study1[0]).StudyInstanceUID)])
+    code, rep, _ = run(srv, "scrub", "--tier", "cold")
+    assert code == 1 and rep["findings"] == 4  # 1 corrupt frame + 3 missing
+    stats = json.loads(srv.cli("index", "stats", "--json").stdout)
+    assert stats["tiers"]["cold"]["by_state"] == {"OK": 2, "CORRUPT": 1, "MISSING": 3}
+    # no other copy exists (the hot copies were retired): unrecoverable, reported, nothing touched
+    code, rep, err = run(srv, "repair")
+    assert code == 1 and rep["failures"] + rep["findings"] >= 4, (rep, err)
+    assert json.loads(srv.cli("index", "stats", "--json").stdout)["tiers"]["cold"]["by_state"] == \
+        {"OK": 2, "CORRUPT": 1, "MISSING": 3}
+    # the two intact frames still retrieve bit-exact; the damaged ones fail their sub-operations
+    ds = header(study0[0])
+    _, final, raw = scu.get(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID},
+                            [str(ds.SOPClassUID)])
+    assert final.NumberOfFailedSuboperations == 1 and final.NumberOfCompletedSuboperations == 2
+    for p in study0:
+        if sop(p) in raw:
+            assert raw[sop(p)] == dataset_bytes(p)
