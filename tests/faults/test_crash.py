@@ -34,7 +34,10 @@ def test_kill_9_during_ingest_loses_no_acknowledged_instance(make_server: Factor
         for f in files:
             if stop.is_set() or not assoc.is_established:
                 break
-            rsp = assoc.send_c_store(dcmread(f))
+            try:
+                rsp = assoc.send_c_store(dcmread(f))
+            except RuntimeError:  # the server was killed under us
+                break
             if rsp is not None and "Status" in rsp and rsp.Status == 0:
                 acked.append(f)
         if assoc.is_established:
