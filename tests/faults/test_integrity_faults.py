@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
 from tests import conftest
 from tests.conftest import VnaServer, dataset_bytes
+from tests.faults.test_storage_faults import mount  # noqa: F401  (fixture)
 from tests.integration import scu
 from tests.integration.test_integrity import (assert_retrieves_bit_exact, blob_of, blobs, get_bytes, header, hot,
                                               placements_db, run, stored_archive)
@@ -29,25 +30,6 @@ NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-se
 def ct(corpus: list[Path]) -> list[Path]:
     """Two CT studies of three instances each (study 0 first)."""
     return [p for p in corpus if p.name.startswith("ct-")]
-
-
-@pytest.fixture
-def mount(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """Mount small tmpfs filesystems (root only); all unmounted at teardown."""
-    mounted: list[Path] = []
-
-    def do(name: str, size: str = "16m") -> Path:
-        p = tmp_path / name
-        p.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(p)], capture_output=True,
-                           text=True)
-        assert r.returncode == 0, f"tmpfs mount needs root: {r.stderr}"
-        mounted.append(p)
-        return p
-
-    yield do
-    for p in reversed(mounted):
-        subprocess.run(["umount", "-l", str(p)], capture_output=True)
 
 
 def flip(path: Path, offset: int | None = None) -> bytes:
