@@ -34,14 +34,12 @@ import bisect
 import calendar
 import datetime as _dt
 import hashlib
-import importlib.util
 import json
 import os
 import platform
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import sys
@@ -54,6 +52,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Sequence
 
+from benchmarks.servers import free_port, fs_type, load_cassandra_launcher
 from vna.config import CassandraConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import VnaError
@@ -61,7 +60,6 @@ from vna.index.base import Index
 from vna.index.query import Condition, make_condition
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCHER = ROOT / "ops" / "cassandra" / "launcher.py"
 UID_ROOT = "1.2.826.0.1.3680043.10.1137.9"  # vna test-data root, .9 = index benchmark
 BACKENDS = ("sqlite", "cassandra")
 QUERY_TYPES = ("patient_id", "accession", "date_month", "name_prefix", "modality_date")
@@ -439,22 +437,6 @@ def register_until(index: Index, cat: Catalogue, target: int, already: int, conc
 # --------------------------------------------------------------------------- backends
 
 
-def _load_launcher() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vna_ops_cassandra_launcher", LAUNCHER)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {LAUNCHER}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Backend:
     """One index under test: open, migrate, close and clean up."""
 
@@ -512,12 +494,12 @@ class CassandraBackend(Backend):
             host, _, port_text = endpoint.rpartition(":")
             self.host, self.port = host or "127.0.0.1", int(port_text)
         else:
-            self.launcher = _load_launcher()
+            self.launcher = load_cassandra_launcher()
             self.home = Path(tempfile.mkdtemp(prefix="cassandra-", dir=root))
-            port = _free_port()
+            port = free_port()
             print(f"  starting Cassandra in {self.home} on 127.0.0.1:{port} ...", file=sys.stderr, flush=True)
             t0 = time.monotonic()
-            nodes = self.launcher.start(self.home, port=port, storage_port=_free_port(), wait=start_timeout)
+            nodes = self.launcher.start(self.home, port=port, storage_port=free_port(), wait=start_timeout)
             self.host, self.port = nodes[0].address, nodes[0].native_port
             self.boot_seconds = time.monotonic() - t0
 
@@ -553,21 +535,6 @@ class CassandraBackend(Backend):
         if self.launcher is not None and self.home is not None:
             self.launcher.stop(self.home, log=True)
             shutil.rmtree(self.home, ignore_errors=True)
-
-
-def fs_type(path: Path) -> str:
-    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
-    best, kind = "", "?"
-    try:
-        real = str(path.resolve())
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            mnt = parts[1]
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, kind = mnt, parts[2]
-    except OSError:
-        pass
-    return kind
 
 
 # --------------------------------------------------------------------------- driver

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from benchmarks.corpus import write_corpus
+from benchmarks.servers import fs_type
 
 HOST = "127.0.0.1"
 CLIENT_AET = "BENCHSCU"
@@ -46,21 +47,6 @@ def nodelay_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ, TCP_NODELAY="1")
     env.update(extra or {})
     return env
-
-
-def fs_type(path: Path) -> str:
-    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
-    best, kind = "", "?"
-    try:
-        real = str(path.resolve())
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            mnt = parts[1]
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, kind = mnt, parts[2]
-    except OSError:
-        pass
-    return kind
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,

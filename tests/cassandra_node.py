@@ -16,18 +16,15 @@ keyspace is truncated and handed to the next test; all are dropped at session en
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import socket
-import sys
 import uuid
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from benchmarks.servers import free_port, load_cassandra_launcher
 from vna.config import CassandraConfig
 from vna.index.cassandra import CassandraIndex
 
@@ -37,24 +34,7 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCHER = ROOT / "ops" / "cassandra" / "launcher.py"
 LOCAL_DC = os.environ.get("VNA_TEST_CASSANDRA_DC", "dc1")
-
-
-def _load_launcher() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vna_ops_cassandra_launcher", LAUNCHER)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {LAUNCHER}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +44,9 @@ def cassandra_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         host, _, port = env.rpartition(":")
         yield (host or "127.0.0.1", int(port))
         return
-    launcher = _load_launcher()
+    launcher = load_cassandra_launcher()
     home = tmp_path_factory.mktemp("cassandra")
-    nodes = launcher.start(home, port=_free_port(), storage_port=_free_port())
+    nodes = launcher.start(home, port=free_port(), storage_port=free_port())
     try:
         yield (nodes[0].address, nodes[0].native_port)
     finally:

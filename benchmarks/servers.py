@@ -1,0 +1,47 @@
+"""Helpers shared by the benchmarks and the test fixtures that start real servers."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["CASSANDRA_LAUNCHER", "load_cassandra_launcher", "free_port", "fs_type"]
+
+ROOT = Path(__file__).resolve().parent.parent
+CASSANDRA_LAUNCHER = ROOT / "ops" / "cassandra" / "launcher.py"
+
+
+def load_cassandra_launcher() -> ModuleType:
+    """Import ops/cassandra/launcher.py (a stdlib-only script, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location("vna_ops_cassandra_launcher", CASSANDRA_LAUNCHER)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {CASSANDRA_LAUNCHER}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fs_type(path: Path) -> str:
+    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
+    best, kind = "", "?"
+    try:
+        real = str(path.resolve())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            mnt = parts[1]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
