@@ -166,15 +166,8 @@ class Repairer:
                 log.error("%s: cannot rebuild the copy of %s v%d on %s: %s", self.name, p.sop_uid, p.version,
                           p.store_id, exc)
                 return
-        if not self.index.replace_placement(current, new):
-            self._delete_quietly(store, new.blob_key)
-            detail["outcome"] = "skipped"
-            detail["reason"] = "changed concurrently; the new copy was removed"
+        if not self._claim(current, new, store, report, detail, "repaired"):
             return
-        report.done += 1
-        report.bytes += new.stored_size
-        detail["outcome"] = "repaired"
-        detail["new_key"] = new.blob_key
         log.info("%s: rebuilt the %s copy of %s v%d on %s from %s as %s", self.name, p.state.value, p.sop_uid,
                  p.version, p.store_id, source.placement.store_id, new.blob_key)
 
@@ -271,15 +264,8 @@ class Repairer:
                 log.error("%s: cannot add a copy of %s v%d on %s: %s", self.name, sop_uid, version, store_id, exc)
                 self._withdraw(pending)
                 return
-        if not self.index.replace_placement(pending, new):
-            self._delete_quietly(store, new.blob_key)
-            detail["outcome"] = "skipped"
-            detail["reason"] = "changed concurrently; the new copy was removed"
+        if not self._claim(pending, new, store, report, detail, "replicated"):
             return
-        report.done += 1
-        report.bytes += new.stored_size
-        detail["outcome"] = "replicated"
-        detail["new_key"] = new.blob_key
         log.info("%s: added the missing copy of %s v%d on %s from %s", self.name, sop_uid, version, store_id,
                  src.store_id)
 
@@ -390,6 +376,20 @@ class Repairer:
                 raise
             return new
         raise error
+
+    def _claim(self, old: Placement, new: Placement, store: BlobStore, report: JobReport,
+               detail: dict[str, Any], outcome: str) -> bool:
+        """Swap the row to the verified new copy (CAS); if the row moved meanwhile, delete the new copy."""
+        if not self.index.replace_placement(old, new):
+            self._delete_quietly(store, new.blob_key)
+            detail["outcome"] = "skipped"
+            detail["reason"] = "changed concurrently; the new copy was removed"
+            return False
+        report.done += 1
+        report.bytes += new.stored_size
+        detail["outcome"] = outcome
+        detail["new_key"] = new.blob_key
+        return True
 
     def _delete_quietly(self, store: BlobStore, key: str) -> None:
         try:
