@@ -49,6 +49,7 @@ class RemoteAE:
     ae_title: str
     host: str
     port: int
+    tls: bool = False               # associate over TLS (verified with dicom.tls_ca)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,14 @@ class DicomConfig:
     max_pdu: int = 65536
     workers: int = 1
     remote: tuple[RemoteAE, ...] = ()
+    # DICOM over TLS (BCP 195, TLS 1.2+): a second listener on tls_port (0: none). Paths relative to data_dir.
+    tls_port: int = 0
+    tls_cert: str = ""              # PEM certificate (chain) presented by the listener and to TLS remotes
+    tls_key: str = ""               # PEM private key of tls_cert
+    tls_client_ca: str = ""         # PEM CA bundle: TLS clients must present a certificate it signed
+    tls_ca: str = ""                # PEM CA bundle to verify TLS remotes (empty: the system's CAs)
+    commitment_retries: int = 5     # further attempts to deliver a Storage Commitment report
+    commitment_retry_interval: float = 10.0  # seconds before the first retry (doubling)
 
     def find_remote(self, ae_title: str) -> RemoteAE | None:
         """Return the configured peer with this AE title (trailing spaces ignored)."""
@@ -442,8 +451,11 @@ def _validate(cfg: Config) -> None:
     ae = cfg.dicom.ae_title
     if not ae or len(ae) > 16 or "\\" in ae or not ae.isprintable():
         raise ConfigError("dicom.ae_title must be 1-16 printable characters")
+    if cfg.dicom.commitment_retries < 0 or cfg.dicom.commitment_retry_interval < 0:
+        raise ConfigError("dicom.commitment_retries and dicom.commitment_retry_interval must be >= 0")
     if cfg.dicom.max_associations < 1 or cfg.dicom.workers < 1:
         raise ConfigError("dicom.max_associations and dicom.workers must be >= 1")
+    _validate_dicom_tls(cfg.dicom)
     cfg.index.cassandra.replication_map  # validates
     if cfg.cold.backend not in ("filesystem", "s3"):
         raise ConfigError("cold.backend must be 'filesystem' or 's3'")
@@ -466,6 +478,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("integrity.batch_limit must be >= 1")
     _validate_grpc(cfg.grpc)
     _validate_observability(cfg.audit, cfg.telemetry)
+
+
+def _validate_dicom_tls(d: DicomConfig) -> None:
+    if not 0 <= d.tls_port < 65536 or (d.tls_port and d.tls_port == d.port):
+        raise ConfigError("dicom.tls_port must be 0 (off) or a port other than dicom.port")
+    if d.tls_port and not (d.tls_cert and d.tls_key):
+        raise ConfigError("dicom.tls_port needs dicom.tls_cert and dicom.tls_key")
+    if bool(d.tls_cert) != bool(d.tls_key):
+        raise ConfigError("dicom.tls_cert and dicom.tls_key must be set together")
+    if d.tls_client_ca and not d.tls_port:
+        raise ConfigError("dicom.tls_client_ca (mutual TLS) needs dicom.tls_port")
 
 
 def _validate_grpc(g: GrpcConfig) -> None:
