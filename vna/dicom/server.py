@@ -310,6 +310,7 @@ class DicomServer:
             server = cast(_Server, self.ae.make_server(
                 (self.cfg.host, port), evt_handlers=self.handlers(), server_class=server_class, ssl_context=ctx))
             server.handshake_timeout = self.cfg.acse_timeout
+            self.ae._servers.append(server)  # noqa: SLF001 -- as AE.start_server does; shutdown() removes it
             threading.Thread(target=server.serve_forever, name=f"vna-acceptor-{port}", daemon=True).start()
             self._servers.append(server)
         self.archive.telemetry.start_endpoint()
@@ -324,7 +325,6 @@ class DicomServer:
         """
         for server in self._servers:
             server.shutdown()
-            server.server_close()
         self._servers = []
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
