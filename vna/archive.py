@@ -13,6 +13,7 @@ from vna.codec import IdentityCodec, PixelCodec
 from vna.config import Config
 from vna.domain import PlacementState, Tier
 from vna.errors import AuditUnavailable, NotFound
+from vna.gauges import ArchiveGauges
 from vna.index import Index, open_index
 from vna.services.ingest import IngestService
 from vna.services.query import QueryService
@@ -58,6 +59,7 @@ class Archive:
         self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"),
                                         audit=self.audit, telemetry=self.telemetry)
         self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit)
+        self.gauges = ArchiveGauges(self)
 
     @staticmethod
     def _cold_store(cfg: Config) -> BlobStore:
@@ -110,6 +112,7 @@ class Archive:
 
     def close(self) -> None:
         """Release threads and connections; the audit trail and telemetry are flushed last."""
+        self.gauges.close()
         for accessor in self.tiers.values():
             accessor.close()
         self.index.close()

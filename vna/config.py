@@ -227,6 +227,7 @@ class TelemetryConfig:
     otlp_endpoint: str = ""         # e.g. "http://collector:4317" (OTLP/gRPC); empty: no OTLP export
     export_interval_seconds: float = 10.0   # OTLP metric export period
     trace_sample_ratio: float = 1.0
+    stats_interval_seconds: float = 300.0   # refresh of the index-derived gauges (tiers, lifecycle backlog); 0: off
 
 
 @dataclass(frozen=True)
@@ -534,6 +535,8 @@ def _validate_observability(a: AuditConfig, t: TelemetryConfig) -> None:
         raise ConfigError("audit.syslog_port must be between 1 and 65535")
     if not 0 <= t.prometheus_port < 65536:
         raise ConfigError("telemetry.prometheus_port must be between 0 (off) and 65535")
+    if t.stats_interval_seconds < 0:
+        raise ConfigError("telemetry.stats_interval_seconds must be >= 0 (0: off)")
     if not 0.0 <= t.trace_sample_ratio <= 1.0:
         raise ConfigError("telemetry.trace_sample_ratio must be between 0 and 1")
     if t.export_interval_seconds <= 0:

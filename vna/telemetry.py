@@ -80,6 +80,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "vna.lifecycle.studies": ("counter", "{study}", "studies migrated to the cold tier, by outcome"),
     "vna.audit.records": ("counter", "{record}", "audit records written, by event id"),
     "vna.audit.failures": ("counter", "{failure}", "audit write or forward failures, by sink"),
+    "vna.grpc.calls": ("counter", "{call}", "gRPC calls answered, by method and status code"),
+    "vna.grpc.duration": ("histogram", "s", "gRPC call latency (streams: until the last message), by method"),
 }
 
 
@@ -222,6 +224,8 @@ class Telemetry:
     lifecycle_studies: Any
     audit_records: Any
     audit_failures: Any
+    grpc_calls: Any
+    grpc_duration: Any
 
     def gauge(self, name: str, unit: str, description: str,
               callback: Callable[[], Iterable[tuple[float, Attributes]]]) -> None:
