@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.grpc.enabled:
         fronts.append(f"gRPC on {cfg.grpc.host}:{cfg.grpc.port} (TLS {'on' if cfg.grpc.tls_cert else 'off'})")
     summary = (f"{', '.join(fronts)} "
-               f"(index {cfg.index.backend}, {len(cfg.hot.replicas)} hot replicas, W={cfg.hot.quorum}, "
+               f"(index {cfg.index.backend}, {cfg.hot.count} hot replicas, W={cfg.hot.quorum}, "
                f"data {cfg.data_dir}")
     if cfg.dicom.workers == 1:
         ready = threading.Event()

@@ -77,20 +77,6 @@ class DicomConfig:
 
 
 @dataclass(frozen=True)
-class HotTierConfig:
-    """Hot replicas: N filesystem directories, write quorum W (0 means W = N)."""
-
-    replicas: tuple[str, ...] = ("hot/r1", "hot/r2")
-    write_quorum: int = 0
-    fsync: bool = True
-
-    @property
-    def quorum(self) -> int:
-        """The effective write quorum."""
-        return self.write_quorum or len(self.replicas)
-
-
-@dataclass(frozen=True)
 class S3Config:
     """One S3-compatible bucket (AWS S3, Ceph RGW, MinIO, SeaweedFS...)."""
 
@@ -104,6 +90,32 @@ class S3Config:
     max_attempts: int = 5
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class HotTierConfig:
+    """Hot replicas: filesystem directories (``replicas``) and S3 buckets (``[[hot.s3]]``), write quorum W.
+
+    The replica count N is ``len(replicas) + len(s3)``; ``write_quorum`` 0 means
+    W = N. Store ids are ``hot-1..`` for directories and ``hot-s3-1..`` for
+    buckets, in config order: every front-end of a cluster must list the same
+    replicas in the same order (and reach all of them).
+    """
+
+    replicas: tuple[str, ...] = ("hot/r1", "hot/r2")
+    s3: tuple[S3Config, ...] = ()
+    write_quorum: int = 0
+    fsync: bool = True
+
+    @property
+    def count(self) -> int:
+        """N: how many hot replicas (directories and buckets)."""
+        return len(self.replicas) + len(self.s3)
+
+    @property
+    def quorum(self) -> int:
+        """The effective write quorum."""
+        return self.write_quorum or self.count
 
 
 @dataclass(frozen=True)
@@ -300,8 +312,9 @@ class Config:
         data = dataclasses.asdict(self)
         if data["index"]["cassandra"]["password"]:
             data["index"]["cassandra"]["password"] = "***"
-        if data["cold"]["s3"]["secret_key"]:
-            data["cold"]["s3"]["secret_key"] = "***"
+        for s3 in (data["cold"]["s3"], *data["hot"]["s3"]):
+            if s3["secret_key"]:
+                s3["secret_key"] = "***"
         for tok in data["grpc"]["token"]:
             tok["token"] = "***"
         return data
@@ -380,7 +393,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             typ = hints[f.name]
             if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
-            elif f.name not in ("remote", "token"):  # lists of tables: TOML only
+            elif f.name not in ("remote", "token", "s3"):  # lists of tables: TOML only
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
 
     walk(Config, ())
@@ -427,12 +440,17 @@ def load_config(
 
 
 def _validate(cfg: Config) -> None:
-    if not cfg.hot.replicas:
-        raise ConfigError("hot.replicas must name at least one replica directory")
-    if not 1 <= cfg.hot.quorum <= len(cfg.hot.replicas):
+    if not cfg.hot.count:
+        raise ConfigError("hot.replicas and [[hot.s3]] must name at least one replica (directory or bucket)")
+    if not 1 <= cfg.hot.quorum <= cfg.hot.count:
         raise ConfigError(
-            f"hot.write_quorum must be between 1 and {len(cfg.hot.replicas)} (the replica count)"
+            f"hot.write_quorum must be between 1 and {cfg.hot.count} (the replica count)"
         )
+    for i, s3 in enumerate(cfg.hot.s3):
+        if not s3.bucket:
+            raise ConfigError(f"hot.s3[{i}].bucket is required")
+    if len({(s3.endpoint_url, s3.bucket, s3.prefix.strip("/")) for s3 in cfg.hot.s3}) != len(cfg.hot.s3):
+        raise ConfigError("hot.s3 entries must name distinct buckets (or prefixes): two replicas in one place are one")
     if cfg.archive.duplicate_policy not in ("reject", "version"):
         raise ConfigError("archive.duplicate_policy must be 'reject' or 'version'")
     if cfg.index.backend not in ("sqlite", "cassandra"):
