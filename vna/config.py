@@ -37,6 +37,7 @@ __all__ = [
     "TelemetryConfig",
     "GrpcToken",
     "GrpcConfig",
+    "HealthConfig",
     "Config",
     "load_config",
 ]
@@ -283,6 +284,14 @@ class GrpcConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """The readiness endpoint for load balancers (``GET /health``, 200 or 503); ``port`` 0: off."""
+
+    host: str = "0.0.0.0"
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -296,6 +305,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -483,6 +493,8 @@ def _validate(cfg: Config) -> None:
     if ic.batch_limit < 1:
         raise ConfigError("integrity.batch_limit must be >= 1")
     _validate_grpc(cfg.grpc)
+    if not 0 <= cfg.health.port < 65536:
+        raise ConfigError("health.port must be between 0 (off) and 65535")
     _validate_observability(cfg.audit, cfg.telemetry)
 
 
