@@ -76,8 +76,11 @@ class HealthServer:
                     why = f"{type(exc).__name__}: {exc}"
                 if why:
                     found.append(f"{name}: {why}")
-            if found:
-                log.warning("not ready: %s", "; ".join(found))
+            if found != self._cached[1]:  # log changes, not every probe
+                if found:
+                    log.warning("not ready: %s", "; ".join(found))
+                else:
+                    log.info("ready again")
             self._cached = (time.monotonic(), found)
             return found
 
