@@ -147,6 +147,7 @@ def retrieve_all(port: int, token: str, dimse: list[Path], via_grpc: list[Path])
             assert inst.data == path.read_bytes(), path
 
 
+@pytest.mark.timeout(600)  # the first cluster test also waits for the session's Cassandra node and the cluster
 def test_kill_a_frontend_under_ingest(cluster: Any, cluster_launcher: ModuleType, cluster_corpus: Path,
                                       cassandra_endpoint: tuple[str, int]) -> None:
     L = cluster_launcher
