@@ -572,8 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--dicom-port", type=int, default=11112, help="HAProxy's DIMSE port")
     u.add_argument("--grpc-port", type=int, default=50051, help="HAProxy's gRPC port")
     u.add_argument("--stats-port", type=int, default=None, help="HAProxy's admin stats socket (TCP)")
+    u.add_argument("--frontend-base-port", type=int, default=0,
+                   help="front-end i listens on BASE+3i (DICOM), +1 (gRPC), +2 (health); default: free ports")
     u.add_argument("--hot", choices=("shared", "s3"), default="shared",
-                   help="hot replicas: two shared directories or two S3 buckets")
+                   help="hot replicas: two shared directories, or two S3 buckets (on the one local S3 server "
+                        "here: a demo; use independent object stores in production)")
     u.add_argument("--cassandra", default="", help="HOST:PORT of a running Cassandra (default: start one)")
     u.add_argument("--s3-endpoint", default="", help="URL of a running S3 (default: start SeaweedFS)")
     for verb in ("down", "status"):
@@ -585,8 +588,11 @@ def main(argv: list[str] | None = None) -> int:
             if a.cassandra:
                 host, _, port = a.cassandra.rpartition(":")
                 cass = (host or HOST, int(port))
+            base = a.frontend_base_port
+            fports = [(base + 3 * i, base + 3 * i + 1, base + 3 * i + 2) for i in range(a.frontends)] if base else None
             c = up(plan(a.dir, a.frontends, dicom_port=a.dicom_port, grpc_port=a.grpc_port,
-                        stats_port=a.stats_port, cassandra=cass, s3_endpoint=a.s3_endpoint or None, hot=a.hot))
+                        stats_port=a.stats_port, frontend_ports=fports, cassandra=cass,
+                        s3_endpoint=a.s3_endpoint or None, hot=a.hot))
             print(f"vna cluster up: DICOM {HOST}:{c.dicom_port} AE {c.ae_title}, gRPC {HOST}:{c.grpc_port}\n"
                   f"gRPC write token: {c.write_token}\ngRPC read token:  {c.read_token}\n"
                   f"stop with: make cluster-down (or {Path(__file__).name} down --dir {c.dir})")
