@@ -55,3 +55,9 @@ def test_health_port_in_use_is_a_clear_error(make_server: Factory, tmp_path: Pat
             assert "health endpoint cannot listen" in str(exc)
         else:
             raise AssertionError("vna serve started without its health endpoint")
+
+
+def test_every_worker_process_answers_on_the_shared_port(make_server: Factory) -> None:
+    port = free_port()
+    make_server(f'[dicom]\nworkers = 2\n[health]\nhost = "127.0.0.1"\nport = {port}\n')
+    assert [get(port) for _ in range(6)] == [(200, "ready\n")] * 6
