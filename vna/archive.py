@@ -46,10 +46,7 @@ class Archive:
                               source={"ae": cfg.dicom.ae_title, "site": cfg.archive.site_id})
         self._activity(APPLICATION_START)
         self.index = index if index is not None else open_index(cfg)
-        stores = [
-            FilesystemBlobStore(f"hot-{i + 1}", cfg.resolve(path), fsync=cfg.hot.fsync)
-            for i, path in enumerate(cfg.hot.replicas)
-        ]
+        stores = self._hot_stores(cfg)
         self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec(), telemetry=self.telemetry)
         self.cold = TierAccessor(Tier.COLD, [self._cold_store(cfg)], 1, PixelCodec(cfg.cold.zstd_level))
         #: every tier's accessor, by tier
@@ -60,6 +57,19 @@ class Archive:
                                         audit=self.audit, telemetry=self.telemetry)
         self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit)
         self.gauges = ArchiveGauges(self)
+
+    @staticmethod
+    def _hot_stores(cfg: Config) -> list[BlobStore]:
+        """The hot replicas: directories ``hot-1..``, then S3 buckets ``hot-s3-1..`` (ids fixed by config order)."""
+        stores: list[BlobStore] = [
+            FilesystemBlobStore(f"hot-{i + 1}", cfg.resolve(path), fsync=cfg.hot.fsync)
+            for i, path in enumerate(cfg.hot.replicas)
+        ]
+        if cfg.hot.s3:
+            from vna.storage.s3 import S3BlobStore
+
+            stores += [S3BlobStore(f"hot-s3-{i + 1}", s3) for i, s3 in enumerate(cfg.hot.s3)]
+        return stores
 
     @staticmethod
     def _cold_store(cfg: Config) -> BlobStore:

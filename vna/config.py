@@ -37,6 +37,7 @@ __all__ = [
     "TelemetryConfig",
     "GrpcToken",
     "GrpcConfig",
+    "HealthConfig",
     "Config",
     "load_config",
 ]
@@ -86,20 +87,6 @@ class DicomConfig:
 
 
 @dataclass(frozen=True)
-class HotTierConfig:
-    """Hot replicas: N filesystem directories, write quorum W (0 means W = N)."""
-
-    replicas: tuple[str, ...] = ("hot/r1", "hot/r2")
-    write_quorum: int = 0
-    fsync: bool = True
-
-    @property
-    def quorum(self) -> int:
-        """The effective write quorum."""
-        return self.write_quorum or len(self.replicas)
-
-
-@dataclass(frozen=True)
 class S3Config:
     """One S3-compatible bucket (AWS S3, Ceph RGW, MinIO, SeaweedFS...)."""
 
@@ -113,6 +100,32 @@ class S3Config:
     max_attempts: int = 5
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class HotTierConfig:
+    """Hot replicas: filesystem directories (``replicas``) and S3 buckets (``[[hot.s3]]``), write quorum W.
+
+    The replica count N is ``len(replicas) + len(s3)``; ``write_quorum`` 0 means
+    W = N. Store ids are ``hot-1..`` for directories and ``hot-s3-1..`` for
+    buckets, in config order: every front-end of a cluster must list the same
+    replicas in the same order (and reach all of them).
+    """
+
+    replicas: tuple[str, ...] = ("hot/r1", "hot/r2")
+    s3: tuple[S3Config, ...] = ()
+    write_quorum: int = 0
+    fsync: bool = True
+
+    @property
+    def count(self) -> int:
+        """N: how many hot replicas (directories and buckets)."""
+        return len(self.replicas) + len(self.s3)
+
+    @property
+    def quorum(self) -> int:
+        """The effective write quorum."""
+        return self.write_quorum or self.count
 
 
 @dataclass(frozen=True)
@@ -281,6 +294,14 @@ class GrpcConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """The readiness endpoint for load balancers (``GET /health``, 200 or 503); ``port`` 0: off."""
+
+    host: str = "0.0.0.0"
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -294,6 +315,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -310,8 +332,9 @@ class Config:
         data = dataclasses.asdict(self)
         if data["index"]["cassandra"]["password"]:
             data["index"]["cassandra"]["password"] = "***"
-        if data["cold"]["s3"]["secret_key"]:
-            data["cold"]["s3"]["secret_key"] = "***"
+        for s3 in (data["cold"]["s3"], *data["hot"]["s3"]):
+            if s3["secret_key"]:
+                s3["secret_key"] = "***"
         for tok in data["grpc"]["token"]:
             tok["token"] = "***"
         return data
@@ -390,7 +413,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             typ = hints[f.name]
             if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
-            elif f.name not in ("remote", "token"):  # lists of tables: TOML only
+            elif f.name not in ("remote", "token", "s3"):  # lists of tables: TOML only
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
 
     walk(Config, ())
@@ -437,12 +460,17 @@ def load_config(
 
 
 def _validate(cfg: Config) -> None:
-    if not cfg.hot.replicas:
-        raise ConfigError("hot.replicas must name at least one replica directory")
-    if not 1 <= cfg.hot.quorum <= len(cfg.hot.replicas):
+    if not cfg.hot.count:
+        raise ConfigError("hot.replicas and [[hot.s3]] must name at least one replica (directory or bucket)")
+    if not 1 <= cfg.hot.quorum <= cfg.hot.count:
         raise ConfigError(
-            f"hot.write_quorum must be between 1 and {len(cfg.hot.replicas)} (the replica count)"
+            f"hot.write_quorum must be between 1 and {cfg.hot.count} (the replica count)"
         )
+    for i, s3 in enumerate(cfg.hot.s3):
+        if not s3.bucket:
+            raise ConfigError(f"hot.s3[{i}].bucket is required")
+    if len({(s3.endpoint_url, s3.bucket, s3.prefix.strip("/")) for s3 in cfg.hot.s3}) != len(cfg.hot.s3):
+        raise ConfigError("hot.s3 entries must name distinct buckets (or prefixes): two replicas in one place are one")
     if cfg.archive.duplicate_policy not in ("reject", "version"):
         raise ConfigError("archive.duplicate_policy must be 'reject' or 'version'")
     if cfg.index.backend not in ("sqlite", "cassandra"):
@@ -478,6 +506,8 @@ def _validate(cfg: Config) -> None:
     if ic.batch_limit < 1:
         raise ConfigError("integrity.batch_limit must be >= 1")
     _validate_grpc(cfg.grpc)
+    if not 0 <= cfg.health.port < 65536:
+        raise ConfigError("health.port must be between 0 (off) and 65535")
     _validate_observability(cfg.audit, cfg.telemetry)
 
 

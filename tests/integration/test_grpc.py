@@ -360,3 +360,14 @@ def test_serve_grpc_only(tmp_path: Path, corpus: list[Path]) -> None:
     r = subprocess.run([*VNA, "serve", "--no-dicom", "--data-dir", str(tmp_path / "data")],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "nothing to serve" in r.stderr
+
+
+def test_audit_trail_unavailable_is_unavailable(make_server: Factory, corpus: list[Path]) -> None:
+    _, port = start(make_server, '[audit]\npath = "/dev/full"\n')  # every audit write: ENOSPC -> refused
+    with client(port) as c:
+        with pytest.raises(ApiError) as err:
+            c.store(corpus[0])
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.error == "AuditUnavailable"
+        with pytest.raises(ApiError) as err:
+            c.query_page("STUDY", {"StudyInstanceUID": ""})
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.error == "AuditUnavailable"

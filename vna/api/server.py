@@ -586,6 +586,11 @@ class GrpcServer:
                         "(set grpc.tls_cert and grpc.tls_key)", self.address)
         return self.port
 
+    @property
+    def serving(self) -> bool:
+        """True between ``start`` and ``stop``."""
+        return self._server is not None
+
     def stop(self, grace: float = 30.0) -> None:
         """Report NOT_SERVING, refuse new calls, let running ones finish for up to ``grace`` seconds."""
         if self._server is None:

@@ -316,6 +316,13 @@ class DicomServer:
         self.archive.telemetry.start_endpoint()
         return self._servers[0]
 
+    @property
+    def listening(self) -> bool:
+        """True while the listening socket is open (started and not stopped)."""
+        server = self._server
+        sock = server.socket if server is not None else None
+        return sock is not None and sock.fileno() >= 0
+
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let running C-STOREs finish (up to ``grace`` s), abort the associations.
 
