@@ -318,10 +318,9 @@ class DicomServer:
 
     @property
     def listening(self) -> bool:
-        """True while the listening socket is open (started and not stopped)."""
-        server = self._server
-        sock = server.socket if server is not None else None
-        return sock is not None and sock.fileno() >= 0
+        """True while every listening socket (plain, and TLS if configured) is open (started and not stopped)."""
+        socks = [server.socket for server in self._servers]
+        return bool(socks) and all(sock is not None and sock.fileno() >= 0 for sock in socks)
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let running C-STOREs finish (up to ``grace`` s), abort the associations.
