@@ -11,7 +11,7 @@ from vna.audit import (APPLICATION_ACTIVITY, APPLICATION_START, APPLICATION_STOP
                        Code)
 from vna.codec import IdentityCodec, PixelCodec
 from vna.config import Config
-from vna.domain import PlacementState, Tier
+from vna.domain import PlacementState, Tier, site_of, site_store_id
 from vna.errors import AuditUnavailable, NotFound
 from vna.index import Index, open_index
 from vna.services.ingest import IngestService
@@ -45,8 +45,10 @@ class Archive:
                               source={"ae": cfg.dicom.ae_title, "site": cfg.archive.site_id})
         self._activity(APPLICATION_START)
         self.index = index if index is not None else open_index(cfg)
+        #: this site's id; store ids carry it (``hot-1@A``) so every placement names its site
+        self.site_id = cfg.archive.site_id
         stores = [
-            FilesystemBlobStore(f"hot-{i + 1}", cfg.resolve(path), fsync=cfg.hot.fsync)
+            FilesystemBlobStore(site_store_id(f"hot-{i + 1}", self.site_id), cfg.resolve(path), fsync=cfg.hot.fsync)
             for i, path in enumerate(cfg.hot.replicas)
         ]
         self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec(), telemetry=self.telemetry)
@@ -56,7 +58,7 @@ class Archive:
         self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy,
                                     audit=self.audit, telemetry=self.telemetry)
         self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"),
-                                        audit=self.audit, telemetry=self.telemetry)
+                                        audit=self.audit, telemetry=self.telemetry, site=self.site_id)
         self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit)
 
     @staticmethod
@@ -64,8 +66,9 @@ class Archive:
         if cfg.cold.backend == "s3":
             from vna.storage.s3 import S3BlobStore
 
-            return S3BlobStore("cold-s3", cfg.cold.s3)
-        return FilesystemBlobStore("cold-1", cfg.resolve(cfg.cold.path), fsync=cfg.hot.fsync)
+            return S3BlobStore(site_store_id("cold-s3", cfg.archive.site_id), cfg.cold.s3)
+        return FilesystemBlobStore(site_store_id("cold-1", cfg.archive.site_id), cfg.resolve(cfg.cold.path),
+                                   fsync=cfg.hot.fsync)
 
     def migrator(self) -> Migrator:
         """The lifecycle job on this archive's tiers."""
@@ -75,12 +78,12 @@ class Archive:
                         audit=self.audit, telemetry=self.telemetry)
 
     def is_committed(self, sop_uid: str, sop_class_uid: str | None = None) -> bool:
-        """True if the current version has at least W verified (OK) hot copies."""
+        """True if the current version has at least W verified (OK) hot copies at this site."""
         inst = self.index.get_instance(sop_uid)
         if inst is None or (sop_class_uid is not None and inst.sop_class_uid != sop_class_uid):
             return False
         ok = [p for p in self.index.placements(sop_uid)
-              if p.state is PlacementState.OK and p.tier is Tier.HOT]
+              if p.state is PlacementState.OK and p.tier is Tier.HOT and site_of(p.store_id) == self.site_id]
         return len(ok) >= self.hot.quorum
 
     def set_hold(self, study_uid: str, held: bool, reason: str, actor: Actor) -> None:

@@ -21,6 +21,10 @@ never acknowledged, is deleted first and the copy is written under a new key).
 A sibling that fails verification while being read as a source is marked
 ``CORRUPT``/``MISSING`` (compare-and-set) and a corrupt blob is quarantined,
 exactly as the retrieve path does: what a reader proves is recorded.
+
+Federation: the index is shared by every site. A repairer repairs and
+re-replicates only its own site's placements (the site of the stores it was
+given) and never marks another site's.
 """
 
 from __future__ import annotations
@@ -32,18 +36,19 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from itertools import islice
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from vna.checksum import HashingIterator
-from vna.domain import Placement, PlacementState, Tier
-from vna.errors import (BlobExists, BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost, StateConflict,
-                        StorageError, StorageUnavailable)
+from vna.domain import Placement, PlacementState, Tier, site_of
+from vna.errors import (BlobExists, BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost,
+                        StateConflict, StorageError, StorageUnavailable)
 from vna.index.base import Index
 from vna.jobs import JobReport
-from vna.storage.accessor import TierAccessor, iter_file
+from vna.storage.accessor import TierAccessor, iter_file, site_of_tiers
 from vna.storage.base import BlobStore
 
 __all__ = ["Repairer", "new_blob_key", "TIER_ORDER"]
@@ -93,6 +98,7 @@ class Repairer:
     ) -> None:
         self.index = index
         self.tiers = dict(tiers)
+        self.site = site_of_tiers(self.tiers)
         self.spool_dir = Path(spool_dir)
         self.stale_pending_seconds = stale_pending_seconds
         self.rereplicate = rereplicate
@@ -109,7 +115,8 @@ class Repairer:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         report = JobReport(job=self.name, dry_run=dry_run)
         lost: set[tuple[str, int]] = set()
-        for p in self.index.iter_placements(states=list(_DAMAGED), limit=limit):
+        damaged = (p for p in self.index.iter_placements(states=list(_DAMAGED)) if self._ours(p))
+        for p in islice(damaged, limit):
             report.examined += 1
             self._repair(p, report, dry_run, lost)
         if self.rereplicate and (limit is None or report.examined < limit):
@@ -117,6 +124,10 @@ class Repairer:
             self._rereplicate(report, dry_run, lost, budget)
         log.info("%s", report.summary())
         return report
+
+    def _ours(self, p: Placement) -> bool:
+        """True for a placement on one of this site's stores."""
+        return site_of(p.store_id) == self.site
 
     # -- repair of one damaged copy ----------------------------------------------
     def _repair(self, p: Placement, report: JobReport, dry_run: bool, lost: set[tuple[str, int]]) -> None:
@@ -136,7 +147,7 @@ class Repairer:
             detail["outcome"] = "skipped"
             detail["reason"] = "changed concurrently"
             return
-        if any(r.tier is p.tier and r.state is PlacementState.TO_DELETE for r in rows):
+        if any(r.tier is p.tier and r.state is PlacementState.TO_DELETE and self._ours(r) for r in rows):
             detail["outcome"] = "skipped"
             detail["reason"] = f"the {p.tier.value} copies of this instance are being retired"
             return
@@ -189,7 +200,8 @@ class Repairer:
         store_ids = [s.store_id for s in hot.stores]
         groups: dict[tuple[str, int], dict[str, Placement]] = defaultdict(dict)
         for r in self.index.iter_placements(tier=Tier.HOT):
-            groups[(r.sop_uid, r.version)][r.store_id] = r
+            if self._ours(r):  # another site's instances are its own business (or a DR copy's)
+                groups[(r.sop_uid, r.version)][r.store_id] = r
         stale_before = self._clock() - self.stale_pending_seconds
         for (sop_uid, version), have in groups.items():
             if any(r.state is PlacementState.TO_DELETE for r in have.values()):
@@ -287,11 +299,15 @@ class Repairer:
 
     @contextmanager
     def _verified_source(self, siblings: list[Placement], *, mark: bool) -> Iterator[_Source | None]:
-        """A spooled, verified copy of the content from the first sibling that verifies (or None)."""
-        ok = sorted((r for r in siblings if r.state is PlacementState.OK),
-                    key=lambda r: (TIER_ORDER[r.tier], r.store_id))
-        retiring = sorted((r for r in siblings if r.state is PlacementState.TO_DELETE),
-                          key=lambda r: (TIER_ORDER[r.tier], r.store_id))
+        """A spooled, verified copy of the content from the first sibling that verifies (or None).
+
+        This site's copies only (another site's are never read nor marked).
+        """
+        def order(r: Placement) -> tuple[int, str]:
+            return TIER_ORDER[r.tier], r.store_id
+
+        ok = sorted((r for r in siblings if r.state is PlacementState.OK and self._ours(r)), key=order)
+        retiring = sorted((r for r in siblings if r.state is PlacementState.TO_DELETE and self._ours(r)), key=order)
         for candidate, may_mark in [*((r, mark) for r in ok), *((r, False) for r in retiring)]:
             path = self._read_verified(candidate, may_mark)
             if path is not None:

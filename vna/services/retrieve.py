@@ -3,6 +3,8 @@
 Copies are tried in tier order (cache, hot, cold). Each is verified against its
 recorded digests before it is handed out; a copy that fails is marked CORRUPT
 (or MISSING) in the index, quarantined, and the next copy is tried.
+
+Federation: only this site's copies are read (and ever marked).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Iterator, Sequence
 
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog
 from vna.checksum import sha256_file
-from vna.domain import Placement, PlacementState, QueryLevel, Tier
-from vna.errors import BlobNotFound, IntegrityError, LastVerifiedCopyLost, NotFound, StorageError
+from vna.domain import LOCAL_SITE, Placement, PlacementState, QueryLevel, Tier, site_of
+from vna.errors import BlobNotFound, IntegrityError, LastVerifiedCopyLost, NotFound, SiteUnavailable, StorageError
 from vna.index.base import Index
 from vna.index.query import Condition
 from vna.storage.accessor import TierAccessor
@@ -76,9 +78,11 @@ class RetrieveService:
     """Reads instances back, verifying every byte."""
 
     def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], spool_dir: Path, *,
-                 audit: AuditLog | None = None, telemetry: Telemetry | None = None) -> None:
+                 audit: AuditLog | None = None, telemetry: Telemetry | None = None,
+                 site: str = LOCAL_SITE) -> None:
         self.index = index
         self.tiers = tiers
+        self.site = site
         self.spool_dir = spool_dir
         self.audit = audit if audit is not None else AuditLog.disabled()
         self.telemetry = telemetry if telemetry is not None else Telemetry.disabled()
@@ -125,16 +129,19 @@ class RetrieveService:
             self.index.record_access(study_uid, now)
 
     @contextmanager
-    def open_verified(self, sop_uid: str) -> Iterator[VerifiedInstance]:
+    def open_verified(self, sop_uid: str, *, local_only: bool = False) -> Iterator[VerifiedInstance]:
         """Yield a verified local copy of the current version of ``sop_uid``.
 
-        Raises NotFound if the instance is unknown and LastVerifiedCopyLost if
-        no recorded copy verifies.
+        Only this site's copies are read. Raises NotFound if the instance is unknown,
+        SiteUnavailable if the only copies are at sites that cannot be reached
+        now, and LastVerifiedCopyLost if no recorded copy verifies.
         """
-        placements = [p for p in self.index.placements(sop_uid) if p.state is PlacementState.OK]
-        if not placements and self.index.get_instance(sop_uid) is None:
+        ok = [p for p in self.index.placements(sop_uid) if p.state is PlacementState.OK]
+        if not ok and self.index.get_instance(sop_uid) is None:
             raise NotFound(f"instance {sop_uid} is not in the archive")
-        placements.sort(key=lambda p: (_TIER_ORDER[p.tier], p.store_id))
+        placements = sorted((p for p in ok if site_of(p.store_id) == self.site),
+                            key=lambda p: (_TIER_ORDER[p.tier], p.store_id))
+        remote = sorted({site_of(p.store_id) for p in ok} - {self.site})
         for p in placements:
             with self.telemetry.stage("retrieve.verify", {"vna.tier": p.tier.value}):
                 found = self._verify(p)
@@ -147,6 +154,9 @@ class RetrieveService:
                 if is_temp:
                     path.unlink(missing_ok=True)
             return
+        if remote:
+            raise SiteUnavailable(f"instance {sop_uid} is held only at site(s) {', '.join(remote)}"
+                                  + (" (local copies only were asked for)" if local_only else ""))
         raise LastVerifiedCopyLost(f"no copy of instance {sop_uid} verifies")
 
     def _verify(self, p: Placement) -> tuple[Path, bool] | None:
