@@ -23,6 +23,7 @@ from vna.storage.filesystem import FilesystemBlobStore
 from vna.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from vna.federation.sites import Sites
     from vna.lifecycle.migrator import Migrator
 
 __all__ = ["Archive"]
@@ -57,9 +58,16 @@ class Archive:
         self.tiers: dict[Tier, TierAccessor] = {Tier.HOT: self.hot, Tier.COLD: self.cold}
         self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy,
                                     audit=self.audit, telemetry=self.telemetry)
+        #: the other sites of the federation (None: a single site)
+        self.sites: Sites | None = None
+        if cfg.federation.site:
+            from vna.federation.sites import Sites
+
+            self.sites = Sites(self.site_id, cfg.federation)
         self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"),
-                                        audit=self.audit, telemetry=self.telemetry, site=self.site_id)
-        self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit)
+                                        audit=self.audit, telemetry=self.telemetry, site=self.site_id,
+                                        sites=self.sites, cache_remote=cfg.federation.cache_remote)
+        self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit, sites=self.sites)
 
     @staticmethod
     def _cold_store(cfg: Config) -> BlobStore:
@@ -115,6 +123,8 @@ class Archive:
         """Release threads and connections; the audit trail and telemetry are flushed last."""
         for accessor in self.tiers.values():
             accessor.close()
+        if self.sites is not None:
+            self.sites.close()
         self.index.close()
         self._activity(APPLICATION_STOP)
         self.audit.close()

@@ -24,7 +24,9 @@ exactly as the retrieve path does: what a reader proves is recorded.
 
 Federation: the index is shared by every site. A repairer repairs and
 re-replicates only its own site's placements (the site of the stores it was
-given) and never marks another site's.
+given) and never marks another site's. With ``sites``, a verified copy at
+another site (fetched over gRPC, checked against the recorded digest) is a
+valid source when no local sibling verifies.
 """
 
 from __future__ import annotations
@@ -40,16 +42,19 @@ from itertools import islice
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from vna.checksum import HashingIterator
 from vna.domain import Placement, PlacementState, Tier, site_of
-from vna.errors import (BlobExists, BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost,
+from vna.errors import (BlobExists, BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost, NotFound,
                         StateConflict, StorageError, StorageUnavailable)
 from vna.index.base import Index
 from vna.jobs import JobReport
 from vna.storage.accessor import TierAccessor, iter_file, site_of_tiers
 from vna.storage.base import BlobStore
+
+if TYPE_CHECKING:
+    from vna.federation.sites import Sites
 
 __all__ = ["Repairer", "new_blob_key", "TIER_ORDER"]
 
@@ -95,10 +100,12 @@ class Repairer:
         stale_pending_seconds: float = 3600.0,
         rereplicate: bool = True,
         clock: Callable[[], float] = time.time,
+        sites: Sites | None = None,
     ) -> None:
         self.index = index
         self.tiers = dict(tiers)
         self.site = site_of_tiers(self.tiers)
+        self.sites = sites
         self.spool_dir = Path(spool_dir)
         self.stale_pending_seconds = stale_pending_seconds
         self.rereplicate = rereplicate
@@ -301,14 +308,17 @@ class Repairer:
     def _verified_source(self, siblings: list[Placement], *, mark: bool) -> Iterator[_Source | None]:
         """A spooled, verified copy of the content from the first sibling that verifies (or None).
 
-        This site's copies only (another site's are never read nor marked).
+        This site's OK copies first, then its retiring ones, then OK copies at
+        other sites (fetched over gRPC when ``sites`` is given; never marked).
         """
         def order(r: Placement) -> tuple[int, str]:
             return TIER_ORDER[r.tier], r.store_id
 
         ok = sorted((r for r in siblings if r.state is PlacementState.OK and self._ours(r)), key=order)
         retiring = sorted((r for r in siblings if r.state is PlacementState.TO_DELETE and self._ours(r)), key=order)
-        for candidate, may_mark in [*((r, mark) for r in ok), *((r, False) for r in retiring)]:
+        remote = sorted((r for r in siblings if r.state is PlacementState.OK and not self._ours(r)), key=order)
+        for candidate, may_mark in [*((r, mark) for r in ok), *((r, False) for r in retiring),
+                                    *((r, False) for r in remote)]:
             path = self._read_verified(candidate, may_mark)
             if path is not None:
                 try:
@@ -318,7 +328,26 @@ class Repairer:
                 return
         yield None
 
+    def _read_remote(self, p: Placement) -> Path | None:
+        """The content of another site's copy, fetched and verified against the placement's digest."""
+        client = self.sites.get(site_of(p.store_id)) if self.sites is not None else None
+        if client is None or not client.healthy():
+            return None
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
+        os.close(fd)
+        path = Path(name)
+        try:
+            client.fetch(p.sop_uid, path, content_sha256=p.content_sha256, size=p.content_size)
+            return path
+        except (StorageError, NotFound, IntegrityError, ConfigError) as exc:
+            path.unlink(missing_ok=True)
+            log.warning("%s: copy of %s v%d at site %s unusable as a source: %s", self.name, p.sop_uid, p.version,
+                        site_of(p.store_id), exc)
+            return None
+
     def _read_verified(self, p: Placement, mark: bool) -> Path | None:
+        if not self._ours(p):
+            return self._read_remote(p)
         target = self._target(p.tier, p.store_id)
         if isinstance(target, str):
             return None
