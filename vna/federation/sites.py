@@ -132,8 +132,8 @@ class SiteClient:
                     got = inst
             except ApiError as exc:
                 err = _mapped(self.site_id, exc)
-                if isinstance(err, SiteUnavailable):
-                    self.mark_unreachable()
+                if isinstance(err, SiteUnavailable) and not exc.error:
+                    self.mark_unreachable()  # the transport failed (the site's own errors carry vna-error)
                 raise err from None
             if got is None or got.path is None:
                 raise NotFound(f"site {self.site_id} sent nothing for {sop_uid}")

@@ -143,7 +143,8 @@ class RetrieveService:
         """Yield a verified local copy of the current version of ``sop_uid``.
 
         This site's copies first; then (unless ``local_only``) another site's,
-        fetched over gRPC. Raises NotFound if the instance is unknown,
+        fetched over gRPC. Raises NotFound if the instance is unknown (or,
+        with ``local_only``, not held at this site),
         SiteUnavailable if the only copies are at sites that cannot be reached
         now, and LastVerifiedCopyLost if no recorded copy verifies.
         """
@@ -169,9 +170,11 @@ class RetrieveService:
             with self._open_remote(sop_uid, remote) as inst:
                 yield inst
             return
-        if remote:
-            raise SiteUnavailable(f"instance {sop_uid} is held only at site(s) {', '.join(remote)}"
-                                  + (" (local copies only were asked for)" if local_only else ""))
+        if remote and local_only and not placements:
+            raise NotFound(f"no copy of instance {sop_uid} is held at this site (it is at {', '.join(remote)})")
+        if remote and not local_only:
+            raise SiteUnavailable(f"instance {sop_uid} is held only at site(s) {', '.join(remote)}, "
+                                  "which this site does not reach ([[federation.site]])")
         raise LastVerifiedCopyLost(f"no copy of instance {sop_uid} verifies")
 
     @contextmanager
