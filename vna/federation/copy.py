@@ -44,12 +44,14 @@ def add_local_copy(index: Index, hot: TierAccessor, inst: InstanceRecord, path: 
                    prefix: str = CACHE_PREFIX) -> list[Placement]:
     """Write a verified file of ``inst`` to every hot replica and record the placements.
 
-    ``path`` must hold bytes already verified against ``inst``'s digest. Blob
+    ``path`` must hold bytes already verified against ``inst``'s digest; keys
+    go under ``prefix/`` (none when empty). Blob
     first, rows second: if the index refuses (StateConflict: a copy on one of
     these stores is already recorded) or fails, the new blobs are removed and
     the error raised. Raises QuorumNotMet, StateConflict, IndexUnavailable.
     """
-    key = f"{prefix}/{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.v{inst.version}.{uuid.uuid4().hex[:12]}.dcm"
+    key = f"{inst.study_uid}/{inst.series_uid}/{inst.sop_uid}.v{inst.version}.{uuid.uuid4().hex[:12]}.dcm"
+    key = f"{prefix}/{key}" if prefix else key
     writes = hot.write_file(key, path, inst.content_sha256, inst.content_size)
     placements = hot.placements(writes, sop_uid=inst.sop_uid, version=inst.version,
                                 content_sha256=inst.content_sha256, content_size=inst.content_size)
