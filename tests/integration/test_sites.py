@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from benchmarks.corpus import write_corpus
-from tests.conftest import ROOT, VNA, VnaServer, dataset_bytes, free_port
+from tests.conftest import ROOT, VNA, StoreScp, VnaServer, dataset_bytes, free_port
 from tests.integration import scu
 from vna.api.client import ApiError, VnaClient
 
@@ -69,15 +69,17 @@ def _json(srv: VnaServer, *args: str) -> tuple[int, Any]:
     return r.returncode, json.loads(r.stdout)
 
 
-def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., VnaServer], tmp_path: Path) -> None:
+def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., VnaServer], storescp: StoreScp,
+                                                     tmp_path: Path) -> None:
     index = tmp_path / "shared.sqlite"
     ports = {"A": free_port(), "B": free_port()}
     ct = write_corpus(tmp_path / "ct", "ct", studies=1, per_study=2, seed=41)
     mr = write_corpus(tmp_path / "mr", "mr", studies=1, per_study=2, seed=42)
     sa, sa2 = _uid(ct[0], "StudyInstanceUID"), _uid(mr[0], "StudyInstanceUID")
     a = make_server(_config("A", index, ports), ae_title="VNA_A")
-    b = make_server(_config("B", index, ports, f'[[federation.copy]]\nfrom_site = "A"\nstudy_uids = ["{sa}"]\n'),
-                    ae_title="VNA_B")
+    dest = f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {storescp.port}\n'
+    b = make_server(_config("B", index, ports, f'[[federation.copy]]\nfrom_site = "A"\nstudy_uids = ["{sa}"]\n'
+                                               + dest), ae_title="VNA_B")
     assert all(int(r.Status) == 0 for r in scu.store(a.port, ct + mr))
 
     # B finds A's studies and retrieves them from A, verified, byte-identical
@@ -92,6 +94,9 @@ def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., 
     ds = dcmread(mr[0], stop_before_pixels=True)
     _, final, raw = scu.get(b.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sa2}, [str(ds.SOPClassUID)])
     assert int(final.Status) == 0 and raw == {_uid(f): dataset_bytes(f) for f in mr}
+    _, final = scu.move(b.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sa}, "DEST")
+    assert int(final.Status) == 0
+    assert sorted(dataset_bytes(f) for f in storescp.files()) == sorted(dataset_bytes(f) for f in ct)
 
     # B pulls a DR copy of the study its rule names, bounded and idempotent
     code, rep = _json(b, "sites", "copy", "--limit", "1")
@@ -118,6 +123,14 @@ def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., 
     assert int(final.Status) == 0xA702 and not raw
     code, st = _json(b, "sites", "status")
     assert code == 1 and [(s["id"], s["reachable"]) for s in st["sites"]] == [("B", True), ("A", False)]
+
+    # the modality sends A's study to B too: the same bytes, a duplicate, and now B keeps its own copies
+    assert all(int(r.Status) == 0 for r in scu.store(b.port, mr))
+    assert _studies(b) == {sa: "ONLINE", sa2: "ONLINE"}
+    _, final, raw = scu.get(b.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sa2}, [str(ds.SOPClassUID)])
+    assert int(final.Status) == 0 and raw == {_uid(f): dataset_bytes(f) for f in mr}
+    code, st = _json(b, "sites", "status")
+    assert st["holdings"]["B"]["instances"] == 4 and st["holdings"]["B"]["dr_copies"] == 2, st
 
 
 @pytest.mark.parametrize("body, message", [
