@@ -11,7 +11,7 @@ from vna.audit import (APPLICATION_ACTIVITY, APPLICATION_START, APPLICATION_STOP
                        Code)
 from vna.codec import IdentityCodec, PixelCodec
 from vna.config import Config
-from vna.domain import PlacementState, Tier
+from vna.domain import PlacementState, Tier, site_of, site_store_id
 from vna.errors import AuditUnavailable, NotFound
 from vna.gauges import ArchiveGauges
 from vna.index import Index, open_index
@@ -24,6 +24,7 @@ from vna.storage.filesystem import FilesystemBlobStore
 from vna.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from vna.federation.sites import Sites
     from vna.lifecycle.migrator import Migrator
 
 __all__ = ["Archive"]
@@ -46,6 +47,8 @@ class Archive:
                               source={"ae": cfg.dicom.ae_title, "site": cfg.archive.site_id})
         self._activity(APPLICATION_START)
         self.index = index if index is not None else open_index(cfg)
+        #: this site's id; store ids carry it (``hot-1@A``) so every placement names its site
+        self.site_id = cfg.archive.site_id
         stores = self._hot_stores(cfg)
         self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec(), telemetry=self.telemetry)
         self.cold = TierAccessor(Tier.COLD, [self._cold_store(cfg)], 1, PixelCodec(cfg.cold.zstd_level))
@@ -53,22 +56,33 @@ class Archive:
         self.tiers: dict[Tier, TierAccessor] = {Tier.HOT: self.hot, Tier.COLD: self.cold}
         self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy,
                                     audit=self.audit, telemetry=self.telemetry)
+        #: the other sites of the federation (None: a single site)
+        self.sites: Sites | None = None
+        if cfg.federation.site:
+            from vna.federation.sites import Sites
+
+            self.sites = Sites(self.site_id, cfg.federation)
         self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"),
-                                        audit=self.audit, telemetry=self.telemetry)
-        self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit)
+                                        audit=self.audit, telemetry=self.telemetry, site=self.site_id,
+                                        sites=self.sites, cache_remote=cfg.federation.cache_remote)
+        self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit, sites=self.sites)
         self.gauges = ArchiveGauges(self)
 
     @staticmethod
     def _hot_stores(cfg: Config) -> list[BlobStore]:
-        """The hot replicas: directories ``hot-1..``, then S3 buckets ``hot-s3-1..`` (ids fixed by config order)."""
+        """The hot replicas: directories ``hot-1..``, then S3 buckets ``hot-s3-1..`` (ids fixed by config order).
+
+        Ids carry the site (``hot-1@A``) unless the site is the default "local".
+        """
+        site = cfg.archive.site_id
         stores: list[BlobStore] = [
-            FilesystemBlobStore(f"hot-{i + 1}", cfg.resolve(path), fsync=cfg.hot.fsync)
+            FilesystemBlobStore(site_store_id(f"hot-{i + 1}", site), cfg.resolve(path), fsync=cfg.hot.fsync)
             for i, path in enumerate(cfg.hot.replicas)
         ]
         if cfg.hot.s3:
             from vna.storage.s3 import S3BlobStore
 
-            stores += [S3BlobStore(f"hot-s3-{i + 1}", s3) for i, s3 in enumerate(cfg.hot.s3)]
+            stores += [S3BlobStore(site_store_id(f"hot-s3-{i + 1}", site), s3) for i, s3 in enumerate(cfg.hot.s3)]
         return stores
 
     @staticmethod
@@ -76,8 +90,9 @@ class Archive:
         if cfg.cold.backend == "s3":
             from vna.storage.s3 import S3BlobStore
 
-            return S3BlobStore("cold-s3", cfg.cold.s3)
-        return FilesystemBlobStore("cold-1", cfg.resolve(cfg.cold.path), fsync=cfg.hot.fsync)
+            return S3BlobStore(site_store_id("cold-s3", cfg.archive.site_id), cfg.cold.s3)
+        return FilesystemBlobStore(site_store_id("cold-1", cfg.archive.site_id), cfg.resolve(cfg.cold.path),
+                                   fsync=cfg.hot.fsync)
 
     def migrator(self) -> Migrator:
         """The lifecycle job on this archive's tiers."""
@@ -87,12 +102,12 @@ class Archive:
                         audit=self.audit, telemetry=self.telemetry)
 
     def is_committed(self, sop_uid: str, sop_class_uid: str | None = None) -> bool:
-        """True if the current version has at least W verified (OK) hot copies."""
+        """True if the current version has at least W verified (OK) hot copies at this site."""
         inst = self.index.get_instance(sop_uid)
         if inst is None or (sop_class_uid is not None and inst.sop_class_uid != sop_class_uid):
             return False
         ok = [p for p in self.index.placements(sop_uid)
-              if p.state is PlacementState.OK and p.tier is Tier.HOT]
+              if p.state is PlacementState.OK and p.tier is Tier.HOT and site_of(p.store_id) == self.site_id]
         return len(ok) >= self.hot.quorum
 
     def set_hold(self, study_uid: str, held: bool, reason: str, actor: Actor) -> None:
@@ -125,6 +140,8 @@ class Archive:
         self.gauges.close()
         for accessor in self.tiers.values():
             accessor.close()
+        if self.sites is not None:
+            self.sites.close()
         self.index.close()
         self._activity(APPLICATION_STOP)
         self.audit.close()

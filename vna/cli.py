@@ -80,6 +80,11 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
         if cfg.lifecycle.enabled:
             daemons.append(Daemon(archive.migrator(), cfg.lifecycle.interval_seconds, cfg.lifecycle.batch_limit))
         daemons.extend(integrity_daemons(archive))
+        if cfg.federation.copy_enabled and cfg.federation.copy:
+            from vna.federation.cli import copy_job
+
+            daemons.append(Daemon(copy_job(archive), cfg.federation.copy_interval_seconds,
+                                  cfg.federation.copy_batch_limit, telemetry=archive.telemetry))
     health = _health_server(cfg, archive, server, grpc_server, stop, reuse_port)
     try:
         if server is not None:
@@ -336,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules exposing ``register(subparsers)`` for their verbs.
 _VERB_MODULES: tuple[str, ...] = ("vna.integrity.cli", "vna.lifecycle.cli", "vna.api.cli",
-                                   "vna.audit_cli")
+                                   "vna.audit_cli", "vna.federation.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

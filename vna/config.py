@@ -38,6 +38,9 @@ __all__ = [
     "GrpcToken",
     "GrpcConfig",
     "HealthConfig",
+    "SiteConfig",
+    "CopyRule",
+    "FederationConfig",
     "Config",
     "load_config",
 ]
@@ -302,6 +305,51 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class SiteConfig:
+    """Another site of the federation (``[[federation.site]]``): its gRPC front-end and a token for it."""
+
+    id: str
+    grpc_endpoint: str              # host:port of that site's gRPC API (behind its load balancer)
+    token: str                      # bearer token of that site's API (role read suffices)
+    tls_ca: str = ""                # PEM CA bundle to verify its TLS certificate; empty: plaintext
+    retrieve_ae: str = ""           # its DICOM AE title, for operators (C-MOVE at that site directly)
+
+
+@dataclass(frozen=True)
+class CopyRule:
+    """Which studies of another site get a disaster-recovery copy here (``[[federation.copy]]``).
+
+    A study matches when every given criterion holds: one of ``modalities``
+    (empty: any), received at least ``min_age_days`` ago, in ``study_uids``
+    (empty: any).
+    """
+
+    from_site: str
+    modalities: tuple[str, ...] = ()
+    min_age_days: float = 0.0
+    study_uids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The other sites sharing this index, and the cross-site copy rules. Empty: a single site."""
+
+    site: tuple[SiteConfig, ...] = ()
+    copy: tuple[CopyRule, ...] = ()
+    health_timeout: float = 2.0         # seconds a reachability check waits
+    health_cache_seconds: float = 5.0   # a site's reachability is re-checked at most this often
+    retrieve_timeout: float = 300.0     # seconds one cross-site retrieve call may take
+    cache_remote: bool = False          # keep a verified local hot copy of a remotely fetched instance
+    copy_enabled: bool = False          # `vna serve` runs the cross-site copy daemon
+    copy_interval_seconds: float = 3600.0
+    copy_batch_limit: int = 1000        # instances per copy run
+
+    def find_site(self, site_id: str) -> SiteConfig | None:
+        """The configured site with this id, or None."""
+        return next((s for s in self.site if s.id == site_id), None)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -316,6 +364,7 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -337,6 +386,8 @@ class Config:
                 s3["secret_key"] = "***"
         for tok in data["grpc"]["token"]:
             tok["token"] = "***"
+        for site in data["federation"]["site"]:
+            site["token"] = "***"
         return data
 
 
@@ -413,7 +464,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             typ = hints[f.name]
             if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
-            elif f.name not in ("remote", "token", "s3"):  # lists of tables: TOML only
+            elif f.name not in ("remote", "token", "s3", "site", "copy"):  # lists of tables: TOML only
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
 
     walk(Config, ())
@@ -509,6 +560,47 @@ def _validate(cfg: Config) -> None:
     if not 0 <= cfg.health.port < 65536:
         raise ConfigError("health.port must be between 0 (off) and 65535")
     _validate_observability(cfg.audit, cfg.telemetry)
+    _validate_federation(cfg.archive.site_id, cfg.federation)
+
+
+def _site_id_ok(site_id: str) -> bool:
+    return bool(site_id) and len(site_id) <= 32 and all(c.isalnum() or c in "-_." for c in site_id)
+
+
+def _validate_federation(own: str, f: FederationConfig) -> None:
+    from vna.domain import validate_uid
+    from vna.errors import InvalidUID
+
+    if not _site_id_ok(own):
+        raise ConfigError("archive.site_id must be 1-32 letters, digits, '-', '_' or '.'")
+    ids: set[str] = set()
+    for i, s in enumerate(f.site):
+        if not _site_id_ok(s.id):
+            raise ConfigError(f"federation.site[{i}].id must be 1-32 letters, digits, '-', '_' or '.'")
+        if s.id == own or s.id in ids:
+            raise ConfigError(f"federation.site[{i}].id {s.id!r} is this site's id or listed twice")
+        if own == "local":
+            raise ConfigError("federation.site needs archive.site_id set to this site's id (not 'local')")
+        host, sep, port = s.grpc_endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"federation.site[{i}].grpc_endpoint must be host:port, not {s.grpc_endpoint!r}")
+        if len(s.token) < 16 or not s.token.isprintable() or " " in s.token:
+            raise ConfigError(f"federation.site[{i}].token must be at least 16 printable characters without spaces")
+        ids.add(s.id)
+    for i, rule in enumerate(f.copy):
+        if rule.from_site not in ids:
+            raise ConfigError(f"federation.copy[{i}].from_site {rule.from_site!r} is not a [[federation.site]]")
+        if rule.min_age_days < 0:
+            raise ConfigError(f"federation.copy[{i}].min_age_days must be >= 0")
+        for uid in rule.study_uids:
+            try:
+                validate_uid(uid, f"federation.copy[{i}].study_uids")
+            except InvalidUID as exc:
+                raise ConfigError(str(exc)) from None
+    if f.health_timeout <= 0 or f.retrieve_timeout <= 0 or f.health_cache_seconds < 0:
+        raise ConfigError("federation.health_timeout and retrieve_timeout must be > 0, health_cache_seconds >= 0")
+    if f.copy_interval_seconds <= 0 or f.copy_batch_limit < 1:
+        raise ConfigError("federation.copy_interval_seconds must be > 0 and copy_batch_limit >= 1")
 
 
 def _validate_dicom_tls(d: DicomConfig) -> None:

@@ -16,6 +16,9 @@ __all__ = [
     "InstanceRecord",
     "QueryLevel",
     "validate_uid",
+    "LOCAL_SITE",
+    "site_of",
+    "site_store_id",
 ]
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -40,6 +43,26 @@ def validate_uid(value: object, what: str, *, strict: bool = False) -> str:
     if not pattern.match(uid):
         raise InvalidUID(f"{what} is not a valid UID: {uid[:80]!r}")
     return uid
+
+
+#: The site of a store id without a site qualifier (a single-site archive).
+LOCAL_SITE = "local"
+_SITE_SEP = "@"
+
+
+def site_store_id(name: str, site: str) -> str:
+    """The store id recorded in placements: ``name@site`` (``hot-1@A``), or ``name`` for the local site.
+
+    Every placement thereby names the site that holds it, with no schema
+    change; ids of a single-site archive (``site_id = "local"``) stay as they were.
+    """
+    return name if site == LOCAL_SITE else f"{name}{_SITE_SEP}{site}"
+
+
+def site_of(store_id: str) -> str:
+    """The site holding a store: the part after ``@`` in ``hot-1@A``, :data:`LOCAL_SITE` when unqualified."""
+    _, sep, site = store_id.rpartition(_SITE_SEP)
+    return site if sep and site else LOCAL_SITE
 
 
 class Tier(str, enum.Enum):

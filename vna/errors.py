@@ -18,7 +18,8 @@ statuses through one table each (``vna/dicom/status.py``).
     │   ├── BlobExists              create-new put hit an existing key
     │   ├── BlobNotFound            the key is absent
     │   ├── StorageUnavailable      the store cannot be reached / written
-    │   └── QuorumNotMet            fewer than W replicas took a write
+    │   ├── QuorumNotMet            fewer than W replicas took a write
+    │   └── SiteUnavailable         another site of the federation cannot be reached
     ├── AuditUnavailable            the audit trail cannot be written (operation refused)
     ├── IntegrityError              bytes do not hash to the recorded digest
     │   └── LastVerifiedCopyLost    no verified copy of an instance remains
@@ -43,6 +44,7 @@ __all__ = [
     "BlobNotFound",
     "StorageUnavailable",
     "QuorumNotMet",
+    "SiteUnavailable",
     "AuditUnavailable",
     "IntegrityError",
     "LastVerifiedCopyLost",
@@ -99,6 +101,10 @@ class StorageUnavailable(StorageError):
 
 class QuorumNotMet(StorageError):
     """Fewer than the required number of replicas accepted a write."""
+
+
+class SiteUnavailable(StorageError):
+    """Another site of the federation cannot be reached (its gRPC front-end is down or cut off)."""
 
 
 class AuditUnavailable(VnaError):

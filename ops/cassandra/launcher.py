@@ -13,6 +13,7 @@ CLI::
     python ops/cassandra/launcher.py status --dir /tmp/cass
     python ops/cassandra/launcher.py stop --dir /tmp/cass
     python ops/cassandra/launcher.py nodetool --dir /tmp/cass -- status   # needs --jmx-port
+    python ops/cassandra/launcher.py stop-node|restart-node --dir /tmp/cass --node n3   # one node, data kept
 
 Module (e.g. from a pytest fixture)::
 
@@ -537,6 +538,38 @@ def stop(dir: Path, log: bool = False) -> None:
     _stop_nodes(recorded_nodes(dir), log=log)
 
 
+def _recorded(dir: Path, name: str) -> Node:
+    match = [n for n in recorded_nodes(dir) if n.name == name]
+    if not match:
+        raise LaunchError(f"no node {name!r} recorded under {dir}")
+    return match[0]
+
+
+def stop_node(dir: Path, name: str, log: bool = False) -> None:
+    """Stop one node of a running layout (SIGTERM, SIGKILL after 30 s); its data stays for a restart."""
+    _stop_nodes([_recorded(dir, name)], log=log)
+
+
+def restart_node(dir: Path, name: str, wait: float = DEFAULT_WAIT, *, fast_unsafe: bool = True) -> Node:
+    """Start a stopped node again on its existing data and conf; wait until it serves CQL.
+
+    It rejoins its cluster; writes it missed come back through hinted handoff
+    (or ``nodetool repair``).
+    """
+    node = _recorded(dir, name)
+    if node.pid is not None and _alive(node.pid) and _is_our_node(node.pid, node.home):
+        raise LaunchError(f"{name} is still running (pid {node.pid})")
+    heap = "768m" if len(recorded_nodes(dir)) > 1 else "1g"  # as start() chose for the layout
+    node.system_log.rename(node.log_dir / f"system.log.{int(time.time())}")  # readiness is read from a fresh log
+    _spawn(node, jvm_command(node, lib_dir(), find_java(), heap, fast_unsafe))
+    try:
+        _wait_ready(node, time.monotonic() + wait)
+    except BaseException:
+        _stop_nodes([node], grace=10.0)
+        raise
+    return node
+
+
 def nodetool_command(node: Node, args: list[str]) -> list[str]:
     """``java ... NodeTool`` against ``node``'s local JMX port (needs ``start --jmx-port``)."""
     if node.jmx_port is None:
@@ -580,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip gossip settle wait, no fsync of system tables (tests only)")
     for name in ("stop", "status"):
         sub.add_parser(name).add_argument("--dir", type=Path, required=True)
+    for name, what in (("stop-node", "stop one node (data kept)"), ("restart-node", "start a stopped node again")):
+        nd = sub.add_parser(name, help=what)
+        nd.add_argument("--dir", type=Path, required=True)
+        nd.add_argument("--node", required=True)
     nt = sub.add_parser("nodetool", help="run nodetool against a node started with --jmx-port")
     nt.add_argument("--dir", type=Path, required=True)
     nt.add_argument("--node", default="n1")
@@ -602,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"elapsed={time.monotonic() - t0:.1f}s")
         elif a.cmd == "stop":
             stop(a.dir, log=True)
+        elif a.cmd == "stop-node":
+            stop_node(a.dir, a.node, log=True)
+        elif a.cmd == "restart-node":
+            n = restart_node(a.dir, a.node)
+            print(f"{n.name} {n.address}:{n.native_port} ({n.dc}) ready")
         elif a.cmd == "nodetool":
             match = [n for n in recorded_nodes(a.dir) if n.name == a.node]
             if not match:

@@ -222,12 +222,13 @@ class VnaClient:
 
     # -- Retrieve --------------------------------------------------------------
     @staticmethod
-    def _retrieve_request(sop_uid: str, series_uid: str, study_uid: str, chunk_size: int) -> pb.RetrieveRequest:
+    def _retrieve_request(sop_uid: str, series_uid: str, study_uid: str, chunk_size: int,
+                          local_only: bool = False) -> pb.RetrieveRequest:
         given = [(k, v) for k, v in (("sop_instance_uid", sop_uid), ("series_instance_uid", series_uid),
                                      ("study_instance_uid", study_uid)) if v]
         if len(given) != 1:
             raise InvalidInput("give exactly one of sop_uid, series_uid, study_uid")
-        req = pb.RetrieveRequest(chunk_size=chunk_size)
+        req = pb.RetrieveRequest(chunk_size=chunk_size, local_only=local_only)
         setattr(req, given[0][0], given[0][1])
         return req
 
@@ -260,11 +261,13 @@ class VnaClient:
         return self._receive(self._retrieve_request(sop_uid, series_uid, study_uid, chunk_size), None)
 
     def retrieve_to(self, directory: Path, *, sop_uid: str = "", series_uid: str = "", study_uid: str = "",
-                    chunk_size: int = 0) -> Iterator[RetrievedInstance]:
+                    chunk_size: int = 0, local_only: bool = False) -> Iterator[RetrievedInstance]:
         """Write each instance of the target to ``directory/<SOPInstanceUID>.dcm`` (renamed into place
-        only once verified) and yield it. Give exactly one UID."""
+        only once verified) and yield it. Give exactly one UID. ``local_only``: only copies held at
+        the server's own site (no cross-site fetch)."""
         directory.mkdir(parents=True, exist_ok=True)
-        return self._receive(self._retrieve_request(sop_uid, series_uid, study_uid, chunk_size), directory)
+        return self._receive(self._retrieve_request(sop_uid, series_uid, study_uid, chunk_size, local_only),
+                             directory)
 
     # -- Query and metadata ------------------------------------------------------
     @staticmethod
@@ -281,6 +284,14 @@ class VnaClient:
                               page_token=page_token)
         r: pb.QueryResponse = self._call(self.archive.Query, req)
         return [dict(m.attributes) for m in r.matches], r.next_page_token
+
+    def query_response(self, level: str, keys: Mapping[str, str] | None = None, *, page_size: int = 100,
+                       page_token: str = "") -> pb.QueryResponse:
+        """One raw page: matches, next_page_token and the federation's ``unreachable_sites``."""
+        req = pb.QueryRequest(level=self._level(level), keys=dict(keys or {}), page_size=page_size,
+                              page_token=page_token)
+        r: pb.QueryResponse = self._call(self.archive.Query, req)
+        return r
 
     def query(self, level: str, keys: Mapping[str, str] | None = None, *, page_size: int = 100,
               limit: int | None = None) -> Iterator[dict[str, str]]:

@@ -220,7 +220,7 @@ class ArchiveServicer:
             if not context.is_active():
                 log.info("gRPC Retrieve of %s %s cancelled by the client after %d of %d", keyword, uid, i, len(refs))
                 return
-            with retrieve.open_verified(ref.sop_uid) as inst:
+            with retrieve.open_verified(ref.sop_uid, local_only=request.local_only) as inst:
                 yield pb.RetrieveResponse(header=pb.InstanceHeader(
                     sop_instance_uid=ref.sop_uid, sop_class_uid=ref.sop_class_uid,
                     study_instance_uid=ref.study_uid, transfer_syntax_uid=ref.transfer_syntax_uid,
@@ -265,7 +265,7 @@ class ArchiveServicer:
             if fp != fingerprint or offset < 0:
                 raise InvalidInput("page_token belongs to another query")
         rows = list(islice(self.archive.query.find(level, ident, limit=offset + size + 1), offset, None))
-        out = pb.QueryResponse()
+        out = pb.QueryResponse(unreachable_sites=self.archive.query.unreachable_sites())
         for row in rows[:size]:
             out.matches.add().attributes.update(row)
         if len(rows) > size:

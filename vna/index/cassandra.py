@@ -355,6 +355,27 @@ class CassandraIndex:
     def close(self) -> None:
         self._cluster.shutdown()
 
+    def datacenters(self, probe_timeout: float = 1.0) -> dict[str, dict[str, list[str]]]:
+        """Index replication health: the cluster's nodes per datacenter, ``up`` or ``down``.
+
+        A node is up if its CQL port accepts a connection from here within
+        ``probe_timeout`` (the driver holds no pool to other datacenters, so its
+        own view of them can be stale). For ``vna sites status``.
+        """
+        import socket
+
+        out: dict[str, dict[str, list[str]]] = {}
+        for host in self._cluster.metadata.all_hosts():
+            addr = str(host.broadcast_rpc_address or host.address)
+            port = int(getattr(host, "broadcast_rpc_port", None) or self.cfg.port)
+            try:
+                socket.create_connection((addr, port), timeout=probe_timeout).close()
+                state = "up"
+            except OSError:
+                state = "down"
+            out.setdefault(str(host.datacenter), {"up": [], "down": []})[state].append(addr)
+        return out
+
     # -- schema --------------------------------------------------------------
     def _migration(self, name: str) -> list[str]:
         ddl = resources.files("vna.index").joinpath(name).read_text()

@@ -61,6 +61,6 @@ def daemons(archive: "Archive") -> "list[Daemon]":
         out.append(Daemon(scrubber, ic.scrub_interval_seconds, ic.batch_limit, telemetry=archive.telemetry))
     if ic.repair_enabled:
         repairer = Repairer(archive.index, archive.tiers, archive.cfg.resolve("spool/integrity"),
-                            stale_pending_seconds=ic.stale_pending_seconds)
+                            stale_pending_seconds=ic.stale_pending_seconds, sites=archive.sites)
         out.append(Daemon(repairer, ic.repair_interval_seconds, ic.batch_limit, telemetry=archive.telemetry))
     return out

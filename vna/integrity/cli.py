@@ -71,7 +71,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     try:
         job = Repairer(archive.index, archive.tiers, cfg.resolve("spool/integrity"),
                        stale_pending_seconds=cfg.integrity.stale_pending_seconds,
-                       rereplicate=not args.no_rereplicate)
+                       rereplicate=not args.no_rereplicate, sites=archive.sites)
         report = job.run_once(limit=args.limit, dry_run=args.dry_run)
     finally:
         archive.close()

@@ -21,6 +21,12 @@ never acknowledged, is deleted first and the copy is written under a new key).
 A sibling that fails verification while being read as a source is marked
 ``CORRUPT``/``MISSING`` (compare-and-set) and a corrupt blob is quarantined,
 exactly as the retrieve path does: what a reader proves is recorded.
+
+Federation: the index is shared by every site. A repairer repairs and
+re-replicates only its own site's placements (the site of the stores it was
+given) and never marks another site's. With ``sites``, a verified copy at
+another site (fetched over gRPC, checked against the recorded digest) is a
+valid source when no local sibling verifies.
 """
 
 from __future__ import annotations
@@ -32,19 +38,23 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from itertools import islice
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from vna.checksum import HashingIterator
-from vna.domain import Placement, PlacementState, Tier
-from vna.errors import (BlobExists, BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost, StateConflict,
-                        StorageError, StorageUnavailable)
+from vna.domain import Placement, PlacementState, Tier, site_of
+from vna.errors import (BlobExists, BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost, NotFound,
+                        StateConflict, StorageError, StorageUnavailable)
 from vna.index.base import Index
 from vna.jobs import JobReport
-from vna.storage.accessor import TierAccessor, iter_file
+from vna.storage.accessor import TierAccessor, iter_file, site_of_tiers
 from vna.storage.base import BlobStore
+
+if TYPE_CHECKING:
+    from vna.federation.sites import Sites
 
 __all__ = ["Repairer", "new_blob_key", "TIER_ORDER"]
 
@@ -90,9 +100,12 @@ class Repairer:
         stale_pending_seconds: float = 3600.0,
         rereplicate: bool = True,
         clock: Callable[[], float] = time.time,
+        sites: Sites | None = None,
     ) -> None:
         self.index = index
         self.tiers = dict(tiers)
+        self.site = site_of_tiers(self.tiers)
+        self.sites = sites
         self.spool_dir = Path(spool_dir)
         self.stale_pending_seconds = stale_pending_seconds
         self.rereplicate = rereplicate
@@ -109,7 +122,8 @@ class Repairer:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         report = JobReport(job=self.name, dry_run=dry_run)
         lost: set[tuple[str, int]] = set()
-        for p in self.index.iter_placements(states=list(_DAMAGED), limit=limit):
+        damaged = (p for p in self.index.iter_placements(states=list(_DAMAGED)) if self._ours(p))
+        for p in islice(damaged, limit):
             report.examined += 1
             self._repair(p, report, dry_run, lost)
         if self.rereplicate and (limit is None or report.examined < limit):
@@ -117,6 +131,10 @@ class Repairer:
             self._rereplicate(report, dry_run, lost, budget)
         log.info("%s", report.summary())
         return report
+
+    def _ours(self, p: Placement) -> bool:
+        """True for a placement on one of this site's stores."""
+        return site_of(p.store_id) == self.site
 
     # -- repair of one damaged copy ----------------------------------------------
     def _repair(self, p: Placement, report: JobReport, dry_run: bool, lost: set[tuple[str, int]]) -> None:
@@ -136,7 +154,7 @@ class Repairer:
             detail["outcome"] = "skipped"
             detail["reason"] = "changed concurrently"
             return
-        if any(r.tier is p.tier and r.state is PlacementState.TO_DELETE for r in rows):
+        if any(r.tier is p.tier and r.state is PlacementState.TO_DELETE and self._ours(r) for r in rows):
             detail["outcome"] = "skipped"
             detail["reason"] = f"the {p.tier.value} copies of this instance are being retired"
             return
@@ -189,7 +207,8 @@ class Repairer:
         store_ids = [s.store_id for s in hot.stores]
         groups: dict[tuple[str, int], dict[str, Placement]] = defaultdict(dict)
         for r in self.index.iter_placements(tier=Tier.HOT):
-            groups[(r.sop_uid, r.version)][r.store_id] = r
+            if self._ours(r):  # another site's instances are its own business (or a DR copy's)
+                groups[(r.sop_uid, r.version)][r.store_id] = r
         stale_before = self._clock() - self.stale_pending_seconds
         for (sop_uid, version), have in groups.items():
             if any(r.state is PlacementState.TO_DELETE for r in have.values()):
@@ -287,12 +306,19 @@ class Repairer:
 
     @contextmanager
     def _verified_source(self, siblings: list[Placement], *, mark: bool) -> Iterator[_Source | None]:
-        """A spooled, verified copy of the content from the first sibling that verifies (or None)."""
-        ok = sorted((r for r in siblings if r.state is PlacementState.OK),
-                    key=lambda r: (TIER_ORDER[r.tier], r.store_id))
-        retiring = sorted((r for r in siblings if r.state is PlacementState.TO_DELETE),
-                          key=lambda r: (TIER_ORDER[r.tier], r.store_id))
-        for candidate, may_mark in [*((r, mark) for r in ok), *((r, False) for r in retiring)]:
+        """A spooled, verified copy of the content from the first sibling that verifies (or None).
+
+        This site's OK copies first, then its retiring ones, then OK copies at
+        other sites (fetched over gRPC when ``sites`` is given; never marked).
+        """
+        def order(r: Placement) -> tuple[int, str]:
+            return TIER_ORDER[r.tier], r.store_id
+
+        ok = sorted((r for r in siblings if r.state is PlacementState.OK and self._ours(r)), key=order)
+        retiring = sorted((r for r in siblings if r.state is PlacementState.TO_DELETE and self._ours(r)), key=order)
+        remote = sorted((r for r in siblings if r.state is PlacementState.OK and not self._ours(r)), key=order)
+        for candidate, may_mark in [*((r, mark) for r in ok), *((r, False) for r in retiring),
+                                    *((r, False) for r in remote)]:
             path = self._read_verified(candidate, may_mark)
             if path is not None:
                 try:
@@ -302,7 +328,26 @@ class Repairer:
                 return
         yield None
 
+    def _read_remote(self, p: Placement) -> Path | None:
+        """The content of another site's copy, fetched and verified against the placement's digest."""
+        client = self.sites.get(site_of(p.store_id)) if self.sites is not None else None
+        if client is None or not client.healthy():
+            return None
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".part")
+        os.close(fd)
+        path = Path(name)
+        try:
+            client.fetch(p.sop_uid, path, content_sha256=p.content_sha256, size=p.content_size)
+            return path
+        except (StorageError, NotFound, IntegrityError, ConfigError) as exc:
+            path.unlink(missing_ok=True)
+            log.warning("%s: copy of %s v%d at site %s unusable as a source: %s", self.name, p.sop_uid, p.version,
+                        site_of(p.store_id), exc)
+            return None
+
     def _read_verified(self, p: Placement, mark: bool) -> Path | None:
+        if not self._ours(p):
+            return self._read_remote(p)
         target = self._target(p.tier, p.store_id)
         if isinstance(target, str):
             return None

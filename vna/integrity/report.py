@@ -13,10 +13,10 @@ import time
 from collections import defaultdict
 from typing import Any, Mapping
 
-from vna.domain import Placement, PlacementState, Tier
+from vna.domain import Placement, PlacementState, Tier, site_of
 from vna.errors import NotFound
 from vna.index.base import Index
-from vna.storage.accessor import TierAccessor
+from vna.storage.accessor import TierAccessor, site_of_tiers
 
 __all__ = ["AGE_BUCKETS", "integrity_report", "study_fixity", "instance_fixity", "iso"]
 
@@ -76,6 +76,8 @@ def integrity_report(
     ``findings`` counts damaged copies, lost instance versions (no OK copy) and
     under-replicated ones (fewer OK hot copies than hot stores, unless their
     hot copies are being retired). Lists are cut at ``max_items`` entries.
+    Federation: counts and findings cover this site's placements (the site of
+    ``tiers``); an instance is lost only if no site holds an OK copy.
     """
     now = time.time() if now is None else now
     hot = tiers.get(Tier.HOT)
@@ -85,7 +87,12 @@ def integrity_report(
     groups: dict[tuple[str, int], list[Placement]] = defaultdict(list)
     damaged: list[dict[str, Any]] = []
     n_damaged = 0
+    site = site_of_tiers(tiers)
+    everywhere: dict[tuple[str, int], list[Placement]] = defaultdict(list)
     for p in index.iter_placements():
+        everywhere[(p.sop_uid, p.version)].append(p)
+        if site_of(p.store_id) != site:
+            continue
         _count(by_tier.setdefault(p.tier.value, _empty_counts()), p, now)
         _count(by_store.setdefault(p.store_id, _empty_counts() | {"tier": p.tier.value}), p, now)
         groups[(p.sop_uid, p.version)].append(p)
@@ -97,7 +104,7 @@ def integrity_report(
     under: list[dict[str, Any]] = []
     n_lost = n_under = n_single = 0
     for (sop_uid, version), rows in groups.items():
-        ok = [r for r in rows if r.state is PlacementState.OK]
+        ok = [r for r in everywhere[(sop_uid, version)] if r.state is PlacementState.OK]
         if not ok:
             n_lost += 1
             if len(lost) < max_items:

@@ -14,6 +14,10 @@ each at a :class:`VerifyLevel` and records the facts it proves:
   answers for nothing (a replica that is down), nothing is marked and the run
   reports failures: an outage is not data that is wrong.
 
+Federation: the index is shared by every site; a scrubber examines only the
+placements of its own site (the site of the stores it was given), never
+another site's.
+
 Every mark is compare-and-set on (state, blob key) and also sets
 ``verified_at`` (the time of the check whose outcome the state records), so a
 placement that changed between the read and the mark is left alone. Only
@@ -31,13 +35,14 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Callable, Mapping, cast
 
-from vna.domain import Placement, PlacementState, Tier
+from vna.domain import Placement, PlacementState, Tier, site_of
 from vna.errors import BlobNotFound, ConfigError, IntegrityError, StorageError, StorageUnavailable
 from vna.index.base import Index
 from vna.jobs import JobReport
-from vna.storage.accessor import TierAccessor
+from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.storage.base import BlobStore, LocalPathStore
 
 __all__ = ["VerifyLevel", "Outcome", "CheckResult", "RateLimiter", "ScrubReport", "Scrubber"]
@@ -142,6 +147,7 @@ class Scrubber:
     ) -> None:
         self.index = index
         self.tiers = dict(tiers)
+        self.site = site_of_tiers(self.tiers)
         self.level = VerifyLevel(level)
         self.tier = tier
         self.store_id = store_id
@@ -248,8 +254,9 @@ class Scrubber:
         started = time.monotonic()
         answered: set[str] = set()
         unreadable: dict[str, list[tuple[Placement, CheckResult]]] = defaultdict(list)
-        placements = self.index.iter_placements(
-            tier=self.tier, states=[PlacementState.OK], store_id=self.store_id, limit=limit)
+        placements = islice((p for p in self.index.iter_placements(
+            tier=self.tier, states=[PlacementState.OK], store_id=self.store_id) if site_of(p.store_id) == self.site),
+            limit)
         for p in placements:
             self._objects.take(1)
             result = self.check(p)

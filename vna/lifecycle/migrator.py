@@ -25,18 +25,19 @@ import os
 import time
 import uuid
 from collections import defaultdict
+from itertools import islice
 from dataclasses import dataclass, replace
 from typing import Iterator
 
 from vna.audit import INSTANCES_ACCESSED, Actor, AuditLog
 from vna.config import ColdTierConfig, LifecycleConfig
-from vna.domain import InstanceRecord, Placement, PlacementState, Tier
+from vna.domain import InstanceRecord, Placement, PlacementState, Tier, site_of
 from vna.errors import BlobNotFound, IntegrityError, StateConflict, StorageError, VnaError
 from vna.index.base import Index, StudySummary
 from vna.jobs import JobReport
 from vna.lifecycle.rules import evaluate
 from vna.services.retrieve import RetrieveService
-from vna.storage.accessor import TierAccessor
+from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.storage.base import BlobStore
 from vna.storage.bundle import BundleEntry, BundleWriter, decode_frame
 from vna.telemetry import Telemetry
@@ -63,12 +64,15 @@ class Purger:
     def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], *, audit: AuditLog | None = None) -> None:
         self.index = index
         self.tiers = tiers
+        self.site = site_of_tiers(tiers)
         self.audit = audit if audit is not None else AuditLog.disabled()
         self.actor = Actor.process("vna-purge")
 
     def _other_copy_verifies(self, p: Placement) -> bool:
+        """True if another copy *at this site* verifies now (another site's copy is not ours to check)."""
         for other in self.index.placements(p.sop_uid, p.version):
-            if other.store_id == p.store_id or other.state is not PlacementState.OK:
+            if other.store_id == p.store_id or other.state is not PlacementState.OK \
+                    or site_of(other.store_id) != self.site:
                 continue
             accessor = self.tiers.get(other.tier)
             if accessor is None:
@@ -103,9 +107,11 @@ class Purger:
             return self.index.delete_placement(p)
 
     def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
-        """Purge at most ``limit`` TO_DELETE copies."""
+        """Purge at most ``limit`` TO_DELETE copies of this site."""
         report = JobReport(self.name, dry_run=dry_run)
-        for p in self.index.iter_placements(states=[PlacementState.TO_DELETE], limit=limit):
+        retiring = (p for p in self.index.iter_placements(states=[PlacementState.TO_DELETE])
+                    if site_of(p.store_id) == self.site)
+        for p in islice(retiring, limit):
             report.examined += 1
             if dry_run:
                 report.details.append({"sop_uid": p.sop_uid, "store": p.store_id, "bytes": p.stored_size})
@@ -152,6 +158,7 @@ class Migrator:
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._verified_now: set[str] = set()
         self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold}, audit=self.audit)
+        self.site = self.purger.site
 
     # -- selection -----------------------------------------------------------
     def due(self, now: float | None = None) -> Iterator[StudySummary]:
@@ -165,11 +172,12 @@ class Migrator:
                 yield study
 
     def _has_hot(self, study_uid: str) -> bool:
-        for inst in self.index.study_instances(study_uid):
-            if any(p.tier is Tier.HOT and p.state in (PlacementState.OK, PlacementState.TO_DELETE)
-                   for p in self.index.placements(inst.sop_uid, inst.version)):
-                return True
-        return False
+        return any(self._hot_here(inst) for inst in self.index.study_instances(study_uid))
+
+    def _hot_here(self, inst: InstanceRecord) -> bool:
+        """True if this site holds a hot copy (OK or being retired) of the instance: ours to migrate."""
+        return any(p.tier is Tier.HOT and p.state in (PlacementState.OK, PlacementState.TO_DELETE)
+                   and site_of(p.store_id) == self.site for p in self.index.placements(inst.sop_uid, inst.version))
 
     def plan(self, limit: int | None = None) -> list[StudyPlan]:
         """What a run would move (no change)."""
@@ -244,6 +252,8 @@ class Migrator:
             return 0
         groups: dict[str, list[InstanceRecord]] = defaultdict(list)
         for inst in self.index.study_instances(study_uid):
+            if not self._hot_here(inst) and not self._cold_ok(inst):
+                continue  # held only at another site: that site migrates it
             groups[study_uid if self.cold_cfg.bundle_by == "study" else inst.series_uid].append(inst)
         self._verified_now = set()
         for group_uid, instances in sorted(groups.items()):
@@ -258,7 +268,7 @@ class Migrator:
         return freed
 
     def _cold_ok(self, inst: InstanceRecord) -> bool:
-        return any(p.tier is Tier.COLD and p.state is PlacementState.OK
+        return any(p.tier is Tier.COLD and p.state is PlacementState.OK and site_of(p.store_id) == self.site
                    for p in self.index.placements(inst.sop_uid, inst.version))
 
     def _pending_rows(self, instances: list[InstanceRecord], key: str, now: float) -> list[Placement]:
@@ -309,7 +319,7 @@ class Migrator:
         pending = self._pending_rows(instances, key, now)
         writer = BundleWriter(self.cold_cfg.zstd_level)
         for inst in instances:
-            with self.retrieve.open_verified(inst.sop_uid) as verified:
+            with self.retrieve.open_verified(inst.sop_uid, local_only=True) as verified:
                 writer.add(inst.sop_uid, inst.version, verified.path.read_bytes())
         entries, data = writer.finish()
         self.cold_store.put(key, [data] if isinstance(data, bytes) else data)
@@ -338,7 +348,7 @@ class Migrator:
             return 0
         freed = 0
         for p in self.index.placements(inst.sop_uid, inst.version):
-            if p.tier is not Tier.HOT:
+            if p.tier is not Tier.HOT or site_of(p.store_id) != self.site:
                 continue
             if p.state is PlacementState.OK or p.state in (PlacementState.MISSING, PlacementState.CORRUPT):
                 if not self.index.transition(p, PlacementState.TO_DELETE):

@@ -31,11 +31,11 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope
 from vna.checksum import sha256_file
-from vna.domain import InstanceRecord, PlacementState, QueryLevel, validate_uid
+from vna.domain import InstanceRecord, PlacementState, QueryLevel, site_of, validate_uid
 from vna.errors import DuplicateConflict, InvalidDataset, StateConflict
 from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
-from vna.storage.accessor import TierAccessor
+from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.telemetry import Telemetry
 
 __all__ = ["IngestResult", "IngestService"]
@@ -166,6 +166,7 @@ class IngestService:
                  audit: AuditLog | None = None, telemetry: Telemetry | None = None) -> None:
         self.index = index
         self.hot = hot
+        self.site = site_of_tiers({hot.tier: hot})
         self.duplicate_policy = duplicate_policy
         self.audit = audit if audit is not None else AuditLog.disabled()
         self.telemetry = telemetry if telemetry is not None else Telemetry.disabled()
@@ -224,7 +225,8 @@ class IngestService:
             existing = self.index.get_instance(h.sop_uid)
             if existing is not None and existing.content_sha256 == content_sha256:
                 return IngestResult(h.sop_uid, h.sop_class_uid, h.study_uid, existing.version,
-                                    content_sha256, size, duplicate=True)
+                                    content_sha256, size, duplicate=True,
+                                    missing_replicas=self._keep_here(existing, path))
             if existing is not None and self.duplicate_policy == "reject":
                 raise DuplicateConflict(
                     f"already stored with different content: {h.sop_uid}")
@@ -235,6 +237,23 @@ class IngestService:
                 log.info("concurrent store of %s version %d; re-checking", h.sop_uid, version)
                 continue
         raise DuplicateConflict(f"SOP Instance {h.sop_uid} is being stored concurrently; retry")
+
+    def _keep_here(self, existing: InstanceRecord, path: Path) -> tuple[str, ...]:
+        """Identical bytes stored by another site of the federation: keep this site's copies too.
+
+        Returns the replicas that missed the write. Nothing is written when this
+        site already records a copy (in any state: repair is the repairer's).
+        """
+        if any(site_of(p.store_id) == self.site for p in self.index.placements(existing.sop_uid, existing.version)):
+            return ()
+        from vna.federation.copy import add_local_copy
+
+        try:
+            placements = add_local_copy(self.index, self.hot, existing, path, prefix="")
+        except StateConflict:
+            return ()  # a concurrent store at this site recorded them first
+        log.info("instance %s was stored by another site; this site keeps its own copies now", existing.sop_uid)
+        return tuple(p.store_id for p in placements if p.state is PlacementState.MISSING)
 
     def _store(self, path: Path, h: _Header, version: int, sha: str, size: int, source_ae: str) -> IngestResult:
         key = f"{h.study_uid}/{h.series_uid}/{h.sop_uid}.v{version}.{uuid.uuid4().hex[:12]}.dcm"

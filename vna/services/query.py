@@ -1,14 +1,24 @@
-"""QueryService: C-FIND-style queries for every front-end (DIMSE, gRPC)."""
+"""QueryService: C-FIND-style queries for every front-end (DIMSE, gRPC).
+
+Federation: the index is shared, so every site's studies match. While another
+site cannot be reached, a match asking for InstanceAvailability says
+UNAVAILABLE when some of its instances have verified copies only at
+unreachable sites (it is reported, never dropped); RetrieveAETitle is this
+site's AE, which fetches from the other sites.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from vna.audit import QUERY, Actor, AuditLog
-from vna.domain import QueryLevel
+from vna.domain import InstanceRecord, PlacementState, QueryLevel, site_of
 from vna.errors import InvalidInput
 from vna.index.base import Index
 from vna.index.query import Condition, keys_for_level, make_condition
+
+if TYPE_CHECKING:
+    from vna.federation.sites import Sites
 
 __all__ = ["QueryService"]
 
@@ -28,8 +38,9 @@ class QueryService:
     """Answers queries expressed as ``keyword -> value`` identifiers."""
 
     def __init__(self, index: Index, retrieve_ae_title: str, *, pn_case_insensitive: bool = True,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, sites: Sites | None = None) -> None:
         self.index = index
+        self.sites = sites
         self.audit = audit if audit is not None else AuditLog.disabled()
         self.retrieve_ae_title = retrieve_ae_title
         self.pn_case_insensitive = pn_case_insensitive
@@ -66,6 +77,9 @@ class QueryService:
                                   study_uids=_exact(identifier.get("StudyInstanceUID", "")),
                                   details={"level": level.value, "keys": keys}) as rec:
             n = 0
+            down = set(self.unreachable_sites()) if "InstanceAvailability" in identifier else set()
+            if down:
+                rec.details["unreachable_sites"] = sorted(down)
             try:
                 conds = self.conditions(level, identifier)
                 for row in self.index.find(level, conds, limit=limit):
@@ -75,7 +89,33 @@ class QueryService:
                             out[kw] = self.retrieve_ae_title
                         else:
                             out[kw] = row.get(kw, "")
+                    if down and out.get("InstanceAvailability") in ("ONLINE", "NEARLINE") \
+                            and not self._reachable(level, row, down):
+                        out["InstanceAvailability"] = "UNAVAILABLE"
                     n += 1
                     yield out
             finally:
                 rec.details["matches"] = n
+
+    def unreachable_sites(self) -> list[str]:
+        """The other sites of the federation that cannot be reached now (health checks are cached)."""
+        return self.sites.unreachable() if self.sites else []
+
+    def _reachable(self, level: QueryLevel, row: Mapping[str, str], down: set[str]) -> bool:
+        """True if every instance under the row has a verified copy at a site that is not down."""
+        insts: list[InstanceRecord]
+        if level is QueryLevel.IMAGE:
+            one = self.index.get_instance(row.get("SOPInstanceUID", ""))
+            insts = [one] if one is not None else []
+        elif level is QueryLevel.SERIES:
+            insts = [i for i in self.index.study_instances(row.get("StudyInstanceUID", ""))
+                     if i.series_uid == row.get("SeriesInstanceUID")]
+        elif level is QueryLevel.STUDY:
+            insts = self.index.study_instances(row.get("StudyInstanceUID", ""))
+        else:
+            return True
+        for inst in insts:
+            if not any(p.state is PlacementState.OK and site_of(p.store_id) not in down
+                       for p in self.index.placements(inst.sop_uid, inst.version)):
+                return False
+        return True

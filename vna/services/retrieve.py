@@ -3,6 +3,12 @@
 Copies are tried in tier order (cache, hot, cold). Each is verified against its
 recorded digests before it is handed out; a copy that fails is marked CORRUPT
 (or MISSING) in the index, quarantined, and the next copy is tried.
+
+Federation: only this site's copies are read (and ever marked). When none
+verifies and another site holds an OK copy, the instance is fetched from that
+site's gRPC front-end (``local_only``: the peer serves its own copies, never
+proxies on), verified against the index's content digest and size, and with
+``cache_remote`` kept as a local hot copy recorded in the index.
 """
 
 from __future__ import annotations
@@ -14,17 +20,21 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog
 from vna.checksum import sha256_file
-from vna.domain import Placement, PlacementState, QueryLevel, Tier
-from vna.errors import BlobNotFound, IntegrityError, LastVerifiedCopyLost, NotFound, StorageError
+from vna.domain import LOCAL_SITE, Placement, PlacementState, QueryLevel, Tier, site_of
+from vna.errors import (BlobNotFound, IntegrityError, LastVerifiedCopyLost, NotFound, SiteUnavailable, StorageError,
+                        VnaError)
 from vna.index.base import Index
 from vna.index.query import Condition
 from vna.storage.accessor import TierAccessor
 from vna.storage.base import LocalPathStore
 from vna.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from vna.federation.sites import Sites
 
 __all__ = ["VerifiedInstance", "InstanceRef", "Transfer", "RetrieveService"]
 
@@ -76,9 +86,13 @@ class RetrieveService:
     """Reads instances back, verifying every byte."""
 
     def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], spool_dir: Path, *,
-                 audit: AuditLog | None = None, telemetry: Telemetry | None = None) -> None:
+                 audit: AuditLog | None = None, telemetry: Telemetry | None = None,
+                 site: str = LOCAL_SITE, sites: Sites | None = None, cache_remote: bool = False) -> None:
         self.index = index
         self.tiers = tiers
+        self.site = site
+        self.sites = sites
+        self.cache_remote = cache_remote
         self.spool_dir = spool_dir
         self.audit = audit if audit is not None else AuditLog.disabled()
         self.telemetry = telemetry if telemetry is not None else Telemetry.disabled()
@@ -125,16 +139,21 @@ class RetrieveService:
             self.index.record_access(study_uid, now)
 
     @contextmanager
-    def open_verified(self, sop_uid: str) -> Iterator[VerifiedInstance]:
+    def open_verified(self, sop_uid: str, *, local_only: bool = False) -> Iterator[VerifiedInstance]:
         """Yield a verified local copy of the current version of ``sop_uid``.
 
-        Raises NotFound if the instance is unknown and LastVerifiedCopyLost if
-        no recorded copy verifies.
+        This site's copies first; then (unless ``local_only``) another site's,
+        fetched over gRPC. Raises NotFound if the instance is unknown (or,
+        with ``local_only``, not held at this site),
+        SiteUnavailable if the only copies are at sites that cannot be reached
+        now, and LastVerifiedCopyLost if no recorded copy verifies.
         """
-        placements = [p for p in self.index.placements(sop_uid) if p.state is PlacementState.OK]
-        if not placements and self.index.get_instance(sop_uid) is None:
+        ok = [p for p in self.index.placements(sop_uid) if p.state is PlacementState.OK]
+        if not ok and self.index.get_instance(sop_uid) is None:
             raise NotFound(f"instance {sop_uid} is not in the archive")
-        placements.sort(key=lambda p: (_TIER_ORDER[p.tier], p.store_id))
+        placements = sorted((p for p in ok if site_of(p.store_id) == self.site),
+                            key=lambda p: (_TIER_ORDER[p.tier], p.store_id))
+        remote = sorted({site_of(p.store_id) for p in ok} - {self.site})
         for p in placements:
             with self.telemetry.stage("retrieve.verify", {"vna.tier": p.tier.value}):
                 found = self._verify(p)
@@ -147,7 +166,66 @@ class RetrieveService:
                 if is_temp:
                     path.unlink(missing_ok=True)
             return
+        if remote and not local_only and self.sites:
+            with self._open_remote(sop_uid, remote) as inst:
+                yield inst
+            return
+        if remote and local_only and not placements:
+            raise NotFound(f"no copy of instance {sop_uid} is held at this site (it is at {', '.join(remote)})")
+        if remote and not local_only:
+            raise SiteUnavailable(f"instance {sop_uid} is held only at site(s) {', '.join(remote)}, "
+                                  "which this site does not reach ([[federation.site]])")
         raise LastVerifiedCopyLost(f"no copy of instance {sop_uid} verifies")
+
+    @contextmanager
+    def _open_remote(self, sop_uid: str, remote: list[str]) -> Iterator[VerifiedInstance]:
+        """Fetch the current version from the first reachable site holding it, verified against the index."""
+        assert self.sites is not None
+        inst = self.index.get_instance(sop_uid)
+        if inst is None:
+            raise NotFound(f"instance {sop_uid} is not in the archive")
+        errors: list[str] = []
+        for site in remote:
+            client = self.sites.get(site)
+            if client is None:
+                errors.append(f"{site}: not a configured [[federation.site]]")
+                continue
+            if not client.healthy():
+                errors.append(f"{site}: unreachable")
+                continue
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, suffix=".dcm")
+            os.close(fd)
+            path = Path(name)
+            try:
+                with self.telemetry.stage("retrieve.remote", {"vna.site": site}):
+                    client.fetch(sop_uid, path, content_sha256=inst.content_sha256, size=inst.content_size)
+            except (SiteUnavailable, NotFound, IntegrityError, StorageError) as exc:
+                path.unlink(missing_ok=True)
+                log.warning("cross-site fetch of %s from site %s failed: %s", sop_uid, site, exc)
+                errors.append(f"{site}: {exc}")
+                continue
+            log.info("instance %s fetched from site %s (%d bytes, verified)", sop_uid, site, inst.content_size)
+            if self.cache_remote:
+                self._cache(inst.sop_uid, path)
+            try:
+                yield VerifiedInstance(path, sop_uid, inst.content_sha256, inst.content_size)
+            finally:
+                path.unlink(missing_ok=True)
+            return
+        raise SiteUnavailable(f"instance {sop_uid} is held only at other sites, none served it: {'; '.join(errors)}")
+
+    def _cache(self, sop_uid: str, path: Path) -> None:
+        """Keep a verified remote copy on this site's hot tier (recorded); a failure only logs."""
+        from vna.federation.copy import add_local_copy
+
+        inst = self.index.get_instance(sop_uid)
+        hot = self.tiers.get(Tier.HOT)
+        if inst is None or hot is None:
+            return
+        try:
+            add_local_copy(self.index, hot, inst, path)
+        except VnaError as exc:
+            log.warning("could not keep a local copy of %s: %s", sop_uid, exc)
 
     def _verify(self, p: Placement) -> tuple[Path, bool] | None:
         """A verified local file for the placement (and whether it is a temp copy), or None."""

@@ -12,16 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, Iterator, Sequence, cast
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, cast
 
 from vna.checksum import HashingIterator
 from vna.codec import Codec, get_codec
-from vna.domain import Placement, PlacementState, Tier
+from vna.domain import LOCAL_SITE, Placement, PlacementState, Tier, site_of
 from vna.errors import IntegrityError, QuorumNotMet, StorageError, VnaError
 from vna.storage.base import BlobStore, FileCopyStore
 from vna.telemetry import Telemetry
 
-__all__ = ["ReplicaWrite", "TierAccessor"]
+__all__ = ["ReplicaWrite", "TierAccessor", "site_of_tiers"]
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +188,15 @@ def iter_file(path: str) -> Iterator[bytes]:
 
     with open(path, "rb") as fh:
         yield from read_chunks(fh)
+
+
+def site_of_tiers(tiers: Mapping[Tier, TierAccessor]) -> str:
+    """The site whose stores these tiers hold (from their site-qualified store ids, see ``domain.site_of``).
+
+    Jobs built on these tiers touch only placements of this site: the index is
+    shared by every site of a federation.
+    """
+    for accessor in tiers.values():
+        for store in accessor.stores:
+            return site_of(store.store_id)
+    return LOCAL_SITE
