@@ -110,6 +110,47 @@ def test_dimse_traffic_is_audited(make_server: Factory, corpus: list[Path], stor
     assert verify(srv.data_dir / "audit" / "audit.log").intact
 
 
+def test_grpc_calls_are_audited_with_the_token_identity(make_server: Factory, corpus: list[Path]) -> None:
+    """Store, Query, Retrieve, metadata and holds over gRPC name the token and the peer; refusals are audited."""
+    from vna.api.client import ApiError, VnaClient
+
+    port = free_port()
+    srv = make_server(f'[grpc]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\n'
+                      '[[grpc.token]]\nname = "ris-gateway"\ntoken = "token-of-the-ris-0123"\nrole = "write"\n')
+    mr = [p for p in corpus if p.name.startswith("mr-")]
+    patient, study = _head(mr[0])
+    with VnaClient(f"127.0.0.1:{port}", "token-of-the-ris-0123") as c:
+        for p in mr:
+            c.store(p)
+        assert len(c.query_page("STUDY", {"PatientID": patient})[0]) == 1
+        assert len(list(c.retrieve(study_uid=study))) == len(mr)
+        c.study_metadata(study)
+        c.set_hold(study, True, "litigation 2026-17")
+    with VnaClient(f"127.0.0.1:{port}", "not-a-token-of-this-archive") as bad:
+        with pytest.raises(ApiError):
+            bad.query_page("STUDY", {})
+    assert srv.stop() == 0
+
+    recs = _records(srv)
+    grpc_recs = [r for r in recs if r["actor"]["kind"] == "token"]
+    assert all(r["actor"]["address"].startswith("ipv4:127.0.0.1:") for r in grpc_recs)
+    ours = [r for r in grpc_recs if r["actor"]["id"] == "ris-gateway"]
+    stored = [r for r in ours if r["event_id"] == "110104" and r["action"] == "C"]
+    assert len(stored) == len(mr) and all(r["study_uids"] == [study] for r in stored)
+    (query,) = [r for r in ours if r["event_id"] == "110112"]
+    assert query["patient_ids"] == [patient] and query["details"]["matches"] == 1
+    (sent,) = [r for r in ours if r["event_id"] == "110104" and r["action"] == "R"]
+    assert sent["details"]["op"] == "grpc-retrieve" and sent["details"]["completed"] == len(mr)
+    assert sent["patient_ids"] == [patient] and sent["outcome"] == 0
+    accessed = [r for r in ours if r["event_id"] == "110103"]
+    assert {r["action"] for r in accessed} == {"R", "U"}  # metadata read, hold placed
+    assert all(r["study_uids"] == [study] and r["patient_ids"] == [patient] for r in accessed)
+    (refused,) = [r for r in grpc_recs if r["event_id"] == "110114"]
+    assert refused["outcome"] == 4 and refused["actor"]["id"] == "unknown"
+    assert "unknown bearer token" in refused["details"]["reason"]
+    assert verify(srv.data_dir / "audit" / "audit.log").intact
+
+
 def test_lifecycle_moves_and_purges_are_audited(make_server: Factory, corpus: list[Path]) -> None:
     srv = make_server("[lifecycle]\nmin_age_days = 0\n")
     small = [p for p in corpus if p.name.startswith("small-")]

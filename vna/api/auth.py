@@ -18,13 +18,17 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import grpc
 
+from vna.audit import LOGIN, USER_AUTHENTICATION, Actor, AuditLog
 from vna.config import GrpcToken
-from vna.errors import VnaError
+from vna.errors import AuditUnavailable, VnaError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ROLES", "METHOD_ROLES", "PUBLIC_PREFIXES", "Unauthenticated", "PermissionDenied",
@@ -122,11 +126,12 @@ def _kind(handler: Any) -> str:
            ("stream" if handler.response_streaming else "unary")
 
 
-def _refusal(handler: Any, method: str, exc: VnaError) -> Any:
+def _refusal(handler: Any, method: str, exc: VnaError, on_refuse: Callable[[Any], None]) -> Any:
     """A handler of the same shape as ``handler`` that ends the call with ``exc``'s status."""
     from vna.api.status import abort
 
     def deny(_request: Any, context: Any) -> Any:
+        on_refuse(context)
         abort(context, exc, method)
 
     factory = {
@@ -152,19 +157,38 @@ def _with_principal(handler: Any, principal: Principal) -> Any:
 
 
 class AuthInterceptor:
-    """A ``grpc.ServerInterceptor`` (duck-typed): authenticate, authorize, then run the handler."""
+    """A ``grpc.ServerInterceptor`` (duck-typed): authenticate, authorize, then run the handler.
 
-    def __init__(self, authenticator: TokenAuthenticator) -> None:
+    Refused calls are recorded in ``audit`` (User Authentication, failure) with the
+    peer's address and the reason.
+    """
+
+    def __init__(self, authenticator: TokenAuthenticator, audit: AuditLog | None = None) -> None:
         self.authenticator = authenticator
+        self.audit = audit
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         method = str(handler_call_details.method)
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
+        principal: Principal | None = None
         try:
             principal = self.authenticator.authenticate(handler_call_details.invocation_metadata or ())
             self.authenticator.authorize(principal, method)
         except (Unauthenticated, PermissionDenied) as exc:
-            return _refusal(handler, method, exc)
+            return _refusal(handler, method, exc, self._audited(method, principal, exc))
         return _with_principal(handler, principal)
+
+    def _audited(self, method: str, principal: Principal | None, exc: VnaError) -> Callable[[Any], None]:
+        """What to do, at call time (the peer is known then), with a refused call: an audit record."""
+        def record(context: Any) -> None:
+            if self.audit is None:
+                return
+            actor = Actor(principal.name if principal else "unknown", "token", str(context.peer() or ""))
+            try:
+                self.audit.record(USER_AUTHENTICATION, "E", actor, outcome=4, event_type=LOGIN,
+                                  details={"reason": str(exc), "method": method})
+            except AuditUnavailable as aexc:
+                log.error("refused gRPC call from %s not audited: %s", actor.address, aexc)
+        return record

@@ -34,6 +34,7 @@ _ensure_stubs()  # before the generated modules are imported (fresh clone: gener
 
 from vna.api._gen import archive_pb2 as pb  # noqa: E402
 from vna.api._gen import archive_pb2_grpc as pb_grpc  # noqa: E402
+from vna.api.observe import trace_metadata  # noqa: E402
 from vna.errors import IntegrityError, InvalidInput, VnaError  # noqa: E402
 
 __all__ = ["ApiError", "StoreResult", "RetrievedInstance", "VnaClient", "LEVELS", "pb"]
@@ -184,9 +185,13 @@ class VnaClient:
         """Close the channel."""
         self.channel.close()
 
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The token, and the current span's W3C trace context so the server's span continues our trace."""
+        return self._metadata + tuple(trace_metadata())
+
     def _call(self, method: Callable[..., T], request: Any) -> T:
         try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+            return method(request, timeout=self.timeout, metadata=self._call_metadata())
         except grpc.RpcError as exc:
             raise ApiError.from_rpc(exc) from None
 
@@ -235,7 +240,7 @@ class VnaClient:
     def _receive(self, request: pb.RetrieveRequest, directory: Path | None) -> Iterator[RetrievedInstance]:
         sink: _Sink | None = None
         try:
-            for msg in self.archive.Retrieve(request, timeout=self.timeout, metadata=self._metadata):
+            for msg in self.archive.Retrieve(request, timeout=self.timeout, metadata=self._call_metadata()):
                 part = msg.WhichOneof("part")
                 if part == "header":
                     if sink is not None:

@@ -53,6 +53,7 @@ from vna.api.status import abort  # noqa: E402
 from vna.archive import Archive  # noqa: E402
 from vna.config import Config, GrpcConfig  # noqa: E402
 from vna.domain import InstanceRecord, PlacementState, QueryLevel, Tier, validate_uid  # noqa: E402
+from vna.audit import INSTANCES_ACCESSED, Actor  # noqa: E402
 from vna.errors import ConfigError, InvalidInput, LeaseHeld, NotFound, VnaError  # noqa: E402
 from vna.index.query import COMPUTED_KEYS, LEVEL_KEYS, UNIQUE_KEY  # noqa: E402
 from vna.jobs import JobReport  # noqa: E402
@@ -104,6 +105,13 @@ def _streaming(fn: F) -> F:
         except Exception as exc:  # every error leaves through the status table
             abort(context, exc, fn.__name__)
     return wrapper  # type: ignore[return-value]
+
+
+def _actor(context: Any) -> Actor:
+    """Who is calling: the bearer token's name (or "anonymous") and the peer's address, for the audit trail."""
+    principal = auth.current_principal()
+    peer = str(context.peer() or "")
+    return Actor(principal.name if principal else "anonymous", "token", peer)
 
 
 def _uid(value: str, what: str) -> str:
@@ -193,7 +201,8 @@ class ArchiveServicer:
             if len(source) > 64 or not source.isprintable():
                 raise InvalidInput("source must be at most 64 printable characters")
             result = self.archive.ingest.ingest_file(
-                path, source_ae=source, expected_sop_uid=header.expected_sop_instance_uid or None)
+                path, source_ae=source, expected_sop_uid=header.expected_sop_instance_uid or None,
+                actor=_actor(context))
         finally:
             path.unlink(missing_ok=True)
         log.debug("gRPC Store by %s: %s (%d bytes, duplicate=%s)", source, result.sop_uid, size, result.duplicate)
@@ -214,20 +223,27 @@ class ArchiveServicer:
         refs = retrieve.select(level, self.archive.query.conditions(level, {keyword: uid}))
         if not refs:
             raise NotFound(f"no instance with {keyword} {uid} is in the archive")
-        retrieve.record_access(refs)
         chunk = max(_MIN_CHUNK, min(request.chunk_size or CHUNK_SIZE, self.cfg.max_message_bytes - 1024))
-        for i, ref in enumerate(refs):
-            if not context.is_active():
-                log.info("gRPC Retrieve of %s %s cancelled by the client after %d of %d", keyword, uid, i, len(refs))
-                return
-            with retrieve.open_verified(ref.sop_uid, local_only=request.local_only) as inst:
-                yield pb.RetrieveResponse(header=pb.InstanceHeader(
-                    sop_instance_uid=ref.sop_uid, sop_class_uid=ref.sop_class_uid,
-                    study_instance_uid=ref.study_uid, transfer_syntax_uid=ref.transfer_syntax_uid,
-                    size=inst.size, content_sha256=inst.content_sha256, index=i, count=len(refs)))
-                with open(inst.path, "rb") as fh:
-                    while data := fh.read(chunk):
-                        yield pb.RetrieveResponse(chunk=data)
+        op = "grpc-retrieve-peer" if request.local_only else "grpc-retrieve"
+        with retrieve.transfer(refs, _actor(context), op=op) as xfer:
+            for i, ref in enumerate(refs):
+                if not context.is_active():
+                    log.info("gRPC Retrieve of %s %s cancelled by the client after %d of %d", keyword, uid, i,
+                             len(refs))
+                    return
+                try:
+                    with retrieve.open_verified(ref.sop_uid, local_only=request.local_only) as inst:
+                        yield pb.RetrieveResponse(header=pb.InstanceHeader(
+                            sop_instance_uid=ref.sop_uid, sop_class_uid=ref.sop_class_uid,
+                            study_instance_uid=ref.study_uid, transfer_syntax_uid=ref.transfer_syntax_uid,
+                            size=inst.size, content_sha256=inst.content_sha256, index=i, count=len(refs)))
+                        with open(inst.path, "rb") as fh:
+                            while data := fh.read(chunk):
+                                yield pb.RetrieveResponse(chunk=data)
+                except VnaError:
+                    xfer.sent(False)
+                    raise
+                xfer.sent(True, inst.size)
 
     # -- Query -----------------------------------------------------------------
     @staticmethod
@@ -264,7 +280,8 @@ class ArchiveServicer:
                 raise InvalidInput(f"page_token is not one this server issued: {exc}") from None
             if fp != fingerprint or offset < 0:
                 raise InvalidInput("page_token belongs to another query")
-        rows = list(islice(self.archive.query.find(level, ident, limit=offset + size + 1), offset, None))
+        rows = list(islice(self.archive.query.find(level, ident, limit=offset + size + 1, actor=_actor(context)),
+                           offset, None))
         out = pb.QueryResponse(unreachable_sites=self.archive.query.unreachable_sites())
         for row in rows[:size]:
             out.matches.add().attributes.update(row)
@@ -281,6 +298,9 @@ class ArchiveServicer:
         records = index.study_instances(uid)
         if not records:
             raise NotFound(f"study {uid} is not in the archive")
+        self.archive.audit.record(INSTANCES_ACCESSED, "R", _actor(context), study_uids=[uid],
+                                  patient_ids=sorted({r.attrs.get("PatientID", "") for r in records}),
+                                  details={"op": "grpc-metadata", "instances": len(records)})
         out = pb.StudyMetadata(study_instance_uid=uid, held=index.is_held(uid))
         out.attributes.update(_pick(records[0], (*LEVEL_KEYS[QueryLevel.PATIENT], *LEVEL_KEYS[QueryLevel.STUDY])))
         series: dict[str, pb.SeriesMetadata] = {}
@@ -368,9 +388,7 @@ class LifecycleServicer:
     @_unary
     def SetHold(self, request: pb.HoldRequest, context: Any) -> pb.LifecycleStatus:
         uid = _uid(request.study_instance_uid, "StudyInstanceUID")
-        if not self.archive.index.study_instances(uid):
-            raise NotFound(f"study {uid} is not in the archive")
-        self.archive.index.set_hold(uid, request.held, request.reason if request.held else "")
+        self.archive.set_hold(uid, request.held, request.reason, _actor(context))
         principal = auth.current_principal()
         log.info("legal hold on study %s %s over gRPC by %s", uid, "placed" if request.held else "lifted",
                  principal.name if principal else "?")
@@ -555,7 +573,7 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if self.reuse_port else 0),
         ]
         interceptors = [ObservingInterceptor(self.archive.telemetry),
-                        auth.AuthInterceptor(auth.TokenAuthenticator(g.token))]
+                        auth.AuthInterceptor(auth.TokenAuthenticator(g.token), self.archive.audit)]
         server = grpc.server(self._pool, interceptors=interceptors,
                              options=options, maximum_concurrent_rpcs=g.max_workers * 4)
         spool = self.cfg.resolve("spool/grpc")
