@@ -4,8 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+CLUSTER_DIR ?= .cluster
+CLUSTER_ARGS ?= --frontends 2
 
-.PHONY: install run test test-fast lint typecheck system-deps cassandra cassandra-stop bench clean
+.PHONY: install run test test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
 
 install: $(STAMP)
 
@@ -24,6 +26,9 @@ system-deps:
 	@command -v storescu >/dev/null 2>&1 || { \
 	  echo "installing DCMTK (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk >/dev/null; }
+	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || { \
+	  echo "installing HAProxy (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
 	@command -v java >/dev/null 2>&1 || { \
 	  echo "installing Java 17 + Maven (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
@@ -48,6 +53,22 @@ cassandra: install
 
 cassandra-stop:
 	$(BIN)/python ops/cassandra/launcher.py stop --dir .cassandra
+
+## A local HA cluster: Cassandra, SeaweedFS, 2 `vna serve` front-ends, HAProxy (DICOM 11112, gRPC 50051).
+cluster-up: install system-deps
+	$(BIN)/python ops/cassandra/launcher.py fetch
+	$(BIN)/python ops/cluster/cluster.py up --dir $(CLUSTER_DIR) $(CLUSTER_ARGS)
+
+cluster-status:
+	$(BIN)/python ops/cluster/cluster.py status --dir $(CLUSTER_DIR)
+
+cluster-down:
+	$(BIN)/python ops/cluster/cluster.py down --dir $(CLUSTER_DIR)
+
+## Ingest through HAProxy with 1 and 2 front-ends, gRPC MB/s, and Orthanc on the same corpus.
+bench-cluster: install system-deps
+	$(BIN)/python ops/cassandra/launcher.py fetch
+	$(BIN)/python -m benchmarks.cluster
 
 bench: install system-deps
 	$(BIN)/python -m benchmarks.ingest

@@ -8,21 +8,35 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["CASSANDRA_LAUNCHER", "load_cassandra_launcher", "free_port", "fs_type"]
+__all__ = ["CASSANDRA_LAUNCHER", "CLUSTER_LAUNCHER", "load_cassandra_launcher", "load_cluster_launcher", "free_port",
+           "fs_type"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CASSANDRA_LAUNCHER = ROOT / "ops" / "cassandra" / "launcher.py"
+CLUSTER_LAUNCHER = ROOT / "ops" / "cluster" / "cluster.py"
 
 
-def load_cassandra_launcher() -> ModuleType:
-    """Import ops/cassandra/launcher.py (a stdlib-only script, not a package) as a module."""
-    spec = importlib.util.spec_from_file_location("vna_ops_cassandra_launcher", CASSANDRA_LAUNCHER)
+def _load_script(name: str, path: Path) -> ModuleType:
+    """Import a script under ops/ (not a package) as a module, once."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {CASSANDRA_LAUNCHER}")
+        raise RuntimeError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses need the module registered
     spec.loader.exec_module(module)
     return module
+
+
+def load_cassandra_launcher() -> ModuleType:
+    """Import ops/cassandra/launcher.py (a stdlib-only script, not a package) as a module."""
+    return _load_script("vna_ops_cassandra_launcher", CASSANDRA_LAUNCHER)
+
+
+def load_cluster_launcher() -> ModuleType:
+    """Import ops/cluster/cluster.py (the local HA cluster: front-ends, HAProxy) as a module."""
+    return _load_script("vna_ops_cluster", CLUSTER_LAUNCHER)
 
 
 def free_port() -> int:

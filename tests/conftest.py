@@ -169,6 +169,18 @@ def storescp(tmp_path: Path) -> Iterator[StoreScp]:
     stop_process(proc, 5)
 
 
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A throwaway self-signed EC certificate (CN=name, SAN localhost/127.0.0.1) and its key, as PEM files."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is missing (needed to make a throwaway certificate)")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes of a Part 10 file after its file meta group (what DIMSE transfers)."""
     from pydicom.filereader import read_preamble, _read_file_meta_info

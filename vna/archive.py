@@ -13,6 +13,7 @@ from vna.codec import IdentityCodec, PixelCodec
 from vna.config import Config
 from vna.domain import PlacementState, Tier, site_of, site_store_id
 from vna.errors import AuditUnavailable, NotFound
+from vna.gauges import ArchiveGauges
 from vna.index import Index, open_index
 from vna.services.ingest import IngestService
 from vna.services.query import QueryService
@@ -48,10 +49,7 @@ class Archive:
         self.index = index if index is not None else open_index(cfg)
         #: this site's id; store ids carry it (``hot-1@A``) so every placement names its site
         self.site_id = cfg.archive.site_id
-        stores = [
-            FilesystemBlobStore(site_store_id(f"hot-{i + 1}", self.site_id), cfg.resolve(path), fsync=cfg.hot.fsync)
-            for i, path in enumerate(cfg.hot.replicas)
-        ]
+        stores = self._hot_stores(cfg)
         self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec(), telemetry=self.telemetry)
         self.cold = TierAccessor(Tier.COLD, [self._cold_store(cfg)], 1, PixelCodec(cfg.cold.zstd_level))
         #: every tier's accessor, by tier
@@ -68,6 +66,24 @@ class Archive:
                                         audit=self.audit, telemetry=self.telemetry, site=self.site_id,
                                         sites=self.sites, cache_remote=cfg.federation.cache_remote)
         self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit, sites=self.sites)
+        self.gauges = ArchiveGauges(self)
+
+    @staticmethod
+    def _hot_stores(cfg: Config) -> list[BlobStore]:
+        """The hot replicas: directories ``hot-1..``, then S3 buckets ``hot-s3-1..`` (ids fixed by config order).
+
+        Ids carry the site (``hot-1@A``) unless the site is the default "local".
+        """
+        site = cfg.archive.site_id
+        stores: list[BlobStore] = [
+            FilesystemBlobStore(site_store_id(f"hot-{i + 1}", site), cfg.resolve(path), fsync=cfg.hot.fsync)
+            for i, path in enumerate(cfg.hot.replicas)
+        ]
+        if cfg.hot.s3:
+            from vna.storage.s3 import S3BlobStore
+
+            stores += [S3BlobStore(site_store_id(f"hot-s3-{i + 1}", site), s3) for i, s3 in enumerate(cfg.hot.s3)]
+        return stores
 
     @staticmethod
     def _cold_store(cfg: Config) -> BlobStore:
@@ -121,6 +137,7 @@ class Archive:
 
     def close(self) -> None:
         """Release threads and connections; the audit trail and telemetry are flushed last."""
+        self.gauges.close()
         for accessor in self.tiers.values():
             accessor.close()
         if self.sites is not None:

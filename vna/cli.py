@@ -85,23 +85,58 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
 
             daemons.append(Daemon(copy_job(archive), cfg.federation.copy_interval_seconds,
                                   cfg.federation.copy_batch_limit, telemetry=archive.telemetry))
+    health = _health_server(cfg, archive, server, grpc_server, stop, reuse_port)
     try:
         if server is not None:
             server.start()
         if grpc_server is not None:
             grpc_server.start()
+        if health is not None:
+            health.start()
         for d in daemons:
             d.start()
         ready.set()
         stop.wait()
     finally:
+        if health is not None:
+            health.drain()
         for d in daemons:
             d.stop()
         if grpc_server is not None:
             grpc_server.stop()
         if server is not None:
             server.stop()
+        if health is not None:
+            health.stop()
         archive.close()
+
+
+def _health_server(cfg: Config, archive: Any, dicom: Any, grpc_server: Any, stop: Any,
+                   reuse_port: bool) -> Any:
+    """The ``[health]`` readiness endpoint of one server process (None when ``health.port`` is 0)."""
+    if not cfg.health.port:
+        return None
+    from vna.errors import AuditUnavailable
+    from vna.health import Check, HealthServer
+
+    def index() -> str | None:
+        archive.index.get_instance("0")  # raises IndexUnavailable when the index does not answer
+        return None
+
+    def audit() -> str | None:
+        try:
+            archive.audit.require()
+        except AuditUnavailable as exc:
+            return str(exc)
+        return None
+
+    checks: list[Check] = [("stopping", lambda: "stop requested" if stop.is_set() else None)]
+    if dicom is not None:
+        checks.append(("dicom", lambda: None if dicom.listening else "DICOM listener not open"))
+    if grpc_server is not None:
+        checks.append(("grpc", lambda: None if grpc_server.serving else "gRPC server not serving"))
+    checks += [("index", index), ("audit", audit)]
+    return HealthServer(cfg.health.host, cfg.health.port, checks, reuse_port=reuse_port)
 
 
 def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str, run_jobs: bool, dicom: bool = True) -> None:
@@ -129,7 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cfg.grpc.enabled:
         fronts.append(f"gRPC on {cfg.grpc.host}:{cfg.grpc.port} (TLS {'on' if cfg.grpc.tls_cert else 'off'})")
     summary = (f"{', '.join(fronts)} "
-               f"(index {cfg.index.backend}, {len(cfg.hot.replicas)} hot replicas, W={cfg.hot.quorum}, "
+               f"(index {cfg.index.backend}, {cfg.hot.count} hot replicas, W={cfg.hot.quorum}, "
                f"data {cfg.data_dir}")
     if cfg.dicom.workers == 1:
         ready = threading.Event()

@@ -37,6 +37,7 @@ __all__ = [
     "TelemetryConfig",
     "GrpcToken",
     "GrpcConfig",
+    "HealthConfig",
     "SiteConfig",
     "CopyRule",
     "FederationConfig",
@@ -52,6 +53,7 @@ class RemoteAE:
     ae_title: str
     host: str
     port: int
+    tls: bool = False               # associate over TLS (verified with dicom.tls_ca)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ class DicomConfig:
     max_pdu: int = 65536
     workers: int = 1
     remote: tuple[RemoteAE, ...] = ()
+    # DICOM over TLS (BCP 195, TLS 1.2+): a second listener on tls_port (0: none). Paths relative to data_dir.
+    tls_port: int = 0
+    tls_cert: str = ""              # PEM certificate (chain) presented by the listener and to TLS remotes
+    tls_key: str = ""               # PEM private key of tls_cert
+    tls_client_ca: str = ""         # PEM CA bundle: TLS clients must present a certificate it signed
+    tls_ca: str = ""                # PEM CA bundle to verify TLS remotes (empty: the system's CAs)
+    commitment_retries: int = 5     # further attempts to deliver a Storage Commitment report
+    commitment_retry_interval: float = 10.0  # seconds before the first retry (doubling)
 
     def find_remote(self, ae_title: str) -> RemoteAE | None:
         """Return the configured peer with this AE title (trailing spaces ignored)."""
@@ -77,20 +87,6 @@ class DicomConfig:
             if ae.ae_title == wanted:
                 return ae
         return None
-
-
-@dataclass(frozen=True)
-class HotTierConfig:
-    """Hot replicas: N filesystem directories, write quorum W (0 means W = N)."""
-
-    replicas: tuple[str, ...] = ("hot/r1", "hot/r2")
-    write_quorum: int = 0
-    fsync: bool = True
-
-    @property
-    def quorum(self) -> int:
-        """The effective write quorum."""
-        return self.write_quorum or len(self.replicas)
 
 
 @dataclass(frozen=True)
@@ -107,6 +103,32 @@ class S3Config:
     max_attempts: int = 5
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class HotTierConfig:
+    """Hot replicas: filesystem directories (``replicas``) and S3 buckets (``[[hot.s3]]``), write quorum W.
+
+    The replica count N is ``len(replicas) + len(s3)``; ``write_quorum`` 0 means
+    W = N. Store ids are ``hot-1..`` for directories and ``hot-s3-1..`` for
+    buckets, in config order: every front-end of a cluster must list the same
+    replicas in the same order (and reach all of them).
+    """
+
+    replicas: tuple[str, ...] = ("hot/r1", "hot/r2")
+    s3: tuple[S3Config, ...] = ()
+    write_quorum: int = 0
+    fsync: bool = True
+
+    @property
+    def count(self) -> int:
+        """N: how many hot replicas (directories and buckets)."""
+        return len(self.replicas) + len(self.s3)
+
+    @property
+    def quorum(self) -> int:
+        """The effective write quorum."""
+        return self.write_quorum or self.count
 
 
 @dataclass(frozen=True)
@@ -221,6 +243,7 @@ class TelemetryConfig:
     otlp_endpoint: str = ""         # e.g. "http://collector:4317" (OTLP/gRPC); empty: no OTLP export
     export_interval_seconds: float = 10.0   # OTLP metric export period
     trace_sample_ratio: float = 1.0
+    stats_interval_seconds: float = 300.0   # refresh of the index-derived gauges (tiers, lifecycle backlog); 0: off
 
 
 @dataclass(frozen=True)
@@ -271,6 +294,14 @@ class GrpcConfig:
     token: tuple[GrpcToken, ...] = ()
     max_message_bytes: int = 4 * 1024 * 1024
     max_workers: int = 16           # RPCs served at once (the servicer thread pool)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """The readiness endpoint for load balancers (``GET /health``, 200 or 503); ``port`` 0: off."""
+
+    host: str = "0.0.0.0"
+    port: int = 0
 
 
 @dataclass(frozen=True)
@@ -332,6 +363,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
     @property
@@ -349,8 +381,9 @@ class Config:
         data = dataclasses.asdict(self)
         if data["index"]["cassandra"]["password"]:
             data["index"]["cassandra"]["password"] = "***"
-        if data["cold"]["s3"]["secret_key"]:
-            data["cold"]["s3"]["secret_key"] = "***"
+        for s3 in (data["cold"]["s3"], *data["hot"]["s3"]):
+            if s3["secret_key"]:
+                s3["secret_key"] = "***"
         for tok in data["grpc"]["token"]:
             tok["token"] = "***"
         for site in data["federation"]["site"]:
@@ -431,7 +464,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             typ = hints[f.name]
             if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
-            elif f.name not in ("remote", "token", "site", "copy"):  # lists of tables: TOML only
+            elif f.name not in ("remote", "token", "s3", "site", "copy"):  # lists of tables: TOML only
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
 
     walk(Config, ())
@@ -478,12 +511,17 @@ def load_config(
 
 
 def _validate(cfg: Config) -> None:
-    if not cfg.hot.replicas:
-        raise ConfigError("hot.replicas must name at least one replica directory")
-    if not 1 <= cfg.hot.quorum <= len(cfg.hot.replicas):
+    if not cfg.hot.count:
+        raise ConfigError("hot.replicas and [[hot.s3]] must name at least one replica (directory or bucket)")
+    if not 1 <= cfg.hot.quorum <= cfg.hot.count:
         raise ConfigError(
-            f"hot.write_quorum must be between 1 and {len(cfg.hot.replicas)} (the replica count)"
+            f"hot.write_quorum must be between 1 and {cfg.hot.count} (the replica count)"
         )
+    for i, s3 in enumerate(cfg.hot.s3):
+        if not s3.bucket:
+            raise ConfigError(f"hot.s3[{i}].bucket is required")
+    if len({(s3.endpoint_url, s3.bucket, s3.prefix.strip("/")) for s3 in cfg.hot.s3}) != len(cfg.hot.s3):
+        raise ConfigError("hot.s3 entries must name distinct buckets (or prefixes): two replicas in one place are one")
     if cfg.archive.duplicate_policy not in ("reject", "version"):
         raise ConfigError("archive.duplicate_policy must be 'reject' or 'version'")
     if cfg.index.backend not in ("sqlite", "cassandra"):
@@ -493,8 +531,11 @@ def _validate(cfg: Config) -> None:
     ae = cfg.dicom.ae_title
     if not ae or len(ae) > 16 or "\\" in ae or not ae.isprintable():
         raise ConfigError("dicom.ae_title must be 1-16 printable characters")
+    if cfg.dicom.commitment_retries < 0 or cfg.dicom.commitment_retry_interval < 0:
+        raise ConfigError("dicom.commitment_retries and dicom.commitment_retry_interval must be >= 0")
     if cfg.dicom.max_associations < 1 or cfg.dicom.workers < 1:
         raise ConfigError("dicom.max_associations and dicom.workers must be >= 1")
+    _validate_dicom_tls(cfg.dicom)
     cfg.index.cassandra.replication_map  # validates
     if cfg.cold.backend not in ("filesystem", "s3"):
         raise ConfigError("cold.backend must be 'filesystem' or 's3'")
@@ -516,6 +557,8 @@ def _validate(cfg: Config) -> None:
     if ic.batch_limit < 1:
         raise ConfigError("integrity.batch_limit must be >= 1")
     _validate_grpc(cfg.grpc)
+    if not 0 <= cfg.health.port < 65536:
+        raise ConfigError("health.port must be between 0 (off) and 65535")
     _validate_observability(cfg.audit, cfg.telemetry)
     _validate_federation(cfg.archive.site_id, cfg.federation)
 
@@ -558,6 +601,17 @@ def _validate_federation(own: str, f: FederationConfig) -> None:
         raise ConfigError("federation.health_timeout and retrieve_timeout must be > 0, health_cache_seconds >= 0")
     if f.copy_interval_seconds <= 0 or f.copy_batch_limit < 1:
         raise ConfigError("federation.copy_interval_seconds must be > 0 and copy_batch_limit >= 1")
+
+
+def _validate_dicom_tls(d: DicomConfig) -> None:
+    if not 0 <= d.tls_port < 65536 or (d.tls_port and d.tls_port == d.port):
+        raise ConfigError("dicom.tls_port must be 0 (off) or a port other than dicom.port")
+    if d.tls_port and not (d.tls_cert and d.tls_key):
+        raise ConfigError("dicom.tls_port needs dicom.tls_cert and dicom.tls_key")
+    if bool(d.tls_cert) != bool(d.tls_key):
+        raise ConfigError("dicom.tls_cert and dicom.tls_key must be set together")
+    if d.tls_client_ca and not d.tls_port:
+        raise ConfigError("dicom.tls_client_ca (mutual TLS) needs dicom.tls_port")
 
 
 def _validate_grpc(g: GrpcConfig) -> None:
@@ -603,6 +657,8 @@ def _validate_observability(a: AuditConfig, t: TelemetryConfig) -> None:
         raise ConfigError("audit.syslog_port must be between 1 and 65535")
     if not 0 <= t.prometheus_port < 65536:
         raise ConfigError("telemetry.prometheus_port must be between 0 (off) and 65535")
+    if t.stats_interval_seconds < 0:
+        raise ConfigError("telemetry.stats_interval_seconds must be >= 0 (0: off)")
     if not 0.0 <= t.trace_sample_ratio <= 1.0:
         raise ConfigError("telemetry.trace_sample_ratio must be between 0 and 1")
     if t.export_interval_seconds <= 0:

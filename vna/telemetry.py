@@ -80,6 +80,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "vna.lifecycle.studies": ("counter", "{study}", "studies migrated to the cold tier, by outcome"),
     "vna.audit.records": ("counter", "{record}", "audit records written, by event id"),
     "vna.audit.failures": ("counter", "{failure}", "audit write or forward failures, by sink"),
+    "vna.grpc.calls": ("counter", "{call}", "gRPC calls answered, by method and status code"),
+    "vna.grpc.duration": ("histogram", "s", "gRPC call latency (streams: until the last message), by method"),
 }
 
 
@@ -138,6 +140,7 @@ class Telemetry:
         self._formatted: list[tuple[logging.Handler, logging.Formatter | None]] = []
         self._lock = threading.Lock()
         self.endpoint_port: int | None = None
+        self._stage_spans = False             # stages are spans only when some processor receives spans
         if not self.enabled:
             self.tracer: trace.Tracer = trace.NoOpTracer()
             for name in METRICS:
@@ -157,12 +160,12 @@ class Telemetry:
         return cls(TelemetryConfig(enabled=False))
 
     def _setup(self, span_exporter: SpanExporter | None, metric_readers: Sequence[MetricReader]) -> None:
-        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider, TraceBasedExemplarFilter
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 
         cfg = self.cfg
         resource = Resource.create({"service.name": cfg.service_name,
@@ -179,11 +182,16 @@ class Telemetry:
         if cfg.prometheus_port:
             self._prometheus = InMemoryMetricReader()
             readers.append(self._prometheus)
-        self._tracer_provider = TracerProvider(resource=resource,
-                                               sampler=ParentBased(TraceIdRatioBased(cfg.trace_sample_ratio)))
+        # Spans nobody exports are not recorded (they still carry trace ids for logs and
+        # propagation), and exemplars are kept only for OTLP, the one exporter that sends them:
+        # both cost a measurable share of the ingest path's CPU for nothing otherwise.
+        sampler = ParentBased(TraceIdRatioBased(cfg.trace_sample_ratio)) if span_processors else ALWAYS_OFF
+        self._tracer_provider = TracerProvider(resource=resource, sampler=sampler)
         for proc in span_processors:
             self._tracer_provider.add_span_processor(proc)
-        self._meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        self._stage_spans = bool(span_processors)
+        exemplars = TraceBasedExemplarFilter() if cfg.otlp_endpoint else AlwaysOffExemplarFilter()
+        self._meter_provider = MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=exemplars)
         self.tracer = self._tracer_provider.get_tracer("vna")
         meter = self._meter_provider.get_meter("vna")
         for name, (kind, unit, desc) in METRICS.items():
@@ -216,6 +224,8 @@ class Telemetry:
     lifecycle_studies: Any
     audit_records: Any
     audit_failures: Any
+    grpc_calls: Any
+    grpc_duration: Any
 
     def gauge(self, name: str, unit: str, description: str,
               callback: Callable[[], Iterable[tuple[float, Attributes]]]) -> None:
@@ -246,10 +256,23 @@ class Telemetry:
         return self.tracer.start_span(name, attributes=attributes, kind=kind)
 
     def stage(self, name: str, attributes: Attributes | None = None) -> AbstractContextManager[Any]:
-        """A span plus one ``vna.stage.duration`` sample (attribute ``stage=name``)."""
+        """A span plus one ``vna.stage.duration`` sample (attribute ``stage=name``).
+
+        Without a span exporter only the sample is taken (the span would be dropped).
+        """
         if not self.enabled:
             return _NULL_CM
+        if not self._stage_spans:
+            return self._timed(name)
         return self._stage(name, attributes)
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield None
+        finally:
+            self.stage_duration.record(time.perf_counter() - t0, {"stage": name})
 
     @contextmanager
     def _stage(self, name: str, attributes: Attributes | None) -> Iterator[trace.Span]:

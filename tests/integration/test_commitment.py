@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,3 +85,46 @@ def test_storage_commitment_from_unknown_ae_is_refused(make_server: Factory, cor
     assoc.release()
     assert status.Status == 0x0213
     assert scu.echo(srv.port)
+
+
+def test_storage_commitment_report_is_retried_until_the_requester_listens(make_server: Factory,
+                                                                        corpus: list[Path]) -> None:
+    """The requester's report port is down when the N-ACTION is answered; the report arrives on a retry."""
+    reports: "queue.Queue[tuple[int, Dataset]]" = queue.Queue()
+
+    def on_report(event: Any) -> tuple[int, None]:
+        reports.put((int(event.event_type), event.event_information))
+        return 0x0000, None
+
+    port = free_port()
+    srv = make_server(f'[dicom]\ncommitment_retry_interval = 0.5\ncommitment_retries = 6\n'
+                      f'[[dicom.remote]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n')
+    assert all(r.Status == 0 for r in scu.store(srv.port, corpus[:1], ae_title="MODALITY"))
+    d = dcmread(corpus[0], stop_before_pixels=True)
+    req = Dataset()
+    req.TransactionUID = generate_uid()
+    item = Dataset()
+    item.ReferencedSOPClassUID = d.SOPClassUID
+    item.ReferencedSOPInstanceUID = d.SOPInstanceUID
+    req.ReferencedSOPSequence = [item]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", srv.port, ae_title="VNA")
+    assert assoc.is_established
+    status, _ = assoc.send_n_action(req, 1, StorageCommitmentPushModel, INSTANCE)
+    assoc.release()
+    assert status.Status == 0
+    deadline = time.monotonic() + 30
+    while "not delivered" not in srv.log.read_text():  # the first attempt failed: nobody listens yet
+        assert time.monotonic() < deadline, srv.log.read_text()[-2000:]
+        time.sleep(0.1)
+    listener = AE(ae_title="MODALITY")
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = listener.start_server(("127.0.0.1", port), block=False,
+                                   evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    try:
+        event_type, info = reports.get(timeout=60)
+        assert event_type == 1 and info.TransactionUID == req.TransactionUID
+        assert [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == [str(d.SOPInstanceUID)]
+    finally:
+        server.shutdown()

@@ -201,3 +201,21 @@ def test_sigterm_shuts_down_cleanly(make_server: Factory, corpus: list[Path]) ->
     assert srv.stop() == 0
     assert "vna stopped" in srv.log.read_text()
     assert not list((srv.data_dir / "hot" / "r1" / ".tmp").iterdir())
+
+
+def test_associations_do_not_leak_index_connections(make_server: Factory, corpus: list[Path]) -> None:
+    """Each association runs in its own thread with its own SQLite connection; it is closed with the thread.
+
+    (They used to accumulate: two open files per association served, until the process ran out.)
+    """
+    srv = make_server()
+    assert srv.proc is not None
+
+    def index_files() -> int:
+        fd_dir = Path(f"/proc/{srv.proc.pid}/fd")  # type: ignore[union-attr]
+        return sum(1 for fd in fd_dir.iterdir() if "index.sqlite" in str(fd.resolve(strict=False)))
+
+    for p in corpus * 2:  # one association per store
+        assert [s.Status for s in scu.store(srv.port, [p])] == [0]
+    assert _stats(srv)["instances"] == len(corpus)
+    assert index_files() <= 8, index_files()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,7 @@ import grpc
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import ROOT, VNA, VnaServer, dataset_bytes, free_port, stop_process, wait_port
+from tests.conftest import ROOT, VNA, VnaServer, dataset_bytes, free_port, self_signed, stop_process, wait_port
 from tests.integration import scu
 from vna.api.client import ApiError, VnaClient
 from vna.api._gen import archive_pb2 as pb
@@ -196,20 +195,9 @@ def test_tokens_and_roles(make_server: Factory, corpus: list[Path]) -> None:
         assert inst.data == corpus[0].read_bytes()
 
 
-def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return cert, key
-
-
 def test_tls_and_mutual_tls(make_server: Factory, corpus: list[Path], tmp_path: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is missing (needed to make a throwaway certificate)")
-    cert, key = _self_signed(tmp_path, "server")
-    ccert, ckey = _self_signed(tmp_path, "client")
+    cert, key = self_signed(tmp_path, "server")
+    ccert, ckey = self_signed(tmp_path, "client")
     srv, port = start(make_server, grpc_extra=f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
     with client(port, root_certificates=cert.read_bytes()) as c:
         assert c.health() == "SERVING"
@@ -372,3 +360,14 @@ def test_serve_grpc_only(tmp_path: Path, corpus: list[Path]) -> None:
     r = subprocess.run([*VNA, "serve", "--no-dicom", "--data-dir", str(tmp_path / "data")],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "nothing to serve" in r.stderr
+
+
+def test_audit_trail_unavailable_is_unavailable(make_server: Factory, corpus: list[Path]) -> None:
+    _, port = start(make_server, '[audit]\npath = "/dev/full"\n')  # every audit write: ENOSPC -> refused
+    with client(port) as c:
+        with pytest.raises(ApiError) as err:
+            c.store(corpus[0])
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.error == "AuditUnavailable"
+        with pytest.raises(ApiError) as err:
+            c.query_page("STUDY", {"StudyInstanceUID": ""})
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.error == "AuditUnavailable"

@@ -240,3 +240,97 @@ def test_otlp_export_to_a_grpc_collector(make_server: Factory, corpus: list[Path
         assert {"dimse.association", "dimse.c-store", "ingest", "storage.write"} <= set(span_names)
     finally:
         server.stop(None)
+
+
+def test_grpc_calls_are_spans_that_continue_the_callers_trace(inproc: InProcess, corpus: list[Path]) -> None:
+    """A gRPC call with a W3C traceparent becomes a child span of the caller's; calls are counted by code."""
+    import dataclasses
+
+    import grpc
+
+    from vna.api._gen import archive_pb2 as pb
+    from vna.api.client import VnaClient
+    from vna.api.observe import trace_metadata
+    from vna.api.server import GrpcServer
+    from vna.config import GrpcToken
+
+    port = free_port()
+    cfg = dataclasses.replace(inproc.cfg, grpc=dataclasses.replace(
+        inproc.cfg.grpc, enabled=True, host="127.0.0.1", port=port, token=(GrpcToken("app", "s3cret-token-0123456789", "write"),)))
+    server = GrpcServer(inproc.archive, cfg)
+    server.start()
+    try:
+        with VnaClient(f"127.0.0.1:{port}", "s3cret-token-0123456789") as client:
+            client.store(corpus[0])
+            with inproc.telemetry.tracer.start_as_current_span("site-b.request") as caller:
+                md = (("authorization", "Bearer s3cret-token-0123456789"), *trace_metadata())
+                client.archive.Query(pb.QueryRequest(level=client._level("STUDY")), metadata=md, timeout=30)  # noqa: SLF001
+            with pytest.raises(grpc.RpcError) as refused:
+                client.archive.Query(pb.QueryRequest(level=client._level("STUDY")), timeout=30)  # noqa: SLF001
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ds = dcmread(corpus[0], stop_before_pixels=True)
+            assert [r.data for r in client.retrieve(sop_uid=str(ds.SOPInstanceUID))] == [corpus[0].read_bytes()]
+    finally:
+        server.stop()
+    (query, *_) = [s for s in inproc.wait_spans("grpc.Query", 2)
+                   if s.parent is not None and s.parent.span_id == caller.get_span_context().span_id]
+    assert query.context.trace_id == caller.get_span_context().trace_id
+    assert query.kind.name == "SERVER"
+    store = inproc.wait_spans("grpc.Store", 1)[0]
+    assert any(_parent(s) == store.context.span_id for s in inproc.finished("ingest"))  # the ingest is inside
+    inproc.wait_spans("grpc.Retrieve", 1)
+    calls = inproc.metrics()["vna.grpc.calls"]
+    assert calls[frozenset({("method", "Query"), ("code", "OK")})] == 1
+    assert calls[frozenset({("method", "Query"), ("code", "UNAUTHENTICATED")})] == 1
+    assert calls[frozenset({("method", "Store"), ("code", "OK")})] == 1
+    assert calls[frozenset({("method", "Retrieve"), ("code", "OK")})] == 1
+
+
+def _dashboard_metrics() -> set[str]:
+    """Metric names the shipped Grafana dashboard and Prometheus alert rules query."""
+    import json
+
+    root = Path(__file__).resolve().parents[2] / "ops" / "observability"
+    exprs = [t["expr"] for p in json.loads((root / "vna-dashboard.json").read_text())["panels"] for t in p["targets"]]
+    exprs.append((root / "vna-alerts.yml").read_text())
+    names = {re.sub(r"_(bucket|sum|count)$", "", n) for e in exprs for n in re.findall(r"\bvna_[a-z_]+", e)}
+    return names
+
+
+def test_dashboard_and_alerts_query_metrics_the_archive_exports(make_server: Factory, corpus: list[Path]) -> None:
+    """Every metric in ops/observability is in a real scrape once the archive has done the work it measures."""
+    import grpc as _grpc  # noqa: F401 - the gRPC API is part of the traffic
+
+    from vna.api.client import VnaClient
+
+    metrics_port, grpc_port, dead_syslog = free_port(), free_port(), free_port()
+    srv = make_server(
+        f"[telemetry]\nenabled = true\nprometheus_port = {metrics_port}\nstats_interval_seconds = 0.5\n"
+        f"[grpc]\nenabled = true\nhost = \"127.0.0.1\"\nport = {grpc_port}\n"
+        "[[grpc.token]]\nname = \"app\"\ntoken = \"s3cret-token-0123456789\"\nrole = \"write\"\n"
+        "[lifecycle]\nenabled = true\nmin_age_days = 0\ninterval_seconds = 0.5\n"
+        "[integrity]\nscrub_enabled = true\nscrub_interval_seconds = 0.5\n"
+        f"[audit]\non_failure = \"buffer\"\nsyslog_host = \"127.0.0.1\"\nsyslog_port = {dead_syslog}\n"
+        "syslog_protocol = \"tcp\"\n")
+    small = [p for p in corpus if p.name.startswith("small-")]
+    assert all(r.Status == 0 for r in scu.store(srv.port, small))
+    ds = dcmread(small[0], stop_before_pixels=True)
+    _, final, _ = scu.get(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID},
+                          [str(ds.SOPClassUID)])
+    assert final.Status == 0
+    with VnaClient(f"127.0.0.1:{grpc_port}", "s3cret-token-0123456789") as client:
+        assert client.query_page("STUDY", {})[0]
+    wanted = _dashboard_metrics()
+    assert {"vna_ingest_instances_total", "vna_tier_placements", "vna_grpc_calls_total"} <= wanted
+    deadline = time.monotonic() + 60
+    while True:
+        _, body = _scrape(metrics_port)
+        exported = {re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split(" ")[0])
+                    for line in body.splitlines() if line.startswith("vna_")}
+        missing = wanted - exported
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, f"queried by ops/observability but not exported: {sorted(missing)}"
+    assert _sample(body, "vna_store_writable", '{store="hot-1"}') == 1
+    assert _sample(body, "vna_index_instances") == len(small)

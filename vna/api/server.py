@@ -48,6 +48,7 @@ _ensure_stubs()  # before the generated modules are imported (fresh clone: gener
 from vna.api import auth  # noqa: E402
 from vna.api._gen import archive_pb2 as pb  # noqa: E402
 from vna.api._gen import archive_pb2_grpc as pb_grpc  # noqa: E402
+from vna.api.observe import ObservingInterceptor  # noqa: E402
 from vna.api.status import abort  # noqa: E402
 from vna.archive import Archive  # noqa: E402
 from vna.config import Config, GrpcConfig  # noqa: E402
@@ -553,7 +554,9 @@ class GrpcServer:
             ("grpc.max_send_message_length", g.max_message_bytes),
             ("grpc.so_reuseport", 1 if self.reuse_port else 0),
         ]
-        server = grpc.server(self._pool, interceptors=[auth.AuthInterceptor(auth.TokenAuthenticator(g.token))],
+        interceptors = [ObservingInterceptor(self.archive.telemetry),
+                        auth.AuthInterceptor(auth.TokenAuthenticator(g.token))]
+        server = grpc.server(self._pool, interceptors=interceptors,
                              options=options, maximum_concurrent_rpcs=g.max_workers * 4)
         spool = self.cfg.resolve("spool/grpc")
         pb_grpc.add_ArchiveServicer_to_server(ArchiveServicer(self.archive, g, spool), server)
@@ -582,6 +585,11 @@ class GrpcServer:
             log.warning("gRPC on %s without TLS: bearer tokens cross the network in clear text "
                         "(set grpc.tls_cert and grpc.tls_key)", self.address)
         return self.port
+
+    @property
+    def serving(self) -> bool:
+        """True between ``start`` and ``stop``."""
+        return self._server is not None
 
     def stop(self, grace: float = 30.0) -> None:
         """Report NOT_SERVING, refuse new calls, let running ones finish for up to ``grace`` seconds."""

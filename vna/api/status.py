@@ -17,6 +17,7 @@ import grpc
 
 from vna.api.auth import PermissionDenied, Unauthenticated
 from vna.errors import (
+    AuditUnavailable,
     ConfigError,
     DuplicateConflict,
     IndexUnavailable,
@@ -48,6 +49,7 @@ TABLE: list[tuple[type[VnaError], Any]] = [
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (StorageError, grpc.StatusCode.UNAVAILABLE),             # quorum not met, store down or full: retry
     (IndexUnavailable, grpc.StatusCode.UNAVAILABLE),         # the index cannot be reached: retry
+    (AuditUnavailable, grpc.StatusCode.UNAVAILABLE),         # the audit trail refuses (policy "refuse"): retry
     (StateConflict, grpc.StatusCode.ABORTED),                # a concurrent change won: retry
     (LeaseHeld, grpc.StatusCode.ABORTED),                    # the job is already running
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),      # the server is not configured for this

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -27,8 +28,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
-from vna.config import DicomConfig
+from vna.config import DicomConfig, RemoteAE
 from vna.dicom import status as st
+from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
 from vna.services.retrieve import InstanceRef, Transfer
@@ -190,12 +192,45 @@ def _response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
     return rsp
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """An association server whose socket shares its port with sibling worker processes."""
+class _Server(ThreadedAssociationServer):
+    """The association server: optional SO_REUSEPORT, TLS handshakes in the association's thread.
+
+    pynetdicom wraps accepted sockets in the acceptor thread, where a client
+    that never finishes its handshake would stall every other connection; here
+    the handshake runs in the request thread, bounded by ``handshake_timeout``,
+    and a failed one closes that connection only.
+    """
+
+    reuse_port = False
+    handshake_timeout = 30.0
 
     def server_bind(self) -> None:
-        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.handshake_timeout)
+                request.do_handshake()
+                request.settimeout(None)
+            except (OSError, ValueError) as exc:
+                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
+
+
+class _ReusePortServer(_Server):
+    """An association server whose socket shares its port with sibling worker processes."""
+
+    reuse_port = True
 
 
 class DicomServer:
@@ -210,7 +245,7 @@ class DicomServer:
         self.cfg = cfg
         self.reuse_port = reuse_port
         self.ae = self._build_ae()
-        self._server: ThreadedAssociationServer | None = None
+        self._servers: list[ThreadedAssociationServer] = []
         self._inflight = 0
         self._idle = threading.Condition()
         self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
@@ -263,18 +298,29 @@ class DicomServer:
         return bindings
 
     def start(self) -> ThreadedAssociationServer:
-        """Listen in background threads; returns the server."""
-        if not self.reuse_port:
-            server = self.ae.start_server(
-                (self.cfg.host, self.cfg.port), block=False, evt_handlers=self.handlers())
-            assert server is not None
-        else:
-            server = cast(ThreadedAssociationServer, self.ae.make_server(
-                (self.cfg.host, self.cfg.port), evt_handlers=self.handlers(), server_class=_ReusePortServer))
-            threading.Thread(target=server.serve_forever, name="vna-acceptor", daemon=True).start()
-        self._server = server
+        """Listen in background threads (the plain port, and ``tls_port`` when set); returns the plain server.
+
+        Raises ConfigError when the TLS certificate or key cannot be loaded.
+        """
+        listeners: list[tuple[int, ssl.SSLContext | None]] = [(self.cfg.port, None)]
+        if self.cfg.tls_port:
+            listeners.append((self.cfg.tls_port, server_context(self.archive.cfg)))
+        server_class = _ReusePortServer if self.reuse_port else _Server
+        for port, ctx in listeners:
+            server = cast(_Server, self.ae.make_server(
+                (self.cfg.host, port), evt_handlers=self.handlers(), server_class=server_class, ssl_context=ctx))
+            server.handshake_timeout = self.cfg.acse_timeout
+            self.ae._servers.append(server)  # noqa: SLF001 -- as AE.start_server does; shutdown() removes it
+            threading.Thread(target=server.serve_forever, name=f"vna-acceptor-{port}", daemon=True).start()
+            self._servers.append(server)
         self.archive.telemetry.start_endpoint()
-        return server
+        return self._servers[0]
+
+    @property
+    def listening(self) -> bool:
+        """True while every listening socket (plain, and TLS if configured) is open (started and not stopped)."""
+        socks = [server.socket for server in self._servers]
+        return bool(socks) and all(sock is not None and sock.fileno() >= 0 for sock in socks)
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, let running C-STOREs finish (up to ``grace`` s), abort the associations.
@@ -283,9 +329,9 @@ class DicomServer:
         complete in the archive but unacknowledged; the sender's retry is
         idempotent.
         """
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
         self.ae.shutdown()
@@ -526,27 +572,32 @@ class DicomServer:
             refs = self._select(event)
         except (InvalidInput, AttributeError, ValueError) as exc:
             log.warning("C-MOVE refused: %s", exc)
-            yield from self._refuse_move(remote.host, remote.port, st.IDENTIFIER_MISMATCH)
+            yield from self._refuse_move(remote, st.IDENTIFIER_MISMATCH)
             return
         except VnaError as exc:
-            yield from self._refuse_move(remote.host, remote.port, st.status_for(exc))
+            yield from self._refuse_move(remote, st.status_for(exc))
             return
         dest = Actor(dest_name, "ae", f"{remote.host}:{remote.port}")
         with self.archive.retrieve.transfer(refs, _actor(event), op="c-move", destination=dest) as xfer:
-            yield remote.host, remote.port, {"contexts": _contexts_for(refs),
+            yield remote.host, remote.port, {"contexts": _contexts_for(refs), **self._connect_args(remote),
                                              "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
             yield len(refs)
             yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip(), xfer)
 
-    @staticmethod
-    def _refuse_move(host: str, port: int, status: int) -> Iterator[Any]:
+    def _connect_args(self, remote: RemoteAE) -> dict[str, Any]:
+        """``AE.associate`` keyword arguments for an association we request from ``remote`` (TLS if configured)."""
+        if not remote.tls:
+            return {}
+        return {"tls_args": (client_context(self.archive.cfg), remote.host)}
+
+    def _refuse_move(self, remote: RemoteAE, status: int) -> Iterator[Any]:
         """Make pynetdicom answer a C-MOVE with ``status``.
 
         pynetdicom answers Success when 0 sub-operations are announced, and
         associates with the destination before it asks for the first status:
         announce one sub-operation over a Verification-only association, then fail.
         """
-        yield host, port, {"contexts": [build_context(Verification)]}
+        yield remote.host, remote.port, {"contexts": [build_context(Verification)], **self._connect_args(remote)}
         yield 1
         yield status, None
 
@@ -575,7 +626,7 @@ class DicomServer:
             return 0x0213, None
         threading.Thread(
             target=self._commitment_report,
-            args=(transaction_uid, items, remote.host, remote.port, calling, _actor(event)),
+            args=(transaction_uid, items, remote, _actor(event)),
             name=f"vna-commit-{transaction_uid[-8:]}", daemon=True,
         ).start()
         return st.SUCCESS, None
@@ -595,8 +646,15 @@ class DicomServer:
             log.error("commitment check of %s failed: %s", sop_uid, exc)
             return 0x0110
 
-    def _commitment_report(self, transaction_uid: str, items: list[tuple[str, str]],
-                           host: str, port: int, ae_title: str, actor: Actor) -> None:
+    def _commitment_report(self, transaction_uid: str, items: list[tuple[str, str]], remote: RemoteAE,
+                           actor: Actor) -> None:
+        """Check the items and send the N-EVENT-REPORT to ``remote``, retrying a failed delivery.
+
+        Up to ``commitment_retries`` further attempts, ``commitment_retry_interval``
+        seconds apart (doubling); the result is computed once. Not kept across a restart:
+        the requester then times out and asks again (PS3.4 J.3.3).
+        """
+        ae_title = remote.ae_title
         ok: list[Dataset] = []
         failed: list[Dataset] = []
         try:
@@ -624,6 +682,24 @@ class DicomServer:
         if failed:
             report.FailedSOPSequence = failed
         event_type = 2 if failed else 1
+        delay = self.cfg.commitment_retry_interval
+        for attempt in range(self.cfg.commitment_retries + 1):
+            if attempt:
+                time.sleep(delay)
+                delay *= 2
+            status = self._send_report(report, event_type, remote)
+            if status == 0:
+                log.info("Storage Commitment report %s to %s: %d committed, %d failed", transaction_uid, ae_title,
+                         len(ok), len(failed))
+                return
+            log.warning("Storage Commitment report %s to %s not delivered (%s), attempt %d of %d", transaction_uid,
+                        ae_title, "no association" if status is None else f"status 0x{status:04X}", attempt + 1,
+                        self.cfg.commitment_retries + 1)
+        log.error("Storage Commitment report %s to %s given up after %d attempts", transaction_uid, ae_title,
+                  self.cfg.commitment_retries + 1)
+
+    def _send_report(self, report: Dataset, event_type: int, remote: RemoteAE) -> int | None:
+        """One delivery of an N-EVENT-REPORT: the peer's status, or None without an association or answer."""
         ae = AE(ae_title=self.cfg.ae_title)
         ae.acse_timeout = self.cfg.acse_timeout
         ae.dimse_timeout = self.cfg.dimse_timeout
@@ -631,18 +707,21 @@ class DicomServer:
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.add_requested_context(StorageCommitmentPushModel)
-        # we act as SCP of the Push Model on an association we request (PS3.4 J.3.3)
-        assoc = ae.associate(host, port, ae_title=ae_title, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
-                             evt_handlers=[(evt.EVT_CONN_OPEN, self._on_conn_open)])
+        try:
+            # we act as SCP of the Push Model on an association we request (PS3.4 J.3.3)
+            assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title,
+                                 ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, self._on_conn_open)],
+                                 **self._connect_args(remote))
+        except (OSError, VnaError) as exc:
+            log.warning("Storage Commitment report to %s: %s", remote.ae_title, exc)
+            return None
         if not assoc.is_established:
-            log.error("Storage Commitment report %s: cannot associate with %s", transaction_uid, ae_title)
-            return
+            return None
         try:
             status, _ = assoc.send_n_event_report(
                 report, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
-            log.info("Storage Commitment report %s to %s: %d committed, %d failed (status %s)",
-                     transaction_uid, ae_title, len(ok), len(failed),
-                     f"0x{status.Status:04X}" if status and "Status" in status else "none")
+            return int(status.Status) if status and "Status" in status else None
         finally:
             assoc.release()
 

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -48,13 +49,19 @@ def _like_pattern(value: str) -> str:
     return "".join(out)
 
 
+class _Connection(sqlite3.Connection):
+    """A sqlite3 connection that can be weakly referenced."""
+
+
 class SqliteIndex:
     """Index on one SQLite file."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        # connections are per thread (pynetdicom runs each association in a new thread); one is
+        # closed when its thread ends and nothing else uses it, so associations do not leak files
+        self._all: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +73,8 @@ class SqliteIndex:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False,
+                                       factory=_Connection)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
@@ -75,7 +83,7 @@ class SqliteIndex:
                 raise IndexUnavailable(f"cannot open SQLite index {self.path}: {exc}") from exc
             self._local.conn = conn
             with self._lock:
-                self._all.append(conn)
+                self._all.add(conn)
         return conn
 
     @contextmanager
@@ -107,7 +115,7 @@ class SqliteIndex:
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all:
+            for conn in list(self._all):
                 try:
                     conn.close()
                 except sqlite3.Error:

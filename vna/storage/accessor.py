@@ -104,20 +104,26 @@ class TierAccessor:
         """
         if self.codec.name != "identity":
             return self.write(key, lambda: iter_file(str(path)), content_sha256)
-        futures = []
+        calls: list[tuple[Callable[..., ReplicaWrite], tuple[Any, ...]]] = []
         for s in self.stores:
             if isinstance(s, FileCopyStore):
-                futures.append(self._submit(self._copy_one, s, s.store_id, key, path, content_sha256, size))
+                calls.append((self._copy_one, (s, s.store_id, key, path, content_sha256, size)))
             else:
-                futures.append(self._submit(self._write_one, s, key, lambda: iter_file(str(path)), content_sha256))
-        return self._quorum(key, [f.result() for f in futures])
+                calls.append((self._write_one, (s, key, lambda: iter_file(str(path)), content_sha256)))
+        return self._quorum(key, self._fan_out(calls))
 
     def write(
         self, key: str, source: Callable[[], Iterable[bytes]], content_sha256: str
     ) -> list[ReplicaWrite]:
         """Write ``source()`` to every replica under ``key``; raise QuorumNotMet below quorum."""
-        futures = [self._submit(self._write_one, s, key, source, content_sha256) for s in self.stores]
-        return self._quorum(key, [f.result() for f in futures])
+        return self._quorum(key, self._fan_out([(self._write_one, (s, key, source, content_sha256))
+                                                for s in self.stores]))
+
+    def _fan_out(self, calls: list[tuple[Callable[..., ReplicaWrite], tuple[Any, ...]]]) -> list[ReplicaWrite]:
+        """Run the replica writes in parallel: all but the first on the writer pool, the first in this thread."""
+        futures = [self._submit(fn, *args) for fn, args in calls[1:]]
+        first = [calls[0][0](*calls[0][1])] if calls else []
+        return first + [f.result() for f in futures]
 
     def _submit(self, fn: Callable[..., ReplicaWrite], *args: Any) -> Future[ReplicaWrite]:
         """Run on the writer pool; with telemetry, in a copy of the caller's context (span parent)."""
