@@ -147,6 +147,7 @@ def _until(what: str, check: Any, timeout: float = 90.0) -> Any:
         time.sleep(0.5)
 
 
+@pytest.mark.timeout(900)  # the 3-node cluster starts in 1-3 min on a loaded 2-core machine, inside this budget
 def test_two_sites_store_find_retrieve_dr_outage_and_catch_up(
         cluster: tuple[Any, Path, int], tmp_path: Path) -> None:
     launcher, home, cass_port = cluster

@@ -121,6 +121,10 @@ def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., 
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
     _, final, raw = scu.get(b.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sa2}, [str(ds.SOPClassUID)])
     assert int(final.Status) == 0xA702 and not raw
+    r = b.cli("grpc", "query", "study", "InstanceAvailability=", "--target", f"127.0.0.1:{ports['B']}",
+              "--token", TOKENS["B"])
+    assert r.returncode == 0 and "InstanceAvailability=UNAVAILABLE" in r.stdout, r.stdout + r.stderr
+    assert "sites not reachable now: A" in r.stderr
     code, st = _json(b, "sites", "status")
     assert code == 1 and [(s["id"], s["reachable"]) for s in st["sites"]] == [("B", True), ("A", False)]
 

@@ -94,6 +94,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     with _client(args) as client:
         try:
             rows = list(client.query(args.level, keys, page_size=args.page_size, limit=args.limit))
+            unreachable = list(client.query_response(args.level, keys, page_size=1).unreachable_sites)
         except VnaError as exc:
             return _fail(exc)
     if args.json:
@@ -102,6 +103,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         for row in rows:
             print("  ".join(f"{k}={v}" for k, v in sorted(row.items())))
         print(f"{len(rows)} matches")
+    if unreachable:  # federation: their data in these matches is UNAVAILABLE (when asked for)
+        print(f"vna grpc query: sites not reachable now: {', '.join(unreachable)}", file=sys.stderr)
     return 0
 
 
