@@ -91,7 +91,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from cassandra import ConsistencyLevel, DriverException
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.cluster import (EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture,
+                               Session)
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.connection import ConnectionException
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
@@ -110,6 +111,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 _MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql"}
 _FETCH_SIZE = 500
+_IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
+_DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
 _EMPTY_PATIENT = "\x00"  # partition keys may not be empty; PatientID "" is grouped under this
 _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _DC_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -880,10 +883,20 @@ class CassandraIndex:
                     yield r
 
     def _studies_by_uid(self, uids: Iterable[str]) -> Iterator[Row]:
+        """Study rows of ``uids`` (those that exist), in the given order; IN queries of _IN_CHUNK keys."""
+        chunk: list[str] = []
         for uid in uids:
-            r = self._exec(f"SELECT * FROM {self._t('studies')} WHERE study_uid = ?", (uid,)).one()
-            if r is not None:
-                yield r
+            chunk.append(uid)
+            if len(chunk) >= _IN_CHUNK:
+                yield from self._studies_in(chunk)
+                chunk = []
+        if chunk:
+            yield from self._studies_in(chunk)
+
+    def _studies_in(self, uids: Sequence[str]) -> Iterator[Row]:
+        found = {r["study_uid"]: r for r in self._rows_of(
+            self._start_in(f"SELECT * FROM {self._t('studies')} WHERE study_uid IN ?", uids))}
+        return (found[u] for u in uids if u in found)
 
     def _candidate_studies(self, level: QueryLevel, conds: Sequence[Condition]) -> Iterator[Row]:
         def uids(keyword: str) -> list[str] | None:
@@ -923,48 +936,112 @@ class CassandraIndex:
             out[sop] = _Current(int(done[0]["version"]), done[0]["study_uid"], done[0]["series_uid"]) if done else None
         return out
 
+    def _start_in(self, cql: str, keys: Iterable[Any]) -> list[ResponseFuture]:
+        """Start ``cql`` (ending in ``IN ?``) for the distinct ``keys``, _IN_CHUNK keys per request."""
+        distinct = list(dict.fromkeys(keys))
+        stmt = self._prep(cql)
+        return [self._session.execute_async(stmt, (distinct[i:i + _IN_CHUNK],))
+                for i in range(0, len(distinct), _IN_CHUNK)]
+
+    @staticmethod
+    def _rows_of(futures: Sequence[ResponseFuture]) -> Iterator[Row]:
+        """Every row of started queries, in order (later pages are fetched while iterating)."""
+        for f in futures:
+            yield from f.result()
+
     def _instances(
         self, study_uid: str, keep: Callable[[Row], bool] | None, need_availability: bool
     ) -> list[_Inst]:
         """Visible instance rows of a study (those ``keep`` accepts), with availability flags."""
-        rows = [r for r in self._exec(f"SELECT * FROM {self._t('instances')} WHERE study_uid = ?", (study_uid,))
+        return self._instances_many([study_uid], keep, need_availability).get(study_uid, [])
+
+    def _instances_many(
+        self, study_uids: Sequence[str], keep: Callable[[Row], bool] | None, need_availability: bool
+    ) -> dict[str, list[_Inst]]:
+        """Visible instance rows of several studies, by study (those ``keep`` accepts), with availability.
+
+        Two waves of IN queries whatever the number of studies and instances: the
+        studies' instance partitions, then the instances' instance_versions and
+        placements partitions together (placements of every version are read and
+        the invisible ones dropped). A row whose instance is visible was written
+        after its placements (registration order), so they are there to be read.
+        """
+        rows = [r for r in self._rows_of(self._start_in(
+                    f"SELECT * FROM {self._t('instances')} WHERE study_uid IN ?", study_uids))
                 if keep is None or keep(r)]
-        sops = list(dict.fromkeys(r["sop_uid"] for r in rows))
-        current = self._current(sops)
-        visible = [r for r in rows if (cur := current[r["sop_uid"]]) is not None and cur.version == r["version"]
-                   and cur.study_uid == study_uid and cur.series_uid == r["series_uid"]]
-        flags: list[tuple[bool, bool]] = [(False, False)] * len(visible)
-        if need_availability:
-            results = self._concurrent(
-                f"SELECT tier, state FROM {self._t('placements')} WHERE sop_uid = ? AND version = ?",
-                [(r["sop_uid"], r["version"]) for r in visible])
-            flags = [(any(p["state"] == "OK" and p["tier"] in ("hot", "cache") for p in ps),
-                      any(p["state"] == "OK" for p in ps)) for ps in results]
-        return [_Inst(r, online, nearline) for r, (online, nearline) in zip(visible, flags)]
+        sops = [r["sop_uid"] for r in rows]
+        versions = self._start_in(
+            f"SELECT sop_uid, version, study_uid, series_uid, complete FROM {self._t('instance_versions')} "
+            "WHERE sop_uid IN ?", sops)
+        placements = self._start_in(
+            f"SELECT sop_uid, version, tier, state FROM {self._t('placements')} WHERE sop_uid IN ?",
+            sops) if need_availability and sops else []
+        current: dict[str, _Current] = {}
+        for v in self._rows_of(versions):  # newest version first within each partition
+            if v["complete"] and v["sop_uid"] not in current:
+                current[v["sop_uid"]] = _Current(int(v["version"]), v["study_uid"], v["series_uid"])
+        flags: dict[tuple[str, int], tuple[bool, bool]] = {}
+        for p in self._rows_of(placements):
+            key = (p["sop_uid"], int(p["version"]))
+            online, nearline = flags.get(key, (False, False))
+            ok = p["state"] == "OK"
+            flags[key] = (online or (ok and p["tier"] in ("hot", "cache")), nearline or ok)
+        out: dict[str, list[_Inst]] = {}
+        for r in rows:
+            cur = current.get(r["sop_uid"])
+            if cur is None or cur.version != r["version"] or cur.study_uid != r["study_uid"] \
+                    or cur.series_uid != r["series_uid"]:
+                continue
+            online, nearline = flags.get((r["sop_uid"], int(r["version"])), (False, False))
+            out.setdefault(r["study_uid"], []).append(_Inst(r, online, nearline))
+        return out
 
     def _series_rows(self, study_uid: str) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
-        for r in self._exec(f"SELECT * FROM {self._t('series')} WHERE study_uid = ?", (study_uid,)):
-            row = {"SeriesInstanceUID": r["series_uid"], "StudyInstanceUID": study_uid}
+        return self._series_of(self._start_series([study_uid])).get(study_uid, {})
+
+    def _start_series(self, study_uids: Sequence[str]) -> list[ResponseFuture]:
+        return self._start_in(f"SELECT * FROM {self._t('series')} WHERE study_uid IN ?", study_uids)
+
+    def _series_of(self, futures: Sequence[ResponseFuture]) -> dict[str, dict[str, dict[str, str]]]:
+        """study UID -> series UID -> series row, from started series queries."""
+        out: dict[str, dict[str, dict[str, str]]] = {}
+        for r in self._rows_of(futures):
+            row = {"SeriesInstanceUID": r["series_uid"], "StudyInstanceUID": r["study_uid"]}
             row |= {kw: _s(r[col]) for kw, col in _SERIES_COLS.items()}
-            out[r["series_uid"]] = row
+            out.setdefault(r["study_uid"], {})[r["series_uid"]] = row
         return out
 
     # rows --------------------------------------------------------------------
     def _rows(self, level: QueryLevel, conds: list[Condition]) -> Iterator[dict[str, str]]:
+        """Candidates in batches of _DETAIL_BATCH studies, whose partitions are read together."""
         study_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS]
-        series_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS]
-        stored_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS | _INSTANCE_ROW_KEYS]
+        batch: list[dict[str, str]] = []
         for raw in self._candidate_studies(level, conds):
             base = _study_row(raw)
             if not matches_all(study_conds, base):
                 continue
-            uid = base["StudyInstanceUID"]
-            if level is QueryLevel.STUDY:
-                insts = self._instances(uid, None, True)
+            batch.append(base)
+            if len(batch) >= _DETAIL_BATCH:
+                yield from self._batch_rows(level, conds, batch)
+                batch = []
+        if batch:
+            yield from self._batch_rows(level, conds, batch)
+
+    def _batch_rows(self, level: QueryLevel, conds: list[Condition],
+                    bases: list[dict[str, str]]) -> Iterator[dict[str, str]]:
+        series_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS]
+        stored_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS | _INSTANCE_ROW_KEYS]
+        uids = [b["StudyInstanceUID"] for b in bases]
+        series_futures = self._start_series(uids)
+        if level is QueryLevel.STUDY:
+            insts_by = self._instances_many(uids, None, True)
+            series_by = self._series_of(series_futures)
+            for base in bases:
+                uid = base["StudyInstanceUID"]
+                insts = insts_by.get(uid)
                 if not insts:
                     continue
-                series = self._series_rows(uid)
+                series = series_by.get(uid, {})
                 visible_series = {i.row["series_uid"] for i in insts}
                 mods = sorted({s["Modality"] for k, s in series.items() if k in visible_series and s["Modality"]})
                 row = base | {
@@ -975,13 +1052,19 @@ class CassandraIndex:
                 }
                 if matches_all(conds, row):
                     yield row
-                continue
-            series = {k: s for k, s in self._series_rows(uid).items() if matches_all(series_conds, base | s)}
-            if not series:
-                continue
-            if level is QueryLevel.SERIES:
-                insts = self._instances(uid, lambda r: r["series_uid"] in series, True)
-                for suid, s in series.items():
+            return
+        base_of = {b["StudyInstanceUID"]: b for b in bases}
+        wanted: dict[str, dict[str, dict[str, str]]] = {}  # study -> series passing series_conds
+        for uid, series in self._series_of(series_futures).items():
+            if uid in base_of:
+                wanted[uid] = {k: s for k, s in series.items() if matches_all(series_conds, base_of[uid] | s)}
+        if level is QueryLevel.SERIES:
+            insts_by = self._instances_many([u for u in uids if wanted.get(u)],
+                                            lambda r: r["series_uid"] in wanted[r["study_uid"]], True)
+            for base in bases:
+                uid = base["StudyInstanceUID"]
+                insts = insts_by.get(uid, [])
+                for suid, s in wanted.get(uid, {}).items():
                     mine = [i for i in insts if i.row["series_uid"] == suid]
                     if not mine:
                         continue
@@ -991,15 +1074,18 @@ class CassandraIndex:
                     }
                     if matches_all(conds, row):
                         yield row
-                continue
+            return
 
-            def keep(r: Row) -> bool:
-                s = series.get(r["series_uid"])
-                return s is not None and matches_all(stored_conds, base | s | _instance_row(r))
+        def keep(r: Row) -> bool:
+            s = wanted[r["study_uid"]].get(r["series_uid"])
+            return s is not None and matches_all(stored_conds, base_of[r["study_uid"]] | s | _instance_row(r))
 
-            for i in self._instances(uid, keep, True):
+        insts_by = self._instances_many([u for u in uids if wanted.get(u)], keep, True)
+        for base in bases:
+            uid = base["StudyInstanceUID"]
+            for i in insts_by.get(uid, []):
                 part = _instance_row(i.row)
-                row = base | series[i.row["series_uid"]] | part | {
+                row = base | wanted[uid][i.row["series_uid"]] | part | {
                     "InstanceAvailability": _availability([i]),
                     "AvailableTransferSyntaxUID": part["TransferSyntaxUID"],
                 }
@@ -1034,10 +1120,11 @@ class CassandraIndex:
         visible: list[dict[str, str]] = []
         series: set[str] = set()
         instances = 0
-        for raw in self._studies_by_uid(uids):
-            if _s(raw["patient_id"]) != pid:
-                continue  # stale entry: the study was re-registered under another PatientID
-            insts = self._instances(raw["study_uid"], None, False)
+        raws = [raw for raw in self._studies_by_uid(uids)
+                if _s(raw["patient_id"]) == pid]  # else a stale entry: re-registered under another PatientID
+        insts_by = self._instances_many([raw["study_uid"] for raw in raws], None, False)
+        for raw in raws:
+            insts = insts_by.get(raw["study_uid"])
             if insts:
                 visible.append(_study_row(raw))
                 series |= {i.row["series_uid"] for i in insts}
