@@ -52,8 +52,10 @@ Pushdown (always a superset; every candidate is checked with
     rows group ``studies_by_patient`` and aggregate like SQLite (``max`` over
     the studies its WHERE clause keeps: :func:`_sqlite_where`). SAI returns
     token order, so row order is unspecified (SQLite sorts PATIENT rows only).
-    Computed keys and visibility need each study's partitions plus one
-    instance_versions and one placements read per instance (run concurrently).
+    Computed keys and visibility need each study's partitions plus its
+    instances' instance_versions and placements partitions: candidates are
+    detailed in batches of 32 studies with two waves of IN queries, several
+    batches at once on worker threads (:meth:`CassandraIndex._rows`).
 
 Job operations (schema v2)
     ``add_placements`` is one Paxos round per instance (atomic per instance;
@@ -84,6 +86,8 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -113,6 +117,8 @@ _MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql"}
 _FETCH_SIZE = 500
 _IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
 _DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
+_DETAIL_AHEAD = 4  # batches of one find() detailed concurrently
+_DETAIL_WORKERS = 8  # threads detailing batches, shared by every find()
 _EMPTY_PATIENT = "\x00"  # partition keys may not be empty; PatientID "" is grouped under this
 _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _DC_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -300,6 +306,7 @@ class CassandraIndex:
         self._ks = cfg.keyspace
         self._prepared: dict[str, PreparedStatement] = {}
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # find(): batches detailed ahead (_rows)
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
             consistency_level=consistency,
@@ -356,6 +363,10 @@ class CassandraIndex:
         return [list(result) for _ok, result in results]
 
     def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
         self._cluster.shutdown()
 
     # -- schema --------------------------------------------------------------
@@ -1013,19 +1024,45 @@ class CassandraIndex:
 
     # rows --------------------------------------------------------------------
     def _rows(self, level: QueryLevel, conds: list[Condition]) -> Iterator[dict[str, str]]:
-        """Candidates in batches of _DETAIL_BATCH studies, whose partitions are read together."""
+        """Candidates in batches of _DETAIL_BATCH studies, whose partitions are read together.
+
+        Full batches are detailed on the index's worker threads, up to _DETAIL_AHEAD
+        at once, while this thread pages through the candidates; rows come out in
+        candidate order. A result that fits one batch is detailed inline.
+        """
         study_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS]
         batch: list[dict[str, str]] = []
-        for raw in self._candidate_studies(level, conds):
-            base = _study_row(raw)
-            if not matches_all(study_conds, base):
-                continue
-            batch.append(base)
-            if len(batch) >= _DETAIL_BATCH:
+        pending: deque[Future[list[dict[str, str]]]] = deque()
+
+        def submit(bases: list[dict[str, str]]) -> None:
+            pending.append(self._workers().submit(lambda: list(self._batch_rows(level, conds, bases))))
+
+        try:
+            for raw in self._candidate_studies(level, conds):
+                base = _study_row(raw)
+                if not matches_all(study_conds, base):
+                    continue
+                batch.append(base)
+                if len(batch) >= _DETAIL_BATCH:
+                    submit(batch)
+                    batch = []
+                    while len(pending) >= _DETAIL_AHEAD:
+                        yield from pending.popleft().result()
+            if batch and not pending:
                 yield from self._batch_rows(level, conds, batch)
-                batch = []
-        if batch:
-            yield from self._batch_rows(level, conds, batch)
+            elif batch:
+                submit(batch)
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=_DETAIL_WORKERS, thread_name_prefix="vna-cass-find")
+            return self._executor
 
     def _batch_rows(self, level: QueryLevel, conds: list[Condition],
                     bases: list[dict[str, str]]) -> Iterator[dict[str, str]]:
