@@ -7,7 +7,7 @@ Behaves exactly like :class:`vna.index.sqlite.SqliteIndex` behind the Index port
 Data model
     ``studies`` (one row per study, patient attributes denormalised, SAI on
     patient_id, accession_number, study_day, study_date_odd, modalities,
-    name_p1/name_p3), ``studies_by_patient`` (PATIENT-level grouping),
+    name_p1/name_p3/name_family/name_fg), ``studies_by_patient`` (PATIENT-level grouping),
     ``series`` and ``instances`` (one partition per study, the instance rows
     clustered by series, SOP UID and *version*), ``instance_versions`` (commit
     record and locator by SOP UID), ``placements`` (partition = SOP UID,
@@ -46,8 +46,9 @@ Pushdown (always a superset; every candidate is checked with
     otherwise one SAI query on ``studies`` ANDing: PatientID and
     AccessionNumber EQ, StudyDate EQ / range on a ``date`` column (plus a query
     for unparsable StudyDates), ModalitiesInStudy / Modality ``CONTAINS``,
-    PatientName by casefolded family-name prefix (1 or 3 characters; ASCII
-    literal prefixes only). One list condition fans out into one EQ query per
+    PatientName by casefolded family-name prefix (1 or 3 characters), whole
+    family name, or family name + the given name's first character (schema v3;
+    ASCII literal prefixes only). One list condition fans out into one EQ query per
     item (deduplicated without memory). Without any, a paged scan. PATIENT
     rows group ``studies_by_patient`` and aggregate like SQLite (``max`` over
     the studies its WHERE clause keeps: :func:`_sqlite_where`). SAI returns
@@ -112,8 +113,8 @@ __all__ = ["CassandraIndex"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-_MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql"}
+SCHEMA_VERSION = 3
+_MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql"}
 _FETCH_SIZE = 500
 _IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
 _DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
@@ -181,6 +182,16 @@ def _family_key(name: str) -> str:
     return re.split(r"[\^=]", _fold(name.strip(" \x00")), maxsplit=1)[0]
 
 
+def _name_keys(name: str) -> tuple[str | None, str | None]:
+    """(name_family, name_fg) of a stored PatientName: the casefolded family name, and the
+    casefolded name up to the first character after the family name's ``^`` (None if absent)."""
+    folded = _fold(name.strip(" \x00"))
+    m = re.search(r"[\^=]", folded)
+    family = folded[: m.start()] if m else folded
+    fg = folded[: m.start() + 2] if m and m.group() == "^" and len(folded) > m.start() + 1 else None
+    return family or None, fg
+
+
 def _parse_da(value: str) -> datetime.date | None:
     key = value.replace(".", "").strip()
     if re.fullmatch(r"\d{8}", key):
@@ -245,12 +256,14 @@ def _name_pushdown(c: Condition) -> tuple[str, str] | None:
         return None
     q = _fold(literal)
     m = re.search(r"[\^=]", q)
+    if m and m.group() == "^" and len(q) > m.start() + 1:
+        return "name_fg", q[: m.start() + 2]  # family name and the given name's first character
     if m:
         family, exact = q[: m.start()], True
     else:
         family = q
     if exact:
-        return ("name_p3", family[:3]) if family else None
+        return ("name_family", family) if family else None
     if len(family) >= 3:
         return "name_p3", family[:3]
     if family:
@@ -398,11 +411,47 @@ class CassandraIndex:
                     self._ddl(stmt)
                 self._wait_for_indexes(indexes & {m.group(1) for s in statements
                                                   if (m := re.match(r"CREATE INDEX IF NOT EXISTS (\w+)", s))})
+                if version == 3:
+                    self._backfill_name_keys()
                 self._session.execute(
                     f"INSERT INTO {self._t('schema_version')} (version, applied_at) VALUES (%s, %s)",
                     (version, time.time()))
             self._wait_for_indexes(indexes)
         return SCHEMA_VERSION
+
+    def _backfill_name_keys(self) -> None:
+        """Schema v3: name_family / name_fg of the studies written before it (idempotent).
+
+        Passes over the studies until one finds nothing to fix, so a registration
+        that changed a study's PatientName between our read and our write is caught
+        by the next pass (front-ends normally start after ``vna index migrate``).
+        """
+        t = self._t("studies")
+        update = self._prep(f"UPDATE {t} SET name_family = ?, name_fg = ? WHERE study_uid = ?")
+
+        def write(todo: list[tuple[str | None, str | None, str]]) -> None:
+            execute_concurrent_with_args(self._session, update, todo, concurrency=max(1, self.cfg.concurrency),
+                                         raise_on_first_error=True)
+
+        for _pass in range(5):
+            fixed = 0
+            todo: list[tuple[str | None, str | None, str]] = []
+            for r in self._session.execute(SimpleStatement(
+                    f"SELECT study_uid, patient_name, name_family, name_fg FROM {t}", fetch_size=_FETCH_SIZE)):
+                keys = _name_keys(_s(r["patient_name"]))
+                if (r["name_family"], r["name_fg"]) != keys:
+                    todo.append((*keys, r["study_uid"]))
+                if len(todo) >= _FETCH_SIZE:
+                    write(todo)
+                    fixed += len(todo)
+                    todo = []
+            if todo:
+                write(todo)
+                fixed += len(todo)
+            if not fixed:
+                return
+            log.info("schema v3: name keys of %d studies backfilled", fixed)
+        raise IndexUnavailable("Cassandra index: schema v3 name-key backfill did not settle")
 
     def _ddl(self, cql: str) -> None:
         rs = self._session.execute(SimpleStatement(cql))
@@ -528,6 +577,7 @@ class CassandraIndex:
         a = record.attrs
         study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
         family = _family_key(study["patient_name"])
+        name_family, name_fg = _name_keys(study["patient_name"])
         day, odd = _study_day(study["study_date"])
         modality = a.get("Modality", "").strip(" \x00")
         sets = ", ".join(f"{c} = ?" for c in study)
@@ -535,8 +585,9 @@ class CassandraIndex:
         batch = BatchStatement(batch_type=BatchType.LOGGED)
         batch.add(self._prep(
             f"UPDATE {self._t('studies')} SET {sets}, updated_at = ?, name_p1 = ?, name_p3 = ?, "
-            f"study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
-            (*study.values(), record.received_at, family[:1] or None, family[:3] or None, day, odd,
+            f"name_family = ?, name_fg = ?, study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
+            (*study.values(), record.received_at, family[:1] or None, family[:3] or None, name_family, name_fg,
+             day, odd,
              *([{modality}] if modality else []), record.study_uid))
         batch.add(self._prep(f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
                   (study["patient_id"] or _EMPTY_PATIENT, record.study_uid))
