@@ -22,8 +22,9 @@ Registration is all-or-nothing as seen by readers
     2. *Placements*: one conditional batch of ``INSERT ... IF NOT EXISTS`` (one
        partition, so it is a single Paxos round). Placements are only ever
        written by LWT (insert, transition, delete), never mixed with plain writes.
-    3. *Catalogue*: one logged batch upserting the study, studies_by_patient,
-       series and the instance-version row.
+    3. *Catalogue*: one unlogged batch upserting the study, studies_by_patient,
+       series and the instance-version row (nothing of it is visible before the
+       commit, which only follows its success, so no batchlog is needed).
     4. *Commit*: ``UPDATE instance_versions SET complete = true IF claim_id = ?``.
        This single linearizable write is the moment the instance appears.
     Readers require the commit: ``get_instance`` returns the newest *complete*
@@ -582,7 +583,8 @@ class CassandraIndex:
         modality = a.get("Modality", "").strip(" \x00")
         sets = ", ".join(f"{c} = ?" for c in study)
         add = ", modalities = modalities + ?" if modality else ""
-        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        # unlogged: the commit (step 4) follows only a fully applied batch, so batchlog atomicity adds nothing
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
         batch.add(self._prep(
             f"UPDATE {self._t('studies')} SET {sets}, updated_at = ?, name_p1 = ?, name_p3 = ?, "
             f"name_family = ?, name_fg = ?, study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
