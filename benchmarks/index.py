@@ -25,6 +25,14 @@ measured from ``find()`` until the iterator is exhausted.
 The time budget (``--max-seconds``) bounds each backend's registration time (sum
 over increments); when it runs out before a size is reached, the query mix runs
 at the size actually reached, which is printed as such (never extrapolated).
+
+``--bulk-after N`` reaches large sizes sooner: from N instances on, each backend's
+bulk loader writes the rows ``register()`` would leave (SQLite: ``register()``
+in 5,000-instance transactions; Cassandra: the committed rows as plain writes,
+no Paxos). Those increments' rates are marked ``b`` and are not ingest rates;
+the registration rate of the ingest path is the one measured below N.
+
+    .venv/bin/python -m benchmarks.index --sizes 10000,100000,1000000 --bulk-after 100000
 """
 
 from __future__ import annotations
