@@ -140,13 +140,41 @@ def test_migrate_creates_a_new_cassandra_keyspace(cassandra_config: Callable[...
     cfg = cassandra_config()
     idx = CassandraIndex(cfg)
     try:
-        assert idx.migrate() == 2
-        assert idx.migrate() == 2
+        assert idx.migrate() == 3
+        assert idx.migrate() == 3
         idx.register(make_record("1.9", "1.8", "1.7"), [make_placement("1.9")])
         assert idx.get_instance("1.9") is not None
         rows = cassandra_admin.execute("SELECT * FROM system_schema.keyspaces WHERE keyspace_name = %s",
                                        (cfg.keyspace,)).one()
         assert "NetworkTopologyStrategy" in rows["replication"]["class"]
+    finally:
+        idx.close()
+        cassandra_admin.execute(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}")
+
+
+def test_cassandra_migration_v3_backfills_name_keys(cassandra_config: Callable[..., CassandraConfig],
+                                                    cassandra_admin: Any) -> None:
+    """An index written before schema v3 (no name_family/name_fg) answers PatientName queries after migrate."""
+    cfg = cassandra_config()
+    idx = CassandraIndex(cfg)
+    try:
+        idx.migrate()
+        names = {"1.7": "Smith^John", "1.17": "SMITHSON^Jane", "1.27": "smith", "1.37": "Doe^^X"}
+        for study, name in names.items():
+            idx.register(make_record(f"{study}.9", f"{study}.8", study, attrs={"PatientName": name}),
+                         [make_placement(f"{study}.9")])
+        ks = cfg.keyspace
+        for study in names:  # as written by a v2 index
+            cassandra_admin.execute(f"DELETE name_family, name_fg FROM {ks}.studies WHERE study_uid = %s", (study,))
+        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version = 3")
+        assert uids(idx, QueryLevel.STUDY, PatientName="SMITH^J*") == set()  # what v2 data looks like to v3
+        assert idx.migrate() == 3
+        assert uids(idx, QueryLevel.STUDY, PatientName="SMITH^J*") == {"1.7"}
+        assert uids(idx, QueryLevel.STUDY, PatientName="smith") == {"1.27"}
+        assert uids(idx, QueryLevel.STUDY, PatientName="Smith^John") == {"1.7"}
+        assert uids(idx, QueryLevel.STUDY, PatientName="SMITHSON^*") == {"1.17"}
+        assert uids(idx, QueryLevel.STUDY, PatientName="DOE^^*") == {"1.37"}
+        assert uids(idx, QueryLevel.STUDY, PatientName="SMI*") == {"1.7", "1.17", "1.27"}
     finally:
         idx.close()
         cassandra_admin.execute(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}")

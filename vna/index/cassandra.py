@@ -7,7 +7,7 @@ Behaves exactly like :class:`vna.index.sqlite.SqliteIndex` behind the Index port
 Data model
     ``studies`` (one row per study, patient attributes denormalised, SAI on
     patient_id, accession_number, study_day, study_date_odd, modalities,
-    name_p1/name_p3), ``studies_by_patient`` (PATIENT-level grouping),
+    name_p1/name_p3/name_family/name_fg), ``studies_by_patient`` (PATIENT-level grouping),
     ``series`` and ``instances`` (one partition per study, the instance rows
     clustered by series, SOP UID and *version*), ``instance_versions`` (commit
     record and locator by SOP UID), ``placements`` (partition = SOP UID,
@@ -22,8 +22,9 @@ Registration is all-or-nothing as seen by readers
     2. *Placements*: one conditional batch of ``INSERT ... IF NOT EXISTS`` (one
        partition, so it is a single Paxos round). Placements are only ever
        written by LWT (insert, transition, delete), never mixed with plain writes.
-    3. *Catalogue*: one logged batch upserting the study, studies_by_patient,
-       series and the instance-version row.
+    3. *Catalogue*: one unlogged batch upserting the study, studies_by_patient,
+       series and the instance-version row (nothing of it is visible before the
+       commit, which only follows its success, so no batchlog is needed).
     4. *Commit*: ``UPDATE instance_versions SET complete = true IF claim_id = ?``.
        This single linearizable write is the moment the instance appears.
     Readers require the commit: ``get_instance`` returns the newest *complete*
@@ -46,14 +47,17 @@ Pushdown (always a superset; every candidate is checked with
     otherwise one SAI query on ``studies`` ANDing: PatientID and
     AccessionNumber EQ, StudyDate EQ / range on a ``date`` column (plus a query
     for unparsable StudyDates), ModalitiesInStudy / Modality ``CONTAINS``,
-    PatientName by casefolded family-name prefix (1 or 3 characters; ASCII
-    literal prefixes only). One list condition fans out into one EQ query per
+    PatientName by casefolded family-name prefix (1 or 3 characters), whole
+    family name, or family name + the given name's first character (schema v3;
+    ASCII literal prefixes only). One list condition fans out into one EQ query per
     item (deduplicated without memory). Without any, a paged scan. PATIENT
     rows group ``studies_by_patient`` and aggregate like SQLite (``max`` over
     the studies its WHERE clause keeps: :func:`_sqlite_where`). SAI returns
     token order, so row order is unspecified (SQLite sorts PATIENT rows only).
-    Computed keys and visibility need each study's partitions plus one
-    instance_versions and one placements read per instance (run concurrently).
+    Computed keys and visibility need each study's partitions plus its
+    instances' instance_versions and placements partitions: candidates are
+    detailed in batches of 32 studies with two waves of IN queries, several
+    batches at once on worker threads (:meth:`CassandraIndex._rows`).
 
 Job operations (schema v2)
     ``add_placements`` is one Paxos round per instance (atomic per instance;
@@ -84,6 +88,8 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -91,7 +97,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from cassandra import ConsistencyLevel, DriverException
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.cluster import (EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, ResponseFuture,
+                               Session)
 from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.connection import ConnectionException
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
@@ -107,9 +114,13 @@ __all__ = ["CassandraIndex"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-_MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql"}
+SCHEMA_VERSION = 3
+_MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql"}
 _FETCH_SIZE = 500
+_IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
+_DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
+_DETAIL_AHEAD = 4  # batches of one find() detailed concurrently
+_DETAIL_WORKERS = 8  # threads detailing batches, shared by every find()
 _EMPTY_PATIENT = "\x00"  # partition keys may not be empty; PatientID "" is grouped under this
 _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _DC_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -170,6 +181,16 @@ def _fold(text: str) -> str:
 
 def _family_key(name: str) -> str:
     return re.split(r"[\^=]", _fold(name.strip(" \x00")), maxsplit=1)[0]
+
+
+def _name_keys(name: str) -> tuple[str | None, str | None]:
+    """(name_family, name_fg) of a stored PatientName: the casefolded family name, and the
+    casefolded name up to the first character after the family name's ``^`` (None if absent)."""
+    folded = _fold(name.strip(" \x00"))
+    m = re.search(r"[\^=]", folded)
+    family = folded[: m.start()] if m else folded
+    fg = folded[: m.start() + 2] if m and m.group() == "^" and len(folded) > m.start() + 1 else None
+    return family or None, fg
 
 
 def _parse_da(value: str) -> datetime.date | None:
@@ -236,12 +257,14 @@ def _name_pushdown(c: Condition) -> tuple[str, str] | None:
         return None
     q = _fold(literal)
     m = re.search(r"[\^=]", q)
+    if m and m.group() == "^" and len(q) > m.start() + 1:
+        return "name_fg", q[: m.start() + 2]  # family name and the given name's first character
     if m:
         family, exact = q[: m.start()], True
     else:
         family = q
     if exact:
-        return ("name_p3", family[:3]) if family else None
+        return ("name_family", family) if family else None
     if len(family) >= 3:
         return "name_p3", family[:3]
     if family:
@@ -297,6 +320,7 @@ class CassandraIndex:
         self._ks = cfg.keyspace
         self._prepared: dict[str, PreparedStatement] = {}
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # find(): batches detailed ahead (_rows)
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
             consistency_level=consistency,
@@ -353,6 +377,10 @@ class CassandraIndex:
         return [list(result) for _ok, result in results]
 
     def close(self) -> None:
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
         self._cluster.shutdown()
 
     def datacenters(self, probe_timeout: float = 1.0) -> dict[str, dict[str, list[str]]]:
@@ -405,11 +433,47 @@ class CassandraIndex:
                     self._ddl(stmt)
                 self._wait_for_indexes(indexes & {m.group(1) for s in statements
                                                   if (m := re.match(r"CREATE INDEX IF NOT EXISTS (\w+)", s))})
+                if version == 3:
+                    self._backfill_name_keys()
                 self._session.execute(
                     f"INSERT INTO {self._t('schema_version')} (version, applied_at) VALUES (%s, %s)",
                     (version, time.time()))
             self._wait_for_indexes(indexes)
         return SCHEMA_VERSION
+
+    def _backfill_name_keys(self) -> None:
+        """Schema v3: name_family / name_fg of the studies written before it (idempotent).
+
+        Passes over the studies until one finds nothing to fix, so a registration
+        that changed a study's PatientName between our read and our write is caught
+        by the next pass (front-ends normally start after ``vna index migrate``).
+        """
+        t = self._t("studies")
+        update = self._prep(f"UPDATE {t} SET name_family = ?, name_fg = ? WHERE study_uid = ?")
+
+        def write(todo: list[tuple[str | None, str | None, str]]) -> None:
+            execute_concurrent_with_args(self._session, update, todo, concurrency=max(1, self.cfg.concurrency),
+                                         raise_on_first_error=True)
+
+        for _pass in range(5):
+            fixed = 0
+            todo: list[tuple[str | None, str | None, str]] = []
+            for r in self._session.execute(SimpleStatement(
+                    f"SELECT study_uid, patient_name, name_family, name_fg FROM {t}", fetch_size=_FETCH_SIZE)):
+                keys = _name_keys(_s(r["patient_name"]))
+                if (r["name_family"], r["name_fg"]) != keys:
+                    todo.append((*keys, r["study_uid"]))
+                if len(todo) >= _FETCH_SIZE:
+                    write(todo)
+                    fixed += len(todo)
+                    todo = []
+            if todo:
+                write(todo)
+                fixed += len(todo)
+            if not fixed:
+                return
+            log.info("schema v3: name keys of %d studies backfilled", fixed)
+        raise IndexUnavailable("Cassandra index: schema v3 name-key backfill did not settle")
 
     def _ddl(self, cql: str) -> None:
         rs = self._session.execute(SimpleStatement(cql))
@@ -535,15 +599,18 @@ class CassandraIndex:
         a = record.attrs
         study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
         family = _family_key(study["patient_name"])
+        name_family, name_fg = _name_keys(study["patient_name"])
         day, odd = _study_day(study["study_date"])
         modality = a.get("Modality", "").strip(" \x00")
         sets = ", ".join(f"{c} = ?" for c in study)
         add = ", modalities = modalities + ?" if modality else ""
-        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        # unlogged: the commit (step 4) follows only a fully applied batch, so batchlog atomicity adds nothing
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
         batch.add(self._prep(
             f"UPDATE {self._t('studies')} SET {sets}, updated_at = ?, name_p1 = ?, name_p3 = ?, "
-            f"study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
-            (*study.values(), record.received_at, family[:1] or None, family[:3] or None, day, odd,
+            f"name_family = ?, name_fg = ?, study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
+            (*study.values(), record.received_at, family[:1] or None, family[:3] or None, name_family, name_fg,
+             day, odd,
              *([{modality}] if modality else []), record.study_uid))
         batch.add(self._prep(f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
                   (study["patient_id"] or _EMPTY_PATIENT, record.study_uid))
@@ -901,10 +968,20 @@ class CassandraIndex:
                     yield r
 
     def _studies_by_uid(self, uids: Iterable[str]) -> Iterator[Row]:
+        """Study rows of ``uids`` (those that exist), in the given order; IN queries of _IN_CHUNK keys."""
+        chunk: list[str] = []
         for uid in uids:
-            r = self._exec(f"SELECT * FROM {self._t('studies')} WHERE study_uid = ?", (uid,)).one()
-            if r is not None:
-                yield r
+            chunk.append(uid)
+            if len(chunk) >= _IN_CHUNK:
+                yield from self._studies_in(chunk)
+                chunk = []
+        if chunk:
+            yield from self._studies_in(chunk)
+
+    def _studies_in(self, uids: Sequence[str]) -> Iterator[Row]:
+        found = {r["study_uid"]: r for r in self._rows_of(
+            self._start_in(f"SELECT * FROM {self._t('studies')} WHERE study_uid IN ?", uids))}
+        return (found[u] for u in uids if u in found)
 
     def _candidate_studies(self, level: QueryLevel, conds: Sequence[Condition]) -> Iterator[Row]:
         def uids(keyword: str) -> list[str] | None:
@@ -944,48 +1021,138 @@ class CassandraIndex:
             out[sop] = _Current(int(done[0]["version"]), done[0]["study_uid"], done[0]["series_uid"]) if done else None
         return out
 
+    def _start_in(self, cql: str, keys: Iterable[Any]) -> list[ResponseFuture]:
+        """Start ``cql`` (ending in ``IN ?``) for the distinct ``keys``, _IN_CHUNK keys per request."""
+        distinct = list(dict.fromkeys(keys))
+        stmt = self._prep(cql)
+        return [self._session.execute_async(stmt, (distinct[i:i + _IN_CHUNK],))
+                for i in range(0, len(distinct), _IN_CHUNK)]
+
+    @staticmethod
+    def _rows_of(futures: Sequence[ResponseFuture]) -> Iterator[Row]:
+        """Every row of started queries, in order (later pages are fetched while iterating)."""
+        for f in futures:
+            yield from f.result()
+
     def _instances(
         self, study_uid: str, keep: Callable[[Row], bool] | None, need_availability: bool
     ) -> list[_Inst]:
         """Visible instance rows of a study (those ``keep`` accepts), with availability flags."""
-        rows = [r for r in self._exec(f"SELECT * FROM {self._t('instances')} WHERE study_uid = ?", (study_uid,))
+        return self._instances_many([study_uid], keep, need_availability).get(study_uid, [])
+
+    def _instances_many(
+        self, study_uids: Sequence[str], keep: Callable[[Row], bool] | None, need_availability: bool
+    ) -> dict[str, list[_Inst]]:
+        """Visible instance rows of several studies, by study (those ``keep`` accepts), with availability.
+
+        Two waves of IN queries whatever the number of studies and instances: the
+        studies' instance partitions, then the instances' instance_versions and
+        placements partitions together (placements of every version are read and
+        the invisible ones dropped). A row whose instance is visible was written
+        after its placements (registration order), so they are there to be read.
+        """
+        rows = [r for r in self._rows_of(self._start_in(
+                    f"SELECT * FROM {self._t('instances')} WHERE study_uid IN ?", study_uids))
                 if keep is None or keep(r)]
-        sops = list(dict.fromkeys(r["sop_uid"] for r in rows))
-        current = self._current(sops)
-        visible = [r for r in rows if (cur := current[r["sop_uid"]]) is not None and cur.version == r["version"]
-                   and cur.study_uid == study_uid and cur.series_uid == r["series_uid"]]
-        flags: list[tuple[bool, bool]] = [(False, False)] * len(visible)
-        if need_availability:
-            results = self._concurrent(
-                f"SELECT tier, state FROM {self._t('placements')} WHERE sop_uid = ? AND version = ?",
-                [(r["sop_uid"], r["version"]) for r in visible])
-            flags = [(any(p["state"] == "OK" and p["tier"] in ("hot", "cache") for p in ps),
-                      any(p["state"] == "OK" for p in ps)) for ps in results]
-        return [_Inst(r, online, nearline) for r, (online, nearline) in zip(visible, flags)]
+        sops = [r["sop_uid"] for r in rows]
+        versions = self._start_in(
+            f"SELECT sop_uid, version, study_uid, series_uid, complete FROM {self._t('instance_versions')} "
+            "WHERE sop_uid IN ?", sops)
+        placements = self._start_in(
+            f"SELECT sop_uid, version, tier, state FROM {self._t('placements')} WHERE sop_uid IN ?",
+            sops) if need_availability and sops else []
+        current: dict[str, _Current] = {}
+        for v in self._rows_of(versions):  # newest version first within each partition
+            if v["complete"] and v["sop_uid"] not in current:
+                current[v["sop_uid"]] = _Current(int(v["version"]), v["study_uid"], v["series_uid"])
+        flags: dict[tuple[str, int], tuple[bool, bool]] = {}
+        for p in self._rows_of(placements):
+            key = (p["sop_uid"], int(p["version"]))
+            online, nearline = flags.get(key, (False, False))
+            ok = p["state"] == "OK"
+            flags[key] = (online or (ok and p["tier"] in ("hot", "cache")), nearline or ok)
+        out: dict[str, list[_Inst]] = {}
+        for r in rows:
+            cur = current.get(r["sop_uid"])
+            if cur is None or cur.version != r["version"] or cur.study_uid != r["study_uid"] \
+                    or cur.series_uid != r["series_uid"]:
+                continue
+            online, nearline = flags.get((r["sop_uid"], int(r["version"])), (False, False))
+            out.setdefault(r["study_uid"], []).append(_Inst(r, online, nearline))
+        return out
 
     def _series_rows(self, study_uid: str) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
-        for r in self._exec(f"SELECT * FROM {self._t('series')} WHERE study_uid = ?", (study_uid,)):
-            row = {"SeriesInstanceUID": r["series_uid"], "StudyInstanceUID": study_uid}
+        return self._series_of(self._start_series([study_uid])).get(study_uid, {})
+
+    def _start_series(self, study_uids: Sequence[str]) -> list[ResponseFuture]:
+        return self._start_in(f"SELECT * FROM {self._t('series')} WHERE study_uid IN ?", study_uids)
+
+    def _series_of(self, futures: Sequence[ResponseFuture]) -> dict[str, dict[str, dict[str, str]]]:
+        """study UID -> series UID -> series row, from started series queries."""
+        out: dict[str, dict[str, dict[str, str]]] = {}
+        for r in self._rows_of(futures):
+            row = {"SeriesInstanceUID": r["series_uid"], "StudyInstanceUID": r["study_uid"]}
             row |= {kw: _s(r[col]) for kw, col in _SERIES_COLS.items()}
-            out[r["series_uid"]] = row
+            out.setdefault(r["study_uid"], {})[r["series_uid"]] = row
         return out
 
     # rows --------------------------------------------------------------------
     def _rows(self, level: QueryLevel, conds: list[Condition]) -> Iterator[dict[str, str]]:
+        """Candidates in batches of _DETAIL_BATCH studies, whose partitions are read together.
+
+        Full batches are detailed on the index's worker threads, up to _DETAIL_AHEAD
+        at once, while this thread pages through the candidates; rows come out in
+        candidate order. A result that fits one batch is detailed inline.
+        """
         study_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS]
+        batch: list[dict[str, str]] = []
+        pending: deque[Future[list[dict[str, str]]]] = deque()
+
+        def submit(bases: list[dict[str, str]]) -> None:
+            pending.append(self._workers().submit(lambda: list(self._batch_rows(level, conds, bases))))
+
+        try:
+            for raw in self._candidate_studies(level, conds):
+                base = _study_row(raw)
+                if not matches_all(study_conds, base):
+                    continue
+                batch.append(base)
+                if len(batch) >= _DETAIL_BATCH:
+                    submit(batch)
+                    batch = []
+                    while len(pending) >= _DETAIL_AHEAD:
+                        yield from pending.popleft().result()
+            if batch and not pending:
+                yield from self._batch_rows(level, conds, batch)
+            elif batch:
+                submit(batch)
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=_DETAIL_WORKERS, thread_name_prefix="vna-cass-find")
+            return self._executor
+
+    def _batch_rows(self, level: QueryLevel, conds: list[Condition],
+                    bases: list[dict[str, str]]) -> Iterator[dict[str, str]]:
         series_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS]
         stored_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS | _INSTANCE_ROW_KEYS]
-        for raw in self._candidate_studies(level, conds):
-            base = _study_row(raw)
-            if not matches_all(study_conds, base):
-                continue
-            uid = base["StudyInstanceUID"]
-            if level is QueryLevel.STUDY:
-                insts = self._instances(uid, None, True)
+        uids = [b["StudyInstanceUID"] for b in bases]
+        series_futures = self._start_series(uids)
+        if level is QueryLevel.STUDY:
+            insts_by = self._instances_many(uids, None, True)
+            series_by = self._series_of(series_futures)
+            for base in bases:
+                uid = base["StudyInstanceUID"]
+                insts = insts_by.get(uid)
                 if not insts:
                     continue
-                series = self._series_rows(uid)
+                series = series_by.get(uid, {})
                 visible_series = {i.row["series_uid"] for i in insts}
                 mods = sorted({s["Modality"] for k, s in series.items() if k in visible_series and s["Modality"]})
                 row = base | {
@@ -996,13 +1163,19 @@ class CassandraIndex:
                 }
                 if matches_all(conds, row):
                     yield row
-                continue
-            series = {k: s for k, s in self._series_rows(uid).items() if matches_all(series_conds, base | s)}
-            if not series:
-                continue
-            if level is QueryLevel.SERIES:
-                insts = self._instances(uid, lambda r: r["series_uid"] in series, True)
-                for suid, s in series.items():
+            return
+        base_of = {b["StudyInstanceUID"]: b for b in bases}
+        wanted: dict[str, dict[str, dict[str, str]]] = {}  # study -> series passing series_conds
+        for uid, series in self._series_of(series_futures).items():
+            if uid in base_of:
+                wanted[uid] = {k: s for k, s in series.items() if matches_all(series_conds, base_of[uid] | s)}
+        if level is QueryLevel.SERIES:
+            insts_by = self._instances_many([u for u in uids if wanted.get(u)],
+                                            lambda r: r["series_uid"] in wanted[r["study_uid"]], True)
+            for base in bases:
+                uid = base["StudyInstanceUID"]
+                insts = insts_by.get(uid, [])
+                for suid, s in wanted.get(uid, {}).items():
                     mine = [i for i in insts if i.row["series_uid"] == suid]
                     if not mine:
                         continue
@@ -1012,15 +1185,18 @@ class CassandraIndex:
                     }
                     if matches_all(conds, row):
                         yield row
-                continue
+            return
 
-            def keep(r: Row) -> bool:
-                s = series.get(r["series_uid"])
-                return s is not None and matches_all(stored_conds, base | s | _instance_row(r))
+        def keep(r: Row) -> bool:
+            s = wanted[r["study_uid"]].get(r["series_uid"])
+            return s is not None and matches_all(stored_conds, base_of[r["study_uid"]] | s | _instance_row(r))
 
-            for i in self._instances(uid, keep, True):
+        insts_by = self._instances_many([u for u in uids if wanted.get(u)], keep, True)
+        for base in bases:
+            uid = base["StudyInstanceUID"]
+            for i in insts_by.get(uid, []):
                 part = _instance_row(i.row)
-                row = base | series[i.row["series_uid"]] | part | {
+                row = base | wanted[uid][i.row["series_uid"]] | part | {
                     "InstanceAvailability": _availability([i]),
                     "AvailableTransferSyntaxUID": part["TransferSyntaxUID"],
                 }
@@ -1055,10 +1231,11 @@ class CassandraIndex:
         visible: list[dict[str, str]] = []
         series: set[str] = set()
         instances = 0
-        for raw in self._studies_by_uid(uids):
-            if _s(raw["patient_id"]) != pid:
-                continue  # stale entry: the study was re-registered under another PatientID
-            insts = self._instances(raw["study_uid"], None, False)
+        raws = [raw for raw in self._studies_by_uid(uids)
+                if _s(raw["patient_id"]) == pid]  # else a stale entry: re-registered under another PatientID
+        insts_by = self._instances_many([raw["study_uid"] for raw in raws], None, False)
+        for raw in raws:
+            insts = insts_by.get(raw["study_uid"])
             if insts:
                 visible.append(_study_row(raw))
                 series |= {i.row["series_uid"] for i in insts}

@@ -24,8 +24,8 @@ from vna.index.query import LEVEL_KEYS, Condition, MatchKind, matches_all
 
 __all__ = ["SqliteIndex"]
 
-SCHEMA_VERSION = 2
-_MIGRATIONS = {1: "sql/001_initial.sql", 2: "sql/002_lifecycle.sql"}
+SCHEMA_VERSION = 3
+_MIGRATIONS = {1: "sql/001_initial.sql", 2: "sql/002_lifecycle.sql", 3: "sql/003_study_cover.sql"}
 
 _TABLE = {
     QueryLevel.PATIENT: "st",
@@ -412,12 +412,18 @@ class SqliteIndex:
             return
         try:
             while True:
-                batch = cursor.fetchmany(500)
+                batch = cursor.fetchmany(500 if limit is None else min(500, limit - n))
                 if not batch:
                     return
-                for r in batch:
-                    row = {k: ("" if r[k] is None else str(r[k])) for k in r.keys()}
-                    row.update(self._computed(level, row))
+                rows = [{k: ("" if r[k] is None else str(r[k])) for k in r.keys()} for r in batch]
+                if level is QueryLevel.STUDY:
+                    computed = self._study_computed([row["StudyInstanceUID"] for row in rows])
+                    for row in rows:
+                        row.update(computed[row["StudyInstanceUID"]])
+                else:
+                    for row in rows:
+                        row.update(self._computed(level, row))
+                for row in rows:
                     if matches_all(conditions, row):
                         yield row
                         n += 1
@@ -473,6 +479,35 @@ class SqliteIndex:
                 where.append(f"{col} <= ?")
                 params.append(high.replace(".", ""))
 
+    def _study_computed(self, uids: Sequence[str]) -> dict[str, dict[str, str]]:
+        """STUDY-level computed keys of a batch of studies: three grouped queries, not three per study."""
+        conn = self._conn()
+        marks = ", ".join("?" for _ in uids)
+        mods: dict[str, list[str]] = {}
+        for uid, modality in conn.execute(
+                f"SELECT DISTINCT StudyInstanceUID, Modality FROM series WHERE StudyInstanceUID IN ({marks}) "
+                "AND Modality != '' ORDER BY StudyInstanceUID, Modality", uids):
+            mods.setdefault(uid, []).append(modality)
+        counts = {r[0]: (r[1], r[2]) for r in conn.execute(
+            "SELECT StudyInstanceUID, count(DISTINCT SeriesInstanceUID), count(*) FROM instances "
+            f"WHERE StudyInstanceUID IN ({marks}) GROUP BY StudyInstanceUID", uids)}
+        avail = {r[0]: self._availability_of(r[1], r[2], r[3]) for r in conn.execute(
+            "SELECT uid, count(*), sum(online), sum(nearline) FROM ("
+            " SELECT i.StudyInstanceUID AS uid, max(p.state = 'OK' AND p.tier IN ('hot','cache')) AS online,"
+            "        max(p.state = 'OK') AS nearline"
+            " FROM instances i LEFT JOIN placements p ON p.sop_uid = i.SOPInstanceUID AND p.version = i.version"
+            f" WHERE i.StudyInstanceUID IN ({marks}) GROUP BY i.SOPInstanceUID) GROUP BY uid", uids)}
+        out: dict[str, dict[str, str]] = {}
+        for uid in uids:
+            n_series, n_instances = counts.get(uid, (0, 0))
+            out[uid] = {
+                "ModalitiesInStudy": "\\".join(mods.get(uid, [])),
+                "NumberOfStudyRelatedSeries": str(n_series),
+                "NumberOfStudyRelatedInstances": str(n_instances),
+                "InstanceAvailability": avail.get(uid, "UNAVAILABLE"),
+            }
+        return out
+
     def _computed(self, level: QueryLevel, row: dict[str, str]) -> dict[str, str]:
         conn = self._conn()
         out: dict[str, str] = {}
@@ -514,7 +549,11 @@ class SqliteIndex:
             "        max(p.state = 'OK') AS nearline"
             " FROM instances i LEFT JOIN placements p ON p.sop_uid = i.SOPInstanceUID AND p.version = i.version"
             f" WHERE {where} GROUP BY i.SOPInstanceUID)", (uid,)).fetchone()
-        total, online, nearline = r[0], r[1] or 0, r[2] or 0
+        return SqliteIndex._availability_of(r[0], r[1], r[2])
+
+    @staticmethod
+    def _availability_of(total: int, online: int | None, nearline: int | None) -> str:
+        online, nearline = online or 0, nearline or 0
         if total and online == total:
             return "ONLINE"
         if total and nearline == total:
