@@ -328,7 +328,8 @@ def test_dashboard_and_alerts_query_metrics_the_archive_exports(make_server: Fac
         exported = {re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split(" ")[0])
                     for line in body.splitlines() if line.startswith("vna_")}
         missing = wanted - exported
-        if not missing or time.monotonic() > deadline:
+        counted = re.search(r"^vna_index_instances (\S+)$", body, re.M)  # refreshed every 0.5 s
+        if (not missing and counted and float(counted.group(1)) == len(small)) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert not missing, f"queried by ops/observability but not exported: {sorted(missing)}"
