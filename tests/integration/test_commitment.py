@@ -20,6 +20,26 @@ Factory = Callable[..., VnaServer]
 INSTANCE = "1.2.840.10008.1.20.1.1"
 
 
+def _request_commitment(port: int, calling: str, items: list[tuple[str, str]]) -> tuple[Dataset, int]:
+    """Send one N-ACTION (Request Storage Commitment) for (class, instance) pairs; the request and its status."""
+    req = Dataset()
+    req.TransactionUID = generate_uid()
+    refs = []
+    for cls, uid in items:
+        item = Dataset()
+        item.ReferencedSOPClassUID = cls
+        item.ReferencedSOPInstanceUID = uid
+        refs.append(item)
+    req.ReferencedSOPSequence = refs
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VNA")
+    assert assoc.is_established
+    status, _ = assoc.send_n_action(req, 1, StorageCommitmentPushModel, INSTANCE)
+    assoc.release()
+    return req, int(status.Status)
+
+
 def test_storage_commitment_reports_committed_and_failed(make_server: Factory, corpus: list[Path]) -> None:
     reports: "queue.Queue[tuple[int, Dataset]]" = queue.Queue()
 
@@ -71,19 +91,8 @@ def test_storage_commitment_reports_committed_and_failed(make_server: Factory, c
 
 def test_storage_commitment_from_unknown_ae_is_refused(make_server: Factory, corpus: list[Path]) -> None:
     srv = make_server()
-    req = Dataset()
-    req.TransactionUID = generate_uid()
-    item = Dataset()
-    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    item.ReferencedSOPInstanceUID = "1.2.3.4"
-    req.ReferencedSOPSequence = [item]
-    ae = AE(ae_title="STRANGER")
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", srv.port, ae_title="VNA")
-    assert assoc.is_established
-    status, _ = assoc.send_n_action(req, 1, StorageCommitmentPushModel, INSTANCE)
-    assoc.release()
-    assert status.Status == 0x0213
+    _, status = _request_commitment(srv.port, "STRANGER", [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")])
+    assert status == 0x0213
     assert scu.echo(srv.port)
 
 
@@ -101,19 +110,8 @@ def test_storage_commitment_report_is_retried_until_the_requester_listens(make_s
                       f'[[dicom.remote]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n')
     assert all(r.Status == 0 for r in scu.store(srv.port, corpus[:1], ae_title="MODALITY"))
     d = dcmread(corpus[0], stop_before_pixels=True)
-    req = Dataset()
-    req.TransactionUID = generate_uid()
-    item = Dataset()
-    item.ReferencedSOPClassUID = d.SOPClassUID
-    item.ReferencedSOPInstanceUID = d.SOPInstanceUID
-    req.ReferencedSOPSequence = [item]
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", srv.port, ae_title="VNA")
-    assert assoc.is_established
-    status, _ = assoc.send_n_action(req, 1, StorageCommitmentPushModel, INSTANCE)
-    assoc.release()
-    assert status.Status == 0
+    req, status = _request_commitment(srv.port, "MODALITY", [(str(d.SOPClassUID), str(d.SOPInstanceUID))])
+    assert status == 0
     deadline = time.monotonic() + 30
     while "not delivered" not in srv.log.read_text():  # the first attempt failed: nobody listens yet
         assert time.monotonic() < deadline, srv.log.read_text()[-2000:]
