@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ingest import Corpus, Receiver, make_corpus, send, start_orthanc, stop_process
-from benchmarks.servers import free_port, fs_type, load_cassandra_launcher, load_cluster_launcher
-from tests.s3_server import free_port_block, load_launcher as load_s3_launcher
+from benchmarks.servers import free_port, fs_type, load_cassandra_launcher, load_cluster_launcher, load_s3_launcher
+from tests.s3_server import free_port_block
 
 
 @dataclass

@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["CASSANDRA_LAUNCHER", "CLUSTER_LAUNCHER", "load_cassandra_launcher", "load_cluster_launcher", "free_port",
-           "fs_type"]
+__all__ = ["CASSANDRA_LAUNCHER", "CLUSTER_LAUNCHER", "S3_LAUNCHER", "load_cassandra_launcher", "load_cluster_launcher",
+           "load_s3_launcher", "free_port", "fs_type"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CASSANDRA_LAUNCHER = ROOT / "ops" / "cassandra" / "launcher.py"
 CLUSTER_LAUNCHER = ROOT / "ops" / "cluster" / "cluster.py"
+S3_LAUNCHER = ROOT / "ops" / "s3" / "launcher.py"
 
 
 def _load_script(name: str, path: Path) -> ModuleType:
@@ -37,6 +38,11 @@ def load_cassandra_launcher() -> ModuleType:
 def load_cluster_launcher() -> ModuleType:
     """Import ops/cluster/cluster.py (the local HA cluster: front-ends, HAProxy) as a module."""
     return _load_script("vna_ops_cluster", CLUSTER_LAUNCHER)
+
+
+def load_s3_launcher() -> ModuleType:
+    """Import ops/s3/launcher.py (SeaweedFS start/stop, not a package) as a module."""
+    return _load_script("vna_ops_s3_launcher", S3_LAUNCHER)
 
 
 def free_port() -> int:

@@ -12,42 +12,24 @@ stopped at the end of the session. A server that cannot start is a test error.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import socket
-import sys
 import uuid
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Iterator
 
 import boto3
 import pytest
 
+from benchmarks.servers import load_s3_launcher
 from vna.config import S3Config
 from vna.storage.s3 import S3BlobStore
 
-__all__ = ["s3_endpoint", "s3_boto_session", "s3_config", "s3_store", "load_launcher", "free_port_block"]
+__all__ = ["s3_endpoint", "s3_boto_session", "s3_config", "s3_store", "free_port_block"]
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCHER = ROOT / "ops" / "s3" / "launcher.py"
 # The temp dir is thrown away, so there is no point waiting out SeaweedFS's ~16 s
 # graceful stop (its filer waits 15 s for the S3 gateway's subscription).
 STOP_GRACE = 3.0
-
-
-def load_launcher() -> ModuleType:
-    """Import ops/s3/launcher.py (not a package) as a module."""
-    name = "vna_ops_s3_launcher"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, LAUNCHER)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {LAUNCHER}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port_block(span: int, low: int = 20000, high: int = 50000, tries: int = 200) -> int:
@@ -69,7 +51,7 @@ def free_port_block(span: int, low: int = 20000, high: int = 50000, tries: int =
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    launcher = load_launcher()
+    launcher = load_s3_launcher()
     home = tmp_path_factory.mktemp("seaweedfs")
     endpoint = None
     for attempt in range(3):  # another process may grab a port between the check and the bind
