@@ -22,8 +22,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import grpc
-
 from vna.audit import LOGIN, USER_AUTHENTICATION, Actor, AuditLog
 from vna.config import GrpcToken
 from vna.errors import AuditUnavailable, VnaError
@@ -32,7 +30,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ROLES", "METHOD_ROLES", "PUBLIC_PREFIXES", "Unauthenticated", "PermissionDenied",
-    "Principal", "TokenAuthenticator", "AuthInterceptor", "current_principal",
+    "Principal", "TokenAuthenticator", "AuthInterceptor", "current_principal", "handler_kind",
 ]
 
 #: Roles, weakest first; a role allows everything the ones before it allow.
@@ -121,7 +119,8 @@ class TokenAuthenticator:
                                    f"{method.rsplit('/', 1)[-1]} needs {needed!r}")
 
 
-def _kind(handler: Any) -> str:
+def handler_kind(handler: Any) -> str:
+    """The attribute of a ``grpc.RpcMethodHandler`` that holds its behaviour (``unary_unary``...)."""
     return ("stream" if handler.request_streaming else "unary") + "_" + \
            ("stream" if handler.response_streaming else "unary")
 
@@ -134,19 +133,12 @@ def _refusal(handler: Any, method: str, exc: VnaError, on_refuse: Callable[[Any]
         on_refuse(context)
         abort(context, exc, method)
 
-    factory = {
-        "unary_unary": grpc.unary_unary_rpc_method_handler,
-        "unary_stream": grpc.unary_stream_rpc_method_handler,
-        "stream_unary": grpc.stream_unary_rpc_method_handler,
-        "stream_stream": grpc.stream_stream_rpc_method_handler,
-    }[_kind(handler)]
-    return factory(deny, request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    return handler._replace(**{handler_kind(handler): deny})
 
 
 def _with_principal(handler: Any, principal: Principal) -> Any:
     """The handler, its behaviour run with ``principal`` as :func:`current_principal`."""
-    kind = _kind(handler)
+    kind = handler_kind(handler)
     behaviour: Callable[..., Any] = getattr(handler, kind)
 
     def run(request: Any, context: Any) -> Any:

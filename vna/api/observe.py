@@ -16,6 +16,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from vna.api.auth import handler_kind
 from vna.telemetry import Telemetry
 
 __all__ = ["ObservingInterceptor", "trace_metadata"]
@@ -26,19 +27,6 @@ def trace_metadata() -> list[tuple[str, str]]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return list(carrier.items())
-
-
-def _kind(handler: Any) -> str:
-    return ("stream" if handler.request_streaming else "unary") + "_" + \
-           ("stream" if handler.response_streaming else "unary")
-
-
-_FACTORIES: dict[str, Callable[..., Any]] = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
 
 
 class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -56,7 +44,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if method.startswith("/grpc.health."):
             return handler
         carrier = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
-        kind = _kind(handler)
+        kind = handler_kind(handler)
         behaviour: Callable[..., Any] = getattr(handler, kind)
         tel = self.telemetry
 
@@ -111,8 +99,7 @@ class ObservingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     finish(span, context, t0, failed)
             wrapped = run_unary
-        return _FACTORIES[kind](wrapped, request_deserializer=handler.request_deserializer,
-                                response_serializer=handler.response_serializer)
+        return handler._replace(**{kind: wrapped})
 
 
 def _code(context: Any, failed: BaseException | None) -> grpc.StatusCode:
