@@ -276,12 +276,8 @@ class Telemetry:
 
     @contextmanager
     def _stage(self, name: str, attributes: Attributes | None) -> Iterator[trace.Span]:
-        t0 = time.perf_counter()
-        with self.tracer.start_as_current_span(name, attributes=attributes) as span:
-            try:
-                yield span
-            finally:
-                self.stage_duration.record(time.perf_counter() - t0, {"stage": name})
+        with self.tracer.start_as_current_span(name, attributes=attributes) as span, self._timed(name):
+            yield span
 
     def job(self, name: str) -> AbstractContextManager[JobRun]:
         """Wrap one job run: a ``job.<name>`` span and the job metrics from the report set on the JobRun."""
