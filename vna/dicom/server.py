@@ -246,6 +246,7 @@ class DicomServer:
         self.reuse_port = reuse_port
         self.ae = self._build_ae()
         self._servers: list[ThreadedAssociationServer] = []
+        self._client_tls: ssl.SSLContext | None = None   # for associations we request from tls = true remotes
         self._inflight = 0
         self._idle = threading.Condition()
         self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
@@ -588,7 +589,9 @@ class DicomServer:
         """``AE.associate`` keyword arguments for an association we request from ``remote`` (TLS if configured)."""
         if not remote.tls:
             return {}
-        return {"tls_args": (client_context(self.archive.cfg), remote.host)}
+        if self._client_tls is None:  # built once: it loads the CA bundle and our certificate from disk
+            self._client_tls = client_context(self.archive.cfg)
+        return {"tls_args": (self._client_tls, remote.host)}
 
     def _refuse_move(self, remote: RemoteAE, status: int) -> Iterator[Any]:
         """Make pynetdicom answer a C-MOVE with ``status``.
