@@ -219,3 +219,38 @@ def test_associations_do_not_leak_index_connections(make_server: Factory, corpus
         assert [s.Status for s in scu.store(srv.port, [p])] == [0]
     assert _stats(srv)["instances"] == len(corpus)
     assert index_files() <= 8, index_files()
+
+
+def test_idle_and_silent_connections_are_closed_by_their_timers(make_server: Factory, corpus: list[Path]) -> None:
+    """The association reactors block instead of polling; their timers still fire.
+
+    An established association that goes quiet is closed after dicom.network_timeout;
+    a TCP connection that never sends an A-ASSOCIATE-RQ after dicom.acse_timeout.
+    Meanwhile the server keeps serving other associations.
+    """
+    import socket
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    srv = make_server("[dicom]\nnetwork_timeout = 1.0\nacse_timeout = 1.0\n")
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    idle = ae.associate("127.0.0.1", srv.port, ae_title="VNA")
+    assert idle.is_established
+    silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        assert scu.store(srv.port, corpus[:1])[0].Status == 0  # others are served meanwhile
+        deadline = time.monotonic() + 10
+        while idle.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not idle.is_alive() and not idle.is_established  # closed by the server's network timeout
+        assert idle.is_released or idle.is_aborted
+        silent.settimeout(10)
+        assert silent.recv(1024) == b""  # the server closed the silent connection (ARTIM)
+    finally:
+        silent.close()
+        if idle.is_alive():
+            idle.abort()
+    assert scu.echo(srv.port)

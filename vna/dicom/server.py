@@ -29,7 +29,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig, RemoteAE
-from vna.dicom import status as st
+from vna.dicom import reactor, status as st
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # files without decoding them.
 _config.STORE_RECV_CHUNKED_DATASET = True
 _config.STORE_SEND_CHUNKED_DATASET = True
+# Block instead of polling in the per-association reactor threads (see reactor.py).
+reactor.install()
 
 # SOP classes (PS3.4); spelled out because pynetdicom.sop_class builds them dynamically
 Verification = UID("1.2.840.10008.1.1")
