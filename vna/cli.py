@@ -60,9 +60,12 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
     from vna.dicom.server import DicomServer
     from vna.jobs import Daemon
 
+    terminated: list[int] = []
     if log_level is not None:  # a spawned worker
         _setup_logging(log_level)
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Only note the signal: setting the multiprocessing Event from a handler that
+        # interrupted stop.wait() on it deadlocks on the Event's own lock.
+        signal.signal(signal.SIGTERM, lambda signum, _: terminated.append(signum))
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     # pynetdicom spools incoming datasets with tempfile: keep them on the data disk
     tempfile.tempdir = str(cfg.resolve("spool/incoming"))
@@ -96,7 +99,8 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
         for d in daemons:
             d.start()
         ready.set()
-        stop.wait()
+        while not stop.wait(0.5) and not terminated:
+            pass
     finally:
         if health is not None:
             health.drain()

@@ -44,3 +44,25 @@ def test_workers_share_the_port_and_are_restarted(make_server: Factory, corpus: 
         assert scu.echo(srv.port)
     assert srv.stop() == 0
     assert "vna stopped" in srv.log.read_text()
+
+
+def test_sigterm_to_the_process_group_stops_supervisor_and_workers(make_server: Factory, corpus: list[Path]) -> None:
+    """systemd (KillMode=control-group) and shells signal every process of the group at once.
+
+    A worker's SIGTERM handler used to set the supervisor's multiprocessing Event from inside
+    a wait on it and deadlocked; the supervisor then hung on setting the same Event.
+    """
+    srv = make_server("[dicom]\nworkers = 2\n", env={})
+    assert srv.proc is not None
+    assert scu.store(srv.port, corpus[:2])[0].Status == 0
+    workers = _workers(srv.proc.pid)
+    assert len(workers) >= 2
+    for pid in [srv.proc.pid, *workers]:
+        os.kill(pid, signal.SIGTERM)
+    assert srv.proc.wait(timeout=60) == 0
+    assert "vna stopped" in srv.log.read_text()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read().lower()
+                   for p in workers)
