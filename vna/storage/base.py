@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from vna.domain import BlobStat
 
 __all__ = ["BlobStore", "FileCopyStore", "LocalPathStore", "safe_key"]
+
+
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 
 
 def safe_key(key: str, *, quarantined: bool = False) -> str:
@@ -21,14 +25,9 @@ def safe_key(key: str, *, quarantined: bool = False) -> str:
     """
     if not key or len(key) > 1024 or key.startswith("/"):
         raise ValueError(f"unsafe blob key {key!r}")
-    segments = key.split("/")
-    if quarantined and segments[0] == ".quarantine" and len(segments) > 1:
-        segments = segments[1:]
-    for seg in segments:
-        if seg == "" or seg.startswith(".") or not all(c.isalnum() or c in "._-" for c in seg):
-            raise ValueError(f"unsafe blob key {key!r}")
-        if not seg.isascii():
-            raise ValueError(f"unsafe blob key {key!r}")
+    rest = key[len(".quarantine/"):] if quarantined and key.startswith(".quarantine/") else key
+    if _SAFE_KEY.fullmatch(rest) is None:
+        raise ValueError(f"unsafe blob key {key!r}")
     return key
 
 
