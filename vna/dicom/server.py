@@ -288,6 +288,8 @@ class DicomServer:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_assoc_over),
+            (evt.EVT_ABORTED, self._on_assoc_over),
             (evt.EVT_C_ECHO, t("c-echo", lambda event: st.SUCCESS)),
             (evt.EVT_C_STORE, t("c-store", self.on_store)),
             (evt.EVT_C_FIND, t("c-find", self.on_find, generator=True)),
@@ -450,6 +452,10 @@ class DicomServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError) as exc:
             log.debug("could not set TCP_NODELAY: %s", exc)
+
+    def _on_assoc_over(self, event: evt.Event) -> None:
+        """Released or aborted (in the association's thread, after its last handler): close its index connection."""
+        self.archive.index.release_thread()
 
     @staticmethod
     def _on_conn_close(event: evt.Event) -> None:

@@ -68,6 +68,13 @@ class Index(Protocol):
         """Release connections."""
         ...
 
+    def release_thread(self) -> None:
+        """Release what the calling thread holds (a connection of its own); its next call reopens it.
+
+        Called when an association's thread is done, so that resources do not wait for the garbage collector.
+        """
+        ...
+
     def get_instance(self, sop_uid: str) -> InstanceRecord | None:
         """The current (newest) version of an instance, or None."""
         ...

@@ -376,6 +376,9 @@ class CassandraIndex:
             raise_on_first_error=True)
         return [list(result) for _ok, result in results]
 
+    def release_thread(self) -> None:
+        """Nothing is per thread: the driver's session is shared."""
+
     def close(self) -> None:
         with self._lock:
             executor, self._executor = self._executor, None

@@ -143,6 +143,24 @@ class SqliteIndex:
         except sqlite3.Error as exc:
             raise IndexUnavailable(f"SQLite read failed: {exc}") from exc
 
+    def release_thread(self) -> None:
+        """Close the calling thread's connection now.
+
+        A sqlite3 connection sits in a reference cycle (its statement cache refers
+        back to it), so one left to its thread's end is closed only when the cyclic
+        garbage collector next runs -- a file descriptor per finished association until then.
+        """
+        conn: _Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        self._local.conn = None
+        with self._lock:
+            self._all.discard(conn)
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
     def close(self) -> None:
         with self._lock:
             for conn in list(self._all):
