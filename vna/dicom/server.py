@@ -30,6 +30,7 @@ from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import reactor, status as st
+from vna.dicom.contexts import Contexts
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
@@ -205,6 +206,10 @@ class _Server(ThreadedAssociationServer):
 
     reuse_port = False
     handshake_timeout = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contexts = Contexts(self.contexts)
 
     def server_bind(self) -> None:
         if self.reuse_port:
