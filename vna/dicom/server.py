@@ -29,7 +29,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig, RemoteAE
-from vna.dicom import reactor, status as st
+from vna.dicom import reactor, status as st, uid_cache
 from vna.dicom.contexts import Contexts
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
@@ -46,6 +46,8 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 _config.STORE_SEND_CHUNKED_DATASET = True
 # Block instead of polling in the per-association reactor threads (see reactor.py).
 reactor.install()
+# Validate each distinct UID string once (see uid_cache.py).
+uid_cache.install()
 
 # SOP classes (PS3.4); spelled out because pynetdicom.sop_class builds them dynamically
 Verification = UID("1.2.840.10008.1.1")
