@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import tag_for_keyword
+from pydicom.charset import convert_encodings, decode_bytes, default_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.tag import BaseTag
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -35,6 +35,7 @@ from vna.domain import InstanceRecord, PlacementState, QueryLevel, site_of, vali
 from vna.errors import DuplicateConflict, InvalidDataset, StateConflict
 from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
+from vna.services.part10 import scan_part10
 from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.telemetry import Telemetry
 
@@ -99,6 +100,22 @@ _UID_TAGS = {
     "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
 }
 _ATTR_TAGS = {kw: int(tag_for_keyword(kw) or 0) for kw in _ATTR_KEYS}
+#: What the Part 10 scanner extracts (tag -> dictionary VR).
+_WANTED = {tag: dictionary_VR(tag) for tag in (*_ATTR_TAGS.values(), *_UID_TAGS.values(), 0x00080005)}
+_PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error,
+                 zlib.error, LookupError)
+
+
+def _raw_text(elem: RawDataElement, encodings: list[str]) -> str | None:
+    """A text VR's value decoded straight from its raw bytes; None if it needs pydicom's conversion."""
+    if elem.VR in _TEXT_VRS and isinstance(elem.value, bytes):
+        raw = elem.value
+        if elem.VR == "DA":  # legacy "2020.01.01" is stored as "20200101" so every index compares alike
+            return raw.decode("ascii", "replace").strip(" \x00").replace(".", "")
+        if elem.VR in _ASCII_VRS:
+            return raw.decode("ascii", "replace").strip(" \x00")
+        return decode_bytes(raw, encodings, _PN_DELIMS if elem.VR == "PN" else _TEXT_DELIMS).strip(" \x00")
+    return None
 
 
 def _value(ds: Dataset, tag: int, encodings: list[str]) -> str | None:
@@ -106,14 +123,54 @@ def _value(ds: Dataset, tag: int, encodings: list[str]) -> str | None:
     elem = ds._dict.get(BaseTag(tag))
     if elem is None:
         return None
-    if isinstance(elem, RawDataElement) and elem.VR in _TEXT_VRS and isinstance(elem.value, bytes):
-        raw = elem.value
-        if elem.VR == "DA":  # legacy "2020.01.01" is stored as "20200101" so every index compares alike
-            return raw.decode("ascii", "replace").strip(" \x00").replace(".", "")
-        if elem.VR in _ASCII_VRS:
-            return raw.decode("ascii", "replace").strip(" \x00")
-        return decode_bytes(raw, encodings, _PN_DELIMS if elem.VR == "PN" else _TEXT_DELIMS).strip(" \x00")
+    if isinstance(elem, RawDataElement) and (text := _raw_text(elem, encodings)) is not None:
+        return text
     return _text(ds[tag].value)
+
+
+def _scanned_value(elem: RawDataElement | None, encodings: list[str]) -> str | None:
+    """:func:`_value` for an element found by :func:`scan_part10` (no Dataset around it)."""
+    if elem is None:
+        return None
+    text = _raw_text(elem, encodings)
+    if text is None:
+        text = _text(convert_raw_data_element(elem, encoding=encodings).value)
+    return text
+
+
+def read_header_fast(path: Path) -> _Header | None:
+    """:func:`read_header` via the Part 10 scanner; None when the scanner (or a conversion) declines.
+
+    When it returns a header it is the one the pydicom path returns (raises
+    InvalidUID like it); None means "use the pydicom path", which then
+    reports any error in its own words.
+    """
+    try:
+        with open(path, "rb", buffering=0) as fp:
+            scanned = scan_part10(fp, os.fstat(fp.fileno()).st_size, _WANTED)
+        if scanned is None:
+            return None
+        elems = scanned.elements
+        charset = elems.get(0x00080005)
+        encodings = convert_encodings(
+            convert_raw_data_element(charset, encoding=default_encoding).value if charset is not None else None)
+        attrs: dict[str, str] = {}
+        for kw, tag in _ATTR_TAGS.items():
+            text = _scanned_value(elems.get(tag), encodings)
+            if text is not None:
+                attrs[kw] = text
+        uids = {kw: _scanned_value(elems.get(tag), encodings) for kw, tag in _UID_TAGS.items()}
+        ts = _text(scanned.transfer_syntax)
+    except (_PARSE_ERRORS + (OSError,)):
+        return None
+    return _Header(
+        sop_uid=validate_uid(uids["SOPInstanceUID"], "SOPInstanceUID"),
+        sop_class_uid=validate_uid(uids["SOPClassUID"], "SOPClassUID"),
+        study_uid=validate_uid(uids["StudyInstanceUID"], "StudyInstanceUID"),
+        series_uid=validate_uid(uids["SeriesInstanceUID"], "SeriesInstanceUID"),
+        transfer_syntax_uid=validate_uid(ts, "TransferSyntaxUID"),
+        attrs=attrs,
+    )
 
 
 def read_header(path: Path) -> _Header:
@@ -123,7 +180,14 @@ def read_header(path: Path) -> _Header:
     recorded lengths are checked against the file size, so a truncated
     dataset is refused rather than stored. Text values are decoded directly
     from their raw bytes (pydicom's full conversion costs more than the rest).
+    Common files are scanned by :func:`read_header_fast`; pydicom parses the rest.
     """
+    fast = read_header_fast(path)
+    return fast if fast is not None else read_header_pydicom(path)
+
+
+def read_header_pydicom(path: Path) -> _Header:
+    """:func:`read_header` by pydicom alone (the reference for :func:`read_header_fast`)."""
     try:
         size = os.path.getsize(path)
         ds = dcmread(path, defer_size=1024)
@@ -139,8 +203,7 @@ def read_header(path: Path) -> _Header:
             if text is not None:
                 attrs[kw] = text
         uids = {kw: _value(ds, tag, encodings) for kw, tag in _UID_TAGS.items()}
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error,
-            zlib.error, LookupError) as exc:
+    except _PARSE_ERRORS as exc:
         raise InvalidDataset(f"dataset cannot be parsed: {exc}") from exc
     except OSError as exc:
         raise InvalidDataset(f"dataset cannot be read: {exc}") from exc
