@@ -54,6 +54,7 @@ class TierAccessor:
         self.stores = list(stores)
         self.quorum = quorum
         self.codec = codec
+        self._file_copiers: dict[int, tuple[BlobStore, bool]] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(2, 4 * len(self.stores)), thread_name_prefix=f"vna-{tier.value}")
 
     def close(self) -> None:
@@ -106,11 +107,18 @@ class TierAccessor:
             return self.write(key, lambda: iter_file(str(path)), content_sha256)
         calls: list[tuple[Callable[..., ReplicaWrite], tuple[Any, ...]]] = []
         for s in self.stores:
-            if isinstance(s, FileCopyStore):
+            if self._copies_files(s):
                 calls.append((self._copy_one, (s, s.store_id, key, path, content_sha256, size)))
             else:
                 calls.append((self._write_one, (s, key, lambda: iter_file(str(path)), content_sha256)))
         return self._quorum(key, self._fan_out(calls))
+
+    def _copies_files(self, store: BlobStore) -> bool:
+        """isinstance(store, FileCopyStore), remembered (a runtime Protocol check costs ~50 us)."""
+        known = self._file_copiers.get(id(store))
+        if known is None or known[0] is not store:
+            known = self._file_copiers[id(store)] = (store, isinstance(store, FileCopyStore))
+        return known[1]
 
     def write(
         self, key: str, source: Callable[[], Iterable[bytes]], content_sha256: str
