@@ -1,4 +1,4 @@
-"""vna.dicom.reactor: pynetdicom's polling reactors are replaced by blocking ones.
+"""vna.dicom.reactor: pynetdicom's polling reactors are replaced by blocking ones (and the codec installed).
 
 Run in a child interpreter: installing the reactor (and importing vna.dicom.server,
 which configures pynetdicom) must not change the SCUs of the other tests.
@@ -22,6 +22,8 @@ _CHECK = textwrap.dedent('''
     assert reactor.installed()
     assert DULServiceProvider.run_reactor is reactor._dul_run_reactor
     assert Association._run_reactor is reactor._assoc_run_reactor
+    import pynetdicom.dimse_messages
+    assert pynetdicom.dimse_messages.encode.__module__ == "vna.dicom.dimse_codec"  # and its fast encoders
 
     # a put on any queue a reactor waits for wakes it; a pause request does too
     assoc = Association(AE(), "requestor")

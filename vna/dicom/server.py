@@ -29,7 +29,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig, RemoteAE
-from vna.dicom import reactor, status as st, uid_cache
+from vna.dicom import dimse_codec, reactor, status as st, uid_cache
 from vna.dicom.contexts import Contexts
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
@@ -48,6 +48,8 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 reactor.install()
 # Validate each distinct UID string once (see uid_cache.py).
 uid_cache.install()
+# Encode command sets and spool headers without pydicom's generic writer (see dimse_codec.py).
+dimse_codec.install()
 
 # SOP classes (PS3.4); spelled out because pynetdicom.sop_class builds them dynamically
 Verification = UID("1.2.840.10008.1.1")
