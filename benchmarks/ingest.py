@@ -34,9 +34,10 @@ from benchmarks.servers import fs_type
 HOST = "127.0.0.1"
 CLIENT_AET = "BENCHSCU"
 ARG_LIMIT = 100_000  # bytes of file arguments per storescu command (well below ARG_MAX)
-RECEIVERS = ("vna", "orthanc", "storescp")
+RECEIVERS = ("vna", "vna-w2", "orthanc", "storescp")
 NOTES = {
     "vna": "SQLite index, 2 fsynced hot replicas, W=2",
+    "vna-w2": "the same with dicom.workers = 2 (two processes on the port, SO_REUSEPORT)",
     "orthanc": "Orthanc 1.10 defaults: SyncStorageArea (fsync) + MD5, SQLite index",
     "storescp": "DCMTK storescp +B --fork: writes files, NO fsync, no index",
 }
@@ -272,6 +273,8 @@ def start(name: str, work: Path, args: argparse.Namespace) -> Receiver:
     base = args.port_base
     if name == "vna":
         return start_vna(work, base, shlex.split(args.vna_args), args.vna_workers, args.start_timeout)
+    if name.startswith("vna-w"):  # vna-wN: N worker processes sharing the DICOM port
+        return start_vna(work, base + 4, shlex.split(args.vna_args), int(name[5:]), args.start_timeout)
     if name == "orthanc":
         return start_orthanc(work, base + 1, base + 2, args.start_timeout)
     return start_storescp(work, base + 3, args.start_timeout)
@@ -332,8 +335,8 @@ def table(results: list[Result]) -> str:
     by = {(r.receiver, r.corpus, r.associations): r for r in results}
     for r in results:
         ratios = ["", ""]
-        v = by.get(("vna", r.corpus, r.associations))
-        if r.receiver == "vna" and v:
+        v = by.get((r.receiver, r.corpus, r.associations))
+        if r.receiver.startswith("vna") and v:
             for i, peer in enumerate(("orthanc", "storescp")):
                 p = by.get((peer, r.corpus, r.associations))
                 ratios[i] = f"{v.inst_per_s / p.inst_per_s:.2f}" if p else "-"
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"missing tool: {tool}", file=sys.stderr)
             return 2
     ports = {"vna": [args.port_base], "orthanc": [args.port_base + 1, args.port_base + 2],
-             "storescp": [args.port_base + 3]}
+             "storescp": [args.port_base + 3], "vna-w2": [args.port_base + 4]}
     busy = [p for r in args.receivers for p in ports[r] if not port_free(p)]
     if busy:
         print(f"ports already in use: {busy}; choose another --port-base", file=sys.stderr)
