@@ -138,6 +138,18 @@ def _scanned_value(elem: RawDataElement | None, encodings: list[str]) -> str | N
     return text
 
 
+def _header(uids: dict[str, str | None], ts: str, attrs: dict[str, str]) -> _Header:
+    """The parsed header, its UIDs validated (raises InvalidUID)."""
+    return _Header(
+        sop_uid=validate_uid(uids["SOPInstanceUID"], "SOPInstanceUID"),
+        sop_class_uid=validate_uid(uids["SOPClassUID"], "SOPClassUID"),
+        study_uid=validate_uid(uids["StudyInstanceUID"], "StudyInstanceUID"),
+        series_uid=validate_uid(uids["SeriesInstanceUID"], "SeriesInstanceUID"),
+        transfer_syntax_uid=validate_uid(ts, "TransferSyntaxUID"),
+        attrs=attrs,
+    )
+
+
 def read_header_fast(path: Path) -> _Header | None:
     """:func:`read_header` via the Part 10 scanner; None when the scanner (or a conversion) declines.
 
@@ -163,14 +175,7 @@ def read_header_fast(path: Path) -> _Header | None:
         ts = _text(scanned.transfer_syntax)
     except (_PARSE_ERRORS + (OSError,)):
         return None
-    return _Header(
-        sop_uid=validate_uid(uids["SOPInstanceUID"], "SOPInstanceUID"),
-        sop_class_uid=validate_uid(uids["SOPClassUID"], "SOPClassUID"),
-        study_uid=validate_uid(uids["StudyInstanceUID"], "StudyInstanceUID"),
-        series_uid=validate_uid(uids["SeriesInstanceUID"], "SeriesInstanceUID"),
-        transfer_syntax_uid=validate_uid(ts, "TransferSyntaxUID"),
-        attrs=attrs,
-    )
+    return _header(uids, ts, attrs)
 
 
 def read_header(path: Path) -> _Header:
@@ -207,14 +212,7 @@ def read_header_pydicom(path: Path) -> _Header:
         raise InvalidDataset(f"dataset cannot be parsed: {exc}") from exc
     except OSError as exc:
         raise InvalidDataset(f"dataset cannot be read: {exc}") from exc
-    return _Header(
-        sop_uid=validate_uid(uids["SOPInstanceUID"], "SOPInstanceUID"),
-        sop_class_uid=validate_uid(uids["SOPClassUID"], "SOPClassUID"),
-        study_uid=validate_uid(uids["StudyInstanceUID"], "StudyInstanceUID"),
-        series_uid=validate_uid(uids["SeriesInstanceUID"], "SeriesInstanceUID"),
-        transfer_syntax_uid=validate_uid(ts, "TransferSyntaxUID"),
-        attrs=attrs,
-    )
+    return _header(uids, ts, attrs)
 
 
 class IngestService:
