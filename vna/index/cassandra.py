@@ -54,10 +54,31 @@ Pushdown (always a superset; every candidate is checked with
     rows group ``studies_by_patient`` and aggregate like SQLite (``max`` over
     the studies its WHERE clause keeps: :func:`_sqlite_where`). SAI returns
     token order, so row order is unspecified (SQLite sorts PATIENT rows only).
-    Computed keys and visibility need each study's partitions plus its
-    instances' instance_versions and placements partitions: candidates are
-    detailed in batches of 32 studies with two waves of IN queries, several
-    batches at once on worker threads (:meth:`CassandraIndex._rows`).
+    STUDY rows take their computed keys from the study row's summary (schema
+    v4) when it is valid, so they read nothing else. Otherwise, and at the
+    other levels, computed keys and visibility need each study's partitions
+    plus its instances' instance_versions and placements partitions:
+    candidates are detailed in batches of 32 studies with two waves of IN
+    queries, several batches at once on worker threads
+    (:meth:`CassandraIndex._rows`).
+
+Study summary (schema v4)
+    ``studies.sum_*``: NumberOfStudyRelatedInstances/Series, ModalitiesInStudy
+    and InstanceAvailability of the visible instances, valid iff ``sum_of =
+    sum_gen`` and no token is in ``sum_pending``. Every change that can alter
+    them is bracketed by a pending token (plain set add before, LWT generation
+    bump and token removal after); a summary is stored only by a conditional
+    write on the generation read before the partitions were read and an empty
+    pending set. So a valid summary is exact; a writer that died mid-change
+    leaves its study answered from the partitions until its token is older
+    than ``stale_claim_after``. Argument: the comment above
+    :meth:`CassandraIndex._mark`. Each front-end re-summarises the studies it
+    changed 0.5 s after their last change (a refresher thread); readers store
+    what they computed. Cost: a registration adds a plain write, an LWT and a
+    plain write on its study row (two more rows for a re-registration of an
+    older version); so does a placement change that alters availability.
+    Front-ends older than v4 do not mark: run every front-end at v4 before
+    ``vna index migrate`` to v4, else their changes leave summaries wrong.
 
 Job operations (schema v2)
     ``add_placements`` is one Paxos round per instance (atomic per instance;
