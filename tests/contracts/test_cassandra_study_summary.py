@@ -111,7 +111,7 @@ def test_migration_v4_backfills_summaries(cassandra_config: Callable[..., Cassan
                 idx.register(make_record(f"{s}.1.{i}", f"{s}.1", f"{s}.0"), [make_placement(f"{s}.1.{i}")])
         ks = cfg.keyspace
         for s in range(3):  # as written by a v3 index
-            cassandra_admin.execute(f"DELETE sum_gen, sum_of, sum_instances, sum_series, sum_modalities, "
+            cassandra_admin.execute(f"DELETE sum_done, sum_of, sum_instances, sum_series, sum_modalities, "
                                     f"sum_availability, sum_pending FROM {ks}.studies WHERE study_uid = %s",
                                     (f"{s}.0",))
         cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version = 4")

@@ -64,19 +64,21 @@ Pushdown (always a superset; every candidate is checked with
 
 Study summary (schema v4)
     ``studies.sum_*``: NumberOfStudyRelatedInstances/Series, ModalitiesInStudy
-    and InstanceAvailability of the visible instances, valid iff ``sum_of =
-    sum_gen`` and no token is in ``sum_pending``. Every change that can alter
-    them is bracketed by a pending token (plain set add before, LWT generation
-    bump and token removal after); a summary is stored only by a conditional
-    write on the generation read before the partitions were read and an empty
-    pending set. So a valid summary is exact; a writer that died mid-change
+    and InstanceAvailability of the visible instances, valid iff ``sum_of`` is
+    set and the token sets ``sum_pending`` and ``sum_done`` are empty. Every
+    change that can alter them is bracketed by a unique token (plain writes:
+    added to sum_pending before, moved to sum_done after); a summary is stored
+    only by an LWT conditional on the stamp and the done set read before the
+    partitions were read, and on an empty pending set, and it removes the done
+    tokens it saw. So a valid summary is exact; a writer that died mid-change
     leaves its study answered from the partitions until its token is older
     than ``stale_claim_after``. Argument: the comment above
     :meth:`CassandraIndex._mark`. Each front-end re-summarises the studies it
     changed 0.5 s after their last change (a refresher thread); readers store
-    what they computed. Cost: a registration adds a plain write, an LWT and a
-    plain write on its study row (two more rows for a re-registration of an
-    older version); so does a placement change that alters availability.
+    what they computed. Cost: a registration adds two plain writes on its study
+    row (and on the old version's study for a re-registration, after a read of
+    instance_versions); so does a placement change that alters availability
+    (after a read of its instance_versions row); one LWT per re-summarised study.
     Front-ends older than v4 do not mark: run every front-end at v4 before
     ``vna index migrate`` to v4, else their changes leave summaries wrong.
 
@@ -539,38 +541,41 @@ class CassandraIndex:
     # Instances} and InstanceAvailability from columns of the study row (sum_*)
     # when they are valid; otherwise from the study's partitions, as every level
     # did before (and then tries to store them). The summary is a cache of a
-    # function of the study's partitions, guarded so it is never valid and wrong:
+    # function of the study's partitions, guarded so it is never valid and wrong.
+    # Valid iff sum_of is set and sum_pending and sum_done are empty.
     #
     # Writers bracket every change C that can alter it (a commit, which may also
     # take an instance out of the study of its previous version; a placement
-    # change to or from OK; OK placements added) with _mark / _settle:
-    #   1. add a fresh token t to sum_pending (plain set add; t is unique, so it
-    #      cannot be lost by a concurrent writer's cell),
+    # change to or from OK; OK placements added) with _mark / _settle, two plain
+    # writes (no Paxos, so concurrent writers of one study never contend):
+    #   1. add a fresh token t to sum_pending,
     #   2. C,
-    #   3. replace sum_gen by a fresh value (LWT: Paxos orders it with every other
-    #      sum_gen write of the study, whatever the clocks),
-    #   4. remove t from sum_pending (plain; the same client's later timestamp).
+    #   3. in one mutation: add t to sum_done, remove t from sum_pending (the same
+    #      client's later timestamp, so the removal wins over step 1).
     #   A writer that fails or dies after 1 leaves t pending: the study is read
-    #   from its partitions until a reader drops tokens older than
-    #   stale_claim_after (the registration-claim assumption: no writer lives
-    #   that long), by which time C has happened or never will.
-    # Readers (find, the refresher, the migration) read the study row (g, P), and
-    # only if P is empty: read the partitions, compute S, and write
-    #   UPDATE ... SET sum_gen = g', sum_of = g', S ... IF sum_gen = g AND sum_pending = null
-    # A row is valid iff sum_of = sum_gen and sum_pending is empty.
-    # Why valid implies exact: take a write that succeeded (g read at time r,
-    # applied at time w) and any change C of writer W.
-    #   - W added t before r: P was empty at r, so W had removed t (step 4),
-    #     hence finished C before r, and our partition reads (after r, at
-    #     LOCAL_QUORUM, like C's writes) include C.
-    #   - W added t after r and bumped (3) before w: sum_gen != g at w, no write.
-    #   - W added t before w but bumps after w: t is in sum_pending at w (it is
-    #     only removed after the bump), no write.
-    #   - W adds t at or after w: t pending after w (the row is invalid), then
-    #     W's bump makes sum_of != sum_gen until a later reader rewrites it,
-    #     and that reader's write falls under the first case for C.
-    # Every summary write replaces sum_gen, so two readers cannot both apply
-    # writes computed from the same g.
+    #   from its partitions until a reader moves tokens older than
+    #   stale_claim_after to sum_done (the registration-claim assumption: no
+    #   writer lives that long), by which time C has happened or never will.
+    # Readers (find, the refresher, the migration) read the study row
+    # (stamp s, pending P, done D), and only if P is empty: read the partitions,
+    # compute S, and write by LWT
+    #   SET S, sum_of = fresh, sum_done = sum_done - D
+    #   IF sum_of = s AND sum_done = D AND sum_pending = null
+    # Why valid implies exact: take a summary write that succeeded (row read at
+    # time r, applied at time w) and any change C of writer W with token t.
+    #   - t added before r: P was empty at r, so step 3 was applied before r,
+    #     so C finished before r, and our partition reads (after r, LOCAL_QUORUM
+    #     like C's writes) include C.
+    #   - step 3 between r and w: t is in sum_done at w (only a summary write
+    #     removes it, and any other summary write since r changed sum_of), so
+    #     sum_done != D and nothing is written.
+    #   - t added before w, step 3 after w: t is in sum_pending at w: no write.
+    #   - t added at or after w: the row is invalid from then on (t pending,
+    #     then done) until a later summary write, which covers C by case 1.
+    # Tokens are unique and only added by writers; sum_of only changes by LWT,
+    # so Paxos orders the summary writes whatever the clocks. Removing a token
+    # is the only timestamp race: a removal that loses to a skewed clock leaves
+    # the token, hence the study invalid (slow, not wrong).
     def _mark(self, study_uids: Iterable[str]) -> tuple[uuid.UUID, list[str]]:
         """Step 1: a fresh token added to the studies' pending set; (token, studies) for _settle."""
         uids = list(dict.fromkeys(u for u in study_uids if u))
@@ -580,27 +585,21 @@ class CassandraIndex:
             f.result()
         return token, uids
 
-    def _settle(self, mark: tuple[uuid.UUID, list[str]], *, raise_errors: bool = False) -> bool:
-        """Steps 3 and 4 after the change; then re-summarise the studies soon.
+    def _settle(self, mark: tuple[uuid.UUID, list[str]]) -> bool:
+        """Step 3 after the change; then re-summarise the studies soon.
 
         A driver error leaves the token pending (the study is read from its
-        partitions until the token is stale) and is logged, or raised with
-        ``raise_errors``; False then.
+        partitions until the token is stale) and is logged; False then.
         """
         token, uids = mark
         if not uids:
             return True
-        t = self._t("studies")
-        bump = self._prep(f"UPDATE {t} SET sum_gen = ? WHERE study_uid = ? IF EXISTS")
-        remove = self._prep(f"UPDATE {t} SET sum_pending = sum_pending - ? WHERE study_uid = ?")
+        done = self._prep(f"UPDATE {self._t('studies')} SET sum_done = sum_done + ?, "
+                          "sum_pending = sum_pending - ? WHERE study_uid = ?")
         try:
-            for f in [self._session.execute_async(bump, (uuid.uuid1(), u)) for u in uids]:
-                f.result()
-            for f in [self._session.execute_async(remove, ({token}, u)) for u in uids]:
+            for f in [self._session.execute_async(done, ({token}, {token}, u)) for u in uids]:
                 f.result()
         except _DRIVER_ERRORS as exc:
-            if raise_errors:
-                raise
             log.warning("study summary of %s left pending after a change (%s: %s); "
                         "those studies are answered from their partitions until it is stale",
                         ",".join(uids), type(exc).__name__, exc)
@@ -626,7 +625,7 @@ class CassandraIndex:
     @staticmethod
     def _summary(raw: Row) -> dict[str, str] | None:
         """The stored computed STUDY keys of a study row, or None unless valid."""
-        if raw.get("sum_of") is None or raw.get("sum_of") != raw.get("sum_gen") or raw.get("sum_pending"):
+        if raw.get("sum_of") is None or raw.get("sum_pending") or raw.get("sum_done"):
             return None
         return {
             "ModalitiesInStudy": _s(raw["sum_modalities"]),
@@ -644,9 +643,11 @@ class CassandraIndex:
         """
         t = self._t("studies")
         cas = self._prep(
-            f"UPDATE {t} SET sum_gen = ?, sum_of = ?, sum_instances = ?, sum_series = ?, sum_modalities = ?, "
-            "sum_availability = ? WHERE study_uid = ? IF sum_gen = ? AND sum_pending = null")
-        drop = self._prep(f"UPDATE {t} SET sum_pending = sum_pending - ? WHERE study_uid = ?")
+            f"UPDATE {t} SET sum_of = ?, sum_done = sum_done - ?, sum_instances = ?, sum_series = ?, "
+            "sum_modalities = ?, sum_availability = ? WHERE study_uid = ? "
+            "IF sum_of = ? AND sum_done = ? AND sum_pending = null")
+        drop = self._prep(f"UPDATE {t} SET sum_done = sum_done + ?, sum_pending = sum_pending - ? "
+                          "WHERE study_uid = ?")
         stale_before = time.time() - self.stale_claim_after
         futures: list[ResponseFuture] = []
         for raw in raws:
@@ -655,13 +656,13 @@ class CassandraIndex:
                 old = {tok for tok in pending if unix_time_from_uuid1(tok) < stale_before}
                 if old:  # writers that died mid-change; the next reader summarises
                     log.warning("dropping %d stale study-summary token(s) of %s", len(old), uid)
-                    futures.append(self._session.execute_async(drop, (old, uid)))
+                    futures.append(self._session.execute_async(drop, (old, old, uid)))
                 continue
             c = computed.get(uid) or _study_computed([], {})
-            gen = uuid.uuid1()
+            done = set(raw.get("sum_done") or ())
             futures.append(self._session.execute_async(cas, (
-                gen, gen, int(c["NumberOfStudyRelatedInstances"]), int(c["NumberOfStudyRelatedSeries"]),
-                c["ModalitiesInStudy"], c["InstanceAvailability"], uid, raw.get("sum_gen"))))
+                uuid.uuid1(), done, int(c["NumberOfStudyRelatedInstances"]), int(c["NumberOfStudyRelatedSeries"]),
+                c["ModalitiesInStudy"], c["InstanceAvailability"], uid, raw.get("sum_of"), done)))
         for f in futures:
             try:
                 f.result()
