@@ -2,7 +2,7 @@
 
 Behaves exactly like :class:`vna.index.sqlite.SqliteIndex` behind the Index port
 (one contract suite runs on both); only the storage differs. Schema:
-``vna/index/cql/*.cql`` (versions as in SQLite).
+``vna/index/cql/*.cql`` (versions 1-3 as in SQLite; 4, the study summary, is Cassandra's own).
 
 Data model
     ``studies`` (one row per study, patient attributes denormalised, SAI on
