@@ -492,7 +492,11 @@ class SqliteBulk(BulkLoader):
 class CassandraBulk(BulkLoader):
     """The committed end state of ``CassandraIndex.register`` with plain writes, no Paxos rounds:
     the instance_versions row complete, the placements (one unlogged single-partition batch)
-    and the catalogue batch, concurrently."""
+    and the catalogue batch, concurrently; at ``close`` the study summaries (schema v4),
+    aggregated in memory (the catalogue has one version per instance), as valid.
+
+    The studies of the first ``concurrency`` calls may have instances registered before
+    the bulk load: their summaries are invalidated and recomputed by the index instead."""
 
     def __init__(self, index: Any, concurrency: int) -> None:
         from cassandra.query import BatchStatement, BatchType
@@ -509,6 +513,11 @@ class CassandraBulk(BulkLoader):
         self.placement = index._prep(
             f"INSERT INTO {index._t('placements')} ({', '.join(cq._PLACEMENT_COLS)}) "
             f"VALUES ({', '.join('?' for _ in cq._PLACEMENT_COLS)})")
+        self._cq = cq
+        self._lock = threading.Lock()
+        self._studies: dict[str, tuple[list[Any], dict[str, dict[str, str]]]] = {}  # uid -> (_Inst, series)
+        self._edge: set[str] = set()  # studies that may hold instances registered before the bulk load
+        self._calls = 0
 
     def register(self, record: InstanceRecord, placements: Sequence[Placement]) -> None:
         ix = self.index
@@ -529,6 +538,34 @@ class CassandraBulk(BulkLoader):
                 f.result()
         except Exception as exc:  # noqa: BLE001 - counted like a registration error
             raise VnaError(f"bulk load: {type(exc).__name__}: {exc}") from exc
+        online = any(self._cq._flags(p.state, p.tier)[0] for p in placements)
+        nearline = any(self._cq._flags(p.state, p.tier)[1] for p in placements)
+        with self._lock:
+            self._calls += 1
+            if self._calls <= self.concurrency:
+                self._edge.add(record.study_uid)
+            insts, series = self._studies.setdefault(record.study_uid, ([], {}))
+            insts.append(self._cq._Inst({"series_uid": record.series_uid}, online, nearline))
+            series[record.series_uid] = {"Modality": record.attrs.get("Modality", "")}
+
+    def close(self) -> None:
+        from cassandra.concurrent import execute_concurrent_with_args
+
+        ix, cq = self.index, self._cq
+        stmt = ix._prep(f"UPDATE {ix._t('studies')} SET sum_of = ?, sum_instances = ?, "
+                        "sum_series = ?, sum_modalities = ?, sum_availability = ? WHERE study_uid = ?")
+        params = []
+        for uid, (insts, series) in self._studies.items():
+            if uid in self._edge:
+                continue
+            c = cq._study_computed(insts, series)
+            params.append((uuid.uuid1(), int(c["NumberOfStudyRelatedInstances"]), int(c["NumberOfStudyRelatedSeries"]),
+                           c["ModalitiesInStudy"], c["InstanceAvailability"], uid))
+        execute_concurrent_with_args(ix._session, stmt, params, concurrency=self.concurrency,
+                                     raise_on_first_error=True)
+        for uid in self._edge:
+            ix._exec(f"UPDATE {ix._t('studies')} SET sum_of = null WHERE study_uid = ?", (uid,))
+        ix._refresh(sorted(self._edge))
 
 
 class Backend:

@@ -2,7 +2,7 @@
 
 Behaves exactly like :class:`vna.index.sqlite.SqliteIndex` behind the Index port
 (one contract suite runs on both); only the storage differs. Schema:
-``vna/index/cql/*.cql`` (versions as in SQLite).
+``vna/index/cql/*.cql`` (versions 1-3 as in SQLite; 4, the study summary, is Cassandra's own).
 
 Data model
     ``studies`` (one row per study, patient attributes denormalised, SAI on
@@ -54,10 +54,33 @@ Pushdown (always a superset; every candidate is checked with
     rows group ``studies_by_patient`` and aggregate like SQLite (``max`` over
     the studies its WHERE clause keeps: :func:`_sqlite_where`). SAI returns
     token order, so row order is unspecified (SQLite sorts PATIENT rows only).
-    Computed keys and visibility need each study's partitions plus its
-    instances' instance_versions and placements partitions: candidates are
-    detailed in batches of 32 studies with two waves of IN queries, several
-    batches at once on worker threads (:meth:`CassandraIndex._rows`).
+    STUDY rows take their computed keys from the study row's summary (schema
+    v4) when it is valid, so they read nothing else. Otherwise, and at the
+    other levels, computed keys and visibility need each study's partitions
+    plus its instances' instance_versions and placements partitions:
+    candidates are detailed in batches of 32 studies with two waves of IN
+    queries, several batches at once on worker threads
+    (:meth:`CassandraIndex._rows`).
+
+Study summary (schema v4)
+    ``studies.sum_*``: NumberOfStudyRelatedInstances/Series, ModalitiesInStudy
+    and InstanceAvailability of the visible instances, valid iff ``sum_of`` is
+    set and the token sets ``sum_pending`` and ``sum_done`` are empty. Every
+    change that can alter them is bracketed by a unique token (plain writes:
+    added to sum_pending before, moved to sum_done after); a summary is stored
+    only by an LWT conditional on the stamp and the done set read before the
+    partitions were read, and on an empty pending set, and it removes the done
+    tokens it saw. So a valid summary is exact; a writer that died mid-change
+    leaves its study answered from the partitions until its token is older
+    than ``stale_claim_after``. Argument: the comment above
+    :meth:`CassandraIndex._mark`. Each front-end re-summarises the studies it
+    changed 0.5 s after their last change (a refresher thread); readers store
+    what they computed. Cost: a registration adds two plain writes on its study
+    row (and on the old version's study for a re-registration, after a read of
+    instance_versions); so does a placement change that alters availability
+    (after a read of its instance_versions row); one LWT per re-summarised study.
+    Front-ends older than v4 do not mark: run every front-end at v4 before
+    ``vna index migrate`` to v4, else their changes leave summaries wrong.
 
 Job operations (schema v2)
     ``add_placements`` is one Paxos round per instance (atomic per instance;
@@ -103,6 +126,7 @@ from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.connection import ConnectionException
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, SimpleStatement, dict_factory
+from cassandra.util import unix_time_from_uuid1
 
 from vna.config import CassandraConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
@@ -114,13 +138,15 @@ __all__ = ["CassandraIndex"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
-_MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql"}
+SCHEMA_VERSION = 4
+_MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql",
+               4: "cql/004_study_summary.cql"}
 _FETCH_SIZE = 500
 _IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
 _DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
 _DETAIL_AHEAD = 4  # batches of one find() detailed concurrently
 _DETAIL_WORKERS = 8  # threads detailing batches, shared by every find()
+_SUMMARY_DELAY = 0.5  # seconds a registered study waits before this front-end re-summarises it (coalesces bursts)
 _EMPTY_PATIENT = "\x00"  # partition keys may not be empty; PatientID "" is grouped under this
 _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 _DC_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -321,6 +347,11 @@ class CassandraIndex:
         self._prepared: dict[str, PreparedStatement] = {}
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None  # find(): batches detailed ahead (_rows)
+        # studies this front-end changed, -> when to re-summarise them (_refresh_loop)
+        self._resummarise: dict[str, float] = {}
+        self._resummarise_cv = threading.Condition()
+        self._refresher: threading.Thread | None = None
+        self._closed = False
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
             consistency_level=consistency,
@@ -380,6 +411,13 @@ class CassandraIndex:
         """Nothing is per thread: the driver's session is shared."""
 
     def close(self) -> None:
+        with self._resummarise_cv:
+            self._closed = True
+            refresher, self._refresher = self._refresher, None
+            self._resummarise.clear()  # left invalid: answered from their partitions, re-summarised by readers
+            self._resummarise_cv.notify_all()
+        if refresher is not None:
+            refresher.join()
         with self._lock:
             executor, self._executor = self._executor, None
         if executor is not None:
@@ -438,6 +476,8 @@ class CassandraIndex:
                                                   if (m := re.match(r"CREATE INDEX IF NOT EXISTS (\w+)", s))})
                 if version == 3:
                     self._backfill_name_keys()
+                if version == 4:
+                    self._backfill_summaries()
                 self._session.execute(
                     f"INSERT INTO {self._t('schema_version')} (version, applied_at) VALUES (%s, %s)",
                     (version, time.time()))
@@ -477,6 +517,206 @@ class CassandraIndex:
                 return
             log.info("schema v3: name keys of %d studies backfilled", fixed)
         raise IndexUnavailable("Cassandra index: schema v3 name-key backfill did not settle")
+
+    def _backfill_summaries(self) -> None:
+        """Schema v4: summarise every study written before it (idempotent, resumable).
+
+        Uses the reader's protocol (:meth:`_refresh`), so a registration running
+        meanwhile is never hidden: its study is left unsummarised, not wrong.
+        """
+        uids: list[str] = []
+        done = 0
+        for r in self._session.execute(SimpleStatement(
+                f"SELECT study_uid FROM {self._t('studies')}", fetch_size=_FETCH_SIZE)):
+            uids.append(r["study_uid"])
+            if len(uids) >= _DETAIL_BATCH:
+                self._refresh(uids)
+                done += len(uids)
+                uids = []
+        if uids:
+            self._refresh(uids)
+            done += len(uids)
+        if done:
+            log.info("schema v4: summaries of %d studies backfilled", done)
+
+    # -- study summary (schema v4) ---------------------------------------------
+    # A STUDY-level C-FIND answers ModalitiesInStudy, NumberOfStudyRelated{Series,
+    # Instances} and InstanceAvailability from columns of the study row (sum_*)
+    # when they are valid; otherwise from the study's partitions, as every level
+    # did before (and then tries to store them). The summary is a cache of a
+    # function of the study's partitions, guarded so it is never valid and wrong.
+    # Valid iff sum_of is set and sum_pending and sum_done are empty.
+    #
+    # Writers bracket every change C that can alter it (a commit, which may also
+    # take an instance out of the study of its previous version; a placement
+    # change to or from OK; OK placements added) with _mark / _settle, two plain
+    # writes (no Paxos, so concurrent writers of one study never contend):
+    #   1. add a fresh token t to sum_pending,
+    #   2. C,
+    #   3. in one mutation: add t to sum_done, remove t from sum_pending (the same
+    #      client's later timestamp, so the removal wins over step 1).
+    #   A writer that fails or dies after 1 leaves t pending: the study is read
+    #   from its partitions until a reader moves tokens older than
+    #   stale_claim_after to sum_done (the registration-claim assumption: no
+    #   writer lives that long), by which time C has happened or never will.
+    # Readers (find, the refresher, the migration) read the study row
+    # (stamp s, pending P, done D), and only if P is empty: read the partitions,
+    # compute S, and write by LWT
+    #   SET S, sum_of = fresh, sum_done = sum_done - D
+    #   IF sum_of = s AND sum_done = D AND sum_pending = null
+    # Why valid implies exact: take a summary write that succeeded (row read at
+    # time r, applied at time w) and any change C of writer W with token t.
+    #   - t added before r: P was empty at r, so step 3 was applied before r,
+    #     so C finished before r, and our partition reads (after r, LOCAL_QUORUM
+    #     like C's writes) include C.
+    #   - step 3 between r and w: t is in sum_done at w (only a summary write
+    #     removes it, and any other summary write since r changed sum_of), so
+    #     sum_done != D and nothing is written.
+    #   - t added before w, step 3 after w: t is in sum_pending at w: no write.
+    #   - t added at or after w: the row is invalid from then on (t pending,
+    #     then done) until a later summary write, which covers C by case 1.
+    # Tokens are unique and only added by writers; sum_of only changes by LWT,
+    # so Paxos orders the summary writes whatever the clocks. Removing a token
+    # is the only timestamp race: a removal that loses to a skewed clock leaves
+    # the token, hence the study invalid (slow, not wrong).
+    def _mark(self, study_uids: Iterable[str]) -> tuple[uuid.UUID, list[str]]:
+        """Step 1: a fresh token added to the studies' pending set; (token, studies) for _settle."""
+        uids = list(dict.fromkeys(u for u in study_uids if u))
+        token = uuid.uuid1()
+        stmt = self._prep(f"UPDATE {self._t('studies')} SET sum_pending = sum_pending + ? WHERE study_uid = ?")
+        for f in [self._session.execute_async(stmt, ({token}, u)) for u in uids]:
+            f.result()
+        return token, uids
+
+    def _settle(self, mark: tuple[uuid.UUID, list[str]]) -> bool:
+        """Step 3 after the change; then re-summarise the studies soon.
+
+        A driver error leaves the token pending (the study is read from its
+        partitions until the token is stale) and is logged; False then.
+        """
+        token, uids = mark
+        if not uids:
+            return True
+        done = self._prep(f"UPDATE {self._t('studies')} SET sum_done = sum_done + ?, "
+                          "sum_pending = sum_pending - ? WHERE study_uid = ?")
+        try:
+            for f in [self._session.execute_async(done, ({token}, {token}, u)) for u in uids]:
+                f.result()
+        except _DRIVER_ERRORS as exc:
+            log.warning("study summary of %s left pending after a change (%s: %s); "
+                        "those studies are answered from their partitions until it is stale",
+                        ",".join(uids), type(exc).__name__, exc)
+            return False
+        self._refresh_soon(uids)
+        return True
+
+    @contextmanager
+    def _changing(self, study_uids: Iterable[str]) -> Iterator[None]:
+        """Bracket a change to what the studies' summaries summarise (_mark, the change, _settle).
+
+        If the change raises, the token stays pending (the change may have applied)."""
+        mark = self._mark(study_uids)
+        yield
+        self._settle(mark)
+
+    def _studies_of(self, sop_uid: str, version: int | None = None) -> list[str]:
+        """Studies of the SOP instance's versions (of ``version`` only, when given)."""
+        rows = self._exec(f"SELECT version, study_uid FROM {self._t('instance_versions')} WHERE sop_uid = ?",
+                          (sop_uid,))
+        return list(dict.fromkeys(r["study_uid"] for r in rows if version is None or r["version"] == version))
+
+    @staticmethod
+    def _summary(raw: Row) -> dict[str, str] | None:
+        """The stored computed STUDY keys of a study row, or None unless valid."""
+        if raw.get("sum_of") is None or raw.get("sum_pending") or raw.get("sum_done"):
+            return None
+        return {
+            "ModalitiesInStudy": _s(raw["sum_modalities"]),
+            "NumberOfStudyRelatedSeries": _s(raw["sum_series"]),
+            "NumberOfStudyRelatedInstances": _s(raw["sum_instances"]),
+            "InstanceAvailability": _s(raw["sum_availability"]),
+        }
+
+    def _store_summaries(self, raws: Sequence[Row], computed: dict[str, dict[str, str]]) -> None:
+        """Write each study's summary iff nothing changed since its row ``raw`` was read.
+
+        ``computed``: the computed keys from partitions read after ``raws`` (a
+        study missing from it has no visible instance). Best effort: a lost
+        race or a driver error leaves the study unsummarised (logged).
+        """
+        t = self._t("studies")
+        cas = self._prep(
+            f"UPDATE {t} SET sum_of = ?, sum_done = sum_done - ?, sum_instances = ?, sum_series = ?, "
+            "sum_modalities = ?, sum_availability = ? WHERE study_uid = ? "
+            "IF sum_of = ? AND sum_done = ? AND sum_pending = null")
+        drop = self._prep(f"UPDATE {t} SET sum_done = sum_done + ?, sum_pending = sum_pending - ? "
+                          "WHERE study_uid = ?")
+        stale_before = time.time() - self.stale_claim_after
+        futures: list[ResponseFuture] = []
+        for raw in raws:
+            uid, pending = raw["study_uid"], raw.get("sum_pending")
+            if pending:
+                old = {tok for tok in pending if unix_time_from_uuid1(tok) < stale_before}
+                if old:  # writers that died mid-change; the next reader summarises
+                    log.warning("dropping %d stale study-summary token(s) of %s", len(old), uid)
+                    futures.append(self._session.execute_async(drop, (old, old, uid)))
+                continue
+            c = computed.get(uid) or _study_computed([], {})
+            done = set(raw.get("sum_done") or ())
+            futures.append(self._session.execute_async(cas, (
+                uuid.uuid1(), done, int(c["NumberOfStudyRelatedInstances"]), int(c["NumberOfStudyRelatedSeries"]),
+                c["ModalitiesInStudy"], c["InstanceAvailability"], uid, raw.get("sum_of"), done)))
+        for f in futures:
+            try:
+                f.result()
+            except _DRIVER_ERRORS as exc:
+                log.warning("could not store a study summary (%s: %s); it is computed again next time",
+                            type(exc).__name__, exc)
+
+    def _refresh(self, study_uids: Sequence[str]) -> None:
+        """Summarise the studies whose summary is not valid (reader protocol)."""
+        raws = [r for r in self._studies_by_uid(study_uids) if self._summary(r) is None]
+        todo = [r["study_uid"] for r in raws if not r.get("sum_pending")]
+        computed: dict[str, dict[str, str]] = {}
+        if todo:
+            series_futures = self._start_series(todo)
+            insts_by = self._instances_many(todo, None, True)
+            series_by = self._series_of(series_futures)
+            computed = {uid: _study_computed(insts, series_by.get(uid, {})) for uid, insts in insts_by.items()}
+        self._store_summaries(raws, computed)
+
+    def _refresh_soon(self, study_uids: Iterable[str]) -> None:
+        """Re-summarise the studies on the refresher thread _SUMMARY_DELAY after their last change here."""
+        with self._resummarise_cv:
+            if self._closed:
+                return
+            due = time.monotonic() + _SUMMARY_DELAY
+            for uid in study_uids:
+                self._resummarise[uid] = due
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh_loop, name="vna-cass-summary", daemon=True)
+                self._refresher.start()
+            self._resummarise_cv.notify()
+
+    def _refresh_loop(self) -> None:
+        while True:
+            with self._resummarise_cv:
+                while True:
+                    if self._closed:
+                        return
+                    now = time.monotonic()
+                    due = [u for u, t in self._resummarise.items() if t <= now][:_DETAIL_BATCH]
+                    if due:
+                        break
+                    wait = min(self._resummarise.values(), default=now + 60.0) - now
+                    self._resummarise_cv.wait(timeout=max(0.01, wait))
+                for uid in due:
+                    del self._resummarise[uid]
+            try:
+                self._refresh(due)
+            except _DRIVER_ERRORS as exc:
+                log.warning("re-summarising %d studies failed (%s: %s); readers will", len(due),
+                            type(exc).__name__, exc)
 
     def _ddl(self, cql: str) -> None:
         rs = self._session.execute(SimpleStatement(cql))
@@ -535,7 +775,11 @@ class CassandraIndex:
         except IndexUnavailable:
             self._abort(record, claim, by_store)  # the claim may have been applied
             raise
+        mark: tuple[uuid.UUID, list[str]] | None = None
         try:
+            # the commit may take the instance out of the study of an older version
+            earlier = self._studies_of(record.sop_uid) if record.version > 1 else []
+            mark = self._mark([record.study_uid, *earlier])
             if not self._insert_placements(by_store):
                 raise StateConflict(f"placements of {record.sop_uid} version {record.version} already exist")
             self._write_catalogue(record)
@@ -545,11 +789,27 @@ class CassandraIndex:
             if not res.was_applied:
                 raise StateConflict(f"instance {record.sop_uid} version {record.version}: registration claim lost")
         except _DRIVER_ERRORS as exc:
-            self._abort(record, claim, by_store)
+            if self._abort(record, claim, by_store) and mark is not None:
+                self._settle(mark)
             raise _unavailable(exc, "register") from exc
         except BaseException:
-            self._abort(record, claim, by_store)
+            if self._abort(record, claim, by_store) and mark is not None:
+                self._settle(mark)
             raise
+        self._settle(mark)  # committed: a failure here only leaves the summary pending (logged)
+        if record.version > 1:
+            self._late_mark(record, mark[1])
+
+    def _late_mark(self, record: InstanceRecord, marked: Sequence[str]) -> None:
+        """Re-registration: a lower version committed concurrently into a study we did not mark
+        may just have lost the instance to our commit; invalidate that study's summary now."""
+        try:
+            missed = [u for u in self._studies_of(record.sop_uid) if u not in marked]
+            if missed:
+                self._settle(self._mark(missed))
+        except _DRIVER_ERRORS as exc:
+            log.warning("could not re-check the studies of %s after its registration (%s: %s)",
+                        record.sop_uid, type(exc).__name__, exc)
 
     def _claim(self, record: InstanceRecord, claim: uuid.UUID) -> None:
         values = (
@@ -634,14 +894,16 @@ class CassandraIndex:
             (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values()))
         self._session.execute(batch)
 
-    def _abort(self, record: InstanceRecord, claim: uuid.UUID, placements: Sequence[Placement]) -> None:
-        """Best effort: while the claim is still ours, remove what we wrote, then release it."""
+    def _abort(self, record: InstanceRecord, claim: uuid.UUID, placements: Sequence[Placement]) -> bool:
+        """Best effort: while the claim is still ours, remove what we wrote, then release it.
+
+        True if the version is known to be invisible now (released, or not ours)."""
         try:
             cur = self._session.execute(self._serial(
                 f"SELECT claim_id FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ?",
                 (record.sop_uid, record.version))).one()
             if cur is None or cur["claim_id"] != claim:
-                return
+                return cur is None
             self._exec(f"DELETE FROM {self._t('instances')} WHERE study_uid = ? AND series_uid = ? "
                        "AND sop_uid = ? AND version = ?",
                        (record.study_uid, record.series_uid, record.sop_uid, record.version))
@@ -649,11 +911,12 @@ class CassandraIndex:
                 self._exec(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? "
                            "AND store_id = ? IF state = ? AND blob_key = ?",
                            (p.sop_uid, p.version, p.store_id, p.state.value, p.blob_key))
-            self._exec(f"DELETE FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ? "
-                       "IF claim_id = ?", (record.sop_uid, record.version, claim))
+            return bool(self._exec(f"DELETE FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ? "
+                                   "IF claim_id = ?", (record.sop_uid, record.version, claim)).was_applied)
         except _DRIVER_ERRORS as exc:
             log.warning("could not undo the failed registration of %s version %d (%s); "
                         "it stays invisible until taken over", record.sop_uid, record.version, exc)
+            return False
 
     def _serial(self, cql: str, params: Sequence[Any]) -> Any:
         bound = self._prep(cql).bind(tuple(params))
@@ -694,7 +957,9 @@ class CassandraIndex:
             if verified_at is not None else ("state = ?", (new_state.value,))
         update = f"UPDATE {t} SET {sets} {key} IF state = ? AND blob_key = ?"
         params = (*set_params, p.sop_uid, p.version, p.store_id, p.state.value, p.blob_key)
-        with self._errors("transition"):
+        with self._errors("transition"), self._changing(
+                self._studies_of(p.sop_uid, p.version)
+                if _flags(p.state, p.tier) != _flags(new_state, p.tier) else ()):
             if new_state is not PlacementState.TO_DELETE:
                 return bool(self._exec(update, params).was_applied)
             return self._guarded(p, update, params)
@@ -739,7 +1004,9 @@ class CassandraIndex:
         for p in placements:
             groups.setdefault(p.sop_uid, []).append(p)
         added: list[Placement] = []
-        with self._errors("add_placements"):
+        ok = dict.fromkeys((p.sop_uid, p.version) for p in placements if p.state is PlacementState.OK)
+        with self._errors("add_placements"), self._changing(
+                u for sop, version in ok for u in self._studies_of(sop, version)):
             try:
                 for sop, group in groups.items():
                     if not self._insert_placements(group):
@@ -770,7 +1037,9 @@ class CassandraIndex:
         params = (new.tier.value, new.blob_key, new.codec, new.content_sha256, new.content_size,
                   new.stored_sha256, new.stored_size, new.state.value, new.created_at, new.verified_at,
                   new.offset, new.length, old.sop_uid, old.version, old.store_id, old.state.value, old.blob_key)
-        with self._errors("replace_placement"):
+        with self._errors("replace_placement"), self._changing(
+                self._studies_of(old.sop_uid, old.version)
+                if _flags(old.state, old.tier) != _flags(new.state, new.tier) else ()):
             if new.state is PlacementState.TO_DELETE and old.state is not PlacementState.TO_DELETE:
                 return self._guarded(old, update, params)
             return bool(self._exec(update, params).was_applied)
@@ -1108,18 +1377,18 @@ class CassandraIndex:
         candidate order. A result that fits one batch is detailed inline.
         """
         study_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS]
-        batch: list[dict[str, str]] = []
+        batch: list[tuple[dict[str, str], Row]] = []
         pending: deque[Future[list[dict[str, str]]]] = deque()
 
-        def submit(bases: list[dict[str, str]]) -> None:
-            pending.append(self._workers().submit(lambda: list(self._batch_rows(level, conds, bases))))
+        def submit(items: list[tuple[dict[str, str], Row]]) -> None:
+            pending.append(self._workers().submit(lambda: list(self._batch_rows(level, conds, items))))
 
         try:
             for raw in self._candidate_studies(level, conds):
                 base = _study_row(raw)
                 if not matches_all(study_conds, base):
                     continue
-                batch.append(base)
+                batch.append((base, raw))
                 if len(batch) >= _DETAIL_BATCH:
                     submit(batch)
                     batch = []
@@ -1142,31 +1411,15 @@ class CassandraIndex:
             return self._executor
 
     def _batch_rows(self, level: QueryLevel, conds: list[Condition],
-                    bases: list[dict[str, str]]) -> Iterator[dict[str, str]]:
+                    items: list[tuple[dict[str, str], Row]]) -> Iterator[dict[str, str]]:
+        if level is QueryLevel.STUDY:
+            yield from self._study_batch_rows(conds, items)
+            return
+        bases = [base for base, _raw in items]
         series_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS]
         stored_conds = [c for c in conds if c.keyword in _STUDY_ROW_KEYS | _SERIES_ROW_KEYS | _INSTANCE_ROW_KEYS]
         uids = [b["StudyInstanceUID"] for b in bases]
         series_futures = self._start_series(uids)
-        if level is QueryLevel.STUDY:
-            insts_by = self._instances_many(uids, None, True)
-            series_by = self._series_of(series_futures)
-            for base in bases:
-                uid = base["StudyInstanceUID"]
-                insts = insts_by.get(uid)
-                if not insts:
-                    continue
-                series = series_by.get(uid, {})
-                visible_series = {i.row["series_uid"] for i in insts}
-                mods = sorted({s["Modality"] for k, s in series.items() if k in visible_series and s["Modality"]})
-                row = base | {
-                    "ModalitiesInStudy": "\\".join(mods),
-                    "NumberOfStudyRelatedSeries": str(len(visible_series)),
-                    "NumberOfStudyRelatedInstances": str(len(insts)),
-                    "InstanceAvailability": _availability(insts),
-                }
-                if matches_all(conds, row):
-                    yield row
-            return
         base_of = {b["StudyInstanceUID"]: b for b in bases}
         wanted: dict[str, dict[str, dict[str, str]]] = {}  # study -> series passing series_conds
         for uid, series in self._series_of(series_futures).items():
@@ -1205,6 +1458,28 @@ class CassandraIndex:
                 }
                 if matches_all(conds, row):
                     yield row
+
+    def _study_batch_rows(self, conds: list[Condition],
+                          items: list[tuple[dict[str, str], Row]]) -> Iterator[dict[str, str]]:
+        """STUDY rows: computed keys from valid summaries, else from the partitions (then stored)."""
+        summaries = {base["StudyInstanceUID"]: self._summary(raw) for base, raw in items}
+        stale = [raw for base, raw in items if summaries[base["StudyInstanceUID"]] is None]
+        computed: dict[str, dict[str, str]] = {}
+        if stale:
+            uids = [raw["study_uid"] for raw in stale]
+            series_futures = self._start_series(uids)
+            insts_by = self._instances_many(uids, None, True)
+            series_by = self._series_of(series_futures)
+            computed = {uid: _study_computed(insts, series_by.get(uid, {})) for uid, insts in insts_by.items()}
+            self._store_summaries(stale, computed)
+        for base, _raw in items:
+            uid = base["StudyInstanceUID"]
+            keys = summaries[uid] or computed.get(uid)
+            if keys is None or keys["NumberOfStudyRelatedInstances"] in ("", "0"):
+                continue
+            row = base | keys
+            if matches_all(conds, row):
+                yield row
 
     def _patient_rows(self, conds: list[Condition]) -> Iterator[dict[str, str]]:
         allowed = set(LEVEL_KEYS[QueryLevel.PATIENT]) | set(COMPUTED_KEYS[QueryLevel.PATIENT])
@@ -1351,6 +1626,24 @@ def _instance_row(r: Row) -> dict[str, str]:
     }
     row |= {kw: _s(r[col]) for kw, col in _INSTANCE_COLS.items()}
     return row
+
+
+def _flags(state: PlacementState, tier: Tier) -> tuple[bool, bool]:
+    """What a placement contributes to InstanceAvailability: (online, nearline)."""
+    ok = state is PlacementState.OK
+    return ok and tier.value in ("hot", "cache"), ok
+
+
+def _study_computed(insts: Sequence[_Inst], series: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The computed STUDY keys from a study's visible instances and its series rows."""
+    visible_series = {i.row["series_uid"] for i in insts}
+    mods = sorted({s["Modality"] for k, s in series.items() if k in visible_series and s["Modality"]})
+    return {
+        "ModalitiesInStudy": "\\".join(mods),
+        "NumberOfStudyRelatedSeries": str(len(visible_series)),
+        "NumberOfStudyRelatedInstances": str(len(insts)),
+        "InstanceAvailability": _availability(insts),
+    }
 
 
 def _availability(insts: Sequence[_Inst]) -> str:
