@@ -105,7 +105,7 @@ class _Waker:
             self._poll = select.poll()
             self._poll.register(self.r, select.POLLIN)
             if fd >= 0:
-                self._poll.register(fd, select.POLLIN | select.POLLPRI)
+                self._poll.register(fd, select.POLLIN)  # not POLLPRI: urgent data is never read, it would spin
             self._fd = fd
         try:
             self._poll.poll(timeout * 1000)
@@ -287,6 +287,8 @@ def install() -> bool:
         if wake is not None:
             self._kill = True
             wake.set()
+            # stop_dul() sets the DUL's flag directly and waits for its thread: wake it first
+            self.dul._vna_waker.poke()
         original_kill(self)
 
     Association.__init__ = init  # type: ignore[method-assign]
