@@ -68,7 +68,8 @@ def _memoise_set_uid() -> None:
 
     def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True,
                 validate: bool = True) -> UID | None:
-        key = (value, name, allow_empty, allow_none, validate) if type(value) in (str, bytes, UID) else None
+        key = (value, name, allow_empty, allow_none, validate) \
+            if type(value) in (str, bytes, UID) and not hasattr(value, "_PRIVATE_TS_ENCODING") else None
         if key is not None:
             hit = _set_uid_memo.get(key)
             if hit is not None:
