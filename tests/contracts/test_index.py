@@ -720,3 +720,29 @@ class TestCassandraRegistration:
             cassandra_index.register(make_record("1.4.1", "1.3.1", "1.2.1"), [make_placement("1.4.2")])
         assert cassandra_index.get_instance("1.4.1") is None
 
+
+
+def test_sqlite_writers_wait_for_the_cross_process_gate_then_fail_cleanly(tmp_path: Path) -> None:
+    """The write gate (flock of <index>.wlock) orders writers of several processes; a holder that never lets go
+    costs a writer busy_timeout, then IndexUnavailable -- nothing is written, and the next writer succeeds."""
+    import fcntl
+    import os
+
+    idx = SqliteIndex(tmp_path / "index.sqlite", busy_timeout=1.0)
+    idx.migrate()
+    holder = os.open(tmp_path / "index.sqlite.wlock", os.O_RDWR | os.O_CREAT)  # another open file: another "process"
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        with pytest.raises(IndexUnavailable, match="write gate"):
+            idx.register(make_record("1.2.9.1", "1.2.9", "1.2"), [make_placement("1.2.9.1")])
+        assert 0.9 <= time.monotonic() - t0 < 10
+        assert idx.get_instance("1.2.9.1") is None
+        released = threading.Timer(0.3, fcntl.flock, (holder, fcntl.LOCK_UN))
+        released.start()  # let go while the next writer waits: it proceeds
+        idx.register(make_record("1.2.9.1", "1.2.9", "1.2"), [make_placement("1.2.9.1")])
+        released.join()
+        assert idx.get_instance("1.2.9.1") is not None
+    finally:
+        os.close(holder)
+        idx.close()

@@ -2,11 +2,12 @@
 
 Each thread gets its own connection; writes run in ``BEGIN IMMEDIATE``
 transactions with a busy timeout, so concurrent associations serialise their
-registrations without failing. Writers of this process queue on a lock, and
-writers of other processes (``dicom.workers``) on an flock of ``<file>.wlock``,
-before they begin: a waiting writer is woken the moment the previous one
-commits instead of polling in SQLite's busy handler (which sleeps 1, 2, 5,
-10... ms between attempts). sqlite3 errors map to IndexUnavailable.
+registrations without failing. Before they begin, writers of this process
+queue on a lock (the next is woken the moment the previous one commits) and
+writers of other processes (``dicom.workers``) on an flock of ``<file>.wlock``
+(retried every 0.5 ms), instead of polling in SQLite's busy handler (which
+sleeps 1, 2, 5, 10... ms between attempts). Every wait is bounded by
+``busy_timeout``; then IndexUnavailable. sqlite3 errors map to IndexUnavailable.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ class _Connection(sqlite3.Connection):
 class SqliteIndex:
     """Index on one SQLite file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
+        """``busy_timeout``: seconds a writer waits for its turn (lock, gate, SQLite's busy handler) before failing."""
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         self._local = threading.local()
         # connections are per thread (pynetdicom runs each association in a new thread); one is
         # closed when its thread ends and nothing else uses it, so associations do not leak files
@@ -71,6 +74,7 @@ class SqliteIndex:
         self._lock = threading.Lock()
         self._writer = threading.Lock()  # one writer of this process at a time
         self._gate_fd: int | None = None  # flock'ed by the writer, against other processes' writers
+        self._gate_broken = False  # the gate file cannot be opened or locked here
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -81,7 +85,7 @@ class SqliteIndex:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False,
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False,
                                        factory=_Connection)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
@@ -97,25 +101,47 @@ class SqliteIndex:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        with self._writer:
-            fd = self._gate()
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + self.busy_timeout
+        if not self._writer.acquire(timeout=self.busy_timeout):
+            raise IndexUnavailable(f"SQLite index busy: no write turn in {self.busy_timeout:g} s")
+        try:
+            fd = self._gate(deadline)
             try:
                 with self._transaction(conn):
                     yield conn
             finally:
                 if fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._writer.release()
 
-    def _gate(self) -> int | None:
-        """The write-gate file's descriptor (None if it cannot be opened: SQLite's own locking remains)."""
+    def _gate(self, deadline: float) -> int | None:
+        """Take the cross-process write gate; its descriptor, or None without one (SQLite's locking remains).
+
+        Raises IndexUnavailable if another process holds it past ``deadline``.
+        """
         if self._gate_fd is None:
+            if self._gate_broken:
+                return None
             try:
                 self._gate_fd = os.open(f"{self.path}.wlock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError:
+                self._gate_broken = True
                 return None
-        return self._gate_fd
+        fd = self._gate_fd
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise IndexUnavailable(
+                        f"SQLite index busy: another process has held the write gate for {self.busy_timeout:g} s"
+                    ) from None
+                time.sleep(0.0005)
+            except OSError:  # no flock on this filesystem (some NFS): SQLite's own locking only
+                self._gate_broken = True
+                return None
 
     @contextmanager
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
