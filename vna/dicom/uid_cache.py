@@ -45,18 +45,17 @@ def install() -> None:
     original = UID.__new__
 
     def new(cls: type[UID], val: Any, validation_mode: int | None = None) -> UID:
-        if type(val) in (str, UID) and val in _valid and not hasattr(val, "_PRIVATE_TS_ENCODING"):
-            return str.__new__(cls, val.strip())
-        uid = original(cls, val, validation_mode)
-        if isinstance(val, str):
-            try:
+        if type(val) not in (str, UID) or hasattr(val, "_PRIVATE_TS_ENCODING"):
+            return original(cls, val, validation_mode)
+        if val not in _valid:
+            try:  # the one validation of this string: a valid one needs no other
                 validate_value("UI", val, config.RAISE)
-            except ValueError:
-                return uid
+            except ValueError:  # pydicom warns or raises as its validation mode says, every time
+                return original(cls, val, validation_mode)
             if len(_valid) >= MAX_REMEMBERED:
                 _valid.clear()
             _valid.add(str(val))
-        return uid
+        return str.__new__(cls, val.strip())
 
     UID.__new__ = new  # type: ignore[method-assign]
     _memoise_set_uid()
