@@ -181,6 +181,13 @@ def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
+def uid_of(path: Path, keyword: str = "SOPInstanceUID") -> str:
+    """A UID (or any attribute) of a Part 10 file, read without its pixel data."""
+    from pydicom import dcmread
+
+    return str(getattr(dcmread(path, stop_before_pixels=True), keyword))
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The bytes of a Part 10 file after its file meta group (what DIMSE transfers)."""
     from pydicom.filereader import read_preamble, _read_file_meta_info

@@ -26,7 +26,7 @@ from pydicom import dcmread
 
 from benchmarks.corpus import write_corpus
 from benchmarks.servers import free_port, load_cassandra_launcher
-from tests.conftest import VnaServer, dataset_bytes, free_port as free_tcp_port, write_config
+from tests.conftest import VnaServer, dataset_bytes, free_port as free_tcp_port, uid_of, write_config
 from tests.integration import scu
 from vna.api.client import VnaClient
 
@@ -95,10 +95,6 @@ token = "{TOKENS[other]}"
 retrieve_ae = "VNA_{other}"
 {copy_rule}
 """
-
-
-def _uid(path: Path, kw: str = "SOPInstanceUID") -> str:
-    return str(getattr(dcmread(path, stop_before_pixels=True), kw))
 
 
 def _find(srv: VnaServer, level: str, **keys: str) -> dict[str, dict[str, str]]:
@@ -177,7 +173,7 @@ def _scenario(launcher: Any, home: Path, a: VnaServer, b: VnaServer, grpc_ports:
     mr = write_corpus(tmp_path / "mr", "mr", studies=1, per_study=2, seed=22)       # study SB1 at B, DR-copied
     small = write_corpus(tmp_path / "sm", "small", studies=1, per_study=2, seed=23)  # study SB2 at B only
     late = write_corpus(tmp_path / "late", "ct", studies=1, per_study=2, seed=24)   # SA2 at A while B is down
-    study = {name: _uid(files[0], "StudyInstanceUID") for name, files in
+    study = {name: uid_of(files[0], "StudyInstanceUID") for name, files in
              (("SA", ct), ("SB1", mr), ("SB2", small), ("SA2", late))}
 
     # -- store at A; find and retrieve at B, byte-identical ------------------------------------------
@@ -192,9 +188,9 @@ def _scenario(launcher: Any, home: Path, a: VnaServer, b: VnaServer, grpc_ports:
     with _grpc(a, grpc_ports["A"], "A") as ca:
         at_a = {i.sop_instance_uid: i.data for i in ca.retrieve(study_uid=study["SA"])}
     assert got == at_a, "gRPC retrieve at B is byte-identical to the copy stored at A"
-    assert all(got[_uid(f)].endswith(dataset_bytes(f)) for f in ct)  # the dataset exactly as sent
+    assert all(got[uid_of(f)].endswith(dataset_bytes(f)) for f in ct)  # the dataset exactly as sent
     raw, final = _get(b, ct)
-    assert final == 0 and raw == {_uid(f): dataset_bytes(f) for f in ct}, "C-GET at B is byte-identical"
+    assert final == 0 and raw == {uid_of(f): dataset_bytes(f) for f in ct}, "C-GET at B is byte-identical"
     # B keeps what it fetched (cache_remote): local placements at B
     code, st = _json(b, "sites", "status")
     assert code == 0 and st["holdings"]["B"]["instances"] == 2 and st["holdings"]["A"]["instances"] == 2, st
@@ -210,7 +206,7 @@ def _scenario(launcher: Any, home: Path, a: VnaServer, b: VnaServer, grpc_ports:
     assert code == 0 and rep["examined"] == 0, "the copy job is idempotent"
     code, st = _json(a, "sites", "status")
     assert st["holdings"]["A"]["dr_copies"] == 2, st
-    for blob in (a.data_dir / "hot").rglob(f"{_uid(mr[0])}.v1.*"):
+    for blob in (a.data_dir / "hot").rglob(f"{uid_of(mr[0])}.v1.*"):
         blob.unlink()  # A loses both of its copies of one DR instance
     code, rep = _json(a, "integrity", "scrub")
     assert rep["findings"] == 2, rep
@@ -233,7 +229,7 @@ def _scenario(launcher: Any, home: Path, a: VnaServer, b: VnaServer, grpc_ports:
         avail = {m.attributes["StudyInstanceUID"]: m.attributes["InstanceAvailability"] for m in page.matches}
         assert avail[study["SB2"]] == "UNAVAILABLE" and avail[study["SB1"]] == "ONLINE"
     raw, final = _get(a, mr)
-    assert final == 0 and raw == {_uid(f): dataset_bytes(f) for f in mr}, "DR copy served at A"
+    assert final == 0 and raw == {uid_of(f): dataset_bytes(f) for f in mr}, "DR copy served at A"
     raw, final = _get(a, small)
     assert final != 0 and not raw, "B-only data cannot be served while B is down"
     code, st = _json(a, "sites", "status")
@@ -244,13 +240,13 @@ def _scenario(launcher: Any, home: Path, a: VnaServer, b: VnaServer, grpc_ports:
     launcher.restart_node(home, "n3")
     b.log = b.log.with_name("B-restarted.log")  # readiness is read from the log
     b.start(timeout=120)
-    expected = {_uid(f) for f in ct + mr + small + late}
+    expected = {uid_of(f) for f in ct + mr + small + late}
     _until("B sees every instance once (hinted handoff)",
            lambda: set(_find(b, "IMAGE")) == expected)
     rows = _find(b, "IMAGE")
     assert len(rows) == len(expected)
     with _grpc(b, grpc_ports["B"], "B") as cb:
         got = {i.sop_instance_uid: i.data for i in cb.retrieve(study_uid=study["SA2"])}
-    assert set(got) == {_uid(f) for f in late} and all(got[_uid(f)].endswith(dataset_bytes(f)) for f in late)
+    assert set(got) == {uid_of(f) for f in late} and all(got[uid_of(f)].endswith(dataset_bytes(f)) for f in late)
     code, st = _json(a, "sites", "status")
     assert code == 0, st

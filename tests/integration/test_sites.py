@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 
 from benchmarks.corpus import write_corpus
-from tests.conftest import ROOT, VNA, StoreScp, VnaServer, dataset_bytes, free_port
+from tests.conftest import ROOT, VNA, StoreScp, VnaServer, dataset_bytes, free_port, uid_of
 from tests.integration import scu
 from vna.api.client import ApiError, VnaClient
 
@@ -51,10 +51,6 @@ token = "{TOKENS[other]}"
 """
 
 
-def _uid(path: Path, kw: str = "SOPInstanceUID") -> str:
-    return str(getattr(dcmread(path, stop_before_pixels=True), kw))
-
-
 def _studies(srv: VnaServer) -> dict[str, str]:
     rows, final = scu.find(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "",
                                       "InstanceAvailability": "", "RetrieveAETitle": ""})
@@ -75,7 +71,7 @@ def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., 
     ports = {"A": free_port(), "B": free_port()}
     ct = write_corpus(tmp_path / "ct", "ct", studies=1, per_study=2, seed=41)
     mr = write_corpus(tmp_path / "mr", "mr", studies=1, per_study=2, seed=42)
-    sa, sa2 = _uid(ct[0], "StudyInstanceUID"), _uid(mr[0], "StudyInstanceUID")
+    sa, sa2 = uid_of(ct[0], "StudyInstanceUID"), uid_of(mr[0], "StudyInstanceUID")
     a = make_server(_config("A", index, ports), ae_title="VNA_A")
     dest = f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {storescp.port}\n'
     b = make_server(_config("B", index, ports, f'[[federation.copy]]\nfrom_site = "A"\nstudy_uids = ["{sa}"]\n'
@@ -93,7 +89,7 @@ def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., 
         assert err.value.code == grpc.StatusCode.NOT_FOUND
     ds = dcmread(mr[0], stop_before_pixels=True)
     _, final, raw = scu.get(b.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sa2}, [str(ds.SOPClassUID)])
-    assert int(final.Status) == 0 and raw == {_uid(f): dataset_bytes(f) for f in mr}
+    assert int(final.Status) == 0 and raw == {uid_of(f): dataset_bytes(f) for f in mr}
     _, final = scu.move(b.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sa}, "DEST")
     assert int(final.Status) == 0
     assert sorted(dataset_bytes(f) for f in storescp.files()) == sorted(dataset_bytes(f) for f in ct)
@@ -132,7 +128,7 @@ def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., 
     assert all(int(r.Status) == 0 for r in scu.store(b.port, mr))
     assert _studies(b) == {sa: "ONLINE", sa2: "ONLINE"}
     _, final, raw = scu.get(b.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": sa2}, [str(ds.SOPClassUID)])
-    assert int(final.Status) == 0 and raw == {_uid(f): dataset_bytes(f) for f in mr}
+    assert int(final.Status) == 0 and raw == {uid_of(f): dataset_bytes(f) for f in mr}
     code, st = _json(b, "sites", "status")
     assert st["holdings"]["B"]["instances"] == 4 and st["holdings"]["B"]["dr_copies"] == 2, st
 
