@@ -54,7 +54,8 @@ class TierAccessor:
         self.stores = list(stores)
         self.quorum = quorum
         self.codec = codec
-        self._file_copiers: dict[int, tuple[BlobStore, bool]] = {}
+        # which stores copy files in the kernel: fixed with the stores (a runtime Protocol check costs ~50 us)
+        self._copies_files = [isinstance(s, FileCopyStore) for s in self.stores]
         self._pool = ThreadPoolExecutor(max_workers=max(2, 4 * len(self.stores)), thread_name_prefix=f"vna-{tier.value}")
 
     def close(self) -> None:
@@ -106,19 +107,12 @@ class TierAccessor:
         if self.codec.name != "identity":
             return self.write(key, lambda: iter_file(str(path)), content_sha256)
         calls: list[tuple[Callable[..., ReplicaWrite], tuple[Any, ...]]] = []
-        for s in self.stores:
-            if self._copies_files(s):
+        for s, copies in zip(self.stores, self._copies_files):
+            if copies:
                 calls.append((self._copy_one, (s, s.store_id, key, path, content_sha256, size)))
             else:
                 calls.append((self._write_one, (s, key, lambda: iter_file(str(path)), content_sha256)))
         return self._quorum(key, self._fan_out(calls))
-
-    def _copies_files(self, store: BlobStore) -> bool:
-        """isinstance(store, FileCopyStore), remembered (a runtime Protocol check costs ~50 us)."""
-        known = self._file_copiers.get(id(store))
-        if known is None or known[0] is not store:
-            known = self._file_copiers[id(store)] = (store, isinstance(store, FileCopyStore))
-        return known[1]
 
     def write(
         self, key: str, source: Callable[[], Iterable[bytes]], content_sha256: str
