@@ -70,6 +70,7 @@ class DicomConfig:
     network_timeout: float = 60.0
     max_pdu: int = 65536
     workers: int = 1
+    fast_store: bool = True          # receive C-STOREs without pynetdicom's per-PDU layers (vna/dicom/fast_store.py)
     remote: tuple[RemoteAE, ...] = ()
     # DICOM over TLS (BCP 195, TLS 1.2+): a second listener on tls_port (0: none). Paths relative to data_dir.
     tls_port: int = 0

@@ -29,6 +29,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 from typing import Any, Callable
 
@@ -184,9 +185,98 @@ def _dul_run_reactor(self: Any) -> None:
             sleep = False
     finally:
         self._vna_waker.close()
+        fast = getattr(self, "_vna_fast_store", None)
+        if fast is not None:
+            try:
+                fast.close()
+            except Exception:  # never let clean-up hide why the thread ended
+                log.exception("closing the C-STORE fast path failed")
         wake = getattr(self.assoc, "_vna_wake", None)
         if wake is not None:
             wake.set()  # the association reactor checks dul.is_alive()
+
+
+_PDU_HEADER = struct.Struct(">BBL")
+
+
+def _recv_into(sock: Any, buf: bytearray, start: int) -> int:
+    """Fill ``buf[start:]`` from ``sock``; returns the bytes now in ``buf`` (short: the peer closed)."""
+    view = memoryview(buf)
+    pos, end = start, len(buf)
+    while pos < end:
+        n = sock.recv_into(view[pos:], end - pos)
+        if not n:
+            break
+        pos += n
+    return pos
+
+
+def _dul_read_pdu_data(self: Any) -> None:
+    """pynetdicom 3.0's ``DULServiceProvider._read_pdu_data``, reading each PDU with one buffer.
+
+    A PDU is offered to the association's ``FastStore`` (when one is attached)
+    before pynetdicom decodes it; everything else -- events, errors, log lines --
+    is pynetdicom's.
+    """
+    sock = self.socket.socket
+    fast = getattr(self, "_vna_fast_store", None)
+    header = bytearray(6)
+    try:
+        got = _recv_into(sock, header, 0)
+    except (OSError, TimeoutError) as exc:
+        _DUL_LOG.error("Connection closed before the entire PDU was received")
+        _DUL_LOG.exception(exc)
+        if fast is not None:
+            fast.abandon("connection lost")
+        self.event_queue.put("Evt17")
+        return
+    if got < 6:
+        if fast is not None:
+            fast.abandon("connection closed")
+        self.event_queue.put("Evt17")
+        return
+    pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        _DUL_LOG.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+        if fast is not None:
+            fast.abandon("invalid PDU")
+        self.event_queue.put("Evt19")
+        return
+    try:
+        # grown as the bytes arrive: an absurd length field costs no memory up front
+        bytestream = header
+        while len(bytestream) < 6 + pdu_length:
+            start = len(bytestream)
+            bytestream += bytes(min(6 + pdu_length - start, 1 << 20))
+            got = _recv_into(sock, bytestream, start)
+            if got < len(bytestream):
+                del bytestream[got:]
+                break
+    except (OSError, TimeoutError) as exc:
+        _DUL_LOG.error("Connection closed before the entire PDU was received")
+        _DUL_LOG.exception(exc)
+        if fast is not None:
+            fast.abandon("connection lost")
+        self.event_queue.put("Evt17")
+        return
+    if len(bytestream) != 6 + pdu_length:
+        _DUL_LOG.error(f"The received PDU is shorter than expected ({len(bytestream)} of "
+                       f"{6 + pdu_length} bytes received)")
+        if fast is not None:
+            fast.abandon("connection closed")
+        self.event_queue.put("Evt17")
+        return
+    if fast is not None and fast.feed(self, pdu_type, bytestream):
+        return
+    try:
+        pdu, event = self._decode_pdu(bytestream)
+        self.event_queue.put(event)
+    except Exception as exc:
+        _DUL_LOG.error("Unable to decode the received PDU data")
+        _DUL_LOG.exception(exc)
+        self.event_queue.put("Evt19")
+        return
+    self._recv_pdu.put(pdu)
 
 
 def _dul_kill(self: Any) -> None:
@@ -268,6 +358,7 @@ def install() -> bool:
 
     original_init = Association.__init__
     original_kill = Association.kill
+    original_serve = Association._serve_request
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
@@ -281,6 +372,8 @@ def install() -> bool:
         dul._vna_waker = _Waker()
         dul.to_user_queue = _NotifyingQueue(wake.set)
         dul.to_provider_queue = _NotifyingQueue(dul._vna_waker.poke)
+        self._vna_serving = 0
+        self._vna_serving_lock = threading.Lock()
 
     def kill(self: Any) -> None:
         wake = getattr(self, "_vna_wake", None)
@@ -291,7 +384,19 @@ def install() -> bool:
             self.dul._vna_waker.poke()
         original_kill(self)
 
+    def serve_request(self: Any, msg: Any, context_id: int) -> None:
+        # counted so that the C-STORE fast path never answers while a service is running
+        with self._vna_serving_lock:
+            self._vna_serving += 1
+        try:
+            original_serve(self, msg, context_id)
+        finally:
+            with self._vna_serving_lock:
+                self._vna_serving -= 1
+
     Association.__init__ = init  # type: ignore[method-assign]
+    Association._serve_request = serve_request  # type: ignore[method-assign]
+    DULServiceProvider._read_pdu_data = _dul_read_pdu_data  # type: ignore[method-assign]
     Association.kill = kill  # type: ignore[method-assign]
     Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
     DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]

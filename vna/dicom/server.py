@@ -31,6 +31,7 @@ from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, Aud
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import dimse_codec, reactor, status as st, uid_cache
 from vna.dicom.contexts import Contexts
+from vna.dicom.fast_store import FastStore
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
@@ -262,6 +263,9 @@ class DicomServer:
         self._idle = threading.Condition()
         self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
         self._assocs_lock = threading.Lock()
+        self._storage_classes = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+        self._spool_dir = archive.cfg.resolve("spool/incoming")
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
 
     def _build_ae(self) -> AE:
         cfg = self.cfg
@@ -294,7 +298,7 @@ class DicomServer:
         """The event bindings (data, not code paths); with telemetry each DIMSE handler runs in a span."""
         t = self._traced
         bindings: list[Any] = [
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_OPEN, self._on_accepted_conn),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_assoc_over),
@@ -461,6 +465,13 @@ class DicomServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError) as exc:
             log.debug("could not set TCP_NODELAY: %s", exc)
+
+    def _on_accepted_conn(self, event: evt.Event) -> None:
+        """A peer connected: Nagle off, and (``dicom.fast_store``) C-STOREs received on the fast path."""
+        self._on_conn_open(event)
+        if self.cfg.fast_store and reactor.installed():
+            event.assoc.dul._vna_fast_store = FastStore(  # type: ignore[attr-defined]
+                self._storage_classes, self._spool_dir, on_close=self.archive.index.release_thread)
 
     def _on_assoc_over(self, event: evt.Event) -> None:
         """Released or aborted (in the association's thread, after its last handler): close its index connection."""

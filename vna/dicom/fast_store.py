@@ -1,0 +1,388 @@
+"""C-STORE requests received and answered in the DUL thread, without pynetdicom's per-PDU machinery.
+
+pynetdicom turns every received P-DATA-TF PDU into a PDU object, an FSM event,
+a primitive on a queue, a DIMSE message fragment on another queue, and answers
+through the same layers backwards: for a small instance that Python work costs
+more than storing it. ``FastStore`` takes over the common case only:
+
+- the association is established (Sta6), pynetdicom's DIMSE layer is idle (no
+  partial message, none queued, no service running, nothing queued to send, no
+  release requested), and only pynetdicom's standard logging handlers are bound
+  to the PDU/DIMSE notification events;
+- the PDU's first PDV is a complete command set -- a C-STORE-RQ with a data set,
+  on an accepted context where we are SCP, for the context's storage SOP class,
+  with well-formed UIDs -- encoded as pynetdicom would write the spool header.
+
+Anything else is left to pynetdicom untouched (the PDU is decoded as pynetdicom
+would have decoded it). Once taken over, the data set fragments are written to a
+spool file exactly as pynetdicom writes it (preamble, File Meta, data set bytes),
+the bound ``EVT_C_STORE`` handler is called through ``evt.trigger`` with the
+same ``Event`` pynetdicom builds, the spool file is removed, and the C-STORE-RSP
+is written to the socket (byte-identical to pynetdicom's encoding; an answer
+pynetdicom would encode differently is handed to pynetdicom's DIMSE layer).
+
+Faults: a connection that closes or an A-ABORT / A-RELEASE that arrives during
+the data set removes the spool file and is then handled by pynetdicom; a PDV
+that does not belong to the data set being received is a protocol error (the
+association is aborted, as pynetdicom does for an invalid PDU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pynetdicom
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom._handlers import (standard_dimse_recv_handler, standard_dimse_sent_handler,
+                                  standard_pdu_recv_handler, standard_pdu_sent_handler)
+from pynetdicom.dimse_primitives import C_STORE
+
+from vna.dicom.dimse_codec import encode_spool_meta
+
+log = logging.getLogger(__name__)
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
+_ELEM = struct.Struct("<HHI")
+_PDV_HEAD = struct.Struct(">IBB")
+_NOTIFY = {
+    evt.EVT_DATA_RECV: (), evt.EVT_DATA_SENT: (), evt.EVT_PDU_RECV: (standard_pdu_recv_handler,),
+    evt.EVT_PDU_SENT: (standard_pdu_sent_handler,), evt.EVT_DIMSE_RECV: (standard_dimse_recv_handler,),
+    evt.EVT_DIMSE_SENT: (standard_dimse_sent_handler,),
+}
+_PREAMBLE = b"\0" * 128 + b"DICM"
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+NO_DATASET = 0x0101
+HANDLER_FAILED = 0xC211  # what pynetdicom answers when the EVT_C_STORE handler raises
+
+
+def split_pdvs(body: memoryview) -> list[tuple[int, int, memoryview]] | None:
+    """The PDVs of a P-DATA-TF body (after the 6-byte PDU header): (context id, control header, data).
+
+    None when the items do not exactly fill the body or an item is shorter than its header.
+    """
+    out: list[tuple[int, int, memoryview]] = []
+    pos, end = 0, len(body)
+    while pos < end:
+        if end - pos < 6:
+            return None
+        length, cx_id, mch = _PDV_HEAD.unpack_from(body, pos)
+        if length < 2 or pos + 4 + length > end:
+            return None
+        out.append((cx_id, mch, body[pos + 6:pos + 4 + length]))
+        pos += 4 + length
+    return out
+
+
+def decode_command(raw: bytes) -> dict[int, bytes] | None:
+    """The elements of an Implicit VR Little Endian command set (group 0000) by element number, or None."""
+    elems: dict[int, bytes] = {}
+    pos, end = 0, len(raw)
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, elem, length = _ELEM.unpack_from(raw, pos)
+        pos += 8
+        if group != 0 or length > end - pos or elem in elems:
+            return None
+        elems[elem] = raw[pos:pos + length]
+        pos += length
+    return elems
+
+
+def _us(elems: dict[int, bytes], elem: int) -> int | None:
+    raw = elems.get(elem)
+    return struct.unpack("<H", raw)[0] if raw is not None and len(raw) == 2 else None
+
+
+def _uid(elems: dict[int, bytes], elem: int) -> str | None:
+    raw = elems.get(elem)
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("ascii").rstrip("\0 ")
+    except UnicodeDecodeError:
+        return None
+    return text if len(text) <= 64 and _UID.match(text) else None
+
+
+def _text(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def encode_store_rsp(msg_id: int, sop_class: str, sop_uid: str, status: int, comment: str | None) -> bytes:
+    """The C-STORE-RSP command set pynetdicom encodes for these values (with group length)."""
+    def el(elem: int, value: bytes) -> bytes:
+        return _ELEM.pack(0, elem, len(value)) + value
+
+    body = [el(0x0002, _text(sop_class, b"\0")), el(0x0100, struct.pack("<H", C_STORE_RSP)),
+            el(0x0120, struct.pack("<H", msg_id)), el(0x0800, struct.pack("<H", NO_DATASET)),
+            el(0x0900, struct.pack("<H", status))]
+    if comment:
+        body.append(el(0x0902, _text(comment, b" ")))
+    body.append(el(0x1000, _text(sop_uid, b"\0")))
+    rest = b"".join(body)
+    return el(0x0000, struct.pack("<I", len(rest))) + rest
+
+
+def _simple_answer(rsp: Any) -> tuple[int, str | None] | None:
+    """(status, error comment) of a handler's answer that ``encode_store_rsp`` encodes exactly, else None."""
+    if isinstance(rsp, int) and not isinstance(rsp, bool):
+        return (rsp, None) if 0 <= rsp <= 0xFFFF else None
+    if not isinstance(rsp, Dataset) or not set(rsp.keys()) <= {0x00000900, 0x00000902}:
+        return None
+    status = rsp.get("Status")
+    comment = rsp.get("ErrorComment")
+    if not isinstance(status, int) or not 0 <= status <= 0xFFFF or (comment is not None and not isinstance(comment, str)):
+        return None
+    if comment is not None:
+        comment = comment.strip()
+        if not comment or not comment.isascii() or len(comment) > 64 or "\\" in comment:
+            return None if comment else (status, None)
+    return status, comment
+
+
+class _Receiving:
+    """The C-STORE-RQ whose data set is being spooled."""
+
+    __slots__ = ("cx", "cx_id", "msg_id", "priority", "sop_class", "sop_uid", "move_ae", "move_id", "fd", "path",
+                 "failure")
+
+    def __init__(self, cx: Any, cx_id: int, msg_id: int, priority: int, sop_class: str, sop_uid: str,
+                 move_ae: str | None, move_id: int | None, fd: int, path: str) -> None:
+        self.cx, self.cx_id, self.msg_id, self.priority = cx, cx_id, msg_id, priority
+        self.sop_class, self.sop_uid, self.move_ae, self.move_id = sop_class, sop_uid, move_ae, move_id
+        self.fd, self.path = fd, path
+        self.failure: OSError | None = None
+
+
+class FastStore:
+    """One association's C-STORE fast path; used by its DUL thread only (see ``reactor``).
+
+    ``storage_classes`` are the SOP classes it may take over; data sets are
+    spooled in ``spool_dir``; ``on_close`` runs in the DUL thread when that
+    thread ends (e.g. to close a per-thread index connection the handler opened
+    there).
+    """
+
+    def __init__(self, storage_classes: frozenset[str], spool_dir: Path,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.storage_classes = storage_classes
+        self.spool_dir = spool_dir
+        self.on_close = on_close
+        self.current: _Receiving | None = None
+        self.stores = 0  # C-STOREs answered here (for tests and diagnostics)
+
+    # -- called by the DUL reactor ------------------------------------------------
+    def feed(self, dul: Any, pdu_type: int, pdu: bytearray) -> bool:
+        """Offer a received PDU (header included). True: handled here; False: pynetdicom decodes it."""
+        if self.current is not None:
+            if pdu_type != 0x04:
+                self.abandon("a %s PDU arrived during its data set" % _PDU_NAMES.get(pdu_type, hex(pdu_type)))
+                return False
+            pdvs = split_pdvs(memoryview(pdu)[6:])
+            if pdvs is None:
+                self.abandon("malformed P-DATA-TF")
+                return False  # pynetdicom rejects it the same way
+            self._data(dul, pdvs)
+            return True
+        if pdu_type != 0x04:
+            return False
+        pdvs = split_pdvs(memoryview(pdu)[6:])
+        if not pdvs or pdvs[0][1] & 3 != 3 or not self._begin(dul, pdvs[0]):
+            return False
+        self._data(dul, pdvs[1:])
+        return True
+
+    def abandon(self, why: str) -> None:
+        """Forget the C-STORE being received and remove its spool file (idempotent)."""
+        cur, self.current = self.current, None
+        if cur is None:
+            return
+        log.info("C-STORE of %s not completed (%s); spool removed", cur.sop_uid, why)
+        _close_and_remove(cur.fd, cur.path)
+
+    def close(self) -> None:
+        """The DUL thread is ending."""
+        self.abandon("association ended")
+        if self.on_close is not None:
+            self.on_close()
+
+    # -- internals ------------------------------------------------------------------
+    def _begin(self, dul: Any, pdv: tuple[int, int, memoryview]) -> bool:
+        assoc = dul.assoc
+        if (dul.state_machine.current_state != "Sta6" or assoc.dimse.message is not None
+                or not assoc.dimse.msg_queue.empty() or not dul.to_provider_queue.empty()
+                or getattr(assoc, "_vna_serving", 0) or assoc._sent_release or not _standard_notifications(assoc)
+                or assoc.acceptor.accepted_common_extended):
+            return False
+        cx_id, _, data = pdv
+        cx = assoc._accepted_cx.get(cx_id)
+        if cx is None or not cx.as_scp or cx.abstract_syntax not in self.storage_classes:
+            return False
+        elems = decode_command(bytes(data))
+        if elems is None or _us(elems, 0x0100) != C_STORE_RQ:
+            return False
+        msg_id, priority, ds_type = _us(elems, 0x0110), _us(elems, 0x0700), _us(elems, 0x0800)
+        sop_class, sop_uid = _uid(elems, 0x0002), _uid(elems, 0x1000)
+        if (msg_id is None or priority not in (0, 1, 2) or ds_type is None or ds_type == NO_DATASET
+                or sop_class is None or sop_class != cx.abstract_syntax or sop_uid is None
+                or not set(elems) <= {0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000, 0x1030, 0x1031}):
+            return False
+        move_ae, move_id = None, _us(elems, 0x1031)
+        if 0x1030 in elems:
+            try:
+                move_ae = elems[0x1030].decode("ascii").strip() or None
+            except UnicodeDecodeError:
+                return False
+        if (0x1031 in elems) != (move_id is not None):
+            return False
+        meta = encode_spool_meta(sop_class, sop_uid, cx.transfer_syntax[0], pynetdicom.PYNETDICOM_IMPLEMENTATION_UID,
+                                 pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION)
+        if meta is None:
+            return False
+        try:
+            fd, path = tempfile.mkstemp(suffix=".dcm", dir=self.spool_dir)
+        except OSError as exc:
+            log.warning("C-STORE fast path: cannot create a spool file (%s); pynetdicom receives it", exc)
+            return False
+        try:
+            _write_all(fd, _PREAMBLE + meta)
+        except OSError:
+            _close_and_remove(fd, path)
+            return False  # pynetdicom meets the same full disk and answers with its own error
+        self.current = _Receiving(cx, cx_id, msg_id, priority, sop_class, sop_uid, move_ae, move_id, fd, path)
+        return True
+
+    def _data(self, dul: Any, pdvs: list[tuple[int, int, memoryview]]) -> None:
+        for cx_id, mch, data in pdvs:
+            cur = self.current
+            if cur is None or mch & 1 or cx_id != cur.cx_id:
+                self.abandon("a PDV of another message arrived during its data set")
+                log.error("protocol error from %s: PDV (context %d, header 0x%02X) out of place",
+                          dul.assoc.requestor.ae_title, cx_id, mch)
+                dul.event_queue.put("Evt19")  # invalid PDU: pynetdicom aborts the association
+                return
+            if cur.failure is None:
+                try:
+                    _write_all(cur.fd, data)
+                except OSError as exc:
+                    cur.failure = exc  # the rest of the data set is read and dropped, then answered
+            if mch & 2:
+                self._complete(dul)
+
+    def _complete(self, dul: Any) -> None:
+        """The data set is complete: run the handler (unless spooling failed), answer, remove the spool."""
+        cur = self.current
+        assert cur is not None
+        self.current = None
+        assoc = dul.assoc
+        failure = cur.failure
+        try:
+            os.close(cur.fd)
+        except OSError as exc:
+            failure = failure or exc
+        rsp: Any
+        try:
+            if failure is not None:
+                log.error("C-STORE of %s: spooling failed: %s", cur.sop_uid, failure)
+                rsp = _failure(0xA700, "spooling the data set failed")  # out of resources
+            else:
+                req = C_STORE()
+                req.MessageID = cur.msg_id
+                req.AffectedSOPClassUID = cur.sop_class
+                req.AffectedSOPInstanceUID = cur.sop_uid
+                req.Priority = cur.priority
+                if cur.move_ae is not None:
+                    req.MoveOriginatorApplicationEntityTitle = cur.move_ae
+                if cur.move_id is not None:
+                    req.MoveOriginatorMessageID = cur.move_id
+                req._dataset_path = Path(cur.path)  # noqa: SLF001 -- what Event.dataset_path reads
+                req._dataset_file = None  # noqa: SLF001
+                # the handler runs in this (the DUL) thread: the network idle timer, which the
+                # association thread checks, must not expire while it works (as under pynetdicom)
+                timer = dul._idle_timer  # noqa: SLF001
+                idle_timeout, timer.timeout = timer.timeout, None
+                try:
+                    rsp = evt.trigger(assoc, evt.EVT_C_STORE, {"request": req, "context": cur.cx.as_tuple})
+                except Exception:
+                    log.exception("Exception in handler bound to 'evt.EVT_C_STORE'")
+                    rsp = HANDLER_FAILED
+                finally:
+                    timer.timeout = idle_timeout
+                    timer.restart()
+        finally:
+            try:
+                os.unlink(cur.path)
+            except OSError:
+                pass
+        self.stores += 1
+        if dul.state_machine.current_state != "Sta6" or not assoc.is_established:
+            return  # aborted or released meanwhile: no answer, as pynetdicom
+        self._answer(dul, cur, rsp)
+
+    def _answer(self, dul: Any, cur: _Receiving, rsp: Any) -> None:
+        simple = _simple_answer(rsp)
+        max_pdu = dul.assoc.requestor.maximum_length or 0
+        if simple is not None:
+            cmd = encode_store_rsp(cur.msg_id, cur.sop_class, cur.sop_uid, *simple)
+            if not max_pdu or len(cmd) + 6 <= max_pdu:
+                item = struct.pack(">IBB", len(cmd) + 2, cur.cx_id, 0x03) + cmd
+                dul.socket.send(struct.pack(">BBI", 0x04, 0, len(item)) + item)
+                return
+        # anything else the way pynetdicom answers (validated, encoded and sent by its layers)
+        from pynetdicom.service_class import StorageServiceClass
+
+        out = C_STORE()
+        out.MessageID = cur.msg_id
+        out.MessageIDBeingRespondedTo = cur.msg_id
+        out.AffectedSOPInstanceUID = cur.sop_uid
+        out.AffectedSOPClassUID = cur.sop_class
+        out = StorageServiceClass(dul.assoc).validate_status(rsp, out)
+        dul.assoc.dimse.send_msg(out, cur.cx_id)
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment
+    return ds
+
+
+def _standard_notifications(assoc: Any) -> bool:
+    """True when nothing but pynetdicom's standard logging handlers listens to PDU/DIMSE traffic."""
+    for event, allowed in _NOTIFY.items():
+        for handler, _args in assoc.get_handlers(event) or ():
+            if handler not in allowed:
+                return False
+    return True
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _close_and_remove(fd: int, path: str) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x05: "A-RELEASE-RQ",
+              0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
