@@ -73,6 +73,7 @@ class SqliteIndex:
         self._all: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._writer = threading.Lock()  # one writer of this process at a time
+        self._wconn: _Connection | None = None  # the writer's connection (used under _writer only)
         self._gate_fd: int | None = None  # flock'ed by the writer, against other processes' writers
         self._gate_broken = False  # the gate file cannot be opened or locked here
         try:
@@ -81,30 +82,40 @@ class SqliteIndex:
             raise IndexUnavailable(f"cannot create {self.path.parent}: {exc.strerror}") from exc
 
     # -- connections -------------------------------------------------------
+    def _connect(self) -> _Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False,
+                                   factory=_Connection)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.row_factory = sqlite3.Row
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"cannot open SQLite index {self.path}: {exc}") from exc
+        with self._lock:
+            self._all.add(conn)
+        return conn
+
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            try:
-                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False,
-                                       factory=_Connection)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
-                conn.row_factory = sqlite3.Row
-            except sqlite3.Error as exc:
-                raise IndexUnavailable(f"cannot open SQLite index {self.path}: {exc}") from exc
-            self._local.conn = conn
-            with self._lock:
-                self._all.add(conn)
+            conn = self._local.conn = self._connect()
         return conn
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
+        """A write transaction on the process's one writer connection (taken with the write turn).
+
+        One connection for all writers keeps its page cache warm: SQLite drops a
+        connection's whole cache whenever another connection has committed.
+        """
         deadline = time.monotonic() + self.busy_timeout
         if not self._writer.acquire(timeout=self.busy_timeout):
             raise IndexUnavailable(f"SQLite index busy: no write turn in {self.busy_timeout:g} s")
         try:
+            conn = self._wconn
+            if conn is None:
+                conn = self._wconn = self._connect()
             fd = self._gate(deadline)
             try:
                 with self._transaction(conn):
@@ -197,6 +208,7 @@ class SqliteIndex:
             self._all.clear()
         self._local = threading.local()
         with self._writer:
+            self._wconn = None  # closed above
             if self._gate_fd is not None:
                 os.close(self._gate_fd)
                 self._gate_fd = None
