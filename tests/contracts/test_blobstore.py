@@ -9,7 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import shutil
 import socket
+import stat
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -413,3 +416,52 @@ def test_filesystem_put_file_same_and_other_filesystem(tmp_path: Path) -> None:
                 store.put_file("a/b", src)
     finally:
         subprocess.run(["umount", "-l", str(other)])
+
+
+def test_filesystem_adopts_a_spool_file_on_its_filesystem_and_copies_otherwise(tmp_path: Path) -> None:
+    """put_file(adopt=True): the spool file becomes the blob (one inode, fsynced, 0640); elsewhere a copy."""
+    store = FilesystemBlobStore("r1", tmp_path / "r1")
+    data = blob(50_000, seed=3)
+    spool = tmp_path / "spool.dcm"
+    spool.write_bytes(data)
+    spool.chmod(0o600)
+    assert store.put_file("a/b/c.dcm", spool, adopt=True).size == len(data)
+    stored = store.local_path("a/b/c.dcm")
+    assert stored.stat().st_ino == spool.stat().st_ino and stat.S_IMODE(stored.stat().st_mode) == 0o640
+    spool.unlink()  # the caller removes its spool name; the blob stays
+    assert read(store, "a/b/c.dcm") == data
+    with pytest.raises(BlobExists):  # create-new holds for adoption too
+        again = tmp_path / "again.dcm"
+        again.write_bytes(b"other")
+        store.put_file("a/b/c.dcm", again, adopt=True)
+    assert read(store, "a/b/c.dcm") == data
+    # without adopt, or from another filesystem (/dev/shm is tmpfs): a copy with its own inode
+    other = tmp_path / "other.dcm"
+    other.write_bytes(data)
+    store.put_file("a/b/d.dcm", other)
+    assert store.local_path("a/b/d.dcm").stat().st_ino != other.stat().st_ino
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        (shm / "x.dcm").write_bytes(data)
+        store.put_file("a/b/e.dcm", shm / "x.dcm", adopt=True)
+        assert read(store, "a/b/e.dcm") == data and os.stat(shm / "x.dcm").st_nlink == 1
+    finally:
+        shutil.rmtree(shm)
+
+
+def test_tier_write_file_lets_one_replica_adopt_and_copies_to_the_others(tmp_path: Path) -> None:
+    from vna.codec import IdentityCodec
+    from vna.domain import Tier
+    from vna.storage.accessor import TierAccessor
+
+    stores = [FilesystemBlobStore(f"r{i}", tmp_path / f"r{i}") for i in range(3)]
+    hot = TierAccessor(Tier.HOT, stores, 3, IdentityCodec())
+    data = blob(20_000, seed=4)
+    spool = tmp_path / "spool.dcm"
+    spool.write_bytes(data)
+    writes = hot.write_file("k/x.dcm", spool, hashlib.sha256(data).hexdigest(), len(data), adopt=True)
+    hot.close()
+    assert all(w.ok for w in writes)
+    inodes = [s.local_path("k/x.dcm").stat().st_ino for s in stores]
+    assert inodes.count(spool.stat().st_ino) == 1 and len(set(inodes)) == 3  # independent copies
+    assert all(s.local_path("k/x.dcm").read_bytes() == data for s in stores)

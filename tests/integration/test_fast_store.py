@@ -88,6 +88,11 @@ _CHILD = textwrap.dedent('''
     for p in corpus[:4]:  # sent as they are (the rest converted to implicit VR by storescu)
         assert fast[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)][0].endswith(dataset_bytes(p)), p
     assert list(fast_spool.iterdir()) == []
+    # one replica took over the spool file (hard link), the other is a copy: two files, one link each
+    for name in ("fast", "slow"):
+        files = sorted((work / name / "hot").rglob("*.dcm"))
+        assert len({p.stat().st_ino for p in files}) == len(files) == 2 * len(uids)
+        assert all(p.stat().st_nlink == 1 for p in files)
 
     # hand-built PDUs on a real association
     def pdu(*pdvs):

@@ -202,7 +202,7 @@ class ArchiveServicer:
                 raise InvalidInput("source must be at most 64 printable characters")
             result = self.archive.ingest.ingest_file(
                 path, source_ae=source, expected_sop_uid=header.expected_sop_instance_uid or None,
-                actor=_actor(context))
+                actor=_actor(context), owned=True)
         finally:
             path.unlink(missing_ok=True)
         log.debug("gRPC Store by %s: %s (%d bytes, duplicate=%s)", source, result.sop_uid, size, result.duplicate)

@@ -502,7 +502,7 @@ class DicomServer:
             self.archive.ingest.ingest_file(
                 Path(event.dataset_path), source_ae=calling,
                 expected_sop_uid=str(req.AffectedSOPInstanceUID),
-                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event),
+                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True,
             )
             rsp.Status = st.SUCCESS
         except VnaError as exc:

@@ -240,8 +240,13 @@ class IngestService:
         expected_sop_uid: str | None = None,
         expected_sop_class: str | None = None,
         actor: Actor | None = None,
+        owned: bool = False,
     ) -> IngestResult:
         """Store the Part 10 file at ``path`` (which the caller owns and may delete after).
+
+        ``owned``: ``path`` is the caller's spool file, which nobody writes
+        again; one replica may take it over by hard link instead of copying it.
+        Never pass it for a file someone else could change in place.
 
         Returns only once the bytes are on at least W replicas and indexed.
         Raises InvalidInput, DuplicateConflict, QuorumNotMet/StorageError,
@@ -255,7 +260,7 @@ class IngestService:
         tel = self.telemetry
         with self.audit.operation(INSTANCES_TRANSFERRED, "C", who) as rec, tel.span("ingest"):
             try:
-                result = self._ingest(path, source_ae, expected_sop_uid, expected_sop_class, rec)
+                result = self._ingest(path, source_ae, expected_sop_uid, expected_sop_class, rec, owned)
             except BaseException:
                 tel.ingest_instances.add(1, {"outcome": "failed"})
                 raise
@@ -268,7 +273,7 @@ class IngestService:
             return result
 
     def _ingest(self, path: Path, source_ae: str, expected_sop_uid: str | None, expected_sop_class: str | None,
-                rec: AuditScope) -> IngestResult:
+                rec: AuditScope, owned: bool = False) -> IngestResult:
         with self.telemetry.stage("ingest.hash"):
             content_sha256, size = sha256_file(path)
         with self.telemetry.stage("ingest.parse"):
@@ -293,7 +298,7 @@ class IngestService:
                     f"already stored with different content: {h.sop_uid}")
             version = 1 if existing is None else existing.version + 1
             try:
-                return self._store(path, h, version, content_sha256, size, source_ae)
+                return self._store(path, h, version, content_sha256, size, source_ae, owned)
             except StateConflict:
                 log.info("concurrent store of %s version %d; re-checking", h.sop_uid, version)
                 continue
@@ -316,11 +321,12 @@ class IngestService:
         log.info("instance %s was stored by another site; this site keeps its own copies now", existing.sop_uid)
         return tuple(p.store_id for p in placements if p.state is PlacementState.MISSING)
 
-    def _store(self, path: Path, h: _Header, version: int, sha: str, size: int, source_ae: str) -> IngestResult:
+    def _store(self, path: Path, h: _Header, version: int, sha: str, size: int, source_ae: str,
+               owned: bool = False) -> IngestResult:
         key = f"{h.study_uid}/{h.series_uid}/{h.sop_uid}.v{version}.{uuid.uuid4().hex[:12]}.dcm"
         t0 = time.monotonic()
         with self.telemetry.stage("ingest.write"):
-            writes = self.hot.write_file(key, path, sha, size)
+            writes = self.hot.write_file(key, path, sha, size, adopt=owned)
         now = time.time()
         placements = self.hot.placements(
             writes, sop_uid=h.sop_uid, version=version, content_sha256=sha, content_size=size, now=now)

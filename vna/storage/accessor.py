@@ -86,10 +86,10 @@ class TierAccessor:
         return ReplicaWrite(store.store_id, key, True, stored.hexdigest(), stored.size)
 
     def _copy_one(self, store: FileCopyStore, store_id: str, key: str, path: Path, sha256: str,
-                  size: int) -> ReplicaWrite:
+                  size: int, adopt: bool = False) -> ReplicaWrite:
         try:
             with self.telemetry.stage("storage.write", {"vna.store": store_id, "vna.tier": self.tier.value}):
-                stat = store.put_file(key, path)
+                stat = store.put_file(key, path, adopt=adopt)
         except VnaError as exc:
             log.warning("replica %s failed to write %s: %s", store_id, key, exc)
             return ReplicaWrite(store_id, key, False, error=str(exc))
@@ -98,18 +98,22 @@ class TierAccessor:
             return ReplicaWrite(store_id, key, False, error=f"wrote {stat.size} bytes of {size}")
         return ReplicaWrite(store_id, key, True, sha256, size)
 
-    def write_file(self, key: str, path: Path, content_sha256: str, size: int) -> list[ReplicaWrite]:
+    def write_file(self, key: str, path: Path, content_sha256: str, size: int, *,
+                   adopt: bool = False) -> list[ReplicaWrite]:
         """Write a local file (whose digest the caller computed) to every replica; see :meth:`write`.
 
         With the identity codec, stores that can copy files do so in the kernel
-        and the stored digest is the content digest.
+        and the stored digest is the content digest. ``adopt``: ``path`` is a
+        spool file nobody writes again; the first such store may take it over
+        (``FileCopyStore.put_file``) -- one replica at most, the others get copies.
         """
         if self.codec.name != "identity":
             return self.write(key, lambda: iter_file(str(path)), content_sha256)
         calls: list[tuple[Callable[..., ReplicaWrite], tuple[Any, ...]]] = []
         for s, copies in zip(self.stores, self._copies_files):
             if copies:
-                calls.append((self._copy_one, (s, s.store_id, key, path, content_sha256, size)))
+                calls.append((self._copy_one, (s, s.store_id, key, path, content_sha256, size, adopt)))
+                adopt = False
             else:
                 calls.append((self._write_one, (s, key, lambda: iter_file(str(path)), content_sha256)))
         return self._quorum(key, self._fan_out(calls))

@@ -73,8 +73,12 @@ class BlobStore(Protocol):
 class FileCopyStore(Protocol):
     """Optional capability: ``put`` of a local file without streaming it through Python."""
 
-    def put_file(self, key: str, source: Path) -> BlobStat:
-        """Same contract as ``put`` with the file's bytes."""
+    def put_file(self, key: str, source: Path, *, adopt: bool = False) -> BlobStat:
+        """Same contract as ``put`` with the file's bytes.
+
+        ``adopt``: ``source`` is a spool file of the caller's that nobody writes
+        again; the store may take it over (hard link) instead of copying it.
+        """
         ...
 
 

@@ -42,6 +42,7 @@ class FilesystemBlobStore:
         self.store_id = store_id
         self.root = Path(root)
         self.fsync = fsync
+        self._root_dev: int | None = None  # st_dev of the store's filesystem, once known
         try:
             (self.root / _TMP).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -84,8 +85,17 @@ class FilesystemBlobStore:
 
         return self._put(key, write)
 
-    def put_file(self, key: str, source: Path) -> BlobStat:
-        """``put`` of a local file's bytes, copied by the kernel (copy_file_range) without passing through Python."""
+    def put_file(self, key: str, source: Path, *, adopt: bool = False) -> BlobStat:
+        """``put`` of a local file's bytes, copied by the kernel (copy_file_range) without passing through Python.
+
+        With ``adopt`` a ``source`` on this store's filesystem becomes the blob
+        itself: fsynced, made read-only to others (0640) and hard-linked under
+        ``key`` -- no copy, no second inode. Elsewhere it is copied.
+        """
+        if adopt:
+            stat = self._adopt(key, source)
+            if stat is not None:
+                return stat
         def copy(fd: int) -> int:
             with open(source, "rb") as src:
                 total = os.fstat(src.fileno()).st_size
@@ -109,6 +119,42 @@ class FilesystemBlobStore:
                 return size
 
         return self._put(key, copy)
+
+    def _adopt(self, key: str, source: Path) -> BlobStat | None:
+        """Link ``source`` under ``key`` (after fsync); None if it is on another filesystem."""
+        final = self._path(key)
+        try:
+            if final.exists():
+                raise BlobExists(f"{self.store_id}: {key} already exists")
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+                if st.st_dev != self._dev():
+                    return None
+                os.fchmod(fd, 0o640)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._makedirs(final.parent)
+            try:
+                os.link(source, final)
+            except FileExistsError:
+                raise BlobExists(f"{self.store_id}: {key} already exists") from None
+            except OSError as exc:
+                if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    return None  # no hard link here: copy
+                raise
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
+        return BlobStat(key=key, size=st.st_size)
+
+    def _dev(self) -> int:
+        if self._root_dev is None:
+            self._root_dev = os.stat(self.root / _TMP).st_dev
+        return self._root_dev
 
     def _put(self, key: str, write: Callable[[int], int]) -> BlobStat:
         final = self._path(key)
