@@ -746,3 +746,42 @@ def test_sqlite_writers_wait_for_the_cross_process_gate_then_fail_cleanly(tmp_pa
     finally:
         os.close(holder)
         idx.close()
+
+
+def test_sqlite_concurrent_registrations_share_commits_and_keep_their_own_outcome(tmp_path: Path) -> None:
+    """Group commit: concurrent register() calls are committed together, each still gets its own result --
+    a duplicate (sop_uid, version) fails alone with StateConflict, every other registration is durable."""
+    idx = SqliteIndex(tmp_path / "index.sqlite")
+    idx.migrate()
+    batches: list[int] = []
+    commit = idx._commit_registrations  # observed, not replaced
+
+    def observed(batch: Any) -> None:
+        batches.append(len(batch))
+        commit(batch)
+
+    idx._commit_registrations = observed  # type: ignore[method-assign]
+    start = threading.Barrier(8)
+    outcomes: dict[str, list[str]] = {}
+
+    def writer(t: int) -> None:
+        start.wait()
+        for i in range(25):
+            uid = f"1.2.7.{t}.{i}" if i != 12 else "1.2.7.99"  # every writer once registers the same instance
+            try:
+                idx.register(make_record(uid, f"1.2.7.{t}", "1.2.7"), [make_placement(uid)])
+                outcomes.setdefault("ok", []).append(uid)
+            except StateConflict:
+                outcomes.setdefault("conflict", []).append(uid)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    try:
+        assert len(outcomes["ok"]) == 8 * 24 + 1 and outcomes["conflict"] == ["1.2.7.99"] * 7
+        assert all(idx.get_instance(uid) is not None for uid in outcomes["ok"])
+        assert sum(batches) == 8 * 25 and max(batches) > 1  # fewer commits than registrations
+    finally:
+        idx.close()

@@ -60,6 +60,18 @@ class _Connection(sqlite3.Connection):
     """A sqlite3 connection that can be weakly referenced."""
 
 
+class _Registration:
+    """One ``register`` call waiting for (or in) a group commit."""
+
+    __slots__ = ("record", "placements", "finished", "error")
+
+    def __init__(self, record: InstanceRecord, placements: Sequence[Placement]) -> None:
+        self.record = record
+        self.placements = placements
+        self.finished = False
+        self.error: Exception | None = None
+
+
 class SqliteIndex:
     """Index on one SQLite file."""
 
@@ -74,6 +86,9 @@ class SqliteIndex:
         self._lock = threading.Lock()
         self._writer = threading.Lock()  # one writer of this process at a time
         self._wconn: _Connection | None = None  # the writer's connection (used under _writer only)
+        self._batch_cond = threading.Condition()  # group commit of register(): waiting requests, leader flag
+        self._batch: list[_Registration] = []
+        self._leading = False
         self._gate_fd: int | None = None  # flock'ed by the writer, against other processes' writers
         self._gate_broken = False  # the gate file cannot be opened or locked here
         try:
@@ -236,37 +251,90 @@ class SqliteIndex:
         return self._record(rows[0]) if rows else None
 
     def register(self, record: InstanceRecord, placements: Sequence[Placement]) -> None:
-        a = record.attrs
+        """Group commit: registrations that arrive together share one transaction (one WAL fsync).
+
+        The first caller to find no batch in progress leads: it takes every
+        waiting registration, runs each in its own SAVEPOINT (a StateConflict
+        rolls back that one only) and commits once; each caller returns (or
+        raises its own error) only after that commit is durable.
+        """
+        req = _Registration(record, placements)
+        deadline = time.monotonic() + self.busy_timeout
+        with self._batch_cond:
+            self._batch.append(req)
+            while not req.finished and self._leading:
+                if req in self._batch and time.monotonic() >= deadline:
+                    self._batch.remove(req)  # not taken by a leader: safe to give up
+                    raise IndexUnavailable(f"SQLite index busy: no write turn in {self.busy_timeout:g} s")
+                self._batch_cond.wait(0.5)
+            if not req.finished:
+                self._leading = True
+                batch, self._batch = self._batch, []
+        if not req.finished:
+            try:
+                self._commit_registrations(batch)
+            finally:
+                with self._batch_cond:
+                    self._leading = False
+                    self._batch_cond.notify_all()
+        if req.error is not None:
+            raise req.error
+
+    def _commit_registrations(self, batch: list[_Registration]) -> None:
+        """Register ``batch`` in one transaction; every request ends finished, with its own error or none."""
         try:
             with self._write() as conn:
-                try:
-                    conn.execute(
-                        "INSERT INTO instance_versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        (record.sop_uid, record.version, record.series_uid, record.study_uid,
-                         record.sop_class_uid, record.transfer_syntax_uid, record.content_sha256,
-                         record.content_size, record.received_at, record.source_ae, json.dumps(a)),
-                    )
-                except sqlite3.IntegrityError:
-                    raise StateConflict(f"instance {record.sop_uid} version {record.version} exists") from None
-                study_cols = LEVEL_KEYS[QueryLevel.PATIENT] + LEVEL_KEYS[QueryLevel.STUDY][1:]
-                self._upsert(conn, "studies", "StudyInstanceUID", record.study_uid,
-                             {k: a.get(k, "") for k in study_cols} | {"updated_at": record.received_at})
-                self._upsert(conn, "series", "SeriesInstanceUID", record.series_uid,
-                             {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.SERIES][1:]}
-                             | {"StudyInstanceUID": record.study_uid})
-                inst: dict[str, Any] = {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.IMAGE][1:]}
-                inst |= {
-                    "SeriesInstanceUID": record.series_uid, "StudyInstanceUID": record.study_uid,
-                    "version": record.version, "SOPClassUID": record.sop_class_uid,
-                    "TransferSyntaxUID": record.transfer_syntax_uid, "content_sha256": record.content_sha256,
-                    "content_size": record.content_size, "received_at": record.received_at,
-                    "source_ae": record.source_ae,
-                }
-                self._upsert(conn, "instances", "SOPInstanceUID", record.sop_uid, inst)
-                for p in placements:
-                    self._insert_placement(conn, p)
-        except sqlite3.Error as exc:
-            raise IndexUnavailable(f"SQLite register failed: {exc}") from exc
+                for req in batch:
+                    conn.execute("SAVEPOINT reg")
+                    try:
+                        self._register_rows(conn, req.record, req.placements)
+                    except StateConflict as exc:
+                        req.error = exc
+                    except sqlite3.Error as exc:
+                        req.error = IndexUnavailable(f"SQLite register failed: {exc}")
+                    if req.error is not None:
+                        conn.execute("ROLLBACK TO reg")
+                    conn.execute("RELEASE reg")
+        except (sqlite3.Error, IndexUnavailable) as exc:
+            err = exc if isinstance(exc, IndexUnavailable) else IndexUnavailable(f"SQLite register failed: {exc}")
+            for req in batch:
+                req.error = err  # nothing of the batch was committed
+        except BaseException as exc:
+            for req in batch:
+                req.error = IndexUnavailable(f"SQLite register failed: {exc!r}")
+            raise
+        finally:
+            for req in batch:
+                req.finished = True
+
+    def _register_rows(self, conn: sqlite3.Connection, record: InstanceRecord, placements: Sequence[Placement]) -> None:
+        a = record.attrs
+        try:
+            conn.execute(
+                "INSERT INTO instance_versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (record.sop_uid, record.version, record.series_uid, record.study_uid,
+                 record.sop_class_uid, record.transfer_syntax_uid, record.content_sha256,
+                 record.content_size, record.received_at, record.source_ae, json.dumps(a)),
+            )
+        except sqlite3.IntegrityError:
+            raise StateConflict(f"instance {record.sop_uid} version {record.version} exists") from None
+        study_cols = LEVEL_KEYS[QueryLevel.PATIENT] + LEVEL_KEYS[QueryLevel.STUDY][1:]
+        self._upsert(conn, "studies", "StudyInstanceUID", record.study_uid,
+                     {k: a.get(k, "") for k in study_cols} | {"updated_at": record.received_at})
+        self._upsert(conn, "series", "SeriesInstanceUID", record.series_uid,
+                     {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.SERIES][1:]}
+                     | {"StudyInstanceUID": record.study_uid})
+        inst: dict[str, Any] = {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.IMAGE][1:]}
+        inst |= {
+            "SeriesInstanceUID": record.series_uid, "StudyInstanceUID": record.study_uid,
+            "version": record.version, "SOPClassUID": record.sop_class_uid,
+            "TransferSyntaxUID": record.transfer_syntax_uid, "content_sha256": record.content_sha256,
+            "content_size": record.content_size, "received_at": record.received_at,
+            "source_ae": record.source_ae,
+        }
+        self._upsert(conn, "instances", "SOPInstanceUID", record.sop_uid, inst)
+        for p in placements:
+            self._insert_placement(conn, p)
 
     @staticmethod
     def _upsert(conn: sqlite3.Connection, table: str, pk: str, key: str, values: dict[str, Any]) -> None:
