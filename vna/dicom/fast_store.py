@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,8 +175,10 @@ class FastStore:
     def __init__(self, storage_classes: frozenset[str], spool_dir: Path,
                  on_close: Callable[[], None] | None = None) -> None:
         self.storage_classes = storage_classes
-        self.spool_dir = spool_dir
+        self.spool_dir = str(spool_dir)
         self.on_close = on_close
+        self._prefix = f"fs{os.getpid()}-{id(self):x}"
+        self._seq = 0
         self.current: _Receiving | None = None
         self.stores = 0  # C-STOREs answered here (for tests and diagnostics)
 
@@ -250,7 +251,7 @@ class FastStore:
         if meta is None:
             return False
         try:
-            fd, path = tempfile.mkstemp(suffix=".dcm", dir=self.spool_dir)
+            fd, path = self._spool_file()
         except OSError as exc:
             log.warning("C-STORE fast path: cannot create a spool file (%s); pynetdicom receives it", exc)
             return False
@@ -261,6 +262,17 @@ class FastStore:
             return False  # pynetdicom meets the same full disk and answers with its own error
         self.current = _Receiving(cx, cx_id, msg_id, priority, sop_class, sop_uid, move_ae, move_id, fd, path)
         return True
+
+    def _spool_file(self) -> tuple[int, str]:
+        """A new spool file (mode 0600), named by process, association and sequence -- cheaper than mkstemp's
+        random names, unique because only this thread names files with this object's prefix."""
+        while True:
+            self._seq += 1
+            path = os.path.join(self.spool_dir, f"{self._prefix}-{self._seq}.dcm")
+            try:
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+            except FileExistsError:  # a stale file of an earlier process with this pid
+                continue
 
     def _data(self, dul: Any, pdvs: list[tuple[int, int, memoryview]]) -> None:
         for cx_id, mch, data in pdvs:

@@ -491,11 +491,13 @@ class DicomServer:
         except OSError:
             pass
 
-    def on_store(self, event: evt.Event) -> Dataset:
-        """C-STORE: ingest the spooled file; Success only once durable and indexed."""
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        """C-STORE: ingest the spooled file; Success only once durable and indexed.
+
+        Returns the Success status, or a Dataset with the failure status and an ErrorComment.
+        """
         req = cast(Any, event.request)
         calling = event.assoc.requestor.ae_title.strip()
-        rsp = Dataset()
         with self._idle:
             self._inflight += 1
         try:
@@ -504,16 +506,17 @@ class DicomServer:
                 expected_sop_uid=str(req.AffectedSOPInstanceUID),
                 expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True,
             )
-            rsp.Status = st.SUCCESS
+            return st.SUCCESS
         except VnaError as exc:
+            rsp = Dataset()
             rsp.Status = st.status_for(exc)
             rsp.ErrorComment = str(exc)[:64]
             log.warning("C-STORE from %s refused (0x%04X): %s", calling, rsp.Status, exc)
+            return rsp
         finally:
             with self._idle:
                 self._inflight -= 1
                 self._idle.notify_all()
-        return rsp
 
     def _level(self, event: evt.Event) -> tuple[QueryLevel, Dataset]:
         ds = event.identifier

@@ -21,7 +21,7 @@ _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 _QUARANTINE = ".quarantine"
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -43,6 +43,7 @@ class FilesystemBlobStore:
         self.root = Path(root)
         self.fsync = fsync
         self._root_dev: int | None = None  # st_dev of the store's filesystem, once known
+        self._root_s = str(self.root)
         try:
             (self.root / _TMP).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -59,6 +60,8 @@ class FilesystemBlobStore:
         return self._path(key)
 
     def _makedirs(self, directory: Path) -> None:
+        if os.path.isdir(directory):  # the common case: one stat
+            return
         missing: list[Path] = []
         d = directory
         while not d.exists() and d != self.root:
@@ -122,9 +125,9 @@ class FilesystemBlobStore:
 
     def _adopt(self, key: str, source: Path) -> BlobStat | None:
         """Link ``source`` under ``key`` (after fsync); None if it is on another filesystem."""
-        final = self._path(key)
+        final = os.path.join(self._root_s, safe_key(key))
         try:
-            if final.exists():
+            if os.path.lexists(final):
                 raise BlobExists(f"{self.store_id}: {key} already exists")
             fd = os.open(source, os.O_RDONLY)
             try:
@@ -136,7 +139,8 @@ class FilesystemBlobStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._makedirs(final.parent)
+            parent = os.path.dirname(final)
+            self._makedirs(Path(parent))
             try:
                 os.link(source, final)
             except FileExistsError:
@@ -146,7 +150,7 @@ class FilesystemBlobStore:
                     return None  # no hard link here: copy
                 raise
             if self.fsync:
-                _fsync_dir(final.parent)
+                _fsync_dir(parent)
         except OSError as exc:
             raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
         return BlobStat(key=key, size=st.st_size)
@@ -157,10 +161,10 @@ class FilesystemBlobStore:
         return self._root_dev
 
     def _put(self, key: str, write: Callable[[int], int]) -> BlobStat:
-        final = self._path(key)
-        tmp = self.root / _TMP / f"{uuid.uuid4().hex}.part"
+        final = os.path.join(self._root_s, safe_key(key))
+        tmp = os.path.join(self._root_s, _TMP, f"{uuid.uuid4().hex}.part")
         try:
-            if final.exists():
+            if os.path.lexists(final):
                 raise BlobExists(f"{self.store_id}: {key} already exists")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
@@ -169,13 +173,14 @@ class FilesystemBlobStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._makedirs(final.parent)
+            parent = os.path.dirname(final)
+            self._makedirs(Path(parent))
             try:
                 os.link(tmp, final)
             except FileExistsError:
                 raise BlobExists(f"{self.store_id}: {key} already exists") from None
             if self.fsync:
-                _fsync_dir(final.parent)
+                _fsync_dir(parent)
         except OSError as exc:
             raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
         finally:
