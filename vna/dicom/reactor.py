@@ -197,6 +197,7 @@ def _dul_run_reactor(self: Any) -> None:
 
 
 _PDU_HEADER = struct.Struct(">BBL")
+_PREALLOCATE = 1 << 20  # a PDU up to this long is read into one buffer of its size at once
 
 
 def _recv_into(sock: Any, buf: bytearray, start: int) -> int:
@@ -243,15 +244,21 @@ def _dul_read_pdu_data(self: Any) -> None:
         self.event_queue.put("Evt19")
         return
     try:
-        # grown as the bytes arrive: an absurd length field costs no memory up front
-        bytestream = header
-        while len(bytestream) < 6 + pdu_length:
-            start = len(bytestream)
-            bytestream += bytes(min(6 + pdu_length - start, 1 << 20))
-            got = _recv_into(sock, bytestream, start)
+        if pdu_length <= _PREALLOCATE:
+            bytestream = bytearray(6 + pdu_length)
+            bytestream[:6] = header
+            got = _recv_into(sock, bytestream, 6)
             if got < len(bytestream):
                 del bytestream[got:]
-                break
+        else:  # grown as the bytes arrive: an absurd length field costs no memory up front
+            bytestream = header
+            while len(bytestream) < 6 + pdu_length:
+                start = len(bytestream)
+                bytestream += bytes(min(6 + pdu_length - start, _PREALLOCATE))
+                got = _recv_into(sock, bytestream, start)
+                if got < len(bytestream):
+                    del bytestream[got:]
+                    break
     except (OSError, TimeoutError) as exc:
         _DUL_LOG.error("Connection closed before the entire PDU was received")
         _DUL_LOG.exception(exc)
