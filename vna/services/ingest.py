@@ -16,6 +16,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,17 @@ def _scanned_value(elem: RawDataElement | None, encodings: list[str]) -> str | N
         return None
     text = _raw_text(elem, encodings)
     if text is None:
+        if elem.VR == "US" and isinstance(elem.value, bytes) and len(elem.value) == 2:
+            return str(int.from_bytes(elem.value, "little" if elem.is_little_endian else "big"))
         text = _text(convert_raw_data_element(elem, encoding=encodings).value)
     return text
+
+
+@lru_cache(maxsize=256)
+def _encodings(raw: bytes, vr: str | None, implicit: bool, little: bool) -> list[str]:
+    """Python encodings of a raw SpecificCharacterSet value (pydicom's conversion, once per distinct value)."""
+    elem = RawDataElement(BaseTag(0x00080005), vr, len(raw), raw, 0, implicit, little)
+    return convert_encodings(convert_raw_data_element(elem, encoding=default_encoding).value)
 
 
 def _header(uids: dict[str, str | None], ts: str, attrs: dict[str, str]) -> _Header:
@@ -164,8 +174,10 @@ def read_header_fast(path: Path) -> _Header | None:
             return None
         elems = scanned.elements
         charset = elems.get(0x00080005)
-        encodings = convert_encodings(
-            convert_raw_data_element(charset, encoding=default_encoding).value if charset is not None else None)
+        encodings = (list(_encodings(charset.value, charset.VR, charset.is_implicit_VR, charset.is_little_endian))
+                     if charset is not None and isinstance(charset.value, bytes) else
+                     convert_encodings(convert_raw_data_element(charset, encoding=default_encoding).value
+                                       if charset is not None else None))
         attrs: dict[str, str] = {}
         for kw, tag in _ATTR_TAGS.items():
             text = _scanned_value(elems.get(tag), encodings)
