@@ -197,7 +197,7 @@ class _Sum(_Local):
 
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
         """Add ``amount`` to the series of ``attributes``."""
-        if not math.isfinite(amount) or (amount < 0 and self.monotonic):
+        if not -math.inf < amount < math.inf or (amount < 0 and self.monotonic):
             log.warning("metric %s: amount %r ignored", self.name, amount)
             return
         key: _Key = tuple(attributes.items()) if attributes else ()
@@ -230,7 +230,7 @@ class _Histogram(_Local):
 
     def record_key(self, amount: float, key: _Key) -> None:
         """:meth:`record` with the attribute items already a tuple (pre-built by hot callers)."""
-        if not math.isfinite(amount) or amount < 0:
+        if not 0 <= amount < math.inf:
             log.warning("metric %s: amount %r ignored", self.name, amount)
             return
         i = bisect_left(self.bounds, amount)
