@@ -156,8 +156,6 @@ class _Local:
     A non-finite amount is ignored with a warning, like the SDK does.
     """
 
-    kind = ""
-
     def __init__(self, name: str, unit: str, description: str) -> None:
         self.name, self.unit, self.description = name, unit, description
         self._lock = threading.Lock()
