@@ -122,19 +122,24 @@ class Cell:
     cpu_us_per_inst: float | None = None
     cpu_ratio_to_off: float | None = None
     cpu_runs: list[float] | None = None
+    user_us_per_inst: float | None = None
+    user_ratio_to_off: float | None = None
+    user_runs: list[float] | None = None
 
 
-def _stat_cpu(fields: list[str], children: bool) -> int:
-    """utime + stime (+ cutime + cstime) in clock ticks from the fields after the comm of /proc/<pid>/stat."""
-    ticks = int(fields[11]) + int(fields[12])          # fields 14, 15 of proc(5)
+def _stat_cpu(fields: list[str], children: bool) -> tuple[int, int]:
+    """(utime, stime) (+ cutime, cstime) in clock ticks from the fields after the comm of /proc/<pid>/stat."""
+    user, system = int(fields[11]), int(fields[12])    # fields 14, 15 of proc(5)
     if children:
-        ticks += int(fields[13]) + int(fields[14])     # 16, 17: children waited for
-    return ticks
+        user += int(fields[13])                        # 16, 17: children waited for
+        system += int(fields[14])
+    return user, system
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU seconds used so far by the processes of group ``pgid`` (its leader's reaped children included)."""
-    total = 0
+def group_cpu_seconds(pgid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by the processes of group ``pgid`` (its leader's reaped
+    children included)."""
+    user = system = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -145,13 +150,16 @@ def group_cpu_seconds(pgid: int) -> float:
             continue          # gone meanwhile
         fields = raw[raw.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:                     # field 5: process group
-            total += _stat_cpu(fields, children=int(entry) == pgid)
-    return total / os.sysconf("SC_CLK_TCK")
+            u, s = _stat_cpu(fields, children=int(entry) == pgid)
+            user, system = user + u, system + s
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args: argparse.Namespace
-            ) -> tuple[float, int | None, float]:
-    """One fresh server: (seconds of the timed send, instances it stored, its CPU seconds during the send)."""
+            ) -> tuple[float, int | None, float, float]:
+    """One fresh server: (seconds of the timed send, instances it stored, its user and system CPU seconds
+    during the send)."""
     work = Path(tempfile.mkdtemp(prefix=f"{variant.replace('+', '-')}-", dir=root))
     cfg = work / "vna.toml"
     cfg.write_text(VARIANTS[variant].format(metrics_port=args.port_base + 1, otlp_port=args.port_base + 2))
@@ -159,13 +167,13 @@ def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args:
     try:
         if warm is not None:
             send(rcv, warm.files, warm.dir, 1, args.send_timeout)
-        cpu0 = group_cpu_seconds(rcv.proc.pid)
+        user0, sys0 = group_cpu_seconds(rcv.proc.pid)
         secs = send(rcv, corpus.files, corpus.dir, args.associations, args.send_timeout)
-        cpu = group_cpu_seconds(rcv.proc.pid) - cpu0
+        user1, sys1 = group_cpu_seconds(rcv.proc.pid)
         stored = rcv.count()
         if stored is not None and warm is not None:
             stored -= len(warm.files)
-        return secs, stored, cpu
+        return secs, stored, user1 - user0, sys1 - sys0
     except Exception:
         print(f"--- {variant} log tail ---\n{rcv.log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
         raise
@@ -190,6 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--start-timeout", type=float, default=60.0)
     ap.add_argument("--send-timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--variants", default="", help="comma-separated variants to run besides off (default: all)")
     ap.add_argument("--inproc", type=int, default=0, metavar="N",
                     help="only the in-process measure: ingest_file CPU per instance over N instances")
     ap.add_argument("--calls", type=int, default=0, metavar="N",
@@ -210,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants = ["off", "audit", "audit+telemetry", "audit+otlp", "audit+otlp-1%"] + \
         (["audit-fsync-each"] if args.fsync_each else [])
+    if args.variants:
+        variants = ["off"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "off"]
     sink = OtlpSink(args.port_base + 2)
     root = Path(tempfile.mkdtemp(prefix="vna-bench-telemetry-", dir=args.tmp_dir))
     cells: list[Cell] = []
@@ -225,43 +236,52 @@ def main(argv: list[str] | None = None) -> int:
         for corpus in corpora:
             times: dict[str, list[float]] = {v: [] for v in variants}
             cpus: dict[str, list[float]] = {v: [] for v in variants}
+            users: dict[str, list[float]] = {v: [] for v in variants}
             stored: dict[str, list[int | None]] = {v: [] for v in variants}
             n_inst = len(corpus.files)
             for _ in range(args.repeat):
                 for v in variants:
-                    secs, n, cpu = one_run(v, corpus, warm, root, args)
+                    secs, n, user, system = one_run(v, corpus, warm, root, args)
+                    cpu = user + system
                     times[v].append(secs)
                     cpus[v].append(cpu / n_inst * 1e6)
+                    users[v].append(user / n_inst * 1e6)
                     stored[v].append(n)
                     short |= n is None or n != n_inst
                     print(f"  {v:17s} {corpus.name:6s}: {n_inst / secs:8.1f} inst/s ({secs:.2f} s, "
-                          f"stored {n}), server CPU {cpu / n_inst * 1e6:7.0f} us/inst", file=sys.stderr, flush=True)
+                          f"stored {n}), server CPU {cpu / n_inst * 1e6:7.0f} us/inst (user {user / n_inst * 1e6:7.0f})",
+                          file=sys.stderr, flush=True)
             base = n_inst / statistics.median(times["off"])
             cpu_base = statistics.median(cpus["off"])
+            user_base = statistics.median(users["off"])
             for v in variants:
                 secs = statistics.median(times[v])
                 rate = n_inst / secs
                 counts = stored[v]
                 cpu_med = statistics.median(cpus[v])
+                user_med = statistics.median(users[v])
                 cells.append(Cell(v, corpus.name, n_inst, round(secs, 4), round(rate, 1),
                                   round(rate / base, 3), None if None in counts else min(c for c in counts if c is not None),
                                   [round(t, 4) for t in times[v]], round(cpu_med, 1),
                                   round(cpu_med / cpu_base, 3) if cpu_base else None,
-                                  [round(c, 1) for c in cpus[v]]))
+                                  [round(c, 1) for c in cpus[v]], round(user_med, 1),
+                                  round(user_med / user_base, 3) if user_base else None,
+                                  [round(c, 1) for c in users[v]]))
     finally:
         sink.stop()
         shutil.rmtree(root, ignore_errors=True)
     head = (f"{'variant':17s} {'corpus':6s} {'inst':>5s} {'stored':>6s} {'seconds':>8s} {'inst/s':>8s} {'vs off':>7s}"
-            f" {'CPU us/inst':>11s} {'CPU vs off':>10s}")
+            f" {'CPU us/inst':>11s} {'CPU vs off':>10s} {'user us/inst':>12s} {'user vs off':>11s}")
     print(head)
     print("-" * len(head))
     for c in cells:
         print(f"{c.variant:17s} {c.corpus:6s} {c.instances:5d} {'?' if c.stored is None else c.stored:>6} "
               f"{c.seconds:8.2f} {c.inst_per_s:8.1f} {c.ratio_to_off:7.3f} {c.cpu_us_per_inst or 0:11.0f} "
-              f"{c.cpu_ratio_to_off or 0:10.3f}")
+              f"{c.cpu_ratio_to_off or 0:10.3f} {c.user_us_per_inst or 0:12.0f} {c.user_ratio_to_off or 0:11.3f}")
     print(f"(median of {args.repeat}, {args.associations} association(s), storage on "
           f"{fs_type(args.tmp_dir or Path(tempfile.gettempdir()))}; 'vs off' = throughput / throughput with both off;"
-          " CPU = the vna serve process group's utime+stime during the send, per instance, / the same with both off)")
+          " CPU = the vna serve process group's utime+stime during the send, per instance, / the same with both off;"
+          " user = utime only)")
     print(f"OTLP collector received {sink.spans} spans and {sink.metric_exports} metric exports")
     if args.json:
         args.json.write_text(json.dumps({"cells": [asdict(c) for c in cells], "settings": vars(args)},
