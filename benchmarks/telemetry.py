@@ -7,7 +7,31 @@ the start of ``storescu`` until it exits. Variants are interleaved per repeat so
 that machine noise hits all alike; the median is reported with the ratio to
 ``off`` (1.00 = no cost).
 
+Throughput on a small VM swings with fsync latency, so each run also measures
+the server's CPU: utime + stime (``/proc/<pid>/stat``) of every process of the
+``vna serve`` process group, and of its reaped children, from just before the
+send to just after it, divided by the instances sent. The median per variant is
+printed with its ratio to ``off`` next to the throughput: a steadier measure
+of what audit and telemetry cost.
+
     .venv/bin/python -m benchmarks.telemetry [--small 500] [--ct 100] [--repeat 3] [--json out.json]
+
+Two in-process measures of the per-instance cost alone (no server, no DCMTK;
+variants interleaved, ``--repeat`` rounds, median and minimum reported):
+
+    .venv/bin/python -m benchmarks.telemetry --inproc 400 --repeat 7
+    .venv/bin/python -m benchmarks.telemetry --calls 3000 --repeat 7 [--cprofile audit+telemetry]
+
+- ``--inproc N``: ``IngestService.ingest_file`` on N generated small instances
+  (hot replicas without fsync, to keep disk latency out), CPU time of the calling
+  thread per instance (the second replica write runs on a pool thread and is not
+  counted; process CPU time swings with the kernel's file creation work);
+- ``--calls N``: only the telemetry and audit calls one C-STORE makes (the DIMSE
+  span and metrics, the audit operation and record, the ingest span, the stage
+  samples of hash/parse/write/2 replica writes/index, the ingest counters),
+  thread CPU time per instance.
+
+``--cprofile VARIANT`` prints a profile (thread CPU time) of its first round.
 
 Variants:
 
@@ -26,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -94,9 +119,47 @@ class Cell:
     ratio_to_off: float
     stored: int | None
     runs: list[float]
+    cpu_us_per_inst: float | None = None
+    cpu_ratio_to_off: float | None = None
+    cpu_runs: list[float] | None = None
+    user_us_per_inst: float | None = None
+    user_ratio_to_off: float | None = None
+    user_runs: list[float] | None = None
 
 
-def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args: argparse.Namespace) -> tuple[float, int | None]:
+def _stat_cpu(fields: list[str], children: bool) -> tuple[int, int]:
+    """(utime, stime) (+ cutime, cstime) in clock ticks from the fields after the comm of /proc/<pid>/stat."""
+    user, system = int(fields[11]), int(fields[12])    # fields 14, 15 of proc(5)
+    if children:
+        user += int(fields[13])                        # 16, 17: children waited for
+        system += int(fields[14])
+    return user, system
+
+
+def group_cpu_seconds(pgid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by the processes of group ``pgid`` (its leader's reaped
+    children included)."""
+    user = system = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read().decode("ascii", "replace")
+        except OSError:
+            continue          # gone meanwhile
+        fields = raw[raw.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:                     # field 5: process group
+            u, s = _stat_cpu(fields, children=int(entry) == pgid)
+            user, system = user + u, system + s
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args: argparse.Namespace
+            ) -> tuple[float, int | None, float, float]:
+    """One fresh server: (seconds of the timed send, instances it stored, its user and system CPU seconds
+    during the send)."""
     work = Path(tempfile.mkdtemp(prefix=f"{variant.replace('+', '-')}-", dir=root))
     cfg = work / "vna.toml"
     cfg.write_text(VARIANTS[variant].format(metrics_port=args.port_base + 1, otlp_port=args.port_base + 2))
@@ -104,11 +167,13 @@ def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args:
     try:
         if warm is not None:
             send(rcv, warm.files, warm.dir, 1, args.send_timeout)
+        user0, sys0 = group_cpu_seconds(rcv.proc.pid)
         secs = send(rcv, corpus.files, corpus.dir, args.associations, args.send_timeout)
+        user1, sys1 = group_cpu_seconds(rcv.proc.pid)
         stored = rcv.count()
         if stored is not None and warm is not None:
             stored -= len(warm.files)
-        return secs, stored
+        return secs, stored, user1 - user0, sys1 - sys0
     except Exception:
         print(f"--- {variant} log tail ---\n{rcv.log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
         raise
@@ -133,11 +198,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--start-timeout", type=float, default=60.0)
     ap.add_argument("--send-timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--variants", default="", help="comma-separated variants to run besides off (default: all)")
+    ap.add_argument("--inproc", type=int, default=0, metavar="N",
+                    help="only the in-process measure: ingest_file CPU per instance over N instances")
+    ap.add_argument("--calls", type=int, default=0, metavar="N",
+                    help="only the in-process measure of the telemetry and audit calls of N C-STOREs")
+    ap.add_argument("--cprofile", default="", metavar="VARIANT", help="profile the first round of VARIANT")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.inproc or args.calls:
+        return run_inproc(args)
     if not shutil.which("storescu"):
         print("missing tool: storescu (DCMTK)", file=sys.stderr)
         return 2
@@ -146,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants = ["off", "audit", "audit+telemetry", "audit+otlp", "audit+otlp-1%"] + \
         (["audit-fsync-each"] if args.fsync_each else [])
+    if args.variants:
+        variants = ["off"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "off"]
     sink = OtlpSink(args.port_base + 2)
     root = Path(tempfile.mkdtemp(prefix="vna-bench-telemetry-", dir=args.tmp_dir))
     cells: list[Cell] = []
@@ -160,39 +235,192 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup else None
         for corpus in corpora:
             times: dict[str, list[float]] = {v: [] for v in variants}
+            cpus: dict[str, list[float]] = {v: [] for v in variants}
+            users: dict[str, list[float]] = {v: [] for v in variants}
             stored: dict[str, list[int | None]] = {v: [] for v in variants}
+            n_inst = len(corpus.files)
             for _ in range(args.repeat):
                 for v in variants:
-                    secs, n = one_run(v, corpus, warm, root, args)
+                    secs, n, user, system = one_run(v, corpus, warm, root, args)
+                    cpu = user + system
                     times[v].append(secs)
+                    cpus[v].append(cpu / n_inst * 1e6)
+                    users[v].append(user / n_inst * 1e6)
                     stored[v].append(n)
-                    short |= n is None or n != len(corpus.files)
-                    print(f"  {v:17s} {corpus.name:6s}: {len(corpus.files) / secs:8.1f} inst/s ({secs:.2f} s, "
-                          f"stored {n})", file=sys.stderr, flush=True)
-            base = len(corpus.files) / statistics.median(times["off"])
+                    short |= n is None or n != n_inst
+                    print(f"  {v:17s} {corpus.name:6s}: {n_inst / secs:8.1f} inst/s ({secs:.2f} s, "
+                          f"stored {n}), server CPU {cpu / n_inst * 1e6:7.0f} us/inst (user {user / n_inst * 1e6:7.0f})",
+                          file=sys.stderr, flush=True)
+            base = n_inst / statistics.median(times["off"])
+            cpu_base = statistics.median(cpus["off"])
+            user_base = statistics.median(users["off"])
             for v in variants:
                 secs = statistics.median(times[v])
-                rate = len(corpus.files) / secs
+                rate = n_inst / secs
                 counts = stored[v]
-                cells.append(Cell(v, corpus.name, len(corpus.files), round(secs, 4), round(rate, 1),
+                cpu_med = statistics.median(cpus[v])
+                user_med = statistics.median(users[v])
+                cells.append(Cell(v, corpus.name, n_inst, round(secs, 4), round(rate, 1),
                                   round(rate / base, 3), None if None in counts else min(c for c in counts if c is not None),
-                                  [round(t, 4) for t in times[v]]))
+                                  [round(t, 4) for t in times[v]], round(cpu_med, 1),
+                                  round(cpu_med / cpu_base, 3) if cpu_base else None,
+                                  [round(c, 1) for c in cpus[v]], round(user_med, 1),
+                                  round(user_med / user_base, 3) if user_base else None,
+                                  [round(c, 1) for c in users[v]]))
     finally:
         sink.stop()
         shutil.rmtree(root, ignore_errors=True)
-    head = f"{'variant':17s} {'corpus':6s} {'inst':>5s} {'stored':>6s} {'seconds':>8s} {'inst/s':>8s} {'vs off':>7s}"
+    head = (f"{'variant':17s} {'corpus':6s} {'inst':>5s} {'stored':>6s} {'seconds':>8s} {'inst/s':>8s} {'vs off':>7s}"
+            f" {'CPU us/inst':>11s} {'CPU vs off':>10s} {'user us/inst':>12s} {'user vs off':>11s}")
     print(head)
     print("-" * len(head))
     for c in cells:
         print(f"{c.variant:17s} {c.corpus:6s} {c.instances:5d} {'?' if c.stored is None else c.stored:>6} "
-              f"{c.seconds:8.2f} {c.inst_per_s:8.1f} {c.ratio_to_off:7.3f}")
+              f"{c.seconds:8.2f} {c.inst_per_s:8.1f} {c.ratio_to_off:7.3f} {c.cpu_us_per_inst or 0:11.0f} "
+              f"{c.cpu_ratio_to_off or 0:10.3f} {c.user_us_per_inst or 0:12.0f} {c.user_ratio_to_off or 0:11.3f}")
     print(f"(median of {args.repeat}, {args.associations} association(s), storage on "
-          f"{fs_type(args.tmp_dir or Path(tempfile.gettempdir()))}; 'vs off' = throughput / throughput with both off)")
+          f"{fs_type(args.tmp_dir or Path(tempfile.gettempdir()))}; 'vs off' = throughput / throughput with both off;"
+          " CPU = the vna serve process group's utime+stime during the send, per instance, / the same with both off;"
+          " user = utime only)")
     print(f"OTLP collector received {sink.spans} spans and {sink.metric_exports} metric exports")
     if args.json:
         args.json.write_text(json.dumps({"cells": [asdict(c) for c in cells], "settings": vars(args)},
                                         indent=2, default=str))
     return 1 if short else 0
+
+
+# -- in-process measures ----------------------------------------------------------------
+
+#: variant -> config overrides of the in-process measures
+INPROC_VARIANTS: dict[str, dict[str, Any]] = {
+    "off": {"audit": {"enabled": False}},
+    "audit": {},
+    "telemetry": {"audit": {"enabled": False}, "telemetry": {"enabled": True, "prometheus_port": 1}},
+    "audit+telemetry": {"telemetry": {"enabled": True, "prometheus_port": 1}},
+}
+
+
+def _c_store_calls(tel: Any, audit: Any, assoc_span: Any, actor: Any) -> None:
+    """The telemetry and audit calls of one C-STORE (server._traced, IngestService, TierAccessor), nothing else."""
+    import contextvars
+    import time
+
+    from opentelemetry.trace import SpanKind
+
+    from vna.audit import INSTANCES_TRANSFERRED
+
+    t0 = time.perf_counter()
+    with tel.span("dimse.c-store", parent=assoc_span, kind=SpanKind.SERVER) as span:
+        with audit.operation(INSTANCES_TRANSFERRED, "C", actor) as rec, tel.span("ingest"):
+            with tel.stage("ingest.hash"):
+                pass
+            with tel.stage("ingest.parse"):
+                pass
+            rec.patient_ids.append("PAT0001")
+            rec.study_uids.append("1.2.826.0.1.3680043.8.498.12345678901234567890")
+            rec.details.update({"sop_uid": "1.2.826.0.1.3680043.8.498.12345678901234567890.1.17",
+                                "series_uid": "1.2.826.0.1.3680043.8.498.12345678901234567890.1",
+                                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2"})
+            with tel.stage("ingest.write"):
+                if tel.enabled:
+                    contextvars.copy_context()       # the replica pool runs in a copy of the context
+                for store in ("hot-1", "hot-2"):
+                    with tel.stage("storage.write", {"vna.store": store, "vna.tier": "hot"}):
+                        pass
+            with tel.stage("ingest.index"):
+                pass
+            rec.details.update({"version": 1, "bytes": 1234, "duplicate": False})
+            tel.ingest_instances.add(1, {"outcome": "stored"})
+            tel.ingest_bytes.add(1234)
+        text = f"0x{0:04X}"
+        if span is not None:
+            span.set_attribute("dicom.status", text)
+        tel.dimse_operations.add(1, {"op": "c-store", "status": text})
+        tel.dimse_duration.record(time.perf_counter() - t0, {"op": "c-store"})
+
+
+def run_inproc(args: argparse.Namespace) -> int:
+    """``--inproc`` / ``--calls``: CPU per instance of each variant, interleaved; prints a table."""
+    import cProfile
+    import pstats
+    import time
+
+    from opentelemetry.trace import SpanKind
+
+    from benchmarks.corpus import write_corpus
+    from vna.archive import Archive
+    from vna.audit import Actor, AuditLog
+    from vna.config import load_config
+    from vna.telemetry import Telemetry
+
+    root = Path(tempfile.mkdtemp(prefix="vna-bench-telemetry-", dir=args.tmp_dir))
+    mode = "inproc" if args.inproc else "calls"
+    n = args.inproc or args.calls
+    files = write_corpus(root / "corpus", "small", max(1, -(-n // 100)), 100, args.seed)[:n] if args.inproc else []
+    warm = 20
+    runs: dict[str, list[float]] = {v: [] for v in INPROC_VARIANTS}
+    try:
+        for r in range(args.repeat):
+            for v, overrides in INPROC_VARIANTS.items():
+                work = Path(tempfile.mkdtemp(prefix=v.replace("+", "-") + "-", dir=root))
+                cfg = load_config(env={}, overrides={"archive": {"data_dir": str(work)}, "hot": {"fsync": False},
+                                                     **overrides})
+                prof = cProfile.Profile(time.thread_time) if args.cprofile == v and r == 0 else None
+                if mode == "inproc":
+                    archive = Archive(cfg)
+                    try:
+                        for f in files[:warm]:
+                            archive.ingest.ingest_file(f, source_ae="BENCH")
+                        if prof is not None:
+                            prof.enable()
+                        t0 = time.thread_time()
+                        for f in files[warm:]:
+                            archive.ingest.ingest_file(f, source_ae="BENCH")
+                        per = (time.thread_time() - t0) / max(1, len(files) - warm)
+                        if prof is not None:
+                            prof.disable()
+                            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+                    finally:
+                        archive.close()
+                else:
+                    tel = Telemetry.setup(cfg.telemetry)
+                    audit = AuditLog(cfg.audit, cfg.resolve(cfg.audit.path), telemetry=tel,
+                                     source={"ae": "VNA", "site": "local"})
+                    try:
+                        assoc = tel.start_span("dimse.association", {"dicom.calling_ae": "BENCH"},
+                                               kind=SpanKind.SERVER)
+                        actor = Actor("STORESCU", "ae", "127.0.0.1")
+                        for _ in range(warm):
+                            _c_store_calls(tel, audit, assoc, actor)
+                        if prof is not None:
+                            prof.enable()
+                        t0 = time.thread_time()
+                        for _ in range(n):
+                            _c_store_calls(tel, audit, assoc, actor)
+                        per = (time.thread_time() - t0) / n
+                        if prof is not None:
+                            prof.disable()
+                            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+                    finally:
+                        audit.close()
+                        tel.shutdown()
+                runs[v].append(per * 1e6)
+                print(f"  {v:17s} round {r + 1}: {per * 1e6:8.1f} us/inst", file=sys.stderr, flush=True)
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    what = ("ingest_file, thread CPU" if mode == "inproc" else "telemetry+audit calls only, thread CPU")
+    base_med, base_min = statistics.median(runs["off"]), min(runs["off"])
+    head = f"{'variant':17s} {'median us/inst':>14s} {'+ vs off':>9s} {'min us/inst':>12s} {'+ vs off':>9s} {'ratio':>6s}"
+    print(f"{mode}: {what} per instance, {n} instances x {args.repeat} rounds (variants interleaved)")
+    print(head)
+    print("-" * len(head))
+    for v, xs in runs.items():
+        med, lo = statistics.median(xs), min(xs)
+        print(f"{v:17s} {med:14.1f} {med - base_med:+9.1f} {lo:12.1f} {lo - base_min:+9.1f} {med / base_med:6.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"mode": mode, "runs": runs, "settings": vars(args)}, indent=2, default=str))
+    return 0
 
 
 if __name__ == "__main__":

@@ -53,10 +53,11 @@ import socket
 import threading
 import time
 from collections import deque
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from vna.config import AuditConfig
@@ -151,9 +152,13 @@ class AuditScope:
     outcome: int | None = None      # None: 0 unless the block raised
 
 
+#: json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str), built once
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def canonical(obj: Mapping[str, Any]) -> bytes:
     """Canonical JSON: sorted keys, no whitespace, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+    return _CANONICAL.encode(obj).encode("utf-8")
 
 
 def record_hash(rec: Mapping[str, Any]) -> str:
@@ -170,8 +175,17 @@ def outcome_for(exc: BaseException) -> int:
     return 12
 
 
+_second: tuple[int, str] = (-1, "")
+
+
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """The current UTC time as ``2026-11-28T03:42:13.123456Z`` (the text up to the second is formatted once a second)."""
+    global _second
+    sec, frac = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _second
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{frac:06d}Z"
 
 
 def _unique(values: Iterable[str]) -> list[str]:
@@ -226,6 +240,37 @@ class _Syslog:
             except OSError:
                 pass
             self._sock = None
+
+
+class _Operation:
+    """The block of :meth:`AuditLog.operation`: yields the scope, writes its record on exit."""
+
+    __slots__ = ("audit", "event", "action", "actor", "event_type", "scope")
+
+    def __init__(self, audit: AuditLog, event: Code, action: str, actor: Actor, event_type: Code | None,
+                 scope: AuditScope) -> None:
+        self.audit, self.event, self.action, self.actor, self.event_type, self.scope = \
+            audit, event, action, actor, event_type, scope
+
+    def __enter__(self) -> AuditScope:
+        return self.scope
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        scope = self.scope
+        if exc is None:
+            self.audit.record(self.event, self.action, self.actor, outcome=scope.outcome or 0,
+                            event_type=self.event_type, patient_ids=scope.patient_ids,
+                            study_uids=scope.study_uids, details=scope.details)
+            return
+        scope.details.setdefault("error", "cancelled" if isinstance(exc, GeneratorExit) else str(exc)[:200])
+        try:
+            self.audit.record(self.event, self.action, self.actor, outcome=outcome_for(exc),
+                            event_type=self.event_type, patient_ids=scope.patient_ids,
+                            study_uids=scope.study_uids, details=scope.details)
+        except AuditUnavailable as aexc:
+            log.error("audit record of a failed %s by %s could not be written: %s",
+                      self.event.meaning, self.actor.id, aexc)
+        # None: the block's exception propagates unchanged
 
 
 class AuditLog:
@@ -347,27 +392,9 @@ class AuditLog:
         """
         if not self.enabled:
             return nullcontext(AuditScope())
-        return self._operation(event, action, actor, event_type, patient_ids, study_uids, details)
-
-    @contextmanager
-    def _operation(self, event: Code, action: str, actor: Actor, event_type: Code | None,
-                   patient_ids: Iterable[str], study_uids: Iterable[str],
-                   details: Mapping[str, Any] | None) -> Iterator[AuditScope]:
         self.require()
-        scope = AuditScope(list(patient_ids), list(study_uids), dict(details or {}))
-        try:
-            yield scope
-        except BaseException as exc:
-            scope.details.setdefault("error", "cancelled" if isinstance(exc, GeneratorExit) else str(exc)[:200])
-            try:
-                self.record(event, action, actor, outcome=outcome_for(exc), event_type=event_type,
-                            patient_ids=scope.patient_ids, study_uids=scope.study_uids, details=scope.details)
-            except AuditUnavailable as aexc:
-                log.error("audit record of a failed %s by %s could not be written: %s",
-                          event.meaning, actor.id, aexc)
-            raise
-        self.record(event, action, actor, outcome=scope.outcome or 0, event_type=event_type,
-                    patient_ids=scope.patient_ids, study_uids=scope.study_uids, details=scope.details)
+        return _Operation(self, event, action, actor, event_type,
+                          AuditScope(list(patient_ids), list(study_uids), dict(details or {})))
 
     def close(self) -> None:
         """Stop the background thread, write what is buffered if possible, fsync, close."""
