@@ -179,7 +179,8 @@ def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args:
         raise
     finally:
         stop_process(rcv.proc)
-        shutil.rmtree(work, ignore_errors=True)
+        # removed with the root at the end: deleting thousands of files between runs makes the next
+        # run's file creations dearer on ext4 without a journal (see benchmarks/ingest.py)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
