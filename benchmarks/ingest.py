@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from benchmarks.corpus import write_corpus
-from benchmarks.servers import fs_type
+from benchmarks.servers import fs_type, group_cpu_seconds
 
 HOST = "127.0.0.1"
 CLIENT_AET = "BENCHSCU"
@@ -248,6 +248,7 @@ class Result:
     mb_per_s: float
     stored: int | None
     runs: list[float] = field(default_factory=list)
+    cpu_ms_per_inst: float | None = None  # receiver processes' user+system CPU during the send, per instance
 
 
 @dataclass
@@ -281,14 +282,20 @@ def start(name: str, work: Path, args: argparse.Namespace) -> Receiver:
 
 
 def one_run(name: str, corpus: Corpus, assoc: int, warm: Corpus | None, root: Path,
-            args: argparse.Namespace) -> tuple[float, int | None]:
-    """Fresh receiver, warm-up, timed send, receiver-side count; always stops the server."""
+            args: argparse.Namespace) -> tuple[float, int | None, float]:
+    """Fresh receiver, warm-up, timed send, receiver-side count; always stops the server.
+
+    Returns (seconds, instances stored, CPU seconds the receiver's processes used during the send).
+    """
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
     rcv = start(name, work, args)
     try:
         if warm is not None:
             send(rcv, warm.files, warm.dir, 1, args.send_timeout)
+        u0, s0 = group_cpu_seconds(rcv.proc.pid)
         secs = send(rcv, corpus.files, corpus.dir, assoc, args.send_timeout)
+        u1, s1 = group_cpu_seconds(rcv.proc.pid)
+        cpu = (u1 - u0) + (s1 - s0)
         try:
             stored = rcv.count()
         except Exception as e:  # noqa: BLE001 - counting is best-effort
@@ -296,7 +303,7 @@ def one_run(name: str, corpus: Corpus, assoc: int, warm: Corpus | None, root: Pa
             stored = None
         if stored is not None and warm is not None:
             stored -= len(warm.files)
-        return secs, stored
+        return secs, stored, cpu
     except Exception:
         print(f"--- {name} log tail ---\n{rcv.log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
         raise
@@ -313,38 +320,45 @@ def runs(args: argparse.Namespace, corpora: list[Corpus], warm: Corpus | None, r
         for assoc in args.associations:
             times: dict[str, list[float]] = {name: [] for name in args.receivers}
             counts: dict[str, list[int | None]] = {name: [] for name in args.receivers}
+            cpus: dict[str, list[float]] = {name: [] for name in args.receivers}
             for _ in range(args.repeat):
                 for name in args.receivers:
-                    secs, n = one_run(name, corpus, assoc, warm, root, args)
+                    secs, n, cpu = one_run(name, corpus, assoc, warm, root, args)
                     times[name].append(secs)
                     counts[name].append(n)
+                    cpus[name].append(cpu)
                     if n is not None and n != len(corpus.files):
                         print(f"  ! {name}: {n} stored of {len(corpus.files)} sent", file=sys.stderr)
                     print(f"  {name:9s} {corpus.name:6s} x{assoc}: {len(corpus.files) / secs:8.1f} inst/s "
-                          f"({secs:.2f} s, stored {n})", file=sys.stderr, flush=True)
+                          f"({secs:.2f} s, stored {n}, receiver CPU {1e3 * cpu / len(corpus.files):.2f} ms/inst)",
+                          file=sys.stderr, flush=True)
             for name in args.receivers:
                 secs, n = statistics.median(times[name]), len(corpus.files)
                 stored = None if None in counts[name] else min(counts[name])  # worst run
                 yield Result(name, corpus.name, assoc, n, secs, n / secs, corpus.nbytes / secs / 1e6, stored,
-                             [round(t, 4) for t in times[name]])
+                             [round(t, 4) for t in times[name]], round(1e3 * statistics.median(cpus[name]) / n, 3))
 
 
 def table(results: list[Result]) -> str:
     """Results plus vna ratios per (corpus, associations)."""
     head = f"{'receiver':9s} {'corpus':6s} {'assoc':>5s} {'inst':>6s} {'stored':>6s} {'seconds':>8s} " \
-           f"{'inst/s':>8s} {'MB/s':>7s}  {'vna/orthanc':>11s} {'vna/storescp':>12s}"
+           f"{'inst/s':>8s} {'MB/s':>7s} {'CPU ms':>7s}  {'vna/orthanc':>11s} {'vna/storescp':>12s} " \
+           f"{'CPU vna/orthanc':>15s}"
     lines = [head, "-" * len(head)]
     by = {(r.receiver, r.corpus, r.associations): r for r in results}
     for r in results:
-        ratios = ["", ""]
-        v = by.get((r.receiver, r.corpus, r.associations))
-        if r.receiver.startswith("vna") and v:
+        ratios = ["", "", ""]
+        if r.receiver.startswith("vna"):
             for i, peer in enumerate(("orthanc", "storescp")):
                 p = by.get((peer, r.corpus, r.associations))
-                ratios[i] = f"{v.inst_per_s / p.inst_per_s:.2f}" if p else "-"
+                ratios[i] = f"{r.inst_per_s / p.inst_per_s:.2f}" if p else "-"
+            o = by.get(("orthanc", r.corpus, r.associations))
+            if o and o.cpu_ms_per_inst and r.cpu_ms_per_inst is not None:
+                ratios[2] = f"{r.cpu_ms_per_inst / o.cpu_ms_per_inst:.2f}"
+        cpu = "-" if r.cpu_ms_per_inst is None else f"{r.cpu_ms_per_inst:.2f}"
         lines.append(f"{r.receiver:9s} {r.corpus:6s} {r.associations:5d} {r.instances:6d} "
                      f"{'?' if r.stored is None else r.stored:>6} {r.seconds:8.2f} {r.inst_per_s:8.1f} "
-                     f"{r.mb_per_s:7.1f}  {ratios[0]:>11s} {ratios[1]:>12s}")
+                     f"{r.mb_per_s:7.1f} {cpu:>7s}  {ratios[0]:>11s} {ratios[1]:>12s} {ratios[2]:>15s}")
     return "\n".join(lines)
 
 

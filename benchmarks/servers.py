@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import sys
 from pathlib import Path
 from types import ModuleType
 
 __all__ = ["CASSANDRA_LAUNCHER", "CLUSTER_LAUNCHER", "S3_LAUNCHER", "load_cassandra_launcher", "load_cluster_launcher",
-           "load_s3_launcher", "free_port", "fs_type"]
+           "load_s3_launcher", "free_port", "fs_type", "group_cpu_seconds"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CASSANDRA_LAUNCHER = ROOT / "ops" / "cassandra" / "launcher.py"
@@ -65,3 +66,32 @@ def fs_type(path: Path) -> str:
     except OSError:
         pass
     return kind
+
+
+def _stat_cpu(fields: list[str], children: bool) -> tuple[int, int]:
+    """(utime, stime) (+ cutime, cstime) in clock ticks from the fields after the comm of /proc/<pid>/stat."""
+    user, system = int(fields[11]), int(fields[12])    # fields 14, 15 of proc(5)
+    if children:
+        user += int(fields[13])                        # 16, 17: children waited for
+        system += int(fields[14])
+    return user, system
+
+
+def group_cpu_seconds(pgid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by the processes of group ``pgid`` (its leader's reaped
+    children included)."""
+    user = system = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                raw = fh.read().decode("ascii", "replace")
+        except OSError:
+            continue          # gone meanwhile
+        fields = raw[raw.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:                     # field 5: process group
+            u, s = _stat_cpu(fields, children=int(entry) == pgid)
+            user, system = user + u, system + s
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick

@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.servers import group_cpu_seconds
 from benchmarks.ingest import (Corpus, fs_type, make_corpus, port_free, send, start_vna, stop_process)
 
 VARIANTS: dict[str, str] = {
@@ -125,35 +126,6 @@ class Cell:
     user_us_per_inst: float | None = None
     user_ratio_to_off: float | None = None
     user_runs: list[float] | None = None
-
-
-def _stat_cpu(fields: list[str], children: bool) -> tuple[int, int]:
-    """(utime, stime) (+ cutime, cstime) in clock ticks from the fields after the comm of /proc/<pid>/stat."""
-    user, system = int(fields[11]), int(fields[12])    # fields 14, 15 of proc(5)
-    if children:
-        user += int(fields[13])                        # 16, 17: children waited for
-        system += int(fields[14])
-    return user, system
-
-
-def group_cpu_seconds(pgid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds used so far by the processes of group ``pgid`` (its leader's reaped
-    children included)."""
-    user = system = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                raw = fh.read().decode("ascii", "replace")
-        except OSError:
-            continue          # gone meanwhile
-        fields = raw[raw.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid:                     # field 5: process group
-            u, s = _stat_cpu(fields, children=int(entry) == pgid)
-            user, system = user + u, system + s
-    tick = os.sysconf("SC_CLK_TCK")
-    return user / tick, system / tick
 
 
 def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args: argparse.Namespace
