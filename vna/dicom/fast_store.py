@@ -180,7 +180,6 @@ class FastStore:
         self._prefix = f"fs{os.getpid()}-{id(self):x}"
         self._seq = 0
         self.current: _Receiving | None = None
-        self.stores = 0  # C-STOREs answered here (for tests and diagnostics)
 
     # -- called by the DUL reactor ------------------------------------------------
     def feed(self, dul: Any, pdu_type: int, pdu: bytearray) -> bool:
@@ -336,7 +335,6 @@ class FastStore:
                 os.unlink(cur.path)
             except OSError:
                 pass
-        self.stores += 1
         if dul.state_machine.current_state != "Sta6" or not assoc.is_established:
             return  # aborted or released meanwhile: no answer, as pynetdicom
         self._answer(dul, cur, rsp)

@@ -16,7 +16,12 @@ threads doing work, and up to 2 ms of added latency per DIMSE message.
   (``to_user_queue``), when its reactor is asked to pause, and when it is killed.
 
 Both waits are bounded by ``MAX_WAIT`` so timers (ARTIM, network idle timeout)
-are still checked. Everything else -- the state machine, the order of checks,
+are still checked.
+
+It also replaces ``DULServiceProvider._read_pdu_data`` (one buffer per PDU,
+and each PDU offered first to the association's ``fast_store.FastStore`` when
+one is attached) and counts the DIMSE services an association is running
+(``_vna_serving``), which the fast path must not overtake. Everything else -- the state machine, the order of checks,
 the pause/kill protocol -- is pynetdicom's own code, unchanged. The copies are
 of pynetdicom 3.0.x; ``install()`` leaves any other version polling as before
 and says so in the log.
@@ -306,9 +311,17 @@ def _assoc_run_reactor(self: Any) -> None:
         self._reactor_checkpoint.wait()
         self._is_paused = False
 
-        context_id, msg = self.dimse.get_msg(block=False)
-        if msg:
-            self._serve_request(msg, context_id)
+        # counted from before the message leaves its queue, so the C-STORE fast path never
+        # sees "queue empty, nothing served" while a request is on its way to its service
+        with self._vna_serving_lock:
+            self._vna_serving += 1
+        try:
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, context_id)
+        finally:
+            with self._vna_serving_lock:
+                self._vna_serving -= 1
 
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
