@@ -338,11 +338,14 @@ class SqliteIndex:
 
     @staticmethod
     def _upsert(conn: sqlite3.Connection, table: str, pk: str, key: str, values: dict[str, Any]) -> None:
+        """Insert the row, or update it where a value differs (an unchanged row is not rewritten:
+        every instance of a series upserts the same series row; skipping it saves ~5 WAL pages)."""
         cols = [pk, *values]
         sets = ", ".join(f'"{c}" = excluded."{c}"' for c in values)
+        changed = " OR ".join(f'"{c}" IS NOT excluded."{c}"' for c in values)
         conn.execute(
             f'INSERT INTO {table} ({", ".join(chr(34) + c + chr(34) for c in cols)}) '
-            f'VALUES ({", ".join("?" for _ in cols)}) ON CONFLICT({pk}) DO UPDATE SET {sets}',
+            f'VALUES ({", ".join("?" for _ in cols)}) ON CONFLICT({pk}) DO UPDATE SET {sets} WHERE {changed}',
             (key, *values.values()),
         )
 
