@@ -226,28 +226,26 @@ def _dul_read_pdu_data(self: Any) -> None:
     """
     sock = self.socket.socket
     fast = getattr(self, "_vna_fast_store", None)
+
+    def fail(event: str, why: str, exc: BaseException | None = None) -> None:
+        if exc is not None:
+            _DUL_LOG.error("Connection closed before the entire PDU was received")
+            _DUL_LOG.exception(exc)
+        if fast is not None:
+            fast.abandon(why)
+        self.event_queue.put(event)
+
     header = bytearray(6)
     try:
         got = _recv_into(sock, header, 0)
     except (OSError, TimeoutError) as exc:
-        _DUL_LOG.error("Connection closed before the entire PDU was received")
-        _DUL_LOG.exception(exc)
-        if fast is not None:
-            fast.abandon("connection lost")
-        self.event_queue.put("Evt17")
-        return
+        return fail("Evt17", "connection lost", exc)
     if got < 6:
-        if fast is not None:
-            fast.abandon("connection closed")
-        self.event_queue.put("Evt17")
-        return
+        return fail("Evt17", "connection closed")
     pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
     if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
         _DUL_LOG.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
-        if fast is not None:
-            fast.abandon("invalid PDU")
-        self.event_queue.put("Evt19")
-        return
+        return fail("Evt19", "invalid PDU")
     try:
         if pdu_length <= _PREALLOCATE:
             bytestream = bytearray(6 + pdu_length)
@@ -265,19 +263,11 @@ def _dul_read_pdu_data(self: Any) -> None:
                     del bytestream[got:]
                     break
     except (OSError, TimeoutError) as exc:
-        _DUL_LOG.error("Connection closed before the entire PDU was received")
-        _DUL_LOG.exception(exc)
-        if fast is not None:
-            fast.abandon("connection lost")
-        self.event_queue.put("Evt17")
-        return
+        return fail("Evt17", "connection lost", exc)
     if len(bytestream) != 6 + pdu_length:
         _DUL_LOG.error(f"The received PDU is shorter than expected ({len(bytestream)} of "
                        f"{6 + pdu_length} bytes received)")
-        if fast is not None:
-            fast.abandon("connection closed")
-        self.event_queue.put("Evt17")
-        return
+        return fail("Evt17", "connection closed")
     if fast is not None and fast.feed(self, pdu_type, bytestream):
         return
     try:

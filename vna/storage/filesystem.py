@@ -19,6 +19,7 @@ __all__ = ["FilesystemBlobStore"]
 _TMP = ".tmp"
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 _QUARANTINE = ".quarantine"
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP}  # a hard link is not possible here
 
 
 def _fsync_dir(path: Path | str) -> None:
@@ -139,21 +140,30 @@ class FilesystemBlobStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            parent = os.path.dirname(final)
-            self._makedirs(Path(parent))
-            try:
-                os.link(source, final)
-            except FileExistsError:
-                raise BlobExists(f"{self.store_id}: {key} already exists") from None
-            except OSError as exc:
-                if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                    return None  # no hard link here: copy
-                raise
-            if self.fsync:
-                _fsync_dir(parent)
+            if not self._publish(key, final, str(source), may_decline=True):
+                return None  # no hard link here: copy
         except OSError as exc:
             raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
         return BlobStat(key=key, size=st.st_size)
+
+    def _publish(self, key: str, final: str, source: str, *, may_decline: bool = False) -> bool:
+        """Hard-link the fsynced ``source`` as ``final`` (create-new) and fsync its directory.
+
+        False when ``may_decline`` and this filesystem cannot link it (the caller copies instead).
+        """
+        parent = os.path.dirname(final)
+        self._makedirs(Path(parent))
+        try:
+            os.link(source, final)
+        except FileExistsError:
+            raise BlobExists(f"{self.store_id}: {key} already exists") from None
+        except OSError as exc:
+            if may_decline and exc.errno in _NO_LINK:
+                return False
+            raise
+        if self.fsync:
+            _fsync_dir(parent)
+        return True
 
     def _dev(self) -> int:
         if self._root_dev is None:
@@ -173,14 +183,7 @@ class FilesystemBlobStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            parent = os.path.dirname(final)
-            self._makedirs(Path(parent))
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                raise BlobExists(f"{self.store_id}: {key} already exists") from None
-            if self.fsync:
-                _fsync_dir(parent)
+            self._publish(key, final, tmp)
         except OSError as exc:
             raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
         finally:
