@@ -296,9 +296,9 @@ class SqliteIndex:
                         conn.execute("ROLLBACK TO reg")
                     conn.execute("RELEASE reg")
         except (sqlite3.Error, IndexUnavailable) as exc:
-            err = exc if isinstance(exc, IndexUnavailable) else IndexUnavailable(f"SQLite register failed: {exc}")
+            why = str(exc) if isinstance(exc, IndexUnavailable) else f"SQLite register failed: {exc}"
             for req in batch:
-                req.error = err  # nothing of the batch was committed
+                req.error = IndexUnavailable(why)  # nothing of the batch was committed (one object per caller)
         except BaseException as exc:
             for req in batch:
                 req.error = IndexUnavailable(f"SQLite register failed: {exc!r}")
