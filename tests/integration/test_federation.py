@@ -51,10 +51,38 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Pat
     port = free_port()
     launcher.start(home, port=port, layout="federation", storage_port=free_port(), jmx_port=free_port())
     try:
+        _wait_topology(port, {"127.0.0.1": "dc1", "127.0.0.2": "dc1", "127.0.0.3": "dc2"})
         yield launcher, home, port
     finally:
         launcher.stop(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _wait_topology(port: int, nodes: dict[str, str], timeout: float = 120.0) -> None:
+    """Wait until every node knows every other node and its datacenter (gossip has converged).
+
+    A node that serves CQL may not know a datacenter yet; a keyspace naming it is then refused
+    ("Unrecognized strategy option {dc2}"), as once seen in CI right after n3 came up.
+    """
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+    from cassandra.policies import WhiteListRoundRobinPolicy
+
+    deadline = time.monotonic() + timeout
+    for addr in nodes:
+        others = {a: dc for a, dc in nodes.items() if a != addr}
+        profile = ExecutionProfile(load_balancing_policy=WhiteListRoundRobinPolicy([addr]), request_timeout=10)
+        cluster = Cluster([addr], port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+        try:
+            session = cluster.connect()
+            while True:
+                seen = {str(r.peer): r.data_center for r in session.execute("SELECT peer, data_center FROM system.peers_v2")}
+                if all(seen.get(a) == dc for a, dc in others.items()):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{addr} knows {seen}, expected {others}")
+                time.sleep(0.5)
+        finally:
+            cluster.shutdown()
 
 
 def _config(site: str, other: str, cass_port: int, grpc: dict[str, int], *, cache_remote: bool,
