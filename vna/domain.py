@@ -16,13 +16,15 @@ __all__ = [
     "InstanceRecord",
     "QueryLevel",
     "validate_uid",
+    "UID_RE",
     "LOCAL_SITE",
     "site_of",
     "site_store_id",
 ]
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LENIENT_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: A UID by PS3.5 9.1 (no leading zeros in a component); ``\Z``: a trailing newline is not a UID.
+UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
+_LENIENT_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
 
 
 def validate_uid(value: object, what: str, *, strict: bool = False) -> str:
@@ -39,7 +41,7 @@ def validate_uid(value: object, what: str, *, strict: bool = False) -> str:
         raise InvalidUID(f"{what} is empty")
     if len(uid) > 64:
         raise InvalidUID(f"{what} is longer than 64 characters ({len(uid)})")
-    pattern = _UID_RE if strict else _LENIENT_UID_RE
+    pattern = UID_RE if strict else _LENIENT_UID_RE
     if not pattern.match(uid):
         raise InvalidUID(f"{what} is not a valid UID: {uid[:80]!r}")
     return uid
