@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -44,10 +43,10 @@ from pynetdicom._handlers import (standard_dimse_recv_handler, standard_dimse_se
 from pynetdicom.dimse_primitives import C_STORE
 
 from vna.dicom.dimse_codec import encode_spool_meta
+from vna.domain import UID_RE
 
 log = logging.getLogger(__name__)
 
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
 _ELEM = struct.Struct("<HHI")
 _PDV_HEAD = struct.Struct(">IBB")
 _NOTIFY = {
@@ -109,7 +108,7 @@ def _uid(elems: dict[int, bytes], elem: int) -> str | None:
         text = raw.decode("ascii").rstrip("\0 ")
     except UnicodeDecodeError:
         return None
-    return text if len(text) <= 64 and _UID.match(text) else None
+    return text if len(text) <= 64 and UID_RE.match(text) else None
 
 
 def _text(value: str, pad: bytes) -> bytes:
