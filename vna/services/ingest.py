@@ -141,6 +141,15 @@ def _scanned_value(elem: RawDataElement | None, encodings: list[str]) -> str | N
     return text
 
 
+def _charset_encodings(charset: RawDataElement | None) -> list[str]:
+    """Python encodings of a scanned SpecificCharacterSet element (None: absent, the default)."""
+    if charset is None:
+        return convert_encodings(None)
+    if isinstance(charset.value, bytes):
+        return list(_encodings(charset.value, charset.VR, charset.is_implicit_VR, charset.is_little_endian))
+    return convert_encodings(convert_raw_data_element(charset, encoding=default_encoding).value)
+
+
 @lru_cache(maxsize=256)
 def _encodings(raw: bytes, vr: str | None, implicit: bool, little: bool) -> list[str]:
     """Python encodings of a raw SpecificCharacterSet value (pydicom's conversion, once per distinct value)."""
@@ -174,10 +183,7 @@ def read_header_fast(path: Path) -> _Header | None:
             return None
         elems = scanned.elements
         charset = elems.get(0x00080005)
-        encodings = (list(_encodings(charset.value, charset.VR, charset.is_implicit_VR, charset.is_little_endian))
-                     if charset is not None and isinstance(charset.value, bytes) else
-                     convert_encodings(convert_raw_data_element(charset, encoding=default_encoding).value
-                                       if charset is not None else None))
+        encodings = _charset_encodings(charset)
         attrs: dict[str, str] = {}
         for kw, tag in _ATTR_TAGS.items():
             text = _scanned_value(elems.get(tag), encodings)
