@@ -38,7 +38,7 @@ RECEIVERS = ("vna", "vna-w2", "orthanc", "storescp")
 NOTES = {
     "vna": "SQLite index, 2 fsynced hot replicas, W=2",
     "vna-w2": "the same with dicom.workers = 2 (two processes on the port, SO_REUSEPORT)",
-    "orthanc": "Orthanc 1.10 defaults: SyncStorageArea (fsync) + MD5, SQLite index",
+    "orthanc": "Orthanc 1.10 defaults: fdatasync of each file + MD5, SQLite index synced at checkpoints only",
     "storescp": "DCMTK storescp +B --fork: writes files, NO fsync, no index",
 }
 
