@@ -128,8 +128,6 @@ class FilesystemBlobStore:
         """Link ``source`` under ``key`` (after fsync); None if it is on another filesystem."""
         final = os.path.join(self._root_s, safe_key(key))
         try:
-            if os.path.lexists(final):
-                raise BlobExists(f"{self.store_id}: {key} already exists")
             fd = os.open(source, os.O_RDONLY)
             try:
                 st = os.fstat(fd)
@@ -152,9 +150,12 @@ class FilesystemBlobStore:
         False when ``may_decline`` and this filesystem cannot link it (the caller copies instead).
         """
         parent = os.path.dirname(final)
-        self._makedirs(Path(parent))
         try:
-            os.link(source, final)
+            try:
+                os.link(source, final)
+            except FileNotFoundError:  # no directory yet (the series' first instance): make it, link again
+                self._makedirs(Path(parent))
+                os.link(source, final)
         except FileExistsError:
             raise BlobExists(f"{self.store_id}: {key} already exists") from None
         except OSError as exc:
@@ -174,8 +175,6 @@ class FilesystemBlobStore:
         final = os.path.join(self._root_s, safe_key(key))
         tmp = os.path.join(self._root_s, _TMP, f"{uuid.uuid4().hex}.part")
         try:
-            if os.path.lexists(final):
-                raise BlobExists(f"{self.store_id}: {key} already exists")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 size = write(fd)
