@@ -126,6 +126,8 @@ class Cell:
     user_us_per_inst: float | None = None
     user_ratio_to_off: float | None = None
     user_runs: list[float] | None = None
+    paired_ratios: list[float] | None = None  # per repeat: this variant's throughput / off's in the same round
+
 
 
 def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args: argparse.Namespace
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_base = statistics.median(cpus["off"])
             user_base = statistics.median(users["off"])
             for v in variants:
+                paired = [round(off / t, 3) for t, off in zip(times[v], times["off"])]  # rates: n/t over n/off
                 secs = statistics.median(times[v])
                 rate = n_inst / secs
                 counts = stored[v]
@@ -239,22 +242,26 @@ def main(argv: list[str] | None = None) -> int:
                                   round(cpu_med / cpu_base, 3) if cpu_base else None,
                                   [round(c, 1) for c in cpus[v]], round(user_med, 1),
                                   round(user_med / user_base, 3) if user_base else None,
-                                  [round(c, 1) for c in users[v]]))
+                                  [round(c, 1) for c in users[v]], paired))
     finally:
         sink.stop()
         shutil.rmtree(root, ignore_errors=True)
     head = (f"{'variant':17s} {'corpus':6s} {'inst':>5s} {'stored':>6s} {'seconds':>8s} {'inst/s':>8s} {'vs off':>7s}"
-            f" {'CPU us/inst':>11s} {'CPU vs off':>10s} {'user us/inst':>12s} {'user vs off':>11s}")
+            f" {'CPU us/inst':>11s} {'CPU vs off':>10s} {'user us/inst':>12s} {'user vs off':>11s}"
+            f"  {'paired vs off (min-max)':>23s}")
     print(head)
     print("-" * len(head))
     for c in cells:
         print(f"{c.variant:17s} {c.corpus:6s} {c.instances:5d} {'?' if c.stored is None else c.stored:>6} "
               f"{c.seconds:8.2f} {c.inst_per_s:8.1f} {c.ratio_to_off:7.3f} {c.cpu_us_per_inst or 0:11.0f} "
-              f"{c.cpu_ratio_to_off or 0:10.3f} {c.user_us_per_inst or 0:12.0f} {c.user_ratio_to_off or 0:11.3f}")
+              f"{c.cpu_ratio_to_off or 0:10.3f} {c.user_us_per_inst or 0:12.0f} {c.user_ratio_to_off or 0:11.3f}"
+              f"  {statistics.median(c.paired_ratios or [0]):9.3f} ({min(c.paired_ratios or [0]):.2f}-"
+              f"{max(c.paired_ratios or [0]):.2f})")
     print(f"(median of {args.repeat}, {args.associations} association(s), storage on "
           f"{fs_type(args.tmp_dir or Path(tempfile.gettempdir()))}; 'vs off' = throughput / throughput with both off;"
           " CPU = the vna serve process group's utime+stime during the send, per instance, / the same with both off;"
-          " user = utime only)")
+          " user = utime only; paired = median over rounds of the throughput ratio to the 'off' run of the same"
+          " round, which cancels slow phases of the machine that hit a whole round)")
     print(f"OTLP collector received {sink.spans} spans and {sink.metric_exports} metric exports")
     if args.json:
         args.json.write_text(json.dumps({"cells": [asdict(c) for c in cells], "settings": vars(args)},
