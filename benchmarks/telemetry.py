@@ -129,7 +129,6 @@ class Cell:
     paired_ratios: list[float] | None = None  # per repeat: this variant's throughput / off's in the same round
 
 
-
 def one_run(variant: str, corpus: Corpus, warm: Corpus | None, root: Path, args: argparse.Namespace
             ) -> tuple[float, int | None, float, float]:
     """One fresh server: (seconds of the timed send, instances it stored, its user and system CPU seconds
