@@ -44,6 +44,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from vna.dicom.dimse_codec import encode_spool_meta
 from vna.domain import UID_RE
+from vna.storage.filesystem import write_all
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class FastStore:
             log.warning("C-STORE fast path: cannot create a spool file (%s); pynetdicom receives it", exc)
             return False
         try:
-            _write_all(fd, _PREAMBLE + meta)
+            write_all(fd, _PREAMBLE + meta)
         except OSError:
             _close_and_remove(fd, path)
             return False  # pynetdicom meets the same full disk and answers with its own error
@@ -283,7 +284,7 @@ class FastStore:
                 return
             if cur.failure is None:
                 try:
-                    _write_all(cur.fd, data)
+                    write_all(cur.fd, data)
                 except OSError as exc:
                     cur.failure = exc  # the rest of the data set is read and dropped, then answered
             if mch & 2:
@@ -373,13 +374,6 @@ def _standard_notifications(assoc: Any) -> bool:
             if handler not in allowed:
                 return False
     return True
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _close_and_remove(fd: int, path: str) -> None:

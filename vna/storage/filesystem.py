@@ -14,12 +14,20 @@ from vna.domain import BlobStat
 from vna.errors import BlobExists, BlobNotFound, StorageUnavailable
 from vna.storage.base import safe_key
 
-__all__ = ["FilesystemBlobStore"]
+__all__ = ["FilesystemBlobStore", "write_all"]
 
 _TMP = ".tmp"
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 _QUARANTINE = ".quarantine"
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP}  # a hard link is not possible here
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 def _fsync_dir(path: Path | str) -> None:
@@ -80,10 +88,7 @@ class FilesystemBlobStore:
         def write(fd: int) -> int:
             size = 0
             for data in chunks:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                write_all(fd, data)
                 size += len(data)
             return size
 
