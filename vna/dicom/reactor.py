@@ -21,8 +21,9 @@ are still checked.
 It also replaces ``DULServiceProvider._read_pdu_data`` (one buffer per PDU,
 and each PDU offered first to the association's ``fast_store.FastStore`` when
 one is attached) and counts the DIMSE services an association is running
-(``_vna_serving``), which the fast path must not overtake. Everything else -- the state machine, the order of checks,
-the pause/kill protocol -- is pynetdicom's own code, unchanged. The copies are
+(``_vna_serving``), which the fast path must not overtake. Everything else --
+the state machine, the order of checks, the pause/kill protocol -- is
+pynetdicom's own code, unchanged. The copies are
 of pynetdicom 3.0.x; ``install()`` leaves any other version polling as before
 and says so in the log.
 """
@@ -281,6 +282,23 @@ def _dul_read_pdu_data(self: Any) -> None:
     self._recv_pdu.put(pdu)
 
 
+class _Serving:
+    """Counts a DIMSE service as running on an association (``_vna_serving``) for the block."""
+
+    __slots__ = ("assoc",)
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
+
+    def __enter__(self) -> None:
+        with self.assoc._vna_serving_lock:
+            self.assoc._vna_serving += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.assoc._vna_serving_lock:
+            self.assoc._vna_serving -= 1
+
+
 def _dul_kill(self: Any) -> None:
     """Kill the DUL reactor and stop the thread (and wake it so it notices)."""
     self._kill_thread = True
@@ -303,15 +321,10 @@ def _assoc_run_reactor(self: Any) -> None:
 
         # counted from before the message leaves its queue, so the C-STORE fast path never
         # sees "queue empty, nothing served" while a request is on its way to its service
-        with self._vna_serving_lock:
-            self._vna_serving += 1
-        try:
+        with _Serving(self):
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._serve_request(msg, context_id)
-        finally:
-            with self._vna_serving_lock:
-                self._vna_serving -= 1
 
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
@@ -395,14 +408,10 @@ def install() -> bool:
         original_kill(self)
 
     def serve_request(self: Any, msg: Any, context_id: int) -> None:
-        # counted so that the C-STORE fast path never answers while a service is running
-        with self._vna_serving_lock:
-            self._vna_serving += 1
-        try:
+        # counted so that the C-STORE fast path never answers while a service is running (this
+        # also covers the N-EVENT-REPORT requests pynetdicom serves in a thread of their own)
+        with _Serving(self):
             original_serve(self, msg, context_id)
-        finally:
-            with self._vna_serving_lock:
-                self._vna_serving -= 1
 
     Association.__init__ = init  # type: ignore[method-assign]
     Association._serve_request = serve_request  # type: ignore[method-assign]
