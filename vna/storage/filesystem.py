@@ -69,8 +69,6 @@ class FilesystemBlobStore:
         return self._path(key)
 
     def _makedirs(self, directory: Path) -> None:
-        if os.path.isdir(directory):  # the common case: one stat
-            return
         missing: list[Path] = []
         d = directory
         while not d.exists() and d != self.root:
@@ -131,7 +129,6 @@ class FilesystemBlobStore:
 
     def _adopt(self, key: str, source: Path) -> BlobStat | None:
         """Link ``source`` under ``key`` (after fsync); None if it is on another filesystem."""
-        final = os.path.join(self._root_s, safe_key(key))
         try:
             fd = os.open(source, os.O_RDONLY)
             try:
@@ -143,17 +140,18 @@ class FilesystemBlobStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            if not self._publish(key, final, str(source), may_decline=True):
+            if not self._publish(key, str(source), may_decline=True):
                 return None  # no hard link here: copy
         except OSError as exc:
             raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
         return BlobStat(key=key, size=st.st_size)
 
-    def _publish(self, key: str, final: str, source: str, *, may_decline: bool = False) -> bool:
-        """Hard-link the fsynced ``source`` as ``final`` (create-new) and fsync its directory.
+    def _publish(self, key: str, source: str, *, may_decline: bool = False) -> bool:
+        """Hard-link the fsynced ``source`` as ``key``'s file (create-new) and fsync its directory.
 
         False when ``may_decline`` and this filesystem cannot link it (the caller copies instead).
         """
+        final = os.path.join(self._root_s, safe_key(key))
         parent = os.path.dirname(final)
         try:
             try:
@@ -177,7 +175,6 @@ class FilesystemBlobStore:
         return self._root_dev
 
     def _put(self, key: str, write: Callable[[int], int]) -> BlobStat:
-        final = os.path.join(self._root_s, safe_key(key))
         tmp = os.path.join(self._root_s, _TMP, f"{uuid.uuid4().hex}.part")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -187,7 +184,7 @@ class FilesystemBlobStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._publish(key, final, tmp)
+            self._publish(key, tmp)
         except OSError as exc:
             raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
         finally:
