@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -58,6 +59,16 @@ def _like_pattern(value: str) -> str:
 
 class _Connection(sqlite3.Connection):
     """A sqlite3 connection that can be weakly referenced."""
+
+
+@lru_cache(maxsize=64)
+def _upsert_sql(table: str, pk: str, columns: tuple[str, ...]) -> str:
+    """The statement of ``SqliteIndex._upsert`` (built once per table and column list, not per row)."""
+    cols = [pk, *columns]
+    sets = ", ".join(f'"{c}" = excluded."{c}"' for c in columns)
+    changed = " OR ".join(f'"{c}" IS NOT excluded."{c}"' for c in columns)
+    return (f'INSERT INTO {table} ({", ".join(chr(34) + c + chr(34) for c in cols)}) '
+            f'VALUES ({", ".join("?" for _ in cols)}) ON CONFLICT({pk}) DO UPDATE SET {sets} WHERE {changed}')
 
 
 class _Registration:
@@ -340,14 +351,7 @@ class SqliteIndex:
     def _upsert(conn: sqlite3.Connection, table: str, pk: str, key: str, values: dict[str, Any]) -> None:
         """Insert the row, or update it where a value differs (an unchanged row is not rewritten:
         every instance of a series upserts the same series row; skipping it saves ~5 WAL pages)."""
-        cols = [pk, *values]
-        sets = ", ".join(f'"{c}" = excluded."{c}"' for c in values)
-        changed = " OR ".join(f'"{c}" IS NOT excluded."{c}"' for c in values)
-        conn.execute(
-            f'INSERT INTO {table} ({", ".join(chr(34) + c + chr(34) for c in cols)}) '
-            f'VALUES ({", ".join("?" for _ in cols)}) ON CONFLICT({pk}) DO UPDATE SET {sets} WHERE {changed}',
-            (key, *values.values()),
-        )
+        conn.execute(_upsert_sql(table, pk, tuple(values)), (key, *values.values()))
 
     @staticmethod
     def _insert_placement(conn: sqlite3.Connection, p: Placement) -> None:
