@@ -257,20 +257,19 @@ class _Operation:
 
     def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         scope = self.scope
-        if exc is None:
-            self.audit.record(self.event, self.action, self.actor, outcome=scope.outcome or 0,
-                            event_type=self.event_type, patient_ids=scope.patient_ids,
-                            study_uids=scope.study_uids, details=scope.details)
-            return
-        scope.details.setdefault("error", "cancelled" if isinstance(exc, GeneratorExit) else str(exc)[:200])
+        if exc is not None:
+            scope.details.setdefault("error", "cancelled" if isinstance(exc, GeneratorExit) else str(exc)[:200])
         try:
-            self.audit.record(self.event, self.action, self.actor, outcome=outcome_for(exc),
-                            event_type=self.event_type, patient_ids=scope.patient_ids,
-                            study_uids=scope.study_uids, details=scope.details)
+            self.audit.record(self.event, self.action, self.actor,
+                              outcome=(scope.outcome or 0) if exc is None else outcome_for(exc),
+                              event_type=self.event_type, patient_ids=scope.patient_ids,
+                              study_uids=scope.study_uids, details=scope.details)
         except AuditUnavailable as aexc:
+            if exc is None:
+                raise  # the operation succeeded but cannot be audited: its caller must know
             log.error("audit record of a failed %s by %s could not be written: %s",
                       self.event.meaning, self.actor.id, aexc)
-        # None: the block's exception propagates unchanged
+        # None: the block's exception (if any) propagates unchanged
 
 
 class AuditLog:
