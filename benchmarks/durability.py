@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.ingest import RECEIVERS, make_corpus, port_free, send, start, stop_process
+from benchmarks.ingest import RECEIVERS, make_corpus, names_arg, port_free, send, start, stop_process
 
 SYNC_CALLS = ("fsync", "fdatasync", "syncfs", "sync_file_range")
 KINDS = ("data", "directory", "index", "audit", "other")
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ct", type=int, default=0, help="CT instances (512x512 16-bit); 0 to skip")
     ap.add_argument("--per-study", type=int, default=100)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--receivers", type=lambda s: s.split(","), default=["vna", "orthanc", "storescp"])
+    ap.add_argument("--receivers", type=names_arg(RECEIVERS, "receivers"), default=["vna", "orthanc", "storescp"])
     ap.add_argument("--port-base", type=int, default=11260)
     ap.add_argument("--vna-args", default="", help="extra args for 'vna serve' (shell-quoted string)")
     ap.add_argument("--vna-workers", type=int, default=None)
@@ -107,11 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--start-timeout", type=float, default=60.0)
     ap.add_argument("--send-timeout", type=float, default=600.0)
     ap.add_argument("--attach-seconds", type=float, default=1.5, help="wait after starting strace")
-    args = ap.parse_args(argv)
-    bad = [r for r in args.receivers if r not in RECEIVERS]
-    if bad:
-        ap.error(f"unknown receivers: {bad}")
-    return args
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

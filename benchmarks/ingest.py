@@ -26,7 +26,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from benchmarks.corpus import write_corpus
 from benchmarks.servers import fs_type, group_cpu_seconds
@@ -362,6 +362,20 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def names_arg(known: Iterable[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse ``type``: comma-separated names, each one of ``known`` (an unknown one is an error)."""
+    known = list(known)
+
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad} (known: {', '.join(known)})")
+        return names
+
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,7 +386,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=10, help="distinct small instances sent before timing (0: none)")
     ap.add_argument("--associations", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
                     help="comma-separated parallel association counts (default 1,4)")
-    ap.add_argument("--receivers", type=lambda s: s.split(","), default=list(RECEIVERS),
+    ap.add_argument("--receivers", type=names_arg(RECEIVERS, "receivers"), default=list(RECEIVERS),
                     help="comma-separated subset of vna,orthanc,storescp")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell, median reported")
     ap.add_argument("--port-base", type=int, default=11240,
@@ -383,11 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--start-timeout", type=float, default=60.0)
     ap.add_argument("--send-timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path, default=None, help="write results as JSON here")
-    args = ap.parse_args(argv)
-    bad = [r for r in args.receivers if r not in RECEIVERS]
-    if bad:
-        ap.error(f"unknown receivers: {bad}")
-    return args
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

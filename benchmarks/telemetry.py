@@ -60,7 +60,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.servers import group_cpu_seconds
-from benchmarks.ingest import (Corpus, fs_type, make_corpus, port_free, send, start_vna, stop_process)
+from benchmarks.ingest import (Corpus, fs_type, make_corpus, names_arg, port_free, send, start_vna,
+                               stop_process)
 
 VARIANTS: dict[str, str] = {
     "off": "[audit]\nenabled = false\n",
@@ -172,7 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--start-timeout", type=float, default=60.0)
     ap.add_argument("--send-timeout", type=float, default=300.0)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--variants", default="", help="comma-separated variants to run besides off (default: all)")
+    ap.add_argument("--variants", type=names_arg(VARIANTS, "variants"), default=[],
+                    help="comma-separated variants to run besides off (default: all)")
     ap.add_argument("--inproc", type=int, default=0, metavar="N",
                     help="only the in-process measure: ingest_file CPU per instance over N instances")
     ap.add_argument("--calls", type=int, default=0, metavar="N",
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = ["off", "audit", "audit+telemetry", "audit+otlp", "audit+otlp-1%"] + \
         (["audit-fsync-each"] if args.fsync_each else [])
     if args.variants:
-        variants = ["off"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "off"]
+        variants = ["off"] + [v for v in args.variants if v != "off"]
     sink = OtlpSink(args.port_base + 2)
     root = Path(tempfile.mkdtemp(prefix="vna-bench-telemetry-", dir=args.tmp_dir))
     cells: list[Cell] = []
