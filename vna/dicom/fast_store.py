@@ -345,7 +345,7 @@ class FastStore:
         if simple is not None:
             cmd = encode_store_rsp(cur.msg_id, cur.sop_class, cur.sop_uid, *simple)
             if not max_pdu or len(cmd) + 6 <= max_pdu:
-                item = struct.pack(">IBB", len(cmd) + 2, cur.cx_id, 0x03) + cmd
+                item = _PDV_HEAD.pack(len(cmd) + 2, cur.cx_id, 0x03) + cmd
                 dul.socket.send(struct.pack(">BBI", 0x04, 0, len(item)) + item)
                 return
         # anything else the way pynetdicom answers (validated, encoded and sent by its layers)
