@@ -18,8 +18,9 @@ ones, so several archives can live in one process), and exports:
 
 Spans: ``dimse.association`` (one per association) > ``dimse.c-store`` /
 ``dimse.c-find`` / ``dimse.c-get`` / ``dimse.c-move`` / ``dimse.n-action`` /
-``dimse.c-echo`` > ``ingest`` > ``ingest.hash`` / ``ingest.parse`` /
-``ingest.write`` (> ``storage.write`` per replica) / ``ingest.index``;
+``dimse.c-echo`` > ``ingest`` > ``ingest.receive`` (a C-STORE data set received,
+spooled and hashed on the fast path) or ``ingest.hash`` (any other file) /
+``ingest.parse`` / ``ingest.write`` (> ``storage.write`` per replica) / ``ingest.index``;
 ``retrieve.select``, ``retrieve.instance`` > ``retrieve.verify``; ``job.<name>``
 per job run. Metric names are listed in :data:`METRICS`.
 
@@ -496,16 +497,18 @@ class Telemetry:
 
     # -- spans ------------------------------------------------------------------
     def span(self, name: str, attributes: Attributes | None = None, *,
-             parent: trace.Span | None = None, kind: trace.SpanKind = trace.SpanKind.INTERNAL
-             ) -> AbstractContextManager[trace.Span | None]:
+             parent: trace.Span | None = None, kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+             start_ns: int | None = None) -> AbstractContextManager[trace.Span | None]:
         """A span made current for the block (child of ``parent`` if given, else of the current span).
 
+        ``start_ns`` (``time.time_ns()``): when the work began, if before the
+        block (e.g. receiving the data set the block stores); default now.
         An exception leaving the block is recorded on the span and sets its
         status to ERROR (as the SDK's ``start_as_current_span`` does).
         """
         if not self.enabled:
             return _NULL_CM
-        return _CurrentSpan(self._new_span(name, attributes, parent, kind))
+        return _CurrentSpan(self._new_span(name, attributes, parent, kind, start_ns))
 
     def start_span(self, name: str, attributes: Attributes | None = None,
                    kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> trace.Span | None:
@@ -515,11 +518,11 @@ class Telemetry:
         return self._new_span(name, attributes, None, kind)
 
     def _new_span(self, name: str, attributes: Attributes | None, parent: trace.Span | None,
-                  kind: trace.SpanKind) -> trace.Span:
+                  kind: trace.SpanKind, start_ns: int | None = None) -> trace.Span:
         """A started span; without a span processor a non-recording one made here, as the SDK would make it."""
         if self._stage_spans:
             ctx = trace.set_span_in_context(parent) if parent is not None else None
-            return self.tracer.start_span(name, context=ctx, attributes=attributes, kind=kind)
+            return self.tracer.start_span(name, context=ctx, attributes=attributes, kind=kind, start_time=start_ns)
         up = (parent if parent is not None else trace.get_current_span()).get_span_context()
         span_id = random.getrandbits(64) or 1
         if up.is_valid:
@@ -543,6 +546,21 @@ class Telemetry:
         if not self._stage_spans:
             return stage
         return _SpanStage(_CurrentSpan(self._new_span(name, attributes, None, trace.SpanKind.INTERNAL)), stage)
+
+    def stage_done(self, name: str, start_ns: int, end_ns: int, attributes: Attributes | None = None) -> None:
+        """A stage that has already run, from ``start_ns`` to ``end_ns`` (``time.time_ns()``).
+
+        Like :meth:`stage`: one ``vna.stage.duration`` sample and, with a span
+        exporter, a span (child of the current one) with those start and end times.
+        """
+        if not self.enabled:
+            return
+        key = self._stage_keys.get(name)
+        if key is None:
+            key = self._stage_keys.setdefault(name, (("stage", name),))
+        self._stage_hist.record_key(max(end_ns - start_ns, 0) / 1e9, key)
+        if self._stage_spans:
+            self._new_span(name, attributes, None, trace.SpanKind.INTERNAL, start_ns).end(end_time=end_ns)
 
     def job(self, name: str) -> AbstractContextManager[JobRun]:
         """Wrap one job run: a ``job.<name>`` span and the job metrics from the report set on the JobRun."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from tests.conftest import free_port
 
 _CHILD = textwrap.dedent('''
-    import json, os, struct, subprocess, sys, time
+    import hashlib, json, os, struct, subprocess, sys, time
     from io import BytesIO
     from pathlib import Path
 
@@ -85,6 +85,11 @@ _CHILD = textwrap.dedent('''
     assert set(fast) == uids and fast.keys() == slow.keys()
     for uid in uids:
         assert len(fast[uid]) == 2 and fast[uid][0] == fast[uid][1] == slow[uid][0], uid
+        # hashed while spooled (fast) or read back (pynetdicom's path): both the digest of the bytes stored
+        for archive in (fast_archive, slow_archive):
+            rec = archive.index.get_instance(uid)
+            assert rec.content_sha256 == hashlib.sha256(fast[uid][0]).hexdigest(), uid
+            assert rec.content_size == len(fast[uid][0]), uid
     for p in corpus[:4]:  # sent as they are (the rest converted to implicit VR by storescu)
         assert fast[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)][0].endswith(dataset_bytes(p)), p
     assert list(fast_spool.iterdir()) == []

@@ -16,8 +16,10 @@ more than storing it. ``FastStore`` takes over the common case only:
 Anything else is left to pynetdicom untouched (the PDU is decoded as pynetdicom
 would have decoded it). Once taken over, the data set fragments are written to a
 spool file exactly as pynetdicom writes it (preamble, File Meta, data set bytes),
-the bound ``EVT_C_STORE`` handler is called through ``evt.trigger`` with the
-same ``Event`` pynetdicom builds, the spool file is removed, and the C-STORE-RSP
+hashed (SHA-256) as they are written, the bound ``EVT_C_STORE`` handler is called
+through ``evt.trigger`` with the same ``Event`` pynetdicom builds (its request
+also carries ``_vna_spooled``, a ``Spooled``: the digest, the size and when
+receiving began and ended), the spool file is removed, and the C-STORE-RSP
 is written to the socket (byte-identical to pynetdicom's encoding; an answer
 pynetdicom would encode differently is handed to pynetdicom's DIMSE layer).
 
@@ -29,9 +31,11 @@ association is aborted, as pynetdicom does for an invalid PDU).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +48,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from vna.dicom.dimse_codec import encode_spool_meta
 from vna.domain import UID_RE
+from vna.services.ingest import Spooled
 from vna.storage.filesystem import write_all
 
 log = logging.getLogger(__name__)
@@ -153,14 +158,17 @@ class _Receiving:
     """The C-STORE-RQ whose data set is being spooled."""
 
     __slots__ = ("cx", "cx_id", "msg_id", "priority", "sop_class", "sop_uid", "move_ae", "move_id", "fd", "path",
-                 "failure")
+                 "failure", "sha256", "size", "started_ns")
 
     def __init__(self, cx: Any, cx_id: int, msg_id: int, priority: int, sop_class: str, sop_uid: str,
-                 move_ae: str | None, move_id: int | None, fd: int, path: str) -> None:
+                 move_ae: str | None, move_id: int | None, fd: int, path: str, head: bytes, started_ns: int) -> None:
         self.cx, self.cx_id, self.msg_id, self.priority = cx, cx_id, msg_id, priority
         self.sop_class, self.sop_uid, self.move_ae, self.move_id = sop_class, sop_uid, move_ae, move_id
         self.fd, self.path = fd, path
         self.failure: OSError | None = None
+        self.sha256 = hashlib.sha256(head)  # of every byte written to the spool file, as it is written
+        self.size = len(head)
+        self.started_ns = started_ns
 
 
 class FastStore:
@@ -218,6 +226,7 @@ class FastStore:
 
     # -- internals ------------------------------------------------------------------
     def _begin(self, dul: Any, pdv: tuple[int, int, memoryview]) -> bool:
+        started_ns = time.time_ns()
         assoc = dul.assoc
         if (dul.state_machine.current_state != "Sta6" or assoc.dimse.message is not None
                 or not assoc.dimse.msg_queue.empty() or not dul.to_provider_queue.empty()
@@ -254,12 +263,14 @@ class FastStore:
         except OSError as exc:
             log.warning("C-STORE fast path: cannot create a spool file (%s); pynetdicom receives it", exc)
             return False
+        head = _PREAMBLE + meta
         try:
-            write_all(fd, _PREAMBLE + meta)
+            write_all(fd, head)
         except OSError:
             _close_and_remove(fd, path)
             return False  # pynetdicom meets the same full disk and answers with its own error
-        self.current = _Receiving(cx, cx_id, msg_id, priority, sop_class, sop_uid, move_ae, move_id, fd, path)
+        self.current = _Receiving(cx, cx_id, msg_id, priority, sop_class, sop_uid, move_ae, move_id, fd, path,
+                                  head, started_ns)
         return True
 
     def _spool_file(self) -> tuple[int, str]:
@@ -287,6 +298,9 @@ class FastStore:
                     write_all(cur.fd, data)
                 except OSError as exc:
                     cur.failure = exc  # the rest of the data set is read and dropped, then answered
+                else:
+                    cur.sha256.update(data)
+                    cur.size += len(data)
             if mch & 2:
                 self._complete(dul)
 
@@ -318,6 +332,8 @@ class FastStore:
                     req.MoveOriginatorMessageID = cur.move_id
                 req._dataset_path = Path(cur.path)  # noqa: SLF001 -- what Event.dataset_path reads
                 req._dataset_file = None  # noqa: SLF001
+                req._vna_spooled = Spooled(  # type: ignore[attr-defined]
+                    cur.sha256.hexdigest(), cur.size, cur.started_ns, time.time_ns())
                 # the handler runs in this (the DUL) thread: the network idle timer, which the
                 # association thread checks, must not expire while it works (as under pynetdicom)
                 timer = dul._idle_timer  # noqa: SLF001

@@ -365,7 +365,9 @@ class DicomServer:
         def run(event: evt.Event) -> Any:
             t0 = time.perf_counter()
             status = st.UNABLE_TO_PROCESS
-            with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER) as span:
+            spooled = getattr(event.request, "_vna_spooled", None)  # a C-STORE received on the fast path
+            with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER,
+                          start_ns=spooled.started_ns if spooled is not None else None) as span:
                 try:
                     rsp = handler(event)
                     status = _status_of(rsp)
@@ -505,6 +507,7 @@ class DicomServer:
                 Path(event.dataset_path), source_ae=calling,
                 expected_sop_uid=str(req.AffectedSOPInstanceUID),
                 expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True,
+                spooled=getattr(req, "_vna_spooled", None),  # received on the fast path (hashed while spooled)
             )
             return st.SUCCESS
         except VnaError as exc:

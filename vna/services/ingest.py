@@ -40,11 +40,22 @@ from vna.services.part10 import scan_part10
 from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.telemetry import Telemetry
 
-__all__ = ["IngestResult", "IngestService"]
+__all__ = ["IngestResult", "IngestService", "Spooled"]
 
 log = logging.getLogger(__name__)
 
 _ATTR_KEYS = tuple(k for lv in QueryLevel for k in LEVEL_KEYS[lv])
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A spool file as its writer saw it: SHA-256 and size of the bytes it wrote (hashed while
+    spooling), and when receiving began and ended (``time.time_ns()``)."""
+
+    sha256: str
+    size: int
+    started_ns: int
+    ended_ns: int
 
 
 @dataclass(frozen=True)
@@ -237,8 +248,8 @@ class IngestService:
     """Stores Part 10 files in the hot tier and registers them in the index.
 
     Every call is audited (one "DICOM Instances Transferred" record, action C)
-    and traced (``ingest`` > ``ingest.hash``, ``ingest.parse``, ``ingest.write``,
-    ``ingest.index``).
+    and traced (``ingest`` > ``ingest.hash`` or ``ingest.receive``, ``ingest.parse``,
+    ``ingest.write``, ``ingest.index``).
     """
 
     def __init__(self, index: Index, hot: TierAccessor, duplicate_policy: str = "reject", *,
@@ -259,12 +270,17 @@ class IngestService:
         expected_sop_class: str | None = None,
         actor: Actor | None = None,
         owned: bool = False,
+        spooled: Spooled | None = None,
     ) -> IngestResult:
         """Store the Part 10 file at ``path`` (which the caller owns and may delete after).
 
         ``owned``: ``path`` is the caller's spool file, which nobody writes
         again; one replica may take it over by hard link instead of copying it.
         Never pass it for a file someone else could change in place.
+        ``spooled``: the digest and size of ``path`` as its writer computed them
+        (the file is then not read to hash it) and when it was received: the
+        ``ingest`` span starts then, with an ``ingest.receive`` stage instead of
+        ``ingest.hash``.
 
         Returns only once the bytes are on at least W replicas and indexed.
         Raises InvalidInput, DuplicateConflict, QuorumNotMet/StorageError,
@@ -276,9 +292,12 @@ class IngestService:
         """
         who = actor if actor is not None else Actor(source_ae or "unknown", "ae")
         tel = self.telemetry
-        with self.audit.operation(INSTANCES_TRANSFERRED, "C", who) as rec, tel.span("ingest"):
+        with (self.audit.operation(INSTANCES_TRANSFERRED, "C", who) as rec,
+              tel.span("ingest", start_ns=spooled.started_ns if spooled is not None else None)):
+            if spooled is not None:
+                tel.stage_done("ingest.receive", spooled.started_ns, spooled.ended_ns, {"vna.bytes": spooled.size})
             try:
-                result = self._ingest(path, source_ae, expected_sop_uid, expected_sop_class, rec, owned)
+                result = self._ingest(path, source_ae, expected_sop_uid, expected_sop_class, rec, owned, spooled)
             except BaseException:
                 tel.ingest_instances.add(1, {"outcome": "failed"})
                 raise
@@ -291,9 +310,12 @@ class IngestService:
             return result
 
     def _ingest(self, path: Path, source_ae: str, expected_sop_uid: str | None, expected_sop_class: str | None,
-                rec: AuditScope, owned: bool = False) -> IngestResult:
-        with self.telemetry.stage("ingest.hash"):
-            content_sha256, size = sha256_file(path)
+                rec: AuditScope, owned: bool = False, spooled: Spooled | None = None) -> IngestResult:
+        if spooled is not None:
+            content_sha256, size = spooled.sha256, spooled.size
+        else:
+            with self.telemetry.stage("ingest.hash"):
+                content_sha256, size = sha256_file(path)
         with self.telemetry.stage("ingest.parse"):
             h = read_header(path)
         rec.patient_ids.append(h.attrs.get("PatientID", ""))
