@@ -539,10 +539,7 @@ class Telemetry:
         """
         if not self.enabled:
             return _NULL_CM
-        key = self._stage_keys.get(name)
-        if key is None:
-            key = self._stage_keys.setdefault(name, (("stage", name),))
-        stage = _Stage(self._stage_hist, key)
+        stage = _Stage(self._stage_hist, self._stage_key(name))
         if not self._stage_spans:
             return stage
         return _SpanStage(_CurrentSpan(self._new_span(name, attributes, None, trace.SpanKind.INTERNAL)), stage)
@@ -555,12 +552,16 @@ class Telemetry:
         """
         if not self.enabled:
             return
+        self._stage_hist.record_key(max(end_ns - start_ns, 0) / 1e9, self._stage_key(name))
+        if self._stage_spans:
+            self._new_span(name, attributes, None, trace.SpanKind.INTERNAL, start_ns).end(end_time=end_ns)
+
+    def _stage_key(self, name: str) -> _Key:
+        """The attribute items of stage ``name``'s ``vna.stage.duration`` series (built once per name)."""
         key = self._stage_keys.get(name)
         if key is None:
             key = self._stage_keys.setdefault(name, (("stage", name),))
-        self._stage_hist.record_key(max(end_ns - start_ns, 0) / 1e9, key)
-        if self._stage_spans:
-            self._new_span(name, attributes, None, trace.SpanKind.INTERNAL, start_ns).end(end_time=end_ns)
+        return key
 
     def job(self, name: str) -> AbstractContextManager[JobRun]:
         """Wrap one job run: a ``job.<name>`` span and the job metrics from the report set on the JobRun."""
