@@ -282,7 +282,8 @@ INPROC_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def _c_store_calls(tel: Any, audit: Any, assoc_span: Any, actor: Any) -> None:
-    """The telemetry and audit calls of one C-STORE (server._traced, IngestService, TierAccessor), nothing else."""
+    """The telemetry and audit calls of one C-STORE received on the fast path (server._traced,
+    IngestService, TierAccessor), nothing else."""
     import contextvars
     import time
 
@@ -291,10 +292,10 @@ def _c_store_calls(tel: Any, audit: Any, assoc_span: Any, actor: Any) -> None:
     from vna.audit import INSTANCES_TRANSFERRED
 
     t0 = time.perf_counter()
-    with tel.span("dimse.c-store", parent=assoc_span, kind=SpanKind.SERVER) as span:
-        with audit.operation(INSTANCES_TRANSFERRED, "C", actor) as rec, tel.span("ingest"):
-            with tel.stage("ingest.hash"):
-                pass
+    received = time.time_ns()
+    with tel.span("dimse.c-store", parent=assoc_span, kind=SpanKind.SERVER, start_ns=received) as span:
+        with audit.operation(INSTANCES_TRANSFERRED, "C", actor) as rec, tel.span("ingest", start_ns=received):
+            tel.stage_done("ingest.receive", received, received + 1000, {"vna.bytes": 1234})
             with tel.stage("ingest.parse"):
                 pass
             rec.patient_ids.append("PAT0001")
