@@ -18,8 +18,8 @@ would have decoded it). Once taken over, the data set fragments are written to a
 spool file exactly as pynetdicom writes it (preamble, File Meta, data set bytes),
 hashed (SHA-256) as they are written, the bound ``EVT_C_STORE`` handler is called
 through ``evt.trigger`` with the same ``Event`` pynetdicom builds (its request
-also carries ``_vna_spooled``, a ``Spooled``: the digest, the size and when
-receiving began and ended), the spool file is removed, and the C-STORE-RSP
+also carries a ``Spooled``, read with :func:`spooled_of`: the digest, the size
+and when receiving began and ended), the spool file is removed, and the C-STORE-RSP
 is written to the socket (byte-identical to pynetdicom's encoding; an answer
 pynetdicom would encode differently is handed to pynetdicom's DIMSE layer).
 
@@ -61,10 +61,16 @@ _NOTIFY = {
     evt.EVT_DIMSE_SENT: (standard_dimse_sent_handler,),
 }
 _PREAMBLE = b"\0" * 128 + b"DICM"
+_SPOOLED = "_vna_spooled"  # the attribute of the C_STORE request primitive that carries its Spooled
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 NO_DATASET = 0x0101
 HANDLER_FAILED = 0xC211  # what pynetdicom answers when the EVT_C_STORE handler raises
+
+
+def spooled_of(request: Any) -> Spooled | None:
+    """The ``Spooled`` of a C-STORE request received on the fast path; None for any other request."""
+    return getattr(request, _SPOOLED, None)
 
 
 def split_pdvs(body: memoryview) -> list[tuple[int, int, memoryview]] | None:
@@ -332,8 +338,7 @@ class FastStore:
                     req.MoveOriginatorMessageID = cur.move_id
                 req._dataset_path = Path(cur.path)  # noqa: SLF001 -- what Event.dataset_path reads
                 req._dataset_file = None  # noqa: SLF001
-                req._vna_spooled = Spooled(  # type: ignore[attr-defined]
-                    cur.sha256.hexdigest(), cur.size, cur.started_ns, time.time_ns())
+                setattr(req, _SPOOLED, Spooled(cur.sha256.hexdigest(), cur.size, cur.started_ns, time.time_ns()))
                 # the handler runs in this (the DUL) thread: the network idle timer, which the
                 # association thread checks, must not expire while it works (as under pynetdicom)
                 timer = dul._idle_timer  # noqa: SLF001

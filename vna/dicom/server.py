@@ -31,7 +31,7 @@ from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, Aud
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import dimse_codec, reactor, status as st, uid_cache
 from vna.dicom.contexts import Contexts
-from vna.dicom.fast_store import FastStore
+from vna.dicom.fast_store import FastStore, spooled_of
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
@@ -365,7 +365,7 @@ class DicomServer:
         def run(event: evt.Event) -> Any:
             t0 = time.perf_counter()
             status = st.UNABLE_TO_PROCESS
-            spooled = getattr(event.request, "_vna_spooled", None)  # a C-STORE received on the fast path
+            spooled = spooled_of(event.request)  # a C-STORE received on the fast path: it began then
             with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER,
                           start_ns=spooled.started_ns if spooled is not None else None) as span:
                 try:
@@ -507,7 +507,7 @@ class DicomServer:
                 Path(event.dataset_path), source_ae=calling,
                 expected_sop_uid=str(req.AffectedSOPInstanceUID),
                 expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True,
-                spooled=getattr(req, "_vna_spooled", None),  # received on the fast path (hashed while spooled)
+                spooled=spooled_of(req),  # received on the fast path: hashed while spooled
             )
             return st.SUCCESS
         except VnaError as exc:
