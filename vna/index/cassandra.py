@@ -1572,7 +1572,10 @@ class CassandraIndex:
         with self._errors("acquire_lease"):
             for _attempt in range(3):
                 now = time.time()
-                seconds = max(1, math.ceil(ttl))
+                # The row's TTL only collects the row; expires_at decides. Cassandra counts
+                # a TTL from the current whole second, so a row can vanish up to 1 s
+                # early: the extra second keeps it for at least ``ttl``.
+                seconds = math.ceil(ttl) + 1
                 res = self._exec(f"INSERT INTO {t} (name, owner, expires_at) VALUES (?, ?, ?) "
                                  "IF NOT EXISTS USING TTL ?", (name, owner, now + ttl, seconds))
                 if res.was_applied:
