@@ -291,10 +291,13 @@ def _c_store_calls(tel: Any, audit: Any, assoc_span: Any, actor: Any) -> None:
 
     from vna.audit import INSTANCES_TRANSFERRED
 
+    # the server and IngestService build these series keys once
+    stored, ops, c_store = (("outcome", "stored"),), (("op", "c-store"), ("status", "0x0000")), (("op", "c-store"),)
     t0 = time.perf_counter()
     received = time.time_ns()
     with tel.span("dimse.c-store", parent=assoc_span, kind=SpanKind.SERVER, start_ns=received) as span:
-        with audit.operation(INSTANCES_TRANSFERRED, "C", actor) as rec, tel.span("ingest", start_ns=received):
+        with audit.operation(INSTANCES_TRANSFERRED, "C", actor) as rec, \
+                tel.span("ingest", start_ns=received, inner=True):
             tel.stage_done("ingest.receive", received, received + 1000, {"vna.bytes": 1234})
             with tel.stage("ingest.parse"):
                 pass
@@ -312,13 +315,12 @@ def _c_store_calls(tel: Any, audit: Any, assoc_span: Any, actor: Any) -> None:
             with tel.stage("ingest.index"):
                 pass
             rec.details.update({"version": 1, "bytes": 1234, "duplicate": False})
-            tel.ingest_instances.add(1, {"outcome": "stored"})
+            tel.ingest_instances.add_key(1, stored)
             tel.ingest_bytes.add(1234)
-        text = f"0x{0:04X}"
         if span is not None:
-            span.set_attribute("dicom.status", text)
-        tel.dimse_operations.add(1, {"op": "c-store", "status": text})
-        tel.dimse_duration.record(time.perf_counter() - t0, {"op": "c-store"})
+            span.set_attribute("dicom.status", "0x0000")
+        tel.dimse_operations.add_key(1, ops)
+        tel.dimse_duration.record_key(time.perf_counter() - t0, c_store)
 
 
 def run_inproc(args: argparse.Namespace) -> int:

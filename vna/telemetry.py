@@ -100,22 +100,39 @@ METRICS: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: The attribute items of one metric series, as ``add_key``/``record_key`` take them.
+SeriesKey = tuple[tuple[str, str | int | float | bool], ...]
+
+
 class _Noop:
     """Stands in for every instrument when telemetry is disabled."""
 
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
         """Do nothing."""
 
+    def add_key(self, amount: float, key: SeriesKey) -> None:
+        """Do nothing."""
+
     def record(self, amount: float, attributes: Attributes | None = None) -> None:
+        """Do nothing."""
+
+    def record_key(self, amount: float, key: SeriesKey) -> None:
         """Do nothing."""
 
 
 class _Counting(Protocol):
     def add(self, amount: float, attributes: Attributes | None = None) -> None: ...
+    def add_key(self, amount: float, key: SeriesKey) -> None: ...
 
 
 class _Recording(Protocol):
     def record(self, amount: float, attributes: Attributes | None = None) -> None: ...
+    def record_key(self, amount: float, key: SeriesKey) -> None: ...
+
+
+def series_key(attributes: Mapping[str, str | int | float | bool]) -> SeriesKey:
+    """The attributes of a metric series as ``add_key``/``record_key`` take them (build it once, reuse it)."""
+    return tuple(attributes.items())
 
 
 _NOOP = _Noop()
@@ -126,9 +143,6 @@ _NULL_CM: AbstractContextManager[None] = nullcontext()
 #: Series per instrument beyond which new attribute sets share one overflow series (as the SDK does).
 _CARDINALITY_LIMIT = 2000
 _OVERFLOW: tuple[tuple[str, str | int | float | bool], ...] = (("otel.metric.overflow", True),)
-
-_Key = tuple[tuple[str, str | int | float | bool], ...]
-
 
 class _SumSeries:
     __slots__ = ("start", "value")
@@ -160,13 +174,13 @@ class _Local:
     def __init__(self, name: str, unit: str, description: str) -> None:
         self.name, self.unit, self.description = name, unit, description
         self._lock = threading.Lock()
-        self._series: dict[_Key, Any] = {}     # sorted attribute items -> series
-        self._alias: dict[_Key, Any] = {}      # attribute items as given -> the same series
+        self._series: dict[SeriesKey, Any] = {}     # sorted attribute items -> series
+        self._alias: dict[SeriesKey, Any] = {}      # attribute items as given -> the same series
 
     def _new(self, start: int) -> Any:
         raise NotImplementedError
 
-    def _lookup(self, key: _Key) -> Any:
+    def _lookup(self, key: SeriesKey) -> Any:
         """The series of ``key`` (lock held): created on first use, the overflow series past the limit."""
         norm = tuple(sorted(key))
         series = self._series.get(norm)
@@ -196,10 +210,13 @@ class _Sum(_Local):
 
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
         """Add ``amount`` to the series of ``attributes``."""
+        self.add_key(amount, tuple(attributes.items()) if attributes else ())
+
+    def add_key(self, amount: float, key: SeriesKey) -> None:
+        """:meth:`add` with the attribute items already a tuple (pre-built by hot callers)."""
         if not -math.inf < amount < math.inf or (amount < 0 and self.monotonic):
             log.warning("metric %s: amount %r ignored", self.name, amount)
             return
-        key: _Key = tuple(attributes.items()) if attributes else ()
         with self._lock:
             series = self._alias.get(key) or self._lookup(key)
             series.value += amount
@@ -227,7 +244,7 @@ class _Histogram(_Local):
         """Count ``amount`` (>= 0) in the series of ``attributes``."""
         self.record_key(amount, tuple(attributes.items()) if attributes else ())
 
-    def record_key(self, amount: float, key: _Key) -> None:
+    def record_key(self, amount: float, key: SeriesKey) -> None:
         """:meth:`record` with the attribute items already a tuple (pre-built by hot callers)."""
         if not 0 <= amount < math.inf:
             log.warning("metric %s: amount %r ignored", self.name, amount)
@@ -302,7 +319,7 @@ class _Stage:
 
     __slots__ = ("hist", "key", "t0")
 
-    def __init__(self, hist: _Histogram, key: _Key) -> None:
+    def __init__(self, hist: _Histogram, key: SeriesKey) -> None:
         self.hist, self.key = hist, key
 
     def __enter__(self) -> None:
@@ -395,7 +412,7 @@ class Telemetry:
         self._lock = threading.Lock()
         self.endpoint_port: int | None = None
         self._stage_spans = False             # stages are spans only when some processor receives spans
-        self._stage_keys: dict[str, _Key] = {}
+        self._stage_keys: dict[str, SeriesKey] = {}
         self._local: list[_Local] = []
         self._stage_hist: _Histogram
         if not self.enabled:
@@ -498,15 +515,20 @@ class Telemetry:
     # -- spans ------------------------------------------------------------------
     def span(self, name: str, attributes: Attributes | None = None, *,
              parent: trace.Span | None = None, kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-             start_ns: int | None = None) -> AbstractContextManager[trace.Span | None]:
+             start_ns: int | None = None, inner: bool = False) -> AbstractContextManager[trace.Span | None]:
         """A span made current for the block (child of ``parent`` if given, else of the current span).
 
         ``start_ns`` (``time.time_ns()``): when the work began, if before the
         block (e.g. receiving the data set the block stores); default now.
         An exception leaving the block is recorded on the span and sets its
         status to ERROR (as the SDK's ``start_as_current_span`` does).
+        ``inner``: the span only details a trace; without a span exporter it is
+        not made while another span is current (whose ids the log lines carry),
+        and the block gets None.
         """
         if not self.enabled:
+            return _NULL_CM
+        if inner and not self._stage_spans and trace.get_current_span().get_span_context().is_valid:
             return _NULL_CM
         return _CurrentSpan(self._new_span(name, attributes, parent, kind, start_ns))
 
@@ -556,7 +578,7 @@ class Telemetry:
         if self._stage_spans:
             self._new_span(name, attributes, None, trace.SpanKind.INTERNAL, start_ns).end(end_time=end_ns)
 
-    def _stage_key(self, name: str) -> _Key:
+    def _stage_key(self, name: str) -> SeriesKey:
         """The attribute items of stage ``name``'s ``vna.stage.duration`` series (built once per name)."""
         key = self._stage_keys.get(name)
         if key is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -203,6 +204,29 @@ def test_disabled_telemetry_is_a_no_op(tmp_path: Path) -> None:
         archive.telemetry.ingest_instances.add(1, {"outcome": "stored"})
     finally:
         archive.close()
+
+
+def test_inner_spans_are_made_only_when_exported_or_alone() -> None:
+    """Without a span exporter an ``inner`` span is skipped under a current span (log lines keep its
+    trace id) and made when no span is current; with one it is always a child span."""
+    quiet = Telemetry.setup(load_config(env={}, overrides={"telemetry": {"enabled": True}}).telemetry)
+    exported = InMemorySpanExporter()
+    recording = Telemetry.setup(quiet.cfg, span_exporter=exported)
+    try:
+        with quiet.span("outer") as outer:
+            assert outer is not None and outer.get_span_context().is_valid
+            with quiet.span("ingest", inner=True) as inner:
+                assert inner is None and trace.get_current_span() is outer
+        with quiet.span("ingest", inner=True) as alone:
+            assert alone is not None and alone.get_span_context().is_valid
+            assert trace.get_current_span() is alone
+        with recording.span("outer") as outer, recording.span("ingest", inner=True) as inner:
+            assert inner is not None and inner is not outer
+        (child,) = [s for s in exported.get_finished_spans() if s.name == "ingest"]
+        assert _parent(child) == outer.get_span_context().span_id
+    finally:
+        quiet.shutdown()
+        recording.shutdown()
 
 
 def _scrape(port: int) -> tuple[str, str]:

@@ -36,6 +36,7 @@ from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
 from vna.services.retrieve import InstanceRef, Transfer
+from vna.telemetry import SeriesKey, series_key
 
 __all__ = ["DicomServer"]
 
@@ -263,6 +264,7 @@ class DicomServer:
         self._idle = threading.Condition()
         self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
         self._assocs_lock = threading.Lock()
+        self._op_keys: dict[tuple[str, int], tuple[str, SeriesKey, SeriesKey]] = {}   # see _op_done
         self._storage_classes = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
         self._spool_dir = archive.cfg.resolve("spool/incoming")
         self._spool_dir.mkdir(parents=True, exist_ok=True)
@@ -401,13 +403,18 @@ class DicomServer:
 
     def _op_done(self, span: Span | None, op: str, status: int, t0: float) -> None:
         tel = self.archive.telemetry
-        text = f"0x{status:04X}"
+        keys = self._op_keys.get((op, status))
+        if keys is None:   # status text and metric series of (op, status), built once
+            text = f"0x{status:04X}"
+            keys = self._op_keys.setdefault(
+                (op, status), (text, series_key({"op": op, "status": text}), series_key({"op": op})))
+        text, ops_key, duration_key = keys
         if span is not None:
             span.set_attribute("dicom.status", text)
             if status not in (st.SUCCESS, st.PENDING, st.CANCEL) and status >> 12 != 0xB:
                 span.set_status(Status(StatusCode.ERROR, text))
-        tel.dimse_operations.add(1, {"op": op, "status": text})
-        tel.dimse_duration.record(time.perf_counter() - t0, {"op": op})
+        tel.dimse_operations.add_key(1, ops_key)
+        tel.dimse_duration.record_key(time.perf_counter() - t0, duration_key)
 
     def _assoc_span(self, event: evt.Event) -> Span | None:
         with self._assocs_lock:

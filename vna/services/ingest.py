@@ -38,13 +38,15 @@ from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
 from vna.services.part10 import scan_part10
 from vna.storage.accessor import TierAccessor, site_of_tiers
-from vna.telemetry import Telemetry
+from vna.telemetry import Telemetry, series_key
 
 __all__ = ["IngestResult", "IngestService", "Spooled"]
 
 log = logging.getLogger(__name__)
 
 _ATTR_KEYS = tuple(k for lv in QueryLevel for k in LEVEL_KEYS[lv])
+#: vna.ingest.instances series, by outcome
+_STORED, _DUPLICATE, _FAILED = (series_key({"outcome": o}) for o in ("stored", "duplicate", "failed"))
 
 
 @dataclass(frozen=True)
@@ -293,18 +295,18 @@ class IngestService:
         who = actor if actor is not None else Actor(source_ae or "unknown", "ae")
         tel = self.telemetry
         with (self.audit.operation(INSTANCES_TRANSFERRED, "C", who) as rec,
-              tel.span("ingest", start_ns=spooled.started_ns if spooled is not None else None)):
+              tel.span("ingest", start_ns=spooled.started_ns if spooled is not None else None, inner=True)):
             if spooled is not None:
                 tel.stage_done("ingest.receive", spooled.started_ns, spooled.ended_ns, {"vna.bytes": spooled.size})
             try:
                 result = self._ingest(path, source_ae, expected_sop_uid, expected_sop_class, rec, owned, spooled)
             except BaseException:
-                tel.ingest_instances.add(1, {"outcome": "failed"})
+                tel.ingest_instances.add_key(1, _FAILED)
                 raise
             rec.details.update({"version": result.version, "bytes": result.size, "duplicate": result.duplicate})
             if result.missing_replicas:
                 rec.details["missing_replicas"] = list(result.missing_replicas)
-            tel.ingest_instances.add(1, {"outcome": "duplicate" if result.duplicate else "stored"})
+            tel.ingest_instances.add_key(1, _DUPLICATE if result.duplicate else _STORED)
             if not result.duplicate:
                 tel.ingest_bytes.add(result.size)
             return result
