@@ -64,7 +64,7 @@ from vna.config import AuditConfig
 from vna.errors import AuditUnavailable, DuplicateConflict, InvalidInput, NotFound, VnaError
 
 if TYPE_CHECKING:
-    from vna.telemetry import Telemetry
+    from vna.telemetry import SeriesKey, Telemetry
 
 __all__ = [
     "Code", "Actor", "AuditScope", "AuditLog", "VerifyResult",
@@ -189,6 +189,9 @@ def _now_iso() -> str:
 
 
 def _unique(values: Iterable[str]) -> list[str]:
+    """The non-empty values, sorted, without repeats, at most _MAX_LIST of them."""
+    if isinstance(values, list) and len(values) <= 1:   # the usual case: one instance's patient/study
+        return [values[0]] if values and values[0] else []
     return sorted({v for v in values if v})[:_MAX_LIST]
 
 
@@ -285,6 +288,7 @@ class AuditLog:
         self.enabled = cfg.enabled
         self.source = {"host": _HOST, "pid": os.getpid(), **(source or {})}
         self._telemetry = telemetry
+        self._record_keys: dict[str, SeriesKey] = {}     # event id -> its vna.audit.records series
         self._lock = threading.RLock()
         self._fd: int | None = None
         self._seq = 0
@@ -479,7 +483,10 @@ class AuditLog:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         if self._telemetry is not None:
-            self._telemetry.audit_records.add(1, {"event_id": body["event_id"]})
+            key = self._record_keys.get(body["event_id"])
+            if key is None:
+                key = self._record_keys.setdefault(body["event_id"], (("event_id", body["event_id"]),))
+            self._telemetry.audit_records.add_key(1, key)
         return rec
 
     def _sync_tail(self, fd: int) -> None:
