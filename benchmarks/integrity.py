@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.corpus import write_corpus
+from benchmarks.servers import fs_type
 
 LEVELS = ("exists", "size", "stored", "content")
 MB = 1e6
@@ -70,20 +71,6 @@ def timed(name: str, fn: Callable[[], tuple[int, int]], repeat: int) -> Measure:
             best = m
     assert best is not None
     return best
-
-
-def fs_type(path: Path) -> str:
-    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
-    best, kind = "", "?"
-    real = str(path.resolve())
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            if (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")) and len(parts[1]) >= len(best):
-                best, kind = parts[1], parts[2]
-    except OSError:
-        pass
-    return kind
 
 
 def raw_sha256(total: int) -> Callable[[], tuple[int, int]]:

@@ -54,15 +54,19 @@ def free_port() -> int:
 
 
 def fs_type(path: Path) -> str:
-    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
-    best, kind = "", "?"
+    """Filesystem type of the mount holding ``path`` (from /proc/mounts); "ext4 (no journal)" when
+    ext4 runs without one (no /proc/fs/jbd2 entry): fsync is then far cheaper than on a production disk."""
+    best, kind, dev = "", "?", ""
     try:
         real = str(path.resolve())
         for line in Path("/proc/mounts").read_text().splitlines():
             parts = line.split()
             mnt = parts[1]
             if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, kind = mnt, parts[2]
+                best, kind, dev = mnt, parts[2], parts[0]
+        jbd2 = Path("/proc/fs/jbd2")
+        if kind == "ext4" and jbd2.is_dir() and not any(jbd2.glob(Path(dev).name + "-*")):
+            kind = "ext4 (no journal)"
     except OSError:
         pass
     return kind
