@@ -35,6 +35,7 @@ _ensure_stubs()  # before the generated modules are imported (fresh clone: gener
 from vna.api._gen import archive_pb2 as pb  # noqa: E402
 from vna.api._gen import archive_pb2_grpc as pb_grpc  # noqa: E402
 from vna.api.observe import trace_metadata  # noqa: E402
+from vna.checksum import sha256_file  # noqa: E402
 from vna.errors import IntegrityError, InvalidInput, VnaError  # noqa: E402
 
 __all__ = ["ApiError", "StoreResult", "RetrievedInstance", "VnaClient", "LEVELS", "pb"]
@@ -139,14 +140,6 @@ class _Sink:
             self.tmp.unlink(missing_ok=True)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(CHUNK_SIZE):
-            h.update(data)
-    return h.hexdigest()
-
-
 class VnaClient:
     """A connection to a vna gRPC server. Thread-safe; close it (or use ``with``) when done.
 
@@ -205,7 +198,7 @@ class VnaClient:
         Raises ApiError (INVALID_ARGUMENT for bad DICOM, ALREADY_EXISTS,
         UNAVAILABLE...) or IntegrityError.
         """
-        digest = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else _sha256_file(source)
+        digest = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else sha256_file(Path(source))[0]
 
         def messages() -> Iterator[pb.StoreRequest]:
             yield pb.StoreRequest(header=pb.StoreHeader(
