@@ -142,7 +142,8 @@ _NULL_CM: AbstractContextManager[None] = nullcontext()
 
 #: Series per instrument beyond which new attribute sets share one overflow series (as the SDK does).
 _CARDINALITY_LIMIT = 2000
-_OVERFLOW: tuple[tuple[str, str | int | float | bool], ...] = (("otel.metric.overflow", True),)
+_OVERFLOW: SeriesKey = (("otel.metric.overflow", True),)
+
 
 class _SumSeries:
     __slots__ = ("start", "value")
