@@ -131,9 +131,11 @@ class _Recording(Protocol):
     def record_key(self, amount: float, key: SeriesKey) -> None: ...
 
 
-def series_key(attributes: Mapping[str, str | int | float | bool]) -> SeriesKey:
-    """The attributes of a metric series as ``add_key``/``record_key`` take them (build it once, reuse it)."""
-    return tuple(attributes.items())
+def series_key(attributes: Mapping[str, Any] | None) -> SeriesKey:
+    """The attributes of a metric series as ``add_key``/``record_key`` take them (hot callers build it once).
+
+    Values must be hashable (str, int, float, bool)."""
+    return tuple(attributes.items()) if attributes else ()
 
 
 _NOOP = _Noop()
@@ -212,7 +214,7 @@ class _Sum(_Local):
 
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
         """Add ``amount`` to the series of ``attributes``."""
-        self.add_key(amount, tuple(attributes.items()) if attributes else ())
+        self.add_key(amount, series_key(attributes))
 
     def add_key(self, amount: float, key: SeriesKey) -> None:
         """:meth:`add` with the attribute items already a tuple (pre-built by hot callers)."""
@@ -244,7 +246,7 @@ class _Histogram(_Local):
 
     def record(self, amount: float, attributes: Attributes | None = None) -> None:
         """Count ``amount`` (>= 0) in the series of ``attributes``."""
-        self.record_key(amount, tuple(attributes.items()) if attributes else ())
+        self.record_key(amount, series_key(attributes))
 
     def record_key(self, amount: float, key: SeriesKey) -> None:
         """:meth:`record` with the attribute items already a tuple (pre-built by hot callers)."""
@@ -584,7 +586,7 @@ class Telemetry:
         """The attribute items of stage ``name``'s ``vna.stage.duration`` series (built once per name)."""
         key = self._stage_keys.get(name)
         if key is None:
-            key = self._stage_keys.setdefault(name, (("stage", name),))
+            key = self._stage_keys.setdefault(name, series_key({"stage": name}))
         return key
 
     def job(self, name: str) -> AbstractContextManager[JobRun]:
