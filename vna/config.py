@@ -71,6 +71,8 @@ class DicomConfig:
     max_pdu: int = 65536
     workers: int = 1
     fast_store: bool = True          # receive C-STOREs without pynetdicom's per-PDU layers (vna/dicom/fast_store.py)
+    accept_unknown_storage_classes: bool = False  # accept storage SOP classes pynetdicom does not list (private ones)
+    max_connections_per_address: int = 8   # open connections one peer address may hold (associations included)
     remote: tuple[RemoteAE, ...] = ()
     # DICOM over TLS (BCP 195, TLS 1.2+): a second listener on tls_port (0: none). Paths relative to data_dir.
     tls_port: int = 0
@@ -264,6 +266,8 @@ class ArchiveConfig:
     data_dir: str = "./vna-data"
     duplicate_policy: str = "reject"  # or "version"
     site_id: str = "local"
+    min_copies: int = 2             # independent verified copies every instance keeps (lifecycle never goes below)
+    permissions: str = "owner"      # files and directories under the data, spool, audit and cold paths: "owner" or "group"
 
 
 GRPC_ROLES = ("read", "write")
@@ -525,6 +529,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("hot.s3 entries must name distinct buckets (or prefixes): two replicas in one place are one")
     if cfg.archive.duplicate_policy not in ("reject", "version"):
         raise ConfigError("archive.duplicate_policy must be 'reject' or 'version'")
+    if cfg.archive.min_copies < 1:
+        raise ConfigError("archive.min_copies must be >= 1")
+    if cfg.archive.permissions not in ("owner", "group"):
+        raise ConfigError("archive.permissions must be 'owner' or 'group'")
+    if cfg.dicom.max_connections_per_address < 1:
+        raise ConfigError("dicom.max_connections_per_address must be >= 1")
     if cfg.index.backend not in ("sqlite", "cassandra"):
         raise ConfigError("index.backend must be 'sqlite' or 'cassandra'")
     if not 0 < cfg.dicom.port < 65536:
