@@ -65,6 +65,7 @@ class Archive:
         self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"),
                                         audit=self.audit, telemetry=self.telemetry, site=self.site_id,
                                         sites=self.sites, cache_remote=cfg.federation.cache_remote)
+        self.ingest.retrieve = self.retrieve  # a re-send in other bytes is compared with a verified stored copy
         self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit, sites=self.sites)
         self.gauges = ArchiveGauges(self)
 
