@@ -77,7 +77,8 @@ class Archive:
         """
         site = cfg.archive.site_id
         stores: list[BlobStore] = [
-            FilesystemBlobStore(site_store_id(f"hot-{i + 1}", site), cfg.resolve(path), fsync=cfg.hot.fsync)
+            FilesystemBlobStore(site_store_id(f"hot-{i + 1}", site), cfg.resolve(path), fsync=cfg.hot.fsync,
+                                file_mode=cfg.archive.file_mode)
             for i, path in enumerate(cfg.hot.replicas)
         ]
         if cfg.hot.s3:
@@ -93,7 +94,7 @@ class Archive:
 
             return S3BlobStore(site_store_id("cold-s3", cfg.archive.site_id), cfg.cold.s3)
         return FilesystemBlobStore(site_store_id("cold-1", cfg.archive.site_id), cfg.resolve(cfg.cold.path),
-                                   fsync=cfg.hot.fsync)
+                                   fsync=cfg.hot.fsync, file_mode=cfg.archive.file_mode)
 
     def migrator(self) -> Migrator:
         """The lifecycle job on this archive's tiers."""

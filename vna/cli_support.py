@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from vna import permissions
 from vna.config import Config, load_config
 from vna.jobs import JobReport
 
@@ -21,7 +22,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace) -> Config:
-    """The effective config: file < VNA_* environment < flags."""
+    """The effective config: file < VNA_* environment < flags.
+
+    Once loaded, ``archive.permissions`` becomes the process umask (and vna's
+    existing top-level paths are tightened to it), and readable secrets are
+    warned about: see :mod:`vna.permissions`.
+    """
     over: dict[str, Any] = {}
     if getattr(args, "data_dir", None):
         over.setdefault("archive", {})["data_dir"] = args.data_dir
@@ -33,7 +39,10 @@ def load(args: argparse.Namespace) -> Config:
         over.setdefault("dicom", {})["workers"] = args.workers
     if getattr(args, "host", None):
         over.setdefault("dicom", {})["host"] = args.host
-    return load_config(args.config, env=os.environ, overrides=over)
+    cfg = load_config(args.config, env=os.environ, overrides=over)
+    permissions.apply(cfg)
+    permissions.warn_readable_secrets(cfg, args.config)
+    return cfg
 
 
 def add_job_flags(p: argparse.ArgumentParser, destructive: bool = False) -> None:

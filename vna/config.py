@@ -269,6 +269,21 @@ class ArchiveConfig:
     min_copies: int = 2             # independent verified copies every instance keeps (lifecycle never goes below)
     permissions: str = "owner"      # files and directories under the data, spool, audit and cold paths: "owner" or "group"
 
+    @property
+    def umask(self) -> int:
+        """The process umask of every ``vna`` verb: 0o077 for "owner", 0o027 for "group"."""
+        return 0o027 if self.permissions == "group" else 0o077
+
+    @property
+    def file_mode(self) -> int:
+        """The mode of files vna creates: 0o600 for "owner", 0o640 for "group"."""
+        return 0o666 & ~self.umask
+
+    @property
+    def dir_mode(self) -> int:
+        """The mode of directories vna creates: 0o700 for "owner", 0o750 for "group"."""
+        return 0o777 & ~self.umask
+
 
 GRPC_ROLES = ("read", "write")
 
