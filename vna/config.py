@@ -306,7 +306,7 @@ class GrpcConfig:
     """
 
     enabled: bool = False
-    host: str = "0.0.0.0"
+    host: str = ""                  # empty: dicom.host
     port: int = 50051
     tls_cert: str = ""              # PEM server certificate (chain)
     tls_key: str = ""               # PEM private key of tls_cert
@@ -320,7 +320,7 @@ class GrpcConfig:
 class HealthConfig:
     """The readiness endpoint for load balancers (``GET /health``, 200 or 503); ``port`` 0: off."""
 
-    host: str = "0.0.0.0"
+    host: str = ""                  # empty: dicom.host
     port: int = 0
 
 
@@ -385,6 +385,13 @@ class Config:
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        # the one place an empty grpc.host / health.host becomes dicom.host
+        if not self.grpc.host:
+            object.__setattr__(self, "grpc", dataclasses.replace(self.grpc, host=self.dicom.host))
+        if not self.health.host:
+            object.__setattr__(self, "health", dataclasses.replace(self.health, host=self.dicom.host))
 
     @property
     def data_dir(self) -> Path:
