@@ -73,6 +73,7 @@ class DicomConfig:
     fast_store: bool = True          # receive C-STOREs without pynetdicom's per-PDU layers (vna/dicom/fast_store.py)
     accept_unknown_storage_classes: bool = False  # accept storage SOP classes pynetdicom does not list (private ones)
     max_connections_per_address: int = 8   # open connections one peer address may hold (associations included)
+    max_half_open_connections: int = 64    # connections not yet associated (counted apart from max_associations)
     remote: tuple[RemoteAE, ...] = ()
     # DICOM over TLS (BCP 195, TLS 1.2+): a second listener on tls_port (0: none). Paths relative to data_dir.
     tls_port: int = 0
@@ -557,6 +558,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("archive.permissions must be 'owner' or 'group'")
     if cfg.dicom.max_connections_per_address < 1:
         raise ConfigError("dicom.max_connections_per_address must be >= 1")
+    if cfg.dicom.max_half_open_connections < 1:
+        raise ConfigError("dicom.max_half_open_connections must be >= 1")
     if cfg.index.backend not in ("sqlite", "cassandra"):
         raise ConfigError("index.backend must be 'sqlite' or 'cassandra'")
     if not 0 < cfg.dicom.port < 65536:
