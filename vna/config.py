@@ -550,6 +550,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"hot.s3[{i}].bucket is required")
     if len({(s3.endpoint_url, s3.bucket, s3.prefix.strip("/")) for s3 in cfg.hot.s3}) != len(cfg.hot.s3):
         raise ConfigError("hot.s3 entries must name distinct buckets (or prefixes): two replicas in one place are one")
+    _validate_replica_paths(cfg)
     if cfg.archive.duplicate_policy not in ("reject", "version"):
         raise ConfigError("archive.duplicate_policy must be 'reject' or 'version'")
     if cfg.archive.min_copies < 1:
@@ -567,6 +568,7 @@ def _validate(cfg: Config) -> None:
     ae = cfg.dicom.ae_title
     if not ae or len(ae) > 16 or "\\" in ae or not ae.isprintable():
         raise ConfigError("dicom.ae_title must be 1-16 printable characters")
+    _validate_dicom_peers(cfg.dicom)
     if cfg.dicom.commitment_retries < 0 or cfg.dicom.commitment_retry_interval < 0:
         raise ConfigError("dicom.commitment_retries and dicom.commitment_retry_interval must be >= 0")
     if cfg.dicom.max_associations < 1 or cfg.dicom.workers < 1:
@@ -581,6 +583,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cold.bundle_by must be 'series' or 'study'")
     if cfg.lifecycle.age_basis not in ("ingest", "study_date", "last_access"):
         raise ConfigError("lifecycle.age_basis must be 'ingest', 'study_date' or 'last_access'")
+    _validate_lifecycle(cfg.lifecycle)
     ic = cfg.integrity
     if ic.verify_level not in VERIFY_LEVELS:
         raise ConfigError(f"integrity.verify_level must be one of {', '.join(VERIFY_LEVELS)}")
@@ -597,6 +600,50 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("health.port must be between 0 (off) and 65535")
     _validate_observability(cfg.audit, cfg.telemetry)
     _validate_federation(cfg.archive.site_id, cfg.federation)
+
+
+def _validate_replica_paths(cfg: Config) -> None:
+    """Two hot replicas (or a replica and the cold directory) in one directory, or one inside another, are one copy."""
+    places = [(f"hot.replicas[{i}]", r, Path(cfg.resolve(r)).resolve()) for i, r in enumerate(cfg.hot.replicas)]
+    if cfg.cold.backend == "filesystem":
+        places.append(("cold.path", cfg.cold.path, Path(cfg.resolve(cfg.cold.path)).resolve()))
+    for i, (name, value, path) in enumerate(places):
+        for other, other_value, other_path in places[:i]:
+            if path == other_path or path.is_relative_to(other_path) or other_path.is_relative_to(path):
+                raise ConfigError(f"{name} {value!r} and {other} {other_value!r} are the same directory or one "
+                                  f"holds the other ({path}): give each replica its own directory")
+
+
+def _ae_ok(ae: str) -> bool:
+    return bool(ae.strip()) and len(ae) <= 16 and "\\" not in ae and ae.isprintable()
+
+
+def _validate_dicom_peers(d: DicomConfig) -> None:
+    for i, ae in enumerate(d.allowed_calling_aes):
+        if not _ae_ok(ae):
+            raise ConfigError(f"dicom.allowed_calling_aes[{i}] {ae!r} is not an AE title (1-16 printable characters)")
+    titles: set[str] = set()
+    for i, r in enumerate(d.remote):
+        if not _ae_ok(r.ae_title):
+            raise ConfigError(f"dicom.remote[{i}].ae_title {r.ae_title!r} is not an AE title "
+                              "(1-16 printable characters)")
+        if r.ae_title.strip() in titles:
+            raise ConfigError(f"dicom.remote[{i}].ae_title {r.ae_title!r} is listed twice")
+        if not r.host:
+            raise ConfigError(f"dicom.remote[{i}].host must be set ({r.ae_title})")
+        if not 0 < r.port < 65536:
+            raise ConfigError(f"dicom.remote[{i}].port must be between 1 and 65535, not {r.port} ({r.ae_title})")
+        titles.add(r.ae_title.strip())
+
+
+def _validate_lifecycle(lc: LifecycleConfig) -> None:
+    if lc.min_age_days < 0 or lc.cache_ttl_days < 0:
+        raise ConfigError("lifecycle.min_age_days and lifecycle.cache_ttl_days must be >= 0, "
+                          f"not {lc.min_age_days} and {lc.cache_ttl_days}")
+    if lc.interval_seconds <= 0 or lc.lease_seconds <= 0:
+        raise ConfigError("lifecycle.interval_seconds and lifecycle.lease_seconds must be > 0")
+    if lc.batch_limit < 1:
+        raise ConfigError("lifecycle.batch_limit must be >= 1")
 
 
 def _site_id_ok(site_id: str) -> bool:
