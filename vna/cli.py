@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from vna.cli_support import add_common, load
+from vna.cli_support import add_common, explain, load, setting_origins
 from vna.config import Config
 from vna.errors import ConfigError, VnaError
 
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"vna: configuration error: {exc}", file=sys.stderr)
+        print(f"vna: configuration error: {explain(str(exc), setting_origins(args))}", file=sys.stderr)
         return 2
     except VnaError as exc:
         print(f"vna: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tomllib
 import types
 import typing
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vna.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RemoteAE",
@@ -43,6 +46,8 @@ __all__ = [
     "FederationConfig",
     "Config",
     "load_config",
+    "env_settings",
+    "unknown_env",
 ]
 
 
@@ -481,9 +486,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """Map ``VNA_SECTION_KEY`` variables onto the config tree."""
-    tree: dict[str, Any] = {}
+#: ``VNA_*`` variables that are not settings: read by the CLI, the gRPC client, tests and the ops launchers
+_ENV_NOT_SETTINGS = ("LOG_LEVEL", "GRPC_TOKEN")
+_ENV_NOT_SETTINGS_PREFIXES = ("TEST_", "CASSANDRA_", "WEED", "BENCH_")
+
+
+def _env_paths() -> dict[str, tuple[str, ...]]:
+    """``SECTION_KEY`` (the variable name after ``VNA_``) -> the setting's path in the config tree."""
     paths: dict[str, tuple[str, ...]] = {}
 
     def walk(cls: type[Any], prefix: tuple[str, ...]) -> None:
@@ -498,6 +507,38 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     walk(Config, ())
     for f in dataclasses.fields(ArchiveConfig):
         paths[f.name.upper()] = ("archive", f.name)
+    return paths
+
+
+def env_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings the ``VNA_*`` variables of ``env`` set: dotted name (``dicom.port``) -> variable name."""
+    paths = _env_paths()
+    return {".".join(paths[name[4:]]): name for name in env if name.startswith("VNA_") and name[4:] in paths}
+
+
+def unknown_env(env: Mapping[str, str]) -> dict[str, str | None]:
+    """``VNA_*`` variables of ``env`` that name no setting (a typo): name -> the closest setting's variable, or None."""
+    import difflib
+
+    paths = _env_paths()
+    unknown: dict[str, str | None] = {}
+    for name in env:
+        rest = name[4:]
+        if not name.startswith("VNA_") or rest in paths or rest in _ENV_NOT_SETTINGS \
+                or rest.startswith(_ENV_NOT_SETTINGS_PREFIXES):
+            continue
+        close = difflib.get_close_matches(rest, list(paths), n=1)
+        unknown[name] = f"VNA_{close[0]}" if close else None
+    return unknown
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Map ``VNA_SECTION_KEY`` variables onto the config tree (unknown ones are logged as warnings)."""
+    tree: dict[str, Any] = {}
+    paths = _env_paths()
+    for name, hint in unknown_env(env).items():
+        log.warning("environment variable %s is not a vna setting and is ignored%s", name,
+                    f" (did you mean {hint}?)" if hint else "")
     for name, value in env.items():
         if not name.startswith("VNA_"):
             continue
