@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes, default_encoding
@@ -279,6 +279,8 @@ class IngestService:
         self.index = index
         #: reads verified copies of a stored instance to compare a re-send with (None: any other bytes conflict)
         self.retrieve = retrieve
+        #: how many copies one verified copy on a store counts for (a store may declare its own redundancy)
+        self.copy_weight: Callable[[str], int] = lambda _store_id: 1
         self.hot = hot
         self.site = site_of_tiers({hot.tier: hot})
         self.duplicate_policy = duplicate_policy
@@ -416,7 +418,8 @@ class IngestService:
         """Make the stored version durable at this site before a duplicate is acknowledged (rule 7).
 
         ``source`` holds bytes verified to be the stored content. Verified
-        copies are this site's OK placements, hot and cold. With none recorded
+        copies are this site's OK placements, hot and cold, each counting
+        :attr:`copy_weight` copies. With none recorded
         here (another site stored it) every hot replica gets a copy; with fewer
         than W, each hot store whose copy is MISSING, CORRUPT or absent gets a
         new one (new key, read back verified, then recorded OK: blob first,
@@ -436,7 +439,7 @@ class IngestService:
             log.info("instance %s was stored by another site; this site keeps its own copies now", existing.sop_uid)
             written = tuple(p.store_id for p in placements if p.state is PlacementState.OK)
             return tuple(p.store_id for p in placements if p.state is PlacementState.MISSING), written
-        ok = sum(1 for p in local if p.state is PlacementState.OK)
+        ok = sum(self.copy_weight(p.store_id) for p in local if p.state is PlacementState.OK)
         if ok >= self.hot.quorum:
             return (), ()
         return self._restore(existing, source, local, ok)
@@ -463,7 +466,7 @@ class IngestService:
                 self.hot.delete_all(new.blob_key, [store.store_id])  # the row moved on meanwhile
                 continue
             written.append(store.store_id)
-        have = ok + len(written)
+        have = ok + sum(self.copy_weight(sid) for sid in written)
         if written:
             log.info("instance %s had %d verified copies; rewrote the copies on %s from the re-sent bytes",
                      existing.sop_uid, ok, ",".join(written))
