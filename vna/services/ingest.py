@@ -427,8 +427,7 @@ class IngestService:
         rewritten). Raises QuorumNotMet when fewer than W verified copies
         exist afterwards; the copies it did record are kept.
         """
-        rows = self.index.placements(existing.sop_uid, existing.version)
-        local = [p for p in rows if site_of(p.store_id) == self.site]
+        local = self._local(existing)
         if not local:
             from vna.federation.copy import add_local_copy
 
@@ -439,10 +438,19 @@ class IngestService:
             log.info("instance %s was stored by another site; this site keeps its own copies now", existing.sop_uid)
             written = tuple(p.store_id for p in placements if p.state is PlacementState.OK)
             return tuple(p.store_id for p in placements if p.state is PlacementState.MISSING), written
-        ok = sum(self.copy_weight(p.store_id) for p in local if p.state is PlacementState.OK)
+        ok = self._verified(local)
         if ok >= self.hot.quorum:
             return (), ()
         return self._restore(existing, source, local, ok)
+
+    def _local(self, existing: InstanceRecord) -> list[Placement]:
+        """This site's placements of the stored version."""
+        rows = self.index.placements(existing.sop_uid, existing.version)
+        return [p for p in rows if site_of(p.store_id) == self.site]
+
+    def _verified(self, placements: list[Placement]) -> int:
+        """How many verified copies the OK placements count for."""
+        return sum(self.copy_weight(p.store_id) for p in placements if p.state is PlacementState.OK)
 
     def _restore(self, existing: InstanceRecord, source: Path, local: list[Placement],
                  ok: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -466,7 +474,7 @@ class IngestService:
                 self.hot.delete_all(new.blob_key, [store.store_id])  # the row moved on meanwhile
                 continue
             written.append(store.store_id)
-        have = ok + sum(self.copy_weight(sid) for sid in written)
+        have = self._verified(self._local(existing))  # the index is the truth (a concurrent re-send may have won)
         if written:
             log.info("instance %s had %d verified copies; rewrote the copies on %s from the re-sent bytes",
                      existing.sop_uid, ok, ",".join(written))
