@@ -6,8 +6,9 @@ apart: half-open connections (``dicom.max_half_open_connections``) cannot take
 the association slots (``dicom.max_associations``), and one peer address holds
 at most ``dicom.max_connections_per_address`` connections of either kind.
 
-``RefusalLog`` writes the first refusal of an address at once and folds the
-following ones of the same minute into a count carried by the next line.
+``RefusalLog`` writes the first refusal of a kind from an address at once and
+folds the following ones of the same minute into a count carried by the next
+line of that kind and address.
 """
 
 from __future__ import annotations
@@ -26,27 +27,28 @@ _MAX_TRACKED = 4096     # addresses remembered by RefusalLog (the oldest windows
 
 
 class RefusalLog:
-    """Per peer address: the first refusal of a window is logged, the rest of the window counted."""
+    """Per peer address and kind of refusal: the first of a window is logged, the rest of the window counted."""
 
     def __init__(self, logger: logging.Logger = log, window: float = _WINDOW) -> None:
         self._log = logger
         self._window = window
         self._lock = threading.Lock()
-        self._seen: dict[str, tuple[float, int]] = {}   # address -> (window start, refusals not logged)
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}   # (address, why) -> (window start, not logged)
 
     def refuse(self, address: str, why: str, *args: Any) -> None:
-        """Log ``why % args`` for ``address`` unless an earlier line of this window covers it."""
+        """Log ``why % args`` for ``address`` unless an earlier line of this kind (``why``) and window covers it."""
         now = time.monotonic()
+        key = (address, why)
         with self._lock:
-            start, hidden = self._seen.get(address, (-self._window, 0))
+            start, hidden = self._seen.get(key, (-self._window, 0))
             if now - start < self._window:
-                self._seen[address] = (start, hidden + 1)
+                self._seen[key] = (start, hidden + 1)
                 return
             if len(self._seen) >= _MAX_TRACKED:
-                for old in sorted(self._seen, key=lambda a: self._seen[a][0])[:_MAX_TRACKED // 4]:
+                for old in sorted(self._seen, key=lambda k: self._seen[k][0])[:_MAX_TRACKED // 4]:
                     del self._seen[old]
-            self._seen[address] = (now, 0)
-        more = f" ({hidden} more refused from this address in the last {self._window:.0f} s)" if hidden else ""
+            self._seen[key] = (now, 0)
+        more = f" ({hidden} more like it from this address in the last {self._window:.0f} s)" if hidden else ""
         self._log.warning("DICOM peer %s: " + why + "%s", address, *args, more)
 
 

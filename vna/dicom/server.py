@@ -219,6 +219,7 @@ class _Server(ThreadedAssociationServer):
     reuse_port = False
     handshake_timeout = 30.0
     limits: ConnectionLimits | None = None
+    request_queue_size = 128  # listen backlog (socketserver's 5 makes a burst of connections wait for SYN retries)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
