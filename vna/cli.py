@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from vna import preflight
 from vna.cli_support import add_common, explain, load, setting_origins
 from vna.config import Config
 from vna.errors import ConfigError, VnaError
+from vna.preflight import listen_error
 
 __all__ = ["main"]
 
@@ -91,7 +93,10 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
     health = _health_server(cfg, archive, server, grpc_server, stop, reuse_port)
     try:
         if server is not None:
-            server.start()
+            try:
+                server.start()
+            except OSError as exc:  # the port was taken after the preflight probe
+                raise listen_error("dicom.port", "the DICOM listener", cfg.dicom.host, cfg.dicom.port, exc) from exc
         if grpc_server is not None:
             grpc_server.start()
         if health is not None:
@@ -153,6 +158,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dicom = not args.no_dicom
     if not dicom and not cfg.grpc.enabled:
         raise ConfigError("--no-dicom leaves nothing to serve: enable [grpc]")
+    preflight.check_serve(cfg, dicom=dicom)
+    created = preflight.missing_roots(cfg)
+    started = threading.Event()
+    try:
+        code = _serve(cfg, args, dicom, started)
+    except BaseException:
+        if not started.is_set():  # a failed start leaves no half-made directories behind
+            preflight.remove_created(created)
+        raise
+    if not started.is_set():
+        preflight.remove_created(created)
+    return code
+
+
+def _serve(cfg: Config, args: argparse.Namespace, dicom: bool, started: threading.Event) -> int:
+    """``cmd_serve`` once the preflight checks passed; ``started`` is set once every listener is up.
+
+    Raises (ConfigError...) if the start fails.
+    """
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     _prepare_spool(cfg)
     if cfg.index.migrate_on_start:
@@ -172,21 +196,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
                f"data {cfg.data_dir}")
     if cfg.dicom.workers == 1:
         ready = threading.Event()
-        thread = threading.Thread(target=_serve_process, args=(cfg, stop, ready, False, None, True, dicom),
-                                  name="vna-serve")
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                _serve_process(cfg, stop, ready, False, None, True, dicom)
+            except BaseException as exc:  # re-raised in the main thread: one message, the right exit code
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, name="vna-serve")
         thread.start()
         while not ready.wait(0.1):
             if not thread.is_alive():
-                return 1
-        log.info("vna ready: %s)", summary)
+                break
+        if ready.is_set():
+            started.set()
+            log.info("vna ready: %s)", summary)
         while thread.is_alive():
             thread.join(0.5)
+        if failed:
+            raise failed[0]
         log.info("vna stopped")
-        return 0
-    return _serve_workers(cfg, stop, summary, args.log_level, dicom)
+        return 0 if ready.is_set() else 1
+    return _serve_workers(cfg, stop, summary, args.log_level, dicom, started)
 
 
-def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: str, dicom: bool = True) -> int:
+def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: str, dicom: bool = True,
+                   started: threading.Event | None = None) -> int:
     """Supervise ``dicom.workers`` processes sharing the DICOM port; restart any that dies."""
     ctx = multiprocessing.get_context("spawn")
 
@@ -207,6 +243,8 @@ def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: 
             break
         time.sleep(0.05)
     else:
+        if started is not None:
+            started.set()
         log.info("vna ready: %s, %d worker processes)", summary, len(workers))
     while not stop.wait(1.0):
         for i, (proc, _, _) in enumerate(workers):
@@ -222,7 +260,7 @@ def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: 
             proc.kill()
             proc.join(5)
     log.info("vna stopped")
-    return 0
+    return 0 if started is None or started.is_set() else 1
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
