@@ -275,6 +275,7 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     from vna.index import open_index
 
     cfg = load(args)
+    preflight.require_archive(cfg)
     index = open_index(cfg)
     try:
         s = index.stats()

@@ -113,3 +113,17 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
 def test_a_read_only_data_dir(tmp_path: Path, read_only_dir: Path, name: str) -> None:
     data = read_only_dir / name
     config_error(serve(tmp_path, "", data), "archive.data_dir", str(data), "not writable")
+
+
+def test_index_stats_of_a_directory_without_archive(tmp_path: Path) -> None:
+    r = vna_cli("index", "stats", "--data-dir", "typo-dir", cwd=tmp_path)
+    line = config_error(r, "no archive", "typo-dir")
+    assert "--data-dir" in line
+    assert not (tmp_path / "typo-dir").exists()
+    assert r.stdout == ""
+
+
+def test_index_stats_of_an_archive(tmp_path: Path) -> None:
+    assert vna_cli("index", "migrate", "--data-dir", "data", cwd=tmp_path).returncode == 0
+    r = vna_cli("index", "stats", "--data-dir", "data", cwd=tmp_path)
+    assert r.returncode == 0 and "instances  0" in r.stdout, r.stderr
