@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from vna import preflight
+from vna import __version__, preflight
 from vna.cli_support import add_common, explain, load, setting_origins
 from vna.config import Config
 from vna.errors import ConfigError, VnaError
@@ -342,6 +342,7 @@ def cmd_store(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every verb."""
     parser = argparse.ArgumentParser(prog="vna", description="vendor-neutral archive")
+    parser.add_argument("--version", action="version", version=f"vna {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("serve", help="run the archive (DICOM DIMSE and, when [grpc] enabled, gRPC)")
@@ -396,7 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     _setup_logging(args.log_level)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
+    except BrokenPipeError:  # `vna ... | head`: the reader has gone; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except ConfigError as exc:
         print(f"vna: configuration error: {explain(str(exc), setting_origins(args))}", file=sys.stderr)
         return 2

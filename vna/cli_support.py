@@ -14,6 +14,9 @@ from vna.jobs import JobReport
 
 __all__ = ["add_common", "load", "add_job_flags", "print_report", "setting_origins", "explain"]
 
+#: the choices of --log-level
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 #: the flags that set a setting: attribute of the parsed arguments -> (setting, flag)
 _FLAGS: dict[str, tuple[str, str]] = {
     "data_dir": ("archive.data_dir", "--data-dir"),
@@ -28,7 +31,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     """--config, --data-dir, --log-level."""
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--data-dir", help="data directory (default ./vna-data)")
-    p.add_argument("--log-level", default=os.environ.get("VNA_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                   default=os.environ.get("VNA_LOG_LEVEL", "INFO").upper(),
+                   help="log level (default: $VNA_LOG_LEVEL or INFO)")
 
 
 def load(args: argparse.Namespace) -> Config:

@@ -127,3 +127,26 @@ def test_index_stats_of_an_archive(tmp_path: Path) -> None:
     assert vna_cli("index", "migrate", "--data-dir", "data", cwd=tmp_path).returncode == 0
     r = vna_cli("index", "stats", "--data-dir", "data", cwd=tmp_path)
     assert r.returncode == 0 and "instances  0" in r.stdout, r.stderr
+
+
+def test_version() -> None:
+    r = vna_cli("--version")
+    assert (r.returncode, r.stdout.strip()) == (0, f"vna {vna.__version__}")
+
+
+def test_log_level_has_choices_and_help() -> None:
+    r = vna_cli("config", "show", "--log-level", "LOUD")
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "DEBUG" in r.stderr
+    assert vna_cli("config", "show", "--log-level", "debug", "--data-dir", "/nonexistent").returncode == 0
+    assert "log level" in vna_cli("config", "show", "--help").stdout
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """``vna config show | head -1``: the reader is gone before vna writes; no BrokenPipeError on stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VNA_")}
+    proc = subprocess.Popen([*VNA, "config", "show", "--data-dir", str(tmp_path / "d")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert b"BrokenPipe" not in err and b"Traceback" not in err, err.decode()
