@@ -244,3 +244,31 @@ def test_equivalent_resend_of_a_lost_instance_is_refused_and_of_a_damaged_one_re
     assert report(srv, uid(ct[1]))["outcome"] == "DAMAGED"
     assert storescu(srv, [dcmconv(ct[1], tmp_path / "implicit1.dcm", "+ti")]) == [(0, "")]
     assert_healthy(srv, ct[1])
+
+
+def test_resend_of_a_migrated_instance_is_compared_with_its_cold_copy(make_server: Factory, ct: list[Path],
+                                                                      tmp_path: Path) -> None:
+    srv = make_server("[archive]\nmin_copies = 1\n[lifecycle]\nmin_age_days = 0\n")  # every hot copy retired
+    assert storescu(srv, ct[:3]) == [(0, "")] * 3
+    r = srv.cli("lifecycle", "run")
+    assert r.returncode == 0, r.stderr
+    assert blobs(hot(srv, 1)) == [] and blobs(hot(srv, 2)) == []
+
+    # the same data set in implicit VR: compared with the verified cold copy, a duplicate; one cold copy is
+    # fewer than W = 2 verified copies, so both hot replicas get the stored bytes back from the cold copy
+    assert storescu(srv, [dcmconv(ct[0], tmp_path / "implicit.dcm", "+ti")]) == [(0, "")]
+    fix = report(srv, uid(ct[0]))
+    assert fix["outcome"] == "OK" and sorted((c["tier"], c["state"]) for c in fix["copies"]) == [
+        ("cold", "OK"), ("hot", "OK"), ("hot", "OK")]
+    for n in (1, 2):
+        assert dataset_bytes(blob_of(hot(srv, n), uid(ct[0]))) == dataset_bytes(ct[0])
+
+    ds = dcmread(ct[1])
+    ds.PatientName = "Other^Patient"
+    ds.save_as(tmp_path / "changed.dcm")
+    [(status, comment)] = storescu(srv, [tmp_path / "changed.dcm"])
+    assert status == 0x0111 and "different content" in comment
+    assert [c["tier"] for c in report(srv, uid(ct[1]))["copies"]] == ["cold"]  # nothing written for a conflict
+
+    assert getscu_bytes(srv, ct[0], tmp_path / "got0") == dataset_bytes(ct[0])
+    assert getscu_bytes(srv, ct[1], tmp_path / "got1") == dataset_bytes(ct[1])
