@@ -227,7 +227,7 @@ def _health_request() -> Any:
 
 
 def test_lifecycle_over_grpc(make_server: Factory, corpus: list[Path]) -> None:
-    _, port = start(make_server, extra="[lifecycle]\nmin_age_days = 0\n")
+    _, port = start(make_server, extra="[archive]\nmin_copies = 1\n[lifecycle]\nmin_age_days = 0\n")
     files = [p for p in corpus if p.name.startswith("ct-")]
     held, other = sorted({str(uids(p).StudyInstanceUID) for p in files})
     with client(port) as c:
