@@ -231,6 +231,24 @@ def test_per_address_connection_limit(make_server: Factory, corpus: list[Path]) 
     _still_serving(srv, corpus[0])
 
 
+def test_association_limit_counts_associations_only(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server("[dicom]\nmax_associations = 2\n")
+    half_open = [RawPeer(srv.port) for _ in range(4)]  # connected, nothing sent: no slot taken
+    held = [RawPeer(srv.port), RawPeer(srv.port)]
+    try:
+        for p in held:
+            p.associate([(VERIFICATION, [IMPLICIT_LE])])
+        r = _echoscu(srv)
+        assert r.returncode != 0 and "Local Limit Exceeded" in r.stdout + r.stderr, r.stdout + r.stderr
+        held.pop().close()
+        _wait_for(lambda: _echoscu(srv).returncode == 0, 30, "an association slot given back")
+    finally:
+        for p in held + half_open:
+            p.close()
+    assert _log(srv).count("association rejected: 2 associations open (dicom.max_associations)") == 1
+    _still_serving(srv, corpus[0])
+
+
 # -- garbage ------------------------------------------------------------------------------------------
 def test_garbage_gets_one_line_and_a_close(make_server: Factory, corpus: list[Path]) -> None:
     srv = make_server()
