@@ -143,3 +143,22 @@ def test_serve_warns_when_the_stores_cannot_reach_min_copies(make_server: Factor
     assert "cannot be met" not in log
     assert "archive.min_copies = 3: the 2 hot replica(s) count 2 copies; new instances are below the minimum " \
            "until the lifecycle migrates them" in log, log[-2000:]
+
+
+def test_a_damaged_hot_copy_the_minimum_needs_is_left_for_the_repairer(make_server: Factory,
+                                                                       corpus: list[Path]) -> None:
+    srv = make_server("[archive]\nmin_copies = 3\n[lifecycle]\nmin_age_days = 0\n")  # 2 hot + 1 cold: all stay
+    ct = _ct(corpus)
+    assert all(r.Status == 0 for r in scu.store(srv.port, ct))
+    victim = sorted((srv.data_dir / "hot" / "r2").rglob("*.dcm"))[0]
+    victim.unlink()
+    assert srv.cli("integrity", "scrub").returncode == 1
+    assert _json(srv, "lifecycle", "run")["done"] == 1
+    states = [_copies(srv, _sop(p)) for p in ct]
+    assert sorted(states)[0] == [("cold", "OK"), ("hot", "MISSING"), ("hot", "OK")], states  # not retired
+    repair = _json(srv, "integrity", "repair")
+    assert repair["done"] == 1 and repair["failures"] == 0, repair
+    for p in ct:
+        assert _copies(srv, _sop(p)) == [("cold", "OK"), ("hot", "OK"), ("hot", "OK")]
+    rep = _json(srv, "integrity", "report")
+    assert rep["below_min_copies"]["count"] == 0 and rep["findings"] == 0, rep

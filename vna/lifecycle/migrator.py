@@ -412,21 +412,22 @@ class Migrator:
     def _retire_hot(self, inst: InstanceRecord, *, verified_now: bool) -> int:
         """Hot copies -> TO_DELETE (refused by the index without another OK copy), then purge.
 
-        Damaged copies and copies already TO_DELETE go first (the purge keeps one the
-        minimum needs); an OK copy is retired only while the copies left count
-        ``archive.min_copies``. The purge re-verifies the other copies unless this
-        run just wrote and verified the cold one.
+        Copies already TO_DELETE go first (the purge keeps one the minimum needs), then
+        damaged ones, then OK ones: a copy is retired only while the copies left count
+        ``archive.min_copies`` (a damaged copy the minimum needs stays for the repairer
+        to rebuild). The purge re-verifies the other copies unless this run just wrote
+        and verified the cold one.
         """
         if not self._cold_ok(inst):
             return 0
         freed = 0
         for p in self._hot_rows(inst):
-            if p.state is not PlacementState.OK:
+            if p.state is PlacementState.TO_DELETE:
                 freed += self._retire(p, verified_now)
-        for p in self._hot_rows(inst):
-            if p.state is PlacementState.OK and \
-                    self.purger.copies_left(p, verify=False) >= self.copies.min_copies:
-                freed += self._retire(p, verified_now)
+        for states in ((PlacementState.MISSING, PlacementState.CORRUPT), (PlacementState.OK,)):
+            for p in self._hot_rows(inst):
+                if p.state in states and self.purger.copies_left(p, verify=False) >= self.copies.min_copies:
+                    freed += self._retire(p, verified_now)
         return freed
 
     def _retire(self, p: Placement, verified_now: bool) -> int:
