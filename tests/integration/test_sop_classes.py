@@ -1,6 +1,6 @@
 """Which storage SOP classes the DIMSE port accepts: retired ones always, unknown/private ones when configured.
 
-Real DCMTK storescu/getscu/findscu against a real `vna serve` (issue 17).
+Real DCMTK storescu/dcmsend/findscu/getscu/movescu against a real `vna serve` (issue 17).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import DCMTK_ENV, VnaServer
+from tests.conftest import DCMTK_ENV, VnaServer, dataset_bytes, free_port, stop_process, uid_of, wait_port
 
 Factory = Callable[..., VnaServer]
 
@@ -101,11 +101,32 @@ def test_private_sop_class_refused_by_default(make_server: Factory, corpus: list
 @pytest.mark.parametrize("sop_class", [PRIVATE, "1.2.840.10008.5.1.4.1.1.501.1"])  # private; DICOS CT (unknown to pynetdicom)
 def test_unknown_sop_class_stored_when_configured(make_server: Factory, corpus: list[Path], tmp_path: Path,
                                                   sop_class: str) -> None:
-    srv = make_server("[dicom]\naccept_unknown_storage_classes = true\n")
-    f = _with_class(_small(corpus), tmp_path / "unknown.dcm", sop_class, 0)
-    out = _dcmsend(srv, f, _small(corpus))  # with a known class on the same association
-    assert re.search(r"with status SUCCESS\s*: 2", out), out
-    assert _instances(srv) == 2
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    port = free_port()
+    with open(tmp_path / "storescp.log", "wb") as log:  # -pm: it accepts unknown SOP classes too
+        scp = subprocess.Popen(["storescp", "-pm", "+xa", "-aet", "DEST", "-od", str(dest), str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+    try:
+        wait_port("127.0.0.1", port, 10, scp)
+        srv = make_server(f'[dicom]\naccept_unknown_storage_classes = true\n'
+                          f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {port}\n')
+        f = _with_class(_small(corpus), tmp_path / "unknown.dcm", sop_class, 0)
+        out = _dcmsend(srv, f, _small(corpus))  # with a known class on the same association
+        assert re.search(r"with status SUCCESS\s*: 2", out), out
+        assert _instances(srv) == 2
+        # and it is retrieved like any other instance (C-MOVE)
+        r = subprocess.run(["movescu", "-S", "-aec", "VNA", "-aem", "DEST", "-k", "QueryRetrieveLevel=IMAGE",
+                            "-k", f"StudyInstanceUID={uid_of(f, 'StudyInstanceUID')}",
+                            "-k", f"SeriesInstanceUID={uid_of(f, 'SeriesInstanceUID')}",
+                            "-k", f"SOPInstanceUID={uid_of(f)}", "127.0.0.1", str(srv.port)],
+                           env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        got = [p for p in dest.iterdir() if p.is_file()]
+        assert [uid_of(p, "SOPClassUID") for p in got] == [sop_class]
+        assert dataset_bytes(got[0]) == dataset_bytes(f)
+    finally:
+        stop_process(scp, 5)
     # a known non-storage SOP class is not turned into storage: Modality Worklist FIND stays unsupported
     r = subprocess.run(["findscu", "-W", "-aec", "VNA", "-k", "PatientID", "127.0.0.1", str(srv.port)],
                        env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
