@@ -21,9 +21,12 @@ are still checked.
 It also replaces ``DULServiceProvider._read_pdu_data`` (one buffer per PDU,
 and each PDU offered first to the association's ``fast_store.FastStore`` when
 one is attached) and counts the DIMSE services an association is running
-(``_vna_serving``), which the fast path must not overtake. Everything else --
-the state machine, the order of checks, the pause/kill protocol -- is
-pynetdicom's own code, unchanged. The copies are
+(``_vna_serving``), which the fast path must not overtake. One fix to the
+pause protocol: the association reactor takes a DIMSE message only while no
+pause is requested (``_CheckpointEvent``), so a C-STORE-RSP meant for a waiting
+``send_c_store`` (C-MOVE sub-operations) is never taken by the reactor.
+Everything else -- the state machine, the order of checks, the pause/kill
+protocol -- is pynetdicom's own code, unchanged. The copies are
 of pynetdicom 3.0.x; ``install()`` leaves any other version polling as before
 and says so in the log.
 """
@@ -71,15 +74,26 @@ class _NotifyingQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class _CheckpointEvent(threading.Event):
-    """The association's reactor checkpoint: clearing it (a pause request) wakes the reactor."""
+    """The association's reactor checkpoint: clearing it (a pause request) wakes the reactor.
+
+    The reactor takes a DIMSE message only while holding ``take`` and seeing the
+    checkpoint still set; ``clear()`` returns only once no such take is in
+    progress. So once a pause request returns, the reactor takes no message
+    until the checkpoint is set again -- the response the pausing thread (e.g.
+    ``send_c_store``) waits for stays on the queue for it. ``take`` is never
+    held while a request is served (C-GET sends from the reactor's own thread).
+    """
 
     def __init__(self, wake: threading.Event) -> None:
         super().__init__()
         self._wake = wake
+        self.take = threading.Lock()
 
     def clear(self) -> None:
         super().clear()
         self._wake.set()
+        with self.take:  # wait out a take that saw the checkpoint still set
+            pass
 
 
 class _Waker:
@@ -555,8 +569,24 @@ def _dul_kill(self: Any) -> None:
     self._vna_waker.poke()
 
 
+def _take_msg(assoc: Any) -> tuple[int | None, Any]:
+    """The next DIMSE message for the reactor to serve, or ``(None, None)``.
+
+    Nothing is taken once a pause has been requested: ``Event.wait()`` returns
+    True when the checkpoint was set at wake-up even if it was cleared again
+    since, and a pausing thread may see a stale ``_is_paused`` -- so the
+    checkpoint is checked again, under the lock its ``clear()`` waits for.
+    """
+    checkpoint: _CheckpointEvent = assoc._reactor_checkpoint
+    with checkpoint.take:
+        if not checkpoint.is_set():
+            return None, None
+        return assoc.dimse.get_msg(block=False)  # type: ignore[no-any-return]
+
+
 def _assoc_run_reactor(self: Any) -> None:
-    """pynetdicom 3.0's acceptor ``Association._run_reactor`` with the 1 ms sleep replaced by a wait."""
+    """pynetdicom 3.0's ``Association._run_reactor`` (acceptor and requestor) with the 1 ms sleep
+    replaced by a wait, and a message taken only while no pause is requested (``_take_msg``)."""
     self._is_paused = False
     wake: threading.Event = self._vna_wake
     while not self._kill:
@@ -572,7 +602,7 @@ def _assoc_run_reactor(self: Any) -> None:
         # counted from before the message leaves its queue, so the C-STORE fast path never
         # sees "queue empty, nothing served" while a request is on its way to its service
         with _Serving(self):
-            context_id, msg = self.dimse.get_msg(block=False)
+            context_id, msg = _take_msg(self)
             if msg:
                 self._serve_request(msg, context_id)
 
