@@ -583,6 +583,9 @@ def load_config(
         data = _merge(data, overrides)
     cfg: Config = _build(Config, data, "config")
     _validate(cfg)
+    if cfg.telemetry.prometheus_port and not cfg.telemetry.enabled:
+        log.warning("telemetry.prometheus_port = %d is ignored: set telemetry.enabled = true to serve metrics",
+                    cfg.telemetry.prometheus_port)
     return cfg
 
 

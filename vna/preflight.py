@@ -121,6 +121,9 @@ def _listeners(cfg: Config, dicom: bool) -> list[tuple[str, str, str, int]]:
         out.append(("grpc.port", "the gRPC API", cfg.grpc.host, cfg.grpc.port))
     if cfg.health.port:
         out.append(("health.port", "the health endpoint", cfg.health.host, cfg.health.port))
+    t = cfg.telemetry
+    if t.enabled and t.prometheus_port:  # the first process's port (further worker processes take the next ones)
+        out.append(("telemetry.prometheus_port", "the Prometheus endpoint", t.prometheus_host, t.prometheus_port))
     return out
 
 
@@ -155,7 +158,8 @@ def listen_error(setting: str, what: str, host: str, port: int, exc: OSError) ->
         return ConfigError(f"{setting} = {port}: {where}: permission denied (ports below 1024 need root or "
                            f"CAP_NET_BIND_SERVICE): choose a port above 1023")
     if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
-        host_setting = setting.split(".")[0] + ".host"
+        host_setting = "telemetry.prometheus_host" if setting.startswith("telemetry.") \
+            else setting.split(".")[0] + ".host"
         return ConfigError(f"{host_setting} = {host}: {where}: not an address of this machine: "
                            f"set {host_setting} (or dicom.host / --host) to one of its addresses")
     return ConfigError(f"{setting} = {port}: {where}: {exc.strerror or exc}")

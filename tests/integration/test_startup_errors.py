@@ -150,3 +150,14 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert b"BrokenPipe" not in err and b"Traceback" not in err, err.decode()
+
+
+def test_prometheus_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = tmp_path / "data"
+        toml = f'[telemetry]\nenabled = true\nprometheus_host = "127.0.0.1"\nprometheus_port = {port}\n'
+        config_error(serve(tmp_path, toml, data), "telemetry.prometheus_port", str(port), "in use")
+    assert not data.exists()
