@@ -444,6 +444,47 @@ def _expected(dul: Any, pdu_type: int) -> bool:
     return True
 
 
+_TEXT_ITEMS = {0x10: "Application Context Name", 0x30: "Abstract Syntax", 0x40: "Transfer Syntax",
+               0x52: "Implementation Class UID", 0x55: "Implementation Version Name"}
+_UID_FIRST_ITEMS = {0x54: "SCP/SCU Role Selection", 0x56: "SOP Class Extended Negotiation",
+                    0x57: "SOP Class Common Extended Negotiation"}
+
+
+def _associate_problem(pdu: bytearray) -> str | None:
+    """Why pynetdicom could not decode this A-ASSOCIATE-RQ/-AC's text fields (non-ASCII bytes), or None.
+
+    pynetdicom logs a traceback for each such field before it refuses the PDU;
+    found here, the PDU is refused with one line. The item structure itself is
+    left to pynetdicom's decoder.
+    """
+    body = memoryview(pdu)[6:]
+    if len(body) < 68:
+        return None
+    if not bytes(body[4:36]).isascii():
+        return "non-ASCII bytes in an AE title"
+    return _items_problem(body[68:], nested=False)
+
+
+def _items_problem(data: memoryview, nested: bool) -> str | None:
+    pos = 0
+    while pos + 4 <= len(data):
+        item_type, length = data[pos], int.from_bytes(data[pos + 2:pos + 4], "big")
+        value = data[pos + 4:pos + 4 + length]
+        name = _TEXT_ITEMS.get(item_type)
+        if name is not None and not bytes(value).isascii():
+            return f"non-ASCII bytes in its {name}"
+        name = _UID_FIRST_ITEMS.get(item_type)
+        if nested and name is not None and len(value) >= 2:
+            if not bytes(value[2:2 + int.from_bytes(value[:2], "big")]).isascii():
+                return f"non-ASCII bytes in the UID of its {name} item"
+        if not nested and item_type in (0x20, 0x21, 0x50):
+            problem = _items_problem(value[4:] if item_type != 0x50 else value, nested=True)
+            if problem is not None:
+                return problem
+        pos += 4 + length
+    return None
+
+
 def _command_problem(dul: Any, pdu: bytearray) -> str | None:
     """Why pynetdicom's DIMSE layer could not process the command set this P-DATA-TF completes, or None.
 
@@ -536,7 +577,11 @@ def _dul_read_pdu_data(self: Any) -> None:
     if pdu_type == 0x04 and associated:
         problem = _command_problem(self, bytestream)
         if problem is not None:
-            return refuse(0x00, "%s", problem)
+            return refuse(0x00, problem.replace("%", "%%"))  # the problem is the kind of line (rate limits)
+    elif pdu_type in (0x01, 0x02):
+        problem = _associate_problem(bytestream)
+        if problem is not None:
+            return refuse(0x06, f"{name} with {problem}".replace("%", "%%"))
     try:
         pdu, event = self._decode_pdu(bytestream)
     except Exception as exc:
