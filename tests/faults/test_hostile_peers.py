@@ -315,6 +315,22 @@ def test_p_data_before_the_association_is_aborted(make_server: Factory, corpus: 
     _still_serving(srv, corpus[0])
 
 
+def test_associate_rq_with_non_ascii_text_gets_one_line(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server()
+    rq = associate_rq([(VERIFICATION, [IMPLICIT_LE])])
+    for field in (VERIFICATION.encode(), b"RAWSCU"):  # an abstract syntax, the calling AE title
+        bad = bytearray(rq)
+        bad[rq.index(field) + 1] = 0xC3
+        with RawPeer(srv.port) as peer:
+            peer.send(bytes(bad))
+            assert peer.closed_by_server(30)
+    log = _log(srv)
+    assert "A-ASSOCIATE-RQ with non-ASCII bytes in its Abstract Syntax" in log
+    assert "A-ASSOCIATE-RQ with non-ASCII bytes in an AE title" in log
+    assert "Traceback" not in log
+    _still_serving(srv, corpus[0])
+
+
 # -- a seeded fuzz of A-ASSOCIATE-RQ and P-DATA-TF PDUs -----------------------------------------------
 def _mutate(rng: random.Random, pdu: bytes) -> bytes:
     """One of: bit flips, a new length field (PDU or PDV), truncation, duplication, inserted random bytes."""
