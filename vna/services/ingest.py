@@ -270,7 +270,8 @@ class IngestService:
 
     Every call is audited (one "DICOM Instances Transferred" record, action C)
     and traced (``ingest`` > ``ingest.hash`` or ``ingest.receive``, ``ingest.parse``,
-    ``ingest.write``, ``ingest.index``).
+    ``ingest.write``, ``ingest.index``; ``ingest.compare`` when a re-send in other
+    bytes is compared with the stored instance).
     """
 
     def __init__(self, index: Index, hot: TierAccessor, duplicate_policy: str = "reject", *,
@@ -396,7 +397,9 @@ class IngestService:
         if self.retrieve is not None:
             try:
                 with self.retrieve.open_verified(uid) as stored:
-                    if same_dataset(stored.path, path):
+                    with self.telemetry.stage("ingest.compare"):
+                        same = same_dataset(stored.path, path)
+                    if same:
                         missing, restored = self._keep_durable(existing, stored.path)
                         log.info("instance %s re-sent with the same data set in other File Meta or encoding: "
                                  "a duplicate, stored bytes kept", uid)
