@@ -25,6 +25,15 @@ one is attached) and counts the DIMSE services an association is running
 pause protocol: the association reactor takes a DIMSE message only while no
 pause is requested (``_CheckpointEvent``), so a C-STORE-RSP meant for a waiting
 ``send_c_store`` (C-MOVE sub-operations) is never taken by the reactor.
+
+Against hostile or broken peers (see ``_dul_read_pdu_data`` and
+docs/conformance.md §5.1): every PDU is bounded before it is read, reads have
+a deadline (the ACSE timeout from the connection's start until associated,
+then the network timeout between bytes), what pynetdicom could not process is
+refused before it sees it, and an exception in the DUL thread ends in an
+A-ABORT, a close and one log line. An acceptor's DUL thread ends once its
+connection is closed (releasing its ``limits.Connection``).
+
 Everything else -- the state machine, the order of checks, the pause/kill
 protocol -- is pynetdicom's own code, unchanged. The copies are
 of pynetdicom 3.0.x; ``install()`` leaves any other version polling as before
