@@ -34,7 +34,7 @@ def _dirs(cfg: Config) -> list[tuple[str, str, Path]]:
     dirs += [(f"hot.replicas[{i}]", r, cfg.resolve(r)) for i, r in enumerate(cfg.hot.replicas)]
     if cfg.cold.backend == "filesystem":
         dirs.append(("cold.path", cfg.cold.path, cfg.resolve(cfg.cold.path)))
-    if cfg.audit.enabled:
+    if cfg.audit.enabled and not cfg.resolve(cfg.audit.path).exists():  # an existing trail is checked itself
         dirs.append(("audit.path", cfg.audit.path, cfg.resolve(cfg.audit.path).parent))
     if cfg.index.backend == "sqlite":
         dirs.append(("index.sqlite_path", cfg.index.sqlite_path, cfg.resolve(cfg.index.sqlite_path).parent))
@@ -55,6 +55,10 @@ def check_dirs(cfg: Config) -> None:
             where = "" if existing == path else f" ({existing} exists, the rest must be created)"
             raise ConfigError(f"{shown} is not writable: {why}{where}: make it writable for the user "
                               f"running vna or choose another directory for {setting}")
+    audit = cfg.resolve(cfg.audit.path)
+    if cfg.audit.enabled and audit.exists() and not os.access(audit, os.W_OK):
+        raise ConfigError(f"audit.path = {cfg.audit.path}: {audit} is not writable for this user: fix its owner "
+                          "or mode, or choose another audit.path")
 
 
 def _nearest_existing(path: Path) -> Path:
