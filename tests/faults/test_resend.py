@@ -272,3 +272,20 @@ def test_resend_of_a_migrated_instance_is_compared_with_its_cold_copy(make_serve
 
     assert getscu_bytes(srv, ct[0], tmp_path / "got0") == dataset_bytes(ct[0])
     assert getscu_bytes(srv, ct[1], tmp_path / "got1") == dataset_bytes(ct[1])
+
+
+def test_rewritten_copy_is_relocated_when_its_directory_takes_no_write(make_server: Factory, ct: list[Path],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conftest, "VNA", [*NO_DAC, *conftest.VNA])
+    srv = make_server()
+    assert storescu(srv, [ct[0]]) == [(0, "")]
+    series_dir = blob_of(hot(srv, 2), uid(ct[0])).parent
+    lose(srv, ct[0])
+    series_dir.chmod(0o555)
+    try:
+        assert storescu(srv, [ct[0]]) == [(0, "")]
+    finally:
+        series_dir.chmod(0o755)
+    assert_healthy(srv, ct[0])
+    assert blob_of(hot(srv, 2), uid(ct[0])).relative_to(hot(srv, 2)).parts[0] == "relocated"
+    assert blob_of(hot(srv, 1), uid(ct[0])).parent == hot(srv, 1) / series_dir.relative_to(hot(srv, 2))

@@ -41,8 +41,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope
 from vna.checksum import HashingIterator, sha256_file
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier, site_of, validate_uid
-from vna.errors import (DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost, QuorumNotMet,
-                        StateConflict, StorageError)
+from vna.errors import (BlobExists, DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost,
+                        QuorumNotMet, StateConflict, StorageError, StorageUnavailable)
 from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
 from vna.integrity.repair import new_blob_key
@@ -489,27 +489,35 @@ class IngestService:
     def _write_verified(self, store: BlobStore, existing: InstanceRecord, source: Path, ref_key: str) -> Placement:
         """Write ``source`` to ``store`` under a new key and read it back verified; its OK placement.
 
-        Raises StorageError/IntegrityError, leaving no blob behind.
+        A store refusing the usual directory gets the copy under ``relocated/``
+        (as the repairer does). Raises StorageError/IntegrityError, leaving no blob behind.
         """
         codec = self.hot.codec
-        key = new_blob_key(ref_key, existing.sop_uid, existing.version, codec.name)
-        content = HashingIterator(iter_file(str(source)))
-        stored = HashingIterator(codec.encode(content))
-        store.put(key, stored)
-        now = time.time()
-        new = Placement(
-            sop_uid=existing.sop_uid, version=existing.version, tier=self.hot.tier, store_id=store.store_id,
-            blob_key=key, codec=codec.name, content_sha256=existing.content_sha256,
-            content_size=existing.content_size, stored_sha256=stored.hexdigest(), stored_size=stored.size,
-            state=PlacementState.OK, created_at=now, verified_at=now)
-        try:
-            if content.hexdigest() != existing.content_sha256 or content.size != existing.content_size:
-                raise IntegrityError(f"the bytes of {existing.sop_uid} changed while being written")
-            self.hot.read_verified(new, lambda _data: None)
-        except (IntegrityError, StorageError):
-            self.hot.delete_all(key, [store.store_id])
-            raise
-        return new
+        error: StorageError = StorageUnavailable("no key tried")
+        for relocated in (False, True):
+            key = new_blob_key(ref_key, existing.sop_uid, existing.version, codec.name, relocated=relocated)
+            content = HashingIterator(iter_file(str(source)))
+            stored = HashingIterator(codec.encode(content))
+            try:
+                store.put(key, stored)
+            except (StorageUnavailable, BlobExists) as exc:
+                error = exc
+                continue
+            now = time.time()
+            new = Placement(
+                sop_uid=existing.sop_uid, version=existing.version, tier=self.hot.tier, store_id=store.store_id,
+                blob_key=key, codec=codec.name, content_sha256=existing.content_sha256,
+                content_size=existing.content_size, stored_sha256=stored.hexdigest(), stored_size=stored.size,
+                state=PlacementState.OK, created_at=now, verified_at=now)
+            try:
+                if content.hexdigest() != existing.content_sha256 or content.size != existing.content_size:
+                    raise IntegrityError(f"the bytes of {existing.sop_uid} changed while being written")
+                self.hot.read_verified(new, lambda _data: None)
+            except (IntegrityError, StorageError):
+                self.hot.delete_all(key, [store.store_id])
+                raise
+            return new
+        raise error
 
     def _record(self, row: Placement | None, new: Placement) -> bool:
         """Record the new copy: a new row, or the damaged row replaced (compare-and-set). False if it lost."""
