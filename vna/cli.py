@@ -151,7 +151,12 @@ def _health_server(cfg: Config, archive: Any, dicom: Any, grpc_server: Any, stop
 
 
 def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str, run_jobs: bool, dicom: bool = True) -> None:
-    _serve_process(cfg, stop, ready, True, log_level, run_jobs, dicom)
+    """A spawned worker process: a configuration error is one log line and exit status 2, not a traceback."""
+    try:
+        _serve_process(cfg, stop, ready, True, log_level, run_jobs, dicom)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        sys.exit(2)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -262,7 +267,9 @@ def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: 
             proc.kill()
             proc.join(5)
     log.info("vna stopped")
-    return 0 if started is None or started.is_set() else 1
+    if started is None or started.is_set():
+        return 0
+    return 2 if any(proc.exitcode == 2 for proc, _, _ in workers) else 1  # 2: a worker logged a config error
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
