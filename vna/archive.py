@@ -71,6 +71,7 @@ class Archive:
                                         audit=self.audit, telemetry=self.telemetry, site=self.site_id,
                                         sites=self.sites, cache_remote=cfg.federation.cache_remote)
         self.ingest.retrieve = self.retrieve  # a re-send in other bytes is compared with a verified stored copy
+        self.ingest.copy_weight = self.copies.weight  # a verified copy counts as its store declares (redundancy)
         self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit, sites=self.sites)
         self.gauges = ArchiveGauges(self)
 

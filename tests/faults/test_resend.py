@@ -289,3 +289,14 @@ def test_rewritten_copy_is_relocated_when_its_directory_takes_no_write(make_serv
     assert_healthy(srv, ct[0])
     assert blob_of(hot(srv, 2), uid(ct[0])).relative_to(hot(srv, 2)).parts[0] == "relocated"
     assert blob_of(hot(srv, 1), uid(ct[0])).parent == hot(srv, 1) / series_dir.relative_to(hot(srv, 2))
+
+
+def test_cold_copy_counts_as_its_store_declares(make_server: Factory, ct: list[Path], tmp_path: Path) -> None:
+    # a cold store declaring redundancy 2 lets the lifecycle retire every hot copy; that one copy counts 2 = W
+    srv = make_server("[cold]\nredundancy = 2\n[lifecycle]\nmin_age_days = 0\n")
+    assert storescu(srv, [ct[0]]) == [(0, "")]
+    assert srv.cli("lifecycle", "run").returncode == 0
+    assert blobs(hot(srv, 1)) == [] and blobs(hot(srv, 2)) == []
+    assert storescu(srv, [ct[0], dcmconv(ct[0], tmp_path / "implicit.dcm", "+ti")]) == [(0, ""), (0, "")]
+    assert blobs(hot(srv, 1)) == [] and blobs(hot(srv, 2)) == []  # durable as it is: nothing written back
+    assert [c["tier"] for c in report(srv, uid(ct[0]))["copies"]] == ["cold"]
