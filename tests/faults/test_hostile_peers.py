@@ -249,6 +249,32 @@ def test_association_limit_counts_associations_only(make_server: Factory, corpus
     _still_serving(srv, corpus[0])
 
 
+def test_connection_counts_are_exported(make_server: Factory) -> None:
+    import re
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    srv = make_server(f"[telemetry]\nenabled = true\nprometheus_port = {port}\n")
+
+    def gauge(state: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
+            body = rsp.read().decode()
+        m = re.search(rf'^vna_dicom_connections{{state="{state}"}} (\S+)$', body, re.M)
+        return float(m.group(1)) if m else -1.0
+
+    half_open = [RawPeer(srv.port) for _ in range(3)]
+    associated = RawPeer(srv.port)
+    try:
+        associated.associate([(VERIFICATION, [IMPLICIT_LE])])
+        _wait_for(lambda: (gauge("half_open"), gauge("associated")) == (3, 1), 30, "3 half-open and 1 associated")
+    finally:
+        for p in half_open + [associated]:
+            p.close()
+    _wait_for(lambda: (gauge("half_open"), gauge("associated")) == (0, 0), 30, "no connection left")
+
+
 # -- garbage ------------------------------------------------------------------------------------------
 def test_garbage_gets_one_line_and_a_close(make_server: Factory, corpus: list[Path]) -> None:
     srv = make_server()

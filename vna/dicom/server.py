@@ -362,8 +362,15 @@ class DicomServer:
             self.ae._servers.append(server)  # noqa: SLF001 -- as AE.start_server does; shutdown() removes it
             threading.Thread(target=server.serve_forever, name=f"vna-acceptor-{port}", daemon=True).start()
             self._servers.append(server)
+        self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
+                                     "connections of the DICOM port now, by state (half_open, associated)",
+                                     self._connection_counts)
         self.archive.telemetry.start_endpoint()
         return self._servers[0]
+
+    def _connection_counts(self) -> list[tuple[float, dict[str, str]]]:
+        half_open, associated = self.limits.counts()
+        return [(half_open, {"state": "half_open"}), (associated, {"state": "associated"})]
 
     @property
     def listening(self) -> bool:
