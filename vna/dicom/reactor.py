@@ -469,7 +469,7 @@ def _associate_problem(pdu: bytearray) -> str | None:
     body = memoryview(pdu)[6:]
     if len(body) < 68:
         return None
-    if not bytes(body[4:36]).isascii():
+    if pdu[0] == 0x01 and not bytes(body[4:36]).isascii():  # in an -AC these fields are not to be tested
         return "non-ASCII bytes in an AE title"
     return _items_problem(body[68:], nested=False)
 
