@@ -44,13 +44,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from vna.checksum import HashingIterator
 from vna.domain import Placement, PlacementState, Tier, site_of
-from vna.errors import (BlobExists, BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost, NotFound,
-                        StateConflict, StorageError, StorageUnavailable)
+from vna.errors import (BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost, NotFound, StateConflict,
+                        StorageError)
 from vna.index.base import Index
 from vna.jobs import JobReport
-from vna.storage.accessor import TierAccessor, iter_file, site_of_tiers
+from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.storage.base import BlobStore
 
 if TYPE_CHECKING:
@@ -401,30 +400,9 @@ class Repairer:
         if relocate:
             keys = iter([*keys, new_blob_key(old.blob_key, old.sop_uid, old.version, accessor.codec.name,
                                              relocated=True)])
-        error: StorageError = StorageUnavailable("no key tried")
-        for key in keys:
-            content = HashingIterator(iter_file(str(source.path)))
-            stored = HashingIterator(accessor.codec.encode(content))
-            try:
-                store.put(key, stored)
-            except (StorageUnavailable, BlobExists) as exc:
-                error = exc
-                continue
-            now = self._clock()
-            new = Placement(
-                sop_uid=old.sop_uid, version=old.version, tier=accessor.tier, store_id=store.store_id,
-                blob_key=key, codec=accessor.codec.name, content_sha256=src.content_sha256,
-                content_size=src.content_size, stored_sha256=stored.hexdigest(), stored_size=stored.size,
-                state=PlacementState.OK, created_at=now, verified_at=now)
-            try:
-                if content.hexdigest() != src.content_sha256 or content.size != src.content_size:
-                    raise IntegrityError(f"spooled source of {old.sop_uid} changed while being copied")
-                accessor.read_verified(new, lambda _data: None)
-            except (IntegrityError, StorageError):
-                self._delete_quietly(store, key)
-                raise
-            return new
-        raise error
+        return accessor.copy_verified(
+            store, source.path, keys, sop_uid=old.sop_uid, version=old.version,
+            content_sha256=src.content_sha256, content_size=src.content_size, now=self._clock())
 
     def _claim(self, old: Placement, new: Placement, store: BlobStore, report: JobReport,
                detail: dict[str, Any], outcome: str) -> bool:

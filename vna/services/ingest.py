@@ -39,17 +39,16 @@ from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope
-from vna.checksum import HashingIterator, sha256_file
+from vna.checksum import sha256_file
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier, site_of, validate_uid
-from vna.errors import (BlobExists, DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost,
-                        QuorumNotMet, StateConflict, StorageError, StorageUnavailable)
+from vna.errors import (DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost, QuorumNotMet,
+                        StateConflict, StorageError)
 from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
 from vna.integrity.repair import new_blob_key
 from vna.services.dataset_identity import same_dataset
 from vna.services.part10 import scan_part10
-from vna.storage.accessor import TierAccessor, iter_file, site_of_tiers
-from vna.storage.base import BlobStore
+from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.telemetry import Telemetry, series_key
 
 if TYPE_CHECKING:
@@ -468,7 +467,13 @@ class IngestService:
             if row is not None and row.state not in _DAMAGED:
                 continue
             try:
-                new = self._write_verified(store, existing, source, row.blob_key if row is not None else ref)
+                key = row.blob_key if row is not None else ref
+                codec = self.hot.codec.name
+                keys = (new_blob_key(key, existing.sop_uid, existing.version, codec, relocated=relocated)
+                        for relocated in (False, True))   # a store refusing the usual directory: relocated/
+                new = self.hot.copy_verified(
+                    store, source, keys, sop_uid=existing.sop_uid, version=existing.version,
+                    content_sha256=existing.content_sha256, content_size=existing.content_size, now=time.time())
             except (StorageError, IntegrityError) as exc:
                 failed.append(f"{store.store_id}: {exc}")
                 log.warning("instance %s: cannot rewrite the copy on %s: %s", existing.sop_uid, store.store_id, exc)
@@ -485,39 +490,6 @@ class IngestService:
             raise QuorumNotMet(f"not durable: {have} of {self.hot.quorum} verified copies of {existing.sop_uid} "
                                f"({'; '.join(failed) or 'copies changed concurrently'})")
         return tuple(f.split(":", 1)[0] for f in failed), tuple(written)
-
-    def _write_verified(self, store: BlobStore, existing: InstanceRecord, source: Path, ref_key: str) -> Placement:
-        """Write ``source`` to ``store`` under a new key and read it back verified; its OK placement.
-
-        A store refusing the usual directory gets the copy under ``relocated/``
-        (as the repairer does). Raises StorageError/IntegrityError, leaving no blob behind.
-        """
-        codec = self.hot.codec
-        error: StorageError = StorageUnavailable("no key tried")
-        for relocated in (False, True):
-            key = new_blob_key(ref_key, existing.sop_uid, existing.version, codec.name, relocated=relocated)
-            content = HashingIterator(iter_file(str(source)))
-            stored = HashingIterator(codec.encode(content))
-            try:
-                store.put(key, stored)
-            except (StorageUnavailable, BlobExists) as exc:
-                error = exc
-                continue
-            now = time.time()
-            new = Placement(
-                sop_uid=existing.sop_uid, version=existing.version, tier=self.hot.tier, store_id=store.store_id,
-                blob_key=key, codec=codec.name, content_sha256=existing.content_sha256,
-                content_size=existing.content_size, stored_sha256=stored.hexdigest(), stored_size=stored.size,
-                state=PlacementState.OK, created_at=now, verified_at=now)
-            try:
-                if content.hexdigest() != existing.content_sha256 or content.size != existing.content_size:
-                    raise IntegrityError(f"the bytes of {existing.sop_uid} changed while being written")
-                self.hot.read_verified(new, lambda _data: None)
-            except (IntegrityError, StorageError):
-                self.hot.delete_all(key, [store.store_id])
-                raise
-            return new
-        raise error
 
     def _record(self, row: Placement | None, new: Placement) -> bool:
         """Record the new copy: a new row, or the damaged row replaced (compare-and-set). False if it lost."""
