@@ -135,7 +135,7 @@ _ATTR_TAGS = {kw: int(tag_for_keyword(kw) or 0) for kw in _ATTR_KEYS}
 #: What the Part 10 scanner extracts (tag -> dictionary VR).
 _WANTED = {tag: dictionary_VR(tag) for tag in (*_ATTR_TAGS.values(), *_UID_TAGS.values(), 0x00080005)}
 _PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error,
-                 zlib.error, LookupError)
+                 zlib.error, LookupError, NotImplementedError)   # (pydicom: an unknown VR)
 
 
 def _raw_text(elem: RawDataElement, encodings: list[str]) -> str | None:
