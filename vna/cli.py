@@ -26,6 +26,7 @@ from vna.cli_support import add_common, explain, load, setting_origins
 from vna.config import Config
 from vna.errors import ConfigError, VnaError
 from vna.preflight import listen_error
+from vna.progress import add_progress_flag, progress_for
 
 __all__ = ["main"]
 
@@ -335,10 +336,13 @@ def cmd_store(args: argparse.Namespace) -> int:
     archive = Archive(cfg)
     stored = duplicates = failures = 0
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # the failure line says what matters
+    files = list(_store_files(args.paths))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), progress_for("store", args) as progress:
             warnings.filterwarnings("ignore", module="pydicom")
-            for f in _store_files(args.paths):
+            progress.begin("storing files", len(files), "files")
+            for f in files:
+                progress.advance()
                 try:
                     r = archive.ingest.ingest_file(f, source_ae="vna-cli")
                 except (VnaError, OSError) as exc:
@@ -419,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("store", help="import DICOM files or directories")
     add_common(p)
+    add_progress_flag(p)
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_store)
 

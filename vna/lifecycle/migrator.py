@@ -38,7 +38,7 @@ from vna.config import ColdTierConfig, LifecycleConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, Tier, site_of
 from vna.errors import BlobNotFound, IntegrityError, StateConflict, StorageError, VnaError
 from vna.index.base import Index, StudySummary
-from vna.jobs import JobReport
+from vna.jobs import NO_PROGRESS, JobReport, Progress, count_left
 from vna.lifecycle.copies import CopyPolicy
 from vna.lifecycle.rules import evaluate
 from vna.services.retrieve import RetrieveService
@@ -50,6 +50,9 @@ from vna.telemetry import Telemetry
 __all__ = ["Migrator", "Purger", "StudyPlan"]
 
 log = logging.getLogger(__name__)
+
+#: due studies counted at most past a run's limit (each costs index reads) when telling how many are left
+_LEFT_STUDIES = 100
 
 
 @dataclass(frozen=True)
@@ -206,8 +209,8 @@ class Migrator:
         self.site = self.purger.site
 
     # -- selection -----------------------------------------------------------
-    def due(self, now: float | None = None) -> Iterator[StudySummary]:
-        """Studies the rules select now, oldest first."""
+    def due(self, now: float | None = None, held: list[StudySummary] | None = None) -> Iterator[StudySummary]:
+        """Studies the rules select now, oldest first; ``held`` collects those due but under legal hold."""
         now = time.time() if now is None else now
         received_before = None
         if self.rules.age_basis == "ingest":
@@ -215,6 +218,9 @@ class Migrator:
         for study in self.index.iter_studies(received_before=received_before):
             if evaluate(study, self.rules, now).migrate and self._has_hot(study.study_uid):
                 yield study
+            elif (held is not None and study.held and evaluate(replace(study, held=False), self.rules, now).migrate
+                  and self._has_hot(study.study_uid)):
+                held.append(study)
 
     def _has_hot(self, study_uid: str) -> bool:
         """True if some instance of the study still has a hot copy here that a run would move or retire."""
@@ -238,10 +244,10 @@ class Migrator:
         return any(p.tier is Tier.HOT and p.state in (PlacementState.OK, PlacementState.TO_DELETE)
                    and site_of(p.store_id) == self.site for p in self.index.placements(inst.sop_uid, inst.version))
 
-    def plan(self, limit: int | None = None) -> list[StudyPlan]:
-        """What a run would move (no change)."""
+    def plan(self, limit: int | None = None, held: list[StudySummary] | None = None) -> list[StudyPlan]:
+        """What a run would move (no change); ``held`` collects the due studies a legal hold keeps."""
         out = []
-        for study in self.due():
+        for study in self.due(held=held):
             out.append(self.plan_one(study.study_uid))
             if limit is not None and len(out) >= limit:
                 break
@@ -253,10 +259,14 @@ class Migrator:
         return self.copies.hot_copies_kept(self.cold_store.store_id, [s.store_id for s in self.hot.stores])
 
     # -- run -------------------------------------------------------------------
-    def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
-        """Migrate at most ``limit`` due studies, then purge what interrupted runs left TO_DELETE."""
+    def run_once(self, limit: int | None = None, dry_run: bool = False,
+                 progress: Progress = NO_PROGRESS) -> JobReport:
+        """Migrate at most ``limit`` due studies, then purge what interrupted runs left TO_DELETE.
+
+        A run that stops at ``limit`` counts the due studies it left, up to a bound.
+        """
         with self.telemetry.job(self.name) as run:
-            report = self._migrate_due(limit, dry_run)
+            report = self._migrate_due(limit, dry_run, progress)
             purge = self.purger.run_once(limit=None, dry_run=dry_run)
             report.findings += purge.findings
             report.failures += purge.failures
@@ -264,11 +274,16 @@ class Migrator:
             run.report = report
         return report
 
-    def _migrate_due(self, limit: int | None, dry_run: bool) -> JobReport:
-        report = JobReport(self.name, dry_run=dry_run)
-        for study in self.due():
+    def _migrate_due(self, limit: int | None, dry_run: bool, progress: Progress) -> JobReport:
+        report = JobReport(self.name, dry_run=dry_run, limit_setting="lifecycle.batch_limit")
+        due = self.due()
+        progress.begin("migrating studies", limit, "studies")
+        for study in due:
             if limit is not None and report.examined >= limit:
+                left, capped = count_left(due, max(limit, _LEFT_STUDIES))
+                report.stopped_at_limit(left + 1, capped)
                 break
+            progress.advance()
             report.examined += 1
             if dry_run:
                 plan = self.plan_one(study.study_uid)
