@@ -161,3 +161,31 @@ def test_plan_and_run_print_bytes_the_same_way(archive: VnaServer) -> None:
     form = re.compile(r"\d+ bytes \(\d+\.\d [kMGT]?B\)")
     assert form.search(plan.splitlines()[-2]), plan
     assert form.search(run.splitlines()[-1]), run
+
+
+def test_the_cold_size_estimate_samples_across_the_plan(make_server: Factory, tmp_path: Path) -> None:
+    """Oldest studies incompressible, the rest compressible: the estimate must see both kinds."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from benchmarks.corpus import write_corpus
+
+    files = write_corpus(tmp_path / "mixed", "small", studies=12, per_study=2, seed=11)
+    rng = np.random.default_rng(5)
+    for f in files:
+        ds = dcmread(f)
+        study_no = int(f.name.split("-")[2])
+        size = len(ds.PixelData)
+        ds.PixelData = rng.bytes(size) if study_no < 3 else bytes(size)
+        ds.save_as(f)
+    srv = make_server(LIFECYCLE, start=False)
+    assert srv.cli("store", str(tmp_path / "mixed")).returncode == 0
+    r = srv.cli("lifecycle", "plan", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert len(plan["studies"]) == 12
+    assert srv.cli("lifecycle", "run").returncode == 0
+    stats = json.loads(srv.cli("index", "stats", "--json").stdout)
+    actual = plan["hot_bytes"] / stats["tiers"]["cold"]["stored_bytes"]
+    assert actual > 2.5, actual
+    assert abs(plan["estimated_ratio"] - actual) / actual < 0.3, (plan["estimated_ratio"], actual)

@@ -30,9 +30,11 @@ ESTIMATE_SAMPLES = 16
 
 
 def _spread(n: int, k: int) -> list[int]:
-    """``min(n, k)`` indexes spread evenly over ``range(n)``, first and last included."""
+    """``min(n, k)`` indexes spread evenly over ``range(n)``, first and last included (the middle one for k = 1)."""
     if n <= k:
         return list(range(n))
+    if k == 1:
+        return [n // 2]
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
