@@ -31,6 +31,7 @@ from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import dimse_codec, reactor, status as st, uid_cache
+from vna.dicom.assoc_log import AssociationLog, OncePerName
 from vna.dicom.contexts import Contexts, UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
 from vna.dicom.fast_store import FastStore, spooled_of
 from vna.dicom.limits import ConnectionLimits
@@ -288,6 +289,8 @@ class DicomServer:
         self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
         self._assocs_lock = threading.Lock()
         self._op_keys: dict[tuple[str, int], tuple[str, SeriesKey, SeriesKey]] = {}   # see _op_done
+        self.assoc_log = AssociationLog()   # one INFO line per association
+        self._unknown_dest = OncePerName()  # an unknown C-MOVE destination is logged once an hour per name
         self._storage_classes = frozenset(str(uid) for uid in storage_classes())
         self._spool_dir = archive.cfg.resolve("spool/incoming")
         self._spool_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +325,11 @@ class DicomServer:
 
     def handlers(self) -> list[Any]:
         """The event bindings (data, not code paths); with telemetry each DIMSE handler runs in a span."""
-        t = self._traced
+        n = self.assoc_log.counted
+
+        def t(op: str, handler: Callable[[evt.Event], Any], generator: bool = False) -> Callable[[evt.Event], Any]:
+            return self._traced(op, n(op, handler, generator), generator)
+
         bindings: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_accepted_conn),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -336,6 +343,7 @@ class DicomServer:
             (evt.EVT_C_MOVE, t("c-move", self.on_move, generator=True)),
             (evt.EVT_C_GET, t("c-get", self.on_get, generator=True)),
             (evt.EVT_N_ACTION, t("n-action", self.on_n_action)),
+            *self.assoc_log.handlers(),
         ]
         if self.archive.telemetry.enabled:
             bindings += [(evt.EVT_REQUESTED, self._assoc_begin), (evt.EVT_ACCEPTED, self._assoc_accepted),
@@ -652,7 +660,10 @@ class DicomServer:
             return
         with self.archive.retrieve.transfer(refs, _actor(event), op="c-get") as xfer:
             yield len(refs)
-            yield from self._suboperations(event, refs, None, xfer)
+            try:
+                yield from self._suboperations(event, refs, None, xfer)
+            finally:
+                self.assoc_log.sent(event, xfer.completed, xfer.failed)
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         """C-MOVE: C-STORE sub-operations on a new association to a configured destination."""
@@ -660,7 +671,9 @@ class DicomServer:
         dest_name = (dest_ae.decode("ascii", "replace") if isinstance(dest_ae, bytes) else str(dest_ae)).strip()
         remote = self.cfg.find_remote(dest_name)
         if remote is None:
-            log.warning("C-MOVE to unknown destination %r refused", dest_name)
+            if self._unknown_dest(dest_name):
+                log.warning("C-MOVE to unknown destination %r refused (not in dicom.remote; logged once an hour "
+                            "per name)", dest_name)
             yield None, None
             return
         try:
@@ -677,7 +690,10 @@ class DicomServer:
             yield remote.host, remote.port, {"contexts": _contexts_for(refs), **self._connect_args(remote),
                                              "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
             yield len(refs)
-            yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip(), xfer)
+            try:
+                yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip(), xfer)
+            finally:
+                self.assoc_log.sent(event, xfer.completed, xfer.failed)
 
     def _connect_args(self, remote: RemoteAE) -> dict[str, Any]:
         """``AE.associate`` keyword arguments for an association we request from ``remote`` (TLS if configured)."""
