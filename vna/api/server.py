@@ -421,6 +421,7 @@ class IntegrityServicer:
                            objects_per_second=ic.objects_per_second, bytes_per_second=ic.bytes_per_second,
                            tier=tier, store_id=request.store_id or None)
             report = job.run_once(limit=request.limit or ic.batch_limit, dry_run=request.dry_run)
+        log.info("%s", report.summary())  # the job logs no summary of its own (the caller does, once)
         return _job_report(report)
 
     @_unary
