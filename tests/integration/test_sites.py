@@ -95,8 +95,10 @@ def test_cross_site_retrieve_dr_copy_and_a_site_down(make_server: Callable[..., 
     assert sorted(dataset_bytes(f) for f in storescp.files()) == sorted(dataset_bytes(f) for f in ct)
 
     # B pulls a DR copy of the study its rule names, bounded and idempotent
+    r = b.cli("sites", "copy", "--limit", "1", "--dry-run", "--progress-every", "0")  # issue 20
+    assert "federation.copy: copying instances: 1 of 1 instances" in r.stderr and "1 not examined" in r.stdout, r
     code, rep = _json(b, "sites", "copy", "--limit", "1")
-    assert code == 0 and (rep["examined"], rep["done"]) == (1, 1), rep
+    assert code == 0 and (rep["examined"], rep["done"], rep["not_examined"]) == (1, 1, 1), rep
     code, rep = _json(b, "sites", "copy")
     assert code == 0 and (rep["examined"], rep["done"]) == (1, 1), rep
     code, rep = _json(b, "sites", "copy")
