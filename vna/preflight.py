@@ -94,6 +94,8 @@ def check_tls_files(cfg: Config, *, dicom: bool = True) -> None:
     if cfg.grpc.enabled:
         g = cfg.grpc
         files += [("grpc.tls_cert", g.tls_cert), ("grpc.tls_key", g.tls_key), ("grpc.client_ca", g.client_ca)]
+    if cfg.web.port:
+        files += [("web.tls_cert", cfg.web.tls_cert), ("web.tls_key", cfg.web.tls_key)]
     for setting, value in files:
         if not value:
             continue
@@ -121,6 +123,8 @@ def _listeners(cfg: Config, dicom: bool) -> list[tuple[str, str, str, int]]:
         out.append(("grpc.port", "the gRPC API", cfg.grpc.host, cfg.grpc.port))
     if cfg.health.port:
         out.append(("health.port", "the health endpoint", cfg.health.host, cfg.health.port))
+    if cfg.web.port:
+        out.append(("web.port", "DICOMweb and the viewer", cfg.web.host, cfg.web.port))
     return out
 
 

@@ -1,0 +1,163 @@
+"""STOW-RS (PS3.18 10.5): ``POST /studies[/{study}]`` through the same IngestService as C-STORE.
+
+The body is streamed to a spool file (never held in memory), refused above
+``web.max_body_bytes`` (413), then split into its parts; only a well-formed
+multipart/related body is ingested (a malformed one stores nothing). Each
+application/dicom part is ingested as a C-STORE data set is: same durability
+(W verified replicas before success), same duplicate policy. The answer is
+PS3.18's: ReferencedSOPSequence for the stored, FailedSOPSequence with the
+C-STORE failure status as FailureReason for the rest; 200 when all were
+stored, 202 when some failed, 409 when none was stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from vna.audit import Actor
+from vna.dicom.status import CANNOT_UNDERSTAND, status_for
+from vna.errors import InvalidInput, VnaError
+from vna.web.context import WebContext, actor_of, ctx_of, uid_param
+from vna.web.media import copy_range, parse_media_type, split_multipart
+from vna.web.status import BodyTooLarge, UnsupportedMediaType
+
+__all__ = ["store", "STUDY_MISMATCH"]
+
+log = logging.getLogger(__name__)
+
+#: FailureReason of an instance whose StudyInstanceUID is not the one in the URL (PS3.18 Table 10.5.3-2 leaves
+#: the code to the origin server; the storage "data set does not match" family is used)
+STUDY_MISMATCH = 0xA900
+_DICOM = "application/dicom"
+
+
+def _boundary(request: Request) -> str:
+    raw = request.headers.get("content-type", "")
+    if not raw:
+        raise UnsupportedMediaType('STOW-RS takes multipart/related; type="application/dicom" (no Content-Type)')
+    mt = parse_media_type(raw)
+    if mt.type != "multipart/related":
+        raise UnsupportedMediaType(f'STOW-RS takes multipart/related; type="application/dicom", not {mt.type}')
+    part_type = mt.params.get("type", _DICOM).lower()
+    if part_type != _DICOM:
+        raise UnsupportedMediaType(f"STOW-RS here takes application/dicom parts, not {part_type}"
+                                   " (metadata+bulkdata uploads are not supported)")
+    boundary = mt.params.get("boundary", "")
+    if not boundary:
+        raise InvalidInput("multipart/related without a boundary parameter")
+    return boundary
+
+
+async def _spool(request: Request, ctx: WebContext) -> Path:
+    """The request body in a spool file; raises BodyTooLarge (the partial file removed)."""
+    limit = ctx.cfg.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} (web.max_body_bytes)")
+    fd, name = tempfile.mkstemp(dir=ctx.spool, suffix=".stow")
+    path = Path(name)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"request body is over the limit of {limit} bytes (web.max_body_bytes)")
+                fh.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _uids(path: Path) -> tuple[str, str, str, str]:
+    """(SOP Class, SOP Instance, Study, Series) UIDs of a part, as far as they can be read."""
+    keys = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=keys)
+        cls, sop, study, series = (str(ds.get(k, "")) for k in keys)
+        return cls, sop, study, series
+    except Exception:  # an unparsable part: the ingest reports it in its own words
+        return "", "", "", ""
+
+
+def _ingest_all(ctx: WebContext, body: Path, boundary: str, study: str | None, actor: Actor) -> dict[str, Any]:
+    parts = split_multipart(body, boundary)   # the whole body is checked before anything is stored
+    if not parts:
+        raise InvalidInput("the multipart body has no parts")
+    stored: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    with open(body, "rb") as src:
+        for i, part in enumerate(parts):
+            ptype = parse_media_type(part.content_type or _DICOM).type
+            if ptype != _DICOM:
+                failed.append(_failed("", "", CANNOT_UNDERSTAND))
+                log.warning("STOW-RS part %d: media type %s refused", i, ptype)
+                continue
+            fd, name = tempfile.mkstemp(dir=ctx.spool, suffix=".dcm")
+            path = Path(name)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    copy_range(src, part.start, part.end, fh)
+                cls, sop, st, series = _uids(path)
+                if study is not None and st != study:
+                    failed.append(_failed(cls, sop, STUDY_MISMATCH))
+                    log.warning("STOW-RS part %d: StudyInstanceUID differs from the URL; not stored", i)
+                    continue
+                try:
+                    res = ctx.archive.ingest.ingest_file(path, actor=actor, source_ae="DICOMWEB", owned=True)
+                except VnaError as exc:
+                    failed.append(_failed(cls, sop, status_for(exc)))
+                    log.warning("STOW-RS part %d not stored: %s", i, exc)
+                    continue
+                url = f"{ctx.prefix}/studies/{res.study_uid}/series/{series}/instances/{res.sop_uid}"
+                stored.append({"00081150": {"vr": "UI", "Value": [res.sop_class_uid]},
+                               "00081155": {"vr": "UI", "Value": [res.sop_uid]},
+                               "00081190": {"vr": "UR", "Value": [url]}})
+            finally:
+                path.unlink(missing_ok=True)
+    out: dict[str, Any] = {}
+    if study is not None:
+        out["00081190"] = {"vr": "UR", "Value": [f"{ctx.prefix}/studies/{study}"]}
+    if failed:
+        out["00081198"] = {"vr": "SQ", "Value": failed}
+    if stored:
+        out["00081199"] = {"vr": "SQ", "Value": stored}
+    return out
+
+
+def _failed(cls: str, sop: str, reason: int) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    if cls:
+        item["00081150"] = {"vr": "UI", "Value": [cls]}
+    if sop:
+        item["00081155"] = {"vr": "UI", "Value": [sop]}
+    item["00081197"] = {"vr": "US", "Value": [reason]}
+    return item
+
+
+async def store(request: Request) -> Response:
+    """``POST /studies[/{study}]``: store the application/dicom parts; the PS3.18 response."""
+    ctx = ctx_of(request)
+    study = uid_param(request, "study") if "study" in request.path_params else None
+    boundary = _boundary(request)
+    actor = actor_of(request)
+    body = await _spool(request, ctx)
+    try:
+        out = await run_in_threadpool(_ingest_all, ctx, body, boundary, study, actor)
+    finally:
+        body.unlink(missing_ok=True)
+    stored = len(out.get("00081199", {}).get("Value", []))
+    failed = len(out.get("00081198", {}).get("Value", []))
+    status = 200 if not failed else 202 if stored else 409
+    return Response(json.dumps(out).encode(), status_code=status, media_type="application/dicom+json")
