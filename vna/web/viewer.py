@@ -134,6 +134,9 @@ def prepare(tarball: Path, out: Path, prefix: str = "/viewer/") -> None:
         for js in dist.glob("*.js"):
             _rewrite(js, [(r'__webpack_require__\.p = "/"', f'__webpack_require__.p = "{prefix}"'),
                           (r'"/assets/', f'"{prefix}assets/')])
+        for manifest in (dist / "manifest.json", dist / "assets" / "manifest.webapp"):
+            if manifest.is_file():
+                _rewrite(manifest, [(r'"/(?!/)', f'"{prefix}')])
         for css in dist.glob("*.css"):
             _rewrite(css, [(r"url\(/(?!/)", f"url({prefix}")])
         (dist / "app-config.js").write_text(APP_CONFIG, encoding="utf-8")
