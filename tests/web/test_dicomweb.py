@@ -279,3 +279,22 @@ def test_non_loopback_bind_needs_tokens(make_web: Callable[..., Web], make_serve
     assert [a["outcome"] for a in refused] == [4, 4, 4]  # no token, unknown token, read role posting
     assert {(a["event"], a["actor"]["id"]) for a in audit} >= {("Query", "reader"),
                                                                ("DICOM Instances Transferred", "writer")}
+
+
+def test_cold_instances_are_recalled_transparently(make_web: Callable[..., Web], corpus: list[Path]) -> None:
+    web = make_web("[lifecycle]\nmin_age_days = 0\n")
+    files = [p for p in corpus if p.name.startswith("ct-")]
+    assert _stow(web, files).status_code == 200
+    r = web.server.cli("lifecycle", "run", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["done"] >= 1, r.stdout + r.stderr
+    client = DICOMwebClient(web.base)
+    rows = client.search_for_studies(fields=["InstanceAvailability"])
+    assert {row["00080056"]["Value"][0] for row in rows} == {"NEARLINE"}
+    for f in files:
+        study, series, sop = _uids(f)
+        resp = requests.get(f"{web.base}/studies/{study}/series/{series}/instances/{sop}", timeout=30)
+        assert resp.status_code == 200
+        assert split_parts(resp)[0][1] == f.read_bytes()
+    study, series, sop = _uids(files[0])
+    frame = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1])[0]
+    assert frame == dcmread(files[0]).PixelData
