@@ -7,7 +7,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from vna.errors import InvalidInput
 
@@ -185,13 +185,13 @@ def _headers(raw: bytes) -> dict[str, str]:
     return out
 
 
-def copy_range(src: BinaryIO, start: int, end: int, dst: BinaryIO, chunk: int = 1 << 20) -> None:
-    """Copy bytes ``[start, end)`` of ``src`` to ``dst``."""
+def copy_range(src: BinaryIO, start: int, end: int, write: Callable[[bytes], object], chunk: int = 1 << 20) -> None:
+    """Pass bytes ``[start, end)`` of ``src`` to ``write``, in chunks."""
     src.seek(start)
     left = end - start
     while left > 0:
         data = src.read(min(chunk, left))
         if not data:
             raise InvalidInput("multipart body ended early")
-        dst.write(data)
+        write(data)
         left -= len(data)

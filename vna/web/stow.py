@@ -12,12 +12,16 @@ stored, 202 when some failed, 409 when none was stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +31,7 @@ from starlette.responses import Response
 from vna.audit import Actor
 from vna.dicom.status import CANNOT_UNDERSTAND, status_for
 from vna.errors import InvalidInput, VnaError
+from vna.services.ingest import Spooled
 from vna.web.context import WebContext, actor_of, ctx_of, uid_param
 from vna.web.media import copy_range, parse_media_type, split_multipart
 from vna.web.status import BodyTooLarge, UnsupportedMediaType
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 #: the code to the origin server; the storage "data set does not match" family is used)
 STUDY_MISMATCH = 0xA900
 _DICOM = "application/dicom"
+#: instances of one request stored at once
+_STORE_THREADS = 4
 
 
 def _boundary(request: Request) -> str:
@@ -91,41 +98,78 @@ def _uids(path: Path) -> tuple[str, str, str, str]:
         return "", "", "", ""
 
 
+@dataclass
+class _Part:
+    """One application/dicom part copied to its own spool file (hashed while copied)."""
+
+    index: int
+    path: Path
+    spooled: Spooled
+    uids: tuple[str, str, str, str]
+
+
+def _copy_part(ctx: WebContext, src: BinaryIO, index: int, start: int, end: int) -> _Part:
+    fd, name = tempfile.mkstemp(dir=ctx.spool, suffix=".dcm")
+    path = Path(name)
+    t0 = time.time_ns()
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            def write(data: bytes) -> None:
+                digest.update(data)
+                fh.write(data)
+            copy_range(src, start, end, write)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return _Part(index, path, Spooled(digest.hexdigest(), end - start, t0, time.time_ns()), _uids(path))
+
+
+def _ingest_one(ctx: WebContext, part: _Part, study: str | None, actor: Actor) -> dict[str, Any]:
+    """The part's ReferencedSOPSequence item, or its FailedSOPSequence item (with ``failed`` set)."""
+    cls, sop, st, series = part.uids
+    if study is not None and st != study:
+        log.warning("STOW-RS part %d: StudyInstanceUID differs from the URL; not stored", part.index)
+        return {"failed": _failed(cls, sop, STUDY_MISMATCH)}
+    try:
+        res = ctx.archive.ingest.ingest_file(part.path, actor=actor, source_ae="DICOMWEB", owned=True,
+                                             spooled=part.spooled)
+    except VnaError as exc:
+        log.warning("STOW-RS part %d not stored: %s", part.index, exc)
+        return {"failed": _failed(cls, sop, status_for(exc))}
+    url = f"{ctx.prefix}/studies/{res.study_uid}/series/{series}/instances/{res.sop_uid}"
+    return {"00081150": {"vr": "UI", "Value": [res.sop_class_uid]},
+            "00081155": {"vr": "UI", "Value": [res.sop_uid]},
+            "00081190": {"vr": "UR", "Value": [url]}}
+
+
 def _ingest_all(ctx: WebContext, body: Path, boundary: str, study: str | None, actor: Actor) -> dict[str, Any]:
-    parts = split_multipart(body, boundary)   # the whole body is checked before anything is stored
-    if not parts:
+    """Split, then ingest the parts a few at a time (concurrent stores share the index's group commit)."""
+    found = split_multipart(body, boundary)   # the whole body is checked before anything is stored
+    if not found:
         raise InvalidInput("the multipart body has no parts")
-    stored: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
-    with open(body, "rb") as src:
-        for i, part in enumerate(parts):
-            ptype = parse_media_type(part.content_type or _DICOM).type
-            if ptype != _DICOM:
-                failed.append(_failed("", "", CANNOT_UNDERSTAND))
-                log.warning("STOW-RS part %d: media type %s refused", i, ptype)
-                continue
-            fd, name = tempfile.mkstemp(dir=ctx.spool, suffix=".dcm")
-            path = Path(name)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    copy_range(src, part.start, part.end, fh)
-                cls, sop, st, series = _uids(path)
-                if study is not None and st != study:
-                    failed.append(_failed(cls, sop, STUDY_MISMATCH))
-                    log.warning("STOW-RS part %d: StudyInstanceUID differs from the URL; not stored", i)
+    answers: list[dict[str, Any] | None] = [None] * len(found)
+    parts: list[_Part] = []
+    try:
+        with open(body, "rb") as src:
+            for i, part in enumerate(found):
+                ptype = parse_media_type(part.content_type or _DICOM).type
+                if ptype != _DICOM:
+                    log.warning("STOW-RS part %d: media type %s refused", i, ptype)
+                    answers[i] = {"failed": _failed("", "", CANNOT_UNDERSTAND)}
                     continue
-                try:
-                    res = ctx.archive.ingest.ingest_file(path, actor=actor, source_ae="DICOMWEB", owned=True)
-                except VnaError as exc:
-                    failed.append(_failed(cls, sop, status_for(exc)))
-                    log.warning("STOW-RS part %d not stored: %s", i, exc)
-                    continue
-                url = f"{ctx.prefix}/studies/{res.study_uid}/series/{series}/instances/{res.sop_uid}"
-                stored.append({"00081150": {"vr": "UI", "Value": [res.sop_class_uid]},
-                               "00081155": {"vr": "UI", "Value": [res.sop_uid]},
-                               "00081190": {"vr": "UR", "Value": [url]}})
-            finally:
-                path.unlink(missing_ok=True)
+                parts.append(_copy_part(ctx, src, i, part.start, part.end))
+        if len(parts) == 1:
+            answers[parts[0].index] = _ingest_one(ctx, parts[0], study, actor)
+        else:
+            with ThreadPoolExecutor(min(_STORE_THREADS, len(parts)), thread_name_prefix="vna-stow") as pool:
+                for done, answer in zip(parts, pool.map(lambda p: _ingest_one(ctx, p, study, actor), parts)):
+                    answers[done.index] = answer
+    finally:
+        for p in parts:
+            p.path.unlink(missing_ok=True)
+    stored = [a for a in answers if a is not None and "failed" not in a]
+    failed = [a["failed"] for a in answers if a is not None and "failed" in a]
     out: dict[str, Any] = {}
     if study is not None:
         out["00081190"] = {"vr": "UR", "Value": [f"{ctx.prefix}/studies/{study}"]}

@@ -39,6 +39,8 @@ __all__ = ["retrieve", "metadata", "bulkdata", "frames", "rendered", "thumbnail"
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 OCTET = "application/octet-stream"
+#: instances up to this size are sent as one piece of the response stream
+_ONE_CHUNK = 8 << 20
 
 
 def _path_uids(request: Request) -> tuple[str | None, str | None, str | None]:
@@ -109,9 +111,13 @@ async def retrieve(request: Request) -> Response:
             for ref in refs:
                 try:
                     with rs.open_verified(ref.sop_uid) as v:
-                        yield writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
-                        yield from file_chunks(v.path)
-                        yield b"\r\n"
+                        head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
+                        if v.size <= _ONE_CHUNK:  # one piece per instance: each piece is a hop between threads
+                            yield head + v.path.read_bytes() + b"\r\n"
+                        else:
+                            yield head
+                            yield from file_chunks(v.path)
+                            yield b"\r\n"
                         xfer.sent(True, v.size)
                 except VnaError as exc:  # the status line is gone: leave the instance out, log and audit it
                     log.warning("WADO-RS: instance %s not sent: %s", ref.sop_uid, exc)
