@@ -41,7 +41,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _prepare_spool(cfg: Config) -> None:
-    for name in ("spool/incoming", "spool/grpc"):
+    for name in ("spool/incoming", "spool/grpc", "spool/web"):
         spool = cfg.resolve(name)
         spool.mkdir(parents=True, exist_ok=True)
         for stale in spool.iterdir():  # never acknowledged: a previous process died mid-receive

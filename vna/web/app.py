@@ -110,10 +110,8 @@ class BearerAuth:
 
 def build_app(archive: Archive, cfg: WebConfig, tokens: Any = ()) -> ASGIApp:
     """The whole web front-end over ``archive``'s services."""
-    spool = archive.cfg.resolve("spool/web")
+    spool = archive.cfg.resolve("spool/web")  # emptied by `vna serve` before its workers start
     spool.mkdir(parents=True, exist_ok=True)
-    for stale in spool.iterdir():  # never answered: a previous process died mid-request
-        stale.unlink(missing_ok=True)
     routes = _routes()
     routes += viewer.routes(viewer.viewer_dir(cfg, archive.cfg))
 
