@@ -48,6 +48,9 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
 	  echo "installing chromium + chromium-driver (apt; the viewer's browser test)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	  echo "installing Orthanc + its DICOMweb plugin (apt; the peer of tests/web and benchmarks/dicomweb.py)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; }
 	@command -v npm >/dev/null 2>&1 || { \
 	  echo "installing nodejs + npm (apt; fetches the OHIF viewer)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
