@@ -298,3 +298,15 @@ def test_cold_instances_are_recalled_transparently(make_web: Callable[..., Web],
     study, series, sop = _uids(files[0])
     frame = client.retrieve_instance_frames(study, series, sop, frame_numbers=[1])[0]
     assert frame == dcmread(files[0]).PixelData
+
+
+def test_https_with_tls_cert_and_key(make_web: Callable[..., Web], tmp_path: Path, corpus: list[Path]) -> None:
+    from tests.conftest import self_signed
+
+    cert, key = self_signed(tmp_path, "localhost")
+    web = make_web(f'[web]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    base = f"https://localhost:{web.port}/dicomweb"
+    assert requests.get(f"{base}/studies", verify=str(cert), timeout=30).json() == []
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"{web.base}/studies", timeout=30)  # plain HTTP on the TLS port gets no answer
+    assert "https://127.0.0.1:" in web.server.log.read_text()
