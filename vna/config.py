@@ -113,6 +113,7 @@ class S3Config:
     max_attempts: int = 5
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    redundancy: int = 1             # copies this bucket counts for toward archive.min_copies (its own durability)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,12 @@ class ColdTierConfig:
     s3: S3Config = field(default_factory=S3Config)
     zstd_level: int = 9
     bundle_by: str = "series"       # or "study": one cold object per series / per study
+    redundancy: int = 1             # copies the cold directory counts for toward archive.min_copies (cold.s3.redundancy for S3)
+
+    @property
+    def copies_counted(self) -> int:
+        """How many of ``archive.min_copies`` one cold copy counts for (the store's declared redundancy)."""
+        return self.s3.redundancy if self.backend == "s3" else self.redundancy
 
 
 @dataclass(frozen=True)
@@ -596,6 +603,9 @@ def load_config(
         data = _merge(data, overrides)
     cfg: Config = _build(Config, data, "config")
     _validate(cfg)
+    if cfg.telemetry.prometheus_port and not cfg.telemetry.enabled:
+        log.warning("telemetry.prometheus_port = %d is ignored: set telemetry.enabled = true to serve metrics",
+                    cfg.telemetry.prometheus_port)
     return cfg
 
 
@@ -642,6 +652,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cold.s3.bucket is required when cold.backend = 's3'")
     if cfg.cold.bundle_by not in ("series", "study"):
         raise ConfigError("cold.bundle_by must be 'series' or 'study'")
+    if min(cfg.cold.redundancy, cfg.cold.s3.redundancy, *(s3.redundancy for s3 in cfg.hot.s3)) < 1:
+        raise ConfigError("cold.redundancy, cold.s3.redundancy and hot.s3[].redundancy must be >= 1")
+    if cfg.cold.backend == "s3" and cfg.cold.redundancy != 1:
+        raise ConfigError("cold.redundancy is the filesystem cold directory's: set cold.s3.redundancy for S3")
     if cfg.lifecycle.age_basis not in ("ingest", "study_date", "last_access"):
         raise ConfigError("lifecycle.age_basis must be 'ingest', 'study_date' or 'last_access'")
     _validate_lifecycle(cfg.lifecycle)

@@ -16,7 +16,7 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from vna.config import Config
 
@@ -33,9 +33,9 @@ def apply(cfg: Config) -> None:
     """
     os.umask(cfg.archive.umask)
     for path in owned_dirs(cfg):
-        _tighten(path, cfg.archive.dir_mode, cfg.archive.permissions)
+        _tighten(path, stat.S_ISDIR, cfg.archive.dir_mode, cfg.archive.permissions)
     for path in owned_files(cfg):
-        _tighten(path, cfg.archive.file_mode, cfg.archive.permissions)
+        _tighten(path, stat.S_ISREG, cfg.archive.file_mode, cfg.archive.permissions)
 
 
 def owned_dirs(cfg: Config) -> list[Path]:
@@ -67,7 +67,12 @@ def _unique(paths: Iterable[Path]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _tighten(path: Path, allowed: int, permissions: str) -> None:
+def _tighten(path: Path, kind: Callable[[int], bool], allowed: int, permissions: str) -> None:
+    """Remove the mode bits of ``path`` beyond ``allowed``: only a directory / regular file this user owns.
+
+    Anything else (a device such as /dev/full as the audit path, another
+    user's directory) is never changed: a WARNING says it is wider.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -78,6 +83,10 @@ def _tighten(path: Path, allowed: int, permissions: str) -> None:
     mode = stat.S_IMODE(st.st_mode)
     tightened = mode & ~(0o777 & ~allowed)
     if tightened == mode:
+        return
+    if not kind(st.st_mode) or st.st_uid != os.geteuid():
+        log.warning("%s is %s, wider than archive.permissions = %r allows; left as it is (not a %s owned "
+                    "by this user)", path, oct(mode), permissions, "directory" if kind is stat.S_ISDIR else "file")
         return
     try:
         os.chmod(path, tightened)

@@ -34,7 +34,7 @@ def _dirs(cfg: Config) -> list[tuple[str, str, Path]]:
     dirs += [(f"hot.replicas[{i}]", r, cfg.resolve(r)) for i, r in enumerate(cfg.hot.replicas)]
     if cfg.cold.backend == "filesystem":
         dirs.append(("cold.path", cfg.cold.path, cfg.resolve(cfg.cold.path)))
-    if cfg.audit.enabled:
+    if cfg.audit.enabled and not cfg.resolve(cfg.audit.path).exists():  # an existing trail is checked itself
         dirs.append(("audit.path", cfg.audit.path, cfg.resolve(cfg.audit.path).parent))
     if cfg.index.backend == "sqlite":
         dirs.append(("index.sqlite_path", cfg.index.sqlite_path, cfg.resolve(cfg.index.sqlite_path).parent))
@@ -55,6 +55,10 @@ def check_dirs(cfg: Config) -> None:
             where = "" if existing == path else f" ({existing} exists, the rest must be created)"
             raise ConfigError(f"{shown} is not writable: {why}{where}: make it writable for the user "
                               f"running vna or choose another directory for {setting}")
+    audit = cfg.resolve(cfg.audit.path)
+    if cfg.audit.enabled and audit.exists() and not os.access(audit, os.W_OK):
+        raise ConfigError(f"audit.path = {cfg.audit.path}: {audit} is not writable for this user: fix its owner "
+                          "or mode, or choose another audit.path")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -123,6 +127,9 @@ def _listeners(cfg: Config, dicom: bool) -> list[tuple[str, str, str, int]]:
         out.append(("grpc.port", "the gRPC API", cfg.grpc.host, cfg.grpc.port))
     if cfg.health.port:
         out.append(("health.port", "the health endpoint", cfg.health.host, cfg.health.port))
+    t = cfg.telemetry
+    if t.enabled and t.prometheus_port:  # the first process's port (further worker processes take the next ones)
+        out.append(("telemetry.prometheus_port", "the Prometheus endpoint", t.prometheus_host, t.prometheus_port))
     if cfg.web.port:
         out.append(("web.port", "DICOMweb and the viewer", cfg.web.host, cfg.web.port))
     return out
@@ -159,7 +166,8 @@ def listen_error(setting: str, what: str, host: str, port: int, exc: OSError) ->
         return ConfigError(f"{setting} = {port}: {where}: permission denied (ports below 1024 need root or "
                            f"CAP_NET_BIND_SERVICE): choose a port above 1023")
     if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
-        host_setting = setting.split(".")[0] + ".host"
+        host_setting = "telemetry.prometheus_host" if setting.startswith("telemetry.") \
+            else setting.split(".")[0] + ".host"
         return ConfigError(f"{host_setting} = {host}: {where}: not an address of this machine: "
                            f"set {host_setting} (or dicom.host / --host) to one of its addresses")
     return ConfigError(f"{setting} = {port}: {where}: {exc.strerror or exc}")

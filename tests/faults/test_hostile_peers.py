@@ -231,6 +231,50 @@ def test_per_address_connection_limit(make_server: Factory, corpus: list[Path]) 
     _still_serving(srv, corpus[0])
 
 
+def test_association_limit_counts_associations_only(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server("[dicom]\nmax_associations = 2\n")
+    half_open = [RawPeer(srv.port) for _ in range(4)]  # connected, nothing sent: no slot taken
+    held = [RawPeer(srv.port), RawPeer(srv.port)]
+    try:
+        for p in held:
+            p.associate([(VERIFICATION, [IMPLICIT_LE])])
+        r = _echoscu(srv)
+        assert r.returncode != 0 and "Local Limit Exceeded" in r.stdout + r.stderr, r.stdout + r.stderr
+        held.pop().close()
+        _wait_for(lambda: _echoscu(srv).returncode == 0, 30, "an association slot given back")
+    finally:
+        for p in held + half_open:
+            p.close()
+    assert _log(srv).count("association rejected: 2 associations open (dicom.max_associations)") == 1
+    _still_serving(srv, corpus[0])
+
+
+def test_connection_counts_are_exported(make_server: Factory) -> None:
+    import re
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    srv = make_server(f"[telemetry]\nenabled = true\nprometheus_port = {port}\n")
+
+    def gauge(state: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
+            body = rsp.read().decode()
+        m = re.search(rf'^vna_dicom_connections{{state="{state}"}} (\S+)$', body, re.M)
+        return float(m.group(1)) if m else -1.0
+
+    half_open = [RawPeer(srv.port) for _ in range(3)]
+    associated = RawPeer(srv.port)
+    try:
+        associated.associate([(VERIFICATION, [IMPLICIT_LE])])
+        _wait_for(lambda: (gauge("half_open"), gauge("associated")) == (3, 1), 30, "3 half-open and 1 associated")
+    finally:
+        for p in half_open + [associated]:
+            p.close()
+    _wait_for(lambda: (gauge("half_open"), gauge("associated")) == (0, 0), 30, "no connection left")
+
+
 # -- garbage ------------------------------------------------------------------------------------------
 def test_garbage_gets_one_line_and_a_close(make_server: Factory, corpus: list[Path]) -> None:
     srv = make_server()
@@ -294,6 +338,22 @@ def test_p_data_before_the_association_is_aborted(make_server: Factory, corpus: 
             assert pdu_type == 0x07  # A-ABORT
             assert peer.closed_by_server(30)
     assert _log(srv).count("P-DATA-TF before the association was established") == 1  # rate limited
+    _still_serving(srv, corpus[0])
+
+
+def test_associate_rq_with_non_ascii_text_gets_one_line(make_server: Factory, corpus: list[Path]) -> None:
+    srv = make_server()
+    rq = associate_rq([(VERIFICATION, [IMPLICIT_LE])])
+    for field in (VERIFICATION.encode(), b"RAWSCU"):  # an abstract syntax, the calling AE title
+        bad = bytearray(rq)
+        bad[rq.index(field) + 1] = 0xC3
+        with RawPeer(srv.port) as peer:
+            peer.send(bytes(bad))
+            assert peer.closed_by_server(30)
+    log = _log(srv)
+    assert "A-ASSOCIATE-RQ with non-ASCII bytes in its Abstract Syntax" in log
+    assert "A-ASSOCIATE-RQ with non-ASCII bytes in an AE title" in log
+    assert "Traceback" not in log
     _still_serving(srv, corpus[0])
 
 

@@ -244,3 +244,59 @@ def test_equivalent_resend_of_a_lost_instance_is_refused_and_of_a_damaged_one_re
     assert report(srv, uid(ct[1]))["outcome"] == "DAMAGED"
     assert storescu(srv, [dcmconv(ct[1], tmp_path / "implicit1.dcm", "+ti")]) == [(0, "")]
     assert_healthy(srv, ct[1])
+
+
+def test_resend_of_a_migrated_instance_is_compared_with_its_cold_copy(make_server: Factory, ct: list[Path],
+                                                                      tmp_path: Path) -> None:
+    srv = make_server("[archive]\nmin_copies = 1\n[lifecycle]\nmin_age_days = 0\n")  # every hot copy retired
+    assert storescu(srv, ct[:3]) == [(0, "")] * 3
+    r = srv.cli("lifecycle", "run")
+    assert r.returncode == 0, r.stderr
+    assert blobs(hot(srv, 1)) == [] and blobs(hot(srv, 2)) == []
+
+    # the same data set in implicit VR: compared with the verified cold copy, a duplicate; one cold copy is
+    # fewer than W = 2 verified copies, so both hot replicas get the stored bytes back from the cold copy
+    assert storescu(srv, [dcmconv(ct[0], tmp_path / "implicit.dcm", "+ti")]) == [(0, "")]
+    fix = report(srv, uid(ct[0]))
+    assert fix["outcome"] == "OK" and sorted((c["tier"], c["state"]) for c in fix["copies"]) == [
+        ("cold", "OK"), ("hot", "OK"), ("hot", "OK")]
+    for n in (1, 2):
+        assert dataset_bytes(blob_of(hot(srv, n), uid(ct[0]))) == dataset_bytes(ct[0])
+
+    ds = dcmread(ct[1])
+    ds.PatientName = "Other^Patient"
+    ds.save_as(tmp_path / "changed.dcm")
+    [(status, comment)] = storescu(srv, [tmp_path / "changed.dcm"])
+    assert status == 0x0111 and "different content" in comment
+    assert [c["tier"] for c in report(srv, uid(ct[1]))["copies"]] == ["cold"]  # nothing written for a conflict
+
+    assert getscu_bytes(srv, ct[0], tmp_path / "got0") == dataset_bytes(ct[0])
+    assert getscu_bytes(srv, ct[1], tmp_path / "got1") == dataset_bytes(ct[1])
+
+
+def test_rewritten_copy_is_relocated_when_its_directory_takes_no_write(make_server: Factory, ct: list[Path],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conftest, "VNA", [*NO_DAC, *conftest.VNA])
+    srv = make_server()
+    assert storescu(srv, [ct[0]]) == [(0, "")]
+    series_dir = blob_of(hot(srv, 2), uid(ct[0])).parent
+    lose(srv, ct[0])
+    series_dir.chmod(0o555)
+    try:
+        assert storescu(srv, [ct[0]]) == [(0, "")]
+    finally:
+        series_dir.chmod(0o755)
+    assert_healthy(srv, ct[0])
+    assert blob_of(hot(srv, 2), uid(ct[0])).relative_to(hot(srv, 2)).parts[0] == "relocated"
+    assert blob_of(hot(srv, 1), uid(ct[0])).parent == hot(srv, 1) / series_dir.relative_to(hot(srv, 2))
+
+
+def test_cold_copy_counts_as_its_store_declares(make_server: Factory, ct: list[Path], tmp_path: Path) -> None:
+    # a cold store declaring redundancy 2 lets the lifecycle retire every hot copy; that one copy counts 2 = W
+    srv = make_server("[cold]\nredundancy = 2\n[lifecycle]\nmin_age_days = 0\n")
+    assert storescu(srv, [ct[0]]) == [(0, "")]
+    assert srv.cli("lifecycle", "run").returncode == 0
+    assert blobs(hot(srv, 1)) == [] and blobs(hot(srv, 2)) == []
+    assert storescu(srv, [ct[0], dcmconv(ct[0], tmp_path / "implicit.dcm", "+ti")]) == [(0, ""), (0, "")]
+    assert blobs(hot(srv, 1)) == [] and blobs(hot(srv, 2)) == []  # durable as it is: nothing written back
+    assert [c["tier"] for c in report(srv, uid(ct[0]))["copies"]] == ["cold"]

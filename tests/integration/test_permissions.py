@@ -9,12 +9,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from tests.conftest import VnaServer, free_port, self_signed
+import pytest
+
+from tests.conftest import ROOT, VNA, VnaServer, free_port, self_signed
 from tests.integration import scu
 
 Factory = Callable[..., VnaServer]
@@ -139,3 +142,46 @@ def test_explicit_health_host_is_kept(make_server: Factory) -> None:
     health_port = free_port()
     make_server(f'[health]\nhost = "0.0.0.0"\nport = {health_port}\n')
     assert _listening(health_port) == {"0.0.0.0"}
+
+
+def test_only_own_directories_and_regular_files_are_tightened(tmp_path: Path) -> None:
+    """A device as the audit path and a data dir owned by another user keep their modes (a WARNING says so)."""
+    device = tmp_path / "full"
+    os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 7))  # a /dev/full of the test's own
+    os.chmod(device, 0o666)
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o755)
+    os.chown(data, 65534, 65534)
+    config = tmp_path / "vna.toml"
+    config.write_text(f'[audit]\npath = "{device}"\n')
+    r = subprocess.run([*VNA, "config", "show", "--config", str(config), "--data-dir", str(data)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (_mode(device), _mode(data)) == (0o666, 0o755)
+    assert f"{device} is 0o666" in r.stderr and f"{data} is 0o755" in r.stderr
+
+
+@pytest.mark.parametrize("toml, setting", [
+    ('[index.cassandra]\npassword = "s3cr3t"\n', "index.cassandra.password"),
+    ('[cold]\nbackend = "s3"\n[cold.s3]\nbucket = "b"\nsecret_key = "s3cr3t"\n', "cold.s3.secret_key"),
+    ('[[hot.s3]]\nbucket = "b"\nsecret_key = "s3cr3t"\n', "hot.s3.secret_key"),
+    ('[archive]\nsite_id = "A"\n[[federation.site]]\nid = "B"\ngrpc_endpoint = "b:1"\ntoken = "0123456789abcdef"\n',
+     "federation.site.token"),
+])
+@pytest.mark.parametrize("permissions, mode, warned", [
+    ("owner", 0o640, True), ("owner", 0o600, False), ("group", 0o640, False), ("group", 0o644, True)])
+def test_config_secrets_readable_by_others_are_warned_about(
+        tmp_path: Path, toml: str, setting: str, permissions: str, mode: int, warned: bool) -> None:
+    config = tmp_path / "vna.toml"
+    config.write_text(f'{toml}[archive]\npermissions = "{permissions}"\n' if "[archive]" not in toml
+                      else toml.replace("[archive]\n", f'[archive]\npermissions = "{permissions}"\n'))
+    os.chmod(config, mode)
+    r = subprocess.run([*VNA, "config", "show", "--config", str(config), "--data-dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "WARNING" in ln and str(config) in ln]
+    assert len(lines) == (1 if warned else 0), r.stderr
+    if warned:
+        fix = "chmod 600" if permissions == "owner" else "chmod 640"
+        assert setting in lines[0] and f"{fix} {config}" in lines[0] and "s3cr3t" not in lines[0]

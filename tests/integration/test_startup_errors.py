@@ -150,3 +150,28 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert b"BrokenPipe" not in err and b"Traceback" not in err, err.decode()
+
+
+def test_prometheus_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = tmp_path / "data"
+        toml = f'[telemetry]\nenabled = true\nprometheus_host = "127.0.0.1"\nprometheus_port = {port}\n'
+        config_error(serve(tmp_path, toml, data), "telemetry.prometheus_port", str(port), "in use")
+    assert not data.exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_certificate_that_is_not_pem(tmp_path: Path, workers: int) -> None:
+    """Found only when the listener loads it (in a worker process when there are several): still exit 2."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    data = tmp_path / "data"
+    toml = f'[dicom]\nworkers = {workers}\ntls_port = {free_port()}\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    r = serve(tmp_path, toml, data)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "configuration error: dicom TLS" in r.stderr
+    assert not data.exists()

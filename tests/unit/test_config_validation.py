@@ -97,3 +97,12 @@ def test_an_error_in_a_value_from_a_flag_says_so(tmp_path: Path) -> None:
 def test_an_error_in_a_value_from_the_file_names_no_variable(tmp_path: Path) -> None:
     line = _config_error(show(tmp_path, "[dicom]\nport = 70000\n"), "dicom.port")
     assert "VNA_" not in line and "--dicom-port" not in line
+
+
+def test_prometheus_port_without_telemetry_is_warned_about(tmp_path: Path) -> None:
+    r = show(tmp_path, "[telemetry]\nprometheus_port = 9464\n")
+    assert r.returncode == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1 and "telemetry.prometheus_port" in warnings[0], r.stderr
+    assert "telemetry.enabled" in warnings[0]
+    assert "WARNING" not in show(tmp_path, "[telemetry]\nenabled = true\nprometheus_port = 9464\n").stderr

@@ -233,3 +233,15 @@ def test_a_large_file_is_not_read_whole(tmp_path: Path, encapsulated: bool) -> N
         found = scan_part10(fp, size, _WANTED)
         assert found is not None and 0x0020000D in found.elements
         assert fp.read_total <= PREFIX_SIZE + 1024
+
+
+def test_an_unknown_vr_is_an_invalid_dataset(tmp_path: Path) -> None:
+    """pydicom raises NotImplementedError for a VR it does not know: a bad file, not a handler crash."""
+    ct = write_corpus(tmp_path / "ct", "ct", 1, 1)[0]
+    data = ct.read_bytes()
+    head = b"\x10\x00\x10\x00PN"  # (0010,0010) PatientName in explicit VR little endian
+    assert head in data
+    bad = tmp_path / "unknown-vr.dcm"
+    bad.write_bytes(data.replace(head, b"\x10\x00\x10\x00DE", 1))
+    with pytest.raises(InvalidDataset):
+        read_header(bad)

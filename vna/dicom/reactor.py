@@ -21,9 +21,21 @@ are still checked.
 It also replaces ``DULServiceProvider._read_pdu_data`` (one buffer per PDU,
 and each PDU offered first to the association's ``fast_store.FastStore`` when
 one is attached) and counts the DIMSE services an association is running
-(``_vna_serving``), which the fast path must not overtake. Everything else --
-the state machine, the order of checks, the pause/kill protocol -- is
-pynetdicom's own code, unchanged. The copies are
+(``_vna_serving``), which the fast path must not overtake. One fix to the
+pause protocol: the association reactor takes a DIMSE message only while no
+pause is requested (``_CheckpointEvent``), so a C-STORE-RSP meant for a waiting
+``send_c_store`` (C-MOVE sub-operations) is never taken by the reactor.
+
+Against hostile or broken peers (see ``_dul_read_pdu_data`` and
+docs/conformance.md §5.1): every PDU is bounded before it is read, reads have
+a deadline (the ACSE timeout from the connection's start until associated,
+then the network timeout between bytes), what pynetdicom could not process is
+refused before it sees it, and an exception in the DUL thread ends in an
+A-ABORT, a close and one log line. An acceptor's DUL thread ends once its
+connection is closed (releasing its ``limits.Connection``).
+
+Everything else -- the state machine, the order of checks, the pause/kill
+protocol -- is pynetdicom's own code, unchanged. The copies are
 of pynetdicom 3.0.x; ``install()`` leaves any other version polling as before
 and says so in the log.
 """
@@ -71,15 +83,26 @@ class _NotifyingQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class _CheckpointEvent(threading.Event):
-    """The association's reactor checkpoint: clearing it (a pause request) wakes the reactor."""
+    """The association's reactor checkpoint: clearing it (a pause request) wakes the reactor.
+
+    The reactor takes a DIMSE message only while holding ``take`` and seeing the
+    checkpoint still set; ``clear()`` returns only once no such take is in
+    progress. So once a pause request returns, the reactor takes no message
+    until the checkpoint is set again -- the response the pausing thread (e.g.
+    ``send_c_store``) waits for stays on the queue for it. ``take`` is never
+    held while a request is served (C-GET sends from the reactor's own thread).
+    """
 
     def __init__(self, wake: threading.Event) -> None:
         super().__init__()
         self._wake = wake
+        self.take = threading.Lock()
 
     def clear(self) -> None:
         super().clear()
         self._wake.set()
+        with self.take:  # wait out a take that saw the checkpoint still set
+            pass
 
 
 class _Waker:
@@ -430,6 +453,47 @@ def _expected(dul: Any, pdu_type: int) -> bool:
     return True
 
 
+_TEXT_ITEMS = {0x10: "Application Context Name", 0x30: "Abstract Syntax", 0x40: "Transfer Syntax",
+               0x52: "Implementation Class UID", 0x55: "Implementation Version Name"}
+_UID_FIRST_ITEMS = {0x54: "SCP/SCU Role Selection", 0x56: "SOP Class Extended Negotiation",
+                    0x57: "SOP Class Common Extended Negotiation"}
+
+
+def _associate_problem(pdu: bytearray) -> str | None:
+    """Why pynetdicom could not decode this A-ASSOCIATE-RQ/-AC's text fields (non-ASCII bytes), or None.
+
+    pynetdicom logs a traceback for each such field before it refuses the PDU;
+    found here, the PDU is refused with one line. The item structure itself is
+    left to pynetdicom's decoder.
+    """
+    body = memoryview(pdu)[6:]
+    if len(body) < 68:
+        return None
+    if pdu[0] == 0x01 and not bytes(body[4:36]).isascii():  # in an -AC these fields are not to be tested
+        return "non-ASCII bytes in an AE title"
+    return _items_problem(body[68:], nested=False)
+
+
+def _items_problem(data: memoryview, nested: bool) -> str | None:
+    pos = 0
+    while pos + 4 <= len(data):
+        item_type, length = data[pos], int.from_bytes(data[pos + 2:pos + 4], "big")
+        value = data[pos + 4:pos + 4 + length]
+        name = _TEXT_ITEMS.get(item_type)
+        if name is not None and not bytes(value).isascii():
+            return f"non-ASCII bytes in its {name}"
+        name = _UID_FIRST_ITEMS.get(item_type)
+        if nested and name is not None and len(value) >= 2:
+            if not bytes(value[2:2 + int.from_bytes(value[:2], "big")]).isascii():
+                return f"non-ASCII bytes in the UID of its {name} item"
+        if not nested and item_type in (0x20, 0x21, 0x50):
+            problem = _items_problem(value[4:] if item_type != 0x50 else value, nested=True)
+            if problem is not None:
+                return problem
+        pos += 4 + length
+    return None
+
+
 def _command_problem(dul: Any, pdu: bytearray) -> str | None:
     """Why pynetdicom's DIMSE layer could not process the command set this P-DATA-TF completes, or None.
 
@@ -522,7 +586,11 @@ def _dul_read_pdu_data(self: Any) -> None:
     if pdu_type == 0x04 and associated:
         problem = _command_problem(self, bytestream)
         if problem is not None:
-            return refuse(0x00, "%s", problem)
+            return refuse(0x00, problem.replace("%", "%%"))  # the problem is the kind of line (rate limits)
+    elif pdu_type in (0x01, 0x02):
+        problem = _associate_problem(bytestream)
+        if problem is not None:
+            return refuse(0x06, f"{name} with {problem}".replace("%", "%%"))
     try:
         pdu, event = self._decode_pdu(bytestream)
     except Exception as exc:
@@ -555,8 +623,24 @@ def _dul_kill(self: Any) -> None:
     self._vna_waker.poke()
 
 
+def _take_msg(assoc: Any) -> tuple[int | None, Any]:
+    """The next DIMSE message for the reactor to serve, or ``(None, None)``.
+
+    Nothing is taken once a pause has been requested: ``Event.wait()`` returns
+    True when the checkpoint was set at wake-up even if it was cleared again
+    since, and a pausing thread may see a stale ``_is_paused`` -- so the
+    checkpoint is checked again, under the lock its ``clear()`` waits for.
+    """
+    checkpoint: _CheckpointEvent = assoc._reactor_checkpoint
+    with checkpoint.take:
+        if not checkpoint.is_set():
+            return None, None
+        return assoc.dimse.get_msg(block=False)  # type: ignore[no-any-return]
+
+
 def _assoc_run_reactor(self: Any) -> None:
-    """pynetdicom 3.0's acceptor ``Association._run_reactor`` with the 1 ms sleep replaced by a wait."""
+    """pynetdicom 3.0's ``Association._run_reactor`` (acceptor and requestor) with the 1 ms sleep
+    replaced by a wait, and a message taken only while no pause is requested (``_take_msg``)."""
     self._is_paused = False
     wake: threading.Event = self._vna_wake
     while not self._kill:
@@ -572,7 +656,7 @@ def _assoc_run_reactor(self: Any) -> None:
         # counted from before the message leaves its queue, so the C-STORE fast path never
         # sees "queue empty, nothing served" while a request is on its way to its service
         with _Serving(self):
-            context_id, msg = self.dimse.get_msg(block=False)
+            context_id, msg = _take_msg(self)
             if msg:
                 self._serve_request(msg, context_id)
 

@@ -1,7 +1,8 @@
 """The DIMSE server: one pynetdicom AE, handlers bound as data, each a thin translation.
 
-Services: Verification, Storage (every storage SOP class pynetdicom knows, all
-transfer syntaxes it knows, received to a spool file and never decoded),
+Services: Verification, Storage (every storage SOP class pynetdicom knows and the
+retired ones, unknown ones if configured -- see contexts.py; all transfer syntaxes
+pynetdicom knows; received to a spool file and never decoded),
 Patient/Study Root Query/Retrieve FIND/MOVE/GET, Storage Commitment Push Model.
 """
 
@@ -20,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_role, evt
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
@@ -30,7 +31,7 @@ from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import dimse_codec, reactor, status as st, uid_cache
-from vna.dicom.contexts import Contexts
+from vna.dicom.contexts import Contexts, UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
 from vna.dicom.fast_store import FastStore, spooled_of
 from vna.dicom.limits import ConnectionLimits
 from vna.dicom.tls import client_context, server_context
@@ -287,7 +288,7 @@ class DicomServer:
         self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
         self._assocs_lock = threading.Lock()
         self._op_keys: dict[tuple[str, int], tuple[str, SeriesKey, SeriesKey]] = {}   # see _op_done
-        self._storage_classes = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+        self._storage_classes = frozenset(str(uid) for uid in storage_classes())
         self._spool_dir = archive.cfg.resolve("spool/incoming")
         self._spool_dir.mkdir(parents=True, exist_ok=True)
 
@@ -304,11 +305,12 @@ class DicomServer:
         if cfg.allowed_calling_aes:
             ae.require_calling_aet = list(cfg.allowed_calling_aes)
         ae.add_supported_context(Verification)
-        # pynetdicom accepts the first of *our* syntaxes that the peer proposed:
-        # prefer explicit VR little endian over implicit, keep every other syntax
-        syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cast(UID, cx.abstract_syntax), syntaxes, scu_role=True, scp_role=True)
+        # every storage class pynetdicom lists and the retired ones (registered with its Storage service);
+        # unknown ones per association when dicom.accept_unknown_storage_classes (see handlers())
+        register_retired_storage()
+        syntaxes = storage_syntaxes()
+        for uid in storage_classes():
+            ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
         for uid in (
             PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
             PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,
@@ -338,6 +340,8 @@ class DicomServer:
         if self.archive.telemetry.enabled:
             bindings += [(evt.EVT_REQUESTED, self._assoc_begin), (evt.EVT_ACCEPTED, self._assoc_accepted),
                          (evt.EVT_CONN_CLOSE, self._assoc_end)]
+        if self.cfg.accept_unknown_storage_classes:
+            bindings.append((evt.EVT_REQUESTED, UnknownStorage(storage_syntaxes()).on_requested))
         return bindings
 
     def start(self) -> ThreadedAssociationServer:
@@ -358,8 +362,15 @@ class DicomServer:
             self.ae._servers.append(server)  # noqa: SLF001 -- as AE.start_server does; shutdown() removes it
             threading.Thread(target=server.serve_forever, name=f"vna-acceptor-{port}", daemon=True).start()
             self._servers.append(server)
+        self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
+                                     "connections of the DICOM port now, by state (half_open, associated)",
+                                     self._connection_counts)
         self.archive.telemetry.start_endpoint()
         return self._servers[0]
+
+    def _connection_counts(self) -> list[tuple[float, dict[str, str]]]:
+        half_open, associated = self.limits.counts()
+        return [(half_open, {"state": "half_open"}), (associated, {"state": "associated"})]
 
     @property
     def listening(self) -> bool:

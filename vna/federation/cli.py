@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from vna.cli_support import add_common, add_job_flags, load, print_report
 from vna.domain import PlacementState, site_of
 from vna.errors import ConfigError
+from vna.preflight import require_archive
+from vna.progress import add_progress_flag, progress_for
 
 if TYPE_CHECKING:
     from vna.archive import Archive
@@ -70,7 +72,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the federation status; exit 1 if a site or an index node is unreachable."""
     from vna.archive import Archive
 
-    archive = Archive(load(args))
+    cfg = load(args)
+    require_archive(cfg)
+    archive = Archive(cfg)
     try:
         st = status(archive)
     finally:
@@ -98,9 +102,13 @@ def cmd_copy(args: argparse.Namespace) -> int:
         return 2
     from vna.archive import Archive
 
-    archive = Archive(load(args))
+    cfg = load(args)
+    require_archive(cfg)
+    archive = Archive(cfg)
     try:
-        report = copy_job(archive).run_once(limit=args.limit, dry_run=args.dry_run)
+        job = copy_job(archive)
+        with progress_for(job.name, args) as progress:
+            report = job.run_once(limit=args.limit, dry_run=args.dry_run, progress=progress)
     finally:
         archive.close()
     return print_report(report, args.json)
@@ -117,4 +125,5 @@ def register(subparsers: Any) -> None:
     q = sub.add_parser("copy", help="pull the studies the [[federation.copy]] rules select from their sites")
     add_common(q)
     add_job_flags(q)
+    add_progress_flag(q)
     q.set_defaults(func=cmd_copy)

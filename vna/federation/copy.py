@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 import uuid
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,12 +28,15 @@ from vna.domain import InstanceRecord, Placement, PlacementState, site_of
 from vna.errors import IntegrityError, NotFound, SiteUnavailable, StateConflict, StorageError
 from vna.federation.sites import Sites
 from vna.index.base import Index
-from vna.jobs import JobReport
+from vna.jobs import NO_PROGRESS, JobReport, Progress, count_left
 from vna.storage.accessor import TierAccessor, site_of_tiers
 
 __all__ = ["CopyJob", "add_local_copy", "DR_PREFIX", "CACHE_PREFIX"]
 
 log = logging.getLogger(__name__)
+
+#: instances counted at most past a run's limit (each costs index reads) when telling how many are left
+_LEFT_INSTANCES = 1000
 
 #: Blob key prefix of disaster-recovery copies (``dr/<from_site>/<study>/<series>/...``).
 DR_PREFIX = "dr"
@@ -100,34 +104,46 @@ class CopyJob:
             if any(site_of(p.store_id) == rule.from_site and p.state is PlacementState.OK for p in rows):
                 yield inst
 
-    def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
-        """Copy at most ``limit`` instances. ``failures``: instances not copied (site down, bad bytes)."""
-        report = JobReport(job=self.name, dry_run=dry_run)
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+    def _work(self) -> Iterator[tuple[CopyRule, Any, str, InstanceRecord]]:
+        """(rule, client of its site, study, instance) for every instance the rules want copied here."""
         for rule in self.rules:
             client = self.sites.get(rule.from_site)
             if client is None:
                 continue
             for study_uid in self._studies(rule):
                 for inst in self._todo(rule, study_uid):
-                    if limit is not None and report.examined >= limit:
-                        log.info("%s", report.summary())
-                        return report
-                    report.examined += 1
-                    detail: dict[str, Any] = {"study": study_uid, "sop_uid": inst.sop_uid, "version": inst.version,
-                                              "from_site": rule.from_site, "bytes": inst.content_size}
-                    report.details.append(detail)
-                    if dry_run:
-                        detail["outcome"] = "would copy"
-                        report.bytes += inst.content_size
-                        continue
-                    if not client.healthy():
-                        detail["outcome"] = "failed"
-                        detail["error"] = f"site {rule.from_site} is unreachable"
-                        report.failures += 1
-                        continue
-                    self._copy(client, rule, inst, report, detail)
-        log.info("%s", report.summary())
+                    yield rule, client, study_uid, inst
+
+    def run_once(self, limit: int | None = None, dry_run: bool = False,
+                 progress: Progress = NO_PROGRESS) -> JobReport:
+        """Copy at most ``limit`` instances. ``failures``: instances not copied (site down, bad bytes).
+
+        A run that stops at ``limit`` counts the instances it left, up to a bound.
+        """
+        report = JobReport(job=self.name, dry_run=dry_run, limit_setting="federation.copy_batch_limit")
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        work = self._work()
+        progress.begin("copying instances", limit, "instances")
+        for rule, client, study_uid, inst in islice(work, limit):
+            progress.advance()
+            report.examined += 1
+            detail: dict[str, Any] = {"study": study_uid, "sop_uid": inst.sop_uid, "version": inst.version,
+                                      "from_site": rule.from_site, "bytes": inst.content_size}
+            report.details.append(detail)
+            if dry_run:
+                detail["outcome"] = "would copy"
+                report.bytes += inst.content_size
+                continue
+            if not client.healthy():
+                detail["outcome"] = "failed"
+                detail["error"] = f"site {rule.from_site} is unreachable"
+                report.failures += 1
+                continue
+            self._copy(client, rule, inst, report, detail)
+        if limit is not None and report.examined >= limit:
+            left, capped = count_left(work, max(limit, _LEFT_INSTANCES))
+            if left:
+                report.stopped_at_limit(left, capped)
         return report
 
     def _copy(self, client: Any, rule: CopyRule, inst: InstanceRecord, report: JobReport,

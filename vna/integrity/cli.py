@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from vna.cli_support import add_common, add_job_flags, load, print_report
 from vna.config import Config
 from vna.domain import Tier
+from vna.progress import add_progress_flag, progress_for
 
 if TYPE_CHECKING:
     from vna.archive import Archive
@@ -54,7 +55,8 @@ def cmd_scrub(args: argparse.Namespace) -> int:
             objects_per_second=ic.objects_per_second if args.objects_per_second is None else args.objects_per_second,
             bytes_per_second=ic.bytes_per_second if args.bytes_per_second is None else args.bytes_per_second,
             tier=Tier(args.tier) if args.tier else None, store_id=args.store)
-        report = job.run_once(limit=args.limit, dry_run=args.dry_run)
+        with progress_for(job.name, args) as progress:
+            report = job.run_once(limit=args.limit, dry_run=args.dry_run, progress=progress)
     finally:
         archive.close()
     return print_report(report, args.json)
@@ -72,7 +74,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         job = Repairer(archive.index, archive.tiers, cfg.resolve("spool/integrity"),
                        stale_pending_seconds=cfg.integrity.stale_pending_seconds,
                        rereplicate=not args.no_rereplicate, sites=archive.sites)
-        report = job.run_once(limit=args.limit, dry_run=args.dry_run)
+        with progress_for(job.name, args) as progress:
+            report = job.run_once(limit=args.limit, dry_run=args.dry_run, progress=progress)
     finally:
         archive.close()
     return print_report(report, args.json)
@@ -91,7 +94,8 @@ def cmd_orphans(args: argparse.Namespace) -> int:
     try:
         job = OrphanFinder(archive.index, archive.tiers, action=action,
                            grace_seconds=cfg.integrity.orphan_grace_seconds if args.grace is None else args.grace)
-        report = job.run_once(limit=args.limit, dry_run=args.dry_run or not confirmed)
+        with progress_for(job.name, args) as progress:
+            report = job.run_once(limit=args.limit, dry_run=args.dry_run or not confirmed, progress=progress)
     finally:
         archive.close()
     code = print_report(report, args.json)
@@ -127,8 +131,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Per tier how much was verified when, and what is damaged or at risk; or one study's/instance's fixity."""
     from vna.errors import NotFound
     from vna.integrity.report import instance_fixity, integrity_report, study_fixity
+    from vna.preflight import require_archive
 
     cfg = load(args)
+    require_archive(cfg)
     archive = _archive(cfg)
     try:
         if args.study or args.instance:
@@ -143,7 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             else:
                 _print_fixity(fixity)
             return 0 if fixity["outcome"] == "OK" else 1
-        rep = integrity_report(archive.index, archive.tiers, max_items=args.limit)
+        rep = integrity_report(archive.index, archive.tiers, max_items=args.limit, copies=archive.copies)
     finally:
         archive.close()
     if args.json:
@@ -159,6 +165,13 @@ def cmd_report(args: argparse.Namespace) -> int:
             for item in rep[name]["items"]:
                 print("  " + " ".join(f"{k}={v}" for k, v in item.items()))
         print(f"single-copy instance versions: {rep['single_copy']['count']}")
+        below = rep["below_min_copies"]
+        print(f"below archive.min_copies ({below['min_copies']}): {below['count']}")
+        for item in below["items"]:
+            print("  " + " ".join(f"{k}={v}" for k, v in item.items()))
+        if below["count"]:
+            print(f"WARNING: {below['count']} instance version(s) have fewer than archive.min_copies = "
+                  f"{below['min_copies']} verified copies")
     return 1 if rep["findings"] else 0
 
 
@@ -190,6 +203,7 @@ def register(subparsers: Any) -> None:
     q = sub.add_parser("scrub", help="verify stored copies and record what is wrong (never fixes)")
     add_common(q)
     add_job_flags(q)
+    add_progress_flag(q)
     q.add_argument("--level", choices=_LEVELS, help="verify level (default: integrity.verify_level)")
     q.add_argument("--objects-per-second", type=_rate, help="rate limit (0: unlimited)")
     q.add_argument("--bytes-per-second", type=_rate, help="read-rate limit (0: unlimited)")
@@ -200,12 +214,14 @@ def register(subparsers: Any) -> None:
     q = sub.add_parser("repair", help="rebuild MISSING/CORRUPT copies from verified siblings; re-replicate")
     add_common(q)
     add_job_flags(q)
+    add_progress_flag(q)
     q.add_argument("--no-rereplicate", action="store_true", help="only rebuild damaged copies")
     q.set_defaults(func=cmd_repair)
 
     q = sub.add_parser("orphans", help="blobs without placements, placements without blobs")
     add_common(q)
     add_job_flags(q, destructive=True)
+    add_progress_flag(q)
     act = q.add_mutually_exclusive_group()
     act.add_argument("--quarantine", action="store_true", help="move orphan blobs to quarantine (needs --yes)")
     act.add_argument("--delete", action="store_true", help="delete orphan blobs (needs --yes)")

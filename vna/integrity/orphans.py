@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from vna.domain import PlacementState, Tier
 from vna.errors import BlobNotFound, StorageError
 from vna.index.base import Index
-from vna.jobs import JobReport
+from vna.jobs import NO_PROGRESS, JobReport, Progress, count_left
 from vna.storage.base import BlobStore
 from vna.storage.accessor import TierAccessor
 
@@ -57,36 +57,55 @@ class OrphanFinder:
         self.grace_seconds = grace_seconds
         self.action = action
         self._clock = clock
+        self._young = 0  # per run: unrecorded blobs within the grace period
+        self._left = 0  # per run: items left at the limit
+        self._left_capped = False  # ... and that count is a lower bound
 
     def _known(self, store_id: str) -> set[str]:
         return {p.blob_key for p in self.index.iter_placements(store_id=store_id)}
 
-    def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
-        """Examine at most ``limit`` blobs and placements per store; act on orphans unless ``dry_run``."""
-        report = JobReport(job=self.name, dry_run=dry_run)
+    def run_once(self, limit: int | None = None, dry_run: bool = False,
+                 progress: Progress = NO_PROGRESS) -> JobReport:
+        """Examine at most ``limit`` blobs and placements per store; act on orphans unless ``dry_run``.
+
+        Unrecorded blobs within the grace period are counted in a note (they are
+        not findings); a store whose examination stopped at ``limit`` adds what
+        it left (unexamined keys counted up to a cap).
+        """
+        report = JobReport(job=self.name, dry_run=dry_run, limit_setting="integrity.batch_limit")
+        self._young = 0
+        self._left, self._left_capped = 0, False
         for tier, accessor in sorted(self.tiers.items(), key=lambda kv: kv[0].value):
             for store in accessor.stores:
                 try:
-                    self._store(tier, store, report, limit, dry_run)
+                    self._store(tier, store, report, limit, dry_run, progress)
                 except StorageError as exc:
                     report.failures += 1
                     report.details.append({"tier": tier.value, "store": store.store_id, "kind": "store",
                                            "error": str(exc)})
                     log.error("%s: cannot examine store %s: %s", self.name, store.store_id, exc)
-        log.info("%s", report.summary())
+        if self._young:
+            report.notes.append(f"{self._young} blob{'s' if self._young != 1 else ''} younger than the grace period "
+                                f"({self.grace_seconds:g} s, integrity.orphan_grace_seconds or --grace) "
+                                f"not reported")
+        if self._left:
+            report.stopped_at_limit(self._left, self._left_capped)
         return report
 
-    def _store(self, tier: Tier, store: BlobStore, report: JobReport, limit: int | None, dry_run: bool) -> None:
+    def _store(self, tier: Tier, store: BlobStore, report: JobReport, limit: int | None, dry_run: bool,
+               progress: Progress) -> None:
         known_placements = list(self.index.iter_placements(store_id=store.store_id))
         known = {p.blob_key for p in known_placements}
         examined = 0
         # placements whose blob is gone
         seen: dict[str, bool] = {}
-        for p in known_placements:
-            if p.state is not PlacementState.OK:
-                continue
-            if limit is not None and examined >= limit:
-                break
+        ok = [p for p in known_placements if p.state is PlacementState.OK]
+        if limit is not None and len(ok) > limit:
+            self._left += len(ok) - limit
+            ok = ok[:limit]
+        progress.begin(f"{store.store_id}: copies with no blob", len(ok), "copies")
+        for p in ok:
+            progress.advance()
             examined += 1
             report.examined += 1
             if p.blob_key not in seen:
@@ -106,11 +125,15 @@ class OrphanFinder:
         orphans: list[tuple[str, int, float]] = []
         young = 0
         examined = 0
-        for key in store.iter_keys():
-            if key.split("/", 1)[0].startswith(".") or key in known:
-                continue
+        unrecorded = (key for key in store.iter_keys() if not key.split("/", 1)[0].startswith(".") and key not in known)
+        progress.begin(f"{store.store_id}: blobs no copy names", limit, "blobs")
+        for key in unrecorded:
             if limit is not None and examined >= limit:
+                left, capped = count_left(unrecorded)
+                self._left += left + 1
+                self._left_capped = self._left_capped or capped
                 break
+            progress.advance()
             examined += 1
             report.examined += 1
             try:
@@ -122,6 +145,7 @@ class OrphanFinder:
                 continue
             orphans.append((key, st.size, now - st.modified))
         if young:
+            self._young += young
             log.debug("%s: %d unrecorded blobs on %s are within the grace period", self.name, young, store.store_id)
         if not orphans:
             return

@@ -44,13 +44,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
-from vna.checksum import HashingIterator
 from vna.domain import Placement, PlacementState, Tier, site_of
-from vna.errors import (BlobExists, BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost, NotFound,
-                        StateConflict, StorageError, StorageUnavailable)
+from vna.errors import (BlobNotFound, ConfigError, IntegrityError, LastVerifiedCopyLost, NotFound, StateConflict,
+                        StorageError)
 from vna.index.base import Index
-from vna.jobs import JobReport
-from vna.storage.accessor import TierAccessor, iter_file, site_of_tiers
+from vna.jobs import NO_PROGRESS, JobReport, Progress, count_left
+from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.storage.base import BlobStore
 
 if TYPE_CHECKING:
@@ -112,24 +111,35 @@ class Repairer:
         self._clock = clock
 
     # -- the job -------------------------------------------------------------
-    def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
+    def run_once(self, limit: int | None = None, dry_run: bool = False,
+                 progress: Progress = NO_PROGRESS) -> JobReport:
         """Repair at most ``limit`` damaged or missing copies and report.
 
         ``findings``: damaged copies still damaged (every one, in a dry run);
         ``failures``: copies that could not be rebuilt (LastVerifiedCopyLost,
-        a store refusing writes).
+        a store refusing writes). A run that stops at ``limit`` says how many
+        damaged copies it left (counted up to a cap).
         """
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        report = JobReport(job=self.name, dry_run=dry_run)
+        report = JobReport(job=self.name, dry_run=dry_run, limit_setting="integrity.batch_limit")
         lost: set[tuple[str, int]] = set()
         damaged = (p for p in self.index.iter_placements(states=list(_DAMAGED)) if self._ours(p))
+        progress.begin("repairing damaged copies", limit, "copies")
         for p in islice(damaged, limit):
+            progress.advance()
             report.examined += 1
             self._repair(p, report, dry_run, lost)
+        if limit is not None and report.examined >= limit:
+            left, capped = count_left(damaged)
+            if left:
+                report.stopped_at_limit(left, capped)
+            if self.rereplicate:
+                report.notes.append("re-replication not examined (the limit was reached)")
         if self.rereplicate and (limit is None or report.examined < limit):
             budget = None if limit is None else limit - report.examined
-            self._rereplicate(report, dry_run, lost, budget)
-        log.info("%s", report.summary())
+            progress.begin("re-replicating hot copies", budget, "copies")
+            if self._rereplicate(report, dry_run, lost, budget, progress):
+                report.stopped_at_limit(1, capped=True)
         return report
 
     def _ours(self, p: Placement) -> bool:
@@ -200,10 +210,12 @@ class Repairer:
             log.error("%s: %s: %s (copy on %s left untouched)", self.name, type(err).__name__, err, store_id)
 
     # -- re-replication ---------------------------------------------------------
-    def _rereplicate(self, report: JobReport, dry_run: bool, lost: set[tuple[str, int]], budget: int | None) -> None:
+    def _rereplicate(self, report: JobReport, dry_run: bool, lost: set[tuple[str, int]], budget: int | None,
+                     progress: Progress = NO_PROGRESS) -> bool:
+        """Bring instances back to a copy per hot store; True if the budget ran out with copies left to make."""
         hot = self.tiers.get(Tier.HOT)
         if hot is None:
-            return
+            return False
         store_ids = [s.store_id for s in hot.stores]
         groups: dict[tuple[str, int], dict[str, Placement]] = defaultdict(dict)
         for r in self.index.iter_placements(tier=Tier.HOT):
@@ -213,17 +225,23 @@ class Repairer:
         for (sop_uid, version), have in groups.items():
             if any(r.state is PlacementState.TO_DELETE for r in have.values()):
                 continue  # migrated to cold: its hot copies are going away on purpose
+            if len(have) < len(store_ids) and any(
+                    r.tier is Tier.COLD and r.state is PlacementState.OK and self._ours(r)
+                    for r in self.index.placements(sop_uid, version)):
+                continue  # migrated to cold: the lifecycle keeps only the hot copies archive.min_copies needs
             for sid in store_ids:
                 row = have.get(sid)
                 if row is not None and not (row.state is PlacementState.PENDING and row.created_at < stale_before):
                     continue
                 if budget is not None and budget <= 0:
-                    return
+                    return True
                 if budget is not None:
                     budget -= 1
+                progress.advance()
                 report.examined += 1
                 self._replicate(sop_uid, version, sid, row, next(iter(have.values())).blob_key, report, dry_run,
                                 lost)
+        return False
 
     def _replicate(self, sop_uid: str, version: int, store_id: str, stale: Placement | None, ref_key: str,
                    report: JobReport, dry_run: bool, lost: set[tuple[str, int]]) -> None:
@@ -397,30 +415,9 @@ class Repairer:
         if relocate:
             keys = iter([*keys, new_blob_key(old.blob_key, old.sop_uid, old.version, accessor.codec.name,
                                              relocated=True)])
-        error: StorageError = StorageUnavailable("no key tried")
-        for key in keys:
-            content = HashingIterator(iter_file(str(source.path)))
-            stored = HashingIterator(accessor.codec.encode(content))
-            try:
-                store.put(key, stored)
-            except (StorageUnavailable, BlobExists) as exc:
-                error = exc
-                continue
-            now = self._clock()
-            new = Placement(
-                sop_uid=old.sop_uid, version=old.version, tier=accessor.tier, store_id=store.store_id,
-                blob_key=key, codec=accessor.codec.name, content_sha256=src.content_sha256,
-                content_size=src.content_size, stored_sha256=stored.hexdigest(), stored_size=stored.size,
-                state=PlacementState.OK, created_at=now, verified_at=now)
-            try:
-                if content.hexdigest() != src.content_sha256 or content.size != src.content_size:
-                    raise IntegrityError(f"spooled source of {old.sop_uid} changed while being copied")
-                accessor.read_verified(new, lambda _data: None)
-            except (IntegrityError, StorageError):
-                self._delete_quietly(store, key)
-                raise
-            return new
-        raise error
+        return accessor.copy_verified(
+            store, source.path, keys, sop_uid=old.sop_uid, version=old.version,
+            content_sha256=src.content_sha256, content_size=src.content_size, now=self._clock())
 
     def _claim(self, old: Placement, new: Placement, store: BlobStore, report: JobReport,
                detail: dict[str, Any], outcome: str) -> bool:

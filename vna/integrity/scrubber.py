@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, cast
 from vna.domain import Placement, PlacementState, Tier, site_of
 from vna.errors import BlobNotFound, ConfigError, IntegrityError, StorageError, StorageUnavailable
 from vna.index.base import Index
-from vna.jobs import JobReport
+from vna.jobs import NO_PROGRESS, JobReport, Progress, count_left
 from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.storage.base import BlobStore, LocalPathStore
 
@@ -114,9 +114,9 @@ class ScrubReport(JobReport):
     elapsed: float = 0.0
     stores: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def summary(self) -> str:
+    def counts(self) -> str:
         rate = self.bytes / self.elapsed / 1e6 if self.elapsed > 0 else 0.0
-        return f"{super().summary()}, level {self.level}, {self.elapsed:.2f} s, {rate:.1f} MB/s"
+        return f"{super().counts()}, level {self.level}, {self.elapsed:.2f} s, {rate:.1f} MB/s"
 
     def as_dict(self) -> dict[str, Any]:
         return super().as_dict() | {"level": self.level, "elapsed": round(self.elapsed, 4), "stores": self.stores}
@@ -248,16 +248,22 @@ class Scrubber:
         return CheckResult(Outcome.VERIFIED, "", p.stored_size)
 
     # -- the job -------------------------------------------------------------
-    def run_once(self, limit: int | None = None, dry_run: bool = False) -> ScrubReport:
-        """Check at most ``limit`` OK placements, oldest-verified first, and record the outcomes."""
-        report = ScrubReport(job=self.name, dry_run=dry_run, level=self.level.value)
+    def run_once(self, limit: int | None = None, dry_run: bool = False,
+                 progress: Progress = NO_PROGRESS) -> ScrubReport:
+        """Check at most ``limit`` OK placements, oldest-verified first, and record the outcomes.
+
+        A run that stops at ``limit`` counts (up to a cap) the placements it left.
+        """
+        report = ScrubReport(job=self.name, dry_run=dry_run, level=self.level.value,
+                             limit_setting="integrity.batch_limit")
         started = time.monotonic()
         answered: set[str] = set()
         unreadable: dict[str, list[tuple[Placement, CheckResult]]] = defaultdict(list)
-        placements = islice((p for p in self.index.iter_placements(
-            tier=self.tier, states=[PlacementState.OK], store_id=self.store_id) if site_of(p.store_id) == self.site),
-            limit)
-        for p in placements:
+        ours = (p for p in self.index.iter_placements(
+            tier=self.tier, states=[PlacementState.OK], store_id=self.store_id) if site_of(p.store_id) == self.site)
+        progress.begin("checking copies", limit, "copies")
+        for p in islice(ours, limit):
+            progress.advance()
             self._objects.take(1)
             result = self.check(p)
             report.examined += 1
@@ -288,8 +294,9 @@ class Scrubber:
                           "nothing marked: %s", self.name, store_id, len(items), items[0][1].reason)
                 for p, result in items:
                     report.details.append(_detail(p, "STORE_UNAVAILABLE", result.reason))
+        if limit is not None and report.examined >= limit:
+            report.stopped_at_limit(*count_left(ours))
         report.elapsed = time.monotonic() - started
-        log.info("%s", report.summary())
         return report
 
     def _store_answers(self, items: list[tuple[Placement, CheckResult]]) -> bool:

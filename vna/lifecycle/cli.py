@@ -8,48 +8,101 @@ from typing import Any
 
 from vna.cli_support import add_common, add_job_flags, load, print_report
 from vna.errors import InvalidInput, VnaError
+from vna.jobs import format_bytes
+from vna.progress import add_progress_flag, progress_for
 
 __all__ = ["register"]
 
 
-def _archive(args: argparse.Namespace) -> Any:
+def _archive(args: argparse.Namespace, *, existing: bool = False) -> Any:
+    """The archive of the parsed arguments; ``existing``: a read-only verb, no archive is created."""
     from vna.archive import Archive
+    from vna.preflight import require_archive
 
-    return Archive(load(args))
+    cfg = load(args)
+    if existing:
+        require_archive(cfg)
+    return Archive(cfg)
 
 
-def _estimate_ratio(archive: Any, study_uids: list[str], samples: int = 3) -> float:
-    """Compression ratio measured on a few real instances of the plan (1.0 if none)."""
+#: instances compressed at most to estimate the cold size of a plan
+ESTIMATE_SAMPLES = 16
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``min(n, k)`` indexes spread evenly over ``range(n)``, first and last included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def _estimate_ratio(archive: Any, study_uids: list[str], samples: int = ESTIMATE_SAMPLES) -> float:
+    """Compression ratio measured on at most ``samples`` instances spread over the whole plan (1.0 if none).
+
+    The studies sampled are spread evenly over the plan, and so is the
+    instance taken in each; when the plan has fewer studies than samples,
+    each study gives several instances spread over it.
+    """
     from vna import pixelcodec
 
+    if not study_uids:
+        return 1.0
     raw = packed = 0
-    for uid in study_uids:
-        for inst in archive.index.study_instances(uid)[:1]:
-            with archive.retrieve.open_verified(inst.sop_uid) as v:
+    chosen = [study_uids[i] for i in _spread(len(study_uids), samples)]
+    per_study = max(1, samples // len(chosen))
+    for uid in chosen:
+        instances = archive.index.study_instances(uid)
+        for i in _spread(len(instances), per_study):
+            with archive.retrieve.open_verified(instances[i].sop_uid) as v:
                 data = v.path.read_bytes()
             raw += len(data)
             packed += len(pixelcodec.encode(data, archive.cfg.cold.zstd_level))
-        if len(study_uids) and raw and samples <= 1:
-            break
-        samples -= 1
     return raw / packed if packed else 1.0
+
+
+def _copies_note(archive: Any, cold_store: str, kept: int) -> str:
+    """Why a migration keeps ``kept`` hot copies per instance (``archive.min_copies`` and the cold store's count)."""
+    cold = archive.copies.weight(cold_store)
+    minimum = archive.copies.min_copies
+    counts = f"cold tier counts {cold} cop{'y' if cold == 1 else 'ies'}, archive.min_copies = {minimum}"
+    if not kept:
+        return f"removes every hot copy: {counts}"
+    hot = len(archive.hot.stores)
+    note = f"keeps {kept} hot cop{'y' if kept == 1 else 'ies'} per instance: {counts}"
+    if kept == hot and cold + sum(archive.copies.weight(s.store_id) for s in archive.hot.stores) < minimum:
+        note += " (even so below the minimum)"
+    return note
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print what a run would move, with a cold-size estimate."""
-    archive = _archive(args)
+    archive = _archive(args, existing=True)
     try:
-        plans = archive.migrator().plan(args.limit)
+        migrator = archive.migrator()
+        held: list[Any] = []
+        plans = migrator.plan(args.limit, held=held)
         ratio = _estimate_ratio(archive, [p.study_uid for p in plans]) if plans else 1.0
         total = sum(p.hot_bytes for p in plans)
+        kept = migrator.hot_copies_kept
+        why = _copies_note(archive, migrator.cold_store.store_id, kept)
         if args.json:
             print(json.dumps({"studies": [p.__dict__ for p in plans], "hot_bytes": total,
-                              "estimated_cold_bytes": int(total / ratio), "estimated_ratio": round(ratio, 3)}, indent=2))
+                              "estimated_cold_bytes": int(total / ratio), "estimated_ratio": round(ratio, 3),
+                              "min_copies": archive.copies.min_copies, "hot_copies_kept": kept,
+                              "copies_note": why,
+                              "skipped": [{"study": h.study_uid, "instances": h.instances, "reason": "legal hold"}
+                                          for h in held]}, indent=2))
         else:
+            keeps = f"; keeps {kept} hot cop{'y' if kept == 1 else 'ies'} per instance" if kept else ""
             for p in plans:
-                print(f"  study {p.study_uid}: {p.instances} instances, {p.hot_bytes} bytes")
-            print(f"plan: {len(plans)} studies, {sum(p.instances for p in plans)} instances, {total} bytes hot "
-                  f"-> about {int(total / ratio)} bytes cold (ratio {ratio:.2f}, sampled)")
+                print(f"  study {p.study_uid}: {p.instances} instances, {format_bytes(p.hot_bytes)}{keeps}")
+            for h in held:
+                print(f"  skipped study {h.study_uid}: {h.instances} instances, due but under legal hold "
+                      f"(vna lifecycle release to let it move)")
+            print(f"plan: {len(plans)} studies, {sum(p.instances for p in plans)} instances, {format_bytes(total)} "
+                  f"hot -> about {format_bytes(int(total / ratio))} cold (ratio {ratio:.2f}, sampled)"
+                  + (f"; {len(held)} held {'study' if len(held) == 1 else 'studies'} skipped" if held else ""))
+            print(f"copies: {why}")
     finally:
         archive.close()
     return 0
@@ -59,7 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """One bounded migration run, then purge leftovers of interrupted runs."""
     archive = _archive(args)
     try:
-        report = archive.migrator().run_once(limit=args.limit, dry_run=args.dry_run)
+        job = archive.migrator()
+        with progress_for(job.name, args) as progress:
+            report = job.run_once(limit=args.limit, dry_run=args.dry_run, progress=progress)
     finally:
         archive.close()
     return print_report(report, args.json)
@@ -88,6 +143,9 @@ def cmd_hold(args: argparse.Namespace) -> int:
     try:
         uid = validate_uid(args.study_uid, "StudyInstanceUID")
         held = args.what == "hold"
+        if not held and not archive.index.is_held(uid):
+            print(f"study {uid}: not under legal hold, nothing changed")
+            return 1
         archive.set_hold(uid, held, args.reason, Actor.local_user())
         print(f"study {uid}: legal hold {'placed' if held else 'lifted'}")
     except InvalidInput as exc:
@@ -113,6 +171,7 @@ def register(sub: Any) -> None:
     q = lsub.add_parser("run", help="migrate due studies (one bounded run)")
     add_common(q)
     add_job_flags(q)
+    add_progress_flag(q)
     q.set_defaults(func=cmd_run)
     q = lsub.add_parser("purge", help="delete copies marked TO_DELETE")
     add_common(q)

@@ -39,7 +39,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope
-from vna.checksum import HashingIterator, sha256_file
+from vna.checksum import sha256_file
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier, site_of, validate_uid
 from vna.errors import (DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost, QuorumNotMet,
                         StateConflict, StorageError)
@@ -48,8 +48,7 @@ from vna.index.query import LEVEL_KEYS
 from vna.integrity.repair import new_blob_key
 from vna.services.dataset_identity import same_dataset
 from vna.services.part10 import scan_part10
-from vna.storage.accessor import TierAccessor, iter_file, site_of_tiers
-from vna.storage.base import BlobStore
+from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.telemetry import Telemetry, series_key
 
 if TYPE_CHECKING:
@@ -136,7 +135,7 @@ _ATTR_TAGS = {kw: int(tag_for_keyword(kw) or 0) for kw in _ATTR_KEYS}
 #: What the Part 10 scanner extracts (tag -> dictionary VR).
 _WANTED = {tag: dictionary_VR(tag) for tag in (*_ATTR_TAGS.values(), *_UID_TAGS.values(), 0x00080005)}
 _PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error,
-                 zlib.error, LookupError)
+                 zlib.error, LookupError, NotImplementedError)   # (pydicom: an unknown VR)
 
 
 def _raw_text(elem: RawDataElement, encodings: list[str]) -> str | None:
@@ -270,7 +269,8 @@ class IngestService:
 
     Every call is audited (one "DICOM Instances Transferred" record, action C)
     and traced (``ingest`` > ``ingest.hash`` or ``ingest.receive``, ``ingest.parse``,
-    ``ingest.write``, ``ingest.index``).
+    ``ingest.write``, ``ingest.index``; ``ingest.compare`` when a re-send in other
+    bytes is compared with the stored instance).
     """
 
     def __init__(self, index: Index, hot: TierAccessor, duplicate_policy: str = "reject", *,
@@ -396,7 +396,9 @@ class IngestService:
         if self.retrieve is not None:
             try:
                 with self.retrieve.open_verified(uid) as stored:
-                    if same_dataset(stored.path, path):
+                    with self.telemetry.stage("ingest.compare"):
+                        same = same_dataset(stored.path, path)
+                    if same:
                         missing, restored = self._keep_durable(existing, stored.path)
                         log.info("instance %s re-sent with the same data set in other File Meta or encoding: "
                                  "a duplicate, stored bytes kept", uid)
@@ -465,7 +467,13 @@ class IngestService:
             if row is not None and row.state not in _DAMAGED:
                 continue
             try:
-                new = self._write_verified(store, existing, source, row.blob_key if row is not None else ref)
+                key = row.blob_key if row is not None else ref
+                codec = self.hot.codec.name
+                keys = (new_blob_key(key, existing.sop_uid, existing.version, codec, relocated=relocated)
+                        for relocated in (False, True))   # a store refusing the usual directory: relocated/
+                new = self.hot.copy_verified(
+                    store, source, keys, sop_uid=existing.sop_uid, version=existing.version,
+                    content_sha256=existing.content_sha256, content_size=existing.content_size, now=time.time())
             except (StorageError, IntegrityError) as exc:
                 failed.append(f"{store.store_id}: {exc}")
                 log.warning("instance %s: cannot rewrite the copy on %s: %s", existing.sop_uid, store.store_id, exc)
@@ -482,31 +490,6 @@ class IngestService:
             raise QuorumNotMet(f"not durable: {have} of {self.hot.quorum} verified copies of {existing.sop_uid} "
                                f"({'; '.join(failed) or 'copies changed concurrently'})")
         return tuple(f.split(":", 1)[0] for f in failed), tuple(written)
-
-    def _write_verified(self, store: BlobStore, existing: InstanceRecord, source: Path, ref_key: str) -> Placement:
-        """Write ``source`` to ``store`` under a new key and read it back verified; its OK placement.
-
-        Raises StorageError/IntegrityError, leaving no blob behind.
-        """
-        codec = self.hot.codec
-        key = new_blob_key(ref_key, existing.sop_uid, existing.version, codec.name)
-        content = HashingIterator(iter_file(str(source)))
-        stored = HashingIterator(codec.encode(content))
-        store.put(key, stored)
-        now = time.time()
-        new = Placement(
-            sop_uid=existing.sop_uid, version=existing.version, tier=self.hot.tier, store_id=store.store_id,
-            blob_key=key, codec=codec.name, content_sha256=existing.content_sha256,
-            content_size=existing.content_size, stored_sha256=stored.hexdigest(), stored_size=stored.size,
-            state=PlacementState.OK, created_at=now, verified_at=now)
-        try:
-            if content.hexdigest() != existing.content_sha256 or content.size != existing.content_size:
-                raise IntegrityError(f"the bytes of {existing.sop_uid} changed while being written")
-            self.hot.read_verified(new, lambda _data: None)
-        except (IntegrityError, StorageError):
-            self.hot.delete_all(key, [store.store_id])
-            raise
-        return new
 
     def _record(self, row: Placement | None, new: Placement) -> bool:
         """Record the new copy: a new row, or the damaged row replaced (compare-and-set). False if it lost."""

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, cast
 from vna.checksum import HashingIterator
 from vna.codec import Codec, get_codec
 from vna.domain import LOCAL_SITE, Placement, PlacementState, Tier, site_of
-from vna.errors import IntegrityError, QuorumNotMet, StorageError, VnaError
+from vna.errors import BlobExists, IntegrityError, QuorumNotMet, StorageError, StorageUnavailable, VnaError
 from vna.storage.base import BlobStore, FileCopyStore
 from vna.telemetry import Telemetry
 
@@ -242,6 +242,40 @@ class TierAccessor:
             )
             for w in writes
         ]
+
+    def copy_verified(self, store: BlobStore, source: Path, keys: Iterable[str], *, sop_uid: str, version: int,
+                      content_sha256: str, content_size: int, now: float) -> Placement:
+        """Write the file ``source`` to ``store`` under the first of ``keys`` it takes, read it back verified.
+
+        Returns the copy's OK placement (not recorded: the caller records it).
+        A key the store refuses (StorageUnavailable, BlobExists) passes to the
+        next one. Raises IntegrityError when ``source`` does not hash to
+        ``content_sha256``/``content_size`` or the read-back mismatches, and
+        StorageError when no key takes the write; no blob is left behind.
+        """
+        error: StorageError = StorageUnavailable("no key tried")
+        for key in keys:
+            content = HashingIterator(iter_file(str(source)))
+            stored = HashingIterator(self.codec.encode(content))
+            try:
+                store.put(key, stored)
+            except (StorageUnavailable, BlobExists) as exc:
+                error = exc
+                continue
+            new = Placement(
+                sop_uid=sop_uid, version=version, tier=self.tier, store_id=store.store_id, blob_key=key,
+                codec=self.codec.name, content_sha256=content_sha256, content_size=content_size,
+                stored_sha256=stored.hexdigest(), stored_size=stored.size, state=PlacementState.OK,
+                created_at=now, verified_at=now)
+            try:
+                if content.hexdigest() != content_sha256 or content.size != content_size:
+                    raise IntegrityError(f"the bytes of {sop_uid} changed while being copied")
+                self.read_verified(new, lambda _data: None)
+            except (IntegrityError, StorageError):
+                self.delete_all(key, [store.store_id])
+                raise
+            return new
+        raise error
 
     def read_verified(self, placement: Placement, sink: Callable[[bytes], object]) -> None:
         """Stream the placement's original bytes into ``sink``; raise IntegrityError on any mismatch.
