@@ -282,7 +282,7 @@ def test_non_loopback_bind_needs_tokens(make_web: Callable[..., Web], make_serve
 
 
 def test_cold_instances_are_recalled_transparently(make_web: Callable[..., Web], corpus: list[Path]) -> None:
-    web = make_web("[lifecycle]\nmin_age_days = 0\n")
+    web = make_web("[archive]\nmin_copies = 1\n[lifecycle]\nmin_age_days = 0\n")  # every hot copy retired
     files = [p for p in corpus if p.name.startswith("ct-")]
     assert _stow(web, files).status_code == 200
     r = web.server.cli("lifecycle", "run", "--json")
