@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -31,7 +30,7 @@ from starlette.responses import Response
 from vna.audit import Actor
 from vna.dicom.status import CANNOT_UNDERSTAND, status_for
 from vna.errors import InvalidInput, VnaError
-from vna.services.ingest import Spooled
+from vna.services.ingest import Spooled, read_header
 from vna.web.context import WebContext, actor_of, ctx_of, uid_param
 from vna.web.media import copy_range, parse_media_type, split_multipart
 from vna.web.status import BodyTooLarge, UnsupportedMediaType
@@ -88,14 +87,12 @@ async def _spool(request: Request, ctx: WebContext) -> Path:
 
 
 def _uids(path: Path) -> tuple[str, str, str, str]:
-    """(SOP Class, SOP Instance, Study, Series) UIDs of a part, as far as they can be read."""
-    keys = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+    """(SOP Class, SOP Instance, Study, Series) UIDs of a part; empty when unreadable (the ingest then says why)."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=keys)
-        cls, sop, study, series = (str(ds.get(k, "")) for k in keys)
-        return cls, sop, study, series
-    except Exception:  # an unparsable part: the ingest reports it in its own words
+        h = read_header(path)
+    except VnaError:
         return "", "", "", ""
+    return h.sop_class_uid, h.sop_uid, h.study_uid, h.series_uid
 
 
 @dataclass
