@@ -134,8 +134,9 @@ def _bulk_base(ctx: WebContext, ref: InstanceRef, series_uid: str) -> str:
 
 
 def _read_header(path: Path) -> Dataset:
+    """The data set with values over 1 KiB left on disk until used (elements after Pixel Data included)."""
     try:
-        return dcmread(path, stop_before_pixels=True)
+        return dcmread(path, defer_size=1024)
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         raise InvalidDataset(f"stored instance cannot be parsed: {exc}") from exc
 
@@ -145,9 +146,10 @@ def _metadata_one(ctx: WebContext, ref: InstanceRef, path: Path) -> dict[str, An
     inst = ctx.archive.index.get_instance(ref.sop_uid)
     series_uid = inst.series_uid if inst is not None else str(ds.get("SeriesInstanceUID", ""))
     pixel_vr = None
-    if "Rows" in ds:
+    if "PixelData" in ds:  # listed by URI, never read
         ts = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
         pixel_vr = "OW" if ts in NATIVE_SYNTAXES and int(ds.get("BitsAllocated", 16) or 16) > 8 else "OB"
+        del ds.PixelData
     return dataset_json(ds, _bulk_base(ctx, ref, series_uid), pixel_vr=pixel_vr)
 
 
