@@ -7,9 +7,24 @@ PYTEST_ARGS ?=
 CLUSTER_DIR ?= .cluster
 CLUSTER_ARGS ?= --frontends 2
 
-.PHONY: install run test test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
+.PHONY: install viewer run test test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
 
-install: $(STAMP)
+OHIF_VERSION ?= 3.13.2
+OHIF_CACHE   ?= .cache/ohif
+OHIF_VIEWER  := $(OHIF_CACHE)/viewer/VNA_PREPARED
+
+install: $(STAMP) viewer
+
+## The OHIF viewer served at /viewer/: `npm pack` of the pinned @ohif/app (cached), prepared for /viewer/.
+## Without npm vna still runs; /viewer/ then says how to get it.
+viewer: $(STAMP)
+	@if test -f $(OHIF_VIEWER) && grep -q "ohif-app-$(OHIF_VERSION).tgz" $(OHIF_VIEWER); then :; \
+	elif command -v npm >/dev/null 2>&1; then \
+	  mkdir -p $(OHIF_CACHE) && \
+	  { test -f $(OHIF_CACHE)/ohif-app-$(OHIF_VERSION).tgz || \
+	    (cd $(OHIF_CACHE) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null); } && \
+	  $(BIN)/python -m vna.web.viewer prepare $(OHIF_CACHE)/ohif-app-$(OHIF_VERSION).tgz $(OHIF_CACHE)/viewer; \
+	else echo "npm not found: the OHIF viewer is not installed (vna runs without it; install nodejs and npm, then make install)"; fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +32,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-## Start the archive on the embedded default (SQLite index, hot replicas under ./vna-data).
+## Start the archive on the embedded default (SQLite index, hot replicas under ./vna-data);
+## its last start-up line is the viewer's URL (http://127.0.0.1:8080/viewer/).
 run: install
 	$(BIN)/vna serve
 
@@ -29,12 +45,21 @@ system-deps:
 	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || { \
 	  echo "installing HAProxy (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing chromium + chromium-driver (apt; the viewer's browser test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || { \
+	  echo "installing Orthanc + its DICOMweb plugin (apt; the peer of tests/web and benchmarks/dicomweb.py)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; }
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing nodejs + npm (apt; fetches the OHIF viewer)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
 	@command -v java >/dev/null 2>&1 || { \
 	  echo "installing Java 17 + Maven (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
 
 ## The whole suite: unit, contract (SQLite + a real Cassandra), DIMSE integration with DCMTK, faults.
-test: install system-deps
+test: system-deps install
 	$(BIN)/python ops/cassandra/launcher.py fetch
 	$(BIN)/mypy vna
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -63,6 +63,8 @@ port = {grpc[site]}
 name = "all"
 token = "{TOKENS[site]}"
 role = "write"
+[web]
+port = 0
 [federation]
 cache_remote = false
 [[federation.site]]

@@ -74,7 +74,8 @@ class VnaServer:
         self.proc = subprocess.Popen(
             [*VNA, "serve", "--config", str(self.config), "--data-dir", str(self.data_dir),
              "--dicom-port", str(self.port), "--ae-title", self.ae_title, "--host", "127.0.0.1"],
-            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **self.env},
+            stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={"VNA_WEB_PORT": "0", **os.environ, **self.env},  # DICOMweb off unless a test asks for it
         )
         fh.close()
         deadline = time.monotonic() + timeout

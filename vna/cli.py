@@ -44,7 +44,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _prepare_spool(cfg: Config) -> None:
-    for name in ("spool/incoming", "spool/grpc"):
+    for name in ("spool/incoming", "spool/grpc", "spool/web"):
         spool = cfg.resolve(name)
         spool.mkdir(parents=True, exist_ok=True)
         for stale in spool.iterdir():  # never acknowledged: a previous process died mid-receive
@@ -81,6 +81,11 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
         from vna.api.server import GrpcServer
 
         grpc_server = GrpcServer(archive, cfg, reuse_port=reuse_port)
+    web_server = None
+    if cfg.web.port:
+        from vna.web import WebServer
+
+        web_server = WebServer(archive, cfg, reuse_port=reuse_port)
     daemons: list[Daemon] = []
     if run_jobs:
         from vna.integrity import daemons as integrity_daemons
@@ -102,6 +107,8 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
                 raise listen_error("dicom.port", "the DICOM listener", cfg.dicom.host, cfg.dicom.port, exc) from exc
         if grpc_server is not None:
             grpc_server.start()
+        if web_server is not None:
+            web_server.start()
         if health is not None:
             health.start()
         for d in daemons:
@@ -114,6 +121,8 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
             health.drain()
         for d in daemons:
             d.stop()
+        if web_server is not None:
+            web_server.stop()
         if grpc_server is not None:
             grpc_server.stop()
         if server is not None:
@@ -199,6 +208,9 @@ def _serve(cfg: Config, args: argparse.Namespace, dicom: bool, started: threadin
         fronts.append(f"DICOM AE {cfg.dicom.ae_title} listening on {cfg.dicom.host}:{cfg.dicom.port}")
     if cfg.grpc.enabled:
         fronts.append(f"gRPC on {cfg.grpc.host}:{cfg.grpc.port} (TLS {'on' if cfg.grpc.tls_cert else 'off'})")
+    if cfg.web.port:
+        scheme = "https" if cfg.web.tls_cert else "http"
+        fronts.append(f"DICOMweb on {scheme}://{cfg.web.host}:{cfg.web.port}/dicomweb")
     summary = (f"{', '.join(fronts)} "
                f"(index {cfg.index.backend}, {cfg.hot.count} hot replicas, W={cfg.hot.quorum}, "
                f"data {cfg.data_dir}")
@@ -220,6 +232,9 @@ def _serve(cfg: Config, args: argparse.Namespace, dicom: bool, started: threadin
         if ready.is_set():
             started.set()
             log.info("vna ready: %s)", summary)
+            if cfg.web.port:
+                log.info("open the viewer: %s://%s:%d/viewer/", "https" if cfg.web.tls_cert else "http",
+                         cfg.web.host, cfg.web.port)
         while thread.is_alive():
             thread.join(0.5)
         if failed:

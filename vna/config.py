@@ -40,6 +40,7 @@ __all__ = [
     "TelemetryConfig",
     "GrpcToken",
     "GrpcConfig",
+    "WebConfig",
     "HealthConfig",
     "SiteConfig",
     "CopyRule",
@@ -330,6 +331,24 @@ class GrpcConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """DICOMweb (``/dicomweb``) and the OHIF viewer (``/viewer/``) over HTTP(S); ``port`` 0: off.
+
+    Bound to a loopback address no token is asked; bound to any other address
+    every request needs one of the ``[[grpc.token]]`` bearer tokens (read or
+    write role), and the server refuses to start without them. TLS when
+    ``tls_cert``/``tls_key`` are set (paths relative to the data directory).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_body_bytes: int = 2 * 1024 ** 3     # largest STOW-RS request body accepted (413 above)
+    viewer_dir: str = ""            # the prepared OHIF build; empty: the one `make install` fetched
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     """The readiness endpoint for load balancers (``GET /health``, 200 or 503); ``port`` 0: off."""
 
@@ -397,6 +416,7 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
     def __post_init__(self) -> None:
@@ -651,6 +671,7 @@ def _validate(cfg: Config) -> None:
     if ic.batch_limit < 1:
         raise ConfigError("integrity.batch_limit must be >= 1")
     _validate_grpc(cfg.grpc)
+    _validate_web(cfg.web, cfg.grpc)
     if not 0 <= cfg.health.port < 65536:
         raise ConfigError("health.port must be between 0 (off) and 65535")
     _validate_observability(cfg.audit, cfg.telemetry)
@@ -778,6 +799,30 @@ def _validate_grpc(g: GrpcConfig) -> None:
         secrets.add(t.token)
     if g.enabled and not g.token:
         raise ConfigError("grpc.enabled needs at least one [[grpc.token]] (every call is authenticated)")
+
+
+def _validate_web(w: WebConfig, g: GrpcConfig) -> None:
+    if not 0 <= w.port < 65536:
+        raise ConfigError("web.port must be between 0 (off) and 65535")
+    if bool(w.tls_cert) != bool(w.tls_key):
+        raise ConfigError("web.tls_cert and web.tls_key must be set together")
+    if w.max_body_bytes < 1024 * 1024:
+        raise ConfigError("web.max_body_bytes must be >= 1048576")
+    if w.port and not is_loopback(w.host) and not g.token:
+        raise ConfigError(f"web.host = {w.host}: DICOMweb bound to a non-loopback address needs bearer tokens: "
+                          "configure [[grpc.token]] (the same tokens and roles) or set web.host = 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` names only this machine (``localhost``, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _validate_observability(a: AuditConfig, t: TelemetryConfig) -> None:

@@ -98,6 +98,8 @@ def check_tls_files(cfg: Config, *, dicom: bool = True) -> None:
     if cfg.grpc.enabled:
         g = cfg.grpc
         files += [("grpc.tls_cert", g.tls_cert), ("grpc.tls_key", g.tls_key), ("grpc.client_ca", g.client_ca)]
+    if cfg.web.port:
+        files += [("web.tls_cert", cfg.web.tls_cert), ("web.tls_key", cfg.web.tls_key)]
     for setting, value in files:
         if not value:
             continue
@@ -128,6 +130,8 @@ def _listeners(cfg: Config, dicom: bool) -> list[tuple[str, str, str, int]]:
     t = cfg.telemetry
     if t.enabled and t.prometheus_port:  # the first process's port (further worker processes take the next ones)
         out.append(("telemetry.prometheus_port", "the Prometheus endpoint", t.prometheus_host, t.prometheus_port))
+    if cfg.web.port:
+        out.append(("web.port", "DICOMweb and the viewer", cfg.web.host, cfg.web.port))
     return out
 
 

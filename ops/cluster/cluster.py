@@ -230,7 +230,8 @@ def frontend_config(c: Cluster, fe: Frontend) -> str:
         f'[grpc]\nenabled = true\nhost = "{HOST}"\nport = {fe.grpc_port}\n\n'
         f'[[grpc.token]]\nname = "cluster-write"\ntoken = "{c.write_token}"\nrole = "write"\n\n'
         f'[[grpc.token]]\nname = "cluster-read"\ntoken = "{c.read_token}"\nrole = "read"\n\n'
-        f'[health]\nhost = "{HOST}"\nport = {fe.health_port}\n'
+        f'[health]\nhost = "{HOST}"\nport = {fe.health_port}\n\n'
+        f'[web]\nport = 0\n'  # DICOMweb off: front-ends share the host (its default port would collide)
     )
 
 

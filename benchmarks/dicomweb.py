@@ -1,0 +1,235 @@
+"""DICOMweb: vna vs Orthanc's DICOMweb plugin (Debian ``orthanc-dicomweb``), same corpus, same client, same run.
+
+Figures: STOW-RS ingest (instances/s, MB/s), QIDO-RS latency (PatientID, name
+wildcard, date range; median of ``--repeat``), WADO-RS of a CT study
+(instances/s, MB/s), frames/s for a viewer-like pattern (frame 1 of every
+instance, ``--threads`` requests at once). Ratios are vna / Orthanc for rates
+and Orthanc / vna for latencies: above 1, vna is ahead.
+
+    .venv/bin/python -m benchmarks.dicomweb [--ct 100] [--studies 100] [--repeat 30] [--threads 4]
+
+Each server gets its own fresh storage; both run on loopback with their
+defaults (Orthanc: SQLite index, no compression). The machine may be shared:
+compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import requests
+from pydicom import dcmread
+
+from benchmarks.corpus import write_corpus
+from benchmarks.ingest import stop_process, wait_until
+from benchmarks.servers import free_port
+
+HOST = "127.0.0.1"
+PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DICOM_ACCEPT = 'multipart/related; type="application/dicom"'
+FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"'
+
+
+@dataclass
+class Server:
+    name: str
+    base: str                       # the DICOMweb root, no trailing slash
+    proc: subprocess.Popen[bytes]
+
+
+def start_vna(work: Path, timeout: float) -> Server:
+    """``vna serve`` (this checkout) with DICOMweb on a free port; ready on the "vna ready" log line."""
+    data, log = work / "vna-data", work / "vna.log"
+    port = free_port()
+    env = {**os.environ, "VNA_WEB_PORT": str(port), "VNA_WEB_MAX_BODY_BYTES": str(16 * 1024 ** 3)}
+    cmd = [sys.executable, "-m", "vna.cli", "serve", "--data-dir", str(data), "--dicom-port", str(free_port()),
+           "--host", HOST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env, start_new_session=True)
+    wait_until(lambda: "vna ready" in log.read_text(errors="replace"), timeout, "vna", proc, log)
+    return Server("vna", f"http://{HOST}:{port}/dicomweb", proc)
+
+
+def start_orthanc(work: Path, timeout: float) -> Server:
+    """Orthanc with the DICOMweb plugin at /dicom-web; ready when /system answers."""
+    http_port = free_port()
+    cfg = {
+        "Name": "bench-orthanc", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+        "DicomAet": "ORTHANC", "DicomPort": free_port(), "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "Plugins": [PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    conf = work / "orthanc.json"
+    conf.write_text(json.dumps(cfg, indent=2))
+    log = work / "orthanc.log"
+    exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    proc = subprocess.Popen([exe, str(conf)], stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                            start_new_session=True, cwd=work)
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{http_port}/system", timeout=5):
+                return True
+        except OSError:
+            return False
+
+    wait_until(ready, timeout, "Orthanc", proc, log)
+    return Server("Orthanc", f"http://{HOST}:{http_port}/dicom-web", proc)
+
+
+def stow(srv: Server, files: list[Path], batch: int) -> float:
+    """POST the files, ``batch`` per request; seconds taken. Raises if any part is refused."""
+    t0 = time.perf_counter()
+    session = requests.Session()
+    for i in range(0, len(files), batch):
+        boundary = "bench-boundary-0123456789"
+        chunks: list[bytes] = []
+        for f in files[i:i + batch]:
+            chunks += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), f.read_bytes(), b"\r\n"]
+        chunks.append(f"--{boundary}--\r\n".encode())
+        r = session.post(f"{srv.base}/studies", data=b"".join(chunks), timeout=600,
+                         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                                  "Accept": "application/dicom+json"})
+        if r.status_code != 200:
+            raise RuntimeError(f"{srv.name} STOW-RS answered {r.status_code}: {r.text[:300]}")
+    return time.perf_counter() - t0
+
+
+def latency(srv: Server, path: str, repeat: int) -> tuple[float, int]:
+    """Median seconds of ``GET base+path`` (the path sent as written: a literal ``*``), and the match count."""
+    session = requests.Session()
+    times, count = [], -1
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r = session.get(srv.base + path, headers={"Accept": "application/dicom+json"}, timeout=60)
+        times.append(time.perf_counter() - t0)
+        if r.status_code not in (200, 204):
+            raise RuntimeError(f"{srv.name} QIDO {path} answered {r.status_code}")
+        count = len(r.json()) if r.status_code == 200 and r.content.strip() else 0
+    return statistics.median(times), count
+
+
+def wado_study(srv: Server, study: str, repeat: int) -> tuple[float, int]:
+    """Best seconds to read the whole multipart answer of a study retrieve, and its bytes."""
+    best, size = float("inf"), 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r = requests.get(f"{srv.base}/studies/{study}", headers={"Accept": DICOM_ACCEPT}, timeout=600, stream=True)
+        size = sum(len(c) for c in r.iter_content(1 << 20))
+        best = min(best, time.perf_counter() - t0)
+        if r.status_code != 200:
+            raise RuntimeError(f"{srv.name} WADO-RS answered {r.status_code}")
+    return best, size
+
+
+def frames(srv: Server, urls: list[str], threads: int) -> float:
+    """Seconds to fetch frame 1 of every instance, ``threads`` requests in flight (a viewer's prefetch)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=threads, pool_maxsize=threads)
+    session.mount("http://", adapter)
+
+    def one(url: str) -> int:
+        r = session.get(f"{srv.base}{url}/frames/1", headers={"Accept": FRAME_ACCEPT}, timeout=60)
+        if r.status_code != 200:
+            raise RuntimeError(f"{srv.name} frames answered {r.status_code}")
+        return len(r.content)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, urls))
+    return time.perf_counter() - t0
+
+
+def run(srv: Server, ct: list[Path], small: list[Path], args: argparse.Namespace,
+        queries: dict[str, str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    ct_bytes = sum(f.stat().st_size for f in ct)
+    secs = stow(srv, ct, args.batch)
+    out["STOW-RS CT instances/s"] = len(ct) / secs
+    out["STOW-RS CT MB/s"] = ct_bytes / secs / 1e6
+    secs = stow(srv, small, args.batch)
+    out["STOW-RS small instances/s"] = len(small) / secs
+    for name, path in queries.items():
+        secs, n = latency(srv, path, args.repeat)
+        out[f"QIDO {name} ms"] = secs * 1e3
+        out[f"QIDO {name} matches"] = n
+    study = str(dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
+    secs, size = wado_study(srv, study, 3)
+    out["WADO-RS CT study instances/s"] = len(ct) / secs
+    out["WADO-RS CT study MB/s"] = size / secs / 1e6
+    urls = []
+    for f in ct:
+        ds = dcmread(f, stop_before_pixels=True)
+        urls.append(f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    secs = frames(srv, urls, args.threads)
+    out["frames/s (frame 1 of each, x threads)"] = len(urls) / secs
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ct", type=int, default=100, help="instances of the CT study (512x512x16)")
+    ap.add_argument("--studies", type=int, default=100, help="small studies (2 instances each) for QIDO")
+    ap.add_argument("--repeat", type=int, default=30, help="QIDO requests per query (median)")
+    ap.add_argument("--threads", type=int, default=4, help="frame requests in flight")
+    ap.add_argument("--batch", type=int, default=10, help="instances per STOW-RS request")
+    ap.add_argument("--only", choices=["vna", "orthanc"], default=None)
+    ap.add_argument("--timeout", type=float, default=120)
+    args = ap.parse_args(argv)
+    if args.only != "vna" and not Path(PLUGIN).exists():
+        print(f"Orthanc's DICOMweb plugin is missing ({PLUGIN}): apt-get install orthanc orthanc-dicomweb",
+              file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="vna-bench-dicomweb-"))
+    try:
+        ct = write_corpus(root / "corpus-ct", "ct", studies=1, per_study=args.ct, seed=11)
+        small = write_corpus(root / "corpus-small", "small", studies=args.studies, per_study=2, seed=12)
+        probe = dcmread(small[len(small) // 2], stop_before_pixels=True)
+        queries = {
+            "PatientID": f"/studies?PatientID={probe.PatientID}",
+            "name wildcard": f"/studies?PatientName=*{str(probe.PatientName).split('^')[-1][:-1]}*",
+            "date range": "/studies?StudyDate=20180101-20201231",
+        }
+        starters: dict[str, Callable[[Path, float], Server]] = {"vna": start_vna, "orthanc": start_orthanc}
+        results: dict[str, dict[str, float]] = {}
+        for key, start in starters.items():
+            if args.only and args.only != key:
+                continue
+            work = root / key
+            work.mkdir()
+            srv = start(work, args.timeout)
+            try:
+                results[srv.name] = run(srv, ct, small, args, queries)
+            finally:
+                stop_process(srv.proc)
+        print(f"DICOMweb benchmark: CT study {args.ct} x 512 KiB, {args.studies} small studies, "
+              f"{args.repeat} QIDO repeats, {args.threads} frame requests in flight")
+        names = list(results)
+        print(f"{'figure':44s}" + "".join(f"{n:>12s}" for n in names) + ("   ratio (>1: vna ahead)" if len(names) == 2
+                                                                         else ""))
+        for fig in results[names[0]]:
+            vals = [results[n][fig] for n in names]
+            line = f"{fig:44s}" + "".join(f"{v:12.1f}" for v in vals)
+            if len(vals) == 2 and "matches" not in fig and min(vals) > 0:
+                ratio = vals[1] / vals[0] if fig.endswith(" ms") else vals[0] / vals[1]
+                line += f"   x{ratio:.2f}"
+            print(line)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

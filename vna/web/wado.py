@@ -1,0 +1,423 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, bulk data, frames, rendered images and thumbnails.
+
+Every read goes through the RetrieveService as C-GET's does: the copies are
+verified against the index digests, cold copies recalled, instances held only
+at another site fetched from it. Instances are sent as stored (Part 10 bytes
+unchanged); frames in their stored syntax when ``transfer-syntax=*`` (or the
+stored syntax's media type) is accepted. Each request is audited as one
+"DICOM Instances Transferred" record.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from vna.audit import Actor
+from vna.domain import QueryLevel
+from vna.errors import InvalidDataset, InvalidInput, NotFound, VnaError
+from vna.index.query import make_condition
+from vna.services.retrieve import InstanceRef
+from vna.web.context import WebContext, actor_of, ctx_of, uid_param
+from vna.web.dicomjson import dataset_json, tag_path
+from vna.web.media import (BIG_ENDIAN, DEFLATED_LE, EXPLICIT_LE, IMPLICIT_LE, NATIVE_SYNTAXES, TS_MEDIA_TYPES,
+                           MediaRange, PartWriter, file_chunks, parse_accept)
+from vna.web.status import NotAcceptable
+
+__all__ = ["retrieve", "metadata", "bulkdata", "frames", "rendered", "thumbnail"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OCTET = "application/octet-stream"
+#: instances up to this size are sent as one piece of the response stream
+_ONE_CHUNK = 8 << 20
+
+
+def _path_uids(request: Request) -> tuple[str | None, str | None, str | None]:
+    p = request.path_params
+    return (uid_param(request, "study") if "study" in p else None,
+            uid_param(request, "series") if "series" in p else None,
+            uid_param(request, "instance") if "instance" in p else None)
+
+
+def _select(ctx: WebContext, study: str | None, series: str | None, sop: str | None) -> list[InstanceRef]:
+    """The instances under the URL (raises NotFound when none)."""
+    conds = [c for kw, v in (("StudyInstanceUID", study), ("SeriesInstanceUID", series), ("SOPInstanceUID", sop))
+             if v and (c := make_condition(kw, v)) is not None]
+    refs = ctx.archive.retrieve.select(QueryLevel.IMAGE, conds)
+    if not refs:
+        what = "instance" if sop else "series" if series else "study"
+        raise NotFound(f"no such {what} in the archive")
+    return refs
+
+
+def _each_verified(ctx: WebContext, refs: list[InstanceRef], actor: Actor, op: str,
+                   fn: Callable[[InstanceRef, Path], T]) -> list[T]:
+    """``fn`` on a verified copy of every ref, in one audited transfer; an unreadable instance fails the request."""
+    out = []
+    rs = ctx.archive.retrieve
+    with rs.transfer(refs, actor, op=op) as xfer:
+        for ref in refs:
+            try:
+                with rs.open_verified(ref.sop_uid) as v:
+                    out.append(fn(ref, v.path))
+                    xfer.sent(True, v.size)
+            except VnaError:
+                xfer.sent(False)
+                raise
+    return out
+
+
+def _accepts_any(accept: list[MediaRange], *types: str) -> bool:
+    return any(m.matches(t) for m in accept for t in types)
+
+
+# -- instances ----------------------------------------------------------------------------------------------------
+
+def _wants_dicom(accept: list[MediaRange]) -> bool:
+    for m in accept:
+        if m.type == "multipart/related":
+            t = m.params.get("type", "application/dicom").lower()
+            if t in ("application/dicom", "*/*"):
+                return True
+        elif m.type in ("*/*", "multipart/*"):
+            return True
+    return False
+
+
+async def retrieve(request: Request) -> Response:
+    """``GET /studies/{s}[/series/{se}[/instances/{i}]]``: multipart/related application/dicom, bytes as stored."""
+    if not _wants_dicom(parse_accept(request.headers.get("accept"))):
+        raise NotAcceptable('this resource is sent as multipart/related; type="application/dicom"')
+    ctx = ctx_of(request)
+    study, series, sop = _path_uids(request)
+    refs = await run_in_threadpool(_select, ctx, study, series, sop)
+    writer = PartWriter("application/dicom")
+    actor = actor_of(request)
+
+    def body() -> Iterator[bytes]:
+        rs = ctx.archive.retrieve
+        with rs.transfer(refs, actor, op="wado-rs") as xfer:
+            for ref in refs:
+                try:
+                    with rs.open_verified(ref.sop_uid) as v:
+                        head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
+                        if v.size <= _ONE_CHUNK:  # one piece per instance: each piece is a hop between threads
+                            yield head + v.path.read_bytes() + b"\r\n"
+                        else:
+                            yield head
+                            yield from file_chunks(v.path)
+                            yield b"\r\n"
+                        xfer.sent(True, v.size)
+                except VnaError as exc:  # the status line is gone: leave the instance out, log and audit it
+                    log.warning("WADO-RS: instance %s not sent: %s", ref.sop_uid, exc)
+                    xfer.sent(False)
+            yield writer.end()
+
+    return StreamingResponse(body(), media_type=writer.content_type)
+
+
+# -- metadata -----------------------------------------------------------------------------------------------------
+
+def _bulk_base(ctx: WebContext, ref: InstanceRef, series_uid: str) -> str:
+    return f"{ctx.prefix}/studies/{ref.study_uid}/series/{series_uid}/instances/{ref.sop_uid}/bulkdata"
+
+
+def _read_header(path: Path) -> Dataset:
+    """The data set with values over 1 KiB left on disk until used (elements after Pixel Data included)."""
+    try:
+        return dcmread(path, defer_size=1024)
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        raise InvalidDataset(f"stored instance cannot be parsed: {exc}") from exc
+
+
+def _metadata_one(ctx: WebContext, ref: InstanceRef, path: Path) -> dict[str, Any]:
+    ds = _read_header(path)
+    inst = ctx.archive.index.get_instance(ref.sop_uid)
+    series_uid = inst.series_uid if inst is not None else str(ds.get("SeriesInstanceUID", ""))
+    pixel_vr = None
+    if "PixelData" in ds:  # listed by URI, never read
+        ts = str(ds.file_meta.get("TransferSyntaxUID", EXPLICIT_LE))
+        pixel_vr = "OW" if ts in NATIVE_SYNTAXES and int(ds.get("BitsAllocated", 16) or 16) > 8 else "OB"
+        del ds.PixelData
+    return dataset_json(ds, _bulk_base(ctx, ref, series_uid), pixel_vr=pixel_vr)
+
+
+async def metadata(request: Request) -> Response:
+    """``GET .../metadata``: every instance's attributes as DICOM JSON, bulk data by BulkDataURI."""
+    if not _accepts_any(parse_accept(request.headers.get("accept")), "application/dicom+json", "application/json"):
+        raise NotAcceptable("metadata is sent as application/dicom+json")
+    ctx = ctx_of(request)
+    study, series, sop = _path_uids(request)
+    actor = actor_of(request)
+
+    def run() -> list[dict[str, Any]]:
+        refs = _select(ctx, study, series, sop)
+        return _each_verified(ctx, refs, actor, "wado-rs metadata", lambda ref, p: _metadata_one(ctx, ref, p))
+
+    out = await run_in_threadpool(run)
+    return Response(json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+                    media_type="application/dicom+json")
+
+
+# -- one instance: bulk data, frames, rendered ---------------------------------------------------------------------
+
+def _one(ctx: WebContext, study: str | None, series: str | None, sop: str | None) -> InstanceRef:
+    refs = _select(ctx, study, series, sop)
+    return refs[0]
+
+
+def _read_full(path: Path) -> Dataset:
+    try:
+        return dcmread(path)
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        raise InvalidDataset(f"stored instance cannot be parsed: {exc}") from exc
+
+
+def _bulk_value(path: Path, where: str) -> bytes:
+    try:
+        steps = tag_path(where)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    node: Any = _read_full(path)
+    for i, step in enumerate(steps):
+        try:
+            node = node[step].value if i % 2 == 0 else node[step]
+        except (KeyError, IndexError, TypeError):
+            raise NotFound(f"no bulk data at {where}") from None
+    if not isinstance(node, (bytes, bytearray)):
+        raise NotFound(f"{where} is not bulk data")
+    return bytes(node)
+
+
+def _multipart(parts: list[tuple[str, bytes]], part_type: str) -> Response:
+    writer = PartWriter(part_type)
+    chunks: list[bytes] = []
+    for content_type, data in parts:
+        chunks += [writer.head(content_type, len(data)), data, b"\r\n"]
+    chunks.append(writer.end())
+    return Response(b"".join(chunks), media_type=writer.content_type)
+
+
+async def bulkdata(request: Request) -> Response:
+    """``GET .../instances/{i}/bulkdata/{tag path}``: one bulk value, multipart/related octet-stream."""
+    ctx = ctx_of(request)
+    study, series, sop = _path_uids(request)
+    where = str(request.path_params["path"])
+    actor = actor_of(request)
+
+    def run() -> bytes:
+        ref = _one(ctx, study, series, sop)
+        return _each_verified(ctx, [ref], actor, "wado-rs bulkdata", lambda _r, p: _bulk_value(p, where))[0]
+
+    data = await run_in_threadpool(run)
+    return _multipart([(OCTET, data)], OCTET)
+
+
+def _frame_numbers(raw: str) -> list[int]:
+    try:
+        nums = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInput(f"frame list must be numbers separated by commas, not {raw!r}") from None
+    if not nums or any(n < 1 for n in nums):
+        raise InvalidInput("frame numbers start at 1")
+    return nums
+
+
+def _frame_plan(accept: list[MediaRange], ts: str) -> tuple[str, str, bool]:
+    """(part media type, transfer syntax, decode needed) for frames stored in ``ts``; raises NotAcceptable."""
+    native = ts in NATIVE_SYNTAXES
+    stored_type = OCTET if native else TS_MEDIA_TYPES.get(ts, OCTET)
+    label_ts = EXPLICIT_LE if ts in (IMPLICIT_LE, DEFLATED_LE) else ts
+    for m in accept:
+        if m.type == "multipart/related":
+            t, want = m.params.get("type", OCTET).lower(), m.params.get("transfer-syntax")
+        else:
+            t, want = m.type, m.params.get("transfer-syntax")
+        if want == "*" or t in ("*/*", "*"):
+            if ts == BIG_ENDIAN:
+                return OCTET, EXPLICIT_LE, True
+            return stored_type, label_ts, False
+        if native and t == OCTET and want in (None, EXPLICIT_LE, IMPLICIT_LE):
+            return OCTET, EXPLICIT_LE, ts == BIG_ENDIAN
+        if not native and t == stored_type and want in (None, ts):
+            return stored_type, ts, False
+        if not native and t == OCTET and want in (None, EXPLICIT_LE):
+            return OCTET, EXPLICIT_LE, True
+    raise NotAcceptable(f"frames are stored in transfer syntax {ts}: accept {stored_type} "
+                        f"or transfer-syntax=* for them as stored")
+
+
+def _frames_of(path: Path, numbers: list[int], accept: list[MediaRange]) -> tuple[str, list[bytes]]:
+    ds = _read_full(path)
+    if "PixelData" not in ds:
+        raise NotFound("the instance has no pixel data")
+    ts = str(ds.file_meta.get("TransferSyntaxUID", IMPLICIT_LE))
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if max(numbers) > count:
+        raise NotFound(f"the instance has {count} frame(s)")
+    part_type, out_ts, decode = _frame_plan(accept, ts)
+    if decode:
+        try:
+            arr = ds.pixel_array
+        except Exception as exc:  # a decoder plugin is missing or fails: the client must take them as stored
+            raise NotAcceptable(f"frames in {ts} cannot be decoded here ({exc}); ask transfer-syntax=*") from None
+        if count == 1:
+            arr = arr[None]
+        data = [arr[n - 1].astype(arr.dtype.newbyteorder("<")).tobytes() for n in numbers]
+    elif ts in NATIVE_SYNTAXES:
+        bits = int(ds.BitsAllocated)
+        if bits % 8:
+            raise NotAcceptable("frames of 1-bit pixel data are not sent separately; retrieve the instance")
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+        pixels = ds.PixelData
+        data = [bytes(pixels[(n - 1) * size:n * size]) for n in numbers]
+    else:
+        from pydicom.encaps import generate_frames
+
+        frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+        data = [frames[n - 1] for n in numbers]
+    return f"{part_type}; transfer-syntax={out_ts}", data
+
+
+async def frames(request: Request) -> Response:
+    """``GET .../instances/{i}/frames/{list}``: the frames, multipart/related, native or as stored."""
+    ctx = ctx_of(request)
+    study, series, sop = _path_uids(request)
+    numbers = _frame_numbers(str(request.path_params["frames"]))
+    accept = parse_accept(request.headers.get("accept"))
+    actor = actor_of(request)
+
+    def run() -> tuple[str, list[bytes]]:
+        ref = _one(ctx, study, series, sop)
+        return _each_verified(ctx, [ref], actor, "wado-rs frames", lambda _r, p: _frames_of(p, numbers, accept))[0]
+
+    content_type, data = await run_in_threadpool(run)
+    return _multipart([(content_type, d) for d in data], content_type.split(";")[0])
+
+
+# -- rendered -----------------------------------------------------------------------------------------------------
+
+def _render_type(accept: list[MediaRange]) -> str:
+    for m in accept:
+        for t in ("image/jpeg", "image/png"):
+            if m.matches(t):
+                return t
+    raise NotAcceptable("rendered images are sent as image/jpeg or image/png")
+
+
+def _window(request: Request) -> tuple[float, float] | None:
+    raw = request.query_params.get("window")
+    if not raw:
+        return None
+    try:
+        center, width, *_ = raw.split(",")
+        return float(center), float(width)
+    except ValueError:
+        raise InvalidInput("window must be center,width[,function]") from None
+
+
+def _viewport(request: Request, default: int | None) -> tuple[int, int] | None:
+    raw = request.query_params.get("viewport")
+    if not raw:
+        return (default, default) if default else None
+    try:
+        w, h, *_ = raw.split(",")
+        size = int(w), int(h)
+    except ValueError:
+        raise InvalidInput("viewport must be width,height") from None
+    if not (0 < size[0] <= 8192 and 0 < size[1] <= 8192):
+        raise InvalidInput("viewport sizes must be between 1 and 8192")
+    return size
+
+
+def _render(path: Path, frame: int, media_type: str, window: tuple[float, float] | None,
+            viewport: tuple[int, int] | None, quality: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+    from pydicom.pixels.processing import apply_modality_lut, convert_color_space
+
+    ds = _read_full(path)
+    if "PixelData" not in ds:
+        raise NotFound("the instance has no pixel data to render")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if frame > count:
+        raise NotFound(f"the instance has {count} frame(s)")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # no decoder for the stored syntax
+        raise NotAcceptable(f"the pixel data cannot be decoded for rendering: {exc}") from None
+    if count > 1:
+        arr = arr[frame - 1]
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if int(ds.get("SamplesPerPixel", 1)) == 1:
+        values = apply_modality_lut(arr, ds).astype(np.float64)
+        if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+            c = ds.WindowCenter[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter
+            w = ds.WindowWidth[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth
+            window = float(c), float(w)
+        if window is None or window[1] < 1:
+            lo, hi = float(values.min()), float(values.max())
+            window = (lo + hi) / 2, max(hi - lo, 1.0)
+        c, w = window
+        scaled = np.clip(((values - (c - 0.5)) / max(w - 1, 1) + 0.5), 0, 1) * 255
+        if pi == "MONOCHROME1":
+            scaled = 255 - scaled
+        img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    else:
+        if pi.startswith("YBR") and not ds.file_meta.get("TransferSyntaxUID", "").startswith("1.2.840.10008.1.2.4.5"):
+            arr = convert_color_space(arr, pi, "RGB")
+        if arr.dtype != np.uint8:
+            arr = (arr.astype(np.float64) / max(float(arr.max()), 1.0) * 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="RGB")
+    if viewport is not None:
+        img.thumbnail(viewport)
+    buf = io.BytesIO()
+    if media_type == "image/png":
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+async def _rendered(request: Request, default_viewport: int | None, op: str) -> Response:
+    ctx = ctx_of(request)
+    study, series, sop = _path_uids(request)
+    media_type = _render_type(parse_accept(request.headers.get("accept")))
+    frame = _frame_numbers(str(request.path_params["frames"]))[0] if "frames" in request.path_params else 1
+    window, viewport = _window(request), _viewport(request, default_viewport)
+    try:
+        quality = int(request.query_params.get("quality", "90"))
+    except ValueError:
+        raise InvalidInput("quality must be 1-100") from None
+    if not 1 <= quality <= 100:
+        raise InvalidInput("quality must be 1-100")
+    actor = actor_of(request)
+
+    def run() -> bytes:
+        refs = _select(ctx, study, series, sop)
+        ref = refs[len(refs) // 2] if sop is None else refs[0]  # a series / study is shown by its middle image
+        return _each_verified(ctx, [ref], actor, op,
+                              lambda _r, p: _render(p, frame, media_type, window, viewport, quality))[0]
+
+    return Response(await run_in_threadpool(run), media_type=media_type)
+
+
+async def rendered(request: Request) -> Response:
+    """``GET .../instances/{i}[/frames/{n}]/rendered``: the image windowed, as JPEG or PNG."""
+    return await _rendered(request, None, "wado-rs rendered")
+
+
+async def thumbnail(request: Request) -> Response:
+    """``GET .../thumbnail`` of a study, series, instance or frame: a small rendered image."""
+    return await _rendered(request, 128, "wado-rs thumbnail")
