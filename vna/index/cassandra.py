@@ -156,7 +156,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -349,6 +349,16 @@ class _Query:
     skip: Callable[[Row], bool] | None = None
 
 
+@dataclass
+class _SharedMark:
+    """A study-summary token shared by this front-end's concurrent registrations into one study."""
+
+    token: uuid.UUID
+    refs: int = 0
+    ok: bool = False
+    written: threading.Event = field(default_factory=threading.Event)
+
+
 @dataclass(frozen=True)
 class _Current:
     """The newest complete version of an instance."""
@@ -397,6 +407,7 @@ class CassandraIndex:
         self._resummarise_cv = threading.Condition()
         self._refresher: threading.Thread | None = None
         self._closed = False
+        self._open_marks: dict[str, _SharedMark] = {}  # study -> this front-end's registrations' token
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
             consistency_level=consistency,
@@ -624,6 +635,61 @@ class CassandraIndex:
     # so Paxos orders the summary writes whatever the clocks. Removing a token
     # is the only timestamp race: a removal that loses to a skewed clock leaves
     # the token, hence the study invalid (slow, not wrong).
+    def _mark_shared(self, study_uids: Iterable[str]) -> list[tuple[str, _SharedMark]]:
+        """Step 1 for registrations: join this front-end's open token of each study, or add one.
+
+        Concurrent registrations into one study share one token (two writes per
+        burst instead of two per instance): the token is pending before any
+        joiner's change (joiners wait for its write) and settled after the last
+        one (:meth:`_settle_shared`). Raises driver errors (then nothing is joined).
+        """
+        joined: list[tuple[str, _SharedMark]] = []
+        created: list[tuple[str, _SharedMark]] = []
+        with self._lock:
+            for uid in dict.fromkeys(u for u in study_uids if u):
+                m = self._open_marks.get(uid)
+                if m is None:
+                    m = self._open_marks[uid] = _SharedMark(uuid.uuid1())
+                    created.append((uid, m))
+                m.refs += 1
+                joined.append((uid, m))
+        stmt = self._prep(f"UPDATE {self._t('studies')} SET sum_pending = sum_pending + ? WHERE study_uid = ?")
+        try:
+            futures = [self._session.execute_async(stmt, ({m.token}, uid)) for uid, m in created]
+            ok = True
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                ok = False
+                raise
+            finally:
+                for _uid, m in created:
+                    m.ok = ok
+                    m.written.set()
+            for uid, m in joined:
+                m.written.wait()
+                if not m.ok:
+                    raise IndexUnavailable(f"Cassandra index: could not mark study {uid} as changing")
+        except BaseException:
+            self._settle_shared(joined)
+            raise
+        return joined
+
+    def _settle_shared(self, joined: Sequence[tuple[str, _SharedMark]]) -> None:
+        """Step 3 for registrations: leave the shared tokens; the last one out settles them."""
+        last: dict[uuid.UUID, list[str]] = {}
+        with self._lock:
+            for uid, m in joined:
+                m.refs -= 1
+                if m.refs == 0:
+                    if self._open_marks.get(uid) is m:
+                        del self._open_marks[uid]
+                    if m.ok:
+                        last.setdefault(m.token, []).append(uid)
+        for token, uids in last.items():
+            self._settle((token, uids))
+
     def _mark(self, study_uids: Iterable[str]) -> tuple[uuid.UUID, list[str]]:
         """Step 1: a fresh token added to the studies' pending set; (token, studies) for _settle."""
         uids = list(dict.fromkeys(u for u in study_uids if u))
@@ -814,32 +880,30 @@ class CassandraIndex:
                 raise InvalidInput(f"placement {p.store_id} is for {p.sop_uid} v{p.version}, "
                                    f"not {record.sop_uid} v{record.version}")
         by_store = list({p.store_id: p for p in placements}.values())  # last wins, like INSERT OR REPLACE
-        mark: tuple[uuid.UUID, list[str]] | None = None
-        try:
-            with self._errors("register"):
-                # the commit may take the instance out of the study of an older version
-                earlier = self._studies_of(record.sop_uid) if record.version > 1 else []
-                writer, t0, mark = self._begin(record, by_store, [record.study_uid, *earlier])
+        with self._errors("register"):
+            # the commit may take the instance out of the study of an older version
+            earlier = self._studies_of(record.sop_uid) if record.version > 1 else []
+            writer, t0, marks = self._begin(record, by_store, [record.study_uid, *earlier])
+            try:
                 self._check_deadline(record, t0)
                 try:
                     self._commit(record, writer)
                 except _DRIVER_ERRORS:
                     if not self._committed_as(record):  # the answer was lost, not the write?
                         raise
-        finally:
-            if mark is not None:
-                self._settle(mark)  # a failure here only leaves the summary pending (logged)
-        if record.version > 1 and mark is not None:
-            self._late_mark(record, mark[1])
+            finally:
+                self._settle_shared(marks)  # a failure here only leaves the summary pending (logged)
+        if record.version > 1:
+            self._late_mark(record, [uid for uid, _m in marks])
 
     def _begin(self, record: InstanceRecord, placements: Sequence[Placement],
-               studies: Sequence[str] = ()) -> tuple[uuid.UUID, float, tuple[uuid.UUID, list[str]]]:
+               studies: Sequence[str] = ()) -> tuple[uuid.UUID, float, list[tuple[str, _SharedMark]]]:
         """Everything of a registration but its commit: candidate, decision, rows.
 
-        Returns (writer id, monotonic start, summary mark). Raises StateConflict
-        (the version exists, or another writer with other bytes may still commit
-        it; the candidate is withdrawn) and driver errors (the candidate stays:
-        abandoned once stale, see :meth:`clean_abandoned`).
+        Returns (writer id, monotonic start, summary marks to settle). Raises
+        StateConflict (the version exists, or another writer with other bytes
+        may still commit it; the candidate is withdrawn) and driver errors (the
+        candidate stays: abandoned once stale, see :meth:`clean_abandoned`).
         """
         writer, started, t0 = uuid.uuid4(), time.time(), time.monotonic()
         cand = self._session.execute_async(self._prep(
@@ -847,24 +911,24 @@ class CassandraIndex:
             "series_uid, started_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'writing')"),
             (record.sop_uid, record.version, record.content_sha256, writer, record.study_uid,
              record.series_uid, started))
-        mark = self._mark(studies or [record.study_uid])
+        try:
+            marks = self._mark_shared(studies or [record.study_uid])
+        except BaseException:
+            cand.add_errback(lambda _exc: None)
+            raise
         try:
             cand.result()
             foreign = self._decide(record, writer, started)
-        except StateConflict:
-            self._withdraw(record, writer)
-            self._settle(mark)
-            raise
-        except BaseException:
-            self._settle(mark)
-            raise
-        try:
             self._check_deadline(record, t0)
             self._write_rows(record, placements, foreign)
-        except BaseException:
-            self._settle(mark)
+        except StateConflict:
+            self._withdraw(record, writer)
+            self._settle_shared(marks)
             raise
-        return writer, t0, mark
+        except BaseException:
+            self._settle_shared(marks)
+            raise
+        return writer, t0, marks
 
     def _check_deadline(self, record: InstanceRecord, t0: float) -> None:
         """A writer past half of ``stale_claim_after`` never writes rows or commits: others may deem it dead."""
@@ -873,18 +937,25 @@ class CassandraIndex:
                                    "took too long; retry")
 
     def _state_of(self, record: InstanceRecord) -> tuple[list[Row], Row | None, list[Row]]:
-        """(candidates, commit row or None, placement rows) of the record's version: three concurrent reads."""
+        """(candidates, commit row or None, placement rows) of the record's version.
+
+        Two concurrent reads; the placements are read only when rows of other
+        bytes may exist (a candidate with other bytes, or a schema-v4 claim).
+        """
         key = (record.sop_uid, record.version)
         futures = [self._session.execute_async(self._prep(cql), key) for cql in (
             f"SELECT content_sha256, writer, state, started_at FROM {self._t('registrations')} "
             "WHERE sop_uid = ? AND version = ?",
             f"SELECT complete, content_sha256, study_uid, series_uid FROM {self._t('instance_versions')} "
-            "WHERE sop_uid = ? AND version = ?",
-            f"SELECT store_id, content_sha256 FROM {self._t('placements')} WHERE sop_uid = ? AND version = ?")]
-        cands, versions, placed = (list(f.result()) for f in futures)
+            "WHERE sop_uid = ? AND version = ?")]
+        cands, versions = (list(f.result()) for f in futures)
         commit = next((v for v in versions if v["complete"]), None)
         if commit is None and any(c["state"] == "committed" for c in cands):
             commit = {"complete": True}  # its instance_versions row is on its way (same mutation)
+        placed: list[Row] = []
+        if commit is None and (versions or any(c["content_sha256"] != record.content_sha256 for c in cands)):
+            placed = list(self._exec(f"SELECT store_id, content_sha256 FROM {self._t('placements')} "
+                                     "WHERE sop_uid = ? AND version = ?", key))
         return cands, commit, placed
 
     def _decide(self, record: InstanceRecord, writer: uuid.UUID, started: float) -> list[str]:
@@ -946,10 +1017,9 @@ class CassandraIndex:
         raise StateConflict(f"instance {record.sop_uid} version {record.version}: another writer won")
 
     def _write_rows(self, record: InstanceRecord, placements: Sequence[Placement], foreign: Sequence[str]) -> None:
-        """Placements (one single-partition batch), the catalogue batch, and the removal of rows
-        other bytes left, concurrently; all plain, idempotent writes."""
-        futures = [self._session.execute_async(self._catalogue_batch(record))]
-        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        """Placements, the catalogue rows and the removal of placement rows other bytes left on stores
+        we lack: one unlogged batch of plain, idempotent writes (the commit follows only its success)."""
+        batch = self._catalogue_batch(record)
         stmt = self._prep(
             f"INSERT INTO {self._t('placements')} ({', '.join(_PLACEMENT_COLS)}) "
             f"VALUES ({', '.join('?' for _ in _PLACEMENT_COLS)})")
@@ -963,10 +1033,7 @@ class CassandraIndex:
         for store in foreign:
             if store not in mine:
                 batch.add(drop, (record.sop_uid, record.version, store))
-        if len(batch):
-            futures.append(self._session.execute_async(batch))
-        for f in futures:
-            f.result()
+        self._session.execute(batch)
 
     def _commit(self, record: InstanceRecord, writer: uuid.UUID) -> None:
         """The moment the version appears: its instance_versions row (complete) and our candidate
