@@ -108,3 +108,49 @@ def test_abandoned_registrations_are_counted_and_cleaned(
     assert list(cassandra_admin.execute(f"SELECT * FROM {ks}.instances")) == []
     alive.register(record_of("b"), [placement_of("b", "hot-a")])  # the UID is free for any bytes
     assert alive.get_instance("1.4.1") == record_of("b")
+
+
+def test_front_ends_storing_overlapping_sets_converge(
+        two_frontends: tuple[CassandraIndex, CassandraIndex]) -> None:
+    """Identical retries from two front-ends (4 threads each) and one UID sent with other bytes by both."""
+    import threading
+
+    records = [make_record(f"1.5.{n}", f"1.3.{n % 3}", "1.2.1", attrs=P1 | S1, sha=f"{n:064d}") for n in range(40)]
+    other = {0: record_of("b"), 1: record_of("c")}  # "1.4.1": two different contents, one must win
+    outcomes: list[tuple[str, str]] = []
+    errors: list[BaseException] = []
+
+    def writer(index: CassandraIndex, mine: list[InstanceRecord]) -> None:
+        for r in mine:
+            try:
+                index.register(r, [placement_of(r.content_sha256[0], "hot-a") if r.sop_uid == "1.4.1"
+                                   else Placement(**{**make_placement(r.sop_uid).__dict__,
+                                                     "content_sha256": r.content_sha256})])
+                outcomes.append((r.sop_uid, r.content_sha256))
+            except StateConflict:
+                pass
+            except BaseException as exc:  # reported, not lost in the thread
+                errors.append(exc)
+
+    threads = []
+    for f, index in enumerate(two_frontends):
+        for t in range(4):
+            mine = records[t::4] + records[(t + 1) % 4::4] + [other[f]]  # every record twice per front-end
+            threads.append(threading.Thread(target=writer, args=(index, mine)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    a, b = two_frontends
+    for r in records:
+        assert a.get_instance(r.sop_uid) == b.get_instance(r.sop_uid)
+        assert a.get_instance(r.sop_uid).content_sha256 == r.content_sha256  # type: ignore[union-attr]
+        assert (r.sop_uid, r.content_sha256) in outcomes  # acknowledged at least once
+    won = a.get_instance("1.4.1")
+    assert won is not None
+    assert {p.content_sha256 for p in a.placements("1.4.1")} == {won.content_sha256}
+    assert all(sha == won.content_sha256 for sop, sha in outcomes if sop == "1.4.1")  # the loser never acked
+    assert a.stats().instances == len(records) + 1
+    assert uids(b, QueryLevel.IMAGE) == {r.sop_uid for r in records} | {"1.4.1"}
+    assert a.abandoned_registrations(older_than=0.0) == []
