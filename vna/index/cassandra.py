@@ -63,8 +63,11 @@ Registration (schema v5): no Paxos unless two writers disagree
     (deletes ``USING TIMESTAMP`` of the check, so a re-send begun after it
     keeps its rows). Only a crashed writer of *other* bytes delays a re-send,
     by at most ``stale_claim_after``, and never as a duplicate.
-    Cost of the common case: three sequential round trips of plain writes
-    and reads (candidate + mark; read; rows; commit + settle), no Paxos.
+    Cost of the common case: four sequential round trips of plain writes and
+    reads (candidate; read; rows; commit), no Paxos. The candidate, rows and
+    commit writes of concurrent registrations share unlogged batches (group
+    commit, :mod:`vna.index.cassandra_group`); concurrent registrations into
+    one study share one summary token per front-end (:meth:`_mark_shared`).
     *Per datacenter*: LOCAL_QUORUM / LOCAL_SERIAL make the argument hold among
     the front-ends of one datacenter; front-ends in two datacenters storing
     other bytes under one new UID at the same moment could both commit (as
@@ -174,6 +177,7 @@ from vna.config import CassandraConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
 from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
+from vna.index.cassandra_group import WriteGroups
 from vna.index.query import COMPUTED_KEYS, LEVEL_KEYS, Condition, MatchKind, matches_all
 
 __all__ = ["CassandraIndex"]
@@ -431,6 +435,7 @@ class CassandraIndex:
             self._cluster.shutdown()
             raise _unavailable(exc, f"connect to {','.join(cfg.contact_points)}:{cfg.port}") from exc
         self._session.default_fetch_size = _FETCH_SIZE
+        self._groups = WriteGroups(self._session)  # registrations' plain writes, group-committed
 
     # -- plumbing ------------------------------------------------------------
     @contextmanager
@@ -478,6 +483,7 @@ class CassandraIndex:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+        self._groups.close()
         self._cluster.shutdown()
 
     def datacenters(self, probe_timeout: float = 1.0) -> dict[str, dict[str, list[str]]]:
@@ -906,18 +912,13 @@ class CassandraIndex:
         candidate stays: abandoned once stale, see :meth:`clean_abandoned`).
         """
         writer, started, t0 = uuid.uuid4(), time.time(), time.monotonic()
-        cand = self._session.execute_async(self._prep(
-            f"INSERT INTO {self._t('registrations')} (sop_uid, version, content_sha256, writer, study_uid, "
-            "series_uid, started_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'writing')"),
-            (record.sop_uid, record.version, record.content_sha256, writer, record.study_uid,
-             record.series_uid, started))
+        marks = self._mark_shared(studies or [record.study_uid])
         try:
-            marks = self._mark_shared(studies or [record.study_uid])
-        except BaseException:
-            cand.add_errback(lambda _exc: None)
-            raise
-        try:
-            cand.result()
+            self._groups.write([(self._prep(
+                f"INSERT INTO {self._t('registrations')} (sop_uid, version, content_sha256, writer, study_uid, "
+                "series_uid, started_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'writing')"),
+                (record.sop_uid, record.version, record.content_sha256, writer, record.study_uid,
+                 record.series_uid, started))])
             foreign = self._decide(record, writer, started)
             self._check_deadline(record, t0)
             self._write_rows(record, placements, foreign)
@@ -1018,22 +1019,22 @@ class CassandraIndex:
 
     def _write_rows(self, record: InstanceRecord, placements: Sequence[Placement], foreign: Sequence[str]) -> None:
         """Placements, the catalogue rows and the removal of placement rows other bytes left on stores
-        we lack: one unlogged batch of plain, idempotent writes (the commit follows only its success)."""
-        batch = self._catalogue_batch(record)
+        we lack: plain, idempotent writes in a shared batch (the commit follows only its success)."""
+        batch = self._catalogue(record)
         stmt = self._prep(
             f"INSERT INTO {self._t('placements')} ({', '.join(_PLACEMENT_COLS)}) "
             f"VALUES ({', '.join('?' for _ in _PLACEMENT_COLS)})")
         for p in placements:
-            batch.add(stmt, (
+            batch.append((stmt, (
                 p.sop_uid, p.version, p.store_id, p.tier.value, p.blob_key, p.codec, p.content_sha256,
                 p.content_size, p.stored_sha256, p.stored_size, p.state.value, p.created_at, p.verified_at,
-                p.offset, p.length))
+                p.offset, p.length)))
         mine = {p.store_id for p in placements}
         drop = self._prep(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ?")
         for store in foreign:
             if store not in mine:
-                batch.add(drop, (record.sop_uid, record.version, store))
-        self._session.execute(batch)
+                batch.append((drop, (record.sop_uid, record.version, store)))
+        self._groups.write(batch)
 
     def _commit(self, record: InstanceRecord, writer: uuid.UUID) -> None:
         """The moment the version appears: its instance_versions row (complete) and our candidate
@@ -1043,14 +1044,13 @@ class CassandraIndex:
             record.transfer_syntax_uid, record.content_sha256, record.content_size, record.received_at,
             record.source_ae, json.dumps(record.attrs),
         )
-        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-        batch.add(self._prep(
-            f"INSERT INTO {self._t('instance_versions')} ({', '.join(_VERSION_COLS)}, complete, claim_id, claimed_at) "
-            f"VALUES ({', '.join('?' for _ in _VERSION_COLS)}, true, ?, ?)"), (*values, writer, time.time()))
-        batch.add(self._prep(
-            f"UPDATE {self._t('registrations')} SET state = 'committed' WHERE sop_uid = ? AND version = ? "
-            "AND content_sha256 = ? AND writer = ?"), (record.sop_uid, record.version, record.content_sha256, writer))
-        self._session.execute(batch)
+        self._groups.write([
+            (self._prep(f"INSERT INTO {self._t('instance_versions')} ({', '.join(_VERSION_COLS)}, complete, "
+                        f"claim_id, claimed_at) VALUES ({', '.join('?' for _ in _VERSION_COLS)}, true, ?, ?)"),
+             (*values, writer, time.time())),
+            (self._prep(f"UPDATE {self._t('registrations')} SET state = 'committed' WHERE sop_uid = ? "
+                        "AND version = ? AND content_sha256 = ? AND writer = ?"),
+             (record.sop_uid, record.version, record.content_sha256, writer))])
 
     def _committed_as(self, record: InstanceRecord) -> bool:
         """After an unanswered commit: is the version committed with these bytes?"""
@@ -1101,6 +1101,13 @@ class CassandraIndex:
         self._session.execute(self._catalogue_batch(record))
 
     def _catalogue_batch(self, record: InstanceRecord) -> BatchStatement:
+        """The catalogue statements in one unlogged batch."""
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        for stmt, params in self._catalogue(record):
+            batch.add(stmt, params)
+        return batch
+
+    def _catalogue(self, record: InstanceRecord) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
         """The study, studies_by_patient, series and instance rows of a registration (plain upserts)."""
         a = record.attrs
         study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
@@ -1110,31 +1117,32 @@ class CassandraIndex:
         modality = a.get("Modality", "").strip(" \x00")
         sets = ", ".join(f"{c} = ?" for c in study)
         add = ", modalities = modalities + ?" if modality else ""
-        # unlogged: the commit follows only a fully applied batch, so batchlog atomicity adds nothing
-        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-        batch.add(self._prep(
+        # no batchlog: the commit follows only once every row is written
+        batch: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
+        batch.append((self._prep(
             f"UPDATE {self._t('studies')} SET {sets}, updated_at = ?, name_p1 = ?, name_p3 = ?, "
             f"name_family = ?, name_fg = ?, study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
             (*study.values(), record.received_at, family[:1] or None, family[:3] or None, name_family, name_fg,
              day, odd,
-             *([{modality}] if modality else []), record.study_uid))
-        batch.add(self._prep(f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
-                  (study["patient_id"] or _EMPTY_PATIENT, record.study_uid))
+             *([{modality}] if modality else []), record.study_uid)))
+        batch.append((self._prep(
+            f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
+            (study["patient_id"] or _EMPTY_PATIENT, record.study_uid)))
         series = {col: a.get(kw, "") for kw, col in _SERIES_COLS.items()}
-        batch.add(self._prep(
+        batch.append((self._prep(
             f"INSERT INTO {self._t('series')} (study_uid, series_uid, {', '.join(series)}) "
             f"VALUES (?, ?, {', '.join('?' for _ in series)})"),
-            (record.study_uid, record.series_uid, *series.values()))
+            (record.study_uid, record.series_uid, *series.values())))
         inst: dict[str, Any] = {col: a.get(kw, "") for kw, col in _INSTANCE_COLS.items()}
         inst |= {
             "sop_class_uid": record.sop_class_uid, "transfer_syntax_uid": record.transfer_syntax_uid,
             "content_sha256": record.content_sha256, "content_size": record.content_size,
             "received_at": record.received_at, "source_ae": record.source_ae,
         }
-        batch.add(self._prep(
+        batch.append((self._prep(
             f"INSERT INTO {self._t('instances')} (study_uid, series_uid, sop_uid, version, {', '.join(inst)}) "
             f"VALUES (?, ?, ?, ?, {', '.join('?' for _ in inst)})"),
-            (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values()))
+            (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values())))
         return batch
 
     def _serial(self, cql: str, params: Sequence[Any]) -> Any:
