@@ -154,3 +154,28 @@ def test_front_ends_storing_overlapping_sets_converge(
     assert a.stats().instances == len(records) + 1
     assert uids(b, QueryLevel.IMAGE) == {r.sop_uid for r in records} | {"1.4.1"}
     assert a.abandoned_registrations(older_than=0.0) == []
+
+
+def test_a_schema_v4_claim_left_incomplete_is_listed_cleaned_and_no_obstacle(
+        two_frontends: tuple[CassandraIndex, CassandraIndex], cassandra_admin: Any) -> None:
+    """What a v4 front-end killed mid-registration left (an LWT claim, complete = false, and its rows)."""
+    import json
+    import uuid
+
+    _, alive = two_frontends
+    ks = alive.cfg.keyspace
+    r = record_of("a")
+    cassandra_admin.execute(
+        f"INSERT INTO {ks}.instance_versions (sop_uid, version, series_uid, study_uid, content_sha256, "
+        "content_size, attrs, complete, claim_id, claimed_at) VALUES (%s, 1, %s, %s, %s, 1000, %s, false, %s, %s)",
+        (r.sop_uid, r.series_uid, r.study_uid, r.content_sha256, json.dumps(r.attrs), uuid.uuid4(), 1_000.0))
+    alive._write_rows(r, [placement_of("a", "hot-a")], [])
+    (left,) = alive.abandoned_registrations()
+    assert (left.sop_uid, left.content_sha256) == ("1.4.1", "a" * 64)
+    assert alive.get_instance("1.4.1") is None
+    assert alive.clean_abandoned() == 1
+    assert alive.abandoned_registrations() == []
+    assert list(cassandra_admin.execute(f"SELECT * FROM {ks}.instance_versions")) == []
+    assert list(cassandra_admin.execute(f"SELECT * FROM {ks}.placements")) == []
+    alive.register(record_of("b"), [placement_of("b", "hot-b")])
+    assert alive.get_instance("1.4.1") == record_of("b")
