@@ -133,14 +133,18 @@ Job operations (schema v2)
     ``replace_placement``/``delete_placement``/``transition`` are LWT; retiring a
     copy (TO_DELETE) is a conditional batch that also asserts another OK copy,
     so two copies cannot be retired concurrently. ``iter_placements`` uses SAI
-    on tier/state/store_id and hides uncommitted versions (SAI on ``complete``);
+    on tier/state/store_id and hides uncommitted versions (SAI on
+    ``registrations.state``, and on ``complete`` for schema-v4 claims);
     ``iter_studies`` scans every study with its partitions. Both order in
     memory (a heap of ``limit`` when given). ``record_access`` writes with
     ``USING TIMESTAMP`` = the access time, so the newest access wins without a
     read; holds are a plain table.
 
 ``stats()`` is a paged full scan (instance_versions, studies, placements);
-distinct study/series/patient counts keep their UIDs in memory.
+distinct study/series/patient counts keep their UIDs in memory. (Counters
+maintained by plain writes cannot be exact when two front-ends commit the
+same bytes at once, both counting it; issue 19 leaves them to an idempotent
+per-version delta ledger, not built yet.)
 
 Every driver error maps to IndexUnavailable through :func:`_unavailable`.
 """
