@@ -55,7 +55,7 @@ def test_kill_9_mid_ingest_then_resend_stores_everything_once(
     files = write_corpus(tmp_path / "corpus", "ct", studies=2, per_study=30, seed=19)
     keyspace = cassandra_keyspaces.acquire()
     try:
-        srv = make_server(_config(cassandra_endpoint, keyspace))
+        srv = make_server(_config(cassandra_endpoint, keyspace), start=False).start(timeout=120)
         senders = [_storescu(srv, files[n::4]) for n in range(4)]  # 4 associations: registrations in flight
         deadline = time.monotonic() + 120
         while _blobs(srv) < 20 and time.monotonic() < deadline and any(s.poll() is None for s in senders):
@@ -66,10 +66,10 @@ def test_kill_9_mid_ingest_then_resend_stores_everything_once(
         for s in senders:
             s.communicate(timeout=120)
 
-        srv.start()
+        srv.start(timeout=120)
         again = _storescu(srv, files)
         out, _ = again.communicate(timeout=300)
-        assert again.returncode == 0, out
+        assert again.returncode == 0, out + srv.log.read_text()[-4000:]
         assert "0x0111" not in out and "Duplicate" not in out, out  # what the old claim answered
 
         rows, final = scu.find(srv.port, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": "",
