@@ -93,6 +93,9 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
         if cfg.lifecycle.enabled:
             daemons.append(Daemon(archive.migrator(), cfg.lifecycle.interval_seconds, cfg.lifecycle.batch_limit))
         daemons.extend(integrity_daemons(archive))
+        from vna.index.janitor import IndexJanitor
+
+        daemons.append(Daemon(IndexJanitor(archive.index), 300.0, 1000, telemetry=archive.telemetry))
         if cfg.federation.copy_enabled and cfg.federation.copy:
             from vna.federation.cli import copy_job
 
@@ -304,12 +307,13 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     index = open_index(cfg)
     try:
         s = index.stats()
+        abandoned = len(index.abandoned_registrations())  # begun, never committed (Cassandra; see janitor)
     finally:
         index.close()
     if args.json:
         print(json.dumps({
             "patients": s.patients, "studies": s.studies, "series": s.series, "instances": s.instances,
-            "content_bytes": s.content_bytes,
+            "content_bytes": s.content_bytes, "abandoned_registrations": abandoned,
             "tiers": {k: {"placements": v.placements, "stored_bytes": v.stored_bytes, "by_state": v.by_state}
                       for k, v in s.tiers.items()},
         }, indent=2))
@@ -319,6 +323,7 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     print(f"series     {s.series}")
     print(f"instances  {s.instances}")
     print(f"bytes      {s.content_bytes}")
+    print(f"abandoned  {abandoned}  (registrations never committed; `vna index janitor` cleans them)")
     for tier, t in sorted(s.tiers.items()):
         states = ", ".join(f"{k}={v}" for k, v in sorted(t.by_state.items()))
         print(f"tier {tier:<5} placements {t.placements}  stored bytes (OK) {t.stored_bytes}  [{states}]")
@@ -435,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = isub.add_parser("migrate", help="create or upgrade the schema")
     add_common(q)
     q.set_defaults(func=cmd_index_migrate)
+    q = isub.add_parser("janitor", help="list and clean abandoned registrations (a front-end died mid-store)")
+    add_common(q)
+    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--dry-run", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=lambda a: importlib.import_module("vna.index.cli").cmd_index_janitor(a))
 
     p = sub.add_parser("store", help="import DICOM files or directories")
     add_common(p)

@@ -1,8 +1,8 @@
 """Contract suite of the Index port, run on every adapter (SQLite and Cassandra).
 
 The Cassandra adapter runs against the real node of ``tests/cassandra_node.py``.
-The last class checks Cassandra-only registration atomicity (claim, commit,
-take-over) with injected driver failures.
+The last class checks Cassandra-only registration atomicity (candidate, rows,
+commit) with injected driver failures.
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ def test_migrate_creates_a_new_cassandra_keyspace(cassandra_config: Callable[...
     cfg = cassandra_config()
     idx = CassandraIndex(cfg)
     try:
-        assert idx.migrate() == 4
-        assert idx.migrate() == 4
+        assert idx.migrate() == 5
+        assert idx.migrate() == 5
         idx.register(make_record("1.9", "1.8", "1.7"), [make_placement("1.9")])
         assert idx.get_instance("1.9") is not None
         rows = cassandra_admin.execute("SELECT * FROM system_schema.keyspaces WHERE keyspace_name = %s",
@@ -166,9 +166,9 @@ def test_cassandra_migration_v3_backfills_name_keys(cassandra_config: Callable[.
         ks = cfg.keyspace
         for study in names:  # as written by a v2 index
             cassandra_admin.execute(f"DELETE name_family, name_fg FROM {ks}.studies WHERE study_uid = %s", (study,))
-        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version IN (3, 4)")
+        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version IN (3, 4, 5)")
         assert uids(idx, QueryLevel.STUDY, PatientName="SMITH^J*") == set()  # what v2 data looks like to v3
-        assert idx.migrate() == 4
+        assert idx.migrate() == 5
         assert uids(idx, QueryLevel.STUDY, PatientName="SMITH^J*") == {"1.7"}
         assert uids(idx, QueryLevel.STUDY, PatientName="smith") == {"1.27"}
         assert uids(idx, QueryLevel.STUDY, PatientName="Smith^John") == {"1.7"}
@@ -651,7 +651,7 @@ def test_cassandra_node_going_away_raises_index_unavailable(cassandra_index: Cas
 
 # -- Cassandra registration atomicity --------------------------------------------------
 class TestCassandraRegistration:
-    """Readers never see a registration that has not committed (claim -> rows -> commit)."""
+    """Readers never see a registration that has not committed (candidate -> rows -> commit)."""
 
     def visible(self, idx: CassandraIndex, sop: str) -> dict[str, Any]:
         return {
@@ -668,57 +668,39 @@ class TestCassandraRegistration:
         return {"instance": None, "placements": [], "images": set(), "studies": set(), "series": set(),
                 "patients": set(), "stats": 0}
 
-    def test_failure_after_claim_is_undone(self, cassandra_index: CassandraIndex,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_failure_before_the_commit_leaves_nothing_visible(self, cassandra_index: CassandraIndex,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
         from cassandra import OperationTimedOut
 
-        real = CassandraIndex._write_catalogue
+        def lost(self: CassandraIndex, record: InstanceRecord, writer: Any) -> None:
+            raise OperationTimedOut("injected: connection reset before the commit")
 
-        def fail_after_writing(self: CassandraIndex, record: InstanceRecord) -> None:
-            real(self, record)
-            raise OperationTimedOut("injected: commit never answered")
-
-        monkeypatch.setattr(CassandraIndex, "_write_catalogue", fail_after_writing)
+        monkeypatch.setattr(CassandraIndex, "_commit", lost)
         record = make_record("1.4.1", "1.3.1", "1.2.1", attrs=P1 | S1 | {"Modality": "CT"})
         with pytest.raises(IndexUnavailable):
             cassandra_index.register(record, [make_placement("1.4.1")])
         monkeypatch.undo()
         assert self.visible(cassandra_index, "1.4.1") == self.nothing()
-        cassandra_index.register(record, [make_placement("1.4.1")])  # the version is free again
+        cassandra_index.register(record, [make_placement("1.4.1")])  # a retry converges at once
         assert cassandra_index.get_instance("1.4.1") == record
-
-    def test_uncommitted_claim_is_invisible_then_taken_over(
-        self, cassandra_index: CassandraIndex, monkeypatch: pytest.MonkeyPatch, cassandra_admin: Any
-    ) -> None:
-        # A writer that died after writing everything but the commit (and could not clean up).
-        def crash(self: CassandraIndex, *args: object) -> None:
-            return None
-
-        record = make_record("1.4.1", "1.3.1", "1.2.1", attrs=P1 | S1 | {"Modality": "CT"})
-        original_exec = CassandraIndex._exec
-
-        def no_commit(self: CassandraIndex, cql: str, params: Any = ()) -> Any:
-            if "SET complete = true" in cql:
-                raise OSError("injected: connection reset before the commit")
-            return original_exec(self, cql, params)
-
-        monkeypatch.setattr(CassandraIndex, "_abort", crash)
-        monkeypatch.setattr(CassandraIndex, "_exec", no_commit)
-        with pytest.raises(IndexUnavailable):
-            cassandra_index.register(record, [make_placement("1.4.1", store="hot-old")])
-        monkeypatch.undo()
-        ks = cassandra_index.cfg.keyspace
-        left = cassandra_admin.execute(f"SELECT complete FROM {ks}.instance_versions WHERE sop_uid = '1.4.1'").one()
-        assert left == {"complete": False}  # the claim and every row are there, uncommitted
-        assert self.visible(cassandra_index, "1.4.1") == self.nothing()
-
-        with pytest.raises(StateConflict):  # a fresh claim is not taken over
-            cassandra_index.register(record, [make_placement("1.4.1", store="hot-new")])
-        cassandra_index.stale_claim_after = 0.0
-        cassandra_index.register(record, [make_placement("1.4.1", store="hot-new")])
-        assert cassandra_index.get_instance("1.4.1") == record
-        assert [p.store_id for p in cassandra_index.placements("1.4.1")] == ["hot-new"]
         assert uids(cassandra_index, QueryLevel.IMAGE) == {"1.4.1"}
+
+    def test_a_commit_whose_answer_is_lost_is_a_success(self, cassandra_index: CassandraIndex,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        from cassandra import OperationTimedOut
+
+        real = CassandraIndex._commit
+
+        def applied_unanswered(self: CassandraIndex, record: InstanceRecord, writer: Any) -> None:
+            real(self, record, writer)
+            raise OperationTimedOut("injected: the commit applied, its answer was lost")
+
+        monkeypatch.setattr(CassandraIndex, "_commit", applied_unanswered)
+        record = make_record("1.4.1", "1.3.1", "1.2.1", attrs=P1 | S1 | {"Modality": "CT"})
+        cassandra_index.register(record, [make_placement("1.4.1")])
+        monkeypatch.undo()
+        assert cassandra_index.get_instance("1.4.1") == record
+        assert cassandra_index.abandoned_registrations(older_than=0.0) == []
 
     def test_placements_of_other_instances_are_rejected(self, cassandra_index: CassandraIndex) -> None:
         from vna.errors import InvalidInput

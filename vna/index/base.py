@@ -19,7 +19,7 @@ from typing import Iterator, Protocol, Sequence
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.index.query import Condition
 
-__all__ = ["Index", "IndexStats", "TierStats", "StudySummary"]
+__all__ = ["Index", "IndexStats", "TierStats", "StudySummary", "AbandonedRegistration"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,20 @@ class IndexStats:
     instances: int
     content_bytes: int
     tiers: dict[str, TierStats]
+
+
+@dataclass(frozen=True)
+class AbandonedRegistration:
+    """A registration begun and never committed with its bytes (its writer died or gave up).
+
+    Invisible to every reader; its rows wait for :meth:`Index.clean_abandoned`.
+    """
+
+    sop_uid: str
+    version: int
+    content_sha256: str
+    study_uid: str
+    started_at: float
 
 
 class Index(Protocol):
@@ -162,6 +176,16 @@ class Index(Protocol):
 
     def stats(self) -> IndexStats:
         """Counts and bytes per tier."""
+        ...
+
+    def abandoned_registrations(self, *, older_than: float | None = None,
+                                limit: int | None = None) -> list[AbandonedRegistration]:
+        """Registrations begun at least ``older_than`` seconds ago (adapter default when None) and never
+        committed with their bytes, oldest first. Always empty where registration is one transaction."""
+        ...
+
+    def clean_abandoned(self, *, older_than: float | None = None, limit: int | None = None) -> int:
+        """Remove the leftovers of abandoned registrations (at most ``limit``); idempotent. Returns how many."""
         ...
 
     def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:

@@ -2,7 +2,8 @@
 
 Behaves exactly like :class:`vna.index.sqlite.SqliteIndex` behind the Index port
 (one contract suite runs on both); only the storage differs. Schema:
-``vna/index/cql/*.cql`` (versions 1-3 as in SQLite; 4, the study summary, is Cassandra's own).
+``vna/index/cql/*.cql`` (versions 1-3 as in SQLite; 4, the study summary, and 5, the
+registration candidates, are Cassandra's own).
 
 Data model
     ``studies`` (one row per study, patient attributes denormalised, SAI on
@@ -11,33 +12,77 @@ Data model
     ``series`` and ``instances`` (one partition per study, the instance rows
     clustered by series, SOP UID and *version*), ``instance_versions`` (commit
     record and locator by SOP UID), ``placements`` (partition = SOP UID,
-    clustering version, store_id), ``leases``, ``schema_version``.
+    clustering version, store_id), ``registrations`` and ``registration_decisions``
+    (schema v5, below), ``leases``, ``schema_version``.
 
-Registration is all-or-nothing as seen by readers
-    1. *Claim*: ``INSERT INTO instance_versions ... IF NOT EXISTS`` with
-       ``complete = false`` and a random ``claim_id``. Not applied -> the version
-       exists (complete, or another registration is in flight) -> StateConflict.
-       An incomplete claim older than ``stale_claim_after`` seconds (a writer
-       died mid-registration) is taken over by LWT and its leftovers removed.
-    2. *Placements*: one conditional batch of ``INSERT ... IF NOT EXISTS`` (one
-       partition, so it is a single Paxos round). Placements are only ever
-       written by LWT (insert, transition, delete), never mixed with plain writes.
-    3. *Catalogue*: one unlogged batch upserting the study, studies_by_patient,
-       series and the instance-version row (nothing of it is visible before the
-       commit, which only follows its success, so no batchlog is needed).
-    4. *Commit*: ``UPDATE instance_versions SET complete = true IF claim_id = ?``.
-       This single linearizable write is the moment the instance appears.
-    Readers require the commit: ``get_instance`` returns the newest *complete*
-    version; ``placements`` answers only for complete versions; ``find`` shows
-    an instance row only if its (study, series, version) is that of the newest
-    complete version, and a study/series/patient only if it has such an
-    instance. If anything after the claim fails, the writer (while still owning
-    the claim) deletes its instance row and placements, then releases the claim
-    (LWT ``IF claim_id = ?``), and raises IndexUnavailable (StateConflict if the
-    claim was lost). If that clean-up fails too, the claim stays incomplete, so
-    nothing is visible, and the next registration takes it over once stale.
+Registration (schema v5): no Paxos unless two writers disagree
+    Rows of one attempt: ``registrations`` (sop_uid, version, content_sha256,
+    writer), the *candidate*; ``instance_versions`` (sop_uid, version), the
+    *commit*, written once, complete = true; placements, catalogue rows.
+    1. *Candidate* (plain write, state ``writing``), with the study-summary mark.
+    2. *Read* the version's candidates, commit row and placements (concurrently).
+       A commit (or a ``committed`` candidate) -> StateConflict. No live
+       candidate with other bytes -> *fast path*: go on. Else the *contended
+       path* below.
+    3. *Rows* (plain, idempotent upserts, concurrently): the placements (one
+       single-partition batch; rows other bytes left on stores we lack are
+       deleted), and the catalogue batch (study, studies_by_patient, series,
+       the instance-version row).
+    4. *Commit*: one unlogged batch on the SOP UID's partition: the
+       instance_versions row (complete) and our candidate marked ``committed``.
+    Readers require the commit exactly as before (``get_instance`` the newest
+    complete version; ``placements`` complete versions only; ``find`` an
+    instance row only if it is that of the newest complete version), and it is
+    written only after every row it points to, so visibility stays
+    all-or-nothing. A retry, or a second front-end with the same bytes,
+    writes the same rows (its own candidate, same digest) and converges: a
+    re-send after a crash is stored at once, whatever the dead writer left.
+    A placement a dead writer of the same bytes left stays (its blob holds
+    those bytes); rows of other bytes are never visible (removed by the
+    committer or by :meth:`CassandraIndex.clean_abandoned`).
+    *Why at most one set of bytes commits a version* (consistency =
+    LOCAL_QUORUM: a write acknowledged before a read starts is seen by it).
+    Let W_a and W_b write candidates with bytes a != b. Each reads after its
+    own write completed; whichever read started later sees the other's
+    candidate. So at most one of them takes the fast path, and the other sees
+    its candidate. A writer that saw other bytes (a *seer*) never takes the
+    fast path: it marks its candidate ``contended`` and waits until every live
+    candidate it sees is contended (a fast writer never marks: it commits,
+    and the seer then gets StateConflict) or gone or stale. Then no fast
+    writer can appear any more (a newcomer sees the seers' candidates, hence
+    becomes a seer), and the seers decide by one LWT (``registration_decisions``
+    INSERT IF NOT EXISTS, LOCAL_SERIAL); losers withdraw their candidates and
+    get StateConflict. Liveness: a seer waits at most ``contention_wait``,
+    then StateConflict (ingest retries, then answers a transient failure).
+    *Stale*: a writer never writes rows or commits later than half of
+    ``stale_claim_after`` after it started (:meth:`_check_deadline`), so a
+    candidate older than ``stale_claim_after`` (front-end clocks within the
+    other half of each other) is ignored, its decision may be taken over by
+    LWT, and its leftovers are abandoned: listed by
+    :meth:`abandoned_registrations` and removed by :meth:`clean_abandoned`
+    (deletes ``USING TIMESTAMP`` of the check, so a re-send begun after it
+    keeps its rows). Only a crashed writer of *other* bytes delays a re-send,
+    by at most ``stale_claim_after``, and never as a duplicate.
+    Cost of the common case: four sequential round trips of plain writes and
+    reads (candidate; read; rows; commit), no Paxos. The candidate, rows and
+    commit writes of concurrent registrations share unlogged batches (group
+    commit, :mod:`vna.index.cassandra_group`); concurrent registrations into
+    one study share one summary token per front-end (:meth:`_mark_shared`).
+    *Per datacenter*: LOCAL_QUORUM / LOCAL_SERIAL make the argument hold among
+    the front-ends of one datacenter; front-ends in two datacenters storing
+    other bytes under one new UID at the same moment could both commit (as
+    with the v4 LWT claim at LOCAL_SERIAL). Use QUORUM / SERIAL (config
+    ``consistency`` / ``serial_consistency``) where that must hold across
+    datacenters, at the price of a cross-DC round trip per step. An
+    acknowledged registration is on a local quorum: it survives the loss of
+    any minority of the local replicas (RF 3: one node).
+    Placements are written plainly by registration (before the commit) and
+    only by LWT afterwards (transitions, repairs, purge): Paxos timestamps
+    then follow the plain write's client timestamp by far more than clock skew.
+    Upgrade: run every front-end at v5 before ``vna index migrate`` to v5;
+    schema-v4 claims left incomplete are listed and cleaned like candidates.
     Known deviation from SQLite: the study/series attribute upserts of step 3
-    are not undone when a *re-registration into an existing* study fails; the
+    are not undone when a re-registration into an existing study fails; the
     study keeps the attribute values the failed instance carried.
 
 Pushdown (always a superset; every candidate is checked with
@@ -88,14 +133,18 @@ Job operations (schema v2)
     ``replace_placement``/``delete_placement``/``transition`` are LWT; retiring a
     copy (TO_DELETE) is a conditional batch that also asserts another OK copy,
     so two copies cannot be retired concurrently. ``iter_placements`` uses SAI
-    on tier/state/store_id and hides uncommitted versions (SAI on ``complete``);
+    on tier/state/store_id and hides uncommitted versions (SAI on
+    ``registrations.state``, and on ``complete`` for schema-v4 claims);
     ``iter_studies`` scans every study with its partitions. Both order in
     memory (a heap of ``limit`` when given). ``record_access`` writes with
     ``USING TIMESTAMP`` = the access time, so the newest access wins without a
     read; holds are a plain table.
 
 ``stats()`` is a paged full scan (instance_versions, studies, placements);
-distinct study/series/patient counts keep their UIDs in memory.
+distinct study/series/patient counts keep their UIDs in memory. (Counters
+maintained by plain writes cannot be exact when two front-ends commit the
+same bytes at once, both counting it; issue 19 leaves them to an idempotent
+per-version delta ledger, not built yet.)
 
 Every driver error maps to IndexUnavailable through :func:`_unavailable`.
 """
@@ -114,7 +163,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -131,16 +180,17 @@ from cassandra.util import unix_time_from_uuid1
 from vna.config import CassandraConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
-from vna.index.base import IndexStats, StudySummary, TierStats
+from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
+from vna.index.cassandra_group import WriteGroups
 from vna.index.query import COMPUTED_KEYS, LEVEL_KEYS, Condition, MatchKind, matches_all
 
 __all__ = ["CassandraIndex"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql",
-               4: "cql/004_study_summary.cql"}
+               4: "cql/004_study_summary.cql", 5: "cql/005_registrations.cql"}
 _FETCH_SIZE = 500
 _IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
 _DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
@@ -307,6 +357,16 @@ class _Query:
     skip: Callable[[Row], bool] | None = None
 
 
+@dataclass
+class _SharedMark:
+    """A study-summary token shared by this front-end's concurrent registrations into one study."""
+
+    token: uuid.UUID
+    refs: int = 0
+    ok: bool = False
+    written: threading.Event = field(default_factory=threading.Event)
+
+
 @dataclass(frozen=True)
 class _Current:
     """The newest complete version of an instance."""
@@ -329,11 +389,13 @@ class CassandraIndex:
     """Index on a Cassandra 5.0 cluster (SAI), one datacenter per site.
 
     Connects in the constructor (IndexUnavailable if no host answers). Thread-safe.
-    ``stale_claim_after``: seconds after which an incomplete registration claim is
-    considered abandoned and may be taken over.
+    ``stale_claim_after``: seconds after which an uncommitted registration is
+    abandoned (its writer gives up at half of it); ``contention_wait``: seconds a
+    registration waits for another writer of other bytes before StateConflict.
     """
 
-    def __init__(self, cfg: CassandraConfig, *, stale_claim_after: float = 300.0) -> None:
+    def __init__(self, cfg: CassandraConfig, *, stale_claim_after: float = 300.0,
+                 contention_wait: float = 2.0) -> None:
         if not _KEYSPACE_RE.match(cfg.keyspace):
             raise ConfigError(f"index.cassandra.keyspace {cfg.keyspace!r} is not a valid keyspace name")
         try:
@@ -343,6 +405,7 @@ class CassandraIndex:
             raise ConfigError(f"unknown Cassandra consistency level {exc.args[0]!r}") from None
         self.cfg = cfg
         self.stale_claim_after = stale_claim_after
+        self.contention_wait = contention_wait
         self._ks = cfg.keyspace
         self._prepared: dict[str, PreparedStatement] = {}
         self._lock = threading.Lock()
@@ -352,6 +415,7 @@ class CassandraIndex:
         self._resummarise_cv = threading.Condition()
         self._refresher: threading.Thread | None = None
         self._closed = False
+        self._open_marks: dict[str, _SharedMark] = {}  # study -> this front-end's registrations' token
         profile = ExecutionProfile(
             load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
             consistency_level=consistency,
@@ -375,6 +439,7 @@ class CassandraIndex:
             self._cluster.shutdown()
             raise _unavailable(exc, f"connect to {','.join(cfg.contact_points)}:{cfg.port}") from exc
         self._session.default_fetch_size = _FETCH_SIZE
+        self._groups = WriteGroups(self._session)  # registrations' plain writes, group-committed
 
     # -- plumbing ------------------------------------------------------------
     @contextmanager
@@ -422,6 +487,7 @@ class CassandraIndex:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+        self._groups.close()
         self._cluster.shutdown()
 
     def datacenters(self, probe_timeout: float = 1.0) -> dict[str, dict[str, list[str]]]:
@@ -579,6 +645,61 @@ class CassandraIndex:
     # so Paxos orders the summary writes whatever the clocks. Removing a token
     # is the only timestamp race: a removal that loses to a skewed clock leaves
     # the token, hence the study invalid (slow, not wrong).
+    def _mark_shared(self, study_uids: Iterable[str]) -> list[tuple[str, _SharedMark]]:
+        """Step 1 for registrations: join this front-end's open token of each study, or add one.
+
+        Concurrent registrations into one study share one token (two writes per
+        burst instead of two per instance): the token is pending before any
+        joiner's change (joiners wait for its write) and settled after the last
+        one (:meth:`_settle_shared`). Raises driver errors (then nothing is joined).
+        """
+        joined: list[tuple[str, _SharedMark]] = []
+        created: list[tuple[str, _SharedMark]] = []
+        with self._lock:
+            for uid in dict.fromkeys(u for u in study_uids if u):
+                m = self._open_marks.get(uid)
+                if m is None:
+                    m = self._open_marks[uid] = _SharedMark(uuid.uuid1())
+                    created.append((uid, m))
+                m.refs += 1
+                joined.append((uid, m))
+        stmt = self._prep(f"UPDATE {self._t('studies')} SET sum_pending = sum_pending + ? WHERE study_uid = ?")
+        try:
+            futures = [self._session.execute_async(stmt, ({m.token}, uid)) for uid, m in created]
+            ok = True
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                ok = False
+                raise
+            finally:
+                for _uid, m in created:
+                    m.ok = ok
+                    m.written.set()
+            for uid, m in joined:
+                m.written.wait()
+                if not m.ok:
+                    raise IndexUnavailable(f"Cassandra index: could not mark study {uid} as changing")
+        except BaseException:
+            self._settle_shared(joined)
+            raise
+        return joined
+
+    def _settle_shared(self, joined: Sequence[tuple[str, _SharedMark]]) -> None:
+        """Step 3 for registrations: leave the shared tokens; the last one out settles them."""
+        last: dict[uuid.UUID, list[str]] = {}
+        with self._lock:
+            for uid, m in joined:
+                m.refs -= 1
+                if m.refs == 0:
+                    if self._open_marks.get(uid) is m:
+                        del self._open_marks[uid]
+                    if m.ok:
+                        last.setdefault(m.token, []).append(uid)
+        for token, uids in last.items():
+            self._settle((token, uids))
+
     def _mark(self, study_uids: Iterable[str]) -> tuple[uuid.UUID, list[str]]:
         """Step 1: a fresh token added to the studies' pending set; (token, studies) for _settle."""
         uids = list(dict.fromkeys(u for u in study_uids if u))
@@ -762,43 +883,197 @@ class CassandraIndex:
             source_ae=_s(r["source_ae"]), attrs=json.loads(r["attrs"] or "{}"),
         )
 
+    # -- registration (schema v5) ------------------------------------------------
     def register(self, record: InstanceRecord, placements: Sequence[Placement]) -> None:
         for p in placements:
             if p.sop_uid != record.sop_uid or p.version != record.version:
                 raise InvalidInput(f"placement {p.store_id} is for {p.sop_uid} v{p.version}, "
                                    f"not {record.sop_uid} v{record.version}")
         by_store = list({p.store_id: p for p in placements}.values())  # last wins, like INSERT OR REPLACE
-        claim = uuid.uuid4()
-        try:
-            with self._errors("register (claim)"):
-                self._claim(record, claim)
-        except IndexUnavailable:
-            self._abort(record, claim, by_store)  # the claim may have been applied
-            raise
-        mark: tuple[uuid.UUID, list[str]] | None = None
-        try:
+        with self._errors("register"):
             # the commit may take the instance out of the study of an older version
             earlier = self._studies_of(record.sop_uid) if record.version > 1 else []
-            mark = self._mark([record.study_uid, *earlier])
-            if not self._insert_placements(by_store):
-                raise StateConflict(f"placements of {record.sop_uid} version {record.version} already exist")
-            self._write_catalogue(record)
-            res = self._exec(
-                f"UPDATE {self._t('instance_versions')} SET complete = true "
-                "WHERE sop_uid = ? AND version = ? IF claim_id = ?", (record.sop_uid, record.version, claim))
-            if not res.was_applied:
-                raise StateConflict(f"instance {record.sop_uid} version {record.version}: registration claim lost")
-        except _DRIVER_ERRORS as exc:
-            if self._abort(record, claim, by_store) and mark is not None:
-                self._settle(mark)
-            raise _unavailable(exc, "register") from exc
-        except BaseException:
-            if self._abort(record, claim, by_store) and mark is not None:
-                self._settle(mark)
-            raise
-        self._settle(mark)  # committed: a failure here only leaves the summary pending (logged)
+            writer, t0, marks = self._begin(record, by_store, [record.study_uid, *earlier])
+            try:
+                self._check_deadline(record, t0)
+                try:
+                    self._commit(record, writer)
+                except _DRIVER_ERRORS:
+                    if not self._committed_as(record):  # the answer was lost, not the write?
+                        raise
+            finally:
+                self._settle_shared(marks)  # a failure here only leaves the summary pending (logged)
         if record.version > 1:
-            self._late_mark(record, mark[1])
+            self._late_mark(record, [uid for uid, _m in marks])
+
+    def _begin(self, record: InstanceRecord, placements: Sequence[Placement],
+               studies: Sequence[str] = ()) -> tuple[uuid.UUID, float, list[tuple[str, _SharedMark]]]:
+        """Everything of a registration but its commit: candidate, decision, rows.
+
+        Returns (writer id, monotonic start, summary marks to settle). Raises
+        StateConflict (the version exists, or another writer with other bytes
+        may still commit it; the candidate is withdrawn) and driver errors (the
+        candidate stays: abandoned once stale, see :meth:`clean_abandoned`).
+        """
+        writer, started, t0 = uuid.uuid4(), time.time(), time.monotonic()
+        marks = self._mark_shared(studies or [record.study_uid])
+        try:
+            self._groups.write([(self._prep(
+                f"INSERT INTO {self._t('registrations')} (sop_uid, version, content_sha256, writer, study_uid, "
+                "series_uid, started_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, 'writing')"),
+                (record.sop_uid, record.version, record.content_sha256, writer, record.study_uid,
+                 record.series_uid, started))])
+            foreign = self._decide(record, writer, started)
+            self._check_deadline(record, t0)
+            self._write_rows(record, placements, foreign)
+        except StateConflict:
+            self._withdraw(record, writer)
+            self._settle_shared(marks)
+            raise
+        except BaseException:
+            self._settle_shared(marks)
+            raise
+        return writer, t0, marks
+
+    def _check_deadline(self, record: InstanceRecord, t0: float) -> None:
+        """A writer past half of ``stale_claim_after`` never writes rows or commits: others may deem it dead."""
+        if time.monotonic() - t0 > self.stale_claim_after / 2:
+            raise IndexUnavailable(f"Cassandra index: registration of {record.sop_uid} version {record.version} "
+                                   "took too long; retry")
+
+    def _state_of(self, record: InstanceRecord) -> tuple[list[Row], Row | None, list[Row]]:
+        """(candidates, commit row or None, placement rows) of the record's version.
+
+        Two concurrent reads; the placements are read only when rows of other
+        bytes may exist (a candidate with other bytes, or a schema-v4 claim).
+        """
+        key = (record.sop_uid, record.version)
+        futures = [self._session.execute_async(self._prep(cql), key) for cql in (
+            f"SELECT content_sha256, writer, state, started_at FROM {self._t('registrations')} "
+            "WHERE sop_uid = ? AND version = ?",
+            f"SELECT complete, content_sha256, study_uid, series_uid FROM {self._t('instance_versions')} "
+            "WHERE sop_uid = ? AND version = ?")]
+        cands, versions = (list(f.result()) for f in futures)
+        commit = next((v for v in versions if v["complete"]), None)
+        if commit is None and any(c["state"] == "committed" for c in cands):
+            commit = {"complete": True}  # its instance_versions row is on its way (same mutation)
+        placed: list[Row] = []
+        if commit is None and (versions or any(c["content_sha256"] != record.content_sha256 for c in cands)):
+            placed = list(self._exec(f"SELECT store_id, content_sha256 FROM {self._t('placements')} "
+                                     "WHERE sop_uid = ? AND version = ?", key))
+        return cands, commit, placed
+
+    def _decide(self, record: InstanceRecord, writer: uuid.UUID, started: float) -> list[str]:
+        """May this writer write the version's rows? Returns the stores of foreign rows to remove.
+
+        Fast path (no Paxos): no live candidate with other bytes. Otherwise mark
+        ours contended, wait until every live other candidate is contended too
+        (none can take the fast path any more), and decide by LWT. Raises
+        StateConflict if the version is committed, the decision went to another
+        writer, or the others did not settle within ``contention_wait``.
+        """
+        mine = record.content_sha256
+        contended = False
+        deadline = time.monotonic() + self.contention_wait
+        delay = 0.01
+        while True:
+            cands, commit, placed = self._state_of(record)
+            if commit is not None:
+                raise StateConflict(f"instance {record.sop_uid} version {record.version} exists")
+            fresh = time.time() - self.stale_claim_after
+            live = [c for c in cands if c["writer"] != writer and float(c["started_at"] or 0) > fresh]
+            foreign = [r["store_id"] for r in placed if r["content_sha256"] != mine]
+            if not contended and all(c["content_sha256"] == mine for c in live):
+                return foreign
+            if not contended:
+                self._exec(f"UPDATE {self._t('registrations')} SET state = 'contended' WHERE sop_uid = ? "
+                           "AND version = ? AND content_sha256 = ? AND writer = ?",
+                           (record.sop_uid, record.version, mine, writer))
+                contended = True
+                continue
+            if all(c["state"] == "contended" for c in live):
+                self._decision(record, writer)
+                return foreign
+            if time.monotonic() > deadline:
+                raise StateConflict(f"instance {record.sop_uid} version {record.version} is being registered "
+                                    "with other content by another writer")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def _decision(self, record: InstanceRecord, writer: uuid.UUID) -> None:
+        """Win the contended version by LWT (or take over a stale winner's decision); else StateConflict."""
+        t = self._t("registration_decisions")
+        now = time.time()
+        res = self._exec(f"INSERT INTO {t} (sop_uid, version, content_sha256, writer, decided_at) "
+                         "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS",
+                         (record.sop_uid, record.version, record.content_sha256, writer, now))
+        if res.was_applied:
+            return
+        cur = res.one()
+        if cur["writer"] == writer:
+            return
+        if float(cur["decided_at"]) < now - self.stale_claim_after:
+            res = self._exec(f"UPDATE {t} SET content_sha256 = ?, writer = ?, decided_at = ? "
+                             "WHERE sop_uid = ? AND version = ? IF writer = ?",
+                             (record.content_sha256, writer, now, record.sop_uid, record.version, cur["writer"]))
+            if res.was_applied:
+                log.warning("took over the abandoned decision of %s version %d", record.sop_uid, record.version)
+                return
+        raise StateConflict(f"instance {record.sop_uid} version {record.version}: another writer won")
+
+    def _write_rows(self, record: InstanceRecord, placements: Sequence[Placement], foreign: Sequence[str]) -> None:
+        """Placements, the catalogue rows and the removal of placement rows other bytes left on stores
+        we lack: plain, idempotent writes in a shared batch (the commit follows only its success)."""
+        batch = self._catalogue(record)
+        stmt = self._prep(
+            f"INSERT INTO {self._t('placements')} ({', '.join(_PLACEMENT_COLS)}) "
+            f"VALUES ({', '.join('?' for _ in _PLACEMENT_COLS)})")
+        for p in placements:
+            batch.append((stmt, (
+                p.sop_uid, p.version, p.store_id, p.tier.value, p.blob_key, p.codec, p.content_sha256,
+                p.content_size, p.stored_sha256, p.stored_size, p.state.value, p.created_at, p.verified_at,
+                p.offset, p.length)))
+        mine = {p.store_id for p in placements}
+        drop = self._prep(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ?")
+        for store in foreign:
+            if store not in mine:
+                batch.append((drop, (record.sop_uid, record.version, store)))
+        self._groups.write(batch)
+
+    def _commit(self, record: InstanceRecord, writer: uuid.UUID) -> None:
+        """The moment the version appears: its instance_versions row (complete) and our candidate
+        marked committed, one mutation of the SOP UID's partitions (no Paxos)."""
+        values = (
+            record.sop_uid, record.version, record.series_uid, record.study_uid, record.sop_class_uid,
+            record.transfer_syntax_uid, record.content_sha256, record.content_size, record.received_at,
+            record.source_ae, json.dumps(record.attrs),
+        )
+        self._groups.write([
+            (self._prep(f"INSERT INTO {self._t('instance_versions')} ({', '.join(_VERSION_COLS)}, complete, "
+                        f"claim_id, claimed_at) VALUES ({', '.join('?' for _ in _VERSION_COLS)}, true, ?, ?)"),
+             (*values, writer, time.time())),
+            (self._prep(f"UPDATE {self._t('registrations')} SET state = 'committed' WHERE sop_uid = ? "
+                        "AND version = ? AND content_sha256 = ? AND writer = ?"),
+             (record.sop_uid, record.version, record.content_sha256, writer))])
+
+    def _committed_as(self, record: InstanceRecord) -> bool:
+        """After an unanswered commit: is the version committed with these bytes?"""
+        try:
+            row = self._exec(f"SELECT complete, content_sha256 FROM {self._t('instance_versions')} "
+                             "WHERE sop_uid = ? AND version = ?", (record.sop_uid, record.version)).one()
+        except _DRIVER_ERRORS:
+            return False
+        return bool(row and row["complete"] and row["content_sha256"] == record.content_sha256)
+
+    def _withdraw(self, record: InstanceRecord, writer: uuid.UUID) -> None:
+        """Best effort: remove our candidate (we wrote no rows), so others need not wait for it to be stale."""
+        try:
+            self._exec(f"DELETE FROM {self._t('registrations')} WHERE sop_uid = ? AND version = ? "
+                       "AND content_sha256 = ? AND writer = ?",
+                       (record.sop_uid, record.version, record.content_sha256, writer))
+        except _DRIVER_ERRORS as exc:
+            log.warning("could not withdraw a registration candidate of %s (%s); it goes stale",
+                        record.sop_uid, exc)
 
     def _late_mark(self, record: InstanceRecord, marked: Sequence[str]) -> None:
         """Re-registration: a lower version committed concurrently into a study we did not mark
@@ -810,38 +1085,6 @@ class CassandraIndex:
         except _DRIVER_ERRORS as exc:
             log.warning("could not re-check the studies of %s after its registration (%s: %s)",
                         record.sop_uid, type(exc).__name__, exc)
-
-    def _claim(self, record: InstanceRecord, claim: uuid.UUID) -> None:
-        values = (
-            record.sop_uid, record.version, record.series_uid, record.study_uid, record.sop_class_uid,
-            record.transfer_syntax_uid, record.content_sha256, record.content_size, record.received_at,
-            record.source_ae, json.dumps(record.attrs),
-        )
-        now = time.time()
-        res = self._exec(
-            f"INSERT INTO {self._t('instance_versions')} ({', '.join(_VERSION_COLS)}, complete, claim_id, claimed_at) "
-            f"VALUES ({', '.join('?' for _ in _VERSION_COLS)}, false, ?, ?) IF NOT EXISTS", (*values, claim, now))
-        if res.was_applied:
-            return
-        old = res.one()
-        conflict = StateConflict(f"instance {record.sop_uid} version {record.version} exists")
-        if old.get("complete") is not False or now - float(old.get("claimed_at") or now) < self.stale_claim_after:
-            raise conflict
-        sets = ", ".join(f"{c} = ?" for c in _VERSION_COLS[2:])
-        res = self._exec(
-            f"UPDATE {self._t('instance_versions')} SET {sets}, claim_id = ?, claimed_at = ? "
-            "WHERE sop_uid = ? AND version = ? IF complete = false AND claim_id = ?",
-            (*values[2:], claim, now, record.sop_uid, record.version, old["claim_id"]))
-        if not res.was_applied:
-            raise conflict
-        log.warning("took over an abandoned registration of %s version %d", record.sop_uid, record.version)
-        self._exec(f"DELETE FROM {self._t('instances')} WHERE study_uid = ? AND series_uid = ? "
-                   "AND sop_uid = ? AND version = ?",
-                   (old["study_uid"], old["series_uid"], record.sop_uid, record.version))
-        for r in self._exec(f"SELECT store_id FROM {self._t('placements')} WHERE sop_uid = ? AND version = ?",
-                            (record.sop_uid, record.version)):
-            self._exec(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ? "
-                       "IF EXISTS", (record.sop_uid, record.version, r["store_id"]))
 
     def _insert_placements(self, placements: Sequence[Placement]) -> bool:
         """Insert rows of ONE partition (sop_uid) in one Paxos round; False (nothing written) if any exists."""
@@ -859,6 +1102,17 @@ class CassandraIndex:
         return bool(self._session.execute(batch).was_applied)
 
     def _write_catalogue(self, record: InstanceRecord) -> None:
+        self._session.execute(self._catalogue_batch(record))
+
+    def _catalogue_batch(self, record: InstanceRecord) -> BatchStatement:
+        """The catalogue statements in one unlogged batch."""
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        for stmt, params in self._catalogue(record):
+            batch.add(stmt, params)
+        return batch
+
+    def _catalogue(self, record: InstanceRecord) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """The study, studies_by_patient, series and instance rows of a registration (plain upserts)."""
         a = record.attrs
         study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
         family = _family_key(study["patient_name"])
@@ -867,56 +1121,33 @@ class CassandraIndex:
         modality = a.get("Modality", "").strip(" \x00")
         sets = ", ".join(f"{c} = ?" for c in study)
         add = ", modalities = modalities + ?" if modality else ""
-        # unlogged: the commit (step 4) follows only a fully applied batch, so batchlog atomicity adds nothing
-        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-        batch.add(self._prep(
+        # no batchlog: the commit follows only once every row is written
+        batch: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
+        batch.append((self._prep(
             f"UPDATE {self._t('studies')} SET {sets}, updated_at = ?, name_p1 = ?, name_p3 = ?, "
             f"name_family = ?, name_fg = ?, study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
             (*study.values(), record.received_at, family[:1] or None, family[:3] or None, name_family, name_fg,
              day, odd,
-             *([{modality}] if modality else []), record.study_uid))
-        batch.add(self._prep(f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
-                  (study["patient_id"] or _EMPTY_PATIENT, record.study_uid))
+             *([{modality}] if modality else []), record.study_uid)))
+        batch.append((self._prep(
+            f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
+            (study["patient_id"] or _EMPTY_PATIENT, record.study_uid)))
         series = {col: a.get(kw, "") for kw, col in _SERIES_COLS.items()}
-        batch.add(self._prep(
+        batch.append((self._prep(
             f"INSERT INTO {self._t('series')} (study_uid, series_uid, {', '.join(series)}) "
             f"VALUES (?, ?, {', '.join('?' for _ in series)})"),
-            (record.study_uid, record.series_uid, *series.values()))
+            (record.study_uid, record.series_uid, *series.values())))
         inst: dict[str, Any] = {col: a.get(kw, "") for kw, col in _INSTANCE_COLS.items()}
         inst |= {
             "sop_class_uid": record.sop_class_uid, "transfer_syntax_uid": record.transfer_syntax_uid,
             "content_sha256": record.content_sha256, "content_size": record.content_size,
             "received_at": record.received_at, "source_ae": record.source_ae,
         }
-        batch.add(self._prep(
+        batch.append((self._prep(
             f"INSERT INTO {self._t('instances')} (study_uid, series_uid, sop_uid, version, {', '.join(inst)}) "
             f"VALUES (?, ?, ?, ?, {', '.join('?' for _ in inst)})"),
-            (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values()))
-        self._session.execute(batch)
-
-    def _abort(self, record: InstanceRecord, claim: uuid.UUID, placements: Sequence[Placement]) -> bool:
-        """Best effort: while the claim is still ours, remove what we wrote, then release it.
-
-        True if the version is known to be invisible now (released, or not ours)."""
-        try:
-            cur = self._session.execute(self._serial(
-                f"SELECT claim_id FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ?",
-                (record.sop_uid, record.version))).one()
-            if cur is None or cur["claim_id"] != claim:
-                return cur is None
-            self._exec(f"DELETE FROM {self._t('instances')} WHERE study_uid = ? AND series_uid = ? "
-                       "AND sop_uid = ? AND version = ?",
-                       (record.study_uid, record.series_uid, record.sop_uid, record.version))
-            for p in placements:  # ours only: rows found in place (conflict) keep another blob key
-                self._exec(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? "
-                           "AND store_id = ? IF state = ? AND blob_key = ?",
-                           (p.sop_uid, p.version, p.store_id, p.state.value, p.blob_key))
-            return bool(self._exec(f"DELETE FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ? "
-                                   "IF claim_id = ?", (record.sop_uid, record.version, claim)).was_applied)
-        except _DRIVER_ERRORS as exc:
-            log.warning("could not undo the failed registration of %s version %d (%s); "
-                        "it stays invisible until taken over", record.sop_uid, record.version, exc)
-            return False
+            (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values())))
+        return batch
 
     def _serial(self, cql: str, params: Sequence[Any]) -> Any:
         bound = self._prep(cql).bind(tuple(params))
@@ -1052,10 +1283,97 @@ class CassandraIndex:
                 "IF state = 'TO_DELETE' AND blob_key = ?", (p.sop_uid, p.version, p.store_id, p.blob_key)
             ).was_applied)
 
+    def _uncommitted(self) -> list[Row]:
+        """Candidates not committed (in flight or abandoned; few) and schema-v4 claims never completed."""
+        rows = [r for state in ("writing", "contended") for r in self._exec(
+            f"SELECT * FROM {self._t('registrations')} WHERE state = ?", (state,))]
+        for r in self._exec(f"SELECT sop_uid, version, content_sha256, study_uid, series_uid, claimed_at, claim_id "
+                            f"FROM {self._t('instance_versions')} WHERE complete = ?", (False,)):
+            rows.append({**r, "started_at": r["claimed_at"], "writer": r["claim_id"], "state": "claim"})
+        return rows
+
+    def _commits(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Row]:
+        """The complete instance_versions rows of these (sop_uid, version)."""
+        distinct = list(dict.fromkeys(keys))
+        results = self._concurrent(
+            f"SELECT sop_uid, version, complete, content_sha256, study_uid, series_uid "
+            f"FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ?", distinct)
+        return {k: rows[0] for k, rows in zip(distinct, results) if rows and rows[0]["complete"]}
+
     def _hidden_versions(self) -> set[tuple[str, int]]:
         """(sop_uid, version) of uncommitted registrations (few: in flight or abandoned)."""
-        return {(r["sop_uid"], int(r["version"])) for r in self._exec(
-            f"SELECT sop_uid, version FROM {self._t('instance_versions')} WHERE complete = ?", (False,))}
+        pending = {(r["sop_uid"], int(r["version"])) for r in self._uncommitted()}
+        return pending - set(self._commits(pending))
+
+    def abandoned_registrations(self, *, older_than: float | None = None,
+                                limit: int | None = None) -> list[AbandonedRegistration]:
+        """Registrations begun more than ``older_than`` seconds ago (default ``stale_claim_after``) whose
+        version was never committed with their bytes: invisible leftovers for :meth:`clean_abandoned`."""
+        age = self.stale_claim_after if older_than is None else older_than
+        with self._errors("abandoned_registrations"):
+            before = time.time() - age
+            old = [r for r in self._uncommitted() if float(r["started_at"] or 0) <= before]
+            commits = self._commits((r["sop_uid"], int(r["version"])) for r in old)
+        out = [AbandonedRegistration(sop_uid=r["sop_uid"], version=int(r["version"]),
+                                     content_sha256=_s(r["content_sha256"]), study_uid=_s(r["study_uid"]),
+                                     started_at=float(r["started_at"] or 0))
+               for r in old if _s((commits.get((r["sop_uid"], int(r["version"]))) or {}).get("content_sha256"))
+               != _s(r["content_sha256"])]
+        out.sort(key=lambda a: (a.started_at, a.sop_uid, a.version))
+        return out[:limit] if limit is not None else out
+
+    def clean_abandoned(self, *, older_than: float | None = None, limit: int | None = None) -> int:
+        """Remove what registrations older than ``older_than`` (default ``stale_claim_after``) left
+        uncommitted: their placement and instance rows unless the committed version owns them, then
+        their candidate. Idempotent, bounded by ``limit``; returns the candidates removed.
+
+        Deletes carry ``USING TIMESTAMP`` of the moment the version was checked for a live writer of
+        the same bytes, so a re-send that starts afterwards keeps its rows (clock skew aside).
+        """
+        age = self.stale_claim_after if older_than is None else older_than
+        done = 0
+        with self._errors("clean_abandoned"):
+            before = time.time() - age
+            old = [r for r in self._uncommitted() if float(r["started_at"] or 0) <= before]
+            old.sort(key=lambda r: float(r["started_at"] or 0))
+            for r in old[:limit] if limit is not None else old:
+                if self._clean_one(r, before):
+                    done += 1
+        if done:
+            log.info("removed %d abandoned registration(s)", done)
+        return done
+
+    def _clean_one(self, r: Row, before: float) -> bool:
+        sop, version, sha = r["sop_uid"], int(r["version"]), _s(r["content_sha256"])
+        now = time.time()
+        stamp = int(now * 1_000_000)
+        cands = self._exec(f"SELECT content_sha256, writer, started_at FROM {self._t('registrations')} "
+                           "WHERE sop_uid = ? AND version = ?", (sop, version))
+        if any(c["writer"] != r["writer"] and c["content_sha256"] == sha and float(c["started_at"] or 0) > before
+               for c in cands):
+            return False  # a live writer of the same bytes: its rows are those rows
+        commit = self._commits([(sop, version)]).get((sop, version))
+        committed_sha = _s(commit["content_sha256"]) if commit else None
+        if committed_sha != sha:
+            t = self._t("placements")
+            for p in self._exec(f"SELECT store_id, content_sha256 FROM {t} WHERE sop_uid = ? AND version = ?",
+                                (sop, version)):
+                if p["content_sha256"] == sha:
+                    self._exec(f"DELETE FROM {t} USING TIMESTAMP ? WHERE sop_uid = ? AND version = ? "
+                               "AND store_id = ?", (stamp, sop, version, p["store_id"]))
+            if commit is None or (commit["study_uid"], commit["series_uid"]) != (r["study_uid"], r["series_uid"]):
+                self._exec(f"DELETE FROM {self._t('instances')} USING TIMESTAMP ? WHERE study_uid = ? "
+                           "AND series_uid = ? AND sop_uid = ? AND version = ?",
+                           (stamp, r["study_uid"], r["series_uid"], sop, version))
+        if r["state"] == "claim":  # schema v4: an LWT claim, released by LWT
+            if commit is None:
+                self._exec(f"DELETE FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ? "
+                           "IF claim_id = ?", (sop, version, r["writer"]))
+            return True
+        self._exec(f"DELETE FROM {self._t('registrations')} USING TIMESTAMP ? WHERE sop_uid = ? AND version = ? "
+                   "AND content_sha256 = ? AND writer = ?", (stamp, sop, version, sha, r["writer"]))
+        return True
+
 
     def iter_placements(
         self,
@@ -1539,6 +1857,7 @@ class CassandraIndex:
         instances = content_bytes = 0
         tiers: dict[str, dict[str, Any]] = {}
         with self._errors("stats"):
+            hidden = self._hidden_versions()
             last = None
             for r in self._session.execute(self._prep(
                     f"SELECT sop_uid, version, study_uid, series_uid, content_size, complete "

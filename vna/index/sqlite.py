@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import IndexUnavailable, StateConflict
-from vna.index.base import IndexStats, StudySummary, TierStats
+from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
 from vna.index.query import LEVEL_KEYS, Condition, MatchKind, matches_all
 
 __all__ = ["SqliteIndex"]
@@ -743,6 +743,15 @@ class SqliteIndex:
             patients=counts[0], studies=counts[1], series=counts[2], instances=counts[3],
             content_bytes=counts[4], tiers={k: TierStats(**v) for k, v in tiers.items()},
         )
+
+    def abandoned_registrations(self, *, older_than: float | None = None,
+                                limit: int | None = None) -> list[AbandonedRegistration]:
+        """None: a registration is one transaction, rolled back if its writer dies."""
+        return []
+
+    def clean_abandoned(self, *, older_than: float | None = None, limit: int | None = None) -> int:
+        """Nothing to clean (see :meth:`abandoned_registrations`)."""
+        return 0
 
     def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         now = time.time()

@@ -42,7 +42,7 @@ from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope
 from vna.checksum import sha256_file
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier, site_of, validate_uid
 from vna.errors import (DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost, QuorumNotMet,
-                        StateConflict, StorageError)
+                        IndexUnavailable, StateConflict, StorageError)
 from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
 from vna.integrity.repair import new_blob_key
@@ -379,7 +379,8 @@ class IngestService:
             except StateConflict:
                 log.info("concurrent store of %s version %d; re-checking", h.sop_uid, version)
                 continue
-        raise DuplicateConflict(f"SOP Instance {h.sop_uid} is being stored concurrently; retry")
+        # not a duplicate (0x0111 would tell the sender it is archived): a transient failure, retry later
+        raise IndexUnavailable(f"SOP Instance {h.sop_uid} is being stored concurrently; retry")
 
     def _same_as_stored(self, existing: InstanceRecord, path: Path) -> IngestResult | None:
         """The answer to a re-send whose bytes differ from the stored ones; None: store it as a new version.
