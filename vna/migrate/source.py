@@ -263,6 +263,7 @@ class DimseSource:
         """C-MOVE the study (or these SOP instances of one series) to ``destination``."""
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)  # some SCPs expect both
         assoc = self._assoc(ae)
         try:
             return self._final(assoc.send_c_move(self._identifier(study_uid, series_uid, sops), destination,
