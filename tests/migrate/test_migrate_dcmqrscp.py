@@ -148,3 +148,17 @@ def test_unknown_source_is_a_usage_error(migration: Any, corpus: list[Path]) -> 
     assert r.returncode == 2 and "NOPE" in r.stderr
     r = srv.cli("migrate", "run", "--limit", "0")
     assert r.returncode == 2
+
+
+def test_c_get_source_is_migrated_byte_identically(migration: Any, corpus: list[Path]) -> None:
+    srv, qr = migration(corpus, method="get", max_associations=2)
+    assert cli_json(srv, "plan", "--source", "PACS")[0] == 0
+    rc, report, err = cli_json(srv, "run")
+    assert rc == 0, err
+    assert report["done"] == len({uid_of(f, "StudyInstanceUID") for f in corpus})
+    assert_byte_identical(srv, qr.files)
+    archive = open_archive(srv)
+    try:
+        assert {archive.index.get_instance(uid_of(f)).source_ae for f in corpus} == {"PACS"}  # type: ignore[union-attr]
+    finally:
+        archive.close()

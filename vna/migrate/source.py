@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -280,6 +280,9 @@ class DimseSource:
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         classes = sorted(c for c in sop_classes if c)[:100]
+        if not classes or "" in sop_classes:  # the source did not say: offer the common storage classes
+            common = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
+            classes = (classes + [c for c in common if c not in classes])[:120]
         for c in classes:
             ae.add_requested_context(c)
         roles = [build_role(c, scp_role=True) for c in classes]
