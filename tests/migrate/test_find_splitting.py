@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,7 +21,12 @@ from vna.migrate.source import DimseSource, SourceError
 #: 20 studies over 2020, and 10 on one day at different times
 STUDIES = ([(f"1.2.826.0.1.99.{i}", (dt.date(2020, 1, 1) + dt.timedelta(days=17 * i)).strftime("%Y%m%d"), "083000")
             for i in range(20)]
-           + [(f"1.2.826.0.1.99.{100 + i}", "20210615", f"{8 + i:02d}{(7 * i) % 60:02d}00") for i in range(10)])
+           + [(f"1.2.826.0.1.99.{100 + i}", "20210615", f"{8 + i:02d}{(7 * i) % 60:02d}00") for i in range(10)]
+           + [(f"1.2.826.0.1.99.{200 + i}", "20210616", "000000") for i in range(9)])   # batch-imported
+#: PatientID of each study: the batch-imported ones on one minute share prefixes (and two share an ID)
+_BATCH = [uid for uid, date, _ in STUDIES if date == "20210616"]
+PIDS = {uid: f"P{i}" for i, (uid, _, _) in enumerate(STUDIES)}
+PIDS.update({uid: (f"H{j % 3}-{j}" if j < 8 else "H1-7") for j, uid in enumerate(_BATCH)})
 
 
 def _in(value: str, match: str) -> bool:
@@ -48,8 +54,9 @@ class CappedScp:
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         self.queries += 1
         q = event.identifier
+        pid = str(q.get("PatientID", "") or "")
         matches = [s for s in STUDIES if _in(s[1], str(q.get("StudyDate", "") or ""))
-                   and _in(s[2], str(q.get("StudyTime", "") or ""))]
+                   and _in(s[2], str(q.get("StudyTime", "") or "")) and (not pid or fnmatchcase(PIDS[s[0]], pid))]
         for n, (uid, date, time) in enumerate(matches):
             if n >= self.cap:
                 if self.mode == "status":

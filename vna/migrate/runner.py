@@ -42,6 +42,14 @@ def plan_source(ledger: MigrationLedger, source: DimseSource, start: dt.date, en
 
     When the STUDY keys give no instance count, it is counted with SERIES/IMAGE-level queries.
     """
+    try:
+        return _plan(ledger, source, start, end, batch)
+    finally:
+        source.close()
+
+
+def _plan(ledger: MigrationLedger, source: DimseSource, start: dt.date, end: dt.date,
+          batch: int) -> tuple[int, int]:
     found = new = 0
     pending: list[StudyPlan] = []
     for s in source.studies(start, end):
@@ -189,6 +197,7 @@ class MigrationJob:
                 plan = take()
                 if plan is None:
                     self.archive.index.release_thread()
+                    source.close()
                     return
                 wait = throttle.delay()
                 if wait:

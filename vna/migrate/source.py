@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import string
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 _PENDING = (0xFF00, 0xFF01)
 #: final C-FIND statuses that mean "answers were cut short": split the window and ask again
-_CAPPED = (0xA700, 0xB000, 0x0001)
+_CAPPED = (0xA700, 0xB000, 0x0001, 0xFE00)  # 0xFE00: Orthanc at LimitFindResults
 
 
 class SourceError(VnaError):
@@ -46,35 +48,53 @@ class SourceError(VnaError):
         self.comment = comment
 
 
+#: characters a PatientID prefix is extended with when one minute of one day is still cut short: letters,
+#: digits and punctuation no server reads as a wildcard (Orthanc matches with SQL LIKE: '%' and '_')
+PID_CHARS = string.digits + string.ascii_uppercase + string.ascii_lowercase + "-.+/^#=,:;()"
+
+
 @dataclass(frozen=True)
 class Window:
-    """A StudyDate range (inclusive), optionally narrowed to a StudyTime range in minutes of one day."""
+    """A StudyDate range (inclusive), narrowed to a StudyTime range in minutes of one day, then to
+    PatientIDs starting with ``pid_prefix`` (``by_pid``)."""
 
     start: dt.date
     end: dt.date
     minute_from: int = 0
     minute_to: int = 24 * 60 - 1
+    by_pid: bool = False
+    pid_prefix: str = ""
+    pid_exact: bool = False
 
-    def keys(self) -> tuple[str, str]:
-        """(StudyDate, StudyTime) matching values."""
+    def keys(self) -> tuple[str, str, str | None]:
+        """(StudyDate, StudyTime, PatientID or None) matching values."""
         d0, d1 = self.start.strftime("%Y%m%d"), self.end.strftime("%Y%m%d")
         date = d0 if d0 == d1 else f"{d0}-{d1}"
+        pid = (self.pid_prefix if self.pid_exact else f"{self.pid_prefix}*") if self.by_pid else None
         if (self.minute_from, self.minute_to) == (0, 24 * 60 - 1):
-            return date, ""
+            return date, "", pid
         t0 = f"{self.minute_from // 60:02d}{self.minute_from % 60:02d}00"
         t1 = f"{self.minute_to // 60:02d}{self.minute_to % 60:02d}59"
-        return date, f"{t0}-{t1}"
+        return date, f"{t0}-{t1}", pid
 
-    def split(self) -> tuple[Window, Window] | None:
-        """Two halves (by date, then by time of day), or None at one minute."""
+    def split(self) -> list[Window] | None:
+        """Smaller windows covering this one (by date, then time of day, then PatientID prefix), or None.
+
+        A study whose PatientID is empty or holds a character outside PID_CHARS is not found by
+        the PatientID split: it is used only when one minute of one day is still cut short.
+        """
         if self.start < self.end:
             mid = self.start + (self.end - self.start) // 2
-            return Window(self.start, mid), Window(mid + dt.timedelta(days=1), self.end)
+            return [Window(self.start, mid), Window(mid + dt.timedelta(days=1), self.end)]
         if self.minute_from < self.minute_to:
             minute = (self.minute_from + self.minute_to) // 2
-            return (Window(self.start, self.end, self.minute_from, minute),
-                    Window(self.start, self.end, minute + 1, self.minute_to))
-        return None
+            return [Window(self.start, self.end, self.minute_from, minute),
+                    Window(self.start, self.end, minute + 1, self.minute_to)]
+        if self.pid_exact or len(self.pid_prefix) >= 64:
+            return None
+        same = (self.start, self.end, self.minute_from, self.minute_to, True)
+        exact = [Window(*same, self.pid_prefix, True)] if self.pid_prefix else []
+        return exact + [Window(*same, self.pid_prefix + c) for c in PID_CHARS]
 
 
 @dataclass
@@ -118,6 +138,7 @@ class DimseSource:
         self.src = src
         self.calling_ae = calling_ae
         self.find_queries = 0
+        self._local = threading.local()
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.calling_ae)
@@ -133,14 +154,21 @@ class DimseSource:
 
     # -- C-FIND -------------------------------------------------------------------
     def find(self, identifier: Dataset) -> tuple[list[Dataset], int, str]:
-        """One C-FIND (Study Root): (answers, final status, comment); status -1 when cut off."""
-        ae = self._ae()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = self._assoc(ae)
-        self.find_queries += 1
-        answers: list[Dataset] = []
-        final, comment = -1, "no final response"
-        try:
+        """One C-FIND (Study Root): (answers, final status, comment); status -1 when cut off.
+
+        The association is kept open for the next C-FIND of this thread (see :meth:`close`);
+        a kept association that no longer answers is replaced once.
+        """
+        for attempt in (1, 2):
+            assoc: Any = getattr(self._local, "find", None)
+            reused = assoc is not None and assoc.is_established
+            if not reused:
+                ae = self._ae()
+                ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+                assoc = self._local.find = self._assoc(ae)
+            self.find_queries += 1
+            answers: list[Dataset] = []
+            final, comment = -1, "no final response"
             for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
                 code, comment = _status_of(status)
                 if code in _PENDING:
@@ -148,17 +176,31 @@ class DimseSource:
                         answers.append(ident)
                     continue
                 final = code
-        finally:
+            if final == -1:
+                self.close()
+                if reused and attempt == 1 and not answers:
+                    continue
+            return answers, final, comment
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Release this thread's kept C-FIND association."""
+        assoc = getattr(self._local, "find", None)
+        self._local.find = None
+        if assoc is not None:
             if assoc.is_established:
                 assoc.release()
-        return answers, final, comment
+            else:
+                assoc.abort()
 
     def _find_window(self, w: Window) -> tuple[list[Dataset], bool]:
         """Answers of one window, and whether the source cut them short."""
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.StudyInstanceUID = ""
-        q.StudyDate, q.StudyTime = w.keys()
+        q.StudyDate, q.StudyTime, pid = w.keys()
+        if pid is not None:
+            q.PatientID = pid
         q.NumberOfStudyRelatedSeries = ""
         q.NumberOfStudyRelatedInstances = ""
         answers, status, comment = self.find(q)
@@ -186,7 +228,7 @@ class DimseSource:
                 answers, capped = [], True  # no association or no answer: smaller windows may answer
             if capped:
                 halves = w.split()
-                if halves is None:
+                if not halves:
                     raise SourceError(f"source {self.src.ae_title}: C-FIND of {w.keys()} is cut short even for "
                                       "one minute")
                 log.info("source %s: window %s cut short after %d answers, splitting", self.src.ae_title,
