@@ -162,3 +162,16 @@ def test_c_get_source_is_migrated_byte_identically(migration: Any, corpus: list[
         assert {archive.index.get_instance(uid_of(f)).source_ae for f in corpus} == {"PACS"}  # type: ignore[union-attr]
     finally:
         archive.close()
+
+
+def test_daemon_in_vna_serve_migrates_planned_studies(migration: Any, corpus: list[Path]) -> None:
+    srv, qr = migration(corpus, **{"migrate.enabled": True, "migrate.interval_seconds": 0.5})
+    assert cli_json(srv, "plan", "--source", "PACS")[0] == 0
+    studies = len({uid_of(f, "StudyInstanceUID") for f in corpus})
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline and done < studies:
+        done = cli_json(srv, "status")[1][0]["studies_done"]
+    assert done == studies
+    assert srv.cli("migrate", "report").returncode == 0
+    assert_byte_identical(srv, qr.files)
