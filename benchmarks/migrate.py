@@ -145,6 +145,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     n = len(files)
     return {"instances": n, "bytes": size, "associations": args.associations,
             "vna_seconds": round(t_vna, 2), "vna_plan_seconds": round(t_plan, 2),
+            "vna_run_seconds": round(t_vna - t_plan, 2),
             "vna_instances_per_second": round(n / t_vna, 1),
             "orthanc_to_orthanc_seconds": round(t_orthanc, 2),
             "orthanc_instances_per_second": round(n / t_orthanc, 1),
