@@ -211,30 +211,53 @@ class DimseSource:
             return answers, True
         raise SourceError(f"source {self.src.ae_title}: C-FIND failed with status 0x{status:04X}", status, comment)
 
-    def studies(self, start: dt.date, end: dt.date) -> Iterator[FoundStudy]:
-        """Every study with a StudyDate in [start, end], windows split until the source answers in full.
+    def _try(self, w: Window) -> tuple[list[Dataset], bool]:
+        try:
+            return self._find_window(w)
+        except SourceError as exc:
+            if exc.status != -1:
+                raise
+            return [], True  # no association or no answer: smaller windows may answer
 
-        Raises SourceError when even a one-minute window is cut short.
-        """
-        todo = [Window(start, end)]
-        seen: set[str] = set()
+    def _drill(self, w: Window) -> Iterator[Dataset]:
+        """Answers of a window, split (date, time, PatientID) until each part is answered in full."""
+        todo = [w]
         while todo:
             w = todo.pop()
-            try:
-                answers, capped = self._find_window(w)
-            except SourceError as exc:
-                if exc.status != -1:
-                    raise
-                answers, capped = [], True  # no association or no answer: smaller windows may answer
+            answers, capped = self._try(w)
             if capped:
-                halves = w.split()
-                if not halves:
+                parts = w.split()
+                if not parts:
                     raise SourceError(f"source {self.src.ae_title}: C-FIND of {w.keys()} is cut short even for "
-                                      "one minute")
+                                      "one minute and one PatientID")
                 log.info("source %s: window %s cut short after %d answers, splitting", self.src.ae_title,
                          w.keys(), len(answers))
-                todo.extend(reversed(halves))
+                todo.extend(reversed(parts))
                 continue
+            yield from answers
+
+    def studies(self, start: dt.date, end: dt.date) -> Iterator[FoundStudy]:
+        """Every study with a StudyDate in [start, end], in date windows sized to stay under the source's cap.
+
+        Windows walk forward in date order; one cut short is halved and asked again, the next one is
+        sized from the density of the last (at most half the cap expected). A single day still cut
+        short is split by time of day, then PatientID. Raises SourceError when nothing splits further.
+        """
+        seen: set[str] = set()
+        cap = self.src.find_limit
+        cur, size = start, (end - start).days + 1
+        while cur <= end:
+            last = cur + dt.timedelta(days=min(size, (end - cur).days + 1) - 1)
+            w = Window(cur, last)
+            answers, capped = self._try(w)
+            if capped and size > 1:
+                cap = max(cap, len(answers))
+                log.info("source %s: window %s cut short after %d answers, halving", self.src.ae_title, w.keys(),
+                         len(answers))
+                size = max(1, ((last - cur).days + 1) // 2)
+                continue
+            if capped:
+                answers = list(self._drill(w))
             for a in answers:
                 uid = str(a.get("StudyInstanceUID", "") or "")
                 if not uid or uid in seen:
@@ -242,6 +265,12 @@ class DimseSource:
                 seen.add(uid)
                 yield FoundStudy(uid, str(a.get("StudyDate", "") or ""), _int(a.get("NumberOfStudyRelatedSeries")),
                                  _int(a.get("NumberOfStudyRelatedInstances")))
+            span = (last - cur).days + 1
+            cur = last + dt.timedelta(days=1)
+            if not cap or not answers:
+                size = span * 2
+            else:
+                size = max(1, min(span * 4, int(span * cap / 2 / len(answers))))
 
     def study_instances(self, study_uid: str) -> dict[str, tuple[str, str]]:
         """SOP Instance UID -> (Series Instance UID, SOP Class UID) of every instance the source lists."""
