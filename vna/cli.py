@@ -96,6 +96,12 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
         from vna.index.janitor import IndexJanitor
 
         daemons.append(Daemon(IndexJanitor(archive.index), 300.0, 1000, telemetry=archive.telemetry))
+        if cfg.migrate.enabled and cfg.migrate.source:
+            from vna.migrate import open_ledger
+            from vna.migrate.runner import MigrationJob
+
+            daemons.append(Daemon(MigrationJob(archive, cfg, open_ledger(cfg)), cfg.migrate.interval_seconds,
+                                  cfg.migrate.batch_limit, telemetry=archive.telemetry))
         if cfg.federation.copy_enabled and cfg.federation.copy:
             from vna.federation.cli import copy_job
 
@@ -461,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules exposing ``register(subparsers)`` for their verbs.
 _VERB_MODULES: tuple[str, ...] = ("vna.integrity.cli", "vna.lifecycle.cli", "vna.api.cli",
-                                   "vna.audit_cli", "vna.federation.cli")
+                                   "vna.audit_cli", "vna.federation.cli", "vna.migrate.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -402,6 +402,40 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class MigrateSource:
+    """One legacy DIMSE archive to migrate from (``[[migrate.source]]``)."""
+
+    ae_title: str
+    host: str
+    port: int
+    method: str = "move"                # "move" (to dicom.ae_title, vna's own port) or "get"
+    max_associations: int = 2           # studies pulled at once, one association each
+    instances_per_second: float = 0.0   # pull rate limit (0: unlimited)
+    mb_per_second: float = 0.0          # pull rate limit in MB/s (0: unlimited)
+    windows: tuple[str, ...] = ()       # allowed local time windows "HH:MM-HH:MM" (empty: any time)
+    issuer_of_patient_id: str = ""      # issuer to assume when the source's objects carry none
+    find_limit: int = 0                 # the source's known cap on C-FIND answers (0: unknown)
+    timeout: float = 60.0               # seconds one C-FIND/C-MOVE/C-GET may stay silent
+
+
+@dataclass(frozen=True)
+class MigrateConfig:
+    """Migration from legacy DIMSE archives (``vna migrate``)."""
+
+    source: tuple[MigrateSource, ...] = ()
+    enabled: bool = False               # `vna serve` runs the migration daemon
+    interval_seconds: float = 60.0      # daemon pause between runs
+    batch_limit: int = 100              # studies per daemon run
+    lease_seconds: float = 600.0        # a study's lease while a worker pulls it; expires if the worker dies
+    max_attempts: int = 5               # attempts before a study stays failed (reported)
+    retry_seconds: float = 30.0         # back-off before the first retry (doubling)
+
+    def find_source(self, ae_title: str) -> MigrateSource | None:
+        """The configured source with this AE title, or None."""
+        return next((s for s in self.source if s.ae_title == ae_title), None)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -418,6 +452,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     web: WebConfig = field(default_factory=WebConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    migrate: MigrateConfig = field(default_factory=MigrateConfig)
 
     def __post_init__(self) -> None:
         # the one place an empty grpc.host / health.host becomes dicom.host
@@ -528,7 +563,7 @@ def _env_paths() -> dict[str, tuple[str, ...]]:
             typ = hints[f.name]
             if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
-            elif f.name not in ("remote", "token", "s3", "site", "copy"):  # lists of tables: TOML only
+            elif f.name not in ("remote", "token", "s3", "site", "copy", "source"):  # lists of tables: TOML only
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
 
     walk(Config, ())
@@ -676,6 +711,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("health.port must be between 0 (off) and 65535")
     _validate_observability(cfg.audit, cfg.telemetry)
     _validate_federation(cfg.archive.site_id, cfg.federation)
+    _validate_migrate(cfg.migrate)
 
 
 def _validate_replica_paths(cfg: Config) -> None:
@@ -760,6 +796,31 @@ def _validate_federation(own: str, f: FederationConfig) -> None:
         raise ConfigError("federation.health_timeout and retrieve_timeout must be > 0, health_cache_seconds >= 0")
     if f.copy_interval_seconds <= 0 or f.copy_batch_limit < 1:
         raise ConfigError("federation.copy_interval_seconds must be > 0 and copy_batch_limit >= 1")
+
+
+def _validate_migrate(m: MigrateConfig) -> None:
+    import re
+
+    titles: set[str] = set()
+    for i, s in enumerate(m.source):
+        if not _ae_ok(s.ae_title) or s.ae_title in titles:
+            raise ConfigError(f"migrate.source[{i}].ae_title {s.ae_title!r} must be an AE title, listed once")
+        if not s.host or not 0 < s.port < 65536:
+            raise ConfigError(f"migrate.source[{i}] needs host and a port between 1 and 65535 ({s.ae_title})")
+        if s.method not in ("move", "get"):
+            raise ConfigError(f"migrate.source[{i}].method must be 'move' or 'get' ({s.ae_title})")
+        if s.max_associations < 1 or s.find_limit < 0 or s.timeout <= 0:
+            raise ConfigError(f"migrate.source[{i}]: max_associations >= 1, find_limit >= 0, timeout > 0")
+        if s.instances_per_second < 0 or s.mb_per_second < 0:
+            raise ConfigError(f"migrate.source[{i}]: rate limits must be >= 0 (0: unlimited)")
+        for w in s.windows:
+            if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", w):
+                raise ConfigError(f"migrate.source[{i}].windows: {w!r} is not HH:MM-HH:MM")
+        titles.add(s.ae_title)
+    if m.interval_seconds <= 0 or m.lease_seconds <= 0 or m.retry_seconds < 0:
+        raise ConfigError("migrate.interval_seconds and migrate.lease_seconds must be > 0, retry_seconds >= 0")
+    if m.batch_limit < 1 or m.max_attempts < 1:
+        raise ConfigError("migrate.batch_limit and migrate.max_attempts must be >= 1")
 
 
 def _validate_dicom_tls(d: DicomConfig) -> None:
