@@ -6,16 +6,32 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 CLUSTER_DIR ?= .cluster
 CLUSTER_ARGS ?= --frontends 2
+# The Rust toolchain (rustup's default place when cargo is not on PATH); maturin finds cargo on PATH too
+export PATH := $(PATH):$(HOME)/.cargo/bin
+CARGO  ?= cargo
+NATIVE_STAMP := $(VENV)/.native-installed
+NATIVE_SRC := Cargo.toml Cargo.lock $(shell find crates -type f \( -name '*.rs' -o -name '*.toml' -o -name '*.pyi' \) 2>/dev/null)
 
-.PHONY: install run test test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
+.PHONY: install run test test-native test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
 
-install: $(STAMP)
+install: $(STAMP) $(NATIVE_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+## The native DIMSE core (crates/, module vna_native), built in release by maturin (fetched by pip).
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
+	$(BIN)/pip install -q ./crates/vna-python
+	touch $(NATIVE_STAMP)
+
+## Rust checks: formatting, lints, unit and property tests of the native core.
+test-native:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test -q -p vna-core
 
 ## Start the archive on the embedded default (SQLite index, hot replicas under ./vna-data).
 run: install
@@ -34,7 +50,7 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
 
 ## The whole suite: unit, contract (SQLite + a real Cassandra), DIMSE integration with DCMTK, faults.
-test: install system-deps
+test: install system-deps test-native
 	$(BIN)/python ops/cassandra/launcher.py fetch
 	$(BIN)/mypy vna
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -74,4 +90,4 @@ bench: install system-deps
 	$(BIN)/python -m benchmarks.ingest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache target
