@@ -53,6 +53,7 @@ system-deps:
 test: install system-deps test-native
 	$(BIN)/python ops/cassandra/launcher.py fetch
 	$(BIN)/mypy vna
+	$(BIN)/python -m mypy.stubtest vna_native --allowlist crates/vna-python/stubtest-allowlist.txt
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## Without Cassandra: quick inner loop.

@@ -3,10 +3,12 @@
 Imported only by ``vna.dicom.native``.
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, final
 
+__all__ = ["Listener", "StoreRecord", "max_associate_rq", "__version__"]
 __version__: str
 
+@final
 class StoreRecord:
     """A C-STORE data set spooled to ``path`` (preamble, File Meta, data set as received)."""
 
@@ -35,6 +37,7 @@ class StoreRecord:
     @property
     def ended_ns(self) -> int: ...
 
+@final
 class Listener:
     """The native DICOM listener; bound and accepting once constructed (raises OSError if it cannot bind).
 
@@ -46,8 +49,8 @@ class Listener:
     association's thread ends. Callbacks run in the association threads.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         host: str,
         port: int,
@@ -66,7 +69,7 @@ class Listener:
         on_store: Callable[[StoreRecord], tuple[int, Optional[str]]],
         on_log: Callable[[int, str], None],
         on_thread_done: Callable[[], None],
-    ) -> None: ...
+    ) -> Listener: ...
     @property
     def port(self) -> int: ...
     @property
