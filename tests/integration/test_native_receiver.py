@@ -204,6 +204,66 @@ def test_native_stores_what_python_stores(make_server: Callable[..., VnaServer],
         assert native_rows[uid]["content_size"] == len(blob), uid
 
 
+def _send_files(srv: VnaServer, pairs: list[tuple[str, str]],
+                metas: list[tuple[Path, str, str]]) -> list[tuple[str, int | str | None]]:
+    """Send each file unchanged (pynetdicom, one context per SOP class and transfer syntax); the statuses."""
+    from pynetdicom import AE
+
+    statuses: list[tuple[str, int | str | None]] = []
+    for i in range(0, len(pairs), 100):  # at most 128 contexts per association
+        chunk = pairs[i:i + 100]
+        ae = AE(ae_title="PYSCU")
+        for cls, ts in chunk:
+            ae.add_requested_context(cls, ts)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="VNA")
+        assert assoc.is_established
+        for f, cls, ts in metas:
+            if (cls, ts) in chunk:
+                try:
+                    rsp = assoc.send_c_store(f)
+                except (ValueError, AttributeError) as exc:  # pynetdicom cannot send it: the same on both
+                    statuses.append((f.name, type(exc).__name__))
+                    continue
+                statuses.append((f.name, int(rsp.Status) if "Status" in rsp else None))
+        assoc.release()
+    return sorted(statuses)
+
+
+def test_native_stores_pydicom_test_files_as_python_does(make_server: Callable[..., VnaServer]) -> None:
+    """pydicom's own test files in many transfer syntaxes (RLE, JPEG, JPEG-LS, JPEG 2000, big endian...),
+    sent unchanged by pynetdicom: the same status per file and the same stored bytes on both receivers."""
+    import pydicom
+    from pynetdicom import AllStoragePresentationContexts, _config
+
+    storage = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    files = sorted((Path(pydicom.__file__).parent / "data" / "test_files").glob("*.dcm"))
+    metas = []
+    for f in files:
+        try:
+            ds = dcmread(f, stop_before_pixels=True)
+            cls, ts = str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+        except Exception:  # no File Meta, truncated...: not sendable as a file
+            continue
+        if cls in storage and ts:
+            metas.append((f, cls, ts))
+    pairs = sorted({(cls, ts) for _, cls, ts in metas})
+    assert len({ts for _, ts in pairs}) >= 8, pairs
+    native = make_server(NATIVE)
+    python = make_server("")
+    results = []
+    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True  # send the files' bytes
+    try:
+        for srv in (native, python):
+            results.append(_send_files(srv, pairs, metas))
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+    assert results[0] == results[1]
+    assert sum(1 for _, status in results[0] if status == 0) >= 20, results[0]
+    native_blobs, python_blobs = blobs(native), blobs(python)
+    assert native_blobs == python_blobs
+    assert spool(native) == []
+
+
 def test_native_association_policy(make_server: Callable[..., VnaServer]) -> None:
     native = make_server(NATIVE + 'allowed_calling_aes = ["GOOD"]\n')
     python = make_server('[dicom]\nallowed_calling_aes = ["GOOD"]\n')
@@ -298,3 +358,15 @@ def test_native_without_extension_exits_2(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr[-2000:]
     assert "make install" in r.stderr
 
+
+
+def test_native_workers_share_the_port(make_server: Callable[..., VnaServer], corpus: list[Path]) -> None:
+    srv = make_server(NATIVE + "workers = 2\n")
+    procs = []
+    for paths in (corpus[:6], corpus[6:]):
+        procs.append(subprocess.Popen(["storescu", "-aec", "VNA", "127.0.0.1", str(srv.port), *map(str, paths)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=DCMTK_ENV))
+    for proc in procs:
+        assert proc.wait(120) == 0
+    assert set(blobs(srv)) == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in corpus}
+    assert srv.stop() == 0
