@@ -317,21 +317,24 @@ def test_native_faults(make_server: Callable[..., VnaServer], corpus: list[Path]
     rss_before = rss_kb(srv.proc.pid)
     # 3. absurd PDU lengths are refused before anything is allocated: A-ASSOCIATE-RQ, then P-DATA-TF
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
-        sock.sendall(struct.pack(">BBI", 1, 0, 0xFFFFFFF0) + b"\0" * 64)
+        sock.sendall(struct.pack(">BBI", 1, 0, 0xFFFFFFF0))  # header only: the server reads all that was sent
         kind, _ = recv_pdu(sock)
         assert kind in (0, 7)
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
         associate(sock)
-        sock.sendall(struct.pack(">BBI", 4, 0, 0x7FFFFFFF) + b"\0" * 64)
+        sock.sendall(struct.pack(">BBI", 4, 0, 0x7FFFFFFF))
         kind, abort = recv_pdu(sock)
         assert kind == 7, kind
     # 4. garbage, truncated PDUs and a PDV longer than its PDU: each connection is dropped
     for junk in (os.urandom(4096), b"\x01\x00\x00\x00\x00\x10abc", b"GET / HTTP/1.1\r\n\r\n"):
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
-            sock.sendall(junk)
-            sock.shutdown(socket.SHUT_WR)
-            while sock.recv(65536):
-                pass
+            try:
+                sock.sendall(junk)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass  # closed by the server with our junk unread: a reset
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
         associate(sock)
         sock.sendall(struct.pack(">BBI", 4, 0, 12) + struct.pack(">IBB", 5000, 1, 3) + b"\0" * 6)
@@ -370,3 +373,21 @@ def test_native_workers_share_the_port(make_server: Callable[..., VnaServer], co
         assert proc.wait(120) == 0
     assert set(blobs(srv)) == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in corpus}
     assert srv.stop() == 0
+
+
+def test_native_timers_and_association_limit(make_server: Callable[..., VnaServer]) -> None:
+    srv = make_server(NATIVE + "max_associations = 1\nacse_timeout = 2\nnetwork_timeout = 3\n")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as held:
+        held.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT])]))
+        assert recv_pdu(held)[0] == 2
+        # over the limit: rejected-transient, service-provider (presentation), local-limit-exceeded
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as extra:
+            extra.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT])]))
+            assert recv_pdu(extra) == (3, bytes([0, 2, 3, 2]))
+        # silent for longer than network_timeout: the server aborts the association
+        assert recv_pdu(held)[0] == 7
+    # an A-ASSOCIATE-RQ that never completes: the connection is closed (ARTIM, acse_timeout)
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as slow:
+        slow.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT])])[:20])
+        assert recv_pdu(slow) == (0, b"")
+    wait_for(lambda: echoscu(srv.port).returncode == 0, "C-ECHO once the slots are free")

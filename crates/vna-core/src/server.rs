@@ -127,7 +127,10 @@ struct Shared<H: Handler> {
     cfg: Config,
     handler: H,
     stopping: AtomicBool,
+    /// Connection threads running.
     active: AtomicUsize,
+    /// Associations requested (A-ASSOCIATE-RQ received) and not yet ended: what max_associations bounds.
+    associations: AtomicUsize,
     inflight: Mutex<usize>,
     idle: Condvar,
     conns: Mutex<HashMap<u64, TcpStream>>,
@@ -169,6 +172,7 @@ impl<H: Handler> Server<H> {
             handler,
             stopping: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            associations: AtomicUsize::new(0),
             inflight: Mutex::new(0),
             idle: Condvar::new(),
             conns: Mutex::new(HashMap::new()),
@@ -288,7 +292,7 @@ fn spawn_association<H: Handler>(shared: &Arc<Shared<H>>, stream: TcpStream, add
     if let Ok(clone) = stream.try_clone() {
         lock(&shared.conns).insert(id, clone);
     }
-    let over_limit = shared.active.fetch_add(1, Ordering::SeqCst) >= shared.cfg.max_associations;
+    shared.active.fetch_add(1, Ordering::SeqCst);
     let s = shared.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("vna-native-assoc-{id}"))
@@ -298,7 +302,7 @@ fn spawn_association<H: Handler>(shared: &Arc<Shared<H>>, stream: TcpStream, add
             let mut body = || {
                 let Some(stream) = stream.take() else { return };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Association::new(shared, stream, addr, id).run(over_limit)
+                    Association::new(shared, stream, addr, id).run()
                 }));
                 if result.is_err() {
                     shared.handler.log(
@@ -364,6 +368,16 @@ struct Association<'a, H: Handler> {
     command_cx: Option<u8>,
     receiving: Option<Receiving>,
     spool_seq: u64,
+    /// True once this connection counts as an association (its A-ASSOCIATE-RQ arrived).
+    counted: bool,
+}
+
+impl<H: Handler> Drop for Association<'_, H> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.shared.associations.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl<'a, H: Handler> Association<'a, H> {
@@ -381,6 +395,7 @@ impl<'a, H: Handler> Association<'a, H> {
             command_cx: None,
             receiving: None,
             spool_seq: 0,
+            counted: false,
         }
     }
 
@@ -388,9 +403,9 @@ impl<'a, H: Handler> Association<'a, H> {
         self.shared.handler.log(level, message);
     }
 
-    fn run(mut self, over_limit: bool) {
+    fn run(mut self) {
         let _ = self.stream.set_nodelay(true);
-        let end = match self.negotiate(over_limit) {
+        let end = match self.negotiate() {
             Ok(true) => self.serve(),
             Ok(false) => return,
             Err(end) => end,
@@ -521,7 +536,7 @@ impl<'a, H: Handler> Association<'a, H> {
     }
 
     /// Ok(true): associated; Ok(false): rejected or closed before; Err: abort.
-    fn negotiate(&mut self, over_limit: bool) -> Result<bool, End> {
+    fn negotiate(&mut self) -> Result<bool, End> {
         let artim = Instant::now() + self.shared.cfg.acse_timeout;
         let kind = match self.read_pdu(Some(artim), false) {
             Ok(k) => k,
@@ -539,6 +554,9 @@ impl<'a, H: Handler> Association<'a, H> {
         if kind != pdu::A_ASSOCIATE_RQ {
             return Ok(false); // an A-ABORT before association: just close
         }
+        let over_limit = self.shared.associations.fetch_add(1, Ordering::SeqCst)
+            >= self.shared.cfg.max_associations;
+        self.counted = true;
         let rq = pdu::parse_associate_rq(&self.body)
             .map_err(|e| End::Abort(6, format!("invalid A-ASSOCIATE-RQ: {e}")))?;
         self.calling_ae = rq.calling_ae();
