@@ -391,3 +391,20 @@ def test_native_timers_and_association_limit(make_server: Callable[..., VnaServe
         slow.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT])])[:20])
         assert recv_pdu(slow) == (0, b"")
     wait_for(lambda: echoscu(srv.port).returncode == 0, "C-ECHO once the slots are free")
+
+
+def test_native_stores_are_counted_like_python_ones(make_server: Callable[..., VnaServer], corpus: list[Path]) -> None:
+    import re
+    import urllib.request
+
+    port = free_port()
+    srv = make_server(NATIVE + f"[telemetry]\nenabled = true\nprometheus_port = {port}\n")
+    small = [p for p in corpus if p.name.startswith("small-")]
+    r = storescu(srv.port, small)
+    assert r.returncode == 0, r.stderr
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
+        body = rsp.read().decode()
+    for name, labels in (("vna_dimse_operations_total", '{op="c-store",status="0x0000"}'),
+                         ("vna_ingest_instances_total", '{outcome="stored"}')):
+        m = re.search(rf"^{re.escape(name + labels)} (\S+)$", body, re.M)
+        assert m is not None and float(m.group(1)) == len(small), (name, labels)

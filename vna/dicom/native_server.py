@@ -15,12 +15,14 @@ TLS port is not served (use ``dicom.receiver = "python"`` for those).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom
 from pydicom.uid import ExplicitVRLittleEndian, UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from vna.archive import Archive
 from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
@@ -125,10 +127,30 @@ class NativeDicomServer:
         return _CALLING_AE_NOT_RECOGNIZED
 
     def on_store(self, record: Any) -> tuple[int, str | None]:
-        """C-STORE: ingest the spooled file; Success only once durable and indexed.
+        """C-STORE: ingest the spooled file; Success only once durable and indexed. With telemetry, in a
+        ``dimse.c-store`` span that starts when receiving began, counted and timed as ``DicomServer`` does.
 
         Returns (status, error comment) for the C-STORE-RSP.
         """
+        tel = self.archive.telemetry
+        if not tel.enabled:
+            return self._store(record)
+        t0 = time.perf_counter()
+        status = st.UNABLE_TO_PROCESS
+        with tel.span("dimse.c-store", kind=SpanKind.SERVER, start_ns=record.started_ns) as span:
+            try:
+                status, comment = self._store(record)
+                return status, comment
+            finally:
+                text = f"0x{status:04X}"
+                if span is not None:
+                    span.set_attribute("dicom.status", text)
+                    if status != st.SUCCESS and status >> 12 != 0xB:
+                        span.set_status(Status(StatusCode.ERROR, text))
+                tel.dimse_operations.add(1, {"op": "c-store", "status": text})
+                tel.dimse_duration.record(time.perf_counter() - t0, {"op": "c-store"})
+
+    def _store(self, record: Any) -> tuple[int, str | None]:
         try:
             self.archive.ingest.ingest_file(
                 Path(record.path), source_ae=record.calling_ae, expected_sop_uid=record.sop_instance_uid,
