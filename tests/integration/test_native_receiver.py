@@ -1,4 +1,5 @@
-"""dicom.receiver = "native": the Rust listener stores what the Python receiver stores, and survives bad peers.
+"""dicom.receiver = "native": the Rust listener stores (blobs, index rows, audit records, statuses) what the
+Python receiver stores, and survives bad peers.
 
 Real ``vna serve`` processes (one per receiver), DCMTK ``storescu``/``echoscu`` and
 pynetdicom as peers, and hand-built PDUs on raw sockets for the faults.
@@ -69,6 +70,19 @@ def index_rows(srv: VnaServer) -> dict[str, dict[str, object]]:
         out[r["SOPInstanceUID"]] = {k: r[k] for k in r.keys() if k != "received_at"}
     for r in versions:
         out[r["sop_uid"]][f"v{r['version']}"] = {k: r[k] for k in r.keys() if k != "received_at"}
+    return out
+
+
+def audit_records(srv: VnaServer) -> list[dict[str, object]]:
+    """The audit trail's records without times, hashes, sequence numbers and the process's id (in order)."""
+    import json
+
+    out = []
+    for line in (srv.data_dir / "audit" / "audit.log").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["event"] == "Application Activity":
+            continue
+        out.append({k: v for k, v in rec.items() if k not in ("ts", "hash", "prev_hash", "seq", "source")})
     return out
 
 
@@ -195,6 +209,9 @@ def test_native_stores_what_python_stores(make_server: Callable[..., VnaServer],
     assert statuses[0] == statuses[1] and statuses[0][0] != 0, statuses
 
     assert native.stop() == 0 and python.stop() == 0
+    native_audit = audit_records(native)
+    assert native_audit == audit_records(python)
+    assert sum(1 for r in native_audit if r["event"] == "DICOM Instances Transferred") == len(corpus) + 1
     native_rows, python_rows = index_rows(native), index_rows(python)
     assert native_rows.keys() == python_rows.keys() == uids
     for uid in uids:
