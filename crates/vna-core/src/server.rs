@@ -347,8 +347,8 @@ struct Receiving {
     context_id: u8,
     command: Command,
     transfer_syntax: String,
-    file: File,
-    path: PathBuf,
+    /// The spool file, unless the store was refused before one was made.
+    spool: Option<(File, PathBuf)>,
     sha: Sha256,
     size: u64,
     started_ns: u64,
@@ -656,12 +656,14 @@ impl<'a, H: Handler> Association<'a, H> {
                     ));
                 }
                 if rx.failure.is_none() {
-                    match rx.file.write_all(pdv.data) {
-                        Ok(()) => {
-                            rx.sha.update(pdv.data);
-                            rx.size += pdv.data.len() as u64;
+                    if let Some((file, _)) = rx.spool.as_mut() {
+                        match file.write_all(pdv.data) {
+                            Ok(()) => {
+                                rx.sha.update(pdv.data);
+                                rx.size += pdv.data.len() as u64;
+                            }
+                            Err(e) => rx.failure = Some(e),
                         }
-                        Err(e) => rx.failure = Some(e),
                     }
                 }
                 if pdv.is_last() {
@@ -748,10 +750,8 @@ impl<'a, H: Handler> Association<'a, H> {
             &cfg.spool_implementation_uid,
             &cfg.spool_implementation_version,
         );
-        let (mut file, path) = self
-            .spool_file()
-            .map_err(|e| End::Abort(0, format!("cannot create a spool file: {e}")))?;
         let mut failure = None;
+        let mut spool = None;
         if !well_formed {
             failure = Some(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -762,8 +762,17 @@ impl<'a, H: Handler> Association<'a, H> {
                 io::ErrorKind::InvalidData,
                 "SOP Class differs from the context's",
             ));
-        } else if let Err(e) = file.write_all(&header) {
-            failure = Some(e);
+        } else {
+            // a spool that cannot be made or written: the data set is read and dropped, then answered
+            match self.spool_file() {
+                Ok((mut file, path)) => {
+                    if let Err(e) = file.write_all(&header) {
+                        failure = Some(e);
+                    }
+                    spool = Some((file, path));
+                }
+                Err(e) => failure = Some(e),
+            }
         }
         let mut sha = Sha256::new();
         sha.update(&header);
@@ -771,8 +780,7 @@ impl<'a, H: Handler> Association<'a, H> {
             context_id: cx_id,
             command: cmd,
             transfer_syntax: cx.transfer_syntax.clone(),
-            file,
-            path,
+            spool,
             sha,
             size: header.len() as u64,
             started_ns,
@@ -790,16 +798,18 @@ impl<'a, H: Handler> Association<'a, H> {
             context_id,
             command,
             transfer_syntax,
-            file,
-            path,
+            spool,
             sha,
             size,
             started_ns,
             mut failure,
         } = rx;
-        drop(file);
-        let answer = match failure.take() {
-            Some(e) if e.kind() == io::ErrorKind::InvalidData => {
+        let path = spool.map(|(file, path)| {
+            drop(file);
+            path
+        });
+        let answer = match (failure.take(), path.clone()) {
+            (Some(e), _) if e.kind() == io::ErrorKind::InvalidData => {
                 self.log(
                     Level::Warning,
                     &format!("C-STORE from {} refused: {e}", self.calling_ae),
@@ -809,7 +819,7 @@ impl<'a, H: Handler> Association<'a, H> {
                     comment: Some(e.to_string()),
                 }
             }
-            Some(e) => {
+            (Some(e), _) => {
                 self.log(
                     Level::Error,
                     &format!(
@@ -822,9 +832,13 @@ impl<'a, H: Handler> Association<'a, H> {
                     comment: Some("spooling the data set failed".into()),
                 }
             }
-            None => {
+            (None, None) => StoreAnswer {
+                status: 0xA700,
+                comment: Some("spooling the data set failed".into()),
+            },
+            (None, Some(path)) => {
                 let record = StoreRecord {
-                    path: path.clone(),
+                    path,
                     sha256: hex(&sha.finalize()),
                     size,
                     calling_ae: self.calling_ae.clone(),
@@ -845,7 +859,9 @@ impl<'a, H: Handler> Association<'a, H> {
                 answer
             }
         };
-        let _ = std::fs::remove_file(&path);
+        if let Some(path) = &path {
+            let _ = std::fs::remove_file(path);
+        }
         let comment = answer.comment.as_deref().map(clean_comment);
         let rsp = dimse::encode_store_rsp(
             command.message_id,
@@ -863,8 +879,10 @@ impl<'a, H: Handler> Association<'a, H> {
         self.command.clear();
         self.command_cx = None;
         if let Some(rx) = self.receiving.take() {
-            drop(rx.file);
-            let _ = std::fs::remove_file(&rx.path);
+            if let Some((file, path)) = rx.spool {
+                drop(file);
+                let _ = std::fs::remove_file(&path);
+            }
             self.log(
                 Level::Info,
                 &format!(

@@ -279,3 +279,32 @@ fn echo_store_release_and_abort() {
     assert!(!server.listening());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn refusals_are_answered_and_the_association_goes_on() {
+    let (mut server, rec, dir) = start("refusals");
+    let port = server.local_addr().port();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&associate_rq("SCU", &[(1, CT, EXPLICIT)]))
+        .unwrap();
+    assert_eq!(read_pdu(&mut s).0, pdu::A_ASSOCIATE_AC);
+    let data = vec![1u8; 3000];
+    let mut store = |uid: &str| {
+        let cmd = command(dimse::C_STORE_RQ, CT, Some(uid), true);
+        s.write_all(&pdu::encode_pdata(1, true, &cmd, 0)).unwrap();
+        s.write_all(&pdu::encode_pdata(1, false, &data, 0)).unwrap();
+        let (kind, body) = read_pdu(&mut s);
+        assert_eq!(kind, pdu::P_DATA_TF);
+        rsp_status(&body)
+    };
+    // a malformed SOP Instance UID: refused without a spool file
+    assert_eq!(store("1.02.3"), 0xA900);
+    // no spool directory: out of resources
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(store("1.2.3.7"), 0xA700);
+    std::fs::create_dir_all(&dir).unwrap();
+    assert_eq!(store("1.2.3.8"), 0);
+    assert_eq!(rec.stored.lock().unwrap().len(), 1);
+    server.stop(Duration::from_secs(1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
