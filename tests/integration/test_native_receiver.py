@@ -425,3 +425,21 @@ def test_native_stores_are_counted_like_python_ones(make_server: Callable[..., V
                          ("vna_ingest_instances_total", '{outcome="stored"}')):
         m = re.search(rf"^{re.escape(name + labels)} (\S+)$", body, re.M)
         assert m is not None and float(m.group(1)) == len(small), (name, labels)
+
+
+def test_native_connection_limits(make_server: Callable[..., VnaServer]) -> None:
+    srv = make_server(NATIVE + "max_connections_per_address = 2\nmax_half_open_connections = 64\n")
+    held = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as extra:
+            extra.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT])]))
+            try:
+                assert recv_pdu(extra) == (0, b"")  # closed at once, nothing answered
+            except ConnectionResetError:
+                pass
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: echoscu(srv.port).returncode == 0, "C-ECHO once the connections are closed")
+    wait_for(lambda: "connection refused: 2 connections (dicom.max_connections_per_address)" in srv.log.read_text(),
+             "one log line about the refusal")

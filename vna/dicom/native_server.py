@@ -88,7 +88,8 @@ class NativeDicomServer:
         cfg = self.cfg
         self._listener = self._native.Listener(
             host=cfg.host, port=cfg.port, reuse_port=self.reuse_port, max_pdu=cfg.max_pdu,
-            max_associations=cfg.max_associations, acse_timeout=cfg.acse_timeout,
+            max_associations=cfg.max_associations, max_half_open=cfg.max_half_open_connections,
+            max_per_address=cfg.max_connections_per_address, acse_timeout=cfg.acse_timeout,
             network_timeout=cfg.network_timeout, spool_dir=str(self._spool_dir),
             implementation_class_uid=IMPLEMENTATION_CLASS_UID, implementation_version=IMPLEMENTATION_VERSION_NAME,
             spool_implementation_uid=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -27,8 +27,11 @@ use crate::dimse::{self, Command};
 use crate::negotiate::{negotiate, Accepted, SupportedContext};
 use crate::pdu::{self, AssociateAc, AssociateRq};
 
-/// The largest A-ASSOCIATE-RQ accepted (128 contexts with many transfer syntaxes fit).
-pub const MAX_ASSOCIATE_RQ: u32 = 256 * 1024;
+/// The largest A-ASSOCIATE-RQ accepted (128 contexts, each with every transfer syntax, and a
+/// 64 KiB user identity fit), as the Python receiver's bound.
+pub const MAX_ASSOCIATE_RQ: u32 = 512 * 1024;
+/// Refusals of a kind from one address logged once per this window; the rest are counted.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
 /// The largest A-RELEASE-RQ/RP or A-ABORT accepted (they are 4 bytes long).
 pub const MAX_SMALL_PDU: u32 = 64;
 /// The P-DATA-TF bound when we announce no maximum (0).
@@ -47,6 +50,10 @@ pub struct Config {
     /// Our Maximum Length Received (0: unlimited, bounded by [`MAX_UNLIMITED_PDATA`]).
     pub max_pdu: u32,
     pub max_associations: usize,
+    /// Connections not yet associated (0: unlimited); one more is closed at once.
+    pub max_half_open: usize,
+    /// Connections one peer address may hold, associated or not (0: unlimited); one more is closed at once.
+    pub max_per_address: usize,
     pub acse_timeout: Duration,
     pub network_timeout: Duration,
     pub spool_dir: PathBuf,
@@ -135,6 +142,15 @@ struct Shared<H: Handler> {
     idle: Condvar,
     conns: Mutex<HashMap<u64, TcpStream>>,
     seq: AtomicU64,
+    limits: Mutex<Limits>,
+}
+
+/// Connections counted per peer address and while half-open, and the refusal log's windows.
+#[derive(Default)]
+struct Limits {
+    per_address: HashMap<IpAddr, usize>,
+    half_open: usize,
+    refusals: HashMap<(IpAddr, &'static str), (Instant, u64)>,
 }
 
 /// A running listener.
@@ -177,6 +193,7 @@ impl<H: Handler> Server<H> {
             idle: Condvar::new(),
             conns: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
+            limits: Mutex::new(Limits::default()),
         });
         let listening = Arc::new(AtomicBool::new(true));
         let (s, l) = (shared.clone(), listening.clone());
@@ -273,7 +290,11 @@ fn accept_loop<H: Handler>(shared: &Arc<Shared<H>>, listener: &TcpListener) {
             continue;
         }
         match listener.accept() {
-            Ok((stream, addr)) => spawn_association(shared, stream, addr),
+            Ok((stream, addr)) => {
+                if admit(shared, addr.ip()) {
+                    spawn_association(shared, stream, addr);
+                } // else dropped: closed before anything is read
+            }
             Err(e)
                 if e.kind() == io::ErrorKind::Interrupted
                     || e.kind() == io::ErrorKind::WouldBlock => {}
@@ -284,6 +305,68 @@ fn accept_loop<H: Handler>(shared: &Arc<Shared<H>>, listener: &TcpListener) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+/// Count a new connection from `ip` (half-open), or refuse it with a rate-limited log line.
+fn admit<H: Handler>(shared: &Shared<H>, ip: IpAddr) -> bool {
+    let cfg = &shared.cfg;
+    let mut limits = lock(&shared.limits);
+    let n = limits.per_address.get(&ip).copied().unwrap_or(0);
+    let refusal = if cfg.max_per_address > 0 && n >= cfg.max_per_address {
+        Some(("dicom.max_connections_per_address", n))
+    } else if cfg.max_half_open > 0 && limits.half_open >= cfg.max_half_open {
+        Some(("dicom.max_half_open_connections", limits.half_open))
+    } else {
+        None
+    };
+    let Some((setting, count)) = refusal else {
+        *limits.per_address.entry(ip).or_insert(0) += 1;
+        limits.half_open += 1;
+        return true;
+    };
+    let now = Instant::now();
+    if limits.refusals.len() > 4096 {
+        limits
+            .refusals
+            .retain(|_, (start, _)| now.duration_since(*start) < REFUSAL_WINDOW);
+    }
+    let entry = limits
+        .refusals
+        .entry((ip, setting))
+        .or_insert((now - REFUSAL_WINDOW, 0));
+    if now.duration_since(entry.0) < REFUSAL_WINDOW {
+        entry.1 += 1;
+        return false;
+    }
+    let hidden = std::mem::replace(entry, (now, 0)).1;
+    drop(limits);
+    let more = if hidden > 0 {
+        format!(
+            " ({hidden} more like it from this address in the last {} s)",
+            REFUSAL_WINDOW.as_secs()
+        )
+    } else {
+        String::new()
+    };
+    shared.handler.log(
+        Level::Warning,
+        &format!("DICOM peer {ip}: connection refused: {count} connections ({setting}){more}"),
+    );
+    false
+}
+
+/// The connection from `ip` ended; `half_open`: it never took an association slot.
+fn release<H: Handler>(shared: &Shared<H>, ip: IpAddr, half_open: bool) {
+    let mut limits = lock(&shared.limits);
+    if let Some(n) = limits.per_address.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            limits.per_address.remove(&ip);
+        }
+    }
+    if half_open {
+        limits.half_open -= 1;
     }
 }
 
@@ -318,6 +401,7 @@ fn spawn_association<H: Handler>(shared: &Arc<Shared<H>>, stream: TcpStream, add
         });
     if let Err(e) = spawned {
         lock(&shared.conns).remove(&id);
+        release(shared, addr.ip(), true);
         shared.active.fetch_sub(1, Ordering::SeqCst);
         shared.handler.log(
             Level::Error,
@@ -370,6 +454,8 @@ struct Association<'a, H: Handler> {
     spool_seq: u64,
     /// True once this connection counts as an association (its A-ASSOCIATE-RQ arrived).
     counted: bool,
+    /// True until the connection took an association slot (counted half-open until then).
+    half_open: bool,
 }
 
 impl<H: Handler> Drop for Association<'_, H> {
@@ -377,6 +463,7 @@ impl<H: Handler> Drop for Association<'_, H> {
         if self.counted {
             self.shared.associations.fetch_sub(1, Ordering::SeqCst);
         }
+        release(self.shared, self.addr.ip(), self.half_open);
     }
 }
 
@@ -396,6 +483,7 @@ impl<'a, H: Handler> Association<'a, H> {
             receiving: None,
             spool_seq: 0,
             counted: false,
+            half_open: true,
         }
     }
 
@@ -575,6 +663,11 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         if over_limit {
             return reject(self, (2, 3, 2), "too many associations");
+        }
+        {
+            let mut limits = lock(&self.shared.limits);
+            limits.half_open -= 1;
+            self.half_open = false;
         }
         if rq.protocol_version & 1 == 0 {
             return reject(self, (1, 2, 2), "protocol version not supported");

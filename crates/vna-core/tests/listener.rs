@@ -79,6 +79,8 @@ fn start(name: &str) -> (Server<Recorder>, Recorder, PathBuf) {
         reuse_port: false,
         max_pdu: 16384,
         max_associations: 4,
+        max_half_open: 8,
+        max_per_address: 8,
         acse_timeout: Duration::from_secs(5),
         network_timeout: Duration::from_secs(5),
         spool_dir: dir.clone(),

@@ -142,7 +142,8 @@ type ContextSpec = (String, Vec<String>, Option<(bool, bool)>, bool);
 #[pymethods]
 impl Listener {
     #[new]
-    #[pyo3(signature = (*, host, port, reuse_port, max_pdu, max_associations, acse_timeout, network_timeout,
+    #[pyo3(signature = (*, host, port, reuse_port, max_pdu, max_associations, max_half_open, max_per_address,
+                        acse_timeout, network_timeout,
                         spool_dir, implementation_class_uid, implementation_version, spool_implementation_uid,
                         spool_implementation_version, contexts, on_associate, on_store, on_log, on_thread_done))]
     #[allow(clippy::too_many_arguments)]
@@ -153,6 +154,8 @@ impl Listener {
         reuse_port: bool,
         max_pdu: u32,
         max_associations: usize,
+        max_half_open: usize,
+        max_per_address: usize,
         acse_timeout: f64,
         network_timeout: f64,
         spool_dir: PathBuf,
@@ -192,6 +195,8 @@ impl Listener {
             reuse_port,
             max_pdu,
             max_associations: max_associations.max(1),
+            max_half_open,
+            max_per_address,
             acse_timeout: secs(acse_timeout, "acse_timeout")?,
             network_timeout: secs(network_timeout, "network_timeout")?,
             spool_dir,
