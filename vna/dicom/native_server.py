@@ -97,7 +97,15 @@ class NativeDicomServer:
             contexts=self._contexts, on_associate=self.on_associate, on_store=self.on_store,
             on_log=self._on_log, on_thread_done=self.archive.index.release_thread)
         log.info("native DICOM receiver listening on %s:%d", cfg.host, self._listener.port)
+        self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
+                                     "connections of the DICOM port now, by state (half_open, associated)",
+                                     self._connection_counts)
         self.archive.telemetry.start_endpoint()
+
+    def _connection_counts(self) -> list[tuple[float, dict[str, str]]]:
+        listener = self._listener
+        half_open, associated = listener.connection_counts() if listener is not None else (0, 0)
+        return [(float(half_open), {"state": "half_open"}), (float(associated), {"state": "associated"})]
 
     @property
     def listening(self) -> bool:

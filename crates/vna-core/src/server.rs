@@ -150,6 +150,7 @@ struct Shared<H: Handler> {
 struct Limits {
     per_address: HashMap<IpAddr, usize>,
     half_open: usize,
+    associated: usize,
     refusals: HashMap<(IpAddr, &'static str), (Instant, u64)>,
 }
 
@@ -224,6 +225,12 @@ impl<H: Handler> Server<H> {
     /// The flag `listening` reads, to share with another owner.
     pub fn listening_flag(&self) -> Arc<AtomicBool> {
         self.listening.clone()
+    }
+
+    /// Connections now: (half-open, associated).
+    pub fn connection_counts(&self) -> (usize, usize) {
+        let limits = lock(&self.shared.limits);
+        (limits.half_open, limits.associated)
     }
 
     /// The number of association threads running.
@@ -367,6 +374,8 @@ fn release<H: Handler>(shared: &Shared<H>, ip: IpAddr, half_open: bool) {
     }
     if half_open {
         limits.half_open -= 1;
+    } else {
+        limits.associated -= 1;
     }
 }
 
@@ -667,6 +676,7 @@ impl<'a, H: Handler> Association<'a, H> {
         {
             let mut limits = lock(&self.shared.limits);
             limits.half_open -= 1;
+            limits.associated += 1;
             self.half_open = false;
         }
         if rq.protocol_version & 1 == 0 {

@@ -228,6 +228,15 @@ impl Listener {
         self.port
     }
 
+    /// Connections of the port now: (half-open, associated); (0, 0) once stopped.
+    fn connection_counts(&self) -> (usize, usize) {
+        let server = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        server
+            .as_ref()
+            .map(|s| s.connection_counts())
+            .unwrap_or((0, 0))
+    }
+
     /// True until ``stop`` closed the listening socket.
     #[getter]
     fn listening(&self) -> bool {
