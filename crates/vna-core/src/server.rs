@@ -151,7 +151,7 @@ struct Limits {
     per_address: HashMap<IpAddr, usize>,
     half_open: usize,
     associated: usize,
-    refusals: HashMap<(IpAddr, &'static str), (Instant, u64)>,
+    refusals: HashMap<(IpAddr, String), (Instant, u64)>,
 }
 
 /// A running listener.
@@ -332,22 +332,42 @@ fn admit<H: Handler>(shared: &Shared<H>, ip: IpAddr) -> bool {
         limits.half_open += 1;
         return true;
     };
-    let now = Instant::now();
-    if limits.refusals.len() > 4096 {
-        limits
-            .refusals
-            .retain(|_, (start, _)| now.duration_since(*start) < REFUSAL_WINDOW);
-    }
-    let entry = limits
-        .refusals
-        .entry((ip, setting))
-        .or_insert((now - REFUSAL_WINDOW, 0));
-    if now.duration_since(entry.0) < REFUSAL_WINDOW {
-        entry.1 += 1;
-        return false;
-    }
-    let hidden = std::mem::replace(entry, (now, 0)).1;
     drop(limits);
+    say(
+        shared,
+        ip,
+        Level::Warning,
+        &format!("connection refused: {count} connections ({setting})"),
+    );
+    false
+}
+
+/// One log line about peer `ip`, rate-limited: the first line of its kind (the text without its digits)
+/// from an address in a window is written, the rest are counted into the next one.
+fn say<H: Handler>(shared: &Shared<H>, ip: IpAddr, level: Level, line: &str) {
+    let kind: String = line
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(120)
+        .collect();
+    let now = Instant::now();
+    let hidden = {
+        let mut limits = lock(&shared.limits);
+        if limits.refusals.len() > 4096 {
+            limits
+                .refusals
+                .retain(|_, (start, _)| now.duration_since(*start) < REFUSAL_WINDOW);
+        }
+        let entry = limits
+            .refusals
+            .entry((ip, kind))
+            .or_insert((now - REFUSAL_WINDOW, 0));
+        if now.duration_since(entry.0) < REFUSAL_WINDOW {
+            entry.1 += 1;
+            return;
+        }
+        std::mem::replace(entry, (now, 0)).1
+    };
     let more = if hidden > 0 {
         format!(
             " ({hidden} more like it from this address in the last {} s)",
@@ -356,11 +376,9 @@ fn admit<H: Handler>(shared: &Shared<H>, ip: IpAddr) -> bool {
     } else {
         String::new()
     };
-    shared.handler.log(
-        Level::Warning,
-        &format!("DICOM peer {ip}: connection refused: {count} connections ({setting}){more}"),
-    );
-    false
+    shared
+        .handler
+        .log(level, &format!("DICOM peer {ip}: {line}{more}"));
 }
 
 /// The connection from `ip` ended; `half_open`: it never took an association slot.
@@ -432,6 +450,8 @@ enum End {
     Closed(String),
     /// A protocol error or a timeout: send A-ABORT (source 2, reason) and log.
     Abort(u8, String),
+    /// Close without an A-ABORT (nothing can be sent yet) and log.
+    Refuse(String),
     /// Released normally.
     Released,
 }
@@ -502,39 +522,34 @@ impl<'a, H: Handler> Association<'a, H> {
 
     fn run(mut self) {
         let _ = self.stream.set_nodelay(true);
-        let end = match self.negotiate() {
-            Ok(true) => self.serve(),
+        let (end, associated) = match self.negotiate() {
+            Ok(true) => (self.serve(), true),
             Ok(false) => return,
-            Err(end) => end,
+            Err(end) => (end, false),
         };
         self.abandon();
+        let ip = self.addr.ip();
         match end {
             End::Released => {}
             End::Closed(why) => {
                 if !why.is_empty() {
-                    self.log(
-                        Level::Info,
-                        &format!(
-                            "association from {} ({}) ended: {why}",
-                            self.calling_ae,
-                            self.addr.ip()
-                        ),
-                    );
+                    let line = format!("association from {} ended: {why}", self.calling_ae);
+                    say(self.shared, ip, Level::Info, &line);
                 }
             }
+            End::Refuse(why) => say(
+                self.shared,
+                ip,
+                Level::Warning,
+                &format!("connection closed: {why}"),
+            ),
             End::Abort(reason, why) => {
-                self.log(
-                    Level::Warning,
-                    &format!(
-                        "association from {} ({}) aborted: {why}",
-                        if self.calling_ae.is_empty() {
-                            "?"
-                        } else {
-                            &self.calling_ae
-                        },
-                        self.addr.ip()
-                    ),
-                );
+                let what = if associated {
+                    "association aborted"
+                } else {
+                    "connection closed"
+                };
+                say(self.shared, ip, Level::Warning, &format!("{what}: {why}"));
                 let _ = self.stream.write_all(&pdu::encode_abort(2, reason));
             }
         }
@@ -549,26 +564,40 @@ impl<'a, H: Handler> Association<'a, H> {
         let (kind, len) = pdu::parse_header(&head);
         let cap = match kind {
             pdu::A_ASSOCIATE_RQ if !associated => MAX_ASSOCIATE_RQ,
+            // as the Python receiver: the announced maximum plus a PDV item header's worth of slack
             pdu::P_DATA_TF if associated => match self.shared.cfg.max_pdu {
                 0 => MAX_UNLIMITED_PDATA,
-                n => n,
+                n => n.saturating_add(6),
             },
             pdu::A_RELEASE_RQ | pdu::A_ABORT if associated => MAX_SMALL_PDU,
             pdu::A_ABORT => MAX_SMALL_PDU,
-            _ => {
+            pdu::A_ASSOCIATE_RQ..=pdu::A_ABORT if associated => {
+                return Err(End::Abort(2, format!("unexpected {}", pdu::pdu_name(kind))));
+            }
+            pdu::A_ASSOCIATE_RQ..=pdu::A_ABORT => {
+                let name = pdu::pdu_name(kind);
                 return Err(End::Abort(
                     2,
-                    format!("unexpected {} (type 0x{kind:02X})", pdu::pdu_name(kind)),
+                    format!("{name} before the association was established"),
+                ));
+            }
+            _ => {
+                return Err(End::Abort(
+                    1,
+                    format!("not a DICOM PDU (type 0x{kind:02X})"),
                 ))
             }
         };
         if len > cap {
+            let name = pdu::pdu_name(kind);
+            let bound = if associated {
+                "(dicom.max_pdu)"
+            } else {
+                "before association"
+            };
             return Err(End::Abort(
                 6,
-                format!(
-                    "{} of {len} bytes exceeds the limit of {cap}",
-                    pdu::pdu_name(kind)
-                ),
+                format!("{name} of {len} bytes, more than the {cap} allowed {bound}"),
             ));
         }
         let mut body = std::mem::take(&mut self.body);
@@ -593,9 +622,7 @@ impl<'a, H: Handler> Association<'a, H> {
                 None => timeout,
             };
             if wait.is_zero() {
-                return Err(End::Closed(
-                    "no A-ASSOCIATE-RQ within the ACSE timeout".into(),
-                ));
+                return Err(self.artim_expired());
             }
             let _ = self.stream.set_read_timeout(Some(wait));
             match self.stream.read(&mut buf[pos..]) {
@@ -614,16 +641,37 @@ impl<'a, H: Handler> Association<'a, H> {
                         || e.kind() == io::ErrorKind::TimedOut =>
                 {
                     if deadline.is_some() {
-                        return Err(End::Closed(
-                            "no A-ASSOCIATE-RQ within the ACSE timeout".into(),
-                        ));
+                        return Err(self.artim_expired());
                     }
-                    return Err(End::Abort(0, "network timeout".into()));
+                    let secs = timeout.as_secs_f64();
+                    return Err(End::Abort(
+                        0,
+                        format!("no data for {secs:.0} s (dicom.network_timeout)"),
+                    ));
                 }
                 Err(e) => return Err(End::Closed(format!("connection error: {e}"))),
             }
         }
         Ok(())
+    }
+
+    fn artim_expired(&self) -> End {
+        let secs = self.shared.cfg.acse_timeout.as_secs_f64();
+        End::Refuse(format!(
+            "no A-ASSOCIATE within {secs:.0} s (dicom.acse_timeout)"
+        ))
+    }
+
+    /// The type of a PDU the requestor sent before our A-ASSOCIATE-AC (it must wait for it), if any.
+    fn pdu_sent_early(&self) -> Option<u8> {
+        let mut first = [0u8; 1];
+        let _ = self.stream.set_nonblocking(true);
+        let early = match self.stream.peek(&mut first) {
+            Ok(1) => Some(first[0]),
+            _ => None,
+        };
+        let _ = self.stream.set_nonblocking(false);
+        early
     }
 
     fn send(&mut self, bytes: &[u8]) -> Result<(), End> {
@@ -639,10 +687,8 @@ impl<'a, H: Handler> Association<'a, H> {
             Ok(k) => k,
             Err(End::Closed(why)) => {
                 if !why.is_empty() {
-                    self.log(
-                        Level::Info,
-                        &format!("connection from {} closed: {why}", self.addr.ip()),
-                    );
+                    let line = format!("connection closed: {why}");
+                    say(self.shared, self.addr.ip(), Level::Info, &line);
                 }
                 return Ok(false);
             }
@@ -655,23 +701,22 @@ impl<'a, H: Handler> Association<'a, H> {
             >= self.shared.cfg.max_associations;
         self.counted = true;
         let rq = pdu::parse_associate_rq(&self.body)
-            .map_err(|e| End::Abort(6, format!("invalid A-ASSOCIATE-RQ: {e}")))?;
+            .map_err(|e| End::Abort(6, format!("A-ASSOCIATE-RQ with {e}")))?;
         self.calling_ae = rq.calling_ae();
         self.peer_max_pdu = rq.max_pdu;
         let reject = |this: &mut Self, rj: (u8, u8, u8), why: &str| -> Result<bool, End> {
-            this.log(
-                Level::Warning,
-                &format!(
-                    "association from {} ({}) rejected: {why}",
-                    this.calling_ae,
-                    this.addr.ip()
-                ),
-            );
+            let line = format!("association from {} rejected: {why}", this.calling_ae);
+            say(this.shared, this.addr.ip(), Level::Warning, &line);
             this.send(&pdu::encode_associate_rj(rj.0, rj.1, rj.2))?;
             Ok(false)
         };
         if over_limit {
-            return reject(self, (2, 3, 2), "too many associations");
+            let max = self.shared.cfg.max_associations;
+            let line =
+                format!("association rejected: {max} associations open (dicom.max_associations)");
+            say(self.shared, self.addr.ip(), Level::Warning, &line);
+            self.send(&pdu::encode_associate_rj(2, 3, 2))?;
+            return Ok(false);
         }
         {
             let mut limits = lock(&self.shared.limits);
@@ -696,6 +741,13 @@ impl<'a, H: Handler> Association<'a, H> {
                 self.send(&pdu::encode_associate_rj(a, b, c))?;
                 return Ok(false);
             }
+        }
+        if let Some(kind) = self.pdu_sent_early() {
+            let name = pdu::pdu_name(kind);
+            return Err(End::Abort(
+                2,
+                format!("{name} before the association was established"),
+            ));
         }
         let cfg = &self.shared.cfg;
         let outcome = negotiate(&rq, &cfg.contexts);
@@ -798,8 +850,7 @@ impl<'a, H: Handler> Association<'a, H> {
     }
 
     fn command(&mut self, cx_id: u8, raw: &[u8]) -> Result<(), End> {
-        let cmd = dimse::parse_command(raw)
-            .map_err(|e| End::Abort(6, format!("invalid command set: {e}")))?;
+        let cmd = dimse::parse_command(raw).map_err(|e| End::Abort(6, e.to_string()))?;
         let Some(cx) = self.accepted.get(&cx_id).cloned() else {
             return Err(End::Abort(
                 6,
@@ -812,7 +863,13 @@ impl<'a, H: Handler> Association<'a, H> {
                 let out = pdu::encode_pdata(cx_id, true, &rsp, self.peer_max_pdu);
                 self.send(&out)
             }
-            dimse::C_STORE_RQ if cx.storage && cx.as_scp && cmd.has_data_set() => self.begin_store(cx_id, &cx, cmd),
+            dimse::C_STORE_RQ if !cmd.missing_for_store().is_empty() => {
+                let missing = cmd.missing_for_store().join(", ");
+                Err(End::Abort(0, format!("a C-STORE-RQ without {missing}")))
+            }
+            dimse::C_STORE_RQ if cx.storage && cx.as_scp && cmd.has_data_set() => {
+                self.begin_store(cx_id, &cx, cmd)
+            }
             field => Err(End::Abort(2, format!(
                 "DIMSE command 0x{field:04X} on context {cx_id} ({}) is not supported by the native receiver",
                 cx.abstract_syntax))),

@@ -150,6 +150,9 @@ fn command(field: u16, sop_class: &str, sop_uid: Option<&str>, data_set: bool) -
     element(&mut body, 0x0002, &pad(sop_class));
     element(&mut body, 0x0100, &field.to_le_bytes());
     element(&mut body, 0x0110, &5u16.to_le_bytes());
+    if field == dimse::C_STORE_RQ {
+        element(&mut body, 0x0700, &2u16.to_le_bytes());
+    }
     element(
         &mut body,
         0x0800,
