@@ -901,8 +901,6 @@ impl<'a, H: Handler> Association<'a, H> {
     fn begin_store(&mut self, cx_id: u8, cx: &Accepted, cmd: Command) -> Result<(), End> {
         let started_ns = now_ns();
         let cfg = &self.shared.cfg;
-        let well_formed = dimse::valid_uid(&cmd.affected_sop_class)
-            && dimse::valid_uid(&cmd.affected_sop_instance);
         let header = dimse::spool_header(
             &cmd.affected_sop_class,
             &cmd.affected_sop_instance,
@@ -912,27 +910,16 @@ impl<'a, H: Handler> Association<'a, H> {
         );
         let mut failure = None;
         let mut spool = None;
-        if !well_formed {
-            failure = Some(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "invalid SOP Class or Instance UID",
-            ));
-        } else if cmd.affected_sop_class != cx.abstract_syntax {
-            failure = Some(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "SOP Class differs from the context's",
-            ));
-        } else {
-            // a spool that cannot be made or written: the data set is read and dropped, then answered
-            match self.spool_file() {
-                Ok((mut file, path)) => {
-                    if let Err(e) = file.write_all(&header) {
-                        failure = Some(e);
-                    }
-                    spool = Some((file, path));
+        // the UIDs are judged by the handler (as the Python receiver's ingest does), not here; a spool
+        // that cannot be made or written: the data set is read and dropped, then answered
+        match self.spool_file() {
+            Ok((mut file, path)) => {
+                if let Err(e) = file.write_all(&header) {
+                    failure = Some(e);
                 }
-                Err(e) => failure = Some(e),
+                spool = Some((file, path));
             }
+            Err(e) => failure = Some(e),
         }
         let mut sha = Sha256::new();
         sha.update(&header);
@@ -969,16 +956,6 @@ impl<'a, H: Handler> Association<'a, H> {
             path
         });
         let answer = match (failure.take(), path.clone()) {
-            (Some(e), _) if e.kind() == io::ErrorKind::InvalidData => {
-                self.log(
-                    Level::Warning,
-                    &format!("C-STORE from {} refused: {e}", self.calling_ae),
-                );
-                StoreAnswer {
-                    status: 0xA900,
-                    comment: Some(e.to_string()),
-                }
-            }
             (Some(e), _) => {
                 self.log(
                     Level::Error,
