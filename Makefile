@@ -6,14 +6,19 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 CLUSTER_DIR ?= .cluster
 CLUSTER_ARGS ?= --frontends 2
+# The Rust toolchain (rustup's default place when cargo is not on PATH); maturin finds cargo on PATH too
+export PATH := $(PATH):$(HOME)/.cargo/bin
+CARGO  ?= cargo
+NATIVE_STAMP := $(VENV)/.native-installed
+NATIVE_SRC := Cargo.toml Cargo.lock $(shell find crates -type f \( -name '*.rs' -o -name '*.toml' -o -name '*.pyi' \) 2>/dev/null)
 
-.PHONY: install viewer run test test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
+.PHONY: install viewer run test test-native test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
 
 OHIF_VERSION ?= 3.13.2
 OHIF_CACHE   ?= .cache/ohif
 OHIF_VIEWER  := $(OHIF_CACHE)/viewer/VNA_PREPARED
 
-install: $(STAMP) viewer
+install: $(STAMP) $(NATIVE_STAMP) viewer
 
 ## The OHIF viewer served at /viewer/: `npm pack` of the pinned @ohif/app (cached), prepared for /viewer/.
 ## Without npm vna still runs; /viewer/ then says how to get it.
@@ -31,6 +36,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -U pip setuptools wheel
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+## The native DIMSE core (crates/, module vna_native), built in release by maturin (fetched by pip).
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
+	$(BIN)/pip install -q ./crates/vna-python
+	touch $(NATIVE_STAMP)
+
+## Rust checks: formatting, lints, unit and property tests of the native core.
+test-native:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test -q -p vna-core
 
 ## Start the archive on the embedded default (SQLite index, hot replicas under ./vna-data);
 ## its last start-up line is the viewer's URL (http://127.0.0.1:8080/viewer/).
@@ -59,9 +75,10 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
 
 ## The whole suite: unit, contract (SQLite + a real Cassandra), DIMSE integration with DCMTK, faults.
-test: system-deps install
+test: system-deps install test-native
 	$(BIN)/python ops/cassandra/launcher.py fetch
 	$(BIN)/mypy vna
+	$(BIN)/python -m mypy.stubtest vna_native --allowlist crates/vna-python/stubtest-allowlist.txt
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## Without Cassandra: quick inner loop.
@@ -99,4 +116,4 @@ bench: install system-deps
 	$(BIN)/python -m benchmarks.ingest
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache target

@@ -34,10 +34,11 @@ from benchmarks.servers import fs_type, group_cpu_seconds
 HOST = "127.0.0.1"
 CLIENT_AET = "BENCHSCU"
 ARG_LIMIT = 100_000  # bytes of file arguments per storescu command (well below ARG_MAX)
-RECEIVERS = ("vna", "vna-w2", "orthanc", "storescp")
+RECEIVERS = ("vna", "vna-w2", "vna-native", "orthanc", "storescp")
 NOTES = {
     "vna": "SQLite index, 2 fsynced hot replicas, W=2",
     "vna-w2": "the same with dicom.workers = 2 (two processes on the port, SO_REUSEPORT)",
+    "vna-native": "vna with dicom.receiver = \"native\" (the Rust listener; same index, replicas and W)",
     "orthanc": "Orthanc 1.10 defaults: fdatasync of each file + MD5, SQLite index synced at checkpoints only",
     "storescp": "DCMTK storescp +B --fork: writes files, NO fsync, no index",
 }
@@ -117,12 +118,16 @@ class Receiver:
     log: Path
 
 
-def start_vna(work: Path, port: int, extra_args: list[str], workers: int | None, timeout: float) -> Receiver:
+def start_vna(work: Path, port: int, extra_args: list[str], workers: int | None, timeout: float,
+              receiver: str | None = None) -> Receiver:
     """``vna serve`` on fresh storage; ready on the "vna ready" log line."""
     data, log = work / "vna-data", work / "vna.log"
     venv_bin = Path(sys.executable).parent
     vna = str(venv_bin / "vna") if (venv_bin / "vna").exists() else "vna"
-    env = nodelay_env({"VNA_DICOM_WORKERS": str(workers)} if workers else None)
+    extra_env = {"VNA_DICOM_WORKERS": str(workers)} if workers else {}
+    if receiver:
+        extra_env["VNA_DICOM_RECEIVER"] = receiver
+    env = nodelay_env(extra_env or None)
     cmd = [vna, "serve", "--data-dir", str(data), "--dicom-port", str(port), "--ae-title", "VNA",
            "--host", HOST, *extra_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env,
@@ -274,6 +279,8 @@ def start(name: str, work: Path, args: argparse.Namespace) -> Receiver:
     base = args.port_base
     if name == "vna":
         return start_vna(work, base, shlex.split(args.vna_args), args.vna_workers, args.start_timeout)
+    if name == "vna-native":
+        return start_vna(work, base + 5, shlex.split(args.vna_args), args.vna_workers, args.start_timeout, "native")
     if name.startswith("vna-w"):  # vna-wN: N worker processes sharing the DICOM port
         return start_vna(work, base + 4, shlex.split(args.vna_args), int(name[5:]), args.start_timeout)
     if name == "orthanc":
@@ -362,6 +369,21 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def native_vs_python(results: list[Result]) -> str:
+    """vna-native / vna (the python receiver) per (corpus, associations) of the same run; "" without both."""
+    by = {(r.receiver, r.corpus, r.associations): r for r in results}
+    lines = []
+    for r in results:
+        p = by.get(("vna", r.corpus, r.associations))
+        if r.receiver != "vna-native" or p is None:
+            continue
+        cpu = (f", receiver CPU per instance {r.cpu_ms_per_inst / p.cpu_ms_per_inst:.2f}x"
+               if r.cpu_ms_per_inst and p.cpu_ms_per_inst else "")
+        lines.append(f"native/python receiver, {r.corpus} x{r.associations}: "
+                     f"{r.inst_per_s / p.inst_per_s:.2f}x inst/s{cpu}")
+    return "\n".join(lines)
+
+
 def names_arg(known: Iterable[str], what: str) -> Callable[[str], list[str]]:
     """An argparse ``type``: comma-separated names, each one of ``known`` (an unknown one is an error)."""
     known = list(known)
@@ -390,7 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="comma-separated subset of vna,orthanc,storescp")
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell, median reported")
     ap.add_argument("--port-base", type=int, default=11240,
-                    help="vna=base, Orthanc DICOM=base+1 HTTP=base+2, storescp=base+3")
+                    help="vna=base, Orthanc DICOM=base+1 HTTP=base+2, storescp=base+3, vna-w2=base+4, "
+                         "vna-native=base+5")
     ap.add_argument("--vna-args", default="", help="extra args for 'vna serve' (shell-quoted string)")
     ap.add_argument("--vna-workers", type=int, default=None, help="set VNA_DICOM_WORKERS=N for vna serve")
     ap.add_argument("--tmp-dir", type=Path, default=None, help="where corpora and receiver storage go")
@@ -403,12 +426,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Generate corpora, run every cell, print the table, optionally write JSON."""
     args = parse_args(argv)
-    for tool in ("storescu", "echoscu", "storescp", "Orthanc"):
+    tools = ["storescu", "echoscu"] + ["storescp"] * ("storescp" in args.receivers) \
+        + ["Orthanc"] * ("orthanc" in args.receivers)
+    for tool in tools:
         if not shutil.which(tool) and not (tool == "Orthanc" and Path("/usr/sbin/Orthanc").exists()):
             print(f"missing tool: {tool}", file=sys.stderr)
             return 2
     ports = {"vna": [args.port_base], "orthanc": [args.port_base + 1, args.port_base + 2],
-             "storescp": [args.port_base + 3], "vna-w2": [args.port_base + 4]}
+             "storescp": [args.port_base + 3], "vna-w2": [args.port_base + 4], "vna-native": [args.port_base + 5]}
     busy = [p for r in args.receivers for p in ports[r] if not port_free(p)]
     if busy:
         print(f"ports already in use: {busy}; choose another --port-base", file=sys.stderr)
@@ -438,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
             "notes": NOTES,
         }, indent=2))
     print(table(results))
+    native_ratios = native_vs_python(results)
+    if native_ratios:
+        print("\n" + native_ratios)
     print(f"\nclient: DCMTK storescu, TCP_NODELAY=1, timed from process start until all exit; "
           f"warm-up: {args.warmup} distinct small instances per server before timing; "
           f"fresh server + storage per run; median of {args.repeat}; storage fs: {fs}; cores: {os.cpu_count()}; "

@@ -75,7 +75,13 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
     # pynetdicom spools incoming datasets with tempfile: keep them on the data disk
     tempfile.tempdir = str(cfg.resolve("spool/incoming"))
     archive = Archive(cfg)
-    server = DicomServer(archive, cfg.dicom, reuse_port=reuse_port) if dicom else None
+    server: Any = None
+    if dicom and cfg.dicom.receiver == "native":
+        from vna.dicom.native_server import NativeDicomServer
+
+        server = NativeDicomServer(archive, cfg.dicom, reuse_port=reuse_port)
+    elif dicom:
+        server = DicomServer(archive, cfg.dicom, reuse_port=reuse_port)
     grpc_server = None
     if cfg.grpc.enabled:
         from vna.api.server import GrpcServer
@@ -184,6 +190,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dicom = not args.no_dicom
     if not dicom and not cfg.grpc.enabled:
         raise ConfigError("--no-dicom leaves nothing to serve: enable [grpc]")
+    if dicom and cfg.dicom.receiver == "native":
+        from vna.dicom import native
+
+        native.load()  # not built: ConfigError (exit 2) saying how to build it, never a fallback
     preflight.check_serve(cfg, dicom=dicom)
     created = preflight.missing_roots(cfg)
     started = threading.Event()

@@ -77,6 +77,7 @@ class DicomConfig:
     max_pdu: int = 65536
     workers: int = 1
     fast_store: bool = True          # receive C-STOREs without pynetdicom's per-PDU layers (vna/dicom/fast_store.py)
+    receiver: str = "python"         # "native": C-ECHO/C-STORE on the Rust core (vna/dicom/native_server.py; no Q/R yet)
     accept_unknown_storage_classes: bool = False  # accept storage SOP classes pynetdicom does not list (private ones)
     max_connections_per_address: int = 8   # open connections one peer address may hold (associations included)
     max_half_open_connections: int = 64    # connections not yet associated (counted apart from max_associations)
@@ -665,6 +666,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("archive.permissions must be 'owner' or 'group'")
     if cfg.dicom.max_connections_per_address < 1:
         raise ConfigError("dicom.max_connections_per_address must be >= 1")
+    if cfg.dicom.receiver not in ("python", "native"):
+        raise ConfigError("dicom.receiver must be 'python' or 'native'")
     if cfg.dicom.max_half_open_connections < 1:
         raise ConfigError("dicom.max_half_open_connections must be >= 1")
     if cfg.index.backend not in ("sqlite", "cassandra"):

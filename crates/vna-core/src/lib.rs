@@ -1,0 +1,14 @@
+//! vna's DICOM wire, without Python: Upper Layer PDUs ([`pdu`]), presentation context
+//! negotiation ([`negotiate`]), DIMSE command sets and the spool header ([`dimse`]),
+//! and a listener serving C-ECHO and C-STORE receive ([`server`]).
+//!
+//! The PDU layer is hand-written rather than taken from `dicom-ul`: its reader applies
+//! one maximum length to every PDU type (an A-ASSOCIATE-RQ and a P-DATA-TF need
+//! different bounds), copies every PDV into a new vector, and its acceptor negotiates
+//! with its own rules, whereas the stored bytes must follow pynetdicom's choice of
+//! transfer syntax.
+
+pub mod dimse;
+pub mod negotiate;
+pub mod pdu;
+pub mod server;

@@ -1,0 +1,202 @@
+//! Presentation context negotiation as an acceptor, with pynetdicom's rules:
+//! the first of *our* transfer syntaxes that the requestor proposed is accepted;
+//! an SCP/SCU Role Selection proposal is answered for contexts that declare roles.
+
+use std::collections::HashMap;
+
+use crate::pdu::{AssociateRq, ContextResult, RoleSelection};
+
+/// An abstract syntax the acceptor supports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupportedContext {
+    /// Our transfer syntaxes, in order of preference.
+    pub transfer_syntaxes: Vec<String>,
+    /// (requestor may be SCU, requestor may be SCP); None: default roles, no role reply.
+    pub roles: Option<(bool, bool)>,
+    /// True for a storage SOP class (C-STORE receive), false for Verification.
+    pub storage: bool,
+}
+
+/// An accepted presentation context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
+    pub storage: bool,
+    /// True when we act as SCP on it (the requestor sends requests).
+    pub as_scp: bool,
+}
+
+/// The negotiation's outcome: results for the A-ASSOCIATE-AC, role replies, accepted contexts by ID.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub results: Vec<ContextResult>,
+    pub roles: Vec<RoleSelection>,
+    pub accepted: HashMap<u8, Accepted>,
+}
+
+/// Negotiate the proposed contexts of `rq` against `supported` (keyed by abstract syntax).
+pub fn negotiate(rq: &AssociateRq, supported: &HashMap<String, SupportedContext>) -> Outcome {
+    let mut out = Outcome::default();
+    let proposed_roles: HashMap<&str, (bool, bool)> = rq
+        .roles
+        .iter()
+        .map(|r| (r.sop_class.as_str(), (r.scu, r.scp)))
+        .collect();
+    let mut replied: HashMap<String, RoleSelection> = HashMap::new();
+    for cx in &rq.contexts {
+        let first = cx.transfer_syntaxes.first().cloned().unwrap_or_default();
+        let Some(ours) = supported.get(&cx.abstract_syntax) else {
+            out.results.push(ContextResult {
+                id: cx.id,
+                result: 3,
+                transfer_syntax: first,
+            });
+            continue;
+        };
+        let Some(ts) = ours
+            .transfer_syntaxes
+            .iter()
+            .find(|ts| cx.transfer_syntaxes.iter().any(|p| p == *ts))
+        else {
+            out.results.push(ContextResult {
+                id: cx.id,
+                result: 4,
+                transfer_syntax: first,
+            });
+            continue;
+        };
+        let (as_scp, as_scu) = match (ours.roles, proposed_roles.get(cx.abstract_syntax.as_str())) {
+            (Some((may_scu, may_scp)), Some(&(rq_scu, rq_scp))) => {
+                let reply = RoleSelection {
+                    sop_class: cx.abstract_syntax.clone(),
+                    scu: rq_scu && may_scu,
+                    scp: rq_scp && may_scp,
+                };
+                let roles = (reply.scu, reply.scp);
+                replied.insert(cx.abstract_syntax.clone(), reply);
+                roles
+            }
+            _ => (true, false),
+        };
+        if !as_scp && !as_scu {
+            out.results.push(ContextResult {
+                id: cx.id,
+                result: 1,
+                transfer_syntax: ts.clone(),
+            });
+            continue;
+        }
+        out.results.push(ContextResult {
+            id: cx.id,
+            result: 0,
+            transfer_syntax: ts.clone(),
+        });
+        out.accepted.insert(
+            cx.id,
+            Accepted {
+                abstract_syntax: cx.abstract_syntax.clone(),
+                transfer_syntax: ts.clone(),
+                storage: ours.storage,
+                as_scp,
+            },
+        );
+    }
+    out.results.sort_by_key(|r| r.id);
+    let mut roles: Vec<RoleSelection> = replied.into_values().collect();
+    roles.sort_by(|a, b| a.sop_class.cmp(&b.sop_class));
+    out.roles = roles;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pdu::ProposedContext;
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    const EXPLICIT: &str = "1.2.840.10008.1.2.1";
+    const IMPLICIT: &str = "1.2.840.10008.1.2";
+
+    fn supported() -> HashMap<String, SupportedContext> {
+        let mut m = HashMap::new();
+        m.insert(
+            CT.to_string(),
+            SupportedContext {
+                transfer_syntaxes: vec![EXPLICIT.into(), IMPLICIT.into()],
+                roles: Some((true, true)),
+                storage: true,
+            },
+        );
+        m
+    }
+
+    fn rq(contexts: Vec<ProposedContext>, roles: Vec<RoleSelection>) -> AssociateRq {
+        AssociateRq {
+            contexts,
+            roles,
+            ..AssociateRq::default()
+        }
+    }
+
+    #[test]
+    fn our_preference_wins() {
+        let r = rq(
+            vec![ProposedContext {
+                id: 1,
+                abstract_syntax: CT.into(),
+                transfer_syntaxes: vec![IMPLICIT.into(), EXPLICIT.into()],
+            }],
+            vec![],
+        );
+        let out = negotiate(&r, &supported());
+        assert_eq!(out.results[0].result, 0);
+        assert_eq!(out.results[0].transfer_syntax, EXPLICIT);
+        assert!(out.accepted[&1].as_scp);
+        assert!(out.roles.is_empty());
+    }
+
+    #[test]
+    fn unsupported_abstract_and_transfer_syntaxes() {
+        let r = rq(
+            vec![
+                ProposedContext {
+                    id: 1,
+                    abstract_syntax: "1.2.840.10008.5.1.4.1.2.2.1".into(),
+                    transfer_syntaxes: vec![IMPLICIT.into()],
+                },
+                ProposedContext {
+                    id: 3,
+                    abstract_syntax: CT.into(),
+                    transfer_syntaxes: vec!["1.2.3".into()],
+                },
+            ],
+            vec![],
+        );
+        let out = negotiate(&r, &supported());
+        assert_eq!(
+            out.results.iter().map(|r| r.result).collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert!(out.accepted.is_empty());
+    }
+
+    #[test]
+    fn role_selection_is_answered() {
+        let r = rq(
+            vec![ProposedContext {
+                id: 1,
+                abstract_syntax: CT.into(),
+                transfer_syntaxes: vec![IMPLICIT.into()],
+            }],
+            vec![RoleSelection {
+                sop_class: CT.into(),
+                scu: false,
+                scp: true,
+            }],
+        );
+        let out = negotiate(&r, &supported());
+        assert_eq!(out.roles.len(), 1);
+        assert!(!out.accepted[&1].as_scp);
+    }
+}

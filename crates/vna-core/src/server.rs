@@ -1,0 +1,1058 @@
+//! The listener: one thread accepts, one thread serves each association
+//! (A-ASSOCIATE negotiation, C-ECHO, C-STORE receive to a spool file, release, abort).
+//!
+//! The embedding program decides through [`Handler`]: whether to accept an
+//! association, what to do with each spooled instance, where log lines go.
+//! Bounds: an A-ASSOCIATE-RQ is at most [`MAX_ASSOCIATE_RQ`] bytes and must
+//! arrive within `acse_timeout` of the connection (ARTIM); a P-DATA-TF is at
+//! most the Maximum Length we announced; every other PDU is at most
+//! [`MAX_SMALL_PDU`] bytes; a read waits at most `network_timeout`. Anything
+//! malformed aborts its association with one log line.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use crate::dimse::{self, Command};
+use crate::negotiate::{negotiate, Accepted, SupportedContext};
+use crate::pdu::{self, AssociateAc, AssociateRq};
+
+/// The largest A-ASSOCIATE-RQ accepted (128 contexts, each with every transfer syntax, and a
+/// 64 KiB user identity fit), as the Python receiver's bound.
+pub const MAX_ASSOCIATE_RQ: u32 = 512 * 1024;
+/// Refusals of a kind from one address logged once per this window; the rest are counted.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+/// The largest A-RELEASE-RQ/RP or A-ABORT accepted (they are 4 bytes long).
+pub const MAX_SMALL_PDU: u32 = 64;
+/// The P-DATA-TF bound when we announce no maximum (0).
+pub const MAX_UNLIMITED_PDATA: u32 = 16 * 1024 * 1024;
+/// The largest command set accepted (commands are a few hundred bytes).
+pub const MAX_COMMAND: usize = 64 * 1024;
+
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+
+/// Listener settings and the acceptor's contexts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub reuse_port: bool,
+    /// Our Maximum Length Received (0: unlimited, bounded by [`MAX_UNLIMITED_PDATA`]).
+    pub max_pdu: u32,
+    pub max_associations: usize,
+    /// Connections not yet associated (0: unlimited); one more is closed at once.
+    pub max_half_open: usize,
+    /// Connections one peer address may hold, associated or not (0: unlimited); one more is closed at once.
+    pub max_per_address: usize,
+    pub acse_timeout: Duration,
+    pub network_timeout: Duration,
+    pub spool_dir: PathBuf,
+    /// What our A-ASSOCIATE-AC announces.
+    pub implementation_class_uid: String,
+    pub implementation_version: String,
+    /// What the File Meta of a spooled data set names as its implementation.
+    pub spool_implementation_uid: String,
+    pub spool_implementation_version: String,
+    pub contexts: HashMap<String, SupportedContext>,
+}
+
+/// The peer of an association.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub address: String,
+    pub port: u16,
+}
+
+/// The embedding program's answer to an A-ASSOCIATE-RQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Accept,
+    /// An A-ASSOCIATE-RJ with (result, source, reason), PS3.8 9.3.4.
+    Reject(u8, u8, u8),
+}
+
+/// A C-STORE data set spooled to `path` and hashed while spooled.
+#[derive(Debug, Clone)]
+pub struct StoreRecord {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub calling_ae: String,
+    pub address: String,
+    pub message_id: u16,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub transfer_syntax_uid: String,
+    pub move_originator: Option<String>,
+    pub started_ns: u64,
+    pub ended_ns: u64,
+}
+
+/// The status of a C-STORE-RSP and its Error Comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreAnswer {
+    pub status: u16,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+/// The embedding program's decisions; called from the association threads.
+pub trait Handler: Send + Sync + 'static {
+    /// Accept or reject an association whose request is well formed.
+    fn associate(&self, peer: &Peer, rq: &AssociateRq) -> Decision;
+    /// Take a spooled instance (the file may be adopted: moved or linked); return the C-STORE status.
+    /// The spool file is removed afterwards if it is still there.
+    fn store(&self, record: &StoreRecord) -> StoreAnswer;
+    /// One log line.
+    fn log(&self, level: Level, message: &str);
+    /// Run an association thread's whole body (e.g. inside a per-thread interpreter state).
+    fn run_thread(&self, body: &mut (dyn FnMut() + Send)) {
+        body()
+    }
+    /// The association thread is ending (after its last `store`).
+    fn thread_done(&self) {}
+}
+
+struct Shared<H: Handler> {
+    cfg: Config,
+    handler: H,
+    stopping: AtomicBool,
+    /// Connection threads running.
+    active: AtomicUsize,
+    /// Associations requested (A-ASSOCIATE-RQ received) and not yet ended: what max_associations bounds.
+    associations: AtomicUsize,
+    inflight: Mutex<usize>,
+    idle: Condvar,
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    seq: AtomicU64,
+    limits: Mutex<Limits>,
+}
+
+/// Connections counted per peer address and while half-open, and the refusal log's windows.
+#[derive(Default)]
+struct Limits {
+    per_address: HashMap<IpAddr, usize>,
+    half_open: usize,
+    associated: usize,
+    refusals: HashMap<(IpAddr, String), (Instant, u64)>,
+}
+
+/// A running listener.
+pub struct Server<H: Handler> {
+    shared: Arc<Shared<H>>,
+    local: SocketAddr,
+    acceptor: Option<JoinHandle<()>>,
+    listening: Arc<AtomicBool>,
+}
+
+fn bind(cfg: &Config) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port).parse().or_else(|_| {
+        std::net::ToSocketAddrs::to_socket_addrs(&(cfg.host.as_str(), cfg.port))?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))
+    })?;
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if cfg.reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(128)?;
+    Ok(sock.into())
+}
+
+impl<H: Handler> Server<H> {
+    /// Bind and start accepting in a background thread.
+    pub fn start(cfg: Config, handler: H) -> io::Result<Self> {
+        let listener = bind(&cfg)?;
+        let local = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            cfg,
+            handler,
+            stopping: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            associations: AtomicUsize::new(0),
+            inflight: Mutex::new(0),
+            idle: Condvar::new(),
+            conns: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            limits: Mutex::new(Limits::default()),
+        });
+        let listening = Arc::new(AtomicBool::new(true));
+        let (s, l) = (shared.clone(), listening.clone());
+        let acceptor = std::thread::Builder::new()
+            .name(format!("vna-native-acceptor-{}", local.port()))
+            .spawn(move || {
+                accept_loop(&s, &listener);
+                l.store(false, Ordering::SeqCst);
+            })?;
+        Ok(Server {
+            shared,
+            local,
+            acceptor: Some(acceptor),
+            listening,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// True until `stop` closed the listening socket.
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
+    }
+
+    /// The flag `listening` reads, to share with another owner.
+    pub fn listening_flag(&self) -> Arc<AtomicBool> {
+        self.listening.clone()
+    }
+
+    /// Connections now: (half-open, associated).
+    pub fn connection_counts(&self) -> (usize, usize) {
+        let limits = lock(&self.shared.limits);
+        (limits.half_open, limits.associated)
+    }
+
+    /// The number of association threads running.
+    pub fn active(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// Stop accepting, wait up to `grace` for running C-STOREs, then abort every association
+    /// and wait (a few seconds at most) for their threads to end.
+    pub fn stop(&mut self, grace: Duration) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        let deadline = Instant::now() + grace;
+        let mut inflight = lock(&self.shared.inflight);
+        while *inflight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            inflight = self
+                .shared
+                .idle
+                .wait_timeout(inflight, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        drop(inflight);
+        for (_, mut conn) in lock(&self.shared.conns).drain() {
+            let _ = conn.write_all(&pdu::encode_abort(2, 0));
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl<H: Handler> Drop for Server<H> {
+    fn drop(&mut self) {
+        if self.acceptor.is_some() {
+            self.stop(Duration::ZERO);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn accept_loop<H: Handler>(shared: &Arc<Shared<H>>, listener: &TcpListener) {
+    let fd = listener.as_raw_fd();
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the listener's open descriptor.
+        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+        if n <= 0 {
+            continue;
+        }
+        match listener.accept() {
+            Ok((stream, addr)) => {
+                if admit(shared, addr.ip()) {
+                    spawn_association(shared, stream, addr);
+                } // else dropped: closed before anything is read
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                shared
+                    .handler
+                    .log(Level::Warning, &format!("accept failed: {e}"));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Count a new connection from `ip` (half-open), or refuse it with a rate-limited log line.
+fn admit<H: Handler>(shared: &Shared<H>, ip: IpAddr) -> bool {
+    let cfg = &shared.cfg;
+    let mut limits = lock(&shared.limits);
+    let n = limits.per_address.get(&ip).copied().unwrap_or(0);
+    let refusal = if cfg.max_per_address > 0 && n >= cfg.max_per_address {
+        Some(("dicom.max_connections_per_address", n))
+    } else if cfg.max_half_open > 0 && limits.half_open >= cfg.max_half_open {
+        Some(("dicom.max_half_open_connections", limits.half_open))
+    } else {
+        None
+    };
+    let Some((setting, count)) = refusal else {
+        *limits.per_address.entry(ip).or_insert(0) += 1;
+        limits.half_open += 1;
+        return true;
+    };
+    drop(limits);
+    say(
+        shared,
+        ip,
+        Level::Warning,
+        &format!("connection refused: {count} connections ({setting})"),
+    );
+    false
+}
+
+/// One log line about peer `ip`, rate-limited: the first line of its kind (the text without its digits)
+/// from an address in a window is written, the rest are counted into the next one.
+fn say<H: Handler>(shared: &Shared<H>, ip: IpAddr, level: Level, line: &str) {
+    let kind: String = line
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(120)
+        .collect();
+    let now = Instant::now();
+    let hidden = {
+        let mut limits = lock(&shared.limits);
+        if limits.refusals.len() > 4096 {
+            limits
+                .refusals
+                .retain(|_, (start, _)| now.duration_since(*start) < REFUSAL_WINDOW);
+        }
+        let entry = limits
+            .refusals
+            .entry((ip, kind))
+            .or_insert((now - REFUSAL_WINDOW, 0));
+        if now.duration_since(entry.0) < REFUSAL_WINDOW {
+            entry.1 += 1;
+            return;
+        }
+        std::mem::replace(entry, (now, 0)).1
+    };
+    let more = if hidden > 0 {
+        format!(
+            " ({hidden} more like it from this address in the last {} s)",
+            REFUSAL_WINDOW.as_secs()
+        )
+    } else {
+        String::new()
+    };
+    shared
+        .handler
+        .log(level, &format!("DICOM peer {ip}: {line}{more}"));
+}
+
+/// The connection from `ip` ended; `half_open`: it never took an association slot.
+fn release<H: Handler>(shared: &Shared<H>, ip: IpAddr, half_open: bool) {
+    let mut limits = lock(&shared.limits);
+    if let Some(n) = limits.per_address.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            limits.per_address.remove(&ip);
+        }
+    }
+    if half_open {
+        limits.half_open -= 1;
+    } else {
+        limits.associated -= 1;
+    }
+}
+
+fn spawn_association<H: Handler>(shared: &Arc<Shared<H>>, stream: TcpStream, addr: SocketAddr) {
+    let id = shared.seq.fetch_add(1, Ordering::SeqCst);
+    if let Ok(clone) = stream.try_clone() {
+        lock(&shared.conns).insert(id, clone);
+    }
+    shared.active.fetch_add(1, Ordering::SeqCst);
+    let s = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("vna-native-assoc-{id}"))
+        .spawn(move || {
+            let mut stream = Some(stream);
+            let shared = &s;
+            let mut body = || {
+                let Some(stream) = stream.take() else { return };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Association::new(shared, stream, addr, id).run()
+                }));
+                if result.is_err() {
+                    shared.handler.log(
+                        Level::Error,
+                        &format!("association with {} ended by an internal error", addr.ip()),
+                    );
+                }
+                shared.handler.thread_done();
+            };
+            s.handler.run_thread(&mut body);
+            lock(&s.conns).remove(&id);
+            s.active.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        lock(&shared.conns).remove(&id);
+        release(shared, addr.ip(), true);
+        shared.active.fetch_sub(1, Ordering::SeqCst);
+        shared.handler.log(
+            Level::Error,
+            &format!("cannot start an association thread: {e}"),
+        );
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Why an association ends early.
+enum End {
+    /// The peer closed the connection or sent A-ABORT: nothing to send.
+    Closed(String),
+    /// A protocol error or a timeout: send A-ABORT (source 2, reason) and log.
+    Abort(u8, String),
+    /// Close without an A-ABORT (nothing can be sent yet) and log.
+    Refuse(String),
+    /// Released normally.
+    Released,
+}
+
+struct Receiving {
+    context_id: u8,
+    command: Command,
+    transfer_syntax: String,
+    /// The spool file, unless the store was refused before one was made.
+    spool: Option<(File, PathBuf)>,
+    sha: Sha256,
+    size: u64,
+    started_ns: u64,
+    failure: Option<io::Error>,
+}
+
+struct Association<'a, H: Handler> {
+    shared: &'a Shared<H>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    id: u64,
+    body: Vec<u8>,
+    calling_ae: String,
+    peer_max_pdu: u32,
+    accepted: HashMap<u8, Accepted>,
+    command: Vec<u8>,
+    command_cx: Option<u8>,
+    receiving: Option<Receiving>,
+    spool_seq: u64,
+    /// True once this connection counts as an association (its A-ASSOCIATE-RQ arrived).
+    counted: bool,
+    /// True until the connection took an association slot (counted half-open until then).
+    half_open: bool,
+}
+
+impl<H: Handler> Drop for Association<'_, H> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.shared.associations.fetch_sub(1, Ordering::SeqCst);
+        }
+        release(self.shared, self.addr.ip(), self.half_open);
+    }
+}
+
+impl<'a, H: Handler> Association<'a, H> {
+    fn new(shared: &'a Shared<H>, stream: TcpStream, addr: SocketAddr, id: u64) -> Self {
+        Association {
+            shared,
+            stream,
+            addr,
+            id,
+            body: Vec::new(),
+            calling_ae: String::new(),
+            peer_max_pdu: 0,
+            accepted: HashMap::new(),
+            command: Vec::new(),
+            command_cx: None,
+            receiving: None,
+            spool_seq: 0,
+            counted: false,
+            half_open: true,
+        }
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        self.shared.handler.log(level, message);
+    }
+
+    fn run(mut self) {
+        let _ = self.stream.set_nodelay(true);
+        let (end, associated) = match self.negotiate() {
+            Ok(true) => (self.serve(), true),
+            Ok(false) => return,
+            Err(end) => (end, false),
+        };
+        self.abandon();
+        let ip = self.addr.ip();
+        match end {
+            End::Released => {}
+            End::Closed(why) => {
+                if !why.is_empty() {
+                    let line = format!("association from {} ended: {why}", self.calling_ae);
+                    say(self.shared, ip, Level::Info, &line);
+                }
+            }
+            End::Refuse(why) => say(
+                self.shared,
+                ip,
+                Level::Warning,
+                &format!("connection closed: {why}"),
+            ),
+            End::Abort(reason, why) => {
+                let what = if associated {
+                    "association aborted"
+                } else {
+                    "connection closed"
+                };
+                say(self.shared, ip, Level::Warning, &format!("{what}: {why}"));
+                let _ = self.stream.write_all(&pdu::encode_abort(2, reason));
+            }
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Read one PDU into `self.body`; `deadline` bounds the whole PDU (ARTIM), else each read waits
+    /// at most `network_timeout`.
+    fn read_pdu(&mut self, deadline: Option<Instant>, associated: bool) -> Result<u8, End> {
+        let mut head = [0u8; 6];
+        self.read_exact(&mut head, deadline, true)?;
+        let (kind, len) = pdu::parse_header(&head);
+        let cap = match kind {
+            pdu::A_ASSOCIATE_RQ if !associated => MAX_ASSOCIATE_RQ,
+            // as the Python receiver: the announced maximum plus a PDV item header's worth of slack
+            pdu::P_DATA_TF if associated => match self.shared.cfg.max_pdu {
+                0 => MAX_UNLIMITED_PDATA,
+                n => n.saturating_add(6),
+            },
+            pdu::A_RELEASE_RQ | pdu::A_ABORT if associated => MAX_SMALL_PDU,
+            pdu::A_ABORT => MAX_SMALL_PDU,
+            pdu::A_ASSOCIATE_RQ..=pdu::A_ABORT if associated => {
+                return Err(End::Abort(2, format!("unexpected {}", pdu::pdu_name(kind))));
+            }
+            pdu::A_ASSOCIATE_RQ..=pdu::A_ABORT => {
+                let name = pdu::pdu_name(kind);
+                return Err(End::Abort(
+                    2,
+                    format!("{name} before the association was established"),
+                ));
+            }
+            _ => {
+                return Err(End::Abort(
+                    1,
+                    format!("not a DICOM PDU (type 0x{kind:02X})"),
+                ))
+            }
+        };
+        if len > cap {
+            let name = pdu::pdu_name(kind);
+            let bound = if associated {
+                "(dicom.max_pdu)"
+            } else {
+                "before association"
+            };
+            return Err(End::Abort(
+                6,
+                format!("{name} of {len} bytes, more than the {cap} allowed {bound}"),
+            ));
+        }
+        let mut body = std::mem::take(&mut self.body);
+        body.resize(len as usize, 0);
+        let read = self.read_exact(&mut body, deadline, false);
+        self.body = body;
+        read?;
+        Ok(kind)
+    }
+
+    fn read_exact(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+        first: bool,
+    ) -> Result<(), End> {
+        let timeout = self.shared.cfg.network_timeout;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout,
+            };
+            if wait.is_zero() {
+                return Err(self.artim_expired());
+            }
+            let _ = self.stream.set_read_timeout(Some(wait));
+            match self.stream.read(&mut buf[pos..]) {
+                Ok(0) => {
+                    let why = if first && pos == 0 {
+                        ""
+                    } else {
+                        "connection closed mid-PDU"
+                    };
+                    return Err(End::Closed(why.into()));
+                }
+                Ok(n) => pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut =>
+                {
+                    if deadline.is_some() {
+                        return Err(self.artim_expired());
+                    }
+                    let secs = timeout.as_secs_f64();
+                    return Err(End::Abort(
+                        0,
+                        format!("no data for {secs:.0} s (dicom.network_timeout)"),
+                    ));
+                }
+                Err(e) => return Err(End::Closed(format!("connection error: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    fn artim_expired(&self) -> End {
+        let secs = self.shared.cfg.acse_timeout.as_secs_f64();
+        End::Refuse(format!(
+            "no A-ASSOCIATE within {secs:.0} s (dicom.acse_timeout)"
+        ))
+    }
+
+    /// The type of a PDU the requestor sent before our A-ASSOCIATE-AC (it must wait for it), if any.
+    fn pdu_sent_early(&self) -> Option<u8> {
+        let mut first = [0u8; 1];
+        let _ = self.stream.set_nonblocking(true);
+        let early = match self.stream.peek(&mut first) {
+            Ok(1) => Some(first[0]),
+            _ => None,
+        };
+        let _ = self.stream.set_nonblocking(false);
+        early
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), End> {
+        self.stream
+            .write_all(bytes)
+            .map_err(|e| End::Closed(format!("send failed: {e}")))
+    }
+
+    /// Ok(true): associated; Ok(false): rejected or closed before; Err: abort.
+    fn negotiate(&mut self) -> Result<bool, End> {
+        let artim = Instant::now() + self.shared.cfg.acse_timeout;
+        let kind = match self.read_pdu(Some(artim), false) {
+            Ok(k) => k,
+            Err(End::Closed(why)) => {
+                if !why.is_empty() {
+                    let line = format!("connection closed: {why}");
+                    say(self.shared, self.addr.ip(), Level::Info, &line);
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        if kind != pdu::A_ASSOCIATE_RQ {
+            return Ok(false); // an A-ABORT before association: just close
+        }
+        let over_limit = self.shared.associations.fetch_add(1, Ordering::SeqCst)
+            >= self.shared.cfg.max_associations;
+        self.counted = true;
+        let rq = pdu::parse_associate_rq(&self.body)
+            .map_err(|e| End::Abort(6, format!("A-ASSOCIATE-RQ with {e}")))?;
+        self.calling_ae = rq.calling_ae();
+        self.peer_max_pdu = rq.max_pdu;
+        let reject = |this: &mut Self, rj: (u8, u8, u8), why: &str| -> Result<bool, End> {
+            let line = format!("association from {} rejected: {why}", this.calling_ae);
+            say(this.shared, this.addr.ip(), Level::Warning, &line);
+            this.send(&pdu::encode_associate_rj(rj.0, rj.1, rj.2))?;
+            Ok(false)
+        };
+        if over_limit {
+            let max = self.shared.cfg.max_associations;
+            let line =
+                format!("association rejected: {max} associations open (dicom.max_associations)");
+            say(self.shared, self.addr.ip(), Level::Warning, &line);
+            self.send(&pdu::encode_associate_rj(2, 3, 2))?;
+            return Ok(false);
+        }
+        {
+            let mut limits = lock(&self.shared.limits);
+            limits.half_open -= 1;
+            limits.associated += 1;
+            self.half_open = false;
+        }
+        if rq.protocol_version & 1 == 0 {
+            return reject(self, (1, 2, 2), "protocol version not supported");
+        }
+        if rq.application_context != pdu::APPLICATION_CONTEXT {
+            return reject(self, (1, 1, 2), "application context name not supported");
+        }
+        let peer = Peer {
+            address: self.addr.ip().to_string(),
+            port: self.addr.port(),
+        };
+        match self.shared.handler.associate(&peer, &rq) {
+            Decision::Accept => {}
+            Decision::Reject(a, b, c) => {
+                // the handler logged why
+                self.send(&pdu::encode_associate_rj(a, b, c))?;
+                return Ok(false);
+            }
+        }
+        if let Some(kind) = self.pdu_sent_early() {
+            let name = pdu::pdu_name(kind);
+            return Err(End::Abort(
+                2,
+                format!("{name} before the association was established"),
+            ));
+        }
+        let cfg = &self.shared.cfg;
+        let outcome = negotiate(&rq, &cfg.contexts);
+        let ac = pdu::encode_associate_ac(&AssociateAc {
+            rq: &rq,
+            contexts: &outcome.results,
+            roles: &outcome.roles,
+            max_pdu: cfg.max_pdu,
+            implementation_class_uid: &cfg.implementation_class_uid,
+            implementation_version: &cfg.implementation_version,
+        });
+        self.accepted = outcome.accepted;
+        self.send(&ac)?;
+        Ok(true)
+    }
+
+    fn serve(&mut self) -> End {
+        loop {
+            let kind = match self.read_pdu(None, true) {
+                Ok(k) => k,
+                Err(end) => return end,
+            };
+            match kind {
+                pdu::P_DATA_TF => {
+                    if let Err(end) = self.pdata() {
+                        return end;
+                    }
+                }
+                pdu::A_RELEASE_RQ => {
+                    if self.receiving.is_some() || self.command_cx.is_some() {
+                        self.abandon();
+                    }
+                    let _ = self.stream.write_all(&pdu::encode_release_rp());
+                    return End::Released;
+                }
+                pdu::A_ABORT => return End::Closed("aborted by the peer".into()),
+                _ => return End::Abort(2, format!("unexpected {}", pdu::pdu_name(kind))),
+            }
+        }
+    }
+
+    fn pdata(&mut self) -> Result<(), End> {
+        let body = std::mem::take(&mut self.body);
+        let result = self.pdvs(&body);
+        self.body = body;
+        result
+    }
+
+    fn pdvs(&mut self, body: &[u8]) -> Result<(), End> {
+        let pdvs = pdu::split_pdvs(body)
+            .map_err(|e| End::Abort(6, format!("malformed P-DATA-TF: {e}")))?;
+        for pdv in pdvs {
+            if let Some(rx) = self.receiving.as_mut() {
+                if pdv.is_command() || pdv.context_id != rx.context_id {
+                    return Err(End::Abort(
+                        2,
+                        format!(
+                            "PDV (context {}, header 0x{:02X}) out of place during a data set",
+                            pdv.context_id, pdv.control
+                        ),
+                    ));
+                }
+                if rx.failure.is_none() {
+                    if let Some((file, _)) = rx.spool.as_mut() {
+                        match file.write_all(pdv.data) {
+                            Ok(()) => {
+                                rx.sha.update(pdv.data);
+                                rx.size += pdv.data.len() as u64;
+                            }
+                            Err(e) => rx.failure = Some(e),
+                        }
+                    }
+                }
+                if pdv.is_last() {
+                    self.complete_store()?;
+                }
+                continue;
+            }
+            if !pdv.is_command() {
+                return Err(End::Abort(2, "data set PDV without a command".into()));
+            }
+            if self.command_cx.is_some_and(|cx| cx != pdv.context_id) {
+                return Err(End::Abort(
+                    2,
+                    "command fragments on two presentation contexts".into(),
+                ));
+            }
+            if self.command.len() + pdv.data.len() > MAX_COMMAND {
+                return Err(End::Abort(6, "command set too long".into()));
+            }
+            self.command_cx = Some(pdv.context_id);
+            self.command.extend_from_slice(pdv.data);
+            if pdv.is_last() {
+                let raw = std::mem::take(&mut self.command);
+                let cx = self.command_cx.take().unwrap_or(pdv.context_id);
+                self.command(cx, &raw)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, cx_id: u8, raw: &[u8]) -> Result<(), End> {
+        let cmd = dimse::parse_command(raw).map_err(|e| End::Abort(6, e.to_string()))?;
+        let Some(cx) = self.accepted.get(&cx_id).cloned() else {
+            return Err(End::Abort(
+                6,
+                format!("command on presentation context {cx_id}, which is not accepted"),
+            ));
+        };
+        match cmd.command_field {
+            dimse::C_ECHO_RQ if cx.abstract_syntax == VERIFICATION && !cmd.has_data_set() => {
+                let rsp = dimse::encode_echo_rsp(cmd.message_id, &cx.abstract_syntax);
+                let out = pdu::encode_pdata(cx_id, true, &rsp, self.peer_max_pdu);
+                self.send(&out)
+            }
+            dimse::C_STORE_RQ if !cmd.missing_for_store().is_empty() => {
+                let missing = cmd.missing_for_store().join(", ");
+                Err(End::Abort(0, format!("a C-STORE-RQ without {missing}")))
+            }
+            dimse::C_STORE_RQ if cx.storage && cx.as_scp && cmd.has_data_set() => {
+                self.begin_store(cx_id, &cx, cmd)
+            }
+            field => Err(End::Abort(2, format!(
+                "DIMSE command 0x{field:04X} on context {cx_id} ({}) is not supported by the native receiver",
+                cx.abstract_syntax))),
+        }
+    }
+
+    fn spool_file(&mut self) -> io::Result<(File, PathBuf)> {
+        loop {
+            self.spool_seq += 1;
+            let path = self.shared.cfg.spool_dir.join(format!(
+                "nv{}-{}-{}.dcm",
+                std::process::id(),
+                self.id,
+                self.spool_seq
+            ));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(f) => return Ok((f, path)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn begin_store(&mut self, cx_id: u8, cx: &Accepted, cmd: Command) -> Result<(), End> {
+        let started_ns = now_ns();
+        let cfg = &self.shared.cfg;
+        let header = dimse::spool_header(
+            &cmd.affected_sop_class,
+            &cmd.affected_sop_instance,
+            &cx.transfer_syntax,
+            &cfg.spool_implementation_uid,
+            &cfg.spool_implementation_version,
+        );
+        let mut failure = None;
+        let mut spool = None;
+        // the UIDs are judged by the handler (as the Python receiver's ingest does), not here; a spool
+        // that cannot be made or written: the data set is read and dropped, then answered
+        match self.spool_file() {
+            Ok((mut file, path)) => {
+                if let Err(e) = file.write_all(&header) {
+                    failure = Some(e);
+                }
+                spool = Some((file, path));
+            }
+            Err(e) => failure = Some(e),
+        }
+        let mut sha = Sha256::new();
+        sha.update(&header);
+        self.receiving = Some(Receiving {
+            context_id: cx_id,
+            command: cmd,
+            transfer_syntax: cx.transfer_syntax.clone(),
+            spool,
+            sha,
+            size: header.len() as u64,
+            started_ns,
+            failure,
+        });
+        Ok(())
+    }
+
+    fn complete_store(&mut self) -> Result<(), End> {
+        let Some(rx) = self.receiving.take() else {
+            return Ok(());
+        };
+        let ended_ns = now_ns();
+        let Receiving {
+            context_id,
+            command,
+            transfer_syntax,
+            spool,
+            sha,
+            size,
+            started_ns,
+            mut failure,
+        } = rx;
+        let path = spool.map(|(file, path)| {
+            drop(file);
+            path
+        });
+        let answer = match (failure.take(), path.clone()) {
+            (Some(e), _) => {
+                self.log(
+                    Level::Error,
+                    &format!(
+                        "C-STORE of {}: spooling failed: {e}",
+                        command.affected_sop_instance
+                    ),
+                );
+                StoreAnswer {
+                    status: 0xA700,
+                    comment: Some("spooling the data set failed".into()),
+                }
+            }
+            (None, None) => StoreAnswer {
+                status: 0xA700,
+                comment: Some("spooling the data set failed".into()),
+            },
+            (None, Some(path)) => {
+                let record = StoreRecord {
+                    path,
+                    sha256: hex(&sha.finalize()),
+                    size,
+                    calling_ae: self.calling_ae.clone(),
+                    address: self.addr.ip().to_string(),
+                    message_id: command.message_id,
+                    sop_class_uid: command.affected_sop_class.clone(),
+                    sop_instance_uid: command.affected_sop_instance.clone(),
+                    transfer_syntax_uid: transfer_syntax,
+                    move_originator: command.move_originator_ae.clone(),
+                    started_ns,
+                    ended_ns,
+                };
+                *lock(&self.shared.inflight) += 1;
+                let answer = self.shared.handler.store(&record);
+                let mut n = lock(&self.shared.inflight);
+                *n -= 1;
+                self.shared.idle.notify_all();
+                answer
+            }
+        };
+        if let Some(path) = &path {
+            let _ = std::fs::remove_file(path);
+        }
+        let comment = answer.comment.as_deref().map(clean_comment);
+        let rsp = dimse::encode_store_rsp(
+            command.message_id,
+            &command.affected_sop_class,
+            &command.affected_sop_instance,
+            answer.status,
+            comment.as_deref(),
+        );
+        let out = pdu::encode_pdata(context_id, true, &rsp, self.peer_max_pdu);
+        self.send(&out)
+    }
+
+    /// Forget a C-STORE being received and remove its spool file.
+    fn abandon(&mut self) {
+        self.command.clear();
+        self.command_cx = None;
+        if let Some(rx) = self.receiving.take() {
+            if let Some((file, path)) = rx.spool {
+                drop(file);
+                let _ = std::fs::remove_file(&path);
+            }
+            self.log(
+                Level::Info,
+                &format!(
+                    "C-STORE of {} not completed; spool removed",
+                    rx.command.affected_sop_instance
+                ),
+            );
+        }
+    }
+}
+
+/// An Error Comment (LO): ASCII, no backslash, at most 64 characters.
+fn clean_comment(text: &str) -> String {
+    let cleaned: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii() && c != '\\' && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(64)
+        .collect();
+    cleaned.trim().to_string()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
+}

@@ -1,0 +1,84 @@
+"""vna's native DIMSE core (Rust): the listener that receives C-ECHO and C-STORE.
+
+Imported only by ``vna.dicom.native``.
+"""
+
+from typing import Callable, Optional, final
+
+__all__ = ["Listener", "StoreRecord", "max_associate_rq", "__version__"]
+__version__: str
+
+@final
+class StoreRecord:
+    """A C-STORE data set spooled to ``path`` (preamble, File Meta, data set as received)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def calling_ae(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def message_id(self) -> int: ...
+    @property
+    def sop_class_uid(self) -> str: ...
+    @property
+    def sop_instance_uid(self) -> str: ...
+    @property
+    def transfer_syntax_uid(self) -> str: ...
+    @property
+    def move_originator(self) -> Optional[str]: ...
+    @property
+    def started_ns(self) -> int: ...
+    @property
+    def ended_ns(self) -> int: ...
+
+@final
+class Listener:
+    """The native DICOM listener; bound and accepting once constructed (raises OSError if it cannot bind).
+
+    ``contexts``: (abstract syntax, our transfer syntaxes in order of preference,
+    (requestor may be SCU, requestor may be SCP) or None for default roles, is a storage class).
+    ``max_half_open`` / ``max_per_address`` (0: unlimited): connections not yet associated / from one
+    address beyond which a new connection is closed at once.
+    ``on_associate(calling_ae, called_ae, address, port)`` returns None to accept or
+    (result, source, reason) to reject; ``on_store(record)`` returns (status, error comment);
+    ``on_log(level, message)`` takes a ``logging`` level; ``on_thread_done()`` runs when an
+    association's thread ends. Callbacks run in the association threads.
+    """
+
+    def __new__(
+        cls,
+        *,
+        host: str,
+        port: int,
+        reuse_port: bool,
+        max_pdu: int,
+        max_associations: int,
+        max_half_open: int,
+        max_per_address: int,
+        acse_timeout: float,
+        network_timeout: float,
+        spool_dir: str,
+        implementation_class_uid: str,
+        implementation_version: str,
+        spool_implementation_uid: str,
+        spool_implementation_version: str,
+        contexts: list[tuple[str, list[str], Optional[tuple[bool, bool]], bool]],
+        on_associate: Callable[[str, str, str, int], Optional[tuple[int, int, int]]],
+        on_store: Callable[[StoreRecord], tuple[int, Optional[str]]],
+        on_log: Callable[[int, str], None],
+        on_thread_done: Callable[[], None],
+    ) -> Listener: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def listening(self) -> bool: ...
+    def connection_counts(self) -> tuple[int, int]: ...
+    def stop(self, grace: float) -> None: ...
+
+def max_associate_rq() -> int: ...
