@@ -1,0 +1,232 @@
+//! The greyscale model: a blend of four predictors weighted by their recent
+//! errors, a LOCO-I bias correction per context, and residual tokens coded
+//! with adaptive binary contexts chosen by the local error activity.
+
+use crate::rc::{BitReader, BitWriter, Decoder, Encoder, Prob, PROB_INIT};
+
+const NSUB: usize = 4;
+const ACT_CTX: usize = 36;
+const BIAS_CTX: usize = ACT_CTX * 27;
+const TOKEN_NODES: usize = 32;
+const MAX_TOKEN: u32 = 16;
+const ERR_CAP: u32 = 4095;
+const BIAS_RESET: i32 = 64;
+
+/// Reciprocal of the squared error (+1), the weight of a sub-predictor.
+fn recip_table() -> Vec<u32> {
+    (0..=u64::from(ERR_CAP))
+        .map(|e| ((1u64 << 31) / ((e + 1) * (e + 1))) as u32)
+        .collect()
+}
+
+#[inline(always)]
+fn act_bucket(a: u32) -> usize {
+    if a < 2 {
+        a as usize
+    } else {
+        let len = 32 - a.leading_zeros(); // >= 2
+        let b = (2 * len - 2 + ((a >> (len - 2)) & 1)) as usize;
+        b.min(ACT_CTX - 1)
+    }
+}
+
+#[inline(always)]
+fn sign3(d: i32) -> usize {
+    (d.signum() + 1) as usize
+}
+
+/// What the coder does with each residual: the encoder writes the one it is
+/// given, the decoder ignores it and returns the one it reads.
+pub(crate) trait Residuals {
+    const ENCODE: bool;
+    fn code(&mut self, m: &mut Models, ctx: usize, r: u32) -> u32;
+}
+
+pub(crate) struct Models {
+    tok: Vec<[Prob; TOKEN_NODES]>,
+    mant: Vec<[Prob; MAX_TOKEN as usize + 1]>,
+    pub bad: bool,
+}
+
+impl Models {
+    fn new() -> Self {
+        Models {
+            tok: vec![[PROB_INIT; TOKEN_NODES]; ACT_CTX],
+            mant: vec![[PROB_INIT; MAX_TOKEN as usize + 1]; ACT_CTX],
+            bad: false,
+        }
+    }
+}
+
+pub(crate) struct Enc {
+    pub rc: Encoder,
+    pub raw: BitWriter,
+}
+
+impl Residuals for Enc {
+    const ENCODE: bool = true;
+
+    #[inline(always)]
+    fn code(&mut self, m: &mut Models, ctx: usize, r: u32) -> u32 {
+        let t = 32 - r.leading_zeros();
+        let probs = &mut m.tok[ctx];
+        let mut node = 1usize;
+        for i in (0..5).rev() {
+            let bit = (t >> i) & 1;
+            self.rc.bit(&mut probs[node], bit);
+            node = (node << 1) | bit as usize;
+        }
+        if t >= 2 {
+            self.rc
+                .bit(&mut m.mant[ctx][t as usize], (r >> (t - 2)) & 1);
+            if t > 2 {
+                self.raw.put(r, t - 2);
+            }
+        }
+        r
+    }
+}
+
+pub(crate) struct Dec<'a> {
+    pub rc: Decoder<'a>,
+    pub raw: BitReader<'a>,
+}
+
+impl Residuals for Dec<'_> {
+    const ENCODE: bool = false;
+
+    #[inline(always)]
+    fn code(&mut self, m: &mut Models, ctx: usize, _r: u32) -> u32 {
+        let probs = &mut m.tok[ctx];
+        let mut node = 1usize;
+        for _ in 0..5 {
+            node = (node << 1) | self.rc.bit(&mut probs[node]) as usize;
+        }
+        let t = (node - TOKEN_NODES) as u32;
+        match t {
+            0 => 0,
+            1 => 1,
+            2..=MAX_TOKEN => {
+                let top = self.rc.bit(&mut m.mant[ctx][t as usize]);
+                let low = if t > 2 { self.raw.get(t - 2) } else { 0 };
+                (1 << (t - 1)) | (top << (t - 2)) | low
+            }
+            _ => {
+                m.bad = true;
+                0
+            }
+        }
+    }
+}
+
+/// Codes one frame (`img`, `rows*cols` samples of `bits` bits, unsigned):
+/// the encoder reads `img`, the decoder fills it.
+pub(crate) fn code_frame<R: Residuals>(
+    img: &mut [u16],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    io: &mut R,
+) -> bool {
+    let mask = ((1u32 << bits) - 1) as i32;
+    let half = 1i32 << (bits - 1);
+    let recip = recip_table();
+    let mut models = Models::new();
+    let mut bias_b = vec![0i32; BIAS_CTX];
+    let mut bias_n = vec![1i32; BIAS_CTX];
+    let mut bias_c = vec![0i32; BIAS_CTX];
+    // error rows, padded by one on each side: [sub][parity][x + 1]
+    let w2 = cols + 2;
+    let mut sub_err = vec![0u32; NSUB * 2 * w2];
+    let mut fin_err = vec![0u32; 2 * w2];
+    for y in 0..rows {
+        let (cur, prev) = (y & 1, (y + 1) & 1);
+        let row = y * cols;
+        for x in 0..cols {
+            let i = row + x;
+            let (w, n, nw, ne);
+            if y == 0 {
+                w = if x > 0 { i32::from(img[i - 1]) } else { 0 };
+                n = w;
+                nw = w;
+                ne = w;
+            } else {
+                n = i32::from(img[i - cols]);
+                nw = if x > 0 {
+                    i32::from(img[i - cols - 1])
+                } else {
+                    n
+                };
+                ne = if x + 1 < cols {
+                    i32::from(img[i - cols + 1])
+                } else {
+                    n
+                };
+                w = if x > 0 { i32::from(img[i - 1]) } else { n };
+            }
+            let preds = [w + n - nw, w + ne - n, n, w];
+            let mut sw: u64 = 0;
+            let mut swp: i64 = 0;
+            for (k, &p) in preds.iter().enumerate() {
+                let base = (k * 2) * w2;
+                let e = sub_err[base + cur * w2 + x]
+                    + sub_err[base + prev * w2 + x]
+                    + sub_err[base + prev * w2 + x + 1]
+                    + sub_err[base + prev * w2 + x + 2];
+                let wk = recip[e.min(ERR_CAP) as usize];
+                sw += u64::from(wk);
+                swp += i64::from(wk) * i64::from(p);
+            }
+            let sw = sw as i64;
+            let blend = (swp + sw / 2).div_euclid(sw) as i32;
+            let act = fin_err[cur * w2 + x]
+                + fin_err[prev * w2 + x]
+                + fin_err[prev * w2 + x + 1]
+                + fin_err[prev * w2 + x + 2];
+            let actx = act_bucket(act);
+            let bctx = actx * 27 + sign3(n - nw) * 9 + sign3(w - nw) * 3 + sign3(ne - n);
+            let pred = (blend + bias_c[bctx]).clamp(0, mask);
+            let v = if R::ENCODE {
+                let v = i32::from(img[i]);
+                let d = (((v - pred) + half) & mask) - half;
+                let z = ((d << 1) ^ (d >> 31)) as u32;
+                io.code(&mut models, actx, z);
+                v
+            } else {
+                let z = io.code(&mut models, actx, 0);
+                let d = ((z >> 1) as i32) ^ -((z & 1) as i32);
+                let v = (pred + d) & mask;
+                img[i] = v as u16;
+                v
+            };
+            // model updates
+            for (k, &p) in preds.iter().enumerate() {
+                sub_err[(k * 2 + cur) * w2 + x + 1] = (v - p).unsigned_abs();
+            }
+            let err = v - pred;
+            fin_err[cur * w2 + x + 1] = err.unsigned_abs();
+            let (b, nn, c) = (&mut bias_b[bctx], &mut bias_n[bctx], &mut bias_c[bctx]);
+            *b += err;
+            *nn += 1;
+            if *nn == BIAS_RESET {
+                *b >>= 1;
+                *nn >>= 1;
+            }
+            if *b <= -*nn {
+                *c -= 1;
+                *b += *nn;
+                if *b <= -*nn {
+                    *b = -*nn + 1;
+                }
+            } else if *b > 0 {
+                *c += 1;
+                *b -= *nn;
+                if *b > 0 {
+                    *b = 0;
+                }
+            }
+            *c = (*c).clamp(-half, half);
+        }
+    }
+    !models.bad
+}
