@@ -7,7 +7,7 @@ use crate::rc::{BitReader, BitWriter, Decoder, Encoder, Prob, PROB_INIT};
 const NSUB: usize = 4;
 const ACT_CTX: usize = 36;
 const BIAS_CTX: usize = ACT_CTX * 27;
-const TOKEN_NODES: usize = 32;
+const TOKEN_NODES: usize = 16; // a 4-level tree (tokens 0..15); node 0 splits 15 from 16
 const MAX_TOKEN: u32 = 16;
 const ERR_CAP: u32 = 4095;
 const BIAS_RESET: i32 = 64;
@@ -70,11 +70,15 @@ impl Residuals for Enc {
     fn code(&mut self, m: &mut Models, ctx: usize, r: u32) -> u32 {
         let t = 32 - r.leading_zeros();
         let probs = &mut m.tok[ctx];
+        let t4 = t.min(15);
         let mut node = 1usize;
-        for i in (0..5).rev() {
-            let bit = (t >> i) & 1;
+        for i in (0..4).rev() {
+            let bit = (t4 >> i) & 1;
             self.rc.bit(&mut probs[node], bit);
             node = (node << 1) | bit as usize;
+        }
+        if t4 == 15 {
+            self.rc.bit(&mut probs[0], t - 15);
         }
         if t >= 2 {
             self.rc
@@ -99,10 +103,13 @@ impl Residuals for Dec<'_> {
     fn code(&mut self, m: &mut Models, ctx: usize, _r: u32) -> u32 {
         let probs = &mut m.tok[ctx];
         let mut node = 1usize;
-        for _ in 0..5 {
+        for _ in 0..4 {
             node = (node << 1) | self.rc.bit(&mut probs[node]) as usize;
         }
-        let t = (node - TOKEN_NODES) as u32;
+        let mut t = (node - TOKEN_NODES) as u32;
+        if t == 15 {
+            t += self.rc.bit(&mut probs[0]);
+        }
         match t {
             0 => 0,
             1 => 1,
@@ -112,7 +119,7 @@ impl Residuals for Dec<'_> {
                 (1 << (t - 1)) | (top << (t - 2)) | low
             }
             _ => {
-                m.bad = true;
+                m.bad = true; // 17: cannot happen in a stream the encoder wrote
                 0
             }
         }
@@ -135,12 +142,13 @@ pub(crate) fn code_frame<R: Residuals>(
     let mut bias_b = vec![0i32; BIAS_CTX];
     let mut bias_n = vec![1i32; BIAS_CTX];
     let mut bias_c = vec![0i32; BIAS_CTX];
-    // error rows, padded by one on each side: [sub][parity][x + 1]
+    // errors of the four sub-predictors and of the final prediction, per position of the
+    // current and the previous row, padded by one on each side (pads stay 0)
     let w2 = cols + 2;
-    let mut sub_err = vec![0u32; NSUB * 2 * w2];
-    let mut fin_err = vec![0u32; 2 * w2];
+    let mut cur_err = vec![[0u32; NSUB + 1]; w2];
+    let mut prev_err = vec![[0u32; NSUB + 1]; w2];
     for y in 0..rows {
-        let (cur, prev) = (y & 1, (y + 1) & 1);
+        std::mem::swap(&mut cur_err, &mut prev_err);
         let row = y * cols;
         for x in 0..cols {
             let i = row + x;
@@ -165,24 +173,22 @@ pub(crate) fn code_frame<R: Residuals>(
                 w = if x > 0 { i32::from(img[i - 1]) } else { n };
             }
             let preds = [w + n - nw, w + ne - n, n, w];
+            let (l, p0, p1, p2) = (cur_err[x], prev_err[x], prev_err[x + 1], prev_err[x + 2]);
+            let mut e = [0u32; NSUB + 1];
+            for k in 0..=NSUB {
+                e[k] = l[k] + p0[k] + p1[k] + p2[k];
+            }
             let mut sw: u64 = 0;
             let mut swp: i64 = 0;
-            for (k, &p) in preds.iter().enumerate() {
-                let base = (k * 2) * w2;
-                let e = sub_err[base + cur * w2 + x]
-                    + sub_err[base + prev * w2 + x]
-                    + sub_err[base + prev * w2 + x + 1]
-                    + sub_err[base + prev * w2 + x + 2];
-                let wk = recip[e.min(ERR_CAP) as usize];
+            for k in 0..NSUB {
+                let wk = recip[e[k].min(ERR_CAP) as usize];
                 sw += u64::from(wk);
-                swp += i64::from(wk) * i64::from(p);
+                swp += i64::from(wk) * i64::from(preds[k]);
             }
-            let sw = sw as i64;
-            let blend = (swp + sw / 2).div_euclid(sw) as i32;
-            let act = fin_err[cur * w2 + x]
-                + fin_err[prev * w2 + x]
-                + fin_err[prev * w2 + x + 1]
-                + fin_err[prev * w2 + x + 2];
+            // exact: both sums are below 2^53, and IEEE division is correctly rounded
+            // (the blend is within [-2^16, 2^17]: offset to truncate as a floor, no libm call)
+            let blend = ((swp as f64) / (sw as f64) + f64::from(1 << 18) + 0.5) as i32 - (1 << 18);
+            let act = e[NSUB];
             let actx = act_bucket(act);
             let bctx = actx * 27 + sign3(n - nw) * 9 + sign3(w - nw) * 3 + sign3(ne - n);
             let pred = (blend + bias_c[bctx]).clamp(0, mask);
@@ -200,11 +206,14 @@ pub(crate) fn code_frame<R: Residuals>(
                 v
             };
             // model updates
-            for (k, &p) in preds.iter().enumerate() {
-                sub_err[(k * 2 + cur) * w2 + x + 1] = (v - p).unsigned_abs();
-            }
             let err = v - pred;
-            fin_err[cur * w2 + x + 1] = err.unsigned_abs();
+            cur_err[x + 1] = [
+                (v - preds[0]).unsigned_abs(),
+                (v - preds[1]).unsigned_abs(),
+                (v - preds[2]).unsigned_abs(),
+                (v - preds[3]).unsigned_abs(),
+                err.unsigned_abs(),
+            ];
             let (b, nn, c) = (&mut bias_b[bctx], &mut bias_n[bctx], &mut bias_c[bctx]);
             *b += err;
             *nn += 1;

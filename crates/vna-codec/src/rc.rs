@@ -36,15 +36,17 @@ impl Encoder {
 
     #[inline(always)]
     pub fn bit(&mut self, p: &mut Prob, bit: u32) {
+        // branch-free selects: the bits of a good model are unpredictable by construction
         let bound = (self.range >> PROB_BITS) * u32::from(*p);
-        if bit == 0 {
-            self.range = bound;
-            *p += ((1 << PROB_BITS) - *p) >> MOVE_BITS;
+        let one = bit != 0;
+        let mask = 0u32.wrapping_sub(bit & 1);
+        self.low += u64::from(bound & mask);
+        self.range = if one { self.range - bound } else { bound };
+        *p = if one {
+            *p - (*p >> MOVE_BITS)
         } else {
-            self.low += u64::from(bound);
-            self.range -= bound;
-            *p -= *p >> MOVE_BITS;
-        }
+            *p + (((1 << PROB_BITS) - *p) >> MOVE_BITS)
+        };
         while self.range < TOP {
             self.range <<= 8;
             self.shift_low();
@@ -122,15 +124,14 @@ impl<'a> Decoder<'a> {
     #[inline(always)]
     pub fn bit(&mut self, p: &mut Prob) -> u32 {
         let bound = (self.range >> PROB_BITS) * u32::from(*p);
-        let bit = if self.code < bound {
-            self.range = bound;
-            *p += ((1 << PROB_BITS) - *p) >> MOVE_BITS;
-            0
+        let one = self.code >= bound;
+        let bit = u32::from(one);
+        self.code -= bound & 0u32.wrapping_sub(bit);
+        self.range = if one { self.range - bound } else { bound };
+        *p = if one {
+            *p - (*p >> MOVE_BITS)
         } else {
-            self.code -= bound;
-            self.range -= bound;
-            *p -= *p >> MOVE_BITS;
-            1
+            *p + (((1 << PROB_BITS) - *p) >> MOVE_BITS)
         };
         while self.range < TOP {
             self.range <<= 8;
