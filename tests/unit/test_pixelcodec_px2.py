@@ -215,3 +215,17 @@ def test_codec_registry_and_bundle_carry_px2() -> None:
     assert decode_frame(frame, entry) == data
     with pytest.raises(ValueError):
         BundleWriter(3, codec="zstd")
+
+
+def test_committed_px2_frames_decode_unchanged() -> None:
+    """The px2 stream format is frozen: frames written by this version decode forever."""
+    fixtures = FIXTURES.parent / "px2"
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    assert {m["kind"] for m in manifest.values()} == {"GRAY16_AC", "GRAY8_AC"}
+    for name, want in manifest.items():
+        frame = (fixtures / name).read_bytes()
+        info = frame_info(frame)
+        assert (info.version, info.kind.name if info.kind else None, info.flags) == (
+            want["version"], want["kind"], want["flags"]), name
+        out = decode(frame)
+        assert (len(out), hashlib.sha256(out).hexdigest()) == (want["size"], want["sha256"]), name

@@ -12,10 +12,21 @@ const MAX_TOKEN: u32 = 16;
 const ERR_CAP: u32 = 4095;
 const BIAS_RESET: i32 = 64;
 
-/// Reciprocal of the squared error (+1), the weight of a sub-predictor.
+/// Reciprocal of the squared error (+1), the weight of a sub-predictor (at least 2^10).
 fn recip_table() -> Vec<u32> {
     (0..=u64::from(ERR_CAP))
-        .map(|e| ((1u64 << 31) / ((e + 1) * (e + 1))) as u32)
+        .map(|e| ((1u64 << 34) / ((e + 1) * (e + 1))).min(u64::from(u32::MAX)) as u32)
+        .collect()
+}
+
+const DIV_BITS: u32 = 12;
+const DIV_SHIFT: u32 = 24;
+
+/// 2^24 / d for d in [2^11, 2^12): the blend divides by the weight sum scaled into that range.
+fn div_table() -> Vec<i64> {
+    let lo = 1i64 << (DIV_BITS - 1);
+    (lo..2 * lo)
+        .map(|d| ((1i64 << DIV_SHIFT) + d / 2) / d)
         .collect()
 }
 
@@ -138,6 +149,7 @@ pub(crate) fn code_frame<R: Residuals>(
     let mask = ((1u32 << bits) - 1) as i32;
     let half = 1i32 << (bits - 1);
     let recip = recip_table();
+    let div = div_table();
     let mut models = Models::new();
     let mut bias_b = vec![0i32; BIAS_CTX];
     let mut bias_n = vec![1i32; BIAS_CTX];
@@ -178,16 +190,19 @@ pub(crate) fn code_frame<R: Residuals>(
             for k in 0..=NSUB {
                 e[k] = l[k] + p0[k] + p1[k] + p2[k];
             }
+            // blend = N + sum(w_k * (p_k - N)) / sum(w_k), the division by a table of
+            // reciprocals of the weight sum scaled to 12 bits (sum >= 4 * 2^10)
             let mut sw: u64 = 0;
-            let mut swp: i64 = 0;
+            let mut swd: i64 = 0;
             for k in 0..NSUB {
                 let wk = recip[e[k].min(ERR_CAP) as usize];
                 sw += u64::from(wk);
-                swp += i64::from(wk) * i64::from(preds[k]);
+                swd += i64::from(wk) * i64::from(preds[k] - n);
             }
-            // exact: both sums are below 2^53, and IEEE division is correctly rounded
-            // (the blend is within [-2^16, 2^17]: offset to truncate as a floor, no libm call)
-            let blend = ((swp as f64) / (sw as f64) + f64::from(1 << 18) + 0.5) as i32 - (1 << 18);
+            let shift = (64 - sw.leading_zeros()).saturating_sub(DIV_BITS);
+            let d = (sw >> shift) as usize - (1 << (DIV_BITS - 1));
+            let blend =
+                n + (((swd >> shift) * div[d] + (1 << (DIV_SHIFT - 1))) >> DIV_SHIFT) as i32;
             let act = e[NSUB];
             let actx = act_bucket(act);
             let bctx = actx * 27 + sign3(n - nw) * 9 + sign3(w - nw) * 3 + sign3(ne - n);
