@@ -15,6 +15,7 @@ from vna.domain import PlacementState, Tier, site_of, site_store_id
 from vna.errors import AuditUnavailable, NotFound
 from vna.gauges import ArchiveGauges
 from vna.index import Index, open_index
+from vna.lifecycle.copies import copy_policy, shortfall
 from vna.services.ingest import IngestService
 from vna.services.query import QueryService
 from vna.services.retrieve import RetrieveService
@@ -54,6 +55,10 @@ class Archive:
         self.cold = TierAccessor(Tier.COLD, [self._cold_store(cfg)], 1, PixelCodec(cfg.cold.zstd_level))
         #: every tier's accessor, by tier
         self.tiers: dict[Tier, TierAccessor] = {Tier.HOT: self.hot, Tier.COLD: self.cold}
+        #: archive.min_copies and what one copy on each store counts for
+        self.copies = copy_policy(cfg, self.hot, self.cold)
+        if (short := shortfall(cfg, self.copies, self.hot, self.cold)) is not None:
+            log.warning("%s", short)
         self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy,
                                     audit=self.audit, telemetry=self.telemetry)
         #: the other sites of the federation (None: a single site)
@@ -65,6 +70,8 @@ class Archive:
         self.retrieve = RetrieveService(self.index, self.tiers, cfg.resolve("spool/retrieve"),
                                         audit=self.audit, telemetry=self.telemetry, site=self.site_id,
                                         sites=self.sites, cache_remote=cfg.federation.cache_remote)
+        self.ingest.retrieve = self.retrieve  # a re-send in other bytes is compared with a verified stored copy
+        self.ingest.copy_weight = self.copies.weight  # a verified copy counts as its store declares (redundancy)
         self.query = QueryService(self.index, cfg.dicom.ae_title, audit=self.audit, sites=self.sites)
         self.gauges = ArchiveGauges(self)
 
@@ -76,7 +83,8 @@ class Archive:
         """
         site = cfg.archive.site_id
         stores: list[BlobStore] = [
-            FilesystemBlobStore(site_store_id(f"hot-{i + 1}", site), cfg.resolve(path), fsync=cfg.hot.fsync)
+            FilesystemBlobStore(site_store_id(f"hot-{i + 1}", site), cfg.resolve(path), fsync=cfg.hot.fsync,
+                                file_mode=cfg.archive.file_mode)
             for i, path in enumerate(cfg.hot.replicas)
         ]
         if cfg.hot.s3:
@@ -92,14 +100,14 @@ class Archive:
 
             return S3BlobStore(site_store_id("cold-s3", cfg.archive.site_id), cfg.cold.s3)
         return FilesystemBlobStore(site_store_id("cold-1", cfg.archive.site_id), cfg.resolve(cfg.cold.path),
-                                   fsync=cfg.hot.fsync)
+                                   fsync=cfg.hot.fsync, file_mode=cfg.archive.file_mode)
 
     def migrator(self) -> Migrator:
         """The lifecycle job on this archive's tiers."""
         from vna.lifecycle.migrator import Migrator
 
         return Migrator(self.index, self.hot, self.cold, self.retrieve, self.cfg.lifecycle, self.cfg.cold,
-                        audit=self.audit, telemetry=self.telemetry)
+                        audit=self.audit, telemetry=self.telemetry, copies=self.copies)
 
     def is_committed(self, sop_uid: str, sop_class_uid: str | None = None) -> bool:
         """True if the current version has at least W verified (OK) hot copies at this site."""

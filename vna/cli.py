@@ -11,17 +11,21 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from vna.cli_support import add_common, load
+from vna import __version__, preflight
+from vna.cli_support import add_common, explain, load, setting_origins
 from vna.config import Config
 from vna.errors import ConfigError, VnaError
+from vna.preflight import listen_error
 
 __all__ = ["main"]
 
@@ -97,7 +101,10 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
     health = _health_server(cfg, archive, server, grpc_server, stop, reuse_port)
     try:
         if server is not None:
-            server.start()
+            try:
+                server.start()
+            except OSError as exc:  # the port was taken after the preflight probe
+                raise listen_error("dicom.port", "the DICOM listener", cfg.dicom.host, cfg.dicom.port, exc) from exc
         if grpc_server is not None:
             grpc_server.start()
         if health is not None:
@@ -150,7 +157,12 @@ def _health_server(cfg: Config, archive: Any, dicom: Any, grpc_server: Any, stop
 
 
 def _worker_main(cfg: Config, stop: Any, ready: Any, log_level: str, run_jobs: bool, dicom: bool = True) -> None:
-    _serve_process(cfg, stop, ready, True, log_level, run_jobs, dicom)
+    """A spawned worker process: a configuration error is one log line and exit status 2, not a traceback."""
+    try:
+        _serve_process(cfg, stop, ready, True, log_level, run_jobs, dicom)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        sys.exit(2)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -163,6 +175,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from vna.dicom import native
 
         native.load()  # not built: ConfigError (exit 2) saying how to build it, never a fallback
+    preflight.check_serve(cfg, dicom=dicom)
+    created = preflight.missing_roots(cfg)
+    started = threading.Event()
+    try:
+        code = _serve(cfg, args, dicom, started)
+    except BaseException:
+        if not started.is_set():  # a failed start leaves no half-made directories behind
+            preflight.remove_created(created)
+        raise
+    if not started.is_set():
+        preflight.remove_created(created)
+    return code
+
+
+def _serve(cfg: Config, args: argparse.Namespace, dicom: bool, started: threading.Event) -> int:
+    """``cmd_serve`` once the preflight checks passed; ``started`` is set once every listener is up.
+
+    Raises (ConfigError...) if the start fails.
+    """
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     _prepare_spool(cfg)
     if cfg.index.migrate_on_start:
@@ -182,21 +213,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
                f"data {cfg.data_dir}")
     if cfg.dicom.workers == 1:
         ready = threading.Event()
-        thread = threading.Thread(target=_serve_process, args=(cfg, stop, ready, False, None, True, dicom),
-                                  name="vna-serve")
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                _serve_process(cfg, stop, ready, False, None, True, dicom)
+            except BaseException as exc:  # re-raised in the main thread: one message, the right exit code
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, name="vna-serve")
         thread.start()
         while not ready.wait(0.1):
             if not thread.is_alive():
-                return 1
-        log.info("vna ready: %s)", summary)
+                break
+        if ready.is_set():
+            started.set()
+            log.info("vna ready: %s)", summary)
         while thread.is_alive():
             thread.join(0.5)
+        if failed:
+            raise failed[0]
         log.info("vna stopped")
-        return 0
-    return _serve_workers(cfg, stop, summary, args.log_level, dicom)
+        return 0 if ready.is_set() else 1
+    return _serve_workers(cfg, stop, summary, args.log_level, dicom, started)
 
 
-def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: str, dicom: bool = True) -> int:
+def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: str, dicom: bool = True,
+                   started: threading.Event | None = None) -> int:
     """Supervise ``dicom.workers`` processes sharing the DICOM port; restart any that dies."""
     ctx = multiprocessing.get_context("spawn")
 
@@ -217,6 +260,8 @@ def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: 
             break
         time.sleep(0.05)
     else:
+        if started is not None:
+            started.set()
         log.info("vna ready: %s, %d worker processes)", summary, len(workers))
     while not stop.wait(1.0):
         for i, (proc, _, _) in enumerate(workers):
@@ -232,7 +277,9 @@ def _serve_workers(cfg: Config, stop: threading.Event, summary: str, log_level: 
             proc.kill()
             proc.join(5)
     log.info("vna stopped")
-    return 0
+    if started is None or started.is_set():
+        return 0
+    return 2 if any(proc.exitcode == 2 for proc, _, _ in workers) else 1  # 2: a worker logged a config error
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -247,6 +294,7 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     from vna.index import open_index
 
     cfg = load(args)
+    preflight.require_archive(cfg)
     index = open_index(cfg)
     try:
         s = index.stats()
@@ -286,33 +334,70 @@ def cmd_index_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    """Ingest Part 10 files directly (bulk import), one line per file."""
+    """Ingest Part 10 files directly (bulk import), one line per file, then one summary line.
+
+    A file that cannot be stored (missing, unreadable, truncated, not DICOM,
+    refused) is reported on stderr and the batch goes on; exit 1 if any failed.
+    """
     from vna.archive import Archive
 
     cfg = load(args)
     archive = Archive(cfg)
-    failures = 0
+    stored = duplicates = failures = 0
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # the failure line says what matters
     try:
-        files: list[Path] = []
-        for name in args.paths:
-            p = Path(name)
-            files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
-        for f in files:
-            try:
-                r = archive.ingest.ingest_file(f, source_ae="vna-cli")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="pydicom")
+            for f in _store_files(args.paths):
+                try:
+                    r = archive.ingest.ingest_file(f, source_ae="vna-cli")
+                except (VnaError, OSError) as exc:
+                    failures += 1
+                    print(f"failed {f}: {_store_failure(f, exc)}", file=sys.stderr)
+                    continue
+                duplicates += r.duplicate
+                stored += not r.duplicate
                 print(f"{'duplicate' if r.duplicate else 'stored'} {f} {r.sop_uid}")
-            except VnaError as exc:
-                failures += 1
-                print(f"failed {f}: {exc}", file=sys.stderr)
     finally:
         archive.close()
-    print(f"{len(files) - failures} stored, {failures} failed")
+    print(f"{stored} stored, {duplicates} duplicate{'' if duplicates == 1 else 's'}, {failures} failed")
     return 1 if failures else 0
+
+
+def _store_files(paths: Sequence[str]) -> Iterator[Path]:
+    """The files named, directories expanded recursively in name order (a missing path is yielded as is)."""
+    for name in paths:
+        p = Path(name)
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.is_file())
+        else:
+            yield p
+
+
+#: a Part 10 file starts with a 128-byte preamble and "DICM"
+_PART10_HEADER = 132
+
+
+def _store_failure(path: Path, exc: Exception) -> str:
+    """Why ``path`` was not stored, in words for an operator (no library hints)."""
+    if isinstance(exc, OSError):
+        return (exc.strerror or str(exc)).lower()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_PART10_HEADER)
+    except OSError:
+        head = b""
+    if len(head) < _PART10_HEADER:
+        return f"truncated: {len(head)} bytes, shorter than a DICOM Part 10 header ({_PART10_HEADER} bytes)"
+    if head[128:] != b"DICM":
+        return "not a DICOM Part 10 file (no 'DICM' after the 128-byte preamble)"
+    return re.sub(r"\s*Use force=True to force reading\.?", "", str(exc))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every verb."""
     parser = argparse.ArgumentParser(prog="vna", description="vendor-neutral archive")
+    parser.add_argument("--version", action="version", version=f"vna {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("serve", help="run the archive (DICOM DIMSE and, when [grpc] enabled, gRPC)")
@@ -367,9 +452,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     _setup_logging(args.log_level)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
+    except BrokenPipeError:  # `vna ... | head`: the reader has gone; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except ConfigError as exc:
-        print(f"vna: configuration error: {exc}", file=sys.stderr)
+        print(f"vna: configuration error: {explain(str(exc), setting_origins(args))}", file=sys.stderr)
         return 2
     except VnaError as exc:
         print(f"vna: {exc}", file=sys.stderr)

@@ -5,35 +5,71 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any
 
-from vna.config import Config, load_config
+from vna import permissions
+from vna.config import Config, env_settings, load_config
 from vna.jobs import JobReport
 
-__all__ = ["add_common", "load", "add_job_flags", "print_report"]
+__all__ = ["add_common", "load", "add_job_flags", "print_report", "setting_origins", "explain"]
+
+#: the choices of --log-level
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+#: the flags that set a setting: attribute of the parsed arguments -> (setting, flag)
+_FLAGS: dict[str, tuple[str, str]] = {
+    "data_dir": ("archive.data_dir", "--data-dir"),
+    "dicom_port": ("dicom.port", "--dicom-port"),
+    "ae_title": ("dicom.ae_title", "--ae-title"),
+    "workers": ("dicom.workers", "--workers"),
+    "host": ("dicom.host", "--host"),
+}
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """--config, --data-dir, --log-level."""
     p.add_argument("--config", help="TOML config file")
     p.add_argument("--data-dir", help="data directory (default ./vna-data)")
-    p.add_argument("--log-level", default=os.environ.get("VNA_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                   default=os.environ.get("VNA_LOG_LEVEL", "INFO").upper(),
+                   help="log level (default: $VNA_LOG_LEVEL or INFO)")
 
 
 def load(args: argparse.Namespace) -> Config:
-    """The effective config: file < VNA_* environment < flags."""
+    """The effective config: file < VNA_* environment < flags.
+
+    Once loaded, ``archive.permissions`` becomes the process umask (and vna's
+    existing top-level paths are tightened to it), and readable secrets are
+    warned about: see :mod:`vna.permissions`.
+    """
     over: dict[str, Any] = {}
-    if getattr(args, "data_dir", None):
-        over.setdefault("archive", {})["data_dir"] = args.data_dir
-    if getattr(args, "dicom_port", None):
-        over.setdefault("dicom", {})["port"] = args.dicom_port
-    if getattr(args, "ae_title", None):
-        over.setdefault("dicom", {})["ae_title"] = args.ae_title
-    if getattr(args, "workers", None):
-        over.setdefault("dicom", {})["workers"] = args.workers
-    if getattr(args, "host", None):
-        over.setdefault("dicom", {})["host"] = args.host
-    return load_config(args.config, env=os.environ, overrides=over)
+    for attr, (setting, _) in _FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None and value != "":
+            section, key = setting.split(".")
+            over.setdefault(section, {})[key] = value
+    cfg = load_config(args.config, env=os.environ, overrides=over)
+    permissions.apply(cfg)
+    permissions.warn_readable_secrets(cfg, args.config)
+    return cfg
+
+
+def setting_origins(args: argparse.Namespace) -> dict[str, str]:
+    """Settings given by a ``VNA_*`` variable or a flag (flags win): dotted name -> where it came from."""
+    origins = {name: f"the environment variable {var}" for name, var in env_settings(os.environ).items()}
+    for attr, (setting, flag) in _FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None and value != "":
+            origins[setting] = f"the {flag} flag"
+    return origins
+
+
+def explain(message: str, origins: dict[str, str]) -> str:
+    """``message`` with where each setting it names came from, when that was not the config file."""
+    hits = [f"{setting} came from {origin}" for setting, origin in origins.items()
+            if re.search(rf"(?<![\w.]){re.escape(setting)}(?![\w])", message)]
+    return f"{message} ({'; '.join(hits)}, not the config file)" if hits else message
 
 
 def add_job_flags(p: argparse.ArgumentParser, destructive: bool = False) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tomllib
 import types
 import typing
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vna.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RemoteAE",
@@ -43,6 +46,8 @@ __all__ = [
     "FederationConfig",
     "Config",
     "load_config",
+    "env_settings",
+    "unknown_env",
 ]
 
 
@@ -74,6 +79,7 @@ class DicomConfig:
     receiver: str = "python"         # "native": C-ECHO/C-STORE on the Rust core (vna/dicom/native_server.py; no Q/R yet)
     accept_unknown_storage_classes: bool = False  # accept storage SOP classes pynetdicom does not list (private ones)
     max_connections_per_address: int = 8   # open connections one peer address may hold (associations included)
+    max_half_open_connections: int = 64    # connections not yet associated (counted apart from max_associations)
     remote: tuple[RemoteAE, ...] = ()
     # DICOM over TLS (BCP 195, TLS 1.2+): a second listener on tls_port (0: none). Paths relative to data_dir.
     tls_port: int = 0
@@ -107,6 +113,7 @@ class S3Config:
     max_attempts: int = 5
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    redundancy: int = 1             # copies this bucket counts for toward archive.min_copies (its own durability)
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,12 @@ class ColdTierConfig:
     s3: S3Config = field(default_factory=S3Config)
     zstd_level: int = 9
     bundle_by: str = "series"       # or "study": one cold object per series / per study
+    redundancy: int = 1             # copies the cold directory counts for toward archive.min_copies (cold.s3.redundancy for S3)
+
+    @property
+    def copies_counted(self) -> int:
+        """How many of ``archive.min_copies`` one cold copy counts for (the store's declared redundancy)."""
+        return self.s3.redundancy if self.backend == "s3" else self.redundancy
 
 
 @dataclass(frozen=True)
@@ -270,6 +283,21 @@ class ArchiveConfig:
     min_copies: int = 2             # independent verified copies every instance keeps (lifecycle never goes below)
     permissions: str = "owner"      # files and directories under the data, spool, audit and cold paths: "owner" or "group"
 
+    @property
+    def umask(self) -> int:
+        """The process umask of every ``vna`` verb: 0o077 for "owner", 0o027 for "group"."""
+        return 0o027 if self.permissions == "group" else 0o077
+
+    @property
+    def file_mode(self) -> int:
+        """The mode of files vna creates: 0o600 for "owner", 0o640 for "group"."""
+        return 0o666 & ~self.umask
+
+    @property
+    def dir_mode(self) -> int:
+        """The mode of directories vna creates: 0o700 for "owner", 0o750 for "group"."""
+        return 0o777 & ~self.umask
+
 
 GRPC_ROLES = ("read", "write")
 
@@ -292,7 +320,7 @@ class GrpcConfig:
     """
 
     enabled: bool = False
-    host: str = "0.0.0.0"
+    host: str = ""                  # empty: dicom.host
     port: int = 50051
     tls_cert: str = ""              # PEM server certificate (chain)
     tls_key: str = ""               # PEM private key of tls_cert
@@ -306,7 +334,7 @@ class GrpcConfig:
 class HealthConfig:
     """The readiness endpoint for load balancers (``GET /health``, 200 or 503); ``port`` 0: off."""
 
-    host: str = "0.0.0.0"
+    host: str = ""                  # empty: dicom.host
     port: int = 0
 
 
@@ -371,6 +399,13 @@ class Config:
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        # the one place an empty grpc.host / health.host becomes dicom.host
+        if not self.grpc.host:
+            object.__setattr__(self, "grpc", dataclasses.replace(self.grpc, host=self.dicom.host))
+        if not self.health.host:
+            object.__setattr__(self, "health", dataclasses.replace(self.health, host=self.dicom.host))
 
     @property
     def data_dir(self) -> Path:
@@ -459,9 +494,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """Map ``VNA_SECTION_KEY`` variables onto the config tree."""
-    tree: dict[str, Any] = {}
+#: ``VNA_*`` variables that are not settings: read by the CLI, the gRPC client, tests and the ops launchers
+_ENV_NOT_SETTINGS = ("LOG_LEVEL", "GRPC_TOKEN")
+_ENV_NOT_SETTINGS_PREFIXES = ("TEST_", "CASSANDRA_", "WEED", "BENCH_")
+
+
+def _env_paths() -> dict[str, tuple[str, ...]]:
+    """``SECTION_KEY`` (the variable name after ``VNA_``) -> the setting's path in the config tree."""
     paths: dict[str, tuple[str, ...]] = {}
 
     def walk(cls: type[Any], prefix: tuple[str, ...]) -> None:
@@ -476,6 +515,38 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     walk(Config, ())
     for f in dataclasses.fields(ArchiveConfig):
         paths[f.name.upper()] = ("archive", f.name)
+    return paths
+
+
+def env_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """The settings the ``VNA_*`` variables of ``env`` set: dotted name (``dicom.port``) -> variable name."""
+    paths = _env_paths()
+    return {".".join(paths[name[4:]]): name for name in env if name.startswith("VNA_") and name[4:] in paths}
+
+
+def unknown_env(env: Mapping[str, str]) -> dict[str, str | None]:
+    """``VNA_*`` variables of ``env`` that name no setting (a typo): name -> the closest setting's variable, or None."""
+    import difflib
+
+    paths = _env_paths()
+    unknown: dict[str, str | None] = {}
+    for name in env:
+        rest = name[4:]
+        if not name.startswith("VNA_") or rest in paths or rest in _ENV_NOT_SETTINGS \
+                or rest.startswith(_ENV_NOT_SETTINGS_PREFIXES):
+            continue
+        close = difflib.get_close_matches(rest, list(paths), n=1)
+        unknown[name] = f"VNA_{close[0]}" if close else None
+    return unknown
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Map ``VNA_SECTION_KEY`` variables onto the config tree (unknown ones are logged as warnings)."""
+    tree: dict[str, Any] = {}
+    paths = _env_paths()
+    for name, hint in unknown_env(env).items():
+        log.warning("environment variable %s is not a vna setting and is ignored%s", name,
+                    f" (did you mean {hint}?)" if hint else "")
     for name, value in env.items():
         if not name.startswith("VNA_"):
             continue
@@ -513,6 +584,9 @@ def load_config(
         data = _merge(data, overrides)
     cfg: Config = _build(Config, data, "config")
     _validate(cfg)
+    if cfg.telemetry.prometheus_port and not cfg.telemetry.enabled:
+        log.warning("telemetry.prometheus_port = %d is ignored: set telemetry.enabled = true to serve metrics",
+                    cfg.telemetry.prometheus_port)
     return cfg
 
 
@@ -528,6 +602,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"hot.s3[{i}].bucket is required")
     if len({(s3.endpoint_url, s3.bucket, s3.prefix.strip("/")) for s3 in cfg.hot.s3}) != len(cfg.hot.s3):
         raise ConfigError("hot.s3 entries must name distinct buckets (or prefixes): two replicas in one place are one")
+    _validate_replica_paths(cfg)
     if cfg.archive.duplicate_policy not in ("reject", "version"):
         raise ConfigError("archive.duplicate_policy must be 'reject' or 'version'")
     if cfg.archive.min_copies < 1:
@@ -538,6 +613,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("dicom.max_connections_per_address must be >= 1")
     if cfg.dicom.receiver not in ("python", "native"):
         raise ConfigError("dicom.receiver must be 'python' or 'native'")
+    if cfg.dicom.max_half_open_connections < 1:
+        raise ConfigError("dicom.max_half_open_connections must be >= 1")
     if cfg.index.backend not in ("sqlite", "cassandra"):
         raise ConfigError("index.backend must be 'sqlite' or 'cassandra'")
     if not 0 < cfg.dicom.port < 65536:
@@ -545,6 +622,7 @@ def _validate(cfg: Config) -> None:
     ae = cfg.dicom.ae_title
     if not ae or len(ae) > 16 or "\\" in ae or not ae.isprintable():
         raise ConfigError("dicom.ae_title must be 1-16 printable characters")
+    _validate_dicom_peers(cfg.dicom)
     if cfg.dicom.commitment_retries < 0 or cfg.dicom.commitment_retry_interval < 0:
         raise ConfigError("dicom.commitment_retries and dicom.commitment_retry_interval must be >= 0")
     if cfg.dicom.max_associations < 1 or cfg.dicom.workers < 1:
@@ -557,8 +635,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cold.s3.bucket is required when cold.backend = 's3'")
     if cfg.cold.bundle_by not in ("series", "study"):
         raise ConfigError("cold.bundle_by must be 'series' or 'study'")
+    if min(cfg.cold.redundancy, cfg.cold.s3.redundancy, *(s3.redundancy for s3 in cfg.hot.s3)) < 1:
+        raise ConfigError("cold.redundancy, cold.s3.redundancy and hot.s3[].redundancy must be >= 1")
+    if cfg.cold.backend == "s3" and cfg.cold.redundancy != 1:
+        raise ConfigError("cold.redundancy is the filesystem cold directory's: set cold.s3.redundancy for S3")
     if cfg.lifecycle.age_basis not in ("ingest", "study_date", "last_access"):
         raise ConfigError("lifecycle.age_basis must be 'ingest', 'study_date' or 'last_access'")
+    _validate_lifecycle(cfg.lifecycle)
     ic = cfg.integrity
     if ic.verify_level not in VERIFY_LEVELS:
         raise ConfigError(f"integrity.verify_level must be one of {', '.join(VERIFY_LEVELS)}")
@@ -575,6 +658,50 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("health.port must be between 0 (off) and 65535")
     _validate_observability(cfg.audit, cfg.telemetry)
     _validate_federation(cfg.archive.site_id, cfg.federation)
+
+
+def _validate_replica_paths(cfg: Config) -> None:
+    """Two hot replicas (or a replica and the cold directory) in one directory, or one inside another, are one copy."""
+    places = [(f"hot.replicas[{i}]", r, Path(cfg.resolve(r)).resolve()) for i, r in enumerate(cfg.hot.replicas)]
+    if cfg.cold.backend == "filesystem":
+        places.append(("cold.path", cfg.cold.path, Path(cfg.resolve(cfg.cold.path)).resolve()))
+    for i, (name, value, path) in enumerate(places):
+        for other, other_value, other_path in places[:i]:
+            if path == other_path or path.is_relative_to(other_path) or other_path.is_relative_to(path):
+                raise ConfigError(f"{name} {value!r} and {other} {other_value!r} are the same directory or one "
+                                  f"holds the other ({path}): give each replica its own directory")
+
+
+def _ae_ok(ae: str) -> bool:
+    return bool(ae.strip()) and len(ae) <= 16 and "\\" not in ae and ae.isprintable()
+
+
+def _validate_dicom_peers(d: DicomConfig) -> None:
+    for i, ae in enumerate(d.allowed_calling_aes):
+        if not _ae_ok(ae):
+            raise ConfigError(f"dicom.allowed_calling_aes[{i}] {ae!r} is not an AE title (1-16 printable characters)")
+    titles: set[str] = set()
+    for i, r in enumerate(d.remote):
+        if not _ae_ok(r.ae_title):
+            raise ConfigError(f"dicom.remote[{i}].ae_title {r.ae_title!r} is not an AE title "
+                              "(1-16 printable characters)")
+        if r.ae_title.strip() in titles:
+            raise ConfigError(f"dicom.remote[{i}].ae_title {r.ae_title!r} is listed twice")
+        if not r.host:
+            raise ConfigError(f"dicom.remote[{i}].host must be set ({r.ae_title})")
+        if not 0 < r.port < 65536:
+            raise ConfigError(f"dicom.remote[{i}].port must be between 1 and 65535, not {r.port} ({r.ae_title})")
+        titles.add(r.ae_title.strip())
+
+
+def _validate_lifecycle(lc: LifecycleConfig) -> None:
+    if lc.min_age_days < 0 or lc.cache_ttl_days < 0:
+        raise ConfigError("lifecycle.min_age_days and lifecycle.cache_ttl_days must be >= 0, "
+                          f"not {lc.min_age_days} and {lc.cache_ttl_days}")
+    if lc.interval_seconds <= 0 or lc.lease_seconds <= 0:
+        raise ConfigError("lifecycle.interval_seconds and lifecycle.lease_seconds must be > 0")
+    if lc.batch_limit < 1:
+        raise ConfigError("lifecycle.batch_limit must be >= 1")
 
 
 def _site_id_ok(site_id: str) -> bool:

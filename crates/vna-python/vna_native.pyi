@@ -43,6 +43,8 @@ class Listener:
 
     ``contexts``: (abstract syntax, our transfer syntaxes in order of preference,
     (requestor may be SCU, requestor may be SCP) or None for default roles, is a storage class).
+    ``max_half_open`` / ``max_per_address`` (0: unlimited): connections not yet associated / from one
+    address beyond which a new connection is closed at once.
     ``on_associate(calling_ae, called_ae, address, port)`` returns None to accept or
     (result, source, reason) to reject; ``on_store(record)`` returns (status, error comment);
     ``on_log(level, message)`` takes a ``logging`` level; ``on_thread_done()`` runs when an
@@ -57,6 +59,8 @@ class Listener:
         reuse_port: bool,
         max_pdu: int,
         max_associations: int,
+        max_half_open: int,
+        max_per_address: int,
         acse_timeout: float,
         network_timeout: float,
         spool_dir: str,
@@ -74,6 +78,7 @@ class Listener:
     def port(self) -> int: ...
     @property
     def listening(self) -> bool: ...
+    def connection_counts(self) -> tuple[int, int]: ...
     def stop(self, grace: float) -> None: ...
 
 def max_associate_rq() -> int: ...

@@ -419,8 +419,8 @@ def test_filesystem_put_file_same_and_other_filesystem(tmp_path: Path) -> None:
 
 
 def test_filesystem_adopts_a_spool_file_on_its_filesystem_and_copies_otherwise(tmp_path: Path) -> None:
-    """put_file(adopt=True): the spool file becomes the blob (one inode, fsynced, 0640); elsewhere a copy."""
-    store = FilesystemBlobStore("r1", tmp_path / "r1")
+    """put_file(adopt=True): the spool file becomes the blob (one inode, fsynced, its file_mode); elsewhere a copy."""
+    store = FilesystemBlobStore("r1", tmp_path / "r1", file_mode=0o640)
     data = blob(50_000, seed=3)
     spool = tmp_path / "spool.dcm"
     spool.write_bytes(data)

@@ -194,7 +194,7 @@ def test_replica_missed_during_ingest_is_rereplicated(make_server: Factory, moun
 def _cold_on_s3(make_server: Factory, s3_config: S3Config) -> VnaServer:
     c = s3_config
     return make_server(
-        "[lifecycle]\nmin_age_days = 0\n"
+        "[archive]\nmin_copies = 1\n[lifecycle]\nmin_age_days = 0\n"
         f'[cold]\nbackend = "s3"\n[cold.s3]\nendpoint_url = "{c.endpoint_url}"\nbucket = "{c.bucket}"\n'
         f'access_key = "{c.access_key}"\nsecret_key = "{c.secret_key}"\n')
 

@@ -152,7 +152,7 @@ def test_grpc_calls_are_audited_with_the_token_identity(make_server: Factory, co
 
 
 def test_lifecycle_moves_and_purges_are_audited(make_server: Factory, corpus: list[Path]) -> None:
-    srv = make_server("[lifecycle]\nmin_age_days = 0\n")
+    srv = make_server("[archive]\nmin_copies = 1\n[lifecycle]\nmin_age_days = 0\n")
     small = [p for p in corpus if p.name.startswith("small-")]
     assert all(r.Status == 0 for r in scu.store(srv.port, small))
     patient, study = _head(small[0])

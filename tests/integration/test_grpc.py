@@ -227,7 +227,7 @@ def _health_request() -> Any:
 
 
 def test_lifecycle_over_grpc(make_server: Factory, corpus: list[Path]) -> None:
-    _, port = start(make_server, extra="[lifecycle]\nmin_age_days = 0\n")
+    _, port = start(make_server, extra="[archive]\nmin_copies = 1\n[lifecycle]\nmin_age_days = 0\n")
     files = [p for p in corpus if p.name.startswith("ct-")]
     held, other = sorted({str(uids(p).StudyInstanceUID) for p in files})
     with client(port) as c:
@@ -285,7 +285,7 @@ def test_integrity_over_grpc(make_server: Factory, corpus: list[Path]) -> None:
         report = c.integrity_report()
         assert report.damaged.count == 1 and report.damaged.items[0].sop_instance_uid == victim
         assert report.damaged.items[0].fields["store"] == "hot-2"
-        assert report.under_replicated.count == 1 and report.findings == 2
+        assert report.under_replicated.count == 1 and report.findings == 3  # + 1 below archive.min_copies
         (inst,) = c.retrieve(sop_uid=victim)  # the other replica still verifies
         assert inst.data == files[0].read_bytes()
         with pytest.raises(ApiError) as err:

@@ -19,7 +19,7 @@ from vna.storage.s3 import S3BlobStore
 
 Factory = Callable[..., VnaServer]
 
-LIFECYCLE = "[lifecycle]\nmin_age_days = 0\n"
+LIFECYCLE = "[archive]\nmin_copies = 1\n[lifecycle]\nmin_age_days = 0\n"  # every hot copy retired
 
 
 def _json(srv: VnaServer, *args: str) -> dict:  # type: ignore[type-arg]
@@ -148,7 +148,8 @@ def test_kill_9_during_migration_then_rerun(make_server: Factory, tmp_path: Path
 
 
 def test_lifecycle_daemon_in_serve(make_server: Factory, corpus: list[Path]) -> None:
-    srv = make_server("[lifecycle]\nenabled = true\nmin_age_days = 0\ninterval_seconds = 0.5\n")
+    srv = make_server("[archive]\nmin_copies = 1\n[lifecycle]\nenabled = true\nmin_age_days = 0\n"
+                      "interval_seconds = 0.5\n")
     assert all(r.Status == 0 for r in scu.store(srv.port, corpus[:3]))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

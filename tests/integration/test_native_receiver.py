@@ -425,3 +425,37 @@ def test_native_stores_are_counted_like_python_ones(make_server: Callable[..., V
                          ("vna_ingest_instances_total", '{outcome="stored"}')):
         m = re.search(rf"^{re.escape(name + labels)} (\S+)$", body, re.M)
         assert m is not None and float(m.group(1)) == len(small), (name, labels)
+
+    def gauge(state: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
+            m = re.search(rf'^vna_dicom_connections{{state="{state}"}} (\S+)$', rsp.read().decode(), re.M)
+        return float(m.group(1)) if m else -1.0
+
+    half_open = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
+    associated = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    try:
+        associated.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT])]))
+        assert recv_pdu(associated)[0] == 2
+        wait_for(lambda: (gauge("half_open"), gauge("associated")) == (2, 1), "2 half-open and 1 associated")
+    finally:
+        for sock in half_open + [associated]:
+            sock.close()
+    wait_for(lambda: (gauge("half_open"), gauge("associated")) == (0, 0), "no connection left")
+
+
+def test_native_connection_limits(make_server: Callable[..., VnaServer]) -> None:
+    srv = make_server(NATIVE + "max_connections_per_address = 2\nmax_half_open_connections = 64\n")
+    held = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as extra:
+            extra.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT])]))
+            try:
+                assert recv_pdu(extra) == (0, b"")  # closed at once, nothing answered
+            except ConnectionResetError:
+                pass
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: echoscu(srv.port).returncode == 0, "C-ECHO once the connections are closed")
+    wait_for(lambda: "connection refused: 2 connections (dicom.max_connections_per_address)" in srv.log.read_text(),
+             "one log line about the refusal")

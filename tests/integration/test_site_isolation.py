@@ -45,7 +45,7 @@ def sites(tmp_path: Path) -> tuple[Site, Site, Path]:
     out = []
     for sid in ("A", "B"):
         cfg = tmp_path / f"{sid}.toml"
-        cfg.write_text(f'[archive]\nsite_id = "{sid}"\n[index]\nsqlite_path = "{index}"\n'
+        cfg.write_text(f'[archive]\nsite_id = "{sid}"\nmin_copies = 1\n[index]\nsqlite_path = "{index}"\n'
                        '[lifecycle]\nmin_age_days = 0\n')
         data = tmp_path / f"site-{sid}"
         data.mkdir()

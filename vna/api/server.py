@@ -427,7 +427,8 @@ class IntegrityServicer:
     def GetReport(self, request: pb.ReportRequest, context: Any) -> pb.IntegrityReport:
         from vna.integrity.report import integrity_report
 
-        rep = integrity_report(self.archive.index, self.archive.tiers, max_items=request.max_items or 100)
+        rep = integrity_report(self.archive.index, self.archive.tiers, max_items=request.max_items or 100,
+                               copies=self.archive.copies)
         out = pb.IntegrityReport(generated_at=rep["generated_at"], instance_versions=rep["instance_versions"],
                                  findings=rep["findings"], single_copy=rep["single_copy"]["count"],
                                  report_json=json.dumps(rep))

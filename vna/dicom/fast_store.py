@@ -107,6 +107,46 @@ def decode_command(raw: bytes) -> dict[int, bytes] | None:
     return elems
 
 
+# CommandField values pynetdicom's DIMSE layer knows (PS3.7 E.1): C-/N- requests and their responses, C-CANCEL
+_COMMAND_FIELDS = frozenset({0x0001, 0x0010, 0x0020, 0x0021, 0x0030, 0x0100, 0x0110, 0x0120, 0x0130, 0x0140,
+                             0x0150}) | frozenset(f | 0x8000 for f in (0x0001, 0x0010, 0x0020, 0x0021, 0x0030, 0x0100,
+                                                                       0x0110, 0x0120, 0x0130, 0x0140, 0x0150)) | {0x0FFF}
+
+
+def command_problem(raw: bytes) -> str | None:
+    """Why pynetdicom's DIMSE layer could not process this complete command set, or None.
+
+    None also when ``decode_command`` cannot read it (pynetdicom's own decoder
+    then judges). A problem is a missing or unknown CommandField (0000,0100), a
+    missing CommandDataSetType (0000,0800), a request without MessageID
+    (0000,0110), a response without MessageIDBeingRespondedTo (0000,0120), or a
+    C-STORE-RQ without AffectedSOPClassUID (0000,0002) or AffectedSOPInstanceUID
+    (0000,1000).
+    """
+    elems = decode_command(raw)
+    if elems is None:
+        return None
+    field = _us(elems, 0x0100)
+    if field is None:
+        return "a command set without CommandField (0000,0100)"
+    if field not in _COMMAND_FIELDS:
+        return f"a command set of unknown command 0x{field:04X}"
+    if _us(elems, 0x0800) is None:
+        return "a command set without CommandDataSetType (0000,0800)"
+    if field == 0x0FFF:
+        return None  # C-CANCEL-RQ: MessageIDBeingRespondedTo, checked by pynetdicom
+    if field & 0x8000:
+        if _us(elems, 0x0120) is None:
+            return "a response without MessageIDBeingRespondedTo (0000,0120)"
+    elif _us(elems, 0x0110) is None:
+        return "a request without MessageID (0000,0110)"
+    if field == C_STORE_RQ:
+        for elem, keyword in ((0x0002, "AffectedSOPClassUID"), (0x1000, "AffectedSOPInstanceUID")):
+            if not elems.get(elem, b"").strip(b"\0 "):
+                return f"a C-STORE-RQ without {keyword} (0000,{elem:04X})"
+    return None
+
+
 def _us(elems: dict[int, bytes], elem: int) -> int | None:
     raw = elems.get(elem)
     return struct.unpack("<H", raw)[0] if raw is not None and len(raw) == 2 else None

@@ -88,7 +88,8 @@ class NativeDicomServer:
         cfg = self.cfg
         self._listener = self._native.Listener(
             host=cfg.host, port=cfg.port, reuse_port=self.reuse_port, max_pdu=cfg.max_pdu,
-            max_associations=cfg.max_associations, acse_timeout=cfg.acse_timeout,
+            max_associations=cfg.max_associations, max_half_open=cfg.max_half_open_connections,
+            max_per_address=cfg.max_connections_per_address, acse_timeout=cfg.acse_timeout,
             network_timeout=cfg.network_timeout, spool_dir=str(self._spool_dir),
             implementation_class_uid=IMPLEMENTATION_CLASS_UID, implementation_version=IMPLEMENTATION_VERSION_NAME,
             spool_implementation_uid=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
@@ -96,7 +97,15 @@ class NativeDicomServer:
             contexts=self._contexts, on_associate=self.on_associate, on_store=self.on_store,
             on_log=self._on_log, on_thread_done=self.archive.index.release_thread)
         log.info("native DICOM receiver listening on %s:%d", cfg.host, self._listener.port)
+        self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
+                                     "connections of the DICOM port now, by state (half_open, associated)",
+                                     self._connection_counts)
         self.archive.telemetry.start_endpoint()
+
+    def _connection_counts(self) -> list[tuple[float, dict[str, str]]]:
+        listener = self._listener
+        half_open, associated = listener.connection_counts() if listener is not None else (0, 0)
+        return [(float(half_open), {"state": "half_open"}), (float(associated), {"state": "associated"})]
 
     @property
     def listening(self) -> bool:

@@ -1,7 +1,8 @@
 """The DIMSE server: one pynetdicom AE, handlers bound as data, each a thin translation.
 
-Services: Verification, Storage (every storage SOP class pynetdicom knows, all
-transfer syntaxes it knows, received to a spool file and never decoded),
+Services: Verification, Storage (every storage SOP class pynetdicom knows and the
+retired ones, unknown ones if configured -- see contexts.py; all transfer syntaxes
+pynetdicom knows; received to a spool file and never decoded),
 Patient/Study Root Query/Retrieve FIND/MOVE/GET, Storage Commitment Push Model.
 """
 
@@ -20,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_role, evt
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
@@ -30,8 +31,9 @@ from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import dimse_codec, reactor, status as st, uid_cache
-from vna.dicom.contexts import Contexts
+from vna.dicom.contexts import Contexts, UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
 from vna.dicom.fast_store import FastStore, spooled_of
+from vna.dicom.limits import ConnectionLimits
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
@@ -73,6 +75,7 @@ _PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryR
 _UNIQUE_KEYS = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
 _SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 _ECHOED_KEYS = ("TimezoneOffsetFromUTC",)
+_THREAD_BACKSTOP = 1 << 16  # pynetdicom's maximum_associations: our limits are dicom.max_* (vna/dicom/limits.py)
 
 
 class FileBackedDataset(Dataset):
@@ -202,16 +205,22 @@ def _response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
 
 
 class _Server(ThreadedAssociationServer):
-    """The association server: optional SO_REUSEPORT, TLS handshakes in the association's thread.
+    """The association server: optional SO_REUSEPORT, TLS handshakes in the association's thread, limits.
 
     pynetdicom wraps accepted sockets in the acceptor thread, where a client
     that never finishes its handshake would stall every other connection; here
     the handshake runs in the request thread, bounded by ``handshake_timeout``,
     and a failed one closes that connection only.
+
+    With ``limits`` every accepted connection is counted there and closed at
+    once when a limit refuses it; the association that takes it over claims
+    it (``DicomServer._on_accepted_conn``) and its DUL thread releases it.
     """
 
     reuse_port = False
     handshake_timeout = 30.0
+    limits: ConnectionLimits | None = None
+    request_queue_size = 128  # listen backlog (socketserver's 5 makes a burst of connections wait for SYN retries)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -228,16 +237,25 @@ class _Server(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """False (the connection is closed at once) when a connection limit refuses the peer."""
+        return self.limits is None or self.limits.open(request, str(client_address[0])) is not None
+
     def finish_request(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.settimeout(self.handshake_timeout)
-                request.do_handshake()
-                request.settimeout(None)
-            except (OSError, ValueError) as exc:
-                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
-                return
-        super().finish_request(request, client_address)
+        try:
+            if isinstance(request, ssl.SSLSocket):
+                try:
+                    request.settimeout(self.handshake_timeout)
+                    request.do_handshake()
+                    request.settimeout(None)
+                except (OSError, ValueError) as exc:
+                    log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                    return
+            super().finish_request(request, client_address)
+        finally:
+            conn = self.limits.claim(request) if self.limits is not None else None
+            if conn is not None:  # no association took the connection over
+                conn.close()
 
 
 class _ReusePortServer(_Server):
@@ -258,6 +276,11 @@ class DicomServer:
         self.cfg = cfg
         self.reuse_port = reuse_port
         self.ae = self._build_ae()
+        # associations and half-open connections are counted by self.limits; pynetdicom's own count of
+        # association threads (which includes half-open connections) is left as a far backstop only
+        self.ae.maximum_associations = _THREAD_BACKSTOP
+        self.limits = ConnectionLimits(cfg.max_associations, cfg.max_half_open_connections,
+                                       cfg.max_connections_per_address)
         self._servers: list[ThreadedAssociationServer] = []
         self._client_tls: ssl.SSLContext | None = None   # for associations we request from tls = true remotes
         self._inflight = 0
@@ -265,7 +288,7 @@ class DicomServer:
         self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
         self._assocs_lock = threading.Lock()
         self._op_keys: dict[tuple[str, int], tuple[str, SeriesKey, SeriesKey]] = {}   # see _op_done
-        self._storage_classes = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+        self._storage_classes = frozenset(str(uid) for uid in storage_classes())
         self._spool_dir = archive.cfg.resolve("spool/incoming")
         self._spool_dir.mkdir(parents=True, exist_ok=True)
 
@@ -282,11 +305,12 @@ class DicomServer:
         if cfg.allowed_calling_aes:
             ae.require_calling_aet = list(cfg.allowed_calling_aes)
         ae.add_supported_context(Verification)
-        # pynetdicom accepts the first of *our* syntaxes that the peer proposed:
-        # prefer explicit VR little endian over implicit, keep every other syntax
-        syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cast(UID, cx.abstract_syntax), syntaxes, scu_role=True, scp_role=True)
+        # every storage class pynetdicom lists and the retired ones (registered with its Storage service);
+        # unknown ones per association when dicom.accept_unknown_storage_classes (see handlers())
+        register_retired_storage()
+        syntaxes = storage_syntaxes()
+        for uid in storage_classes():
+            ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
         for uid in (
             PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
             PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelFind,
@@ -302,6 +326,7 @@ class DicomServer:
         bindings: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_accepted_conn),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_assoc_over),
             (evt.EVT_ABORTED, self._on_assoc_over),
@@ -315,6 +340,8 @@ class DicomServer:
         if self.archive.telemetry.enabled:
             bindings += [(evt.EVT_REQUESTED, self._assoc_begin), (evt.EVT_ACCEPTED, self._assoc_accepted),
                          (evt.EVT_CONN_CLOSE, self._assoc_end)]
+        if self.cfg.accept_unknown_storage_classes:
+            bindings.append((evt.EVT_REQUESTED, UnknownStorage(storage_syntaxes()).on_requested))
         return bindings
 
     def start(self) -> ThreadedAssociationServer:
@@ -330,11 +357,20 @@ class DicomServer:
             server = cast(_Server, self.ae.make_server(
                 (self.cfg.host, port), evt_handlers=self.handlers(), server_class=server_class, ssl_context=ctx))
             server.handshake_timeout = self.cfg.acse_timeout
+            if reactor.installed():  # the DUL reactor releases a counted connection when it ends
+                server.limits = self.limits
             self.ae._servers.append(server)  # noqa: SLF001 -- as AE.start_server does; shutdown() removes it
             threading.Thread(target=server.serve_forever, name=f"vna-acceptor-{port}", daemon=True).start()
             self._servers.append(server)
+        self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
+                                     "connections of the DICOM port now, by state (half_open, associated)",
+                                     self._connection_counts)
         self.archive.telemetry.start_endpoint()
         return self._servers[0]
+
+    def _connection_counts(self) -> list[tuple[float, dict[str, str]]]:
+        half_open, associated = self.limits.counts()
+        return [(half_open, {"state": "half_open"}), (associated, {"state": "associated"})]
 
     @property
     def listening(self) -> bool:
@@ -422,6 +458,8 @@ class DicomServer:
         return entry[0] if entry else None
 
     def _assoc_begin(self, event: evt.Event) -> None:
+        if event.assoc.is_aborted:  # the connection ended before its A-ASSOCIATE-RQ (see reactor)
+            return
         r = event.assoc.requestor
         calling = getattr(r.primitive, "calling_ae_title", None) or r.ae_title   # not negotiated yet
         span = self.archive.telemetry.start_span("dimse.association", {
@@ -478,9 +516,24 @@ class DicomServer:
     def _on_accepted_conn(self, event: evt.Event) -> None:
         """A peer connected: Nagle off, and (``dicom.fast_store``) C-STOREs received on the fast path."""
         self._on_conn_open(event)
+        sock = cast(Any, event.assoc.dul.socket).socket
+        conn = self.limits.claim(sock) if sock is not None else None
+        if conn is not None:  # released when the association's DUL thread ends (see reactor)
+            event.assoc.dul._vna_conn = conn  # type: ignore[attr-defined]
         if self.cfg.fast_store and reactor.installed():
             event.assoc.dul._vna_fast_store = FastStore(  # type: ignore[attr-defined]
                 self._storage_classes, self._spool_dir, on_close=self.archive.index.release_thread)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """An A-ASSOCIATE-RQ arrived: take an association slot, or reject (transient, local limit exceeded)."""
+        assoc = event.assoc
+        conn = getattr(assoc.dul, "_vna_conn", None)
+        if conn is None or assoc.is_aborted or conn.associate():
+            return
+        conn.refused("association rejected: %d associations open (dicom.max_associations)", self.cfg.max_associations)
+        self.archive.telemetry.dimse_associations.add(1, {"result": "rejected"})
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        assoc.kill()  # as pynetdicom after its own rejections: the A-ASSOCIATE-RJ is sent before the close
 
     def _on_assoc_over(self, event: evt.Event) -> None:
         """Released or aborted (in the association's thread, after its last handler): close its index connection."""

@@ -143,7 +143,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             else:
                 _print_fixity(fixity)
             return 0 if fixity["outcome"] == "OK" else 1
-        rep = integrity_report(archive.index, archive.tiers, max_items=args.limit)
+        rep = integrity_report(archive.index, archive.tiers, max_items=args.limit, copies=archive.copies)
     finally:
         archive.close()
     if args.json:
@@ -159,6 +159,13 @@ def cmd_report(args: argparse.Namespace) -> int:
             for item in rep[name]["items"]:
                 print("  " + " ".join(f"{k}={v}" for k, v in item.items()))
         print(f"single-copy instance versions: {rep['single_copy']['count']}")
+        below = rep["below_min_copies"]
+        print(f"below archive.min_copies ({below['min_copies']}): {below['count']}")
+        for item in below["items"]:
+            print("  " + " ".join(f"{k}={v}" for k, v in item.items()))
+        if below["count"]:
+            print(f"WARNING: {below['count']} instance version(s) have fewer than archive.min_copies = "
+                  f"{below['min_copies']} verified copies")
     return 1 if rep["findings"] else 0
 
 

@@ -213,6 +213,10 @@ class Repairer:
         for (sop_uid, version), have in groups.items():
             if any(r.state is PlacementState.TO_DELETE for r in have.values()):
                 continue  # migrated to cold: its hot copies are going away on purpose
+            if len(have) < len(store_ids) and any(
+                    r.tier is Tier.COLD and r.state is PlacementState.OK and self._ours(r)
+                    for r in self.index.placements(sop_uid, version)):
+                continue  # migrated to cold: the lifecycle keeps only the hot copies archive.min_copies needs
             for sid in store_ids:
                 row = have.get(sid)
                 if row is not None and not (row.state is PlacementState.PENDING and row.created_at < stale_before):

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from vna.domain import Placement, PlacementState, Tier, site_of
 from vna.errors import NotFound
 from vna.index.base import Index
+from vna.lifecycle.copies import CopyPolicy
 from vna.storage.accessor import TierAccessor, site_of_tiers
 
 __all__ = ["AGE_BUCKETS", "integrity_report", "study_fixity", "instance_fixity", "iso"]
@@ -69,16 +70,21 @@ def _row(p: Placement) -> dict[str, Any]:
 
 
 def integrity_report(
-    index: Index, tiers: Mapping[Tier, TierAccessor], *, now: float | None = None, max_items: int = 100
+    index: Index, tiers: Mapping[Tier, TierAccessor], *, now: float | None = None, max_items: int = 100,
+    copies: CopyPolicy | None = None,
 ) -> dict[str, Any]:
     """The whole-archive report (one pass over the placement ledger).
 
-    ``findings`` counts damaged copies, lost instance versions (no OK copy) and
+    ``findings`` counts damaged copies, lost instance versions (no OK copy),
     under-replicated ones (fewer OK hot copies than hot stores, unless their
-    hot copies are being retired). Lists are cut at ``max_items`` entries.
+    hot copies are being retired or the lifecycle moved them to the cold tier)
+    and ones below ``copies.min_copies`` (their OK copies, each counted with
+    its store's redundancy, count fewer). Lists are cut at ``max_items`` entries.
     Federation: counts and findings cover this site's placements (the site of
-    ``tiers``); an instance is lost only if no site holds an OK copy.
+    ``tiers``); an instance is lost only if no site holds an OK copy, and another
+    site's OK copy counts toward the minimum (as 1).
     """
+    copies = copies if copies is not None else CopyPolicy()
     now = time.time() if now is None else now
     hot = tiers.get(Tier.HOT)
     hot_stores = len(hot.stores) if hot is not None else 0
@@ -102,7 +108,8 @@ def integrity_report(
                 damaged.append(_row(p))
     lost: list[dict[str, Any]] = []
     under: list[dict[str, Any]] = []
-    n_lost = n_under = n_single = 0
+    below: list[dict[str, Any]] = []
+    n_lost = n_under = n_single = n_below = 0
     for (sop_uid, version), rows in groups.items():
         ok = [r for r in everywhere[(sop_uid, version)] if r.state is PlacementState.OK]
         if not ok:
@@ -113,8 +120,15 @@ def integrity_report(
             continue
         if len(ok) == 1:
             n_single += 1
+        counted = copies.counted(ok)
+        if counted < copies.min_copies:
+            n_below += 1
+            if len(below) < max_items:
+                below.append({"sop_uid": sop_uid, "version": version, "copies": counted,
+                              "min_copies": copies.min_copies})
         hot_rows = [r for r in rows if r.tier is Tier.HOT]
-        if hot_rows and not any(r.state is PlacementState.TO_DELETE for r in hot_rows):
+        migrated = any(r.tier is Tier.COLD and r.state is PlacementState.OK for r in rows)
+        if hot_rows and not migrated and not any(r.state is PlacementState.TO_DELETE for r in hot_rows):
             hot_ok = sum(1 for r in hot_rows if r.state is PlacementState.OK)
             if hot_ok < hot_stores:
                 n_under += 1
@@ -131,7 +145,8 @@ def integrity_report(
         "lost": {"count": n_lost, "items": lost},
         "under_replicated": {"count": n_under, "items": under},
         "single_copy": {"count": n_single},
-        "findings": n_damaged + n_lost + n_under,
+        "below_min_copies": {"count": n_below, "min_copies": copies.min_copies, "items": below},
+        "findings": n_damaged + n_lost + n_under + n_below,
     }
 
 

@@ -35,21 +35,42 @@ def _estimate_ratio(archive: Any, study_uids: list[str], samples: int = 3) -> fl
     return raw / packed if packed else 1.0
 
 
+def _copies_note(archive: Any, cold_store: str, kept: int) -> str:
+    """Why a migration keeps ``kept`` hot copies per instance (``archive.min_copies`` and the cold store's count)."""
+    cold = archive.copies.weight(cold_store)
+    minimum = archive.copies.min_copies
+    counts = f"cold tier counts {cold} cop{'y' if cold == 1 else 'ies'}, archive.min_copies = {minimum}"
+    if not kept:
+        return f"removes every hot copy: {counts}"
+    hot = len(archive.hot.stores)
+    note = f"keeps {kept} hot cop{'y' if kept == 1 else 'ies'} per instance: {counts}"
+    if kept == hot and cold + sum(archive.copies.weight(s.store_id) for s in archive.hot.stores) < minimum:
+        note += " (even so below the minimum)"
+    return note
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print what a run would move, with a cold-size estimate."""
     archive = _archive(args)
     try:
-        plans = archive.migrator().plan(args.limit)
+        migrator = archive.migrator()
+        plans = migrator.plan(args.limit)
         ratio = _estimate_ratio(archive, [p.study_uid for p in plans]) if plans else 1.0
         total = sum(p.hot_bytes for p in plans)
+        kept = migrator.hot_copies_kept
+        why = _copies_note(archive, migrator.cold_store.store_id, kept)
         if args.json:
             print(json.dumps({"studies": [p.__dict__ for p in plans], "hot_bytes": total,
-                              "estimated_cold_bytes": int(total / ratio), "estimated_ratio": round(ratio, 3)}, indent=2))
+                              "estimated_cold_bytes": int(total / ratio), "estimated_ratio": round(ratio, 3),
+                              "min_copies": archive.copies.min_copies, "hot_copies_kept": kept,
+                              "copies_note": why}, indent=2))
         else:
+            keeps = f"; keeps {kept} hot cop{'y' if kept == 1 else 'ies'} per instance" if kept else ""
             for p in plans:
-                print(f"  study {p.study_uid}: {p.instances} instances, {p.hot_bytes} bytes")
+                print(f"  study {p.study_uid}: {p.instances} instances, {p.hot_bytes} bytes{keeps}")
             print(f"plan: {len(plans)} studies, {sum(p.instances for p in plans)} instances, {total} bytes hot "
                   f"-> about {int(total / ratio)} bytes cold (ratio {ratio:.2f}, sampled)")
+            print(f"copies: {why}")
     finally:
         archive.close()
     return 0

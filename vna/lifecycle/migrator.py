@@ -9,13 +9,17 @@ Per study (crash-safe; architecture §5):
 4. compress each into an independent frame of a seekable bundle; put the bundle;
 5. read every frame back with a ranged read and verify both digests;
 6. cold placements ``OK`` (with frame offsets), then hot placements ``TO_DELETE`` —
-   the index refuses that unless another copy of the instance is OK;
-7. purge: delete each hot blob, then its row;
+   the index refuses that unless another copy of the instance is OK — but only
+   while the copies left still count ``archive.min_copies`` (:mod:`vna.lifecycle.copies`):
+   a cold copy that counts 1 against a minimum of 2 keeps one hot copy;
+7. purge: delete each hot blob, then its row (re-checking the minimum);
 8. release the lease.
 
 Killed at any step, the next run finishes the job: a ``PENDING`` cold row is
 restarted under a fresh key (its half-written bundle is deleted), ``OK`` rows
-are kept, ``TO_DELETE`` rows are purged after re-verifying another copy.
+are kept, ``TO_DELETE`` rows are purged after re-verifying that the other
+copies still count ``min_copies`` — one that would go below (e.g. marked under
+an older config) is verified and put back to ``OK`` instead.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from vna.domain import InstanceRecord, Placement, PlacementState, Tier, site_of
 from vna.errors import BlobNotFound, IntegrityError, StateConflict, StorageError, VnaError
 from vna.index.base import Index, StudySummary
 from vna.jobs import JobReport
+from vna.lifecycle.copies import CopyPolicy
 from vna.lifecycle.rules import evaluate
 from vna.services.retrieve import RetrieveService
 from vna.storage.accessor import TierAccessor, site_of_tiers
@@ -54,49 +59,83 @@ class StudyPlan:
     study_uid: str
     instances: int
     hot_bytes: int
+    #: hot copies kept per instance because of ``archive.min_copies`` (when every hot replica holds one)
+    hot_copies_kept: int = 0
 
 
 class Purger:
-    """Deletes hot copies marked TO_DELETE: blob first, row second, after re-verifying another copy."""
+    """Deletes copies marked TO_DELETE: blob first, row second, while the verified copies left count ``min_copies``."""
 
     name = "purge"
 
-    def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], *, audit: AuditLog | None = None) -> None:
+    def __init__(self, index: Index, tiers: dict[Tier, TierAccessor], *, audit: AuditLog | None = None,
+                 copies: CopyPolicy | None = None) -> None:
         self.index = index
         self.tiers = tiers
         self.site = site_of_tiers(tiers)
         self.audit = audit if audit is not None else AuditLog.disabled()
         self.actor = Actor.process("vna-purge")
+        self.copies = copies if copies is not None else CopyPolicy()
 
-    def _other_copy_verifies(self, p: Placement) -> bool:
-        """True if another copy *at this site* verifies now (another site's copy is not ours to check)."""
+    def _verifies(self, p: Placement, why: str) -> bool:
+        accessor = self.tiers.get(p.tier)
+        if accessor is None:
+            return False
+        try:
+            accessor.read_verified(p, lambda _data: None)
+            return True
+        except (IntegrityError, StorageError) as exc:
+            log.error("%s: copy of %s on %s does not verify: %s", why, p.sop_uid, p.store_id, exc)
+            return False
+
+    def copies_left(self, p: Placement, *, verify: bool = True) -> int:
+        """The copies the other OK copies *at this site* count for (another site's are not ours to check).
+
+        With ``verify`` each is read and verified first, stopping once ``min_copies`` is reached;
+        without it the ledger's OK is trusted (the caller has just verified them).
+        """
+        counted = 0
         for other in self.index.placements(p.sop_uid, p.version):
             if other.store_id == p.store_id or other.state is not PlacementState.OK \
-                    or site_of(other.store_id) != self.site:
+                    or site_of(other.store_id) != self.site or other.tier not in self.tiers:
                 continue
-            accessor = self.tiers.get(other.tier)
-            if accessor is None:
+            if verify and not self._verifies(other, f"purge of {p.sop_uid} on {p.store_id}: sibling"):
                 continue
-            try:
-                accessor.read_verified(other, lambda _data: None)
-                return True
-            except (IntegrityError, StorageError) as exc:
-                log.error("purge of %s on %s: sibling %s does not verify: %s",
-                          p.sop_uid, p.store_id, other.store_id, exc)
-        return False
+            counted += self.copies.weight(other.store_id)
+            if verify and counted >= self.copies.min_copies:
+                break
+        return counted
+
+    def _keep(self, p: Placement) -> bool:
+        """Put a TO_DELETE copy back to OK (after verifying it) because deleting it would go below the minimum."""
+        if not self._verifies(p, "keeping a copy below archive.min_copies"):
+            return False
+        if not self.index.transition(p, PlacementState.OK, verified_at=time.time()):
+            return False
+        log.warning("purge: kept %s on %s (marked TO_DELETE; the other copies count fewer than "
+                    "archive.min_copies = %d)", p.sop_uid, p.store_id, self.copies.min_copies)
+        return True
 
     def purge(self, p: Placement, *, verify: bool = True) -> bool:
-        """Delete one TO_DELETE copy; False (nothing touched) if no other copy verifies.
+        """Delete one TO_DELETE copy; False (nothing deleted) unless the other copies count ``min_copies``.
+
+        A copy refused for that reason is verified and put back to OK when it verifies
+        (it is one of the copies the minimum needs). ``verify=False``: the caller has
+        just verified the other copies, the ledger's OK is trusted.
 
         Audited ("DICOM Instances Accessed", action U: a copy is deleted, the
         instance is not); raises AuditUnavailable before deleting when the
         trail refuses service.
         """
-        if verify and not self._other_copy_verifies(p):
-            return False
+        return self._purge(p, verify) == "purged"
+
+    def _purge(self, p: Placement, verify: bool) -> str:
+        """``purged``, ``kept`` (put back to OK: needed for the minimum) or ``refused`` (nothing changed)."""
+        if self.copies_left(p, verify=verify) < self.copies.min_copies:
+            return "kept" if self._keep(p) else "refused"
         accessor = self.tiers.get(p.tier)
         if accessor is None:
-            return False
+            return "refused"
         inst = self.index.get_instance(p.sop_uid)
         with self.audit.operation(INSTANCES_ACCESSED, "U", self.actor,
                                   patient_ids=[inst.attrs.get("PatientID", "")] if inst else [],
@@ -104,7 +143,7 @@ class Purger:
                                   details={"change": "copy purged", "sop_uid": p.sop_uid, "version": p.version,
                                            "tier": p.tier.value, "store": p.store_id, "bytes": p.stored_size}):
             accessor.store(p.store_id).delete(p.blob_key)
-            return self.index.delete_placement(p)
+            return "purged" if self.index.delete_placement(p) else "refused"
 
     def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
         """Purge at most ``limit`` TO_DELETE copies of this site."""
@@ -117,9 +156,13 @@ class Purger:
                 report.details.append({"sop_uid": p.sop_uid, "store": p.store_id, "bytes": p.stored_size})
                 continue
             try:
-                if self.purge(p):
+                outcome = self._purge(p, verify=True)
+                if outcome == "purged":
                     report.done += 1
                     report.bytes += p.stored_size
+                elif outcome == "kept":
+                    report.details.append({"sop_uid": p.sop_uid, "store": p.store_id,
+                                           "kept": f"archive.min_copies = {self.copies.min_copies}"})
                 else:
                     report.findings += 1
             except VnaError as exc:
@@ -145,6 +188,7 @@ class Migrator:
         owner: str | None = None,
         audit: AuditLog | None = None,
         telemetry: Telemetry | None = None,
+        copies: CopyPolicy | None = None,
     ) -> None:
         self.index = index
         self.audit = audit if audit is not None else AuditLog.disabled()
@@ -157,7 +201,8 @@ class Migrator:
         self.cold_cfg = cold_cfg
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._verified_now: set[str] = set()
-        self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold}, audit=self.audit)
+        self.copies = copies if copies is not None else CopyPolicy()
+        self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold}, audit=self.audit, copies=self.copies)
         self.site = self.purger.site
 
     # -- selection -----------------------------------------------------------
@@ -172,7 +217,21 @@ class Migrator:
                 yield study
 
     def _has_hot(self, study_uid: str) -> bool:
-        return any(self._hot_here(inst) for inst in self.index.study_instances(study_uid))
+        """True if some instance of the study still has a hot copy here that a run would move or retire."""
+        return any(self._hot_work(inst) for inst in self.index.study_instances(study_uid))
+
+    def _hot_work(self, inst: InstanceRecord) -> bool:
+        """A hot copy here to migrate, or to retire without going below ``archive.min_copies``."""
+        rows = [p for p in self.index.placements(inst.sop_uid, inst.version) if site_of(p.store_id) == self.site]
+        hot = [p for p in rows if p.tier is Tier.HOT and p.state is not PlacementState.PENDING]
+        if not any(p.state in (PlacementState.OK, PlacementState.TO_DELETE) for p in hot):
+            return False
+        if not any(p.tier is Tier.COLD and p.state is PlacementState.OK for p in rows):
+            return True
+        counted = self.copies.counted(rows)
+        minimum = self.copies.min_copies
+        return any(p.state is not PlacementState.OK or counted - self.copies.weight(p.store_id) >= minimum
+                   for p in hot)
 
     def _hot_here(self, inst: InstanceRecord) -> bool:
         """True if this site holds a hot copy (OK or being retired) of the instance: ours to migrate."""
@@ -183,11 +242,15 @@ class Migrator:
         """What a run would move (no change)."""
         out = []
         for study in self.due():
-            instances = self.index.study_instances(study.study_uid)
-            out.append(StudyPlan(study.study_uid, len(instances), sum(i.content_size for i in instances)))
+            out.append(self.plan_one(study.study_uid))
             if limit is not None and len(out) >= limit:
                 break
         return out
+
+    @property
+    def hot_copies_kept(self) -> int:
+        """Hot copies a migration keeps per instance for ``archive.min_copies`` (every hot replica holding one)."""
+        return self.copies.hot_copies_kept(self.cold_store.store_id, [s.store_id for s in self.hot.stores])
 
     # -- run -------------------------------------------------------------------
     def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
@@ -244,7 +307,7 @@ class Migrator:
 
     def plan_one(self, study_uid: str) -> StudyPlan:
         instances = self.index.study_instances(study_uid)
-        return StudyPlan(study_uid, len(instances), sum(i.content_size for i in instances))
+        return StudyPlan(study_uid, len(instances), sum(i.content_size for i in instances), self.hot_copies_kept)
 
     def migrate_study(self, study_uid: str) -> int:
         """Move one study (the caller holds its lease). Returns hot bytes freed."""
@@ -339,25 +402,43 @@ class Migrator:
         frame = b"".join(self.cold_store.open(key, entry.offset, entry.length))
         decode_frame(frame, entry)  # raises IntegrityError on any mismatch
 
+    def _hot_rows(self, inst: InstanceRecord) -> list[Placement]:
+        """This site's hot copies of the instance, in the order they are retired (last replica first)."""
+        order = {s.store_id: i for i, s in enumerate(self.hot.stores)}
+        rows = [p for p in self.index.placements(inst.sop_uid, inst.version)
+                if p.tier is Tier.HOT and site_of(p.store_id) == self.site]
+        return sorted(rows, key=lambda p: order.get(p.store_id, len(order)), reverse=True)
+
     def _retire_hot(self, inst: InstanceRecord, *, verified_now: bool) -> int:
         """Hot copies -> TO_DELETE (refused by the index without another OK copy), then purge.
 
-        The purge re-verifies the cold copy unless this run just wrote and verified it.
+        Copies already TO_DELETE go first (the purge keeps one the minimum needs), then
+        damaged ones, then OK ones: a copy is retired only while the copies left count
+        ``archive.min_copies`` (a damaged copy the minimum needs stays for the repairer
+        to rebuild). The purge re-verifies the other copies unless this run just wrote
+        and verified the cold one.
         """
         if not self._cold_ok(inst):
             return 0
         freed = 0
-        for p in self.index.placements(inst.sop_uid, inst.version):
-            if p.tier is not Tier.HOT or site_of(p.store_id) != self.site:
-                continue
-            if p.state is PlacementState.OK or p.state in (PlacementState.MISSING, PlacementState.CORRUPT):
-                if not self.index.transition(p, PlacementState.TO_DELETE):
-                    continue
-                p = replace(p, state=PlacementState.TO_DELETE)
+        for p in self._hot_rows(inst):
             if p.state is PlacementState.TO_DELETE:
-                try:
-                    if self.purger.purge(p, verify=not verified_now):
-                        freed += p.stored_size
-                except BlobNotFound:
-                    pass
+                freed += self._retire(p, verified_now)
+        for states in ((PlacementState.MISSING, PlacementState.CORRUPT), (PlacementState.OK,)):
+            for p in self._hot_rows(inst):
+                if p.state in states and self.purger.copies_left(p, verify=False) >= self.copies.min_copies:
+                    freed += self._retire(p, verified_now)
         return freed
+
+    def _retire(self, p: Placement, verified_now: bool) -> int:
+        """Mark one hot copy TO_DELETE (if it is not yet) and purge it; the hot bytes freed."""
+        if p.state in (PlacementState.OK, PlacementState.MISSING, PlacementState.CORRUPT):
+            if not self.index.transition(p, PlacementState.TO_DELETE):
+                return 0
+            p = replace(p, state=PlacementState.TO_DELETE)
+        if p.state is not PlacementState.TO_DELETE:
+            return 0
+        try:
+            return p.stored_size if self.purger.purge(p, verify=not verified_now) else 0
+        except BlobNotFound:
+            return 0

@@ -5,6 +5,14 @@ only -> validate UIDs -> duplicate policy -> write N hot replicas in parallel
 (quorum W) -> register instance + placements in the index as one unit ->
 return. Any failure before registration deletes what was written; nothing is
 half-registered. Pixel data is never decoded.
+
+Re-sends (``docs/conformance.md``, "Re-sent instances"): identity follows the
+data set, not the File Meta. A known SOP Instance UID with the same content
+digest is a duplicate; with another digest its data set is compared with a
+verified stored copy (:mod:`vna.services.dataset_identity`), and only a real
+difference is a conflict (policy reject) or a new version (policy version).
+A duplicate is acknowledged only with at least W verified copies (rule 7):
+damaged copies are rewritten first. A new SOP Instance UID costs nothing more.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes, default_encoding
@@ -31,14 +39,21 @@ from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope
-from vna.checksum import sha256_file
-from vna.domain import InstanceRecord, PlacementState, QueryLevel, site_of, validate_uid
-from vna.errors import DuplicateConflict, InvalidDataset, StateConflict
+from vna.checksum import HashingIterator, sha256_file
+from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier, site_of, validate_uid
+from vna.errors import (BlobExists, DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost,
+                        QuorumNotMet, StateConflict, StorageError, StorageUnavailable)
 from vna.index.base import Index
 from vna.index.query import LEVEL_KEYS
+from vna.integrity.repair import new_blob_key
+from vna.services.dataset_identity import same_dataset
 from vna.services.part10 import scan_part10
-from vna.storage.accessor import TierAccessor, site_of_tiers
+from vna.storage.accessor import TierAccessor, iter_file, site_of_tiers
+from vna.storage.base import BlobStore
 from vna.telemetry import Telemetry, series_key
+
+if TYPE_CHECKING:
+    from vna.services.retrieve import RetrieveService
 
 __all__ = ["IngestResult", "IngestService", "Spooled"]
 
@@ -47,6 +62,7 @@ log = logging.getLogger(__name__)
 _ATTR_KEYS = tuple(k for lv in QueryLevel for k in LEVEL_KEYS[lv])
 #: vna.ingest.instances series, by outcome
 _STORED, _DUPLICATE, _FAILED = (series_key({"outcome": o}) for o in ("stored", "duplicate", "failed"))
+_DAMAGED = (PlacementState.MISSING, PlacementState.CORRUPT)
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,8 @@ class Spooled:
 
 @dataclass(frozen=True)
 class IngestResult:
-    """What happened to one instance. ``duplicate``: identical bytes were already stored."""
+    """What happened to one instance. ``duplicate``: the same instance was already stored (identical
+    bytes, or the same data set in other File Meta or encoding; its stored bytes are kept)."""
 
     sop_uid: str
     sop_class_uid: str
@@ -72,6 +89,8 @@ class IngestResult:
     size: int
     duplicate: bool
     missing_replicas: tuple[str, ...] = ()
+    #: hot replicas rewritten from a duplicate's bytes because fewer than W verified copies were left
+    restored: tuple[str, ...] = ()
 
 
 def _text(value: Any) -> str:
@@ -251,12 +270,18 @@ class IngestService:
 
     Every call is audited (one "DICOM Instances Transferred" record, action C)
     and traced (``ingest`` > ``ingest.hash`` or ``ingest.receive``, ``ingest.parse``,
-    ``ingest.write``, ``ingest.index``).
+    ``ingest.write``, ``ingest.index``; ``ingest.compare`` when a re-send in other
+    bytes is compared with the stored instance).
     """
 
     def __init__(self, index: Index, hot: TierAccessor, duplicate_policy: str = "reject", *,
-                 audit: AuditLog | None = None, telemetry: Telemetry | None = None) -> None:
+                 audit: AuditLog | None = None, telemetry: Telemetry | None = None,
+                 retrieve: RetrieveService | None = None) -> None:
         self.index = index
+        #: reads verified copies of a stored instance to compare a re-send with (None: any other bytes conflict)
+        self.retrieve = retrieve
+        #: how many copies one verified copy on a store counts for (a store may declare its own redundancy)
+        self.copy_weight: Callable[[str], int] = lambda _store_id: 1
         self.hot = hot
         self.site = site_of_tiers({hot.tier: hot})
         self.duplicate_policy = duplicate_policy
@@ -285,8 +310,15 @@ class IngestService:
         ``ingest.hash``.
 
         Returns only once the bytes are on at least W replicas and indexed.
-        Raises InvalidInput, DuplicateConflict, QuorumNotMet/StorageError,
-        IndexUnavailable; on any raise nothing new is stored or registered.
+        A re-send of a stored instance (identical bytes, or the same data set
+        in other File Meta or encoding) is a duplicate, answered only once at
+        least W verified copies of the stored version exist at this site:
+        fewer, and damaged or absent hot copies are first rewritten from the
+        re-sent (or a verified stored) copy. Raises InvalidInput,
+        DuplicateConflict, LastVerifiedCopyLost (other bytes and no verified
+        stored copy to compare with, policy reject), QuorumNotMet/StorageError,
+        IndexUnavailable; on any raise nothing new is registered (a rewritten
+        copy of a stored version, already verified and recorded, is kept).
         Raises AuditUnavailable before anything is stored when the audit
         trail refuses service, and after storing if the record of this
         store cannot be written (the instance is then stored, unacknowledged;
@@ -306,6 +338,8 @@ class IngestService:
             rec.details.update({"version": result.version, "bytes": result.size, "duplicate": result.duplicate})
             if result.missing_replicas:
                 rec.details["missing_replicas"] = list(result.missing_replicas)
+            if result.restored:
+                rec.details["restored_replicas"] = list(result.restored)
             tel.ingest_instances.add_key(1, _DUPLICATE if result.duplicate else _STORED)
             if not result.duplicate:
                 tel.ingest_bytes.add(result.size)
@@ -332,12 +366,14 @@ class IngestService:
         for _attempt in range(5):
             existing = self.index.get_instance(h.sop_uid)
             if existing is not None and existing.content_sha256 == content_sha256:
+                missing, restored = self._keep_durable(existing, path)
                 return IngestResult(h.sop_uid, h.sop_class_uid, h.study_uid, existing.version,
-                                    content_sha256, size, duplicate=True,
-                                    missing_replicas=self._keep_here(existing, path))
-            if existing is not None and self.duplicate_policy == "reject":
-                raise DuplicateConflict(
-                    f"already stored with different content: {h.sop_uid}")
+                                    content_sha256, size, duplicate=True, missing_replicas=missing,
+                                    restored=restored)
+            if existing is not None:
+                same = self._same_as_stored(existing, path)
+                if same is not None:
+                    return same
             version = 1 if existing is None else existing.version + 1
             try:
                 return self._store(path, h, version, content_sha256, size, source_ae, owned)
@@ -346,22 +382,152 @@ class IngestService:
                 continue
         raise DuplicateConflict(f"SOP Instance {h.sop_uid} is being stored concurrently; retry")
 
-    def _keep_here(self, existing: InstanceRecord, path: Path) -> tuple[str, ...]:
-        """Identical bytes stored by another site of the federation: keep this site's copies too.
+    def _same_as_stored(self, existing: InstanceRecord, path: Path) -> IngestResult | None:
+        """The answer to a re-send whose bytes differ from the stored ones; None: store it as a new version.
 
-        Returns the replicas that missed the write. Nothing is written when this
-        site already records a copy (in any state: repair is the repairer's).
+        The data set of ``path`` is compared with a verified copy of the stored
+        version (:func:`same_dataset`): the same data set in other File Meta or
+        another native encoding is a duplicate (the stored bytes are kept, made
+        durable like an identical re-send). Otherwise policy "reject" raises
+        DuplicateConflict and "version" returns None. With no verified copy left
+        nothing can be compared: "reject" raises LastVerifiedCopyLost, "version"
+        returns None (a new version). Raises QuorumNotMet, SiteUnavailable.
         """
-        if any(site_of(p.store_id) == self.site for p in self.index.placements(existing.sop_uid, existing.version)):
-            return ()
-        from vna.federation.copy import add_local_copy
+        uid = existing.sop_uid
+        if self.retrieve is not None:
+            try:
+                with self.retrieve.open_verified(uid) as stored:
+                    with self.telemetry.stage("ingest.compare"):
+                        same = same_dataset(stored.path, path)
+                    if same:
+                        missing, restored = self._keep_durable(existing, stored.path)
+                        log.info("instance %s re-sent with the same data set in other File Meta or encoding: "
+                                 "a duplicate, stored bytes kept", uid)
+                        return IngestResult(uid, existing.sop_class_uid, existing.study_uid, existing.version,
+                                            existing.content_sha256, existing.content_size, duplicate=True,
+                                            missing_replicas=missing, restored=restored)
+            except LastVerifiedCopyLost as exc:
+                if self.duplicate_policy == "reject":
+                    raise LastVerifiedCopyLost(
+                        f"stored instance has no verified copy to compare with: {uid}") from exc
+                log.warning("instance %s: no verified copy of the stored version to compare with; "
+                            "the re-send becomes a new version", uid)
+                return None
+        if self.duplicate_policy == "reject":
+            raise DuplicateConflict(f"already stored with different content (data set differs): {uid}")
+        return None
 
+    def _keep_durable(self, existing: InstanceRecord, source: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Make the stored version durable at this site before a duplicate is acknowledged (rule 7).
+
+        ``source`` holds bytes verified to be the stored content. Verified
+        copies are this site's OK placements, hot and cold, each counting
+        :attr:`copy_weight` copies. With none recorded
+        here (another site stored it) every hot replica gets a copy; with fewer
+        than W, each hot store whose copy is MISSING, CORRUPT or absent gets a
+        new one (new key, read back verified, then recorded OK: blob first,
+        index second). Returns (replicas that missed the write, replicas
+        rewritten). Raises QuorumNotMet when fewer than W verified copies
+        exist afterwards; the copies it did record are kept.
+        """
+        local = self._local(existing)
+        if not local:
+            from vna.federation.copy import add_local_copy
+
+            try:
+                placements = add_local_copy(self.index, self.hot, existing, source, prefix="")
+            except StateConflict:
+                return (), ()  # a concurrent store at this site recorded them first
+            log.info("instance %s was stored by another site; this site keeps its own copies now", existing.sop_uid)
+            written = tuple(p.store_id for p in placements if p.state is PlacementState.OK)
+            return tuple(p.store_id for p in placements if p.state is PlacementState.MISSING), written
+        ok = self._verified(local)
+        if ok >= self.hot.quorum:
+            return (), ()
+        return self._restore(existing, source, local, ok)
+
+    def _local(self, existing: InstanceRecord) -> list[Placement]:
+        """This site's placements of the stored version."""
+        rows = self.index.placements(existing.sop_uid, existing.version)
+        return [p for p in rows if site_of(p.store_id) == self.site]
+
+    def _verified(self, placements: list[Placement]) -> int:
+        """How many verified copies the OK placements count for."""
+        return sum(self.copy_weight(p.store_id) for p in placements if p.state is PlacementState.OK)
+
+    def _restore(self, existing: InstanceRecord, source: Path, local: list[Placement],
+                 ok: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Rewrite this site's damaged or absent hot copies from ``source``; see :meth:`_keep_durable`."""
+        by_store = {p.store_id: p for p in local}
+        hot_keys = [p.blob_key for p in local if p.tier is Tier.HOT]
+        ref = hot_keys[0] if hot_keys else f"{existing.study_uid}/{existing.series_uid}/{existing.sop_uid}.dcm"
+        written: list[str] = []
+        failed: list[str] = []
+        for store in self.hot.stores:
+            row = by_store.get(store.store_id)
+            if row is not None and row.state not in _DAMAGED:
+                continue
+            try:
+                new = self._write_verified(store, existing, source, row.blob_key if row is not None else ref)
+            except (StorageError, IntegrityError) as exc:
+                failed.append(f"{store.store_id}: {exc}")
+                log.warning("instance %s: cannot rewrite the copy on %s: %s", existing.sop_uid, store.store_id, exc)
+                continue
+            if not self._record(row, new):
+                self.hot.delete_all(new.blob_key, [store.store_id])  # the row moved on meanwhile
+                continue
+            written.append(store.store_id)
+        have = self._verified(self._local(existing))  # the index is the truth (a concurrent re-send may have won)
+        if written:
+            log.info("instance %s had %d verified copies; rewrote the copies on %s from the re-sent bytes",
+                     existing.sop_uid, ok, ",".join(written))
+        if have < self.hot.quorum:
+            raise QuorumNotMet(f"not durable: {have} of {self.hot.quorum} verified copies of {existing.sop_uid} "
+                               f"({'; '.join(failed) or 'copies changed concurrently'})")
+        return tuple(f.split(":", 1)[0] for f in failed), tuple(written)
+
+    def _write_verified(self, store: BlobStore, existing: InstanceRecord, source: Path, ref_key: str) -> Placement:
+        """Write ``source`` to ``store`` under a new key and read it back verified; its OK placement.
+
+        A store refusing the usual directory gets the copy under ``relocated/``
+        (as the repairer does). Raises StorageError/IntegrityError, leaving no blob behind.
+        """
+        codec = self.hot.codec
+        error: StorageError = StorageUnavailable("no key tried")
+        for relocated in (False, True):
+            key = new_blob_key(ref_key, existing.sop_uid, existing.version, codec.name, relocated=relocated)
+            content = HashingIterator(iter_file(str(source)))
+            stored = HashingIterator(codec.encode(content))
+            try:
+                store.put(key, stored)
+            except (StorageUnavailable, BlobExists) as exc:
+                error = exc
+                continue
+            now = time.time()
+            new = Placement(
+                sop_uid=existing.sop_uid, version=existing.version, tier=self.hot.tier, store_id=store.store_id,
+                blob_key=key, codec=codec.name, content_sha256=existing.content_sha256,
+                content_size=existing.content_size, stored_sha256=stored.hexdigest(), stored_size=stored.size,
+                state=PlacementState.OK, created_at=now, verified_at=now)
+            try:
+                if content.hexdigest() != existing.content_sha256 or content.size != existing.content_size:
+                    raise IntegrityError(f"the bytes of {existing.sop_uid} changed while being written")
+                self.hot.read_verified(new, lambda _data: None)
+            except (IntegrityError, StorageError):
+                self.hot.delete_all(key, [store.store_id])
+                raise
+            return new
+        raise error
+
+    def _record(self, row: Placement | None, new: Placement) -> bool:
+        """Record the new copy: a new row, or the damaged row replaced (compare-and-set). False if it lost."""
+        if row is not None:
+            return self.index.replace_placement(row, new)
         try:
-            placements = add_local_copy(self.index, self.hot, existing, path, prefix="")
+            self.index.add_placements([new])
         except StateConflict:
-            return ()  # a concurrent store at this site recorded them first
-        log.info("instance %s was stored by another site; this site keeps its own copies now", existing.sop_uid)
-        return tuple(p.store_id for p in placements if p.state is PlacementState.MISSING)
+            return False
+        return True
 
     def _store(self, path: Path, h: _Header, version: int, sha: str, size: int, source_ae: str,
                owned: bool = False) -> IngestResult:

@@ -47,10 +47,11 @@ class FilesystemBlobStore:
     never a partial blob under a key.
     """
 
-    def __init__(self, store_id: str, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, store_id: str, root: Path, *, fsync: bool = True, file_mode: int = 0o600) -> None:
         self.store_id = store_id
         self.root = Path(root)
         self.fsync = fsync
+        self.file_mode = file_mode  # of every blob (archive.permissions): 0o600 owner, 0o640 group
         self._root_dev: int | None = None  # st_dev of the store's filesystem, once known
         self._root_s = str(self.root)
         try:
@@ -96,7 +97,7 @@ class FilesystemBlobStore:
         """``put`` of a local file's bytes, copied by the kernel (copy_file_range) without passing through Python.
 
         With ``adopt`` a ``source`` on this store's filesystem becomes the blob
-        itself: fsynced, made read-only to others (0640) and hard-linked under
+        itself: fsynced, given the store's ``file_mode`` and hard-linked under
         ``key`` -- no copy, no second inode. Elsewhere it is copied.
         """
         if adopt:
@@ -135,7 +136,7 @@ class FilesystemBlobStore:
                 st = os.fstat(fd)
                 if st.st_dev != self._dev():
                     return None
-                os.fchmod(fd, 0o640)
+                os.fchmod(fd, self.file_mode)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -177,7 +178,7 @@ class FilesystemBlobStore:
     def _put(self, key: str, write: Callable[[int], int]) -> BlobStat:
         tmp = os.path.join(self._root_s, _TMP, f"{uuid.uuid4().hex}.part")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.file_mode)
             try:
                 size = write(fd)
                 if self.fsync:

@@ -21,9 +21,27 @@ pub struct Command {
     pub data_set_type: u16,
     pub move_originator_ae: Option<String>,
     pub move_originator_id: Option<u16>,
+    /// The elements (0000,eeee) present.
+    pub present: Vec<u16>,
 }
 
 impl Command {
+    /// The elements a C-STORE-RQ cannot go without (PS3.7 9.3.1.1) that this one lacks or has empty,
+    /// as "Keyword (0000,eeee)" (the Python receiver's rule: Priority may be absent).
+    pub fn missing_for_store(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if !self.present.contains(&0x0110) {
+            out.push("MessageID (0000,0110)");
+        }
+        if self.affected_sop_class.is_empty() {
+            out.push("AffectedSOPClassUID (0000,0002)");
+        }
+        if self.affected_sop_instance.is_empty() {
+            out.push("AffectedSOPInstanceUID (0000,1000)");
+        }
+        out
+    }
+
     /// True when a data set follows the command.
     pub fn has_data_set(&self) -> bool {
         self.data_set_type != NO_DATASET
@@ -71,6 +89,9 @@ pub fn parse_command(raw: &[u8]) -> Result<Command, PduError> {
         }
         let value = &raw[pos..pos + len];
         pos += len;
+        if cmd.present.len() < 64 {
+            cmd.present.push(elem);
+        }
         match elem {
             0x0002 => cmd.affected_sop_class = text(value)?,
             0x0100 => {
@@ -89,9 +110,14 @@ pub fn parse_command(raw: &[u8]) -> Result<Command, PduError> {
             _ => {}
         }
     }
-    if !has_field || !has_type {
+    if !has_field {
         return Err(PduError(
-            "command set without CommandField or CommandDataSetType".into(),
+            "a command set without CommandField (0000,0100)".into(),
+        ));
+    }
+    if !has_type {
+        return Err(PduError(
+            "a command set without CommandDataSetType (0000,0800)".into(),
         ));
     }
     Ok(cmd)

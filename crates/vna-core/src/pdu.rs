@@ -105,9 +105,9 @@ fn ae_text(raw: &[u8; 16]) -> String {
 }
 
 /// A UID or text field: trailing NUL and space padding removed, ASCII only.
-fn uid_text(raw: &[u8]) -> Result<String, PduError> {
+fn uid_text(raw: &[u8], name: &str) -> Result<String, PduError> {
     if !raw.is_ascii() {
-        return err("non-ASCII UID");
+        return err(format!("non-ASCII bytes in its {name}"));
     }
     let text = std::str::from_utf8(raw).unwrap_or_default();
     Ok(text.trim_end_matches(['\0', ' ']).to_string())
@@ -147,13 +147,16 @@ pub fn parse_associate_rq(body: &[u8]) -> Result<AssociateRq, PduError> {
     };
     rq.called_raw.copy_from_slice(&body[4..20]);
     rq.calling_raw.copy_from_slice(&body[20..36]);
+    if !body[4..36].is_ascii() {
+        return err("non-ASCII bytes in an AE title");
+    }
     let mut seen_app = false;
     let mut seen_user = false;
     for item in items(&body[68..]) {
         let (kind, value) = item?;
         match kind {
             0x10 => {
-                rq.application_context = uid_text(value)?;
+                rq.application_context = uid_text(value, "Application Context Name")?;
                 seen_app = true;
             }
             0x20 => rq.contexts.push(parse_proposed_context(value)?),
@@ -190,10 +193,10 @@ fn parse_proposed_context(value: &[u8]) -> Result<ProposedContext, PduError> {
         let (kind, raw) = item?;
         match kind {
             0x30 if !abstract_seen => {
-                cx.abstract_syntax = uid_text(raw)?;
+                cx.abstract_syntax = uid_text(raw, "Abstract Syntax")?;
                 abstract_seen = true;
             }
-            0x40 => cx.transfer_syntaxes.push(uid_text(raw)?),
+            0x40 => cx.transfer_syntaxes.push(uid_text(raw, "Transfer Syntax")?),
             _ => {
                 return err(format!(
                     "unexpected sub-item 0x{kind:02X} in a presentation context"
@@ -220,7 +223,7 @@ fn parse_user_info(value: &[u8], rq: &mut AssociateRq) -> Result<(), PduError> {
                 }
                 rq.max_pdu = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
             }
-            0x52 => rq.implementation_class_uid = uid_text(raw)?,
+            0x52 => rq.implementation_class_uid = uid_text(raw, "Implementation Class UID")?,
             0x55 => rq.implementation_version = String::from_utf8_lossy(raw).trim_end().to_string(),
             0x54 => {
                 if raw.len() < 4 {
@@ -231,7 +234,7 @@ fn parse_user_info(value: &[u8], rq: &mut AssociateRq) -> Result<(), PduError> {
                     return err("Role Selection sub-item length mismatch");
                 }
                 rq.roles.push(RoleSelection {
-                    sop_class: uid_text(&raw[2..2 + n])?,
+                    sop_class: uid_text(&raw[2..2 + n], "SCP/SCU Role Selection")?,
                     scu: raw[2 + n] != 0,
                     scp: raw[3 + n] != 0,
                 });

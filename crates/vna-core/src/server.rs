@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -27,8 +27,11 @@ use crate::dimse::{self, Command};
 use crate::negotiate::{negotiate, Accepted, SupportedContext};
 use crate::pdu::{self, AssociateAc, AssociateRq};
 
-/// The largest A-ASSOCIATE-RQ accepted (128 contexts with many transfer syntaxes fit).
-pub const MAX_ASSOCIATE_RQ: u32 = 256 * 1024;
+/// The largest A-ASSOCIATE-RQ accepted (128 contexts, each with every transfer syntax, and a
+/// 64 KiB user identity fit), as the Python receiver's bound.
+pub const MAX_ASSOCIATE_RQ: u32 = 512 * 1024;
+/// Refusals of a kind from one address logged once per this window; the rest are counted.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
 /// The largest A-RELEASE-RQ/RP or A-ABORT accepted (they are 4 bytes long).
 pub const MAX_SMALL_PDU: u32 = 64;
 /// The P-DATA-TF bound when we announce no maximum (0).
@@ -47,6 +50,10 @@ pub struct Config {
     /// Our Maximum Length Received (0: unlimited, bounded by [`MAX_UNLIMITED_PDATA`]).
     pub max_pdu: u32,
     pub max_associations: usize,
+    /// Connections not yet associated (0: unlimited); one more is closed at once.
+    pub max_half_open: usize,
+    /// Connections one peer address may hold, associated or not (0: unlimited); one more is closed at once.
+    pub max_per_address: usize,
     pub acse_timeout: Duration,
     pub network_timeout: Duration,
     pub spool_dir: PathBuf,
@@ -135,6 +142,16 @@ struct Shared<H: Handler> {
     idle: Condvar,
     conns: Mutex<HashMap<u64, TcpStream>>,
     seq: AtomicU64,
+    limits: Mutex<Limits>,
+}
+
+/// Connections counted per peer address and while half-open, and the refusal log's windows.
+#[derive(Default)]
+struct Limits {
+    per_address: HashMap<IpAddr, usize>,
+    half_open: usize,
+    associated: usize,
+    refusals: HashMap<(IpAddr, String), (Instant, u64)>,
 }
 
 /// A running listener.
@@ -177,6 +194,7 @@ impl<H: Handler> Server<H> {
             idle: Condvar::new(),
             conns: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
+            limits: Mutex::new(Limits::default()),
         });
         let listening = Arc::new(AtomicBool::new(true));
         let (s, l) = (shared.clone(), listening.clone());
@@ -207,6 +225,12 @@ impl<H: Handler> Server<H> {
     /// The flag `listening` reads, to share with another owner.
     pub fn listening_flag(&self) -> Arc<AtomicBool> {
         self.listening.clone()
+    }
+
+    /// Connections now: (half-open, associated).
+    pub fn connection_counts(&self) -> (usize, usize) {
+        let limits = lock(&self.shared.limits);
+        (limits.half_open, limits.associated)
     }
 
     /// The number of association threads running.
@@ -273,7 +297,11 @@ fn accept_loop<H: Handler>(shared: &Arc<Shared<H>>, listener: &TcpListener) {
             continue;
         }
         match listener.accept() {
-            Ok((stream, addr)) => spawn_association(shared, stream, addr),
+            Ok((stream, addr)) => {
+                if admit(shared, addr.ip()) {
+                    spawn_association(shared, stream, addr);
+                } // else dropped: closed before anything is read
+            }
             Err(e)
                 if e.kind() == io::ErrorKind::Interrupted
                     || e.kind() == io::ErrorKind::WouldBlock => {}
@@ -284,6 +312,88 @@ fn accept_loop<H: Handler>(shared: &Arc<Shared<H>>, listener: &TcpListener) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+/// Count a new connection from `ip` (half-open), or refuse it with a rate-limited log line.
+fn admit<H: Handler>(shared: &Shared<H>, ip: IpAddr) -> bool {
+    let cfg = &shared.cfg;
+    let mut limits = lock(&shared.limits);
+    let n = limits.per_address.get(&ip).copied().unwrap_or(0);
+    let refusal = if cfg.max_per_address > 0 && n >= cfg.max_per_address {
+        Some(("dicom.max_connections_per_address", n))
+    } else if cfg.max_half_open > 0 && limits.half_open >= cfg.max_half_open {
+        Some(("dicom.max_half_open_connections", limits.half_open))
+    } else {
+        None
+    };
+    let Some((setting, count)) = refusal else {
+        *limits.per_address.entry(ip).or_insert(0) += 1;
+        limits.half_open += 1;
+        return true;
+    };
+    drop(limits);
+    say(
+        shared,
+        ip,
+        Level::Warning,
+        &format!("connection refused: {count} connections ({setting})"),
+    );
+    false
+}
+
+/// One log line about peer `ip`, rate-limited: the first line of its kind (the text without its digits)
+/// from an address in a window is written, the rest are counted into the next one.
+fn say<H: Handler>(shared: &Shared<H>, ip: IpAddr, level: Level, line: &str) {
+    let kind: String = line
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(120)
+        .collect();
+    let now = Instant::now();
+    let hidden = {
+        let mut limits = lock(&shared.limits);
+        if limits.refusals.len() > 4096 {
+            limits
+                .refusals
+                .retain(|_, (start, _)| now.duration_since(*start) < REFUSAL_WINDOW);
+        }
+        let entry = limits
+            .refusals
+            .entry((ip, kind))
+            .or_insert((now - REFUSAL_WINDOW, 0));
+        if now.duration_since(entry.0) < REFUSAL_WINDOW {
+            entry.1 += 1;
+            return;
+        }
+        std::mem::replace(entry, (now, 0)).1
+    };
+    let more = if hidden > 0 {
+        format!(
+            " ({hidden} more like it from this address in the last {} s)",
+            REFUSAL_WINDOW.as_secs()
+        )
+    } else {
+        String::new()
+    };
+    shared
+        .handler
+        .log(level, &format!("DICOM peer {ip}: {line}{more}"));
+}
+
+/// The connection from `ip` ended; `half_open`: it never took an association slot.
+fn release<H: Handler>(shared: &Shared<H>, ip: IpAddr, half_open: bool) {
+    let mut limits = lock(&shared.limits);
+    if let Some(n) = limits.per_address.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            limits.per_address.remove(&ip);
+        }
+    }
+    if half_open {
+        limits.half_open -= 1;
+    } else {
+        limits.associated -= 1;
     }
 }
 
@@ -318,6 +428,7 @@ fn spawn_association<H: Handler>(shared: &Arc<Shared<H>>, stream: TcpStream, add
         });
     if let Err(e) = spawned {
         lock(&shared.conns).remove(&id);
+        release(shared, addr.ip(), true);
         shared.active.fetch_sub(1, Ordering::SeqCst);
         shared.handler.log(
             Level::Error,
@@ -339,6 +450,8 @@ enum End {
     Closed(String),
     /// A protocol error or a timeout: send A-ABORT (source 2, reason) and log.
     Abort(u8, String),
+    /// Close without an A-ABORT (nothing can be sent yet) and log.
+    Refuse(String),
     /// Released normally.
     Released,
 }
@@ -370,6 +483,8 @@ struct Association<'a, H: Handler> {
     spool_seq: u64,
     /// True once this connection counts as an association (its A-ASSOCIATE-RQ arrived).
     counted: bool,
+    /// True until the connection took an association slot (counted half-open until then).
+    half_open: bool,
 }
 
 impl<H: Handler> Drop for Association<'_, H> {
@@ -377,6 +492,7 @@ impl<H: Handler> Drop for Association<'_, H> {
         if self.counted {
             self.shared.associations.fetch_sub(1, Ordering::SeqCst);
         }
+        release(self.shared, self.addr.ip(), self.half_open);
     }
 }
 
@@ -396,6 +512,7 @@ impl<'a, H: Handler> Association<'a, H> {
             receiving: None,
             spool_seq: 0,
             counted: false,
+            half_open: true,
         }
     }
 
@@ -405,39 +522,34 @@ impl<'a, H: Handler> Association<'a, H> {
 
     fn run(mut self) {
         let _ = self.stream.set_nodelay(true);
-        let end = match self.negotiate() {
-            Ok(true) => self.serve(),
+        let (end, associated) = match self.negotiate() {
+            Ok(true) => (self.serve(), true),
             Ok(false) => return,
-            Err(end) => end,
+            Err(end) => (end, false),
         };
         self.abandon();
+        let ip = self.addr.ip();
         match end {
             End::Released => {}
             End::Closed(why) => {
                 if !why.is_empty() {
-                    self.log(
-                        Level::Info,
-                        &format!(
-                            "association from {} ({}) ended: {why}",
-                            self.calling_ae,
-                            self.addr.ip()
-                        ),
-                    );
+                    let line = format!("association from {} ended: {why}", self.calling_ae);
+                    say(self.shared, ip, Level::Info, &line);
                 }
             }
+            End::Refuse(why) => say(
+                self.shared,
+                ip,
+                Level::Warning,
+                &format!("connection closed: {why}"),
+            ),
             End::Abort(reason, why) => {
-                self.log(
-                    Level::Warning,
-                    &format!(
-                        "association from {} ({}) aborted: {why}",
-                        if self.calling_ae.is_empty() {
-                            "?"
-                        } else {
-                            &self.calling_ae
-                        },
-                        self.addr.ip()
-                    ),
-                );
+                let what = if associated {
+                    "association aborted"
+                } else {
+                    "connection closed"
+                };
+                say(self.shared, ip, Level::Warning, &format!("{what}: {why}"));
                 let _ = self.stream.write_all(&pdu::encode_abort(2, reason));
             }
         }
@@ -452,26 +564,40 @@ impl<'a, H: Handler> Association<'a, H> {
         let (kind, len) = pdu::parse_header(&head);
         let cap = match kind {
             pdu::A_ASSOCIATE_RQ if !associated => MAX_ASSOCIATE_RQ,
+            // as the Python receiver: the announced maximum plus a PDV item header's worth of slack
             pdu::P_DATA_TF if associated => match self.shared.cfg.max_pdu {
                 0 => MAX_UNLIMITED_PDATA,
-                n => n,
+                n => n.saturating_add(6),
             },
             pdu::A_RELEASE_RQ | pdu::A_ABORT if associated => MAX_SMALL_PDU,
             pdu::A_ABORT => MAX_SMALL_PDU,
-            _ => {
+            pdu::A_ASSOCIATE_RQ..=pdu::A_ABORT if associated => {
+                return Err(End::Abort(2, format!("unexpected {}", pdu::pdu_name(kind))));
+            }
+            pdu::A_ASSOCIATE_RQ..=pdu::A_ABORT => {
+                let name = pdu::pdu_name(kind);
                 return Err(End::Abort(
                     2,
-                    format!("unexpected {} (type 0x{kind:02X})", pdu::pdu_name(kind)),
+                    format!("{name} before the association was established"),
+                ));
+            }
+            _ => {
+                return Err(End::Abort(
+                    1,
+                    format!("not a DICOM PDU (type 0x{kind:02X})"),
                 ))
             }
         };
         if len > cap {
+            let name = pdu::pdu_name(kind);
+            let bound = if associated {
+                "(dicom.max_pdu)"
+            } else {
+                "before association"
+            };
             return Err(End::Abort(
                 6,
-                format!(
-                    "{} of {len} bytes exceeds the limit of {cap}",
-                    pdu::pdu_name(kind)
-                ),
+                format!("{name} of {len} bytes, more than the {cap} allowed {bound}"),
             ));
         }
         let mut body = std::mem::take(&mut self.body);
@@ -496,9 +622,7 @@ impl<'a, H: Handler> Association<'a, H> {
                 None => timeout,
             };
             if wait.is_zero() {
-                return Err(End::Closed(
-                    "no A-ASSOCIATE-RQ within the ACSE timeout".into(),
-                ));
+                return Err(self.artim_expired());
             }
             let _ = self.stream.set_read_timeout(Some(wait));
             match self.stream.read(&mut buf[pos..]) {
@@ -517,16 +641,37 @@ impl<'a, H: Handler> Association<'a, H> {
                         || e.kind() == io::ErrorKind::TimedOut =>
                 {
                     if deadline.is_some() {
-                        return Err(End::Closed(
-                            "no A-ASSOCIATE-RQ within the ACSE timeout".into(),
-                        ));
+                        return Err(self.artim_expired());
                     }
-                    return Err(End::Abort(0, "network timeout".into()));
+                    let secs = timeout.as_secs_f64();
+                    return Err(End::Abort(
+                        0,
+                        format!("no data for {secs:.0} s (dicom.network_timeout)"),
+                    ));
                 }
                 Err(e) => return Err(End::Closed(format!("connection error: {e}"))),
             }
         }
         Ok(())
+    }
+
+    fn artim_expired(&self) -> End {
+        let secs = self.shared.cfg.acse_timeout.as_secs_f64();
+        End::Refuse(format!(
+            "no A-ASSOCIATE within {secs:.0} s (dicom.acse_timeout)"
+        ))
+    }
+
+    /// The type of a PDU the requestor sent before our A-ASSOCIATE-AC (it must wait for it), if any.
+    fn pdu_sent_early(&self) -> Option<u8> {
+        let mut first = [0u8; 1];
+        let _ = self.stream.set_nonblocking(true);
+        let early = match self.stream.peek(&mut first) {
+            Ok(1) => Some(first[0]),
+            _ => None,
+        };
+        let _ = self.stream.set_nonblocking(false);
+        early
     }
 
     fn send(&mut self, bytes: &[u8]) -> Result<(), End> {
@@ -542,10 +687,8 @@ impl<'a, H: Handler> Association<'a, H> {
             Ok(k) => k,
             Err(End::Closed(why)) => {
                 if !why.is_empty() {
-                    self.log(
-                        Level::Info,
-                        &format!("connection from {} closed: {why}", self.addr.ip()),
-                    );
+                    let line = format!("connection closed: {why}");
+                    say(self.shared, self.addr.ip(), Level::Info, &line);
                 }
                 return Ok(false);
             }
@@ -558,23 +701,28 @@ impl<'a, H: Handler> Association<'a, H> {
             >= self.shared.cfg.max_associations;
         self.counted = true;
         let rq = pdu::parse_associate_rq(&self.body)
-            .map_err(|e| End::Abort(6, format!("invalid A-ASSOCIATE-RQ: {e}")))?;
+            .map_err(|e| End::Abort(6, format!("A-ASSOCIATE-RQ with {e}")))?;
         self.calling_ae = rq.calling_ae();
         self.peer_max_pdu = rq.max_pdu;
         let reject = |this: &mut Self, rj: (u8, u8, u8), why: &str| -> Result<bool, End> {
-            this.log(
-                Level::Warning,
-                &format!(
-                    "association from {} ({}) rejected: {why}",
-                    this.calling_ae,
-                    this.addr.ip()
-                ),
-            );
+            let line = format!("association from {} rejected: {why}", this.calling_ae);
+            say(this.shared, this.addr.ip(), Level::Warning, &line);
             this.send(&pdu::encode_associate_rj(rj.0, rj.1, rj.2))?;
             Ok(false)
         };
         if over_limit {
-            return reject(self, (2, 3, 2), "too many associations");
+            let max = self.shared.cfg.max_associations;
+            let line =
+                format!("association rejected: {max} associations open (dicom.max_associations)");
+            say(self.shared, self.addr.ip(), Level::Warning, &line);
+            self.send(&pdu::encode_associate_rj(2, 3, 2))?;
+            return Ok(false);
+        }
+        {
+            let mut limits = lock(&self.shared.limits);
+            limits.half_open -= 1;
+            limits.associated += 1;
+            self.half_open = false;
         }
         if rq.protocol_version & 1 == 0 {
             return reject(self, (1, 2, 2), "protocol version not supported");
@@ -593,6 +741,13 @@ impl<'a, H: Handler> Association<'a, H> {
                 self.send(&pdu::encode_associate_rj(a, b, c))?;
                 return Ok(false);
             }
+        }
+        if let Some(kind) = self.pdu_sent_early() {
+            let name = pdu::pdu_name(kind);
+            return Err(End::Abort(
+                2,
+                format!("{name} before the association was established"),
+            ));
         }
         let cfg = &self.shared.cfg;
         let outcome = negotiate(&rq, &cfg.contexts);
@@ -695,8 +850,7 @@ impl<'a, H: Handler> Association<'a, H> {
     }
 
     fn command(&mut self, cx_id: u8, raw: &[u8]) -> Result<(), End> {
-        let cmd = dimse::parse_command(raw)
-            .map_err(|e| End::Abort(6, format!("invalid command set: {e}")))?;
+        let cmd = dimse::parse_command(raw).map_err(|e| End::Abort(6, e.to_string()))?;
         let Some(cx) = self.accepted.get(&cx_id).cloned() else {
             return Err(End::Abort(
                 6,
@@ -709,7 +863,13 @@ impl<'a, H: Handler> Association<'a, H> {
                 let out = pdu::encode_pdata(cx_id, true, &rsp, self.peer_max_pdu);
                 self.send(&out)
             }
-            dimse::C_STORE_RQ if cx.storage && cx.as_scp && cmd.has_data_set() => self.begin_store(cx_id, &cx, cmd),
+            dimse::C_STORE_RQ if !cmd.missing_for_store().is_empty() => {
+                let missing = cmd.missing_for_store().join(", ");
+                Err(End::Abort(0, format!("a C-STORE-RQ without {missing}")))
+            }
+            dimse::C_STORE_RQ if cx.storage && cx.as_scp && cmd.has_data_set() => {
+                self.begin_store(cx_id, &cx, cmd)
+            }
             field => Err(End::Abort(2, format!(
                 "DIMSE command 0x{field:04X} on context {cx_id} ({}) is not supported by the native receiver",
                 cx.abstract_syntax))),
@@ -741,8 +901,6 @@ impl<'a, H: Handler> Association<'a, H> {
     fn begin_store(&mut self, cx_id: u8, cx: &Accepted, cmd: Command) -> Result<(), End> {
         let started_ns = now_ns();
         let cfg = &self.shared.cfg;
-        let well_formed = dimse::valid_uid(&cmd.affected_sop_class)
-            && dimse::valid_uid(&cmd.affected_sop_instance);
         let header = dimse::spool_header(
             &cmd.affected_sop_class,
             &cmd.affected_sop_instance,
@@ -752,27 +910,16 @@ impl<'a, H: Handler> Association<'a, H> {
         );
         let mut failure = None;
         let mut spool = None;
-        if !well_formed {
-            failure = Some(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "invalid SOP Class or Instance UID",
-            ));
-        } else if cmd.affected_sop_class != cx.abstract_syntax {
-            failure = Some(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "SOP Class differs from the context's",
-            ));
-        } else {
-            // a spool that cannot be made or written: the data set is read and dropped, then answered
-            match self.spool_file() {
-                Ok((mut file, path)) => {
-                    if let Err(e) = file.write_all(&header) {
-                        failure = Some(e);
-                    }
-                    spool = Some((file, path));
+        // the UIDs are judged by the handler (as the Python receiver's ingest does), not here; a spool
+        // that cannot be made or written: the data set is read and dropped, then answered
+        match self.spool_file() {
+            Ok((mut file, path)) => {
+                if let Err(e) = file.write_all(&header) {
+                    failure = Some(e);
                 }
-                Err(e) => failure = Some(e),
+                spool = Some((file, path));
             }
+            Err(e) => failure = Some(e),
         }
         let mut sha = Sha256::new();
         sha.update(&header);
@@ -809,16 +956,6 @@ impl<'a, H: Handler> Association<'a, H> {
             path
         });
         let answer = match (failure.take(), path.clone()) {
-            (Some(e), _) if e.kind() == io::ErrorKind::InvalidData => {
-                self.log(
-                    Level::Warning,
-                    &format!("C-STORE from {} refused: {e}", self.calling_ae),
-                );
-                StoreAnswer {
-                    status: 0xA900,
-                    comment: Some(e.to_string()),
-                }
-            }
             (Some(e), _) => {
                 self.log(
                     Level::Error,

@@ -144,7 +144,8 @@ type ContextSpec = (String, Vec<String>, Option<(bool, bool)>, bool);
 #[pymethods]
 impl Listener {
     #[new]
-    #[pyo3(signature = (*, host, port, reuse_port, max_pdu, max_associations, acse_timeout, network_timeout,
+    #[pyo3(signature = (*, host, port, reuse_port, max_pdu, max_associations, max_half_open, max_per_address,
+                        acse_timeout, network_timeout,
                         spool_dir, implementation_class_uid, implementation_version, spool_implementation_uid,
                         spool_implementation_version, contexts, on_associate, on_store, on_log, on_thread_done))]
     #[allow(clippy::too_many_arguments)]
@@ -155,6 +156,8 @@ impl Listener {
         reuse_port: bool,
         max_pdu: u32,
         max_associations: usize,
+        max_half_open: usize,
+        max_per_address: usize,
         acse_timeout: f64,
         network_timeout: f64,
         spool_dir: PathBuf,
@@ -194,6 +197,8 @@ impl Listener {
             reuse_port,
             max_pdu,
             max_associations: max_associations.max(1),
+            max_half_open,
+            max_per_address,
             acse_timeout: secs(acse_timeout, "acse_timeout")?,
             network_timeout: secs(network_timeout, "network_timeout")?,
             spool_dir,
@@ -223,6 +228,15 @@ impl Listener {
     #[getter]
     fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Connections of the port now: (half-open, associated); (0, 0) once stopped.
+    fn connection_counts(&self) -> (usize, usize) {
+        let server = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        server
+            .as_ref()
+            .map(|s| s.connection_counts())
+            .unwrap_or((0, 0))
     }
 
     /// True until ``stop`` closed the listening socket.
