@@ -122,18 +122,21 @@ def _native_pixels(data: bytes) -> tuple[np.ndarray, int, bool] | None:
     return (px ^ np.uint16(0x8000) if signed else px.copy()), len(ds.PixelData), signed
 
 
-def run_jpegls(corpus: Corpus, repeat: int) -> Result:
+def run_jpegls(corpus: Corpus, repeat: int, jxl: bool = False) -> Result:
+    """JPEG-LS (CharLS), or with ``jxl`` JPEG-XL lossless (libjxl's default effort), per frame."""
     assert imagecodecs is not None
+    encode = (lambda f: imagecodecs.jpegxl_encode(f, lossless=True)) if jxl else imagecodecs.jpegls_encode
+    decode = imagecodecs.jpegxl_decode if jxl else imagecodecs.jpegls_decode
     r = Result()
     for data in corpus.files:
         native = _native_pixels(data)
         if native is None:
             continue
         px, value_len, _ = native
-        enc_s, streams = best_time(lambda: [imagecodecs.jpegls_encode(f) for f in px], repeat)
-        dec_s, frames = best_time(lambda: [imagecodecs.jpegls_decode(s) for s in streams], repeat)
+        enc_s, streams = best_time(lambda: [encode(f) for f in px], repeat)
+        dec_s, frames = best_time(lambda: [decode(s) for s in streams], repeat)
         if not all(np.array_equal(a, b) for a, b in zip(frames, px)):
-            raise SystemExit(f"JPEG-LS roundtrip mismatch in {corpus.name}")
+            raise SystemExit(f"{'JPEG-XL' if jxl else 'JPEG-LS'} roundtrip mismatch in {corpus.name}")
         r.original += len(data)
         r.stored += len(data) - value_len + sum(len(s) + 8 for s in streams)  # +8: item header per frame
         r.enc_s += enc_s
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data-dir", type=Path, action="append", default=[],
                     help="extra folder of real DICOM files (e.g. pydicom-data's data_store/data)")
+    ap.add_argument("--jxl", action="store_true", help="also JPEG-XL lossless (slow) on 16-bit greyscale")
     args = ap.parse_args(argv)
 
     corpora: list[Corpus] = []
@@ -228,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         results: list[tuple[str, Result]] = [(name, run_codec(corpus, e, d, args.repeat)) for name, e, d in codecs]
         if HAVE_JPEGLS:
             results.append(("JPEG-LS (CharLS)", run_jpegls(corpus, args.repeat)))
+            if args.jxl and bool(imagecodecs.JPEGXL.available):
+                results.append(("JPEG-XL lossless", run_jpegls(corpus, args.repeat, jxl=True)))
         ours = results[0][1].ratio
         print(f"   {'codec':18s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'px2/x':>8s}")
         for name, r in results:
