@@ -17,17 +17,18 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pynetdicom
-from pydicom.uid import ExplicitVRLittleEndian, UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pydicom.uid import UID
+from pynetdicom import AE
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from vna.archive import Archive
 from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
 from vna.config import DicomConfig
 from vna.dicom import native, status as st
+from vna.dicom.contexts import storage_classes, storage_syntaxes
 from vna.errors import AuditUnavailable, ConfigError, VnaError
 from vna.services.ingest import Spooled
 
@@ -46,14 +47,14 @@ ContextSpec = tuple[str, list[str], "tuple[bool, bool] | None", bool]
 
 
 def supported_contexts() -> list[ContextSpec]:
-    """Verification and every storage SOP class pynetdicom lists, with the transfer syntaxes and
-    roles ``DicomServer`` supports, as (abstract syntax, our syntaxes in order of preference,
-    roles or None, is storage) -- built with pynetdicom's public API."""
+    """Verification and the storage SOP classes ``DicomServer`` accepts by name (pynetdicom's list and the
+    retired ones), with its transfer syntaxes and roles, as (abstract syntax, our syntaxes in order of
+    preference, roles or None, is storage) -- built with pynetdicom's public API."""
     ae = AE()
     ae.add_supported_context(Verification)
-    syntaxes = [ExplicitVRLittleEndian] + [ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian]
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cast(UID, cx.abstract_syntax), syntaxes, scu_role=True, scp_role=True)
+    syntaxes = storage_syntaxes()
+    for uid in storage_classes():
+        ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
     out: list[ContextSpec] = []
     for cx in ae.supported_contexts:
         roles = None if cx.scu_role is None or cx.scp_role is None else (bool(cx.scu_role), bool(cx.scp_role))
