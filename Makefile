@@ -47,6 +47,7 @@ test-native:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test -q -p vna-core
+	$(CARGO) test -q --release -p vna-codec
 
 ## Start the archive on the embedded default (SQLite index, hot replicas under ./vna-data);
 ## its last start-up line is the viewer's URL (http://127.0.0.1:8080/viewer/).

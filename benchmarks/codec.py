@@ -1,4 +1,4 @@
-"""Cold-tier codec comparison: dicom-px1 vs plain zstd vs JPEG-LS lossless, same run, same files.
+"""Cold-tier codec comparison: dicom-px2 and dicom-px1 vs plain zstd vs JPEG-LS lossless, same run, same files.
 
 Corpora: generated CT (512x512 16-bit) and MR (256x256 16-bit) from
 ``benchmarks.corpus`` (smooth synthetic anatomy + noise: ratios differ from real
@@ -90,6 +90,13 @@ def _zstd_codec(level: int) -> tuple[Callable[[bytes], bytes], Callable[[bytes],
     return enc, dec
 
 
+def _px2_codec(level: int, threads: int = 1) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+    def enc(data: bytes) -> bytes:
+        return pixelcodec.encode(data, level, version=pixelcodec.FORMAT_VERSION_PX2, threads=threads)
+
+    return enc, pixelcodec.decode
+
+
 def _px1_codec(level: int, pixel_level: int | None = None
                ) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
     def enc(data: bytes) -> bytes:
@@ -100,8 +107,11 @@ def _px1_codec(level: int, pixel_level: int | None = None
 
 def _native_pixels(data: bytes) -> tuple[np.ndarray, int, bool] | None:
     """(frames, rows, cols) uint16 pixels, pixel value length and signedness, for JPEG-LS."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    if str(ds.file_meta.TransferSyntaxUID) not in NATIVE_LE or ds.BitsAllocated != 16 or ds.SamplesPerPixel != 1:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if str(ds.file_meta.TransferSyntaxUID) not in NATIVE_LE or ds.BitsAllocated != 16 or ds.SamplesPerPixel != 1:
+            return None
+    except Exception:  # not DICOM, or no pixel description: not a JPEG-LS candidate
         return None
     frames = int(ds.get("NumberOfFrames") or 1)
     n = ds.Rows * ds.Columns * frames
@@ -112,18 +122,21 @@ def _native_pixels(data: bytes) -> tuple[np.ndarray, int, bool] | None:
     return (px ^ np.uint16(0x8000) if signed else px.copy()), len(ds.PixelData), signed
 
 
-def run_jpegls(corpus: Corpus, repeat: int) -> Result:
+def run_jpegls(corpus: Corpus, repeat: int, jxl: bool = False) -> Result:
+    """JPEG-LS (CharLS), or with ``jxl`` JPEG-XL lossless (libjxl's default effort), per frame."""
     assert imagecodecs is not None
+    encode = (lambda f: imagecodecs.jpegxl_encode(f, lossless=True)) if jxl else imagecodecs.jpegls_encode
+    decode = imagecodecs.jpegxl_decode if jxl else imagecodecs.jpegls_decode
     r = Result()
     for data in corpus.files:
         native = _native_pixels(data)
         if native is None:
             continue
         px, value_len, _ = native
-        enc_s, streams = best_time(lambda: [imagecodecs.jpegls_encode(f) for f in px], repeat)
-        dec_s, frames = best_time(lambda: [imagecodecs.jpegls_decode(s) for s in streams], repeat)
+        enc_s, streams = best_time(lambda: [encode(f) for f in px], repeat)
+        dec_s, frames = best_time(lambda: [decode(s) for s in streams], repeat)
         if not all(np.array_equal(a, b) for a, b in zip(frames, px)):
-            raise SystemExit(f"JPEG-LS roundtrip mismatch in {corpus.name}")
+            raise SystemExit(f"{'JPEG-XL' if jxl else 'JPEG-LS'} roundtrip mismatch in {corpus.name}")
         r.original += len(data)
         r.stored += len(data) - value_len + sum(len(s) + 8 for s in streams)  # +8: item header per frame
         r.enc_s += enc_s
@@ -186,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data-dir", type=Path, action="append", default=[],
                     help="extra folder of real DICOM files (e.g. pydicom-data's data_store/data)")
+    ap.add_argument("--jxl", action="store_true", help="also JPEG-XL lossless (slow) on 16-bit greyscale")
     args = ap.parse_args(argv)
 
     corpora: list[Corpus] = []
@@ -195,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                 paths = write_corpus(Path(tmp) / kind, kind, studies=1, per_study=count, seed=11)
                 corpora.append(Corpus(f"generated {kind.upper()}", [p.read_bytes() for p in paths], "synthetic"))
     corpora += real_corpora(args.data_dir)
+    every = sorted({Path(p).read_bytes() for p in get_testdata_files() if Path(p).is_file()})
+    corpora.append(Corpus("pydicom test files, every kind", every,
+                          "all syntaxes, colour, 8-bit; JPEG-LS: only its 16-bit greyscale native files"))
 
     codecs: list[tuple[str, Callable[[bytes], bytes], Callable[[bytes], bytes]]] = [
+        ("dicom-px2 L3", *_px2_codec(3)),
         ("dicom-px1 L1", *_px1_codec(1)),
         ("dicom-px1 L3", *_px1_codec(3)),
         ("dicom-px1 L9", *_px1_codec(9)),
@@ -207,15 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         print("NOTE: imagecodecs (JPEG-LS) is not installed: skipping that peer "
               "(.venv/bin/pip install imagecodecs)\n")
     print(f"single-threaded, best of {args.repeat} in CPU time; MB/s of original file bytes; ratio = original/stored; "
-          f"'px1-9/x' = dicom-px1 L9 ratio / this codec's ratio\n")
+          f"'px2/x' = dicom-px2 ratio / this codec's ratio\n")
     for corpus in corpora:
         size = sum(len(f) for f in corpus.files)
         print(f"== {corpus.name}: {len(corpus.files)} files, {size / 1e6:.1f} MB  [{corpus.note}]")
         results: list[tuple[str, Result]] = [(name, run_codec(corpus, e, d, args.repeat)) for name, e, d in codecs]
         if HAVE_JPEGLS:
             results.append(("JPEG-LS (CharLS)", run_jpegls(corpus, args.repeat)))
-        ours = results[2][1].ratio
-        print(f"   {'codec':18s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'px1-9/x':>8s}")
+            if args.jxl and bool(imagecodecs.JPEGXL.available):
+                results.append(("JPEG-XL lossless", run_jpegls(corpus, args.repeat, jxl=True)))
+        ours = results[0][1].ratio
+        print(f"   {'codec':18s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'px2/x':>8s}")
         for name, r in results:
             enc = r.original / r.enc_s / 1e6 if r.enc_s else float("nan")
             dec = r.original / r.dec_s / 1e6 if r.dec_s else float("nan")

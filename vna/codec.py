@@ -74,15 +74,16 @@ class PixelCodec:
     Works on whole instances (frames of a cold bundle), so it buffers.
     """
 
-    def __init__(self, level: int = 9) -> None:
+    def __init__(self, level: int = 9, *, version: int = 1) -> None:
         self.level = level
+        self.version = version
         from vna import pixelcodec
 
-        self.name = pixelcodec.CODEC_NAME
+        self.name = pixelcodec.CODEC_NAME if version == pixelcodec.FORMAT_VERSION else pixelcodec.CODEC_NAME_PX2
         self._impl = pixelcodec
 
     def encode(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        yield self._impl.encode(b"".join(chunks), self.level)
+        yield self._impl.encode(b"".join(chunks), self.level, version=self.version)
 
     def decode(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield self._impl.decode(b"".join(chunks))
@@ -96,4 +97,6 @@ def get_codec(name: str) -> Codec:
         return ZstdCodec()
     if name == "dicom-px1":
         return PixelCodec()
+    if name == "dicom-px2":  # px1 + the native greyscale coder (vna.pixelcodec, format version 2)
+        return PixelCodec(version=2)
     raise ConfigError(f"unknown codec {name!r}")

@@ -45,14 +45,25 @@ Methods (recorded in the frame header):
     the pixels are stored unfiltered (flag ``RAW``); the trial only ever costs
     ratio, never correctness.
 
+``dicom-px2`` (format version 2, :func:`encode` with ``version=2``) adds two kinds
+coded by the native extension (vna.pixelcodec_native, crate vna-codec) instead of
+a filter + zstd: ``GRAY16_AC`` and ``GRAY8_AC`` (SamplesPerPixel 1, BitsAllocated 16
+or 8; flag ``SIGNED`` flips the sign bit first). The pixel stream after the zstd
+header frame is the native coder's stream (a blend of predictors weighted by
+their recent errors, bias-corrected contexts, adaptive binary arithmetic
+coding; frames coded independently). Every other file gets exactly the px1
+frame (version 1), so a px2 encoder writes version 1 and 2 frames and
+:func:`decode` reads both, forever.
+
 Frame layout (all integers little endian; ``_HEADER`` then a CRC-32 of it)::
 
-    magic "VNPX" | version u8 (=1) | method u8 | kind u8 | flags u8
+    magic "VNPX" | version u8 (1 or 2) | method u8 | kind u8 | flags u8
     content_size u64 | content_crc32 u32          (of the restored file)
     pixel_offset u64 | pixel_length u64 | rows u32 | cols u32 | frames u32
     tile u16 | reserved u16 | meta_zlen u64 | header_crc32 u32
     then: ZSTD   -> one zstd frame (the file)
           NATIVE -> meta_zlen bytes zstd(prefix+suffix), then zstd(filtered pixels)
+                    (version 2: then the native coder's stream of the pixels)
 
 :func:`decode` checks the header CRC, every size, that each zstd frame is
 exactly one complete frame of the announced size, and finally the CRC-32 of the
@@ -77,14 +88,17 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from vna import pixelcodec_native
 from vna.errors import IntegrityError
 
 __all__ = [
     "CODEC_NAME",
+    "CODEC_NAME_PX2",
     "DEFAULT_TILE",
     "FLAG_RAW",
     "FLAG_SIGNED",
     "FORMAT_VERSION",
+    "FORMAT_VERSION_PX2",
     "HEADER_SIZE",
     "SMALL_TILE",
     "FrameInfo",
@@ -98,7 +112,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CODEC_NAME = "dicom-px1"
+CODEC_NAME_PX2 = "dicom-px2"
 FORMAT_VERSION = 1
+FORMAT_VERSION_PX2 = 2
 MAGIC = b"VNPX"
 DEFAULT_TILE = 64
 SMALL_TILE = 32  # used when an image has too few 64-pixel tiles to keep the decoder's vectors long
@@ -132,13 +148,18 @@ class PixelKind(enum.IntEnum):
     GRAY8_LEFT = 2
     RGB8_INTERLEAVED = 3
     RGB8_PLANAR = 4
+    GRAY16_AC = 5  # format version 2 only: the native coder's stream
+    GRAY8_AC = 6
 
 
+_AC_KINDS = {PixelKind.GRAY16_AC: 16, PixelKind.GRAY8_AC: 8}  # kind -> bits per sample
 _BYTES_PER_PIXEL = {
     PixelKind.GRAY16_MED: 2,
     PixelKind.GRAY8_LEFT: 1,
     PixelKind.RGB8_INTERLEAVED: 3,
     PixelKind.RGB8_PLANAR: 3,
+    PixelKind.GRAY16_AC: 2,
+    PixelKind.GRAY8_AC: 1,
 }
 
 
@@ -165,7 +186,7 @@ class FrameInfo:
 
 
 def encode(data: bytes, level: int = 9, *, pixel_level: int | None = None, tile: int | None = None,
-           verify: bool = False) -> bytes:
+           verify: bool = False, version: int = FORMAT_VERSION, threads: int = 1) -> bytes:
     """Encode a whole Part 10 file (or any bytes) into one self-describing frame.
 
     ``level`` is the zstd level of every zstd frame; ``pixel_level`` overrides
@@ -177,12 +198,23 @@ def encode(data: bytes, level: int = 9, *, pixel_level: int | None = None, tile:
     the decoder would be dominated by per-step overhead). ``verify`` decodes the
     result and, if it does not restore ``data`` exactly, logs an error and
     returns the plain-zstd frame instead (a safety net for callers that do not
-    verify by digest themselves). Never raises for any input bytes.
+    verify by digest themselves). ``version=2`` (``dicom-px2``) codes greyscale
+    8/16-bit pixels with the native coder on up to ``threads`` threads (frames in
+    parallel) and writes px1 frames for everything else (and for everything when
+    the native extension is not installed). Never raises for any input bytes.
     """
+    if version not in (FORMAT_VERSION, FORMAT_VERSION_PX2):
+        raise ValueError(f"unknown dicom-px format version {version}")
     data = bytes(data)
     plan = _plan(data)
     if plan is not None:
-        frame = _encode_native(data, plan, level, level if pixel_level is None else pixel_level, tile)
+        if version == FORMAT_VERSION_PX2 and plan.kind in _GRAY and pixelcodec_native.available():
+            frame = _encode_ac(data, plan, level, threads)
+            if plan.kind is PixelKind.GRAY8_LEFT:  # palette-like 8-bit images: left delta + zstd may win
+                px1 = _encode_native(data, plan, level, level if pixel_level is None else pixel_level, tile)
+                frame = px1 if len(px1) < len(frame) else frame
+        else:
+            frame = _encode_native(data, plan, level, level if pixel_level is None else pixel_level, tile)
         if not verify or _restores(frame, data):
             return frame
         log.error("pixelcodec: native frame failed self-check (kind %s); falling back to zstd", plan.kind.name)
@@ -199,8 +231,13 @@ def decode(frame: bytes) -> bytes:
         assert info.kind is not None
         meta_len = info.content_size - info.pixel_length
         meta = _unzstd(body[: info.meta_zlen], meta_len, "header")
-        filtered = _unzstd(body[info.meta_zlen :], info.pixel_length, "pixels")
-        pixels = _unfilter(filtered, info)
+        if info.kind in _AC_KINDS:
+            pixels = pixelcodec_native.gray_decode(body[info.meta_zlen :], rows=info.rows, cols=info.cols,
+                                                   frames=info.frames, bits=_AC_KINDS[info.kind],
+                                                   signed=bool(info.flags & FLAG_SIGNED))
+        else:
+            filtered = _unzstd(body[info.meta_zlen :], info.pixel_length, "pixels")
+            pixels = _unfilter(filtered, info)
         out = b"".join((meta[: info.pixel_offset], pixels, meta[info.pixel_offset :]))
     if len(out) != info.content_size or zlib.crc32(out) != info.content_crc32:
         raise IntegrityError("dicom-px1 frame: restored bytes do not match the recorded CRC-32")
@@ -219,13 +256,15 @@ def frame_info(frame: bytes) -> FrameInfo:
     (header_crc,) = _CRC.unpack_from(frame, _HEADER.size)
     if zlib.crc32(frame[: _HEADER.size]) != header_crc:
         raise IntegrityError("dicom-px1 frame: header CRC mismatch")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, FORMAT_VERSION_PX2):
         raise IntegrityError(f"dicom-px1 frame: unsupported format version {version}")
     try:
         meth = Method(method)
     except ValueError:
         raise IntegrityError(f"dicom-px1 frame: unknown method {method}") from None
     pk: PixelKind | None = None
+    if version == FORMAT_VERSION_PX2 and meth is not Method.NATIVE:
+        raise IntegrityError("dicom-px1 frame: a version 2 frame is always NATIVE")
     if meth is Method.ZSTD:
         if kind or flags or pixel_offset or pixel_length or rows or cols or frames or tile or reserved or meta_zlen:
             raise IntegrityError("dicom-px1 frame: ZSTD header has non-zero pixel fields")
@@ -234,10 +273,14 @@ def frame_info(frame: bytes) -> FrameInfo:
             pk = PixelKind(kind)
         except ValueError:
             raise IntegrityError(f"dicom-px1 frame: unknown pixel kind {kind}") from None
+        if (pk in _AC_KINDS) != (version == FORMAT_VERSION_PX2):
+            raise IntegrityError(f"dicom-px1 frame: pixel kind {pk.name} in a version {version} frame")
         expected = rows * cols * frames * _BYTES_PER_PIXEL[pk]
+        ac = pk in _AC_KINDS
         if (
             rows == 0 or cols == 0 or frames == 0 or reserved
-            or flags not in ((0, FLAG_SIGNED, FLAG_RAW) if pk is PixelKind.GRAY16_MED else (0, FLAG_RAW))
+            or flags not in ((0, FLAG_SIGNED) if ac else (0, FLAG_SIGNED, FLAG_RAW)
+                             if pk is PixelKind.GRAY16_MED else (0, FLAG_RAW))
             or ((flags == FLAG_RAW or pk is not PixelKind.GRAY16_MED) and tile != 0)
             or pixel_length != expected
             or pixel_offset + pixel_length > content_size
@@ -253,8 +296,8 @@ def frame_info(frame: bytes) -> FrameInfo:
 
 def _header(method: Method, data: bytes, *, kind: int = 0, flags: int = 0, pixel_offset: int = 0,
             pixel_length: int = 0, rows: int = 0, cols: int = 0, frames: int = 0, tile: int = 0,
-            meta_zlen: int = 0) -> bytes:
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, int(method), kind, flags, len(data), zlib.crc32(data),
+            meta_zlen: int = 0, version: int = FORMAT_VERSION) -> bytes:
+    head = _HEADER.pack(MAGIC, version, int(method), kind, flags, len(data), zlib.crc32(data),
                         pixel_offset, pixel_length, rows, cols, frames, tile, 0, meta_zlen)
     return head + _CRC.pack(zlib.crc32(head))
 
@@ -503,6 +546,23 @@ def _encode_native(data: bytes, plan: _Plan, level: int, pixel_level: int, tile:
     head = _header(Method.NATIVE, data, kind=int(plan.kind), flags=flags, pixel_offset=plan.offset,
                    pixel_length=plan.length, rows=r, cols=c, frames=f, tile=tile, meta_zlen=len(meta_z))
     return b"".join((head, meta_z, _zstd(filtered, pixel_level)))
+
+
+_GRAY = {PixelKind.GRAY16_MED: PixelKind.GRAY16_AC, PixelKind.GRAY8_LEFT: PixelKind.GRAY8_AC}
+
+
+def _encode_ac(data: bytes, plan: _Plan, level: int, threads: int) -> bytes:
+    """A version 2 frame: zstd(prefix+suffix), then the native coder's stream of the pixels."""
+    mv = memoryview(data)
+    kind = _GRAY[plan.kind]
+    meta_z = _zstd(b"".join((mv[: plan.offset], mv[plan.offset + plan.length :])), level)
+    stream = pixelcodec_native.gray_encode(mv[plan.offset : plan.offset + plan.length], rows=plan.rows,
+                                           cols=plan.cols, frames=plan.frames, bits=_AC_KINDS[kind],
+                                           signed=plan.signed, threads=threads)
+    head = _header(Method.NATIVE, data, kind=int(kind), flags=FLAG_SIGNED if plan.signed else 0,
+                   pixel_offset=plan.offset, pixel_length=plan.length, rows=plan.rows, cols=plan.cols,
+                   frames=plan.frames, meta_zlen=len(meta_z), version=FORMAT_VERSION_PX2)
+    return b"".join((head, meta_z, stream))
 
 
 def _band(rows: int, row_values: int, values: int) -> slice:

@@ -5,7 +5,7 @@ Imported only by ``vna.dicom.native``.
 
 from typing import Callable, Optional, final
 
-__all__ = ["Listener", "StoreRecord", "max_associate_rq", "__version__"]
+__all__ = ["Listener", "StoreRecord", "gray_decode", "gray_encode", "max_associate_rq", "__version__"]
 __version__: str
 
 @final
@@ -82,3 +82,14 @@ class Listener:
     def stop(self, grace: float) -> None: ...
 
 def max_associate_rq() -> int: ...
+
+def gray_encode(
+    pixels: bytes, *, rows: int, cols: int, frames: int, bits: int, signed: bool, threads: int = 1
+) -> bytes:
+    """Code little-endian greyscale samples (``bits`` 8 or 16) for ``dicom-px2``; frames in parallel
+    on up to ``threads`` threads, GIL released. Raises ValueError if the size does not match."""
+
+def gray_decode(
+    stream: bytes, *, rows: int, cols: int, frames: int, bits: int, signed: bool, threads: int = 1
+) -> bytes:
+    """Restore what :func:`gray_encode` coded; raises ValueError if the stream is damaged."""

@@ -60,7 +60,8 @@ HEADER_SIZE = _HEADER.size
 FOOTER_SIZE = _FOOTER.size
 TAIL_READ = 64 * 1024  # first tail read of load_manifest: footer + a manifest of ~200 entries
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_DECODERS: dict[str, Callable[[bytes], bytes]] = {pixelcodec.CODEC_NAME: pixelcodec.decode}
+_DECODERS: dict[str, Callable[[bytes], bytes]] = {pixelcodec.CODEC_NAME: pixelcodec.decode,
+                                                  pixelcodec.CODEC_NAME_PX2: pixelcodec.decode}
 
 
 @dataclass(frozen=True)
@@ -128,14 +129,19 @@ def _field(obj: Mapping[str, Any], name: str, typ: type) -> Any:
 class BundleWriter:
     """Builds one bundle in memory: ``add`` each instance, then ``finish`` once.
 
-    Not thread-safe. ``add`` encodes with ``dicom-px1`` at ``codec_level``;
+    Not thread-safe. ``add`` encodes with ``codec`` (``dicom-px1``, or ``dicom-px2``
+    whose greyscale frames need the native extension to decode) at ``codec_level``;
     ``verify=True`` makes the codec decode each frame back before accepting it
     (for debugging; migration verifies by digest after the put anyway).
     """
 
-    def __init__(self, codec_level: int = 9, *, verify: bool = False) -> None:
+    def __init__(self, codec_level: int = 9, *, verify: bool = False, codec: str = pixelcodec.CODEC_NAME) -> None:
+        if codec not in _DECODERS:
+            raise ValueError(f"bundle codec must be one of {sorted(_DECODERS)}, not {codec!r}")
         self.codec_level = codec_level
         self.verify = verify
+        self.codec = codec
+        self._version = pixelcodec.FORMAT_VERSION if codec == pixelcodec.CODEC_NAME else pixelcodec.FORMAT_VERSION_PX2
         self._frames: list[bytes] = []
         self._entries: list[BundleEntry] = []
         self._keys: set[tuple[str, int]] = set()
@@ -156,7 +162,7 @@ class BundleWriter:
             raise ValueError("bundle already finished")
         if (sop_uid, version) in self._keys:
             raise ValueError(f"bundle already holds {sop_uid} version {version}")
-        frame = pixelcodec.encode(content, self.codec_level, verify=self.verify)
+        frame = pixelcodec.encode(content, self.codec_level, verify=self.verify, version=self._version)
         entry = BundleEntry(
             sop_uid=sop_uid,
             version=version,
@@ -165,7 +171,7 @@ class BundleWriter:
             content_sha256=hashlib.sha256(content).hexdigest(),
             content_size=len(content),
             stored_sha256=hashlib.sha256(frame).hexdigest(),
-            codec=pixelcodec.CODEC_NAME,
+            codec=self.codec,
         )
         self._keys.add((sop_uid, version))
         self._frames.append(frame)

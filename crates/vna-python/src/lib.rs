@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod codec;
+
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -269,6 +271,7 @@ fn vna_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Listener>()?;
     m.add_class::<StoreRecord>()?;
     m.add_function(wrap_pyfunction!(max_associate_rq, m)?)?;
+    codec::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,69 @@
+//! The binding of vna-codec: greyscale pixel coding for `dicom-px2` frames, GIL released.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use vna_codec::{Error, Geometry};
+
+fn geometry(rows: usize, cols: usize, frames: usize, bits: u32, signed: bool) -> Geometry {
+    Geometry {
+        rows,
+        cols,
+        frames,
+        bits,
+        signed,
+    }
+}
+
+fn py_err(e: Error) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// Code little-endian greyscale samples (frames in parallel on up to ``threads`` threads).
+#[pyfunction]
+#[pyo3(signature = (pixels, *, rows, cols, frames, bits, signed, threads=1))]
+#[allow(clippy::too_many_arguments)]
+fn gray_encode<'py>(
+    py: Python<'py>,
+    pixels: &[u8],
+    rows: usize,
+    cols: usize,
+    frames: usize,
+    bits: u32,
+    signed: bool,
+    threads: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let g = geometry(rows, cols, frames, bits, signed);
+    let out = py
+        .detach(|| vna_codec::encode(pixels, &g, threads))
+        .map_err(py_err)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// Restore what ``gray_encode`` coded; raises ValueError if the stream is damaged.
+#[pyfunction]
+#[pyo3(signature = (stream, *, rows, cols, frames, bits, signed, threads=1))]
+#[allow(clippy::too_many_arguments)]
+fn gray_decode<'py>(
+    py: Python<'py>,
+    stream: &[u8],
+    rows: usize,
+    cols: usize,
+    frames: usize,
+    bits: u32,
+    signed: bool,
+    threads: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let g = geometry(rows, cols, frames, bits, signed);
+    let out = py
+        .detach(|| vna_codec::decode(stream, &g, threads))
+        .map_err(py_err)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(gray_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(gray_decode, m)?)?;
+    Ok(())
+}
