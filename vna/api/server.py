@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ from vna.api._gen import archive_pb2_grpc as pb_grpc  # noqa: E402
 from vna.api.observe import ObservingInterceptor  # noqa: E402
 from vna.api.status import abort  # noqa: E402
 from vna.archive import Archive  # noqa: E402
-from vna.config import Config, GrpcConfig  # noqa: E402
+from vna.config import Config, GrpcConfig, is_loopback  # noqa: E402
 from vna.domain import InstanceRecord, PlacementState, QueryLevel, Tier, validate_uid  # noqa: E402
 from vna.audit import INSTANCES_ACCESSED, Actor  # noqa: E402
 from vna.errors import ConfigError, InvalidInput, LeaseHeld, NotFound, VnaError  # noqa: E402
@@ -522,15 +521,6 @@ def _read(path: Path, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class GrpcServer:
     """The archive's gRPC API on ``grpc.host:grpc.port`` (TLS / mutual TLS from config).
 
@@ -601,7 +591,7 @@ class GrpcServer:
         mode = "off" if credentials is None else "mutual" if g.client_ca else "on"
         log.info("gRPC API listening on %s (TLS %s, %d tokens, %d workers)", self.address, mode, len(g.token),
                  g.max_workers)
-        if credentials is None and not _is_loopback(g.host):
+        if credentials is None and not is_loopback(g.host):
             log.warning("gRPC on %s without TLS: bearer tokens cross the network in clear text "
                         "(set grpc.tls_cert and grpc.tls_key)", self.address)
         return self.port
