@@ -246,6 +246,44 @@ def _unavailable(exc: BaseException, what: str) -> IndexUnavailable:
     return IndexUnavailable(f"Cassandra index: {what} failed: {type(exc).__name__}: {exc}")
 
 
+def connect(cfg: CassandraConfig, what: str = "Cassandra index") -> tuple[Cluster, Session]:
+    """A cluster and session for ``cfg`` (local-DC token-aware, its consistency levels, dict rows).
+
+    Raises ConfigError for a bad keyspace name or consistency level and
+    IndexUnavailable (naming ``what``) when no host answers. The caller shuts the cluster down.
+    """
+    if not _KEYSPACE_RE.match(cfg.keyspace):
+        raise ConfigError(f"index.cassandra.keyspace {cfg.keyspace!r} is not a valid keyspace name")
+    try:
+        consistency = ConsistencyLevel.name_to_value[cfg.consistency.upper()]
+        serial = ConsistencyLevel.name_to_value[cfg.serial_consistency.upper()]
+    except KeyError as exc:
+        raise ConfigError(f"unknown Cassandra consistency level {exc.args[0]!r}") from None
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
+        consistency_level=consistency,
+        serial_consistency_level=serial,
+        request_timeout=cfg.request_timeout,
+        row_factory=dict_factory,
+    )
+    auth = PlainTextAuthProvider(username=cfg.username, password=cfg.password) if cfg.username else None
+    cluster = Cluster(
+        contact_points=list(cfg.contact_points),
+        port=cfg.port,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        auth_provider=auth,
+        connect_timeout=min(10.0, cfg.request_timeout),
+        control_connection_timeout=min(10.0, cfg.request_timeout),
+        max_schema_agreement_wait=30,
+    )
+    try:
+        return cluster, cluster.connect()
+    except _DRIVER_ERRORS as exc:
+        cluster.shutdown()
+        raise IndexUnavailable(f"{what}: connect to {','.join(cfg.contact_points)}:{cfg.port} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
 def _s(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -396,13 +434,6 @@ class CassandraIndex:
 
     def __init__(self, cfg: CassandraConfig, *, stale_claim_after: float = 300.0,
                  contention_wait: float = 2.0) -> None:
-        if not _KEYSPACE_RE.match(cfg.keyspace):
-            raise ConfigError(f"index.cassandra.keyspace {cfg.keyspace!r} is not a valid keyspace name")
-        try:
-            consistency = ConsistencyLevel.name_to_value[cfg.consistency.upper()]
-            serial = ConsistencyLevel.name_to_value[cfg.serial_consistency.upper()]
-        except KeyError as exc:
-            raise ConfigError(f"unknown Cassandra consistency level {exc.args[0]!r}") from None
         self.cfg = cfg
         self.stale_claim_after = stale_claim_after
         self.contention_wait = contention_wait
@@ -416,28 +447,7 @@ class CassandraIndex:
         self._refresher: threading.Thread | None = None
         self._closed = False
         self._open_marks: dict[str, _SharedMark] = {}  # study -> this front-end's registrations' token
-        profile = ExecutionProfile(
-            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
-            consistency_level=consistency,
-            serial_consistency_level=serial,
-            request_timeout=cfg.request_timeout,
-            row_factory=dict_factory,
-        )
-        auth = PlainTextAuthProvider(username=cfg.username, password=cfg.password) if cfg.username else None
-        self._cluster = Cluster(
-            contact_points=list(cfg.contact_points),
-            port=cfg.port,
-            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-            auth_provider=auth,
-            connect_timeout=min(10.0, cfg.request_timeout),
-            control_connection_timeout=min(10.0, cfg.request_timeout),
-            max_schema_agreement_wait=30,
-        )
-        try:
-            self._session: Session = self._cluster.connect()
-        except _DRIVER_ERRORS as exc:
-            self._cluster.shutdown()
-            raise _unavailable(exc, f"connect to {','.join(cfg.contact_points)}:{cfg.port}") from exc
+        self._cluster, self._session = connect(cfg)
         self._session.default_fetch_size = _FETCH_SIZE
         self._groups = WriteGroups(self._session)  # registrations' plain writes, group-committed
 

@@ -16,17 +16,13 @@ the counter one transition short; the study rows stay exact.
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from typing import Any, Iterator, Sequence
 
-from cassandra import ConsistencyLevel
-from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement, dict_factory
+from cassandra.query import PreparedStatement
 
 from vna.config import CassandraConfig
+from vna.index.cassandra import connect
 from vna.errors import ConfigError, IndexUnavailable, LeaseHeld
 from vna.migrate.ledger import STATES, Counts, Outcome, StudyPlan, _after, owner_dead, row_plan
 
@@ -35,7 +31,6 @@ __all__ = ["CassandraLedger", "BUCKETS"]
 #: study rows of a source are spread over this many partitions (per state for due rows)
 BUCKETS = 16
 
-_KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS {ks}.migrate_study (source text, bucket int, study_uid text, study_date text,"
@@ -60,30 +55,10 @@ class CassandraLedger:
     """The ledger on the index's Cassandra cluster and keyspace (same settings, own session)."""
 
     def __init__(self, cfg: CassandraConfig) -> None:
-        if not _KEYSPACE_RE.match(cfg.keyspace):
-            raise ConfigError(f"index.cassandra.keyspace {cfg.keyspace!r} is not a valid keyspace name")
-        try:
-            consistency = ConsistencyLevel.name_to_value[cfg.consistency.upper()]
-            serial = ConsistencyLevel.name_to_value[cfg.serial_consistency.upper()]
-        except KeyError as exc:
-            raise ConfigError(f"unknown Cassandra consistency level {exc.args[0]!r}") from None
         self.cfg = cfg
         self._ks = cfg.keyspace
         self._prepared: dict[str, PreparedStatement] = {}
-        profile = ExecutionProfile(
-            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=cfg.local_dc)),
-            consistency_level=consistency, serial_consistency_level=serial,
-            request_timeout=cfg.request_timeout, row_factory=dict_factory)
-        auth = PlainTextAuthProvider(username=cfg.username, password=cfg.password) if cfg.username else None
-        self._cluster = Cluster(contact_points=list(cfg.contact_points), port=cfg.port,
-                                execution_profiles={EXEC_PROFILE_DEFAULT: profile}, auth_provider=auth,
-                                connect_timeout=min(10.0, cfg.request_timeout),
-                                control_connection_timeout=min(10.0, cfg.request_timeout))
-        try:
-            self._session: Session = self._cluster.connect()
-        except (NoHostAvailable, OSError) as exc:
-            self._cluster.shutdown()
-            raise IndexUnavailable(f"migration ledger: connect to Cassandra failed: {exc}") from exc
+        self._cluster, self._session = connect(cfg, "migration ledger")
 
     # -- plumbing --------------------------------------------------------------
     def _x(self, cql: str, params: Sequence[Any] = ()) -> Any:
