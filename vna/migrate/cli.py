@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 from vna.cli_support import add_common, add_job_flags, load, print_report
-from vna.errors import ConfigError, VnaError
 
 __all__ = ["register", "status_rows"]
 
@@ -165,19 +164,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 1 if open_ else 0
 
 
-def _guard(func: Any) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(func(args))
-        except ConfigError as exc:
-            print(f"vna: {exc}", file=sys.stderr)
-            return 2
-        except VnaError as exc:
-            print(f"vna migrate: {exc}", file=sys.stderr)
-            return 1
-    return run
-
-
 def register(sub: Any) -> None:
     """Add ``migrate`` and its verbs to the ``vna`` parser."""
     p = sub.add_parser("migrate", help="migrate studies from legacy DIMSE archives")
@@ -188,18 +174,18 @@ def register(sub: Any) -> None:
     q.add_argument("--from", dest="date_from", type=_date, default=None, help="first StudyDate (YYYYMMDD)")
     q.add_argument("--to", dest="date_to", type=_date, default=None, help="last StudyDate (YYYYMMDD)")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(func=_guard(cmd_plan))
+    q.set_defaults(func=cmd_plan)
     q = msub.add_parser("run", help="pull, verify and record planned studies (one bounded run)")
     add_common(q)
     add_job_flags(q)
     q.add_argument("--source", default=None, help="only this source's studies")
-    q.set_defaults(func=_guard(cmd_run))
+    q.set_defaults(func=cmd_run)
     q = msub.add_parser("status", help="progress per source")
     add_common(q)
     q.add_argument("--json", action="store_true")
-    q.set_defaults(func=_guard(cmd_status))
+    q.set_defaults(func=cmd_status)
     q = msub.add_parser("report", help="reconciliation per study (exit 1 if any study is not done)")
     add_common(q)
     q.add_argument("--source", default=None)
     q.add_argument("--json", action="store_true")
-    q.set_defaults(func=_guard(cmd_report))
+    q.set_defaults(func=cmd_report)
