@@ -201,10 +201,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         code = _serve(cfg, args, dicom, started)
     except BaseException:
         if not started.is_set():  # a failed start leaves no half-made directories behind
-            preflight.remove_created(created)
+            preflight.remove_created(created, cfg)
         raise
     if not started.is_set():
-        preflight.remove_created(created)
+        preflight.remove_created(created, cfg)
     return code
 
 

@@ -9,6 +9,7 @@ bind errors are turned into the same message by :func:`listen_error`.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import socket
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from vna.config import Config
 from vna.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_serve", "check_dirs", "check_tls_files", "check_ports", "listen_error", "missing_roots",
            "remove_created", "require_archive"]
@@ -82,10 +85,31 @@ def missing_roots(cfg: Config) -> list[Path]:
     return roots
 
 
-def remove_created(roots: list[Path]) -> None:
-    """Remove the directories a failed start created (``missing_roots`` taken before it began)."""
+def remove_created(roots: list[Path], cfg: Config) -> None:
+    """Remove the directories a failed start created (``missing_roots`` taken before it began).
+
+    A root is kept (with a WARNING) when a hot replica or cold directory under
+    it holds any file: a listener may have stored, and acknowledged, an
+    instance before a later step of the start failed (blob first, so no stored
+    file means nothing was acknowledged).
+    """
+    stores = [cfg.resolve(r) for r in cfg.hot.replicas]
+    if cfg.cold.backend == "filesystem":
+        stores.append(cfg.resolve(cfg.cold.path))
     for root in roots:
+        holding = [s for s in stores if (s == root or root in s.parents) and _holds_a_file(s)]
+        if holding:
+            log.warning("the failed start keeps %s: %s holds stored copies", root, holding[0])
+            continue
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _holds_a_file(directory: Path) -> bool:
+    """True if anything but directories lies under ``directory`` (stops at the first)."""
+    for _dirpath, _dirnames, filenames in os.walk(directory):
+        if filenames:
+            return True
+    return False
 
 
 def check_tls_files(cfg: Config, *, dicom: bool = True) -> None:
