@@ -437,10 +437,12 @@ class IngestService:
             try:
                 placements = add_local_copy(self.index, self.hot, existing, source, prefix="")
             except StateConflict:
-                return (), ()  # a concurrent store at this site recorded them first
-            log.info("instance %s was stored by another site; this site keeps its own copies now", existing.sop_uid)
-            written = tuple(p.store_id for p in placements if p.state is PlacementState.OK)
-            return tuple(p.store_id for p in placements if p.state is PlacementState.MISSING), written
+                local = self._local(existing)  # a concurrent store at this site recorded rows first: count them
+            else:
+                log.info("instance %s was stored by another site; this site keeps its own copies now",
+                         existing.sop_uid)
+                written = tuple(p.store_id for p in placements if p.state is PlacementState.OK)
+                return tuple(p.store_id for p in placements if p.state is PlacementState.MISSING), written
         ok = self._verified(local)
         if ok >= self.hot.quorum:
             return (), ()
