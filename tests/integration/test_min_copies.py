@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from pydicom import dcmread
 
+from benchmarks.corpus import write_corpus
 from tests.conftest import VnaServer, dataset_bytes
 from tests.integration import scu
 from vna.domain import PlacementState, Tier
@@ -162,3 +164,30 @@ def test_a_damaged_hot_copy_the_minimum_needs_is_left_for_the_repairer(make_serv
         assert _copies(srv, _sop(p)) == [("cold", "OK"), ("hot", "OK"), ("hot", "OK")]
     rep = _json(srv, "integrity", "report")
     assert rep["below_min_copies"]["count"] == 0 and rep["findings"] == 0, rep
+
+
+def test_a_copy_kept_by_a_concurrent_purge_after_its_blob_was_deleted_is_marked_missing(tmp_path: Path) -> None:
+    """Purge A deletes the blob of a TO_DELETE copy while purge B has just put that row back to OK:
+    the row must not go on claiming a verified copy that is gone."""
+    from vna.archive import Archive
+    from vna.config import load_config
+    from vna.lifecycle.migrator import Purger
+
+    cfg = load_config(env={}, overrides={"archive": {"data_dir": str(tmp_path / "data"), "min_copies": 1}})
+    archive = Archive(cfg)
+    try:
+        src = write_corpus(tmp_path / "corpus", "small", 1, 1)[0]
+        result = archive.ingest.ingest_file(src)
+        rows = archive.index.placements(result.sop_uid, result.version)
+        first = next(p for p in rows if p.tier is Tier.HOT)
+        assert archive.index.transition(first, PlacementState.TO_DELETE)
+        stale = next(p for p in archive.index.placements(result.sop_uid, result.version)
+                     if p.store_id == first.store_id)
+        assert archive.index.transition(stale, PlacementState.OK, verified_at=time.time())  # purge B kept it
+        purger = Purger(archive.index, archive.tiers, audit=archive.audit, copies=archive.copies)
+        assert not purger.purge(stale, verify=False)  # purge A, working from the TO_DELETE row it read
+        now = next(p for p in archive.index.placements(result.sop_uid, result.version)
+                   if p.store_id == first.store_id)
+        assert now.state is PlacementState.MISSING
+    finally:
+        archive.close()

@@ -146,7 +146,19 @@ class Purger:
                                   details={"change": "copy purged", "sop_uid": p.sop_uid, "version": p.version,
                                            "tier": p.tier.value, "store": p.store_id, "bytes": p.stored_size}):
             accessor.store(p.store_id).delete(p.blob_key)
-            return "purged" if self.index.delete_placement(p) else "refused"
+            if self.index.delete_placement(p):
+                return "purged"
+            self._deleted_under(p)
+            return "refused"
+
+    def _deleted_under(self, p: Placement) -> None:
+        """The blob of ``p`` is gone but its row moved on meanwhile (a concurrent purge kept it):
+        a row still naming that blob is marked MISSING, so nothing counts it and the repairer rebuilds it."""
+        for row in self.index.placements(p.sop_uid, p.version):
+            if row.store_id == p.store_id and row.blob_key == p.blob_key and row.state is not PlacementState.MISSING:
+                if self.index.transition(row, PlacementState.MISSING, verified_at=time.time()):
+                    log.warning("purge: %s on %s was kept by a concurrent purge after its blob was deleted; "
+                                "marked MISSING for the repairer", p.sop_uid, p.store_id)
 
     def run_once(self, limit: int | None = None, dry_run: bool = False) -> JobReport:
         """Purge at most ``limit`` TO_DELETE copies of this site."""
