@@ -442,8 +442,8 @@ class Migrator:
         Copies already TO_DELETE go first (the purge keeps one the minimum needs), then
         damaged ones, then OK ones: a copy is retired only while the copies left count
         ``archive.min_copies`` (a damaged copy the minimum needs stays for the repairer
-        to rebuild). The purge re-verifies the other copies unless this run just wrote
-        and verified the cold one.
+        to rebuild). The purge re-verifies the other copies it counts, unless this run
+        just wrote and verified the cold one and that one copy is the minimum.
         """
         if not self._cold_ok(inst):
             return 0
@@ -466,6 +466,8 @@ class Migrator:
         if p.state is not PlacementState.TO_DELETE:
             return 0
         try:
-            return p.stored_size if self.purger.purge(p, verify=not verified_now) else 0
+            # only the cold copy was just verified: with a minimum above one the siblings counted are read too
+            verify = not verified_now or self.copies.min_copies > 1
+            return p.stored_size if self.purger.purge(p, verify=verify) else 0
         except BlobNotFound:
             return 0
