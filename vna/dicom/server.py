@@ -242,6 +242,16 @@ class _Server(ThreadedAssociationServer):
         """False (the connection is closed at once) when a connection limit refuses the peer."""
         return self.limits is None or self.limits.open(request, str(client_address[0])) is not None
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """As socketserver's; a request whose thread cannot start gives its connection slot back."""
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            conn = self.limits.claim(request) if self.limits is not None else None
+            if conn is not None:
+                conn.close()
+            raise
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         try:
             if isinstance(request, ssl.SSLSocket):
