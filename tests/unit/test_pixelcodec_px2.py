@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_files
 
 from benchmarks.corpus import write_corpus
-from tests.unit.test_pixelcodec import _ct_small, _native16, dicom_files, examples
+from tests.unit.test_pixelcodec import _ct_small, _native16, dicom_files, examples, mutated_ct_small
 from vna import pixelcodec, pixelcodec_native
 from vna.codec import get_codec
 from vna.errors import IntegrityError
@@ -48,19 +48,7 @@ def test_arbitrary_bytes_roundtrip(data: bytes) -> None:
 @examples(100)
 @given(st.data())
 def test_mutated_real_file_roundtrips(data: st.DataObject) -> None:
-    raw = bytearray(_ct_small())
-    for _ in range(data.draw(st.integers(1, 6))):
-        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-        pos = data.draw(st.integers(0, len(raw) - 1))
-        if op == "flip":
-            raw[pos] ^= data.draw(st.integers(1, 255))
-        elif op == "cut":
-            del raw[pos : pos + data.draw(st.integers(1, 64))]
-        else:
-            raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
-        if not raw:
-            raw = bytearray(b"x")
-    roundtrip2(bytes(raw))
+    roundtrip2(mutated_ct_small(data))
 
 
 @examples(250)
