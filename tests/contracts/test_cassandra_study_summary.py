@@ -16,7 +16,7 @@ from typing import Any, Callable
 from tests.contracts.test_index import find, make_placement, make_record
 from vna.config import CassandraConfig
 from vna.domain import PlacementState, QueryLevel, Tier
-from vna.index.cassandra import CassandraIndex
+from vna.index.cassandra import SCHEMA_VERSION as CASSANDRA_SCHEMA, CassandraIndex
 
 COMPUTED = ("ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
             "InstanceAvailability")
@@ -114,8 +114,8 @@ def test_migration_v4_backfills_summaries(cassandra_config: Callable[..., Cassan
             cassandra_admin.execute(f"DELETE sum_done, sum_of, sum_instances, sum_series, sum_modalities, "
                                     f"sum_availability, sum_pending FROM {ks}.studies WHERE study_uid = %s",
                                     (f"{s}.0",))
-        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version IN (4, 5)")
-        assert idx.migrate() == 5
+        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version IN (4, 5, 6, 7)")
+        assert idx.migrate() == CASSANDRA_SCHEMA
         for s in range(3):
             raw = cassandra_admin.execute(f"SELECT * FROM {ks}.studies WHERE study_uid = %s", (f"{s}.0",)).one()
             assert CassandraIndex._summary(raw) is not None

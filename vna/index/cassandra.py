@@ -182,15 +182,17 @@ from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Ti
 from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
 from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
 from vna.index.cassandra_group import WriteGroups
-from vna.index.query import COMPUTED_KEYS, LEVEL_KEYS, Condition, MatchKind, matches_all
+from vna.index.query import (COMPUTED_KEYS, IDENTITY_KEYS, LEVEL_KEYS, OTHER_IDS_KEY, Condition, MatchKind,
+                             decode_other_ids, encode_other_ids, identities, matches_all)
 
 __all__ = ["CassandraIndex"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 _MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql",
-               4: "cql/004_study_summary.cql", 5: "cql/005_registrations.cql"}
+               4: "cql/004_study_summary.cql", 5: "cql/005_registrations.cql",
+               7: "cql/007_patient_identity.cql"}
 _FETCH_SIZE = 500
 _IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
 _DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
@@ -225,7 +227,7 @@ _INSTANCE_COLS = {
     "NumberOfFrames": "number_of_frames", "Rows": "image_rows", "Columns": "image_columns",
 }
 # Keys of the SqliteIndex rows at each level (stored part), so rows compare equal.
-_STUDY_ROW_KEYS = frozenset({"StudyInstanceUID", *_STUDY_COLS, "updated_at", "last_access"})
+_STUDY_ROW_KEYS = frozenset({"StudyInstanceUID", *_STUDY_COLS, "updated_at", "last_access", OTHER_IDS_KEY})
 _SERIES_ROW_KEYS = frozenset({"SeriesInstanceUID", "StudyInstanceUID", *_SERIES_COLS})
 _INSTANCE_ROW_KEYS = frozenset({
     "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "version", "SOPClassUID", *_INSTANCE_COLS,
@@ -1125,6 +1127,7 @@ class CassandraIndex:
         """The study, studies_by_patient, series and instance rows of a registration (plain upserts)."""
         a = record.attrs
         study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
+        study[OTHER_IDS_KEY] = a.get(OTHER_IDS_KEY, "")
         family = _family_key(study["patient_name"])
         name_family, name_fg = _name_keys(study["patient_name"])
         day, odd = _study_day(study["study_date"])
@@ -1139,9 +1142,12 @@ class CassandraIndex:
             (*study.values(), record.received_at, family[:1] or None, family[:3] or None, name_family, name_fg,
              day, odd,
              *([{modality}] if modality else []), record.study_uid)))
-        batch.append((self._prep(
-            f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
-            (study["patient_id"] or _EMPTY_PATIENT, record.study_uid)))
+        keys = dict.fromkeys([study["patient_id"] or _EMPTY_PATIENT,
+                              *(pid for pid, _issuer in decode_other_ids(study[OTHER_IDS_KEY]))])
+        for key in keys:  # the primary PatientID, and each other one (schema v7)
+            batch.append((self._prep(
+                f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
+                (key, record.study_uid)))
         series = {col: a.get(kw, "") for kw, col in _SERIES_COLS.items()}
         batch.append((self._prep(
             f"INSERT INTO {self._t('series')} (study_uid, series_uid, {', '.join(series)}) "
@@ -1517,7 +1523,7 @@ class CassandraIndex:
 
         for c in conds:
             kw = c.keyword
-            if kw in ("PatientID", "AccessionNumber"):
+            if kw == "AccessionNumber":
                 col = _STUDY_COLS[kw]
                 if col in used:
                     continue
@@ -1607,7 +1613,19 @@ class CassandraIndex:
                 for r in self._exec(f"SELECT study_uid FROM {self._t('series')} WHERE series_uid = ?", (suid,)):
                     found[r["study_uid"]] = None
             return self._studies_by_uid(found)
+        patient_ids = uids("PatientID")
+        if patient_ids is not None:  # the studies that carry the ID, as primary or other ID (may be stale)
+            return self._studies_by_uid(self._studies_of_patient_keys(patient_ids))
         return self._studies_where(self._study_queries(level, conds))
+
+    def _studies_of_patient_keys(self, pids: Iterable[str]) -> dict[str, None]:
+        """UIDs of the studies ``studies_by_patient`` lists under the PatientIDs (stale entries included)."""
+        found: dict[str, None] = {}
+        for pid in dict.fromkeys(pids):
+            for r in self._exec(f"SELECT study_uid FROM {self._t('studies_by_patient')} WHERE patient_key = ?",
+                                (pid or _EMPTY_PATIENT,)):
+                found[r["study_uid"]] = None
+        return found
 
     # per-study content --------------------------------------------------------
     def _current(self, sop_uids: Sequence[str]) -> dict[str, _Current | None]:
@@ -1810,14 +1828,16 @@ class CassandraIndex:
                 yield row
 
     def _patient_rows(self, conds: list[Condition]) -> Iterator[dict[str, str]]:
+        """PATIENT rows: one per (PatientID, IssuerOfPatientID) of the studies, grouped by primary PatientID."""
         allowed = set(LEVEL_KEYS[QueryLevel.PATIENT]) | set(COMPUTED_KEYS[QueryLevel.PATIENT])
         if any(c.keyword not in allowed for c in conds):
             return  # the PATIENT row lacks that key: nothing can match (as in SQLite)
         pid_cond = next((c for c in conds if c.keyword == "PatientID"
                          and c.kind in (MatchKind.SINGLE, MatchKind.LIST)), None)
         pids: Iterable[str]
-        if pid_cond is not None:
-            pids = dict.fromkeys(pid_cond.values)
+        if pid_cond is not None:  # the primary PatientIDs of the studies carrying one of the IDs
+            listed = self._studies_of_patient_keys(pid_cond.values)
+            pids = _unique(_s(raw["patient_id"]) for raw in self._studies_by_uid(listed))
         else:
             queries = self._study_queries(QueryLevel.PATIENT, conds)
             if any(q.clauses for q in queries):
@@ -1826,38 +1846,58 @@ class CassandraIndex:
                 pids = (("" if r["patient_key"] == _EMPTY_PATIENT else r["patient_key"])
                         for r in self._exec(f"SELECT DISTINCT patient_key FROM {self._t('studies_by_patient')}"))
         for pid in pids:
-            row = self._patient_row(pid, conds)
-            if row is not None and matches_all(conds, row):
-                yield row
+            for row in self._patients_of(pid, conds):
+                if matches_all(conds, row):
+                    yield row
 
-    def _patient_row(self, pid: str, conds: list[Condition]) -> dict[str, str] | None:
+    def _patients_of(self, pid: str, conds: list[Condition]) -> list[dict[str, str]]:
+        """The PATIENT rows of the studies whose primary PatientID is ``pid``, one per issuer.
+
+        Aggregated like SqliteIndex: ``max`` over the studies its WHERE clause keeps
+        (:func:`_sqlite_where`; identity conditions jointly on one identity of the
+        study, as its ``patient_ids`` subquery), the other IDs of those studies.
+        """
         uids = [r["study_uid"] for r in self._exec(
             f"SELECT study_uid FROM {self._t('studies_by_patient')} WHERE patient_key = ?",
             (pid or _EMPTY_PATIENT,))]
-        visible: list[dict[str, str]] = []
-        series: set[str] = set()
-        instances = 0
         raws = [raw for raw in self._studies_by_uid(uids)
-                if _s(raw["patient_id"]) == pid]  # else a stale entry: re-registered under another PatientID
+                if _s(raw["patient_id"]) == pid]  # else another ID of the study, or a stale entry
         insts_by = self._instances_many([raw["study_uid"] for raw in raws], None, False)
+        where = [c for c in conds if c.keyword in _PATIENT_COLS and c.keyword not in IDENTITY_KEYS]
+        ident = [c for c in conds if c.keyword in IDENTITY_KEYS]
+
+        def kept(s: dict[str, str]) -> bool:
+            return all(_sqlite_where(c, s[c.keyword]) for c in where) and (not ident or any(
+                all(_sqlite_where(c, (p if c.keyword == "PatientID" else i) or "") for c in ident)
+                for p, i in identities(s)))
+
+        groups: dict[str, list[Row]] = {}
         for raw in raws:
-            insts = insts_by.get(raw["study_uid"])
-            if insts:
-                visible.append(_study_row(raw))
-                series |= {i.row["series_uid"] for i in insts}
-                instances += len(insts)
-        where = [c for c in conds if c.keyword in _PATIENT_COLS]
-        passed = [s for s in visible if all(_sqlite_where(c, s[c.keyword]) for c in where)]
-        if not passed:
-            return None
-        row = {"PatientID": pid}
-        row |= {kw: max(s[kw] for s in passed) for kw in LEVEL_KEYS[QueryLevel.PATIENT] if kw != "PatientID"}
-        row |= {
-            "NumberOfPatientRelatedStudies": str(len(visible)),
-            "NumberOfPatientRelatedSeries": str(len(series)),
-            "NumberOfPatientRelatedInstances": str(instances),
-        }
-        return row
+            groups.setdefault(_s(raw["issuer_of_patient_id"]), []).append(raw)
+        out: list[dict[str, str]] = []
+        for issuer, group in groups.items():
+            visible: list[dict[str, str]] = []
+            series: set[str] = set()
+            instances = 0
+            for raw in group:
+                insts = insts_by.get(raw["study_uid"])
+                if insts:
+                    visible.append(_study_row(raw))
+                    series |= {i.row["series_uid"] for i in insts}
+                    instances += len(insts)
+            passed = [s for s in visible if kept(s)]
+            if not passed:
+                continue
+            row = {"PatientID": pid, "IssuerOfPatientID": issuer}
+            row |= {kw: max(s[kw] for s in passed) for kw in LEVEL_KEYS[QueryLevel.PATIENT] if kw not in row}
+            row[OTHER_IDS_KEY] = encode_other_ids(p for s in passed for p in decode_other_ids(s[OTHER_IDS_KEY]))
+            row |= {
+                "NumberOfPatientRelatedStudies": str(len(visible)),
+                "NumberOfPatientRelatedSeries": str(len(series)),
+                "NumberOfPatientRelatedInstances": str(instances),
+            }
+            out.append(row)
+        return out
 
     # -- stats & leases --------------------------------------------------------
     def stats(self) -> IndexStats:
@@ -1880,8 +1920,9 @@ class CassandraIndex:
                     content_bytes += int(r["content_size"])
                     studies.add(r["study_uid"])
                     series.add(r["series_uid"])
-            patients = {_s(r["patient_id"]) for r in self._session.execute(self._prep(
-                f"SELECT study_uid, patient_id FROM {self._t('studies')}")) if r["study_uid"] in studies}
+            patients = {(_s(r["patient_id"]), _s(r["issuer_of_patient_id"])) for r in self._session.execute(self._prep(
+                f"SELECT study_uid, patient_id, issuer_of_patient_id FROM {self._t('studies')}"))
+                if r["study_uid"] in studies}
             for r in self._session.execute(self._prep(
                     f"SELECT sop_uid, version, tier, state, stored_size FROM {self._t('placements')}")):
                 if (r["sop_uid"], int(r["version"])) in hidden:
@@ -1945,6 +1986,7 @@ def _study_row(r: Row) -> dict[str, str]:
     row |= {kw: _s(r[col]) for kw, col in _STUDY_COLS.items()}
     row["updated_at"] = _s(r["updated_at"])
     row["last_access"] = _s(r.get("last_access"))
+    row[OTHER_IDS_KEY] = _s(r.get("other_patient_ids"))
     return row
 
 

@@ -9,6 +9,13 @@ Supported: universal (empty value or ``*``), single value, wildcard (``*``,
 multi-valued stored attributes (``ModalitiesInStudy``). PN matching is
 case-insensitive (``make_condition(..., pn_case_insensitive=False)`` for exact). A stored empty value matches
 only universal matching.
+
+Patient identity (``docs/patient-identity.md``): a patient is the pair
+(PatientID, IssuerOfPatientID). A study also carries the identities its
+objects list in Other Patient IDs Sequence (row key :data:`OTHER_IDS_KEY`).
+Conditions on PatientID and IssuerOfPatientID are matched *jointly* against
+each identity of the row, the primary one and the others: the row matches if
+one identity satisfies all of them. Answers carry the primary identity.
 """
 
 from __future__ import annotations
@@ -34,7 +41,20 @@ __all__ = [
     "matches",
     "matches_all",
     "normalise_time",
+    "OTHER_IDS_KEY",
+    "IDENTITY_KEYS",
+    "MAX_OTHER_IDS",
+    "encode_other_ids",
+    "decode_other_ids",
+    "identities",
 ]
+
+#: Row key (not a DICOM keyword) of a study's Other Patient IDs: see :func:`encode_other_ids`.
+OTHER_IDS_KEY = "other_patient_ids"
+#: The keys matched jointly against each identity of a row.
+IDENTITY_KEYS = frozenset({"PatientID", "IssuerOfPatientID"})
+#: Other Patient IDs kept per instance (more are ignored: a peer cannot make a row grow without bound).
+MAX_OTHER_IDS = 32
 
 #: Attributes the index records, per level.
 LEVEL_KEYS: dict[QueryLevel, tuple[str, ...]] = {
@@ -237,6 +257,39 @@ def matches(cond: Condition, stored: str | None) -> bool:
     return _match_one(cond, stored)
 
 
+def encode_other_ids(pairs: Iterable[tuple[str, str]]) -> str:
+    """The stored form of (PatientID, IssuerOfPatientID) pairs: ``id<TAB>issuer`` items, sorted, unique,
+    joined by newlines (LO values hold neither character). Pairs without a PatientID are dropped."""
+    items = {f"{pid}\t{issuer}" for pid, issuer in pairs if pid}
+    return "\n".join(sorted(items))
+
+
+def decode_other_ids(value: str | None) -> list[tuple[str, str]]:
+    """The pairs of :func:`encode_other_ids` (also accepts unsorted, repeated items)."""
+    out: list[tuple[str, str]] = []
+    for item in (value or "").split("\n"):
+        pid, _, issuer = item.partition("\t")
+        if pid:
+            out.append((pid, issuer))
+    return out
+
+
+def identities(row: Mapping[str, str | None]) -> list[tuple[str | None, str | None]]:
+    """Every identity of a row: its primary (PatientID, IssuerOfPatientID), then its other ones."""
+    out: list[tuple[str | None, str | None]] = [(row.get("PatientID"), row.get("IssuerOfPatientID"))]
+    out.extend(decode_other_ids(row.get(OTHER_IDS_KEY)))
+    return out
+
+
 def matches_all(conditions: Iterable[Condition], row: Mapping[str, str | None]) -> bool:
-    """True if the row satisfies every condition."""
-    return all(matches(c, row.get(c.keyword)) for c in conditions)
+    """True if the row satisfies every condition (identity conditions jointly, see the module docstring)."""
+    ident: list[Condition] = []
+    for c in conditions:
+        if c.keyword in IDENTITY_KEYS:
+            ident.append(c)
+        elif not matches(c, row.get(c.keyword)):
+            return False
+    if not ident:
+        return True
+    return any(all(matches(c, pid if c.keyword == "PatientID" else issuer) for c in ident)
+               for pid, issuer in identities(row))

@@ -28,12 +28,14 @@ from typing import Any, Iterator, Sequence
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import IndexUnavailable, StateConflict
 from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
-from vna.index.query import LEVEL_KEYS, Condition, MatchKind, matches_all
+from vna.index.query import (IDENTITY_KEYS, LEVEL_KEYS, OTHER_IDS_KEY, Condition, MatchKind, decode_other_ids,
+                             encode_other_ids, matches_all)
 
 __all__ = ["SqliteIndex"]
 
-SCHEMA_VERSION = 3
-_MIGRATIONS = {1: "sql/001_initial.sql", 2: "sql/002_lifecycle.sql", 3: "sql/003_study_cover.sql"}
+SCHEMA_VERSION = 4
+_MIGRATIONS = {1: "sql/001_initial.sql", 2: "sql/002_lifecycle.sql", 3: "sql/003_study_cover.sql",
+               4: "sql/004_patient_identity.sql"}
 
 _TABLE = {
     QueryLevel.PATIENT: "st",
@@ -330,8 +332,9 @@ class SqliteIndex:
         except sqlite3.IntegrityError:
             raise StateConflict(f"instance {record.sop_uid} version {record.version} exists") from None
         study_cols = LEVEL_KEYS[QueryLevel.PATIENT] + LEVEL_KEYS[QueryLevel.STUDY][1:]
-        self._upsert(conn, "studies", "StudyInstanceUID", record.study_uid,
-                     {k: a.get(k, "") for k in study_cols} | {"updated_at": record.received_at})
+        study = {k: a.get(k, "") for k in study_cols} | {OTHER_IDS_KEY: a.get(OTHER_IDS_KEY, "")}
+        self._identities(conn, record.study_uid, study)
+        self._upsert(conn, "studies", "StudyInstanceUID", record.study_uid, study | {"updated_at": record.received_at})
         self._upsert(conn, "series", "SeriesInstanceUID", record.series_uid,
                      {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.SERIES][1:]}
                      | {"StudyInstanceUID": record.study_uid})
@@ -346,6 +349,22 @@ class SqliteIndex:
         self._upsert(conn, "instances", "SOPInstanceUID", record.sop_uid, inst)
         for p in placements:
             self._insert_placement(conn, p)
+
+    @staticmethod
+    def _identities(conn: sqlite3.Connection, study_uid: str, study: dict[str, str]) -> None:
+        """Keep ``patient_ids`` equal to the study's identities as ``study`` (its new row) states them.
+
+        One primary-key read when they are unchanged (every instance of a study but the first)."""
+        new = (study["PatientID"], study["IssuerOfPatientID"], study[OTHER_IDS_KEY])
+        old = conn.execute("SELECT PatientID, IssuerOfPatientID, other_patient_ids FROM studies "
+                           "WHERE StudyInstanceUID = ?", (study_uid,)).fetchone()
+        if old is not None and tuple(old) == new:
+            return
+        if old is not None:
+            conn.execute("DELETE FROM patient_ids WHERE StudyInstanceUID = ?", (study_uid,))
+        pairs = {(new[0], new[1]), *decode_other_ids(new[2])}
+        conn.executemany("INSERT OR IGNORE INTO patient_ids VALUES (?, ?, ?)",
+                         [(pid, issuer, study_uid) for pid, issuer in pairs])
 
     @staticmethod
     def _upsert(conn: sqlite3.Connection, table: str, pk: str, key: str, values: dict[str, Any]) -> None:
@@ -543,14 +562,26 @@ class SqliteIndex:
     ) -> Iterator[dict[str, str]]:
         where: list[str] = []
         params: list[Any] = []
+        ident: list[str] = []
+        ident_params: list[Any] = []
         for c in conditions:
-            self._pushdown(level, c, where, params)
+            if c.keyword in IDENTITY_KEYS:
+                self._pushdown(QueryLevel.PATIENT, c, ident, ident_params, table="p")
+            else:
+                self._pushdown(level, c, where, params)
+        if ident:  # jointly on one identity of the study (query.py): the primary one or another
+            where.append("st.StudyInstanceUID IN (SELECT p.StudyInstanceUID FROM patient_ids p WHERE "
+                         + " AND ".join(ident) + ")")
+            params.extend(ident_params)
         if level is QueryLevel.PATIENT:
-            cols = ", ".join(f'max(st."{k}") AS "{k}"' for k in LEVEL_KEYS[QueryLevel.PATIENT] if k != "PatientID")
-            sql = f"SELECT st.PatientID AS PatientID, {cols} FROM studies st"
+            keep = ("PatientID", "IssuerOfPatientID")
+            cols = ", ".join(f'max(st."{k}") AS "{k}"' for k in LEVEL_KEYS[QueryLevel.PATIENT] if k not in keep)
+            sql = (f"SELECT st.PatientID AS PatientID, st.IssuerOfPatientID AS IssuerOfPatientID, {cols}, "
+                   f"group_concat(nullif(st.{OTHER_IDS_KEY}, ''), char(10)) AS {OTHER_IDS_KEY} FROM studies st")
             if where:
                 sql += " WHERE " + " AND ".join(where)
-            sql += " GROUP BY st.PatientID ORDER BY st.PatientID"
+            sql += (" GROUP BY st.PatientID, st.IssuerOfPatientID"
+                    " ORDER BY st.PatientID, st.IssuerOfPatientID")
         else:
             sql = {
                 QueryLevel.STUDY: "SELECT st.* FROM studies st",
@@ -588,6 +619,8 @@ class SqliteIndex:
                 else:
                     for row in rows:
                         row.update(self._computed(level, row))
+                        if level is QueryLevel.PATIENT:  # the union of the kept studies' other ids, canonical
+                            row[OTHER_IDS_KEY] = encode_other_ids(decode_other_ids(row[OTHER_IDS_KEY]))
                 for row in rows:
                     if matches_all(conditions, row):
                         yield row
@@ -600,8 +633,11 @@ class SqliteIndex:
             cursor.close()
 
     @staticmethod
-    def _pushdown(level: QueryLevel, c: Condition, where: list[str], params: list[Any]) -> None:
-        """Add a superset SQL pre-filter for the condition where the store can serve one."""
+    def _pushdown(level: QueryLevel, c: Condition, where: list[str], params: list[Any],
+                  table: str | None = None) -> None:
+        """Add a superset SQL pre-filter for the condition where the store can serve one.
+
+        ``table``: the alias of the column's table instead of the level's own (``p``: patient_ids)."""
         if c.keyword == "ModalitiesInStudy":
             if c.kind in (MatchKind.SINGLE, MatchKind.LIST):
                 where.append(
@@ -609,13 +645,12 @@ class SqliteIndex:
                     f"AND m.Modality IN ({', '.join('?' for _ in c.values)}))")
                 params.extend(c.values)
             return
-        table = None
         for lv, keys in LEVEL_KEYS.items():
-            if c.keyword in keys:
+            if c.keyword in keys and table is None:
                 table = {QueryLevel.PATIENT: "st", QueryLevel.STUDY: "st",
                          QueryLevel.SERIES: "se", QueryLevel.IMAGE: "i"}[lv]
                 break
-        if table is None or table != "st" and level in (QueryLevel.PATIENT, QueryLevel.STUDY):
+        if table is None or table not in ("st", "p") and level in (QueryLevel.PATIENT, QueryLevel.STUDY):
             return
         if table == "i" and level is not QueryLevel.IMAGE:
             return
@@ -680,7 +715,8 @@ class SqliteIndex:
             r = conn.execute(
                 "SELECT count(DISTINCT st.StudyInstanceUID), count(DISTINCT i.SeriesInstanceUID), count(i.SOPInstanceUID) "
                 "FROM studies st LEFT JOIN instances i ON i.StudyInstanceUID = st.StudyInstanceUID "
-                "WHERE st.PatientID = ?", (row["PatientID"],)).fetchone()
+                "WHERE st.PatientID = ? AND st.IssuerOfPatientID = ?",
+                (row["PatientID"], row["IssuerOfPatientID"])).fetchone()
             out["NumberOfPatientRelatedStudies"] = str(r[0])
             out["NumberOfPatientRelatedSeries"] = str(r[1])
             out["NumberOfPatientRelatedInstances"] = str(r[2])
@@ -728,7 +764,7 @@ class SqliteIndex:
     # -- stats & leases ----------------------------------------------------
     def stats(self) -> IndexStats:
         counts = self._read(
-            "SELECT (SELECT count(DISTINCT PatientID) FROM studies), (SELECT count(*) FROM studies), "
+            "SELECT (SELECT count(*) FROM (SELECT DISTINCT PatientID, IssuerOfPatientID FROM studies)), (SELECT count(*) FROM studies), "
             "(SELECT count(*) FROM series), (SELECT count(*) FROM instances), "
             "(SELECT coalesce(sum(content_size), 0) FROM instances)")[0]
         tiers: dict[str, dict[str, Any]] = {}
