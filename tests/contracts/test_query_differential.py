@@ -1,7 +1,8 @@
 """Differential property test of ``Index.find``: SQLite vs Cassandra vs brute force.
 
 Hypothesis draws a small catalogue (patients, studies, series, instances, some
-re-registered as version 2, copies on random tiers/states) and C-FIND
+re-registered as version 2, copies on random tiers/states, patients that share a PatientID under
+other issuers, studies listing Other Patient IDs) and C-FIND
 identifiers built from its values (exact, ``*`` and ``?`` wildcards, PN case
 changes, date/time ranges, UID and value lists, modality lists). Both backends
 must return the same rows (every key and value), and those must be what
@@ -26,12 +27,14 @@ from hypothesis import strategies as st
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.index.base import Index
 from vna.index.cassandra import CassandraIndex
-from vna.index.query import Condition, keys_for_level, make_condition, matches_all
+from vna.index.query import (OTHER_IDS_KEY, Condition, decode_other_ids, encode_other_ids, keys_for_level,
+                             make_condition, matches_all)
 from vna.index.sqlite import SqliteIndex
 
 FAMILIES = ["Doe", "DOE", "doe", "Dow", "Smith", "Smythe", "Li", "O'Neil", "Van Dijk", "d"]
 GIVEN = ["John", "anna", "J", ""]
 PATIENT_IDS = ["PID1", "PID2", "pid1", "P10", "X7", ""]
+ISSUERS = ["", "HOSP_A", "HOSP_B", "hosp_a"]
 ACCESSIONS = ["", "ACC1", "ACC2", "acc1", "B7", "ACC10"]
 MODALITIES = ["CT", "MR", "US", "SR", ""]
 TIMES = ["", "0930", "101500", "2359", "000000", "1200", "12"]
@@ -51,20 +54,31 @@ Registration = tuple[InstanceRecord, list[Placement]]
 
 @st.composite
 def catalogues(draw: st.DrawFn) -> tuple[list[Registration], bool]:
-    """Registrations in order, and whether some patient's studies disagree on patient attributes."""
+    """Registrations in order, and whether some patient's studies disagree on patient attributes.
+
+    Patients are (PatientID, IssuerOfPatientID): one ID may come with several issuers. Some
+    patients' studies list Other Patient IDs (the IDs and issuers of the other patients).
+    """
     regs: list[Registration] = []
     clock = [1_700_000_000.0]
     inconsistent = False
-    pids = draw(st.lists(st.sampled_from(PATIENT_IDS), min_size=1, max_size=3, unique=True))
-    for p, pid in enumerate(pids):
-        patient = {"PatientID": pid, "PatientName": draw(names), "PatientBirthDate": draw(dates),
-                   "PatientSex": draw(st.sampled_from(["", "M", "F", "O"]))}
+    identities = st.tuples(st.sampled_from(PATIENT_IDS), st.sampled_from(ISSUERS))
+    pids = draw(st.lists(identities, min_size=1, max_size=3, unique=True))
+    for p, (pid, issuer) in enumerate(pids):
+        patient = {"PatientID": pid, "IssuerOfPatientID": issuer, "PatientName": draw(names),
+                   "PatientBirthDate": draw(dates), "PatientSex": draw(st.sampled_from(["", "M", "F", "O"]))}
+        others = encode_other_ids(draw(st.lists(identities, max_size=2)))
+        if others:
+            patient[OTHER_IDS_KEY] = others
         for s in range(draw(st.integers(1, 2))):
             study_uid = f"1.2.{p}.{s}"
             attrs = dict(patient)
             if draw(st.integers(0, 4)) == 0:  # this study spells the patient differently
                 attrs["PatientName"] = draw(names)
                 inconsistent |= attrs["PatientName"] != patient["PatientName"]
+            if draw(st.integers(0, 4)) == 0:  # this study lists other IDs than the patient's other studies
+                attrs[OTHER_IDS_KEY] = encode_other_ids(draw(st.lists(identities, max_size=2)))
+                inconsistent |= attrs[OTHER_IDS_KEY] != patient.get(OTHER_IDS_KEY, "")
             attrs |= {"StudyDate": draw(dates), "StudyTime": draw(st.sampled_from(TIMES)),
                       "AccessionNumber": draw(st.sampled_from(ACCESSIONS)),
                       "StudyDescription": draw(st.sampled_from(["", "CT HEAD", "chest"])),
@@ -103,7 +117,11 @@ def _values(regs: list[Registration], key: str) -> list[str]:
         return sorted({r.sop_uid for r, _ in regs})
     if key == "ModalitiesInStudy":
         key = "Modality"
-    return sorted({r.attrs.get(key, "") for r, _ in regs} - {""})
+    values = {r.attrs.get(key, "") for r, _ in regs}
+    if key in ("PatientID", "IssuerOfPatientID"):  # the other identities' too
+        values |= {pair[key == "IssuerOfPatientID"] for r, _ in regs for pair in
+                   decode_other_ids(r.attrs.get(OTHER_IDS_KEY, ""))}
+    return sorted(values - {""})
 
 
 def _flip_case(draw: st.DrawFn, value: str) -> str:
@@ -141,19 +159,19 @@ def identifier_values(draw: st.DrawFn, regs: list[Registration], key: str) -> st
         return pick[:i] + "?" + pick[i + 1:]
     if kind == "case":
         return _flip_case(draw, pick)
-    if kind == "list" and key in ("PatientID", "AccessionNumber", "PatientSex"):
+    if kind == "list" and key in ("PatientID", "IssuerOfPatientID", "AccessionNumber", "PatientSex"):
         return f"{pick}\\{draw(st.sampled_from(seen))}"
     return pick
 
 
 QUERY_KEYS = {
-    QueryLevel.PATIENT: ["PatientID", "PatientName", "PatientBirthDate", "PatientSex"],
-    QueryLevel.STUDY: ["PatientID", "PatientName", "StudyDate", "StudyTime", "AccessionNumber", "StudyInstanceUID",
-                       "ModalitiesInStudy", "StudyDescription", "ReferringPhysicianName"],
+    QueryLevel.PATIENT: ["PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex"],
+    QueryLevel.STUDY: ["PatientID", "IssuerOfPatientID", "PatientName", "StudyDate", "StudyTime", "AccessionNumber",
+                       "StudyInstanceUID", "ModalitiesInStudy", "StudyDescription", "ReferringPhysicianName"],
     QueryLevel.SERIES: ["StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDate", "SeriesTime",
-                        "PatientName", "StudyDate", "AccessionNumber"],
+                        "PatientName", "PatientID", "IssuerOfPatientID", "StudyDate", "AccessionNumber"],
     QueryLevel.IMAGE: ["SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "InstanceNumber", "Modality",
-                       "PatientID", "StudyDate", "Rows"],
+                       "PatientID", "IssuerOfPatientID", "StudyDate", "Rows"],
 }
 
 

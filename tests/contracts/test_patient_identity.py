@@ -1,0 +1,126 @@
+"""Contract tests of patient identity domains on every Index adapter (SQLite and Cassandra).
+
+A patient is (PatientID, IssuerOfPatientID); Other Patient IDs of a study are
+matched jointly (ID and issuer of one identity) as described in
+``docs/patient-identity.md``. Also: a SQLite database of schema v3 upgraded in place.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from vna.domain import QueryLevel
+from vna.index.base import Index
+from vna.index.query import OTHER_IDS_KEY, encode_other_ids
+from vna.index.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA, SqliteIndex
+
+from tests.contracts.test_index import backend, find, index, make_placement, make_record, uids  # noqa: F401
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+A = {"PatientID": "12345", "IssuerOfPatientID": "HOSP_A", "PatientName": "Alpha^Anna"}
+B = {"PatientID": "12345", "IssuerOfPatientID": "HOSP_B", "PatientName": "Beta^Bert"}
+# hospital B's own patient "B-777", whose study at hospital A lists the B ID as another ID
+LINKED = {"PatientID": "A-1", "IssuerOfPatientID": "HOSP_A", "PatientName": "Gamma^Gus",
+          OTHER_IDS_KEY: encode_other_ids([("B-777", "HOSP_B"), ("X-9", "")])}
+B777 = {"PatientID": "B-777", "IssuerOfPatientID": "HOSP_B", "PatientName": "Gamma^Gus"}
+
+
+def load(index: Index) -> None:
+    rows = [("1.1.1.1", "1.1.1", "1.1", A), ("1.1.1.2", "1.1.1", "1.1", A), ("1.2.1.1", "1.2.1", "1.2", A),
+            ("1.3.1.1", "1.3.1", "1.3", B), ("1.4.1.1", "1.4.1", "1.4", LINKED), ("1.5.1.1", "1.5.1", "1.5", B777)]
+    for n, (sop, series, study, attrs) in enumerate(rows):
+        index.register(make_record(sop, series, study, attrs=attrs | {"Modality": "CT", "StudyDate": "20200101"},
+                                   received_at=1_700_000_000.0 + n), [make_placement(sop)])
+
+
+def patients(index: Index, **identifier: str) -> set[tuple[str, str, str]]:
+    rows = find(index, QueryLevel.PATIENT, **identifier)
+    got = [(r["PatientID"], r["IssuerOfPatientID"], r["NumberOfPatientRelatedStudies"]) for r in rows]
+    assert len(got) == len(set(got)), got
+    return set(got)
+
+
+def test_colliding_patient_ids_with_other_issuers_are_two_patients(index: Index) -> None:
+    load(index)
+    assert patients(index, PatientID="12345") == {("12345", "HOSP_A", "2"), ("12345", "HOSP_B", "1")}
+    assert patients(index, PatientID="12345", IssuerOfPatientID="HOSP_A") == {("12345", "HOSP_A", "2")}
+    assert patients(index, PatientID="12345", IssuerOfPatientID="HOSP_B") == {("12345", "HOSP_B", "1")}
+    assert patients(index, PatientID="1234*", IssuerOfPatientID="HOSP_B") == {("12345", "HOSP_B", "1")}
+    assert patients(index, PatientID="12345", IssuerOfPatientID="HOSP_C") == set()
+    row = find(index, QueryLevel.PATIENT, PatientID="12345", IssuerOfPatientID="HOSP_B")[0]
+    assert row["PatientName"] == "Beta^Bert" and row["NumberOfPatientRelatedInstances"] == "1"
+    assert uids(index, QueryLevel.STUDY, PatientID="12345") == {"1.1", "1.2", "1.3"}
+    assert uids(index, QueryLevel.STUDY, PatientID="12345", IssuerOfPatientID="HOSP_A") == {"1.1", "1.2"}
+    assert uids(index, QueryLevel.STUDY, PatientID="12345", IssuerOfPatientID="HOSP_B") == {"1.3"}
+    assert uids(index, QueryLevel.SERIES, PatientID="12345", IssuerOfPatientID="HOSP_B") == {"1.3.1"}
+    assert uids(index, QueryLevel.IMAGE, PatientID="12345", IssuerOfPatientID="HOSP_A") == {
+        "1.1.1.1", "1.1.1.2", "1.2.1.1"}
+    assert {(r["StudyInstanceUID"], r["IssuerOfPatientID"]) for r in find(index, QueryLevel.STUDY, PatientID="12345")} \
+        == {("1.1", "HOSP_A"), ("1.2", "HOSP_A"), ("1.3", "HOSP_B")}
+
+
+def test_issuer_alone_is_a_matching_key(index: Index) -> None:
+    load(index)
+    # the primary identities issued by HOSP_B, and the study at A that lists a HOSP_B ID
+    assert uids(index, QueryLevel.STUDY, IssuerOfPatientID="HOSP_B") == {"1.3", "1.4", "1.5"}
+    assert uids(index, QueryLevel.STUDY, IssuerOfPatientID="HOSP_?") == {"1.1", "1.2", "1.3", "1.4", "1.5"}
+
+
+def test_other_patient_ids_find_the_study_filed_under_another_id(index: Index) -> None:
+    load(index)
+    assert uids(index, QueryLevel.STUDY, PatientID="B-777") == {"1.4", "1.5"}
+    assert uids(index, QueryLevel.STUDY, PatientID="B-777", IssuerOfPatientID="HOSP_B") == {"1.4", "1.5"}
+    assert uids(index, QueryLevel.STUDY, PatientID="B-777", IssuerOfPatientID="HOSP_A") == set()
+    # ID and issuer match one identity jointly: A-1 is issued by HOSP_A, B-777 by HOSP_B
+    assert uids(index, QueryLevel.STUDY, PatientID="A-1", IssuerOfPatientID="HOSP_B") == set()
+    assert uids(index, QueryLevel.STUDY, PatientID="X-9") == {"1.4"}
+    assert uids(index, QueryLevel.STUDY, PatientID="X-9", IssuerOfPatientID="HOSP_A") == set()
+    assert uids(index, QueryLevel.STUDY, PatientID="B-7*") == {"1.4", "1.5"}
+    assert uids(index, QueryLevel.STUDY, PatientID="B-777\\Z") == {"1.4", "1.5"}
+    assert uids(index, QueryLevel.SERIES, PatientID="B-777") == {"1.4.1", "1.5.1"}
+    assert uids(index, QueryLevel.IMAGE, PatientID="B-777", IssuerOfPatientID="HOSP_B") == {"1.4.1.1", "1.5.1.1"}
+    # the answer carries the study's primary identity
+    row = find(index, QueryLevel.STUDY, PatientID="B-777", StudyInstanceUID="1.4")[0]
+    assert (row["PatientID"], row["IssuerOfPatientID"]) == ("A-1", "HOSP_A")
+    # PATIENT level: patients are not merged; a query by B's ID finds B and the patient whose study lists it
+    assert patients(index, PatientID="B-777") == {("A-1", "HOSP_A", "1"), ("B-777", "HOSP_B", "1")}
+    assert patients(index, PatientID="A-1") == {("A-1", "HOSP_A", "1")}
+
+
+def test_a_study_whose_identity_changes_is_found_by_the_new_one_only(index: Index) -> None:
+    index.register(make_record("2.1.1.1", "2.1.1", "2.1", attrs=LINKED), [make_placement("2.1.1.1")])
+    assert uids(index, QueryLevel.STUDY, PatientID="B-777") == {"2.1"}
+    corrected = {"PatientID": "A-2", "IssuerOfPatientID": "HOSP_A", "PatientName": "Gamma^Gus"}
+    index.register(make_record("2.1.1.2", "2.1.1", "2.1", attrs=corrected, received_at=1_700_000_009.0),
+                   [make_placement("2.1.1.2")])
+    assert uids(index, QueryLevel.STUDY, PatientID="B-777") == set()
+    assert uids(index, QueryLevel.STUDY, PatientID="A-1") == set()
+    assert uids(index, QueryLevel.STUDY, PatientID="A-2", IssuerOfPatientID="HOSP_A") == {"2.1"}
+    assert patients(index, PatientID="A-*") == {("A-2", "HOSP_A", "1")}
+
+
+def test_stats_count_patients_by_identity(index: Index) -> None:
+    load(index)
+    assert index.stats().patients == 4  # (12345, A), (12345, B), (A-1, A), (B-777, B)
+
+
+def test_sqlite_database_of_schema_v3_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    shutil.copy(FIXTURES / "index-v3.sqlite", path)  # written by the schema-v3 code (tests/fixtures/make_index_v3.py)
+    idx = SqliteIndex(path)
+    try:
+        assert [r[0] for r in idx._read("SELECT version FROM schema_version")] == [1, 2, 3]
+        assert idx.migrate() == SQLITE_SCHEMA == 4
+        assert patients(idx, PatientID="12345") == {("12345", "HOSP_A", "1"), ("12345", "HOSP_B", "1")}
+        assert uids(idx, QueryLevel.STUDY, PatientID="12345", IssuerOfPatientID="HOSP_B") == {"1.8"}
+        assert uids(idx, QueryLevel.IMAGE, PatientID="12345", IssuerOfPatientID="HOSP_A") == {"1.9.1.1", "1.9.1.2"}
+        assert uids(idx, QueryLevel.STUDY, PatientID="777") == {"1.7"}
+        # new registrations after the upgrade: another ID of an existing patient links a new study
+        idx.register(make_record("1.6.1.1", "1.6.1", "1.6", attrs={
+            "PatientID": "777", OTHER_IDS_KEY: encode_other_ids([("12345", "HOSP_B")])}), [make_placement("1.6.1.1")])
+        assert uids(idx, QueryLevel.STUDY, PatientID="12345", IssuerOfPatientID="HOSP_B") == {"1.6", "1.8"}
+        assert idx.migrate() == 4
+    finally:
+        idx.close()
