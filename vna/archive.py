@@ -60,7 +60,8 @@ class Archive:
         if (short := shortfall(cfg, self.copies, self.hot, self.cold)) is not None:
             log.warning("%s", short)
         self.ingest = IngestService(self.index, self.hot, cfg.archive.duplicate_policy,
-                                    audit=self.audit, telemetry=self.telemetry)
+                                    audit=self.audit, telemetry=self.telemetry,
+                                    assigned_issuers=cfg.assigned_issuers())
         #: the other sites of the federation (None: a single site)
         self.sites: Sites | None = None
         if cfg.federation.site:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "RemoteAE",
+    "SenderAE",
     "DicomConfig",
     "HotTierConfig",
     "S3Config",
@@ -63,6 +64,15 @@ class RemoteAE:
 
 
 @dataclass(frozen=True)
+class SenderAE:
+    """A DICOM peer that stores to the archive (``[[dicom.sender]]``), and what ingest assumes about its objects."""
+
+    ae_title: str
+    #: issuer recorded for its objects that carry a PatientID but no IssuerOfPatientID (the bytes stay as sent)
+    issuer_of_patient_id: str = ""
+
+
+@dataclass(frozen=True)
 class DicomConfig:
     """The DIMSE front-end."""
 
@@ -82,6 +92,7 @@ class DicomConfig:
     max_connections_per_address: int = 8   # open connections one peer address may hold (associations included)
     max_half_open_connections: int = 64    # connections not yet associated (counted apart from max_associations)
     remote: tuple[RemoteAE, ...] = ()
+    sender: tuple[SenderAE, ...] = ()
     # DICOM over TLS (BCP 195, TLS 1.2+): a second listener on tls_port (0: none). Paths relative to data_dir.
     tls_port: int = 0
     tls_cert: str = ""              # PEM certificate (chain) presented by the listener and to TLS remotes
@@ -472,6 +483,19 @@ class Config:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.data_dir / p
 
+    def assigned_issuers(self) -> dict[str, str]:
+        """Calling AE title -> the IssuerOfPatientID ingest records for its objects that carry none.
+
+        From ``[[dicom.sender]]`` and ``[[migrate.source]]`` (whose objects arrive from its AE
+        title by C-MOVE or C-GET); entries without an issuer are left out.
+        """
+        out: dict[str, str] = {}
+        for ae, issuer in [*((s.ae_title, s.issuer_of_patient_id) for s in self.dicom.sender),
+                           *((s.ae_title, s.issuer_of_patient_id) for s in self.migrate.source)]:
+            if issuer:
+                out[ae.strip()] = issuer
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         """The config as plain data (for ``vna config show``); secrets masked."""
         data = dataclasses.asdict(self)
@@ -564,7 +588,7 @@ def _env_paths() -> dict[str, tuple[str, ...]]:
             typ = hints[f.name]
             if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
-            elif f.name not in ("remote", "token", "s3", "site", "copy", "source"):  # lists of tables: TOML only
+            elif f.name not in ("remote", "sender", "token", "s3", "site", "copy", "source"):  # lists of tables: TOML only
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
 
     walk(Config, ())
@@ -715,6 +739,11 @@ def _validate(cfg: Config) -> None:
     _validate_observability(cfg.audit, cfg.telemetry)
     _validate_federation(cfg.archive.site_id, cfg.federation)
     _validate_migrate(cfg.migrate)
+    issuers = {s.ae_title.strip(): s.issuer_of_patient_id for s in cfg.dicom.sender if s.issuer_of_patient_id}
+    for i, src in enumerate(cfg.migrate.source):
+        if src.issuer_of_patient_id and issuers.get(src.ae_title, src.issuer_of_patient_id) != src.issuer_of_patient_id:
+            raise ConfigError(f"migrate.source[{i}].issuer_of_patient_id differs from the [[dicom.sender]] entry "
+                              f"of the same AE title ({src.ae_title}): one AE, one issuer")
 
 
 def _validate_replica_paths(cfg: Config) -> None:
@@ -749,6 +778,18 @@ def _validate_dicom_peers(d: DicomConfig) -> None:
         if not 0 < r.port < 65536:
             raise ConfigError(f"dicom.remote[{i}].port must be between 1 and 65535, not {r.port} ({r.ae_title})")
         titles.add(r.ae_title.strip())
+    senders: set[str] = set()
+    for i, snd in enumerate(d.sender):
+        if not _ae_ok(snd.ae_title) or snd.ae_title.strip() in senders:
+            raise ConfigError(f"dicom.sender[{i}].ae_title {snd.ae_title!r} must be an AE title, listed once")
+        _check_issuer(snd.issuer_of_patient_id, f"dicom.sender[{i}].issuer_of_patient_id")
+        senders.add(snd.ae_title.strip())
+
+
+def _check_issuer(issuer: str, where: str) -> None:
+    """An IssuerOfPatientID value (LO: at most 64 characters, no backslash or control character)."""
+    if len(issuer) > 64 or "\\" in issuer or not issuer.isprintable():
+        raise ConfigError(f"{where} {issuer!r} is not an IssuerOfPatientID (LO: 1-64 printable characters, no \\)")
 
 
 def _validate_lifecycle(lc: LifecycleConfig) -> None:
@@ -816,6 +857,7 @@ def _validate_migrate(m: MigrateConfig) -> None:
             raise ConfigError(f"migrate.source[{i}]: max_associations >= 1, find_limit >= 0, timeout > 0")
         if s.instances_per_second < 0 or s.mb_per_second < 0:
             raise ConfigError(f"migrate.source[{i}]: rate limits must be >= 0 (0: unlimited)")
+        _check_issuer(s.issuer_of_patient_id, f"migrate.source[{i}].issuer_of_patient_id")
         for w in s.windows:
             if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", w):
                 raise ConfigError(f"migrate.source[{i}].windows: {w!r} is not HH:MM-HH:MM")

@@ -106,3 +106,25 @@ def test_prometheus_port_without_telemetry_is_warned_about(tmp_path: Path) -> No
     assert len(warnings) == 1 and "telemetry.prometheus_port" in warnings[0], r.stderr
     assert "telemetry.enabled" in warnings[0]
     assert "WARNING" not in show(tmp_path, "[telemetry]\nenabled = true\nprometheus_port = 9464\n").stderr
+
+
+@pytest.mark.parametrize("toml, needles", [
+    ('[[dicom.sender]]\nae_title = "MOD_A"\nissuer_of_patient_id = "A\\\\B"\n', ("dicom.sender[0].issuer_of_patient_id",)),
+    ('[[dicom.sender]]\nae_title = "MOD_A"\nissuer_of_patient_id = "' + "X" * 65 + '"\n',
+     ("dicom.sender[0].issuer_of_patient_id",)),
+    ('[[dicom.sender]]\nae_title = "MOD_A"\n[[dicom.sender]]\nae_title = "MOD_A"\n', ("dicom.sender[1].ae_title",)),
+    ('[[dicom.sender]]\nae_title = "MOD_A"\nissuer_of_patient_id = "HOSP_A"\n'
+     '[[migrate.source]]\nae_title = "MOD_A"\nhost = "h"\nport = 104\nissuer_of_patient_id = "HOSP_B"\n',
+     ("migrate.source[0].issuer_of_patient_id", "MOD_A")),
+    ('[[migrate.source]]\nae_title = "OLD"\nhost = "h"\nport = 104\nissuer_of_patient_id = "A\\nB"\n',
+     ("migrate.source[0].issuer_of_patient_id",)),
+])
+def test_bad_issuer_assignments_are_refused(tmp_path: Path, toml: str, needles: tuple[str, ...]) -> None:
+    _config_error(show(tmp_path, toml), *needles)
+
+
+def test_issuer_assignments_are_accepted(tmp_path: Path) -> None:
+    r = show(tmp_path, '[[dicom.sender]]\nae_title = "MOD_A"\nissuer_of_patient_id = "HOSP_A"\n'
+                       '[[migrate.source]]\nae_title = "MOD_A"\nhost = "h"\nport = 104\nissuer_of_patient_id = "HOSP_A"\n')
+    assert r.returncode == 0, r.stderr
+    assert "HOSP_A" in r.stdout

@@ -42,6 +42,7 @@ __all__ = [
     "matches_all",
     "normalise_time",
     "OTHER_IDS_KEY",
+    "ISSUER_ASSIGNED_KEY",
     "IDENTITY_KEYS",
     "MAX_OTHER_IDS",
     "encode_other_ids",
@@ -51,6 +52,9 @@ __all__ = [
 
 #: Row key (not a DICOM keyword) of a study's Other Patient IDs: see :func:`encode_other_ids`.
 OTHER_IDS_KEY = "other_patient_ids"
+#: Catalogue attribute (not a DICOM keyword) present, "Y", when ingest assigned the IssuerOfPatientID
+#: from configuration because the object carried none (the stored bytes are as received).
+ISSUER_ASSIGNED_KEY = "issuer_of_patient_id_assigned"
 #: The keys matched jointly against each identity of a row.
 IDENTITY_KEYS = frozenset({"PatientID", "IssuerOfPatientID"})
 #: Other Patient IDs kept per instance (more are ignored: a peer cannot make a row grow without bound).

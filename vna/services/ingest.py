@@ -36,6 +36,7 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope
@@ -44,7 +45,7 @@ from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Ti
 from vna.errors import (DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost, QuorumNotMet,
                         IndexUnavailable, StateConflict, StorageError)
 from vna.index.base import Index
-from vna.index.query import LEVEL_KEYS
+from vna.index.query import ISSUER_ASSIGNED_KEY, LEVEL_KEYS, MAX_OTHER_IDS, OTHER_IDS_KEY, encode_other_ids
 from vna.integrity.repair import new_blob_key
 from vna.services.dataset_identity import same_dataset
 from vna.services.part10 import scan_part10
@@ -54,7 +55,7 @@ from vna.telemetry import Telemetry, series_key
 if TYPE_CHECKING:
     from vna.services.retrieve import RetrieveService
 
-__all__ = ["IngestResult", "IngestService", "Spooled"]
+__all__ = ["IngestResult", "IngestService", "Spooled", "assign_issuer"]
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,10 @@ _UID_TAGS = {
     "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
 }
 _ATTR_TAGS = {kw: int(tag_for_keyword(kw) or 0) for kw in _ATTR_KEYS}
+_OTHER_IDS_TAG = 0x00101002  # Other Patient IDs Sequence: when present, the scanner declines and pydicom reads it
+_PATIENT_ID_TAG, _ISSUER_TAG = 0x00100020, 0x00100021
 #: What the Part 10 scanner extracts (tag -> dictionary VR).
-_WANTED = {tag: dictionary_VR(tag) for tag in (*_ATTR_TAGS.values(), *_UID_TAGS.values(), 0x00080005)}
+_WANTED = {tag: dictionary_VR(tag) for tag in (*_ATTR_TAGS.values(), *_UID_TAGS.values(), 0x00080005, _OTHER_IDS_TAG)}
 _PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OverflowError, struct.error,
                  zlib.error, LookupError, NotImplementedError)   # (pydicom: an unknown VR)
 
@@ -213,6 +216,8 @@ def read_header_fast(path: Path) -> _Header | None:
         if scanned is None:
             return None
         elems = scanned.elements
+        if _OTHER_IDS_TAG in elems:
+            return None  # a sequence: pydicom reads its items
         charset = elems.get(0x00080005)
         encodings = _charset_encodings(charset)
         attrs: dict[str, str] = {}
@@ -257,11 +262,46 @@ def read_header_pydicom(path: Path) -> _Header:
             if text is not None:
                 attrs[kw] = text
         uids = {kw: _value(ds, tag, encodings) for kw, tag in _UID_TAGS.items()}
+        others = _other_ids(ds, encodings)
+        if others:
+            attrs[OTHER_IDS_KEY] = others
     except _PARSE_ERRORS as exc:
         raise InvalidDataset(f"dataset cannot be parsed: {exc}") from exc
     except OSError as exc:
         raise InvalidDataset(f"dataset cannot be read: {exc}") from exc
     return _header(uids, ts, attrs)
+
+
+def _other_ids(ds: Dataset, encodings: list[str]) -> str:
+    """The (PatientID, IssuerOfPatientID) items of Other Patient IDs Sequence, encoded for the index.
+
+    At most MAX_OTHER_IDS items are read (the rest are ignored and logged); items without a PatientID are skipped.
+    """
+    if BaseTag(_OTHER_IDS_TAG) not in ds._dict:
+        return ""
+    seq = ds[_OTHER_IDS_TAG].value
+    if not isinstance(seq, Sequence):
+        return ""
+    pairs: list[tuple[str, str]] = []
+    for n, item in enumerate(seq):
+        if n >= MAX_OTHER_IDS:
+            log.warning("Other Patient IDs Sequence has more than %d items: the rest are not indexed", MAX_OTHER_IDS)
+            break
+        if not isinstance(item, Dataset):
+            continue
+        pid = _value(item, _PATIENT_ID_TAG, encodings) or ""
+        issuer = _value(item, _ISSUER_TAG, encodings) or ""
+        if pid and not any(c in pid + issuer for c in "\\\t\n"):  # one value each, nothing the encoding uses
+            pairs.append((pid, issuer))
+    return encode_other_ids(pairs)
+
+
+def assign_issuer(attrs: dict[str, str], issuer: str | None) -> dict[str, str]:
+    """The catalogue attributes with ``issuer`` as the effective IssuerOfPatientID, recorded as assigned
+    (``ISSUER_ASSIGNED_KEY``), when the object carries a PatientID and no issuer; else ``attrs`` unchanged."""
+    if not issuer or attrs.get("IssuerOfPatientID") or not attrs.get("PatientID"):
+        return attrs
+    return attrs | {"IssuerOfPatientID": issuer, ISSUER_ASSIGNED_KEY: "Y"}
 
 
 class IngestService:
@@ -275,8 +315,10 @@ class IngestService:
 
     def __init__(self, index: Index, hot: TierAccessor, duplicate_policy: str = "reject", *,
                  audit: AuditLog | None = None, telemetry: Telemetry | None = None,
-                 retrieve: RetrieveService | None = None) -> None:
+                 retrieve: RetrieveService | None = None, assigned_issuers: dict[str, str] | None = None) -> None:
         self.index = index
+        #: calling AE title -> IssuerOfPatientID recorded for its objects that carry none (config.assigned_issuers)
+        self.assigned_issuers = dict(assigned_issuers or {})
         #: reads verified copies of a stored instance to compare a re-send with (None: any other bytes conflict)
         self.retrieve = retrieve
         #: how many copies one verified copy on a store counts for (a store may declare its own redundancy)
@@ -516,7 +558,8 @@ class IngestService:
         record = InstanceRecord(
             sop_uid=h.sop_uid, series_uid=h.series_uid, study_uid=h.study_uid, sop_class_uid=h.sop_class_uid,
             transfer_syntax_uid=h.transfer_syntax_uid, version=version, content_sha256=sha,
-            content_size=size, received_at=now, source_ae=source_ae, attrs=h.attrs,
+            content_size=size, received_at=now, source_ae=source_ae,
+            attrs=assign_issuer(h.attrs, self.assigned_issuers.get(source_ae.strip())),
         )
         written = [w.store_id for w in writes if w.ok]
         try:
