@@ -18,13 +18,13 @@ from tests.migrate.conftest import cli_json, source_config
 from tests.migrate.test_migrate_dcmqrscp import assert_byte_identical
 
 
-def start_orthanc(work: Path, vna_port: int, limit: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_orthanc(work: Path, vna_port: int, limit: int, aet: str = "PACS") -> tuple[subprocess.Popen[bytes], int]:
     exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     if not Path(exe).exists():
         pytest.fail("Orthanc is missing: run `make system-deps`")
     port, http = free_port(), free_port()
     cfg = {"Name": "legacy", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
-           "DicomAet": "PACS", "DicomPort": port, "HttpPort": http, "DicomCheckCalledAet": False,
+           "DicomAet": aet, "DicomPort": port, "HttpPort": http, "DicomCheckCalledAet": False,
            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
            "LimitFindResults": limit, "DicomAlwaysAllowFind": True, "DicomAlwaysAllowMove": True,
            "DicomAlwaysAllowGet": True, "DicomModalities": {"vna": ["VNA", "127.0.0.1", vna_port]}}
