@@ -15,7 +15,7 @@ from vna.index.base import Index
 from vna.index.query import OTHER_IDS_KEY, encode_other_ids
 from vna.index.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA, SqliteIndex
 
-from tests.contracts.test_index import backend, find, index, make_placement, make_record, uids  # noqa: F401
+from tests.contracts.test_index import backend, find, index, make_placement, make_record, query, uids  # noqa: F401
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -36,7 +36,7 @@ def load(index: Index) -> None:
 
 
 def patients(index: Index, **identifier: str) -> set[tuple[str, str, str]]:
-    rows = find(index, QueryLevel.PATIENT, **identifier)
+    rows = query(index, QueryLevel.PATIENT, identifier, None)
     got = [(r["PatientID"], r["IssuerOfPatientID"], r["NumberOfPatientRelatedStudies"]) for r in rows]
     assert len(got) == len(set(got)), got
     return set(got)

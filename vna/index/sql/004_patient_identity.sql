@@ -11,5 +11,7 @@ CREATE TABLE IF NOT EXISTS patient_ids (
     PRIMARY KEY (PatientID, IssuerOfPatientID, StudyInstanceUID)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS patient_ids_study ON patient_ids(StudyInstanceUID);
+-- the PATIENT-level counts of one (PatientID, IssuerOfPatientID); replaces studies_patient (its prefix)
 CREATE INDEX IF NOT EXISTS studies_identity ON studies(PatientID, IssuerOfPatientID);
+DROP INDEX IF EXISTS studies_patient;
 INSERT OR IGNORE INTO patient_ids SELECT PatientID, IssuerOfPatientID, StudyInstanceUID FROM studies
