@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
+from vna.config import CassandraConfig
 from vna.domain import QueryLevel
 from vna.index.base import Index
+from vna.index.cassandra import SCHEMA_VERSION as CASSANDRA_SCHEMA, CassandraIndex
 from vna.index.query import OTHER_IDS_KEY, encode_other_ids
 from vna.index.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA, SqliteIndex
 
@@ -124,3 +127,24 @@ def test_sqlite_database_of_schema_v3_is_upgraded_in_place(tmp_path: Path) -> No
         assert idx.migrate() == 4
     finally:
         idx.close()
+
+
+def test_cassandra_keyspace_before_schema_v7_is_upgraded(cassandra_config: Callable[..., CassandraConfig],
+                                                         cassandra_admin: Any) -> None:
+    """A keyspace without v7 (no other_patient_ids column) keeps its data and answers identity queries after migrate."""
+    cfg = cassandra_config()
+    idx = CassandraIndex(cfg)
+    try:
+        idx.migrate()
+        ks = cfg.keyspace
+        cassandra_admin.execute(f"ALTER TABLE {ks}.studies DROP other_patient_ids")  # as a v5/v6 keyspace has it
+        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version = 7")
+        idx.close()
+        idx = CassandraIndex(cfg)
+        assert idx.migrate() == CASSANDRA_SCHEMA == 7
+        load(idx)
+        assert patients(idx, PatientID="12345") == {("12345", "HOSP_A", "2"), ("12345", "HOSP_B", "1")}
+        assert uids(idx, QueryLevel.STUDY, PatientID="B-777", IssuerOfPatientID="HOSP_B") == {"1.4", "1.5"}
+    finally:
+        idx.close()
+        cassandra_admin.execute(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}")
