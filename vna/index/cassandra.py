@@ -89,14 +89,16 @@ Pushdown (always a superset; every candidate is checked with
 :func:`vna.index.query.matches_all`, so results equal SQLite's)
     StudyInstanceUID single/list -> partition reads; SOPInstanceUID (IMAGE) ->
     instance_versions; SeriesInstanceUID (SERIES/IMAGE) -> SAI on series;
-    otherwise one SAI query on ``studies`` ANDing: PatientID and
-    AccessionNumber EQ, StudyDate EQ / range on a ``date`` column (plus a query
+    PatientID single/list -> the ``studies_by_patient`` partitions of the IDs
+    (primary and Other Patient IDs, schema v7; identity conditions are matched
+    jointly by :func:`vna.index.query.matches_all`);
+    otherwise one SAI query on ``studies`` ANDing: AccessionNumber EQ, StudyDate EQ / range on a ``date`` column (plus a query
     for unparsable StudyDates), ModalitiesInStudy / Modality ``CONTAINS``,
     PatientName by casefolded family-name prefix (1 or 3 characters), whole
     family name, or family name + the given name's first character (schema v3;
     ASCII literal prefixes only). One list condition fans out into one EQ query per
     item (deduplicated without memory). Without any, a paged scan. PATIENT
-    rows group ``studies_by_patient`` and aggregate like SQLite (``max`` over
+    rows group ``studies_by_patient`` by (PatientID, IssuerOfPatientID) and aggregate like SQLite (``max`` over
     the studies its WHERE clause keeps: :func:`_sqlite_where`). SAI returns
     token order, so row order is unspecified (SQLite sorts PATIENT rows only).
     STUDY rows take their computed keys from the study row's summary (schema

@@ -8,6 +8,11 @@ writers of other processes (``dicom.workers``) on an flock of ``<file>.wlock``
 (retried every 0.5 ms), instead of polling in SQLite's busy handler (which
 sleeps 1, 2, 5, 10... ms between attempts). Every wait is bounded by
 ``busy_timeout``; then IndexUnavailable. sqlite3 errors map to IndexUnavailable.
+
+Patient identity (schema v4, ``docs/patient-identity.md``): ``patient_ids`` holds
+every identity of every study (primary and Other Patient IDs), exactly the
+current ones; PatientID / IssuerOfPatientID conditions are pushed down jointly
+as one subquery on it. PATIENT rows group by (PatientID, IssuerOfPatientID).
 """
 
 from __future__ import annotations
