@@ -588,7 +588,7 @@ def _env_paths() -> dict[str, tuple[str, ...]]:
             typ = hints[f.name]
             if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 walk(typ, prefix + (f.name,))
-            elif f.name not in ("remote", "sender", "token", "s3", "site", "copy", "source"):  # lists of tables: TOML only
+            elif f.name not in ("remote", "sender", "token", "s3", "site", "copy", "source"):  # lists: TOML only
                 paths["_".join(prefix + (f.name,)).upper()] = prefix + (f.name,)
 
     walk(Config, ())
@@ -741,7 +741,8 @@ def _validate(cfg: Config) -> None:
     _validate_migrate(cfg.migrate)
     issuers = {s.ae_title.strip(): s.issuer_of_patient_id for s in cfg.dicom.sender if s.issuer_of_patient_id}
     for i, src in enumerate(cfg.migrate.source):
-        if src.issuer_of_patient_id and issuers.get(src.ae_title, src.issuer_of_patient_id) != src.issuer_of_patient_id:
+        issuer = src.issuer_of_patient_id
+        if issuer and issuers.get(src.ae_title, issuer) != issuer:
             raise ConfigError(f"migrate.source[{i}].issuer_of_patient_id differs from the [[dicom.sender]] entry "
                               f"of the same AE title ({src.ae_title}): one AE, one issuer")
 

@@ -92,7 +92,8 @@ Pushdown (always a superset; every candidate is checked with
     PatientID single/list -> the ``studies_by_patient`` partitions of the IDs
     (primary and Other Patient IDs, schema v7; identity conditions are matched
     jointly by :func:`vna.index.query.matches_all`);
-    otherwise one SAI query on ``studies`` ANDing: AccessionNumber EQ, StudyDate EQ / range on a ``date`` column (plus a query
+    otherwise one SAI query on ``studies`` ANDing: AccessionNumber EQ,
+    StudyDate EQ / range on a ``date`` column (plus a query
     for unparsable StudyDates), ModalitiesInStudy / Modality ``CONTAINS``,
     PatientName by casefolded family-name prefix (1 or 3 characters), whole
     family name, or family name + the given name's first character (schema v3;
@@ -1922,8 +1923,8 @@ class CassandraIndex:
                     content_bytes += int(r["content_size"])
                     studies.add(r["study_uid"])
                     series.add(r["series_uid"])
-            patients = {(_s(r["patient_id"]), _s(r["issuer_of_patient_id"])) for r in self._session.execute(self._prep(
-                f"SELECT study_uid, patient_id, issuer_of_patient_id FROM {self._t('studies')}"))
+            patients = {(_s(r["patient_id"]), _s(r["issuer_of_patient_id"])) for r in self._session.execute(
+                self._prep(f"SELECT study_uid, patient_id, issuer_of_patient_id FROM {self._t('studies')}"))
                 if r["study_uid"] in studies}
             for r in self._session.execute(self._prep(
                     f"SELECT sop_uid, version, tier, state, stored_size FROM {self._t('placements')}")):

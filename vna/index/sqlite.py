@@ -769,7 +769,8 @@ class SqliteIndex:
     # -- stats & leases ----------------------------------------------------
     def stats(self) -> IndexStats:
         counts = self._read(
-            "SELECT (SELECT count(*) FROM (SELECT DISTINCT PatientID, IssuerOfPatientID FROM studies)), (SELECT count(*) FROM studies), "
+            "SELECT (SELECT count(*) FROM (SELECT DISTINCT PatientID, IssuerOfPatientID FROM studies)), "
+            "(SELECT count(*) FROM studies), "
             "(SELECT count(*) FROM series), (SELECT count(*) FROM instances), "
             "(SELECT coalesce(sum(content_size), 0) FROM instances)")[0]
         tiers: dict[str, dict[str, Any]] = {}
