@@ -115,7 +115,7 @@ def test_migration_v4_backfills_summaries(cassandra_config: Callable[..., Cassan
                                     f"sum_availability, sum_pending FROM {ks}.studies WHERE study_uid = %s",
                                     (f"{s}.0",))
         cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version IN (4, 5)")
-        assert idx.migrate() == 5
+        assert idx.migrate() == 6
         for s in range(3):
             raw = cassandra_admin.execute(f"SELECT * FROM {ks}.studies WHERE study_uid = %s", (f"{s}.0",)).one()
             assert CassandraIndex._summary(raw) is not None

@@ -140,8 +140,8 @@ def test_migrate_creates_a_new_cassandra_keyspace(cassandra_config: Callable[...
     cfg = cassandra_config()
     idx = CassandraIndex(cfg)
     try:
-        assert idx.migrate() == 5
-        assert idx.migrate() == 5
+        assert idx.migrate() == 6
+        assert idx.migrate() == 6
         idx.register(make_record("1.9", "1.8", "1.7"), [make_placement("1.9")])
         assert idx.get_instance("1.9") is not None
         rows = cassandra_admin.execute("SELECT * FROM system_schema.keyspaces WHERE keyspace_name = %s",
@@ -168,7 +168,7 @@ def test_cassandra_migration_v3_backfills_name_keys(cassandra_config: Callable[.
             cassandra_admin.execute(f"DELETE name_family, name_fg FROM {ks}.studies WHERE study_uid = %s", (study,))
         cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version IN (3, 4, 5)")
         assert uids(idx, QueryLevel.STUDY, PatientName="SMITH^J*") == set()  # what v2 data looks like to v3
-        assert idx.migrate() == 5
+        assert idx.migrate() == 6
         assert uids(idx, QueryLevel.STUDY, PatientName="SMITH^J*") == {"1.7"}
         assert uids(idx, QueryLevel.STUDY, PatientName="smith") == {"1.27"}
         assert uids(idx, QueryLevel.STUDY, PatientName="Smith^John") == {"1.7"}

@@ -165,11 +165,10 @@ Job operations (schema v2)
     ``USING TIMESTAMP`` = the access time, so the newest access wins without a
     read; holds are a plain table.
 
-``stats()`` is a paged full scan (instance_versions, studies, placements);
-distinct study/series/patient counts keep their UIDs in memory. (Counters
-maintained by plain writes cannot be exact when two front-ends commit the
-same bytes at once, both counting it; issue 19 leaves them to an idempotent
-per-version delta ledger, not built yet.)
+``stats()`` reads the counter ledger (schema v6, :mod:`vna.index.cassandra_counters`):
+per-change idempotent delta rows written in the commit's batch (after the LWT for
+placement transitions), rolled up into per-shard totals under a lease; a read is
+the totals plus the pending deltas. ``recount()`` is the full scan, for operators.
 
 Every driver error maps to IndexUnavailable through :func:`_unavailable`.
 """
@@ -188,7 +187,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -206,6 +205,7 @@ from vna.config import CassandraConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
 from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
+from vna.index.cassandra_counters import CassandraCounters
 from vna.index.cassandra_group import WriteGroups
 from vna.index.query import COMPUTED_KEYS, LEVEL_KEYS, Condition, MatchKind, matches_all
 
@@ -213,9 +213,9 @@ __all__ = ["CassandraIndex"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql",
-               4: "cql/004_study_summary.cql", 5: "cql/005_registrations.cql"}
+               4: "cql/004_study_summary.cql", 5: "cql/005_registrations.cql", 6: "cql/006_counters.cql"}
 _FETCH_SIZE = 500
 _IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
 _DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
@@ -475,6 +475,8 @@ class CassandraIndex:
         self._cluster, self._session = connect(cfg)
         self._session.default_fetch_size = _FETCH_SIZE
         self._groups = WriteGroups(self._session)  # registrations' plain writes, group-committed
+        self._counters = CassandraCounters(self._session, self._ks, concurrency=cfg.concurrency,
+                                           lease=self.acquire_lease)  # stats() without scans (schema v6)
 
     # -- plumbing ------------------------------------------------------------
     @contextmanager
@@ -523,6 +525,7 @@ class CassandraIndex:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         self._groups.close()
+        self._counters.close()
         self._cluster.shutdown()
 
     def datacenters(self, probe_timeout: float = 1.0) -> dict[str, dict[str, list[str]]]:
@@ -579,6 +582,8 @@ class CassandraIndex:
                     self._backfill_name_keys()
                 if version == 4:
                     self._backfill_summaries()
+                if version == 6:
+                    self._counters.recount(repair=True)  # totals of what v5 and older wrote
                 self._session.execute(
                     f"INSERT INTO {self._t('schema_version')} (version, applied_at) VALUES (%s, %s)",
                     (version, time.time()))
@@ -927,13 +932,18 @@ class CassandraIndex:
         by_store = list({p.store_id: p for p in placements}.values())  # last wins, like INSERT OR REPLACE
         with self._errors("register"):
             # the commit may take the instance out of the study of an older version
-            earlier = self._studies_of(record.sop_uid) if record.version > 1 else []
+            prior = self._versions(record.sop_uid) if record.version > 1 else []
+            earlier = list(dict.fromkeys(r["study_uid"] for r in prior))
+            previous = next((int(r["content_size"]) for r in prior
+                             if r["complete"] and int(r["version"]) < record.version), None)
             writer, stamp, t0, marks = self._begin(record, by_store, [record.study_uid, *earlier])
             try:
                 self._check_deadline(record, t0)
-                self._finish(record, writer, stamp, t0, [p.store_id for p in by_store])
+                self._finish(record, writer, stamp, t0, [p.store_id for p in by_store],
+                             self._counters.commit_statements(record, by_store, previous))
             finally:
                 self._settle_shared(marks)  # a failure here only leaves the summary pending (logged)
+        self._counters.start()  # this front-end writes deltas: it takes part in rolling them up
         if record.version > 1:
             self._late_mark(record, [uid for uid, _m in marks])
 
@@ -1080,16 +1090,17 @@ class CassandraIndex:
         self._groups.write(batch)
 
     def _finish(self, record: InstanceRecord, writer: uuid.UUID, stamp: int, t0: float,
-                stores: Sequence[str]) -> None:
+                stores: Sequence[str], counted: Sequence[tuple[PreparedStatement, tuple[Any, ...]]] = ()) -> None:
         """Commit, then make sure the commit stands before the caller acknowledges (see "Stalled writer").
 
         ``t0``: the attempt's monotonic start; a commit acknowledged after half of
-        ``stale_claim_after`` is confirmed by :meth:`_confirm`. Raises StateConflict
+        ``stale_claim_after`` is confirmed by :meth:`_confirm`. ``counted``: the counter
+        deltas of the commit (its batch). Raises StateConflict
         (a later-started writer of other bytes took the version over; our rows are
         retracted) and IndexUnavailable (undecided: retry).
         """
         try:
-            self._commit(record, writer, stamp)
+            self._commit(record, writer, stamp, counted)
         except _DRIVER_ERRORS:
             if not self._committed_as(record):  # the answer was lost, not the write?
                 raise
@@ -1146,7 +1157,8 @@ class CassandraIndex:
             execute_concurrent_with_args(self._session, stmt, params, concurrency=max(1, self.cfg.concurrency),
                                          raise_on_first_error=True)
 
-    def _commit(self, record: InstanceRecord, writer: uuid.UUID, stamp: int | None = None) -> None:
+    def _commit(self, record: InstanceRecord, writer: uuid.UUID, stamp: int | None = None,
+                counted: Sequence[tuple[PreparedStatement, tuple[Any, ...]]] = ()) -> None:
         """The moment the version appears: its instance_versions row (complete) and our candidate
         marked committed, one mutation of the SOP UID's partitions (no Paxos). The version row is
         written ``USING TIMESTAMP stamp`` (the attempt's): a later-started writer's commit wins."""
@@ -1163,7 +1175,7 @@ class CassandraIndex:
              (*values, writer, time.time(), stamp)),
             (self._prep(f"UPDATE {self._t('registrations')} SET state = 'committed' WHERE sop_uid = ? "
                         "AND version = ? AND content_sha256 = ? AND writer = ?"),
-             (record.sop_uid, record.version, record.content_sha256, writer))])
+             (record.sop_uid, record.version, record.content_sha256, writer)), *counted])
 
     def _committed_as(self, record: InstanceRecord) -> bool:
         """After an unanswered commit: is the version committed with these bytes?"""
@@ -1304,8 +1316,12 @@ class CassandraIndex:
                 self._studies_of(p.sop_uid, p.version)
                 if _flags(p.state, p.tier) != _flags(new_state, p.tier) else ()):
             if new_state is not PlacementState.TO_DELETE:
-                return bool(self._exec(update, params).was_applied)
-            return self._guarded(p, update, params)
+                ok = bool(self._exec(update, params).was_applied)
+            else:
+                ok = self._guarded(p, update, params)
+        if ok:
+            self._counters.placements_changed([p], [replace(p, state=new_state)])
+        return ok
 
     def _guarded(self, p: Placement, update: str, params: Sequence[Any]) -> bool:
         """Apply a conditional update of ``p``'s row that retires it (TO_DELETE).
@@ -1358,6 +1374,7 @@ class CassandraIndex:
             except BaseException:
                 self._remove_unchanged(added)
                 raise
+        self._counters.placements_changed([], added)
 
     def _remove_unchanged(self, placements: Sequence[Placement]) -> None:
         for p in placements:
@@ -1384,16 +1401,23 @@ class CassandraIndex:
                 self._studies_of(old.sop_uid, old.version)
                 if _flags(old.state, old.tier) != _flags(new.state, new.tier) else ()):
             if new.state is PlacementState.TO_DELETE and old.state is not PlacementState.TO_DELETE:
-                return self._guarded(old, update, params)
-            return bool(self._exec(update, params).was_applied)
+                ok = self._guarded(old, update, params)
+            else:
+                ok = bool(self._exec(update, params).was_applied)
+        if ok:
+            self._counters.placements_changed([old], [new])
+        return ok
 
     def delete_placement(self, placement: Placement) -> bool:
         p = placement
         with self._errors("delete_placement"):
-            return bool(self._exec(
+            ok = bool(self._exec(
                 f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ? "
                 "IF state = 'TO_DELETE' AND blob_key = ?", (p.sop_uid, p.version, p.store_id, p.blob_key)
             ).was_applied)
+        if ok:
+            self._counters.placements_changed([p], [])
+        return ok
 
     def _uncommitted(self) -> list[Row]:
         """Candidates not committed (in flight or abandoned; few) and schema-v4 claims never completed."""
@@ -1967,40 +1991,21 @@ class CassandraIndex:
 
     # -- stats & leases --------------------------------------------------------
     def stats(self) -> IndexStats:
-        studies: set[str] = set()
-        series: set[str] = set()
-        hidden: set[tuple[str, int]] = set()
-        instances = content_bytes = 0
-        tiers: dict[str, dict[str, Any]] = {}
+        """The maintained counters (:mod:`vna.index.cassandra_counters`): totals plus pending deltas,
+        a read of its few shard partitions, not a scan."""
         with self._errors("stats"):
-            hidden = self._hidden_versions()
-            last = None
-            for r in self._session.execute(self._prep(
-                    f"SELECT sop_uid, version, study_uid, series_uid, content_size, complete "
-                    f"FROM {self._t('instance_versions')}")):
-                if not r["complete"]:
-                    hidden.add((r["sop_uid"], int(r["version"])))
-                elif r["sop_uid"] != last:  # newest complete version of this SOP instance
-                    last = r["sop_uid"]
-                    instances += 1
-                    content_bytes += int(r["content_size"])
-                    studies.add(r["study_uid"])
-                    series.add(r["series_uid"])
-            patients = {_s(r["patient_id"]) for r in self._session.execute(self._prep(
-                f"SELECT study_uid, patient_id FROM {self._t('studies')}")) if r["study_uid"] in studies}
-            for r in self._session.execute(self._prep(
-                    f"SELECT sop_uid, version, tier, state, stored_size FROM {self._t('placements')}")):
-                if (r["sop_uid"], int(r["version"])) in hidden:
-                    continue
-                t = tiers.setdefault(r["tier"], {"placements": 0, "stored_bytes": 0, "by_state": {}})
-                t["placements"] += 1
-                t["by_state"][r["state"]] = t["by_state"].get(r["state"], 0) + 1
-                if r["state"] == "OK":
-                    t["stored_bytes"] += int(r["stored_size"])
-        return IndexStats(
-            patients=len(patients), studies=len(studies), series=len(series), instances=instances,
-            content_bytes=content_bytes, tiers={k: TierStats(**v) for k, v in tiers.items()},
-        )
+            return self._counters.read()
+
+    def recount(self) -> tuple[IndexStats, IndexStats]:
+        """(maintained, recounted) by a full scan; the maintained totals are repaired to the recount.
+        O(catalogue): operators only, exact when no ingest is in flight."""
+        with self._errors("recount"):
+            return self._counters.recount(repair=True)
+
+    def rollup_counters(self, *, margin: float | None = None) -> int:
+        """Fold pending counter deltas into the totals now (the background roll-up does it anyway)."""
+        with self._errors("rollup_counters"):
+            return self._counters.rollup(margin=margin)
 
     def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         t = self._t("leases")
