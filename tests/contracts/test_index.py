@@ -166,7 +166,7 @@ def test_cassandra_migration_v3_backfills_name_keys(cassandra_config: Callable[.
         ks = cfg.keyspace
         for study in names:  # as written by a v2 index
             cassandra_admin.execute(f"DELETE name_family, name_fg FROM {ks}.studies WHERE study_uid = %s", (study,))
-        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version IN (3, 4, 5)")
+        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version IN (3, 4, 5, 6)")
         assert uids(idx, QueryLevel.STUDY, PatientName="SMITH^J*") == set()  # what v2 data looks like to v3
         assert idx.migrate() == 6
         assert uids(idx, QueryLevel.STUDY, PatientName="SMITH^J*") == {"1.7"}
