@@ -69,17 +69,16 @@ def test_two_front_ends_committing_the_same_bytes_count_it_once(
     """Both passed their decision before either commit landed; a roll-up may fold the first in between."""
     a, b = two_frontends
     r = record_of("a")
-    begun = [(index, store, index._begin(r, [placement_of("a", store)]))
-             for index, store in ((a, "hot-a"), (b, "hot-b"))]
-    for n, (index, store, (writer, stamp, t0, marks)) in enumerate(begun):
-        index._finish(r, writer, stamp, t0, [store], index._counters.commit_statements(
-            r, [placement_of("a", store)], None))
+    copies = [placement_of("a", "hot-a"), placement_of("a", "hot-b")]  # the same replicas on every front-end
+    begun = [(index, index._begin(r, copies)) for index in (a, b)]
+    for n, (index, (writer, stamp, t0, marks)) in enumerate(begun):
+        index._finish(r, writer, stamp, t0, ["hot-a", "hot-b"], index._counters.commit_statements(r, copies, None))
         index._settle_shared(marks)
         if n == 0 and rolled_between:
             assert a.rollup_counters(margin=0.0) > 0
     s = a.stats()
     assert (s.instances, s.studies, s.series, s.patients) == (1, 1, 1, 1)
-    assert s.tiers["hot"].placements == 2  # both rows exist: each is counted once
+    assert s.tiers["hot"].placements == 2  # not 4
     assert s == recounted(a)
     b.rollup_counters(margin=0.0)
     assert a.stats() == recounted(a)

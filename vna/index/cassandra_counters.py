@@ -10,8 +10,8 @@ Model (table ``counter_ledger``, one partition per shard)
       the change they count** (the registration's commit; the placement
       transitions right after their LWT). The entry is keyed by the change, so a
       driver retry rewrites the same row, and a second front-end committing the
-      same bytes writes an entry of the same *event* (``c|sop|version``,
-      ``p|sop|version|store``; ``cp|sop|version`` for the patient).
+      same bytes writes an entry of the same *event* (``c|sop|version`` with its
+      placements, ``cp|sop|version`` for the patient).
     * *markers*: ``e:<event>`` (TTL ``event_ttl``) for events already rolled,
       and ``s:<study>``, ``r:<series>``, ``p:<PatientID>`` for the distinct
       counts. A registration's rows go to the shard of its study (the study and
@@ -39,7 +39,9 @@ of a writer (nothing committed, nothing counted) leave it right.
 Known gaps (``vna index stats --recount`` repairs the totals): a placement
 transition whose front-end dies between its LWT and the delta write is not
 counted; the stalled-writer take-over (a version committed by two writers of
-other bytes) may count the loser's placements and its first commit. The recount is exact on an index without
+other bytes) may count the loser's placements and its first commit; two
+front-ends committing the same bytes onto different store sets (front-ends
+must list the same hot replicas) count one writer's placements. The recount is exact on an index without
 ingest in flight.
 
 What is counted, per committed version (schema v1-5 semantics of ``stats()``):
@@ -58,6 +60,7 @@ import time
 import uuid
 import zlib
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
 from cassandra.concurrent import execute_concurrent_with_args
@@ -72,7 +75,8 @@ __all__ = ["CassandraCounters", "SHARDS", "shard_of"]
 log = logging.getLogger(__name__)
 
 SHARDS = 16
-_ROLLUP_BATCH = 200  # delta rows per conditional batch
+_ROLLUP_BATCH = 150  # delta rows per conditional batch (its markers stay under the batch size guardrail)
+_ROLLUP_WORKERS = 8  # shards rolled up at once
 _IN_CHUNK = 100
 _EMPTY_PATIENT = "\x00"
 
@@ -170,13 +174,12 @@ class CassandraCounters:
         pid = str(record.attrs.get("PatientID", ""))
         shard = shard_of(record.study_uid)
         key = f"{record.sop_uid}|{record.version}"
-        out = [self._delta(shard, f"c|{key}", {
-            "instances": 1 if previous_size is None else 0,
-            "bytes": int(record.content_size) - (previous_size or 0)},
-            {f"s:{record.study_uid}", f"r:{record.series_uid}"}),
-            self._delta(shard_of(pid), f"cp|{key}", {}, {f"p:{pid or _EMPTY_PATIENT}"})]
-        out += [self._delta(shard, f"p|{key}|{p.store_id}", _placement_deltas(p, 1)) for p in placements]
-        return out
+        deltas = {"instances": 1 if previous_size is None else 0,
+                  "bytes": int(record.content_size) - (previous_size or 0)}
+        for p in placements:
+            _add(deltas, _placement_deltas(p, 1))
+        return [self._delta(shard, f"c|{key}", deltas, {f"s:{record.study_uid}", f"r:{record.series_uid}"}),
+                self._delta(shard_of(pid), f"cp|{key}", {}, {f"p:{pid or _EMPTY_PATIENT}"})]
 
     def placements_changed(self, removed: Sequence[Placement] = (), added: Sequence[Placement] = ()) -> None:
         """Count a placement change that has applied (after its LWT). Best effort: logged on failure."""
@@ -211,11 +214,10 @@ class CassandraCounters:
 
     def _existing(self, shard: int, entries: Iterable[str]) -> set[str]:
         keys = list(dict.fromkeys(entries))
-        found: set[str] = set()
         stmt = self._prep(f"SELECT entry FROM {self._t} WHERE shard = ? AND entry IN ?")
-        for i in range(0, len(keys), _IN_CHUNK):
-            found |= {r["entry"] for r in self._session.execute(stmt, (shard, keys[i:i + _IN_CHUNK]))}
-        return found
+        futures = [self._session.execute_async(stmt, (shard, keys[i:i + _IN_CHUNK]))
+                   for i in range(0, len(keys), _IN_CHUNK)]
+        return {r["entry"] for f in futures for r in f.result()}
 
     def _fold(self, shard: int, rows: Sequence[dict[str, Any]]) -> tuple[Totals, list[str], list[str]]:
         """(deltas, new event markers, new seen markers) of pending rows, de-duplicated."""
@@ -244,11 +246,14 @@ class CassandraCounters:
                                       "WHERE shard = ? AND entry >= 'd:' AND entry < 'd;'"),
             [(s,) for s in range(SHARDS)], concurrency=self._concurrency, raise_on_first_error=True)
         total: Totals = {}
-        for shard, (_ok, rows) in enumerate(results):
+        pending = {shard: list(rows) for shard, (_ok, rows) in enumerate(results)}
+        for shard in range(SHARDS):
             _add(total, statics[shard][0])
-            pending = list(rows)
-            if pending:
-                _add(total, self._fold(shard, pending)[0])
+        busy = [shard for shard, rows in pending.items() if rows]
+        if busy:
+            with ThreadPoolExecutor(max_workers=min(_ROLLUP_WORKERS, len(busy))) as pool:
+                for folded in pool.map(lambda shard: self._fold(shard, pending[shard])[0], busy):
+                    _add(total, folded)
         return to_stats(total)
 
     # -- roll-up ---------------------------------------------------------------
@@ -256,14 +261,16 @@ class CassandraCounters:
         """Fold the deltas sent before ``now - margin`` into the totals, every shard; returns rows folded."""
         # entries are 'd:<send second>:<event>': everything sent in a second up to now - margin
         cutoff = f"d:{int(time.time() - (self.margin if margin is None else margin)) + 1:012d}:"
-        done = 0
-        for shard in range(SHARDS):
+        def shard_rollup(shard: int) -> int:
+            done = 0
             while True:
                 n = self._rollup_batch(shard, cutoff)
                 done += n
                 if n < _ROLLUP_BATCH:
-                    break
-        return done
+                    return done
+
+        with ThreadPoolExecutor(max_workers=_ROLLUP_WORKERS, thread_name_prefix="vna-cass-rollup") as pool:
+            return sum(pool.map(shard_rollup, range(SHARDS)))
 
     def _rollup_batch(self, shard: int, cutoff: str) -> int:
         for _attempt in range(10):
