@@ -199,9 +199,10 @@ class CassandraCounters:
                         type(exc).__name__, exc)
 
     # -- read ------------------------------------------------------------------
-    def _statics(self) -> dict[int, tuple[Totals, int | None]]:
-        rows = self._session.execute(self._prep(
-            f"SELECT DISTINCT shard, totals, epoch FROM {self._t} WHERE shard IN ?"), (list(range(SHARDS)),))
+    def _statics(self, rows: Iterable[dict[str, Any]] | None = None) -> dict[int, tuple[Totals, int | None]]:
+        if rows is None:
+            rows = self._session.execute(self._prep(
+                f"SELECT DISTINCT shard, totals, epoch FROM {self._t} WHERE shard IN ?"), (list(range(SHARDS)),))
         out: dict[int, tuple[Totals, int | None]] = {s: ({}, None) for s in range(SHARDS)}
         for r in rows:
             out[int(r["shard"])] = (dict(r["totals"] or {}), r["epoch"])
@@ -239,14 +240,18 @@ class CassandraCounters:
         return total, new_events, list(new_refs)
 
     def read(self) -> IndexStats:
-        """Totals plus the pending deltas of every shard (SHARDS partitions, concurrently)."""
-        statics = self._statics()
-        results = execute_concurrent_with_args(
-            self._session, self._prep(f"SELECT entry, deltas, refs FROM {self._t} "
-                                      "WHERE shard = ? AND entry >= 'd:' AND entry < 'd;'"),
-            [(s,) for s in range(SHARDS)], concurrency=self._concurrency, raise_on_first_error=True)
+        """Totals plus the pending deltas of every shard: two concurrent queries over the SHARDS partitions."""
+        shards = list(range(SHARDS))
+        statics_f = self._session.execute_async(self._prep(
+            f"SELECT DISTINCT shard, totals, epoch FROM {self._t} WHERE shard IN ?"), (shards,))
+        pending_f = self._session.execute_async(self._prep(
+            f"SELECT shard, entry, deltas, refs FROM {self._t} WHERE shard IN ? AND entry >= 'd:' AND entry < 'd;'"),
+            (shards,))
+        statics = self._statics(statics_f.result())
+        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in pending_f.result():
+            pending[int(r["shard"])].append(r)
         total: Totals = {}
-        pending = {shard: list(rows) for shard, (_ok, rows) in enumerate(results)}
         for shard in range(SHARDS):
             _add(total, statics[shard][0])
         busy = [shard for shard, rows in pending.items() if rows]
