@@ -698,6 +698,21 @@ class Checkpoint:
     bulk: bool  # this increment was bulk-loaded (--bulk-after): no registration rate of the ingest path
     loadavg: float
     queries: dict[str, QueryStats]
+    stats_p50_ms: float = float("nan")  # Index.stats() (Cassandra: the maintained counters)
+    recount_ms: float = float("nan")  # Index.recount(): the full scan stats() was before schema v6
+    stats_exact: bool = True  # stats() equalled the recount
+
+
+def time_stats(index: Index, count: int = 9) -> tuple[float, float, bool]:
+    """(p50 ms of stats(), ms of one recount, whether they agreed). The recount runs last (it repairs)."""
+    lat = []
+    for _ in range(count):
+        t = time.perf_counter()
+        index.stats()
+        lat.append((time.perf_counter() - t) * 1e3)
+    t = time.perf_counter()
+    maintained, recounted = index.recount()
+    return percentile(lat, 50), (time.perf_counter() - t) * 1e3, maintained == recounted
 
 
 def run_backend(backend: Backend, args: argparse.Namespace) -> list[Checkpoint]:
@@ -737,12 +752,17 @@ def run_backend(backend: Backend, args: argparse.Namespace) -> list[Checkpoint]:
               f"after {rs.seconds:.1f} s: {rate:.0f} inst/s", file=sys.stderr, flush=True)
         queries = run_queries(index, cat.studies[:visible], size, args.seed, args.queries,
                               args.query_seconds, args.warmup)
+        if bulk:  # bulk rows bypass register(), hence the counters: count them once (untimed)
+            index.recount()
+        stats_ms, recount_ms, exact = time_stats(index)
+        print(f"  [{backend.name}] stats() p50 {stats_ms:.1f} ms, recount {recount_ms:.0f} ms"
+              + ("" if exact else " (MAINTAINED != RECOUNT)"), file=sys.stderr, flush=True)
         out.append(Checkpoint(
             backend=backend.name, target=target, size=size, studies=visible, reached=reached,
             reg_seconds=round(rs.seconds, 2), rate=round(rate, 1),
             reg_p50_ms=round(percentile(lat, 50), 2), reg_p99_ms=round(percentile(lat, 99), 2),
             reg_errors=rs.errors, concurrency=backend.concurrency, bulk=bulk, loadavg=round(os.getloadavg()[0], 2),
-            queries=queries))
+            queries=queries, stats_p50_ms=round(stats_ms, 2), recount_ms=round(recount_ms, 1), stats_exact=exact))
         if not reached or rs.errors >= 100:
             break
         remaining = [t for t in args.sizes if t > size]
@@ -842,6 +862,18 @@ def target_check(results: list[Checkpoint]) -> str:
     return "target p50 < 20 ms on the selective queries:\n" + "\n".join(lines)
 
 
+def stats_table(results: list[Checkpoint]) -> str:
+    """Index.stats() (maintained counters on Cassandra) against the full recount (the scan it was before)."""
+    head = f"{'backend':9s} {'size':>9s} {'stats p50 ms':>12s} {'recount ms':>11s} {'recount/stats':>13s}  exact"
+    lines = ["vna index stats: stats() p50 (ours) vs a full recount (the scan stats() did before schema v6)",
+             head, "-" * len(head)]
+    for cp in results:
+        ratio = cp.recount_ms / cp.stats_p50_ms if cp.stats_p50_ms > 0 else float("nan")
+        lines.append(f"{cp.backend:9s} {cp.size:>9,d} {fmt(cp.stats_p50_ms, 12, 2)} {fmt(cp.recount_ms, 11, 0)} "
+                     f"{fmt(ratio, 13, 1)}  {'yes' if cp.stats_exact else 'NO'}")
+    return "\n".join(lines)
+
+
 def _budgets(text: str) -> dict[str, float]:
     """``600`` (every backend) or ``sqlite=300,cassandra=900``."""
     if "=" not in text:
@@ -934,6 +966,8 @@ def main(argv: list[str] | None = None) -> int:
     if g:
         print()
         print(g)
+    print()
+    print(stats_table(results))
     print()
     print(target_check(results))
     if args.json:

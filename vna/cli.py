@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from vna import __version__, preflight
 from vna.cli_support import add_common, explain, load, setting_origins
@@ -27,6 +27,9 @@ from vna.config import Config
 from vna.errors import ConfigError, VnaError
 from vna.preflight import listen_error
 from vna.progress import add_progress_flag, progress_for
+
+if TYPE_CHECKING:
+    from vna.index.base import IndexStats
 
 __all__ = ["main"]
 
@@ -322,6 +325,8 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     preflight.require_archive(cfg)
     index = open_index(cfg)
     try:
+        if args.recount:
+            return _print_recount(*index.recount(), as_json=args.json)
         s = index.stats()
         abandoned = len(index.abandoned_registrations())  # begun, never committed (Cassandra; see janitor)
     finally:
@@ -343,6 +348,31 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     for tier, t in sorted(s.tiers.items()):
         states = ", ".join(f"{k}={v}" for k, v in sorted(t.by_state.items()))
         print(f"tier {tier:<5} placements {t.placements}  stored bytes (OK) {t.stored_bytes}  [{states}]")
+    return 0
+
+
+def _flat_stats(s: IndexStats) -> dict[str, int]:
+    out = {"patients": s.patients, "studies": s.studies, "series": s.series, "instances": s.instances,
+           "content_bytes": s.content_bytes}
+    for tier, t in sorted(s.tiers.items()):
+        out[f"{tier}.placements"] = t.placements
+        out[f"{tier}.stored_bytes"] = t.stored_bytes
+        out |= {f"{tier}.{state}": n for state, n in sorted(t.by_state.items())}
+    return out
+
+
+def _print_recount(maintained: IndexStats, recounted: IndexStats, *, as_json: bool) -> int:
+    """Both figures and their difference (recounted - maintained); 0 (the totals are repaired either way)."""
+    a, b = _flat_stats(maintained), _flat_stats(recounted)
+    keys = list(dict.fromkeys([*b, *a]))
+    diff = {k: b.get(k, 0) - a.get(k, 0) for k in keys if b.get(k, 0) != a.get(k, 0)}
+    if as_json:
+        print(json.dumps({"maintained": a, "recounted": b, "difference": diff, "repaired": True}, indent=2))
+        return 0
+    print(f"{'':<22} {'maintained':>14} {'recounted':>14} {'difference':>12}")
+    for k in keys:
+        print(f"{k:<22} {a.get(k, 0):>14} {b.get(k, 0):>14} {b.get(k, 0) - a.get(k, 0):>+12}")
+    print("maintained counters repaired to the recount" if diff else "maintained counters agree with the recount")
     return 0
 
 
@@ -452,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = isub.add_parser("stats", help="counts and bytes per tier")
     add_common(q)
     q.add_argument("--json", action="store_true")
+    q.add_argument("--recount", action="store_true",
+                   help="full recount (reads the whole catalogue): print the maintained and recounted figures "
+                        "and their difference, and repair the maintained ones")
     q.set_defaults(func=cmd_index_stats)
     q = isub.add_parser("migrate", help="create or upgrade the schema")
     add_common(q)

@@ -179,3 +179,86 @@ def test_a_schema_v4_claim_left_incomplete_is_listed_cleaned_and_no_obstacle(
     assert list(cassandra_admin.execute(f"SELECT * FROM {ks}.placements")) == []
     alive.register(record_of("b"), [placement_of("b", "hot-b")])
     assert alive.get_instance("1.4.1") == record_of("b")
+
+
+# -- a writer stalled past stale_claim_after/2 (issue 19 review finding) ---------------------------------
+# The stall is driven through the adapter's own protocol steps: ``_begin`` (candidate, decision,
+# rows), then time passes (the candidates are aged: a rival deems the writer dead), then
+# ``_finish`` (commit, then what decides whether it may acknowledge) with a monotonic start
+# ``stale_claim_after`` in the past, exactly as ``register`` calls it after its deadline check.
+
+def stalled(index: CassandraIndex) -> float:
+    """The monotonic start of an attempt that has been running for stale_claim_after."""
+    import time
+
+    return time.monotonic() - index.stale_claim_after
+
+
+def test_a_stalled_writer_whose_rival_took_over_is_never_acknowledged(
+        two_frontends: tuple[CassandraIndex, CassandraIndex], cassandra_admin: Any) -> None:
+    slow, rival = two_frontends
+    a = [placement_of("a", "hot-a"), placement_of("a", "hot-x")]
+    writer, stamp, _t0, marks = slow._begin(record_of("a"), a)
+    age_candidates(cassandra_admin, rival, rival.stale_claim_after + 1)  # the stall: "a" looks dead
+    rival.register(record_of("b"), [placement_of("b", "hot-a")])  # takes the version over: acknowledged
+
+    with pytest.raises(StateConflict):  # the stalled commit lands now, but "a" was not stored
+        slow._finish(record_of("a"), writer, stamp, stalled(slow), [p.store_id for p in a])
+    slow._settle_shared(marks)
+
+    for index in two_frontends:  # "b", acknowledged, is what every reader sees, whole
+        assert index.get_instance("1.4.1") == record_of("b")
+        assert [(p.store_id, p.content_sha256) for p in index.placements("1.4.1")] == [("hot-a", "b" * 64)]
+    ks = rival.cfg.keyspace
+    assert [r["content_sha256"] for r in cassandra_admin.execute(f"SELECT * FROM {ks}.instances")] == ["b" * 64]
+    assert uids(slow, QueryLevel.IMAGE) == {"1.4.1"}
+
+
+def test_a_stalled_writer_waits_for_a_rival_still_in_flight_and_never_both_acknowledge(
+        two_frontends: tuple[CassandraIndex, CassandraIndex], cassandra_admin: Any) -> None:
+    """The rival read before the stalled commit landed and commits after it: the later start wins."""
+    slow, rival = two_frontends
+    slow.contention_wait = 0.3
+    a = [placement_of("a", "hot-a")]
+    writer_a, stamp_a, _t0, marks_a = slow._begin(record_of("a"), a)
+    age_candidates(cassandra_admin, rival, rival.stale_claim_after + 1)
+    writer_b, stamp_b, t0_b, marks_b = rival._begin(record_of("b"), [placement_of("b", "hot-a")])
+
+    from vna.errors import IndexUnavailable
+    with pytest.raises(IndexUnavailable):  # committed, but "b" may still take it over: not acknowledged
+        slow._finish(record_of("a"), writer_a, stamp_a, stalled(slow), ["hot-a"])
+    rival._finish(record_of("b"), writer_b, stamp_b, t0_b, ["hot-a"])  # in time: acknowledged
+    slow._settle_shared(marks_a)
+    rival._settle_shared(marks_b)
+
+    assert slow.get_instance("1.4.1") == record_of("b")  # its commit wins whichever landed last
+    assert [(p.store_id, p.content_sha256) for p in slow.placements("1.4.1")] == [("hot-a", "b" * 64)]
+
+
+def test_a_stalled_writer_that_the_rival_lost_to_is_acknowledged(
+        two_frontends: tuple[CassandraIndex, CassandraIndex], cassandra_admin: Any) -> None:
+    """A rival that read after the stalled commit landed gets StateConflict and withdraws."""
+    import threading
+    import time
+
+    slow, rival = two_frontends
+    slow.contention_wait = 5.0
+    writer_a, stamp_a, _t0, marks_a = slow._begin(record_of("a"), [placement_of("a", "hot-a")])
+    age_candidates(cassandra_admin, rival, rival.stale_claim_after + 1)
+    cassandra_admin.execute(  # a rival of other bytes begun after it, still deciding
+        f"INSERT INTO {rival.cfg.keyspace}.registrations (sop_uid, version, content_sha256, writer, study_uid, "
+        "series_uid, started_at, state) VALUES ('1.4.1', 1, %s, uuid(), '1.2.1', '1.3.1', %s, 'writing')",
+        ("b" * 64, time.time()))
+
+    def rival_gives_up() -> None:  # what the rival does once it reads the commit: withdraw
+        time.sleep(0.5)
+        cassandra_admin.execute(f"DELETE FROM {rival.cfg.keyspace}.registrations WHERE sop_uid = '1.4.1' "
+                                "AND version = 1 AND content_sha256 = %s", ("b" * 64,))
+
+    t = threading.Thread(target=rival_gives_up)
+    t.start()
+    slow._finish(record_of("a"), writer_a, stamp_a, stalled(slow), ["hot-a"])  # waited, then acknowledged
+    t.join()
+    slow._settle_shared(marks_a)
+    assert rival.get_instance("1.4.1") == record_of("a")
+    assert [(p.store_id, p.content_sha256) for p in rival.placements("1.4.1")] == [("hot-a", "a" * 64)]

@@ -672,7 +672,7 @@ class TestCassandraRegistration:
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
         from cassandra import OperationTimedOut
 
-        def lost(self: CassandraIndex, record: InstanceRecord, writer: Any) -> None:
+        def lost(self: CassandraIndex, record: InstanceRecord, writer: Any, *stamp: Any) -> None:
             raise OperationTimedOut("injected: connection reset before the commit")
 
         monkeypatch.setattr(CassandraIndex, "_commit", lost)
@@ -691,8 +691,8 @@ class TestCassandraRegistration:
 
         real = CassandraIndex._commit
 
-        def applied_unanswered(self: CassandraIndex, record: InstanceRecord, writer: Any) -> None:
-            real(self, record, writer)
+        def applied_unanswered(self: CassandraIndex, record: InstanceRecord, writer: Any, *stamp: Any) -> None:
+            real(self, record, writer, *stamp)
             raise OperationTimedOut("injected: the commit applied, its answer was lost")
 
         monkeypatch.setattr(CassandraIndex, "_commit", applied_unanswered)

@@ -175,7 +175,12 @@ class Index(Protocol):
         ...
 
     def stats(self) -> IndexStats:
-        """Counts and bytes per tier."""
+        """Counts and bytes per tier. Cheap: no scan of the catalogue where the adapter maintains them."""
+        ...
+
+    def recount(self) -> tuple[IndexStats, IndexStats]:
+        """(maintained, recounted): a full recount, which also repairs maintained counters.
+        O(catalogue): for operators (``vna index stats --recount``), never on a request path."""
         ...
 
     def abandoned_registrations(self, *, older_than: float | None = None,

@@ -60,9 +60,34 @@ Registration (schema v5): no Paxos unless two writers disagree
     other half of each other) is ignored, its decision may be taken over by
     LWT, and its leftovers are abandoned: listed by
     :meth:`abandoned_registrations` and removed by :meth:`clean_abandoned`
-    (deletes ``USING TIMESTAMP`` of the check, so a re-send begun after it
+    (deletes ``USING TIMESTAMP`` of its age limit, so a re-send begun after it
     keeps its rows). Only a crashed writer of *other* bytes delays a re-send,
     by at most ``stale_claim_after``, and never as a duplicate.
+    *Stalled writer* (a writer past its deadline check whose commit lands after
+    ``stale_claim_after``, so a rival of other bytes ignored its candidate and
+    took the version over): every row two attempts can share (instance_versions,
+    placements and their removals, the instance row) is written ``USING
+    TIMESTAMP`` of the attempt's start (its candidate's ``started_at``). A rival
+    that deems W dead read more than ``stale_claim_after`` after W began, and
+    began at most ``stale_claim_after/2`` before that read (else its own deadline
+    stops it), so with clocks within ``stale_claim_after/2`` its timestamps
+    exceed W's and every cell it writes wins over W's, whatever order they land
+    in: the later attempt's rows are the version, whole. W acknowledges at
+    once only if its commit was acknowledged within ``stale_claim_after/2`` of
+    its start: then a rival's decision read
+    (on a local quorum, begun after the commit by the clock bound) sees the
+    commit and yields. A later commit is *confirmed* (:meth:`_confirm`): W reads
+    the version's commit and candidates; a commit of other bytes means a later
+    writer won (W retracts its placement and instance rows ``USING TIMESTAMP``
+    of its start, which leaves the winner's, withdraws its candidate, and gets
+    StateConflict); a candidate of other bytes begun after W's may still commit
+    over W (it read before W's commit landed), so W waits up to
+    ``contention_wait`` for it to withdraw (it reads W's commit and yields) or
+    to win; undecided -> IndexUnavailable (retry; W's commit may stand, and the
+    re-send then finds it). Otherwise W removes placement rows of other bytes an
+    earlier-started writer landed late (older than W's) and acknowledges. The
+    janitor deletes leftovers ``USING TIMESTAMP`` of its age limit, so a live
+    writer keeps its rows.
     Cost of the common case: four sequential round trips of plain writes and
     reads (candidate; read; rows; commit), no Paxos. The candidate, rows and
     commit writes of concurrent registrations share unlogged batches (group
@@ -143,11 +168,10 @@ Job operations (schema v2)
     ``USING TIMESTAMP`` = the access time, so the newest access wins without a
     read; holds are a plain table.
 
-``stats()`` is a paged full scan (instance_versions, studies, placements);
-distinct study/series/patient counts keep their UIDs in memory. (Counters
-maintained by plain writes cannot be exact when two front-ends commit the
-same bytes at once, both counting it; issue 19 leaves them to an idempotent
-per-version delta ledger, not built yet.)
+``stats()`` reads the counter ledger (schema v6, :mod:`vna.index.cassandra_counters`):
+per-change idempotent delta rows written in the commit's batch (after the LWT for
+placement transitions), rolled up into per-shard totals under a lease; a read is
+the totals plus the pending deltas. ``recount()`` is the full scan, for operators.
 
 Every driver error maps to IndexUnavailable through :func:`_unavailable`.
 """
@@ -166,7 +190,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -184,6 +208,7 @@ from vna.config import CassandraConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
 from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
+from vna.index.cassandra_counters import CassandraCounters
 from vna.index.cassandra_group import WriteGroups
 from vna.index.query import (COMPUTED_KEYS, IDENTITY_KEYS, LEVEL_KEYS, OTHER_IDS_KEY, Condition, MatchKind,
                              decode_other_ids, encode_other_ids, identities, matches_all)
@@ -194,7 +219,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 7
 _MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql",
-               4: "cql/004_study_summary.cql", 5: "cql/005_registrations.cql",
+               4: "cql/004_study_summary.cql", 5: "cql/005_registrations.cql", 6: "cql/006_counters.cql",
                7: "cql/007_patient_identity.cql"}
 _FETCH_SIZE = 500
 _IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
@@ -455,6 +480,8 @@ class CassandraIndex:
         self._cluster, self._session = connect(cfg)
         self._session.default_fetch_size = _FETCH_SIZE
         self._groups = WriteGroups(self._session)  # registrations' plain writes, group-committed
+        self._counters = CassandraCounters(self._session, self._ks, concurrency=cfg.concurrency,
+                                           lease=self.acquire_lease)  # stats() without scans (schema v6)
 
     # -- plumbing ------------------------------------------------------------
     @contextmanager
@@ -503,6 +530,7 @@ class CassandraIndex:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         self._groups.close()
+        self._counters.close()
         self._cluster.shutdown()
 
     def datacenters(self, probe_timeout: float = 1.0) -> dict[str, dict[str, list[str]]]:
@@ -559,6 +587,8 @@ class CassandraIndex:
                     self._backfill_name_keys()
                 if version == 4:
                     self._backfill_summaries()
+                if version == 6:
+                    self._counters.recount(repair=True)  # totals of what v5 and older wrote
                 self._session.execute(
                     f"INSERT INTO {self._t('schema_version')} (version, applied_at) VALUES (%s, %s)",
                     (version, time.time()))
@@ -907,30 +937,33 @@ class CassandraIndex:
         by_store = list({p.store_id: p for p in placements}.values())  # last wins, like INSERT OR REPLACE
         with self._errors("register"):
             # the commit may take the instance out of the study of an older version
-            earlier = self._studies_of(record.sop_uid) if record.version > 1 else []
-            writer, t0, marks = self._begin(record, by_store, [record.study_uid, *earlier])
+            prior = self._versions(record.sop_uid) if record.version > 1 else []
+            earlier = list(dict.fromkeys(r["study_uid"] for r in prior))
+            previous = next((int(r["content_size"]) for r in prior
+                             if r["complete"] and int(r["version"]) < record.version), None)
+            writer, stamp, t0, marks = self._begin(record, by_store, [record.study_uid, *earlier])
             try:
                 self._check_deadline(record, t0)
-                try:
-                    self._commit(record, writer)
-                except _DRIVER_ERRORS:
-                    if not self._committed_as(record):  # the answer was lost, not the write?
-                        raise
+                self._finish(record, writer, stamp, t0, [p.store_id for p in by_store],
+                             self._counters.commit_statements(record, by_store, previous))
             finally:
                 self._settle_shared(marks)  # a failure here only leaves the summary pending (logged)
+        self._counters.start()  # this front-end writes deltas: it takes part in rolling them up
         if record.version > 1:
             self._late_mark(record, [uid for uid, _m in marks])
 
     def _begin(self, record: InstanceRecord, placements: Sequence[Placement],
-               studies: Sequence[str] = ()) -> tuple[uuid.UUID, float, list[tuple[str, _SharedMark]]]:
+               studies: Sequence[str] = ()) -> tuple[uuid.UUID, int, float, list[tuple[str, _SharedMark]]]:
         """Everything of a registration but its commit: candidate, decision, rows.
 
-        Returns (writer id, monotonic start, summary marks to settle). Raises
+        Returns (writer id, write timestamp (µs, the candidate's started_at),
+        monotonic start, summary marks to settle). Raises
         StateConflict (the version exists, or another writer with other bytes
         may still commit it; the candidate is withdrawn) and driver errors (the
         candidate stays: abandoned once stale, see :meth:`clean_abandoned`).
         """
         writer, started, t0 = uuid.uuid4(), time.time(), time.monotonic()
+        stamp = int(started * 1_000_000)  # every shared row of this attempt is written at it
         marks = self._mark_shared(studies or [record.study_uid])
         try:
             self._groups.write([(self._prep(
@@ -940,7 +973,7 @@ class CassandraIndex:
                  record.series_uid, started))])
             foreign = self._decide(record, writer, started)
             self._check_deadline(record, t0)
-            self._write_rows(record, placements, foreign)
+            self._write_rows(record, placements, foreign, stamp)
         except StateConflict:
             self._withdraw(record, writer)
             self._settle_shared(marks)
@@ -948,7 +981,7 @@ class CassandraIndex:
         except BaseException:
             self._settle_shared(marks)
             raise
-        return writer, t0, marks
+        return writer, stamp, t0, marks
 
     def _check_deadline(self, record: InstanceRecord, t0: float) -> None:
         """A writer past half of ``stale_claim_after`` never writes rows or commits: others may deem it dead."""
@@ -1036,28 +1069,105 @@ class CassandraIndex:
                 return
         raise StateConflict(f"instance {record.sop_uid} version {record.version}: another writer won")
 
-    def _write_rows(self, record: InstanceRecord, placements: Sequence[Placement], foreign: Sequence[str]) -> None:
+    def _write_rows(self, record: InstanceRecord, placements: Sequence[Placement], foreign: Sequence[str],
+                    stamp: int | None = None) -> None:
         """Placements, the catalogue rows and the removal of placement rows other bytes left on stores
-        we lack: plain, idempotent writes in a shared batch (the commit follows only its success)."""
-        batch = self._catalogue(record)
+        we lack: plain, idempotent writes in a shared batch (the commit follows only its success).
+
+        The placement and instance rows (and the removals) are written ``USING TIMESTAMP stamp``
+        (the attempt's, default now), so a later-started writer's rows win whenever ours land."""
+        stamp = int(time.time() * 1_000_000) if stamp is None else stamp
+        batch = self._catalogue(record, stamp)
         stmt = self._prep(
             f"INSERT INTO {self._t('placements')} ({', '.join(_PLACEMENT_COLS)}) "
-            f"VALUES ({', '.join('?' for _ in _PLACEMENT_COLS)})")
+            f"VALUES ({', '.join('?' for _ in _PLACEMENT_COLS)}) USING TIMESTAMP ?")
         for p in placements:
             batch.append((stmt, (
                 p.sop_uid, p.version, p.store_id, p.tier.value, p.blob_key, p.codec, p.content_sha256,
                 p.content_size, p.stored_sha256, p.stored_size, p.state.value, p.created_at, p.verified_at,
-                p.offset, p.length)))
+                p.offset, p.length, stamp)))
         mine = {p.store_id for p in placements}
-        drop = self._prep(f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ?")
+        drop = self._prep(f"DELETE FROM {self._t('placements')} USING TIMESTAMP ? "
+                          "WHERE sop_uid = ? AND version = ? AND store_id = ?")
         for store in foreign:
             if store not in mine:
-                batch.append((drop, (record.sop_uid, record.version, store)))
+                batch.append((drop, (stamp, record.sop_uid, record.version, store)))
         self._groups.write(batch)
 
-    def _commit(self, record: InstanceRecord, writer: uuid.UUID) -> None:
+    def _finish(self, record: InstanceRecord, writer: uuid.UUID, stamp: int, t0: float,
+                stores: Sequence[str], counted: Sequence[tuple[PreparedStatement, tuple[Any, ...]]] = ()) -> None:
+        """Commit, then make sure the commit stands before the caller acknowledges (see "Stalled writer").
+
+        ``t0``: the attempt's monotonic start; a commit acknowledged after half of
+        ``stale_claim_after`` is confirmed by :meth:`_confirm`. ``counted``: the counter
+        deltas of the commit (its batch). Raises StateConflict
+        (a later-started writer of other bytes took the version over; our rows are
+        retracted) and IndexUnavailable (undecided: retry).
+        """
+        try:
+            self._commit(record, writer, stamp, counted)
+        except _DRIVER_ERRORS:
+            if not self._committed_as(record):  # the answer was lost, not the write?
+                raise
+        if time.monotonic() - t0 > self.stale_claim_after / 2:
+            self._confirm(record, writer, stamp, stores)
+
+    def _confirm(self, record: InstanceRecord, writer: uuid.UUID, stamp: int, stores: Sequence[str]) -> None:
+        """After a late commit: acknowledge only if no later-started writer of other bytes can still win."""
+        key = (record.sop_uid, record.version)
+        mine = record.content_sha256
+        deadline = time.monotonic() + self.contention_wait
+        delay = 0.01
+        while True:
+            futures = [self._session.execute_async(self._prep(cql), key) for cql in (
+                f"SELECT content_sha256, writer, state, started_at FROM {self._t('registrations')} "
+                "WHERE sop_uid = ? AND version = ?",
+                f"SELECT complete, content_sha256 FROM {self._t('instance_versions')} "
+                "WHERE sop_uid = ? AND version = ?",
+                f"SELECT store_id, content_sha256 FROM {self._t('placements')} WHERE sop_uid = ? AND version = ?")]
+            cands, versions, placed = (list(f.result()) for f in futures)
+            commit = next((v for v in versions if v["complete"]), None)
+            if commit is None or commit["content_sha256"] != mine:
+                self._retract(record, writer, stamp, stores)
+                raise StateConflict(f"instance {record.sop_uid} version {record.version} was taken over by a "
+                                    "later writer with other content while this one stalled")
+            threats = [c for c in cands if c["content_sha256"] != mine
+                       and int(float(c["started_at"] or 0) * 1_000_000) > stamp]
+            if not threats:
+                strays = [r["store_id"] for r in placed if r["content_sha256"] != mine]
+                if strays:  # rows an earlier-started writer of other bytes landed late: older than ours
+                    drop = self._prep(f"DELETE FROM {self._t('placements')} USING TIMESTAMP ? "
+                                      "WHERE sop_uid = ? AND version = ? AND store_id = ?")
+                    self._concurrent_write(drop, [(stamp, *key, s) for s in strays])
+                return
+            if time.monotonic() > deadline:
+                raise IndexUnavailable(f"Cassandra index: registration of {record.sop_uid} version "
+                                       f"{record.version} stalled and another writer may still take it over; retry")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def _retract(self, record: InstanceRecord, writer: uuid.UUID, stamp: int, stores: Sequence[str]) -> None:
+        """Remove what a writer that lost the version wrote, ``USING TIMESTAMP`` of its attempt: rows
+        of the later-started winner carry later timestamps and stay; then its candidate."""
+        key = (record.sop_uid, record.version)
+        drop = self._prep(f"DELETE FROM {self._t('placements')} USING TIMESTAMP ? "
+                          "WHERE sop_uid = ? AND version = ? AND store_id = ?")
+        self._concurrent_write(drop, [(stamp, *key, s) for s in stores])
+        self._exec(f"DELETE FROM {self._t('instances')} USING TIMESTAMP ? WHERE study_uid = ? AND series_uid = ? "
+                   "AND sop_uid = ? AND version = ?", (stamp, record.study_uid, record.series_uid, *key))
+        self._withdraw(record, writer)
+
+    def _concurrent_write(self, stmt: PreparedStatement, params: Sequence[tuple[Any, ...]]) -> None:
+        if params:
+            execute_concurrent_with_args(self._session, stmt, params, concurrency=max(1, self.cfg.concurrency),
+                                         raise_on_first_error=True)
+
+    def _commit(self, record: InstanceRecord, writer: uuid.UUID, stamp: int | None = None,
+                counted: Sequence[tuple[PreparedStatement, tuple[Any, ...]]] = ()) -> None:
         """The moment the version appears: its instance_versions row (complete) and our candidate
-        marked committed, one mutation of the SOP UID's partitions (no Paxos)."""
+        marked committed, one mutation of the SOP UID's partitions (no Paxos). The version row is
+        written ``USING TIMESTAMP stamp`` (the attempt's): a later-started writer's commit wins."""
+        stamp = int(time.time() * 1_000_000) if stamp is None else stamp
         values = (
             record.sop_uid, record.version, record.series_uid, record.study_uid, record.sop_class_uid,
             record.transfer_syntax_uid, record.content_sha256, record.content_size, record.received_at,
@@ -1065,11 +1175,12 @@ class CassandraIndex:
         )
         self._groups.write([
             (self._prep(f"INSERT INTO {self._t('instance_versions')} ({', '.join(_VERSION_COLS)}, complete, "
-                        f"claim_id, claimed_at) VALUES ({', '.join('?' for _ in _VERSION_COLS)}, true, ?, ?)"),
-             (*values, writer, time.time())),
+                        f"claim_id, claimed_at) VALUES ({', '.join('?' for _ in _VERSION_COLS)}, true, ?, ?) "
+                        "USING TIMESTAMP ?"),
+             (*values, writer, time.time(), stamp)),
             (self._prep(f"UPDATE {self._t('registrations')} SET state = 'committed' WHERE sop_uid = ? "
                         "AND version = ? AND content_sha256 = ? AND writer = ?"),
-             (record.sop_uid, record.version, record.content_sha256, writer))])
+             (record.sop_uid, record.version, record.content_sha256, writer)), *counted])
 
     def _committed_as(self, record: InstanceRecord) -> bool:
         """After an unanswered commit: is the version committed with these bytes?"""
@@ -1126,8 +1237,10 @@ class CassandraIndex:
             batch.add(stmt, params)
         return batch
 
-    def _catalogue(self, record: InstanceRecord) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
-        """The study, studies_by_patient, series and instance rows of a registration (plain upserts)."""
+    def _catalogue(self, record: InstanceRecord,
+                   stamp: int | None = None) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """The study, studies_by_patient, series and instance rows of a registration (plain upserts;
+        the instance row ``USING TIMESTAMP stamp`` when given)."""
         a = record.attrs
         study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
         study[OTHER_IDS_KEY] = a.get(OTHER_IDS_KEY, "")
@@ -1164,8 +1277,9 @@ class CassandraIndex:
         }
         batch.append((self._prep(
             f"INSERT INTO {self._t('instances')} (study_uid, series_uid, sop_uid, version, {', '.join(inst)}) "
-            f"VALUES (?, ?, ?, ?, {', '.join('?' for _ in inst)})"),
-            (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values())))
+            f"VALUES (?, ?, ?, ?, {', '.join('?' for _ in inst)}) USING TIMESTAMP ?"),
+            (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values(),
+             int(time.time() * 1_000_000) if stamp is None else stamp)))
         return batch
 
     def _serial(self, cql: str, params: Sequence[Any]) -> Any:
@@ -1211,8 +1325,12 @@ class CassandraIndex:
                 self._studies_of(p.sop_uid, p.version)
                 if _flags(p.state, p.tier) != _flags(new_state, p.tier) else ()):
             if new_state is not PlacementState.TO_DELETE:
-                return bool(self._exec(update, params).was_applied)
-            return self._guarded(p, update, params)
+                ok = bool(self._exec(update, params).was_applied)
+            else:
+                ok = self._guarded(p, update, params)
+        if ok:
+            self._counters.placements_changed([p], [replace(p, state=new_state)])
+        return ok
 
     def _guarded(self, p: Placement, update: str, params: Sequence[Any]) -> bool:
         """Apply a conditional update of ``p``'s row that retires it (TO_DELETE).
@@ -1265,6 +1383,7 @@ class CassandraIndex:
             except BaseException:
                 self._remove_unchanged(added)
                 raise
+        self._counters.placements_changed([], added)
 
     def _remove_unchanged(self, placements: Sequence[Placement]) -> None:
         for p in placements:
@@ -1291,16 +1410,23 @@ class CassandraIndex:
                 self._studies_of(old.sop_uid, old.version)
                 if _flags(old.state, old.tier) != _flags(new.state, new.tier) else ()):
             if new.state is PlacementState.TO_DELETE and old.state is not PlacementState.TO_DELETE:
-                return self._guarded(old, update, params)
-            return bool(self._exec(update, params).was_applied)
+                ok = self._guarded(old, update, params)
+            else:
+                ok = bool(self._exec(update, params).was_applied)
+        if ok:
+            self._counters.placements_changed([old], [new])
+        return ok
 
     def delete_placement(self, placement: Placement) -> bool:
         p = placement
         with self._errors("delete_placement"):
-            return bool(self._exec(
+            ok = bool(self._exec(
                 f"DELETE FROM {self._t('placements')} WHERE sop_uid = ? AND version = ? AND store_id = ? "
                 "IF state = 'TO_DELETE' AND blob_key = ?", (p.sop_uid, p.version, p.store_id, p.blob_key)
             ).was_applied)
+        if ok:
+            self._counters.placements_changed([p], [])
+        return ok
 
     def _uncommitted(self) -> list[Row]:
         """Candidates not committed (in flight or abandoned; few) and schema-v4 claims never completed."""
@@ -1346,8 +1472,9 @@ class CassandraIndex:
         uncommitted: their placement and instance rows unless the committed version owns them, then
         their candidate. Idempotent, bounded by ``limit``; returns the candidates removed.
 
-        Deletes carry ``USING TIMESTAMP`` of the moment the version was checked for a live writer of
-        the same bytes, so a re-send that starts afterwards keeps its rows (clock skew aside).
+        Row deletes carry ``USING TIMESTAMP`` of the age limit (v5 rows are written at their attempt's
+        start), so a writer begun after it keeps its rows (clock skew aside); v4 claims' rows, written
+        at write time, are deleted at the moment of the check.
         """
         age = self.stale_claim_after if older_than is None else older_than
         done = 0
@@ -1366,6 +1493,9 @@ class CassandraIndex:
         sop, version, sha = r["sop_uid"], int(r["version"]), _s(r["content_sha256"])
         now = time.time()
         stamp = int(now * 1_000_000)
+        # v5 rows are written at their attempt's start: delete those of attempts begun by ``before``
+        # only, so a live writer (begun later) keeps its rows whenever its candidate became visible
+        rows_stamp = stamp if r["state"] == "claim" else int(before * 1_000_000)
         cands = self._exec(f"SELECT content_sha256, writer, started_at FROM {self._t('registrations')} "
                            "WHERE sop_uid = ? AND version = ?", (sop, version))
         if any(c["writer"] != r["writer"] and c["content_sha256"] == sha and float(c["started_at"] or 0) > before
@@ -1379,11 +1509,11 @@ class CassandraIndex:
                                 (sop, version)):
                 if p["content_sha256"] == sha:
                     self._exec(f"DELETE FROM {t} USING TIMESTAMP ? WHERE sop_uid = ? AND version = ? "
-                               "AND store_id = ?", (stamp, sop, version, p["store_id"]))
+                               "AND store_id = ?", (rows_stamp, sop, version, p["store_id"]))
             if commit is None or (commit["study_uid"], commit["series_uid"]) != (r["study_uid"], r["series_uid"]):
                 self._exec(f"DELETE FROM {self._t('instances')} USING TIMESTAMP ? WHERE study_uid = ? "
                            "AND series_uid = ? AND sop_uid = ? AND version = ?",
-                           (stamp, r["study_uid"], r["series_uid"], sop, version))
+                           (rows_stamp, r["study_uid"], r["series_uid"], sop, version))
         if r["state"] == "claim":  # schema v4: an LWT claim, released by LWT
             if commit is None:
                 self._exec(f"DELETE FROM {self._t('instance_versions')} WHERE sop_uid = ? AND version = ? "
@@ -1904,41 +2034,21 @@ class CassandraIndex:
 
     # -- stats & leases --------------------------------------------------------
     def stats(self) -> IndexStats:
-        studies: set[str] = set()
-        series: set[str] = set()
-        hidden: set[tuple[str, int]] = set()
-        instances = content_bytes = 0
-        tiers: dict[str, dict[str, Any]] = {}
+        """The maintained counters (:mod:`vna.index.cassandra_counters`): totals plus pending deltas,
+        a read of its few shard partitions, not a scan."""
         with self._errors("stats"):
-            hidden = self._hidden_versions()
-            last = None
-            for r in self._session.execute(self._prep(
-                    f"SELECT sop_uid, version, study_uid, series_uid, content_size, complete "
-                    f"FROM {self._t('instance_versions')}")):
-                if not r["complete"]:
-                    hidden.add((r["sop_uid"], int(r["version"])))
-                elif r["sop_uid"] != last:  # newest complete version of this SOP instance
-                    last = r["sop_uid"]
-                    instances += 1
-                    content_bytes += int(r["content_size"])
-                    studies.add(r["study_uid"])
-                    series.add(r["series_uid"])
-            patients = {(_s(r["patient_id"]), _s(r["issuer_of_patient_id"])) for r in self._session.execute(
-                self._prep(f"SELECT study_uid, patient_id, issuer_of_patient_id FROM {self._t('studies')}"))
-                if r["study_uid"] in studies}
-            for r in self._session.execute(self._prep(
-                    f"SELECT sop_uid, version, tier, state, stored_size FROM {self._t('placements')}")):
-                if (r["sop_uid"], int(r["version"])) in hidden:
-                    continue
-                t = tiers.setdefault(r["tier"], {"placements": 0, "stored_bytes": 0, "by_state": {}})
-                t["placements"] += 1
-                t["by_state"][r["state"]] = t["by_state"].get(r["state"], 0) + 1
-                if r["state"] == "OK":
-                    t["stored_bytes"] += int(r["stored_size"])
-        return IndexStats(
-            patients=len(patients), studies=len(studies), series=len(series), instances=instances,
-            content_bytes=content_bytes, tiers={k: TierStats(**v) for k, v in tiers.items()},
-        )
+            return self._counters.read()
+
+    def recount(self) -> tuple[IndexStats, IndexStats]:
+        """(maintained, recounted) by a full scan; the maintained totals are repaired to the recount.
+        O(catalogue): operators only, exact when no ingest is in flight."""
+        with self._errors("recount"):
+            return self._counters.recount(repair=True)
+
+    def rollup_counters(self, *, margin: float | None = None) -> int:
+        """Fold pending counter deltas into the totals now (the background roll-up does it anyway)."""
+        with self._errors("rollup_counters"):
+            return self._counters.rollup(margin=margin)
 
     def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         t = self._t("leases")
