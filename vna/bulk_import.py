@@ -1,0 +1,520 @@
+"""``vna store``: bulk import of Part 10 files — parallel, resumable, with progress, a report; DICOMDIR understood.
+
+Every file goes through the one ingest path (:meth:`vna.services.ingest.Ingest.ingest_file`); a file counts
+stored only once ingest returned (W verified copies, indexed). ``jobs`` threads ingest concurrently.
+
+Resumable: each import appends to a journal (JSON lines) one record per file stored or found duplicate —
+written after ingest returned, never before — with the file's absolute path, size and mtime and the SOP
+Instance UID and content digest ingest answered. A run that examined every file without a failure deletes its
+journal; a run that was killed, interrupted or had failures keeps it, and the next run over the same paths
+skips each file recorded done whose size and mtime are unchanged and whose instance the index still holds with
+the recorded digest. Everything else is sent again (ingest is idempotent: a re-send is a duplicate). A record
+lost with the tail of the journal (power loss) only means that file is sent again.
+
+DICOMDIR: a file named ``DICOMDIR`` (any case), given or found in a directory, is read (``pydicom.dcmread``,
+its Directory Record Sequence) and the files it references are imported, whatever their names, resolved
+case-insensitively (CD file systems). The DICOMDIR itself is not imported. Files under its directory that it
+does not reference are imported when they are Part 10 files and otherwise *ignored* (the viewer on a patient
+CD), not failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Iterator, Sequence
+
+from vna.dicom.status import (
+    CANNOT_UNDERSTAND,
+    DUPLICATE_SOP_INSTANCE,
+    INVALID_UID,
+    OUT_OF_RESOURCES,
+    status_for,
+)
+from vna.errors import VnaError
+from vna.progress import ProgressDisplay
+
+if TYPE_CHECKING:
+    from vna.archive import Archive
+    from vna.config import Config
+
+__all__ = ["ImportJournal", "ImportReport", "ImportItem", "BulkImport", "import_items", "default_jobs",
+           "journal_path", "failure_reason"]
+
+log = logging.getLogger(__name__)
+
+#: a Part 10 file starts with a 128-byte preamble and "DICM"
+_PART10_HEADER = 132
+
+#: the DIMSE status categories of PS3.4 Annex B for the statuses a store can fail with
+_CATEGORY = {
+    OUT_OF_RESOURCES: "Refused: Out of Resources",
+    CANNOT_UNDERSTAND: "Error: Cannot understand",
+    INVALID_UID: "Error: Cannot understand",
+    DUPLICATE_SOP_INSTANCE: "Failure: Duplicate SOP Instance",
+}
+
+
+def default_jobs() -> int:
+    """Threads ingesting at once by default: ingest waits on disk (fsync of W copies) more than on the CPU."""
+    return min(8, 2 * (os.cpu_count() or 1))
+
+
+# -- what to import ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImportItem:
+    """One file to import. ``listed_by``: the DICOMDIR that references it; ``unlisted``: under a DICOMDIR's
+    directory but not referenced (ignored unless a Part 10 file); ``error``: why it cannot even be tried."""
+
+    path: Path
+    listed_by: Path | None = None
+    unlisted: bool = False
+    error: str = ""
+
+
+def _is_dicomdir(name: str) -> bool:
+    return name.casefold() in ("dicomdir", "dicomdir.", "dicomdir;1")
+
+
+def _cd_name(name: str) -> str:
+    """A file name as an ISO 9660 CD may spell it: any case, with a ``;1`` version or a trailing dot."""
+    n = name.casefold()
+    if n.endswith(";1"):
+        n = n[:-2]
+    return n.rstrip(".")
+
+
+def _resolve_case(root: Path, parts: Sequence[str]) -> Path:
+    """``root/parts...``, each component matched case-insensitively when not found as spelled."""
+    p = root
+    for part in parts:
+        exact = p / part
+        if exact.exists() or not p.is_dir():
+            p = exact
+            continue
+        want = _cd_name(part)
+        try:
+            match = next((e for e in sorted(os.listdir(p)) if _cd_name(e) == want), None)
+        except OSError:
+            match = None
+        p = p / (match if match is not None else part)
+    return p
+
+
+def read_dicomdir(dicomdir: Path) -> list[ImportItem]:
+    """The files a DICOMDIR references (in record order, each once), or one item saying why it cannot be read."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    root = dicomdir.parent
+    try:
+        ds = dcmread(dicomdir)
+        records = ds.DirectoryRecordSequence
+    except (InvalidDicomError, OSError, AttributeError, ValueError, EOFError) as exc:
+        reason = (exc.strerror or str(exc)).lower() if isinstance(exc, OSError) else str(exc)
+        return [ImportItem(dicomdir, error=f"not a readable DICOMDIR: {_plain(reason)}")]
+    items: list[ImportItem] = []
+    seen: set[Path] = set()
+    for rec in records:
+        fid = rec.get("ReferencedFileID")
+        if not fid:
+            continue
+        parts = [str(fid)] if isinstance(fid, str) else [str(x) for x in fid]
+        if any(p in ("", ".", "..") or "/" in p or "\\" in p for p in parts):
+            shown = "\\".join(parts)
+            items.append(ImportItem(root / "/".join(parts), listed_by=dicomdir,
+                                    error=f"the DICOMDIR references {shown!r}, outside its directory"))
+            continue
+        path = _resolve_case(root, parts)
+        if path not in seen:
+            seen.add(path)
+            items.append(ImportItem(path, listed_by=dicomdir))
+    return items
+
+
+def import_items(paths: Sequence[str]) -> Iterator[ImportItem]:
+    """The files named, directories walked in name order, DICOMDIRs expanded (a missing path is yielded as is).
+
+    Memory: the files referenced by the DICOMDIRs met, not the whole tree.
+    """
+    for name in paths:
+        p = Path(name)
+        if p.is_dir():
+            yield from _walk(p)
+        elif _is_dicomdir(p.name) and p.is_file():
+            yield from read_dicomdir(p)
+        else:
+            yield ImportItem(p)
+
+
+def _walk(top: Path) -> Iterator[ImportItem]:
+    listed: set[Path] = set()
+    file_sets: list[str] = []  # directories holding a DICOMDIR (with a trailing separator)
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        d = Path(dirpath)
+        for f in sorted(filenames):
+            if _is_dicomdir(f) and (d / f).is_file():
+                for item in read_dicomdir(d / f):
+                    if item.path not in listed:
+                        listed.add(item.path)
+                        yield item
+                file_sets.append(os.path.join(dirpath, ""))
+        inside = any(os.path.join(dirpath, "").startswith(root) for root in file_sets)
+        for f in sorted(filenames):
+            q = d / f
+            if _is_dicomdir(f) or q in listed or not q.is_file():
+                continue
+            yield ImportItem(q, unlisted=inside)
+
+
+# -- why a file was not stored ------------------------------------------------------------------------------
+def _plain(text: str) -> str:
+    return re.sub(r"\s*Use force=True to force reading\.?", "", text)
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(_PART10_HEADER)
+    except OSError:
+        return b""
+
+
+def failure_reason(path: Path, exc: Exception) -> str:
+    """Why ``path`` was not stored, in words for an operator (no library hints)."""
+    if isinstance(exc, OSError):
+        return (exc.strerror or str(exc)).lower()
+    head = _head(path)
+    if len(head) < _PART10_HEADER:
+        return f"truncated: {len(head)} bytes, shorter than a DICOM Part 10 header ({_PART10_HEADER} bytes)"
+    if head[128:] != b"DICM":
+        return "not a DICOM Part 10 file (no 'DICM' after the 128-byte preamble)"
+    return _plain(str(exc))
+
+
+def _status(exc: Exception | None) -> tuple[int | None, str]:
+    """The DIMSE status a C-STORE of the same data would have been answered with, and its category."""
+    if exc is None or isinstance(exc, OSError):
+        return None, "Unreadable file"
+    status = status_for(exc) if isinstance(exc, VnaError) else None
+    if status is None:
+        return None, "Failure: Unable to process"
+    return status, _CATEGORY.get(status, "Failure: Unable to process")
+
+
+# -- the journal ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Done:
+    size: int
+    mtime_ns: int
+    sop_uid: str
+    sha256: str
+
+
+def journal_path(cfg: Config, paths: Sequence[str]) -> Path:
+    """The default journal of an import of ``paths``: under the data dir, one per set of paths named."""
+    key = "\0".join(sorted(os.path.abspath(p) for p in paths))
+    return cfg.resolve("imports") / f"store-{hashlib.sha256(key.encode()).hexdigest()[:16]}.journal"
+
+
+class ImportJournal:
+    """What earlier runs of an import stored (read once when opened) and what this run stores (appended).
+
+    Held under an exclusive lock (``flock``) while open: a second import using the same journal is refused
+    (VnaError). ``fresh``: forget the earlier runs. Thread-safe.
+    """
+
+    def __init__(self, path: Path, paths: Sequence[str], fresh: bool = False) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: IO[str] = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise VnaError(f"another vna store is running with the import journal {path}") from None
+        self._lock = threading.Lock()
+        self._done: dict[str, _Done] = {}
+        if fresh:
+            self._fh.truncate(0)
+        self._fh.seek(0)
+        text = self._fh.read()
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+                if "path" in rec:
+                    self._done[rec["path"]] = _Done(int(rec["size"]), int(rec["mtime_ns"]), str(rec["sop_uid"]),
+                                                    str(rec["sha256"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # the torn tail of a killed run, or a line no run wrote: that file is sent again
+        self.earlier = len(self._done)
+        self._records = self.earlier
+        if text and not text.endswith("\n"):
+            self._fh.write("\n")
+        if not text.strip():
+            self._fh.write(json.dumps({"vna_store_journal": 1, "paths": [os.path.abspath(p) for p in paths]}) + "\n")
+        self._fh.flush()
+
+    def done(self, key: str) -> _Done | None:
+        """The record of an earlier run for the file at absolute path ``key``."""
+        return self._done.get(key)
+
+    def record(self, key: str, st: os.stat_result, sop_uid: str, sha256: str) -> None:
+        """Append that the file ``key`` (``st`` taken before it was read) is stored as ``sop_uid``."""
+        line = json.dumps({"path": key, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sop_uid": sop_uid,
+                           "sha256": sha256})
+        with self._lock:
+            self._records += 1
+            self._fh.write(line + "\n")
+            self._fh.flush()  # in the kernel: survives a kill -9 of this process
+
+    def close(self, complete: bool) -> None:
+        """Close; ``complete`` (every file examined, none failed): delete the journal, the import is over.
+
+        A journal recording no file is deleted too: it would skip nothing.
+        """
+        if complete or not self._records:
+            self.path.unlink(missing_ok=True)
+            try:
+                self.path.parent.rmdir()  # only when no other import left its journal
+            except OSError:
+                pass
+        self._fh.close()
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+@dataclass
+class ImportReport:
+    """What one ``vna store`` run did; ``--report`` writes :meth:`as_dict` as JSON."""
+
+    paths: list[str]
+    journal: str
+    jobs: int
+    files: int = 0
+    examined: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    interrupted: bool = False
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    ignored: list[dict[str, str]] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    finished_at: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """Every file examined and none failed."""
+        return not self.failed and not self.interrupted and self.examined >= self.files
+
+    def summary(self) -> str:
+        """The last line of ``vna store``: the counts, then what was skipped, ignored or left."""
+        line = (f"{self.stored} stored, {self.duplicates} duplicate{'' if self.duplicates == 1 else 's'}, "
+                f"{len(self.failed)} failed")
+        notes = []
+        if self.skipped:
+            notes.append(f"{self.skipped} skipped (stored by an earlier run, journal {self.journal})")
+        if self.ignored:
+            notes.append(f"{len(self.ignored)} ignored (not DICOM, not referenced by the DICOMDIR)")
+        if self.interrupted:
+            notes.append(f"interrupted: {self.files - self.examined} files not examined, run again to resume")
+        return "; ".join([line, *notes])
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form: totals, then one entry per failed and per ignored file."""
+        return {"job": "store", "paths": self.paths, "journal": self.journal, "jobs": self.jobs,
+                "started_at": self.started_at, "finished_at": self.finished_at, "interrupted": self.interrupted,
+                "complete": self.complete,
+                "totals": {"files": self.files, "examined": self.examined, "stored": self.stored,
+                           "duplicates": self.duplicates, "skipped": self.skipped, "failed": len(self.failed),
+                           "ignored": len(self.ignored), "bytes": self.bytes},
+                "failed": self.failed, "ignored": self.ignored}
+
+
+# -- the import -----------------------------------------------------------------------------------------------
+class BulkImport:
+    """One import of ``paths`` into ``archive`` with ``jobs`` threads; :meth:`run` returns its report.
+
+    Per-file lines go to ``out`` (``stored|duplicate|skipped PATH SOP_UID``) and ``err`` (``failed PATH:
+    reason``, ``ignored PATH: reason``), one whole line at a time.
+    """
+
+    def __init__(self, archive: Archive, paths: Sequence[str], journal: ImportJournal, jobs: int,
+                 progress: ProgressDisplay, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> None:
+        self.archive = archive
+        self.paths = list(paths)
+        self.journal = journal
+        self.jobs = max(1, jobs)
+        self.progress = progress
+        self.out, self.err = out, err
+        self.report = ImportReport([os.path.abspath(p) for p in paths], str(journal.path), self.jobs)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def run(self) -> ImportReport:
+        """Import every file; a KeyboardInterrupt lets the files in flight finish and marks the report interrupted."""
+        self.report.files = sum(1 for _ in import_items(self.paths))
+        self.progress.begin("storing files", self.report.files, "files")
+        todo: queue.Queue[ImportItem | None] = queue.Queue(maxsize=4 * self.jobs)
+        workers = [threading.Thread(target=self._worker, args=(todo,), name=f"vna-store-{i}", daemon=True)
+                   for i in range(self.jobs)]
+        for w in workers:
+            w.start()
+        try:
+            for item in import_items(self.paths):
+                while not self._stop.is_set():
+                    try:
+                        todo.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    break
+        except KeyboardInterrupt:
+            self._stop.set()
+            self.report.interrupted = True
+        finally:
+            for _ in workers:
+                todo.put(None)
+            for w in workers:
+                while w.is_alive():
+                    try:
+                        w.join(0.2)
+                    except KeyboardInterrupt:
+                        self._stop.set()
+                        self.report.interrupted = True
+        self.report.finished_at = time.time()
+        return self.report
+
+    def _worker(self, todo: queue.Queue[ImportItem | None]) -> None:
+        try:
+            while True:
+                item = todo.get()
+                if item is None:
+                    return
+                if self._stop.is_set():
+                    continue  # drain: the run was interrupted
+                try:
+                    self._one(item)
+                except Exception as exc:  # a defect: reported on this file, logged with its traceback
+                    log.exception("store: unexpected error on %s", item.path)
+                    self._failed(item, exc, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.archive.index.release_thread()
+
+    def _one(self, item: ImportItem) -> None:
+        if item.error:
+            self._failed(item, None, item.error)
+            return
+        try:
+            st = os.stat(item.path)
+        except OSError as exc:
+            self._failed(item, exc, failure_reason(item.path, exc))
+            return
+        if item.unlisted and _head(item.path)[128:] != b"DICM":
+            self._finish(item, "ignored", "not a DICOM Part 10 file, not referenced by the DICOMDIR")
+            return
+        key = os.path.abspath(item.path)
+        before = self.journal.done(key)
+        if before is not None and (before.size, before.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            rec = self.archive.index.get_instance(before.sop_uid)
+            if rec is not None and rec.content_sha256 == before.sha256:
+                self._finish(item, "skipped", before.sop_uid)
+                return
+        try:
+            r = self.archive.ingest.ingest_file(item.path, source_ae="vna-cli")
+        except (VnaError, OSError) as exc:
+            self._failed(item, exc, failure_reason(item.path, exc))
+            return
+        self.journal.record(key, st, r.sop_uid, r.content_sha256)  # before the line saying it is stored
+        self._finish(item, "duplicate" if r.duplicate else "stored", r.sop_uid, 0 if r.duplicate else r.size)
+
+    def _failed(self, item: ImportItem, exc: Exception | None, reason: str) -> None:
+        if item.listed_by is not None and not item.error:
+            reason += f" (referenced by {item.listed_by})"
+        status, category = _status(exc)
+        entry = {"path": str(item.path), "reason": reason,
+                 "dimse_status": None if status is None else f"0x{status:04X}", "category": category}
+        with self._lock:
+            self.report.failed.append(entry)
+        self._finish(item, "failed", reason)
+
+    def _finish(self, item: ImportItem, outcome: str, detail: str, nbytes: int = 0) -> None:
+        with self._lock:
+            r = self.report
+            r.examined += 1
+            if outcome == "stored":
+                r.stored += 1
+                r.bytes += nbytes
+            elif outcome == "duplicate":
+                r.duplicates += 1
+            elif outcome == "skipped":
+                r.skipped += 1
+            elif outcome == "ignored":
+                r.ignored.append({"path": str(item.path), "reason": detail})
+            if outcome in ("failed", "ignored"):
+                print(f"{outcome} {item.path}: {detail}", file=self.err, flush=True)
+            else:
+                print(f"{outcome} {item.path} {detail}", file=self.out, flush=True)
+            self.progress.advance()
+
+
+def store_main(args: argparse.Namespace) -> int:
+    """``vna store``: exit 0 when every file is stored (or was, or is ignored), 1 if any failed or the run was
+    interrupted, 2 on a usage error."""
+    from vna.archive import Archive
+    from vna.cli_support import load
+    from vna.progress import progress_for
+
+    if args.jobs is not None and args.jobs < 1:
+        print("vna store: --jobs must be >= 1", file=sys.stderr)
+        return 2
+    cfg = load(args)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # the failure line says what matters
+    jpath = Path(args.journal) if args.journal else journal_path(cfg, args.paths)
+    journal = ImportJournal(jpath, args.paths, fresh=args.fresh)
+    if journal.earlier:
+        log.info("store: resuming: %d files recorded stored in %s", journal.earlier, jpath)
+    report: ImportReport | None = None
+    try:
+        archive = Archive(cfg)
+    except BaseException:
+        journal.close(complete=False)
+        raise
+    try:
+        with warnings.catch_warnings(), progress_for("store", args) as progress:
+            warnings.filterwarnings("ignore", module="pydicom")
+            job = BulkImport(archive, args.paths, journal, args.jobs or default_jobs(), progress)
+            report = job.run()
+    finally:
+        archive.close()
+        journal.close(complete=report is not None and report.complete)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+    print(report.summary(), flush=True)
+    return 0 if report.complete else 1
+
+
+def add_store_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``vna store`` beyond the common ones and ``--progress-every``."""
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help=f"files ingested at once (default {default_jobs()}: twice the CPUs, at most 8)")
+    p.add_argument("--journal", default=None, metavar="PATH",
+                   help="the import journal (default: under the data dir, one per set of paths): a re-run "
+                        "after an interrupted or failed run skips the files it records stored")
+    p.add_argument("--fresh", action="store_true", help="forget what an earlier run recorded: send every file")
+    p.add_argument("--report", default=None, metavar="PATH",
+                   help="write a JSON report: totals, and each failed file with its reason and DIMSE status")
