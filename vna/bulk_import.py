@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -326,11 +327,12 @@ class ImportReport:
                 f"{len(self.failed)} failed")
         notes = []
         if self.skipped:
-            notes.append(f"{self.skipped} skipped (stored by an earlier run, journal {self.journal})")
+            notes.append(f"{self.skipped} skipped (stored by an earlier run)")
         if self.ignored:
             notes.append(f"{len(self.ignored)} ignored (not DICOM, not referenced by the DICOMDIR)")
         if self.interrupted:
-            notes.append(f"interrupted: {self.files - self.examined} files not examined, run again to resume")
+            left = f", {self.files - self.examined} of {self.files} files not examined" if self.files else ""
+            notes.append(f"interrupted{left}: run again to resume")
         return "; ".join([line, *notes])
 
     def as_dict(self) -> dict[str, Any]:
@@ -365,30 +367,33 @@ class BulkImport:
         self._stop = threading.Event()
 
     def run(self) -> ImportReport:
-        """Import every file; a KeyboardInterrupt lets the files in flight finish and marks the report interrupted."""
-        self.report.files = sum(1 for _ in import_items(self.paths))
-        self.progress.begin("storing files", self.report.files, "files")
+        """Import every file; a KeyboardInterrupt (or SIGTERM, see :func:`store_main`) lets the files in
+        flight finish and marks the report interrupted."""
         todo: queue.Queue[ImportItem | None] = queue.Queue(maxsize=4 * self.jobs)
-        workers = [threading.Thread(target=self._worker, args=(todo,), name=f"vna-store-{i}", daemon=True)
-                   for i in range(self.jobs)]
-        for w in workers:
-            w.start()
+        workers: list[threading.Thread] = []
         try:
+            self.report.files = sum(1 for _ in import_items(self.paths))
+            self.progress.begin("storing files", self.report.files, "files")
+            for i in range(self.jobs):
+                workers.append(threading.Thread(target=self._worker, args=(todo,), name=f"vna-store-{i}",
+                                                daemon=True))
+                workers[-1].start()
             for item in import_items(self.paths):
-                while not self._stop.is_set():
-                    try:
-                        todo.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    break
+                todo.put(item)
         except KeyboardInterrupt:
             self._stop.set()
             self.report.interrupted = True
         finally:
-            for _ in workers:
-                todo.put(None)
+            for w in workers:
+                while w.is_alive():
+                    try:
+                        todo.put(None, timeout=0.2)  # workers drain the queue once stopped
+                        break
+                    except queue.Full:
+                        continue
+                    except KeyboardInterrupt:
+                        self._stop.set()
+                        self.report.interrupted = True
             for w in workers:
                 while w.is_alive():
                     try:
@@ -472,6 +477,10 @@ class BulkImport:
             self.progress.advance()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def store_main(args: argparse.Namespace) -> int:
     """``vna store``: exit 0 when every file is stored (or was, or is ignored), 1 if any failed or the run was
     interrupted, 2 on a usage error."""
@@ -483,6 +492,13 @@ def store_main(args: argparse.Namespace) -> int:
         print("vna store: --jobs must be >= 1", file=sys.stderr)
         return 2
     cfg = load(args)
+    if args.report:
+        try:
+            Path(args.report).write_text("", encoding="utf-8")  # a report that cannot be written: say so first
+        except OSError as exc:
+            print(f"vna store: cannot write the report {args.report}: {(exc.strerror or str(exc)).lower()}",
+                  file=sys.stderr)
+            return 2
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # the failure line says what matters
     jpath = Path(args.journal) if args.journal else journal_path(cfg, args.paths)
     journal = ImportJournal(jpath, args.paths, fresh=args.fresh)
@@ -494,12 +510,14 @@ def store_main(args: argparse.Namespace) -> int:
     except BaseException:
         journal.close(complete=False)
         raise
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: files in flight finish
     try:
         with warnings.catch_warnings(), progress_for("store", args) as progress:
             warnings.filterwarnings("ignore", module="pydicom")
             job = BulkImport(archive, args.paths, journal, args.jobs or default_jobs(), progress)
             report = job.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         archive.close()
         journal.close(complete=report is not None and report.complete)
     if args.report:

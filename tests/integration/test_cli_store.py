@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -94,6 +95,28 @@ def test_kill_9_then_run_again_stores_every_file_once_and_skips_what_was_recorde
     r = srv.cli("store", str(tmp_path / "tree"))  # the import is over: a new run sends every file again
     assert r.returncode == 0 and r.stdout.rstrip().endswith("0 stored, 150 duplicates, 0 failed"), r.stdout
     assert _instances(srv) == 150
+
+
+def test_sigterm_lets_the_files_in_flight_finish_and_keeps_the_journal(make_server: Factory,
+                                                                         tmp_path: Path) -> None:
+    write_corpus(tmp_path / "tree", "small", studies=3, per_study=30, seed=23)
+    srv = make_server(start=False)
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen([*VNA, "store", "--jobs", "2", "--report", str(report), "--config", str(srv.config),
+                             "--data-dir", str(srv.data_dir), str(tmp_path / "tree")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, env=os.environ.copy(),
+                            text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first.startswith("stored "), first
+    proc.send_signal(signal.SIGTERM)
+    out = first + proc.stdout.read()
+    assert proc.wait(60) == 1
+    assert re.search(r"; interrupted, \d+ of 90 files not examined: run again to resume$", out.rstrip()), out
+    rep = json.loads(report.read_text())
+    assert rep["interrupted"] and rep["totals"]["stored"] == len(_lines(out, "stored")) < 90
+    assert list((srv.data_dir / "imports").glob("*.journal"))
+    assert _instances(srv) == rep["totals"]["stored"]
 
 
 def test_a_run_with_failures_keeps_its_journal_and_the_next_run_retries_only_those(
