@@ -222,3 +222,17 @@ def test_a_dicomdir_given_as_the_path_imports_what_it_references(make_server: Fa
     assert len(failed) == 1 and f"no such file or directory (referenced by {cd / 'DICOMDIR'})" in failed[0], r.stderr
     assert "ignored" not in r.stdout + r.stderr  # the viewer is not in the DICOMDIR: not even looked at
     assert _instances(srv) == 5
+
+
+def test_a_damaged_dicomdir_is_reported_and_the_files_beside_it_are_imported(
+        make_server: Factory, tmp_path: Path, corpus: list[Path]) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "dicomdir").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00UI\xff\x7f")  # cut in its meta
+    shutil.copy(corpus[0], tree / "IMAGE1")
+    srv = make_server(start=False)
+    r = srv.cli("store", str(tree))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert list(_lines(r.stdout, "stored")) == [str(tree / "IMAGE1")]
+    assert f"failed {tree / 'dicomdir'}: not a readable DICOMDIR: " in r.stderr, r.stderr
+    assert r.stdout.rstrip().endswith("1 stored, 0 duplicates, 1 failed"), r.stdout
