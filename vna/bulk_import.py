@@ -3,7 +3,7 @@
 Every file goes through the one ingest path (:meth:`vna.services.ingest.Ingest.ingest_file`); a file counts
 stored only once ingest returned (W verified copies, indexed). ``jobs`` threads ingest concurrently.
 
-Resumable: each import appends to a journal (JSON lines) one record per file stored or found duplicate —
+Resumable: each import records in a journal (SQLite) one row per file stored or found duplicate —
 written after ingest returned, never before — with the file's absolute path, size and mtime and the SOP
 Instance UID and content digest ingest answered. A run that examined every file without a failure deletes its
 journal; a run that was killed, interrupted or had failures keeps it, and the next run over the same paths
@@ -29,6 +29,7 @@ import os
 import queue
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -55,6 +56,9 @@ __all__ = ["ImportJournal", "ImportReport", "ImportItem", "BulkImport", "import_
            "journal_path", "failure_reason"]
 
 log = logging.getLogger(__name__)
+
+#: failed (and ignored) files the report lists one by one; past it they are only counted
+LISTED = 100_000
 
 #: a Part 10 file starts with a 128-byte preamble and "DICM"
 _PART10_HEADER = 132
@@ -232,68 +236,73 @@ def journal_path(cfg: Config, paths: Sequence[str]) -> Path:
 
 
 class ImportJournal:
-    """What earlier runs of an import stored (read once when opened) and what this run stores (appended).
+    """What earlier runs of an import stored and what this run stores: a SQLite file, one row per file.
 
-    Held under an exclusive lock (``flock``) while open: a second import using the same journal is refused
-    (VnaError). ``fresh``: forget the earlier runs. Thread-safe.
+    Looked up one file at a time (memory does not grow with the import). Each record is committed on its
+    own (WAL, ``synchronous=NORMAL``): it survives a kill -9 of this process; a power loss may lose the last
+    ones, whose files are then sent again. Held under an exclusive lock (``flock``) while open: a second
+    import using the same journal is refused (VnaError). ``fresh``: forget the earlier runs. Thread-safe.
     """
 
     def __init__(self, path: Path, paths: Sequence[str], fresh: bool = False) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: IO[str] = open(path, "a+", encoding="utf-8")
+        self._lockfile = open(path.with_name(path.name + ".lock"), "a+b")
         try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._fh.close()
+            self._lockfile.close()
             raise VnaError(f"another vna store is running with the import journal {path}") from None
         self._lock = threading.Lock()
-        self._done: dict[str, _Done] = {}
-        if fresh:
-            self._fh.truncate(0)
-        self._fh.seek(0)
-        text = self._fh.read()
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-                if "path" in rec:
-                    self._done[rec["path"]] = _Done(int(rec["size"]), int(rec["mtime_ns"]), str(rec["sop_uid"]),
-                                                    str(rec["sha256"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # the torn tail of a killed run, or a line no run wrote: that file is sent again
-        self.earlier = len(self._done)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS import (paths TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS done (path TEXT PRIMARY KEY, size INTEGER NOT NULL,"
+                             " mtime_ns INTEGER NOT NULL, sop_uid TEXT NOT NULL, sha256 TEXT NOT NULL,"
+                             " run INTEGER NOT NULL)")
+            if fresh:
+                self._db.execute("DELETE FROM done")
+            if self._db.execute("SELECT count(*) FROM import").fetchone()[0] == 0:
+                self._db.execute("INSERT INTO import VALUES (?)", (json.dumps([os.path.abspath(p) for p in paths]),))
+            self.earlier: int = self._db.execute("SELECT count(*) FROM done").fetchone()[0]
+            self._run: int = self._db.execute("SELECT coalesce(max(run), 0) + 1 FROM done").fetchone()[0]
+        except sqlite3.Error as exc:
+            self._lockfile.close()
+            raise VnaError(f"the import journal {path} cannot be used: {exc} (--fresh does not help: remove it, "
+                           f"or name another with --journal)") from None
         self._records = self.earlier
-        if text and not text.endswith("\n"):
-            self._fh.write("\n")
-        if not text.strip():
-            self._fh.write(json.dumps({"vna_store_journal": 1, "paths": [os.path.abspath(p) for p in paths]}) + "\n")
-        self._fh.flush()
 
     def done(self, key: str) -> _Done | None:
         """The record of an earlier run for the file at absolute path ``key``."""
-        return self._done.get(key)
+        with self._lock:
+            row = self._db.execute("SELECT size, mtime_ns, sop_uid, sha256 FROM done WHERE path = ? AND run < ?",
+                                   (key, self._run)).fetchone()
+        return None if row is None else _Done(int(row[0]), int(row[1]), str(row[2]), str(row[3]))
 
     def record(self, key: str, st: os.stat_result, sop_uid: str, sha256: str) -> None:
-        """Append that the file ``key`` (``st`` taken before it was read) is stored as ``sop_uid``."""
-        line = json.dumps({"path": key, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sop_uid": sop_uid,
-                           "sha256": sha256})
+        """Record (committed) that the file ``key`` (``st`` taken before it was read) is stored as ``sop_uid``."""
         with self._lock:
             self._records += 1
-            self._fh.write(line + "\n")
-            self._fh.flush()  # in the kernel: survives a kill -9 of this process
+            self._db.execute("INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?, ?, ?)",
+                             (key, st.st_size, st.st_mtime_ns, sop_uid, sha256, self._run))
 
     def close(self, complete: bool) -> None:
         """Close; ``complete`` (every file examined, none failed): delete the journal, the import is over.
 
         A journal recording no file is deleted too: it would skip nothing.
         """
+        self._db.close()
         if complete or not self._records:
-            self.path.unlink(missing_ok=True)
+            for p in (self.path, self.path.with_name(self.path.name + "-wal"),
+                      self.path.with_name(self.path.name + "-shm"), Path(self._lockfile.name)):
+                p.unlink(missing_ok=True)
             try:
                 self.path.parent.rmdir()  # only when no other import left its journal
             except OSError:
                 pass
-        self._fh.close()
+        self._lockfile.close()
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -311,6 +320,9 @@ class ImportReport:
     skipped: int = 0
     bytes: int = 0
     interrupted: bool = False
+    failures: int = 0
+    ignores: int = 0
+    #: the first LISTED failed and ignored files (the counts above count them all)
     failed: list[dict[str, Any]] = field(default_factory=list)
     ignored: list[dict[str, str]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
@@ -319,17 +331,17 @@ class ImportReport:
     @property
     def complete(self) -> bool:
         """Every file examined and none failed."""
-        return not self.failed and not self.interrupted and self.examined >= self.files
+        return not self.failures and not self.interrupted and self.examined >= self.files
 
     def summary(self) -> str:
         """The last line of ``vna store``: the counts, then what was skipped, ignored or left."""
         line = (f"{self.stored} stored, {self.duplicates} duplicate{'' if self.duplicates == 1 else 's'}, "
-                f"{len(self.failed)} failed")
+                f"{self.failures} failed")
         notes = []
         if self.skipped:
             notes.append(f"{self.skipped} skipped (stored by an earlier run)")
-        if self.ignored:
-            notes.append(f"{len(self.ignored)} ignored (not DICOM, not referenced by the DICOMDIR)")
+        if self.ignores:
+            notes.append(f"{self.ignores} ignored (not DICOM, not referenced by the DICOMDIR)")
         if self.interrupted:
             left = f", {self.files - self.examined} of {self.files} files not examined" if self.files else ""
             notes.append(f"interrupted{left}: run again to resume")
@@ -341,9 +353,10 @@ class ImportReport:
                 "started_at": self.started_at, "finished_at": self.finished_at, "interrupted": self.interrupted,
                 "complete": self.complete,
                 "totals": {"files": self.files, "examined": self.examined, "stored": self.stored,
-                           "duplicates": self.duplicates, "skipped": self.skipped, "failed": len(self.failed),
-                           "ignored": len(self.ignored), "bytes": self.bytes},
-                "failed": self.failed, "ignored": self.ignored}
+                           "duplicates": self.duplicates, "skipped": self.skipped, "failed": self.failures,
+                           "ignored": self.ignores, "bytes": self.bytes},
+                "failed": self.failed, "ignored": self.ignored,
+                "not_listed": {"failed": self.failures - len(self.failed), "ignored": self.ignores - len(self.ignored)}}
 
 
 # -- the import -----------------------------------------------------------------------------------------------
@@ -453,11 +466,10 @@ class BulkImport:
         status, category = _status(exc)
         entry = {"path": str(item.path), "reason": reason,
                  "dimse_status": None if status is None else f"0x{status:04X}", "category": category}
-        with self._lock:
-            self.report.failed.append(entry)
-        self._finish(item, "failed", reason)
+        self._finish(item, "failed", reason, entry=entry)
 
-    def _finish(self, item: ImportItem, outcome: str, detail: str, nbytes: int = 0) -> None:
+    def _finish(self, item: ImportItem, outcome: str, detail: str, nbytes: int = 0,
+                entry: dict[str, Any] | None = None) -> None:
         with self._lock:
             r = self.report
             r.examined += 1
@@ -468,8 +480,14 @@ class BulkImport:
                 r.duplicates += 1
             elif outcome == "skipped":
                 r.skipped += 1
+            elif outcome == "failed":
+                r.failures += 1
+                if entry is not None and len(r.failed) < LISTED:
+                    r.failed.append(entry)
             elif outcome == "ignored":
-                r.ignored.append({"path": str(item.path), "reason": detail})
+                r.ignores += 1
+                if len(r.ignored) < LISTED:
+                    r.ignored.append({"path": str(item.path), "reason": detail})
             if outcome in ("failed", "ignored"):
                 print(f"{outcome} {item.path}: {detail}", file=self.err, flush=True)
             else:

@@ -3,6 +3,7 @@ resumable after kill -9, a JSON report, DICOMDIRs (issue 22)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -90,7 +91,7 @@ def test_kill_9_then_run_again_stores_every_file_once_and_skips_what_was_recorde
     assert len(skipped) + len(again) == len(files) == 150 and not set(skipped) & set(again)
     assert f"; {len(skipped)} skipped (stored by an earlier run" in r.stdout.splitlines()[-1]
     assert _instances(srv) == 150  # each file stored once
-    assert not list((srv.data_dir / "imports").glob("*.journal")), "a complete run deletes its journal"
+    assert not (srv.data_dir / "imports").exists(), "a complete run deletes its journal"
 
     r = srv.cli("store", str(tmp_path / "tree"))  # the import is over: a new run sends every file again
     assert r.returncode == 0 and r.stdout.rstrip().endswith("0 stored, 150 duplicates, 0 failed"), r.stdout
@@ -137,8 +138,19 @@ def test_a_run_with_failures_keeps_its_journal_and_the_next_run_retries_only_tho
     r = srv.cli("store", "--journal", str(journal), str(tree))
     assert r.returncode == 0, r.stderr
     assert len(_lines(r.stdout, "skipped")) == 5 and list(_lines(r.stdout, "stored")) == [str(bad)], r.stdout
-    assert not journal.exists()
+    assert not journal.exists() and not list(tmp_path.glob("import.journal*"))
     assert _instances(srv) == 6
+
+
+def test_two_imports_with_one_journal_the_second_is_refused(make_server: Factory, tmp_path: Path,
+                                                            corpus: list[Path]) -> None:
+    srv = make_server(start=False)
+    journal = tmp_path / "import.journal"
+    with open(tmp_path / "import.journal.lock", "wb") as held:  # as a running vna store holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = srv.cli("store", "--journal", str(journal), str(corpus[0]))
+    assert r.returncode == 1 and f"another vna store is running with the import journal {journal}" in r.stderr
+    assert "stored" not in r.stdout
 
 
 def test_report_gives_each_refused_file_its_reason_and_dimse_status(make_server: Factory, tmp_path: Path,
