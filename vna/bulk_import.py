@@ -102,20 +102,21 @@ def _cd_name(name: str) -> str:
     return n.rstrip(".")
 
 
-def _resolve_case(root: Path, parts: Sequence[str]) -> Path:
-    """``root/parts...``, each component matched case-insensitively when not found as spelled."""
+def _resolve_case(root: Path, parts: Sequence[str], listings: dict[Path, dict[str, str]]) -> Path:
+    """``root/parts...``, each component matched case-insensitively when not found as spelled
+    (``listings``: the directories listed so far, by CD name)."""
     p = root
     for part in parts:
         exact = p / part
         if exact.exists() or not p.is_dir():
             p = exact
             continue
-        want = _cd_name(part)
-        try:
-            match = next((e for e in sorted(os.listdir(p)) if _cd_name(e) == want), None)
-        except OSError:
-            match = None
-        p = p / (match if match is not None else part)
+        if p not in listings:
+            try:
+                listings[p] = {_cd_name(e): e for e in sorted(os.listdir(p), reverse=True)}
+            except OSError:
+                listings[p] = {}
+        p = p / listings[p].get(_cd_name(part), part)
     return p
 
 
@@ -132,6 +133,7 @@ def read_dicomdir(dicomdir: Path) -> list[ImportItem]:
         return [ImportItem(dicomdir, error=f"not a readable DICOMDIR: {_plain(reason)}")]
     items: list[ImportItem] = []
     seen: set[Path] = set()
+    listings: dict[Path, dict[str, str]] = {}
     for rec in records:
         fid = rec.get("ReferencedFileID")
         if not fid:
@@ -142,7 +144,7 @@ def read_dicomdir(dicomdir: Path) -> list[ImportItem]:
             items.append(ImportItem(root / "/".join(parts), listed_by=dicomdir,
                                     error=f"the DICOMDIR references {shown!r}, outside its directory"))
             continue
-        path = _resolve_case(root, parts)
+        path = _resolve_case(root, parts, listings)
         if path not in seen:
             seen.add(path)
             items.append(ImportItem(path, listed_by=dicomdir))
@@ -167,7 +169,12 @@ def import_items(paths: Sequence[str]) -> Iterator[ImportItem]:
 def _walk(top: Path) -> Iterator[ImportItem]:
     listed: set[Path] = set()
     file_sets: list[str] = []  # directories holding a DICOMDIR (with a trailing separator)
-    for dirpath, dirnames, filenames in os.walk(top):
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
+        while errors:  # a directory that cannot be listed: one failed line, the walk goes on
+            exc = errors.pop(0)
+            yield ImportItem(Path(exc.filename or dirpath), error=f"directory not readable: "
+                                                                 f"{(exc.strerror or str(exc)).lower()}")
         dirnames.sort()
         d = Path(dirpath)
         for f in sorted(filenames):
@@ -183,6 +190,9 @@ def _walk(top: Path) -> Iterator[ImportItem]:
             if _is_dicomdir(f) or q in listed or not q.is_file():
                 continue
             yield ImportItem(q, unlisted=inside)
+    for exc in errors:
+        yield ImportItem(Path(exc.filename or top), error=f"directory not readable: "
+                                                        f"{(exc.strerror or str(exc)).lower()}")
 
 
 # -- why a file was not stored ------------------------------------------------------------------------------

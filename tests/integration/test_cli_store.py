@@ -248,3 +248,29 @@ def test_a_damaged_dicomdir_is_reported_and_the_files_beside_it_are_imported(
     assert list(_lines(r.stdout, "stored")) == [str(tree / "IMAGE1")]
     assert f"failed {tree / 'dicomdir'}: not a readable DICOMDIR: " in r.stderr, r.stderr
     assert r.stdout.rstrip().endswith("1 stored, 0 duplicates, 1 failed"), r.stdout
+
+
+NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_an_unreadable_directory_and_file_are_failed_not_skipped_silently(make_server: Factory, tmp_path: Path,
+                                                                           corpus: list[Path]) -> None:
+    tree = tmp_path / "tree"
+    (tree / "locked").mkdir(parents=True)
+    shutil.copy(corpus[0], tree / "a.dcm")
+    shutil.copy(corpus[1], tree / "locked" / "b.dcm")
+    shutil.copy(corpus[2], tree / "c.dcm")
+    srv = make_server(start=False)
+    (tree / "locked").chmod(0)
+    (tree / "c.dcm").chmod(0)
+    try:  # as root without the capabilities that read through permissions
+        r = subprocess.run([*NO_DAC, *VNA, "store", "--config", str(srv.config), "--data-dir", str(srv.data_dir),
+                            str(tree)], capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
+    finally:
+        (tree / "locked").chmod(0o755)
+        (tree / "c.dcm").chmod(0o644)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert list(_lines(r.stdout, "stored")) == [str(tree / "a.dcm")]
+    assert f"failed {tree / 'locked'}: directory not readable: permission denied" in r.stderr, r.stderr
+    assert f"failed {tree / 'c.dcm'}: permission denied" in r.stderr, r.stderr
+    assert r.stdout.rstrip().endswith("1 stored, 0 duplicates, 2 failed"), r.stdout
