@@ -127,6 +127,8 @@ def read_dicomdir(dicomdir: Path) -> list[ImportItem]:
     root = dicomdir.parent
     try:
         ds = dcmread(dicomdir)
+        if "DirectoryRecordSequence" not in ds:
+            return [ImportItem(dicomdir, error="not a readable DICOMDIR: it has no Directory Record Sequence")]
         records = ds.DirectoryRecordSequence
     except Exception as exc:  # pydicom raises many kinds on a damaged file: this one is reported failed
         reason = (exc.strerror or str(exc)).lower() if isinstance(exc, OSError) else str(exc)
