@@ -409,16 +409,16 @@ class BulkImport:
             self._stop.set()
             self.report.interrupted = True
         finally:
-            for w in workers:
-                while w.is_alive():
-                    try:
-                        todo.put(None, timeout=0.2)  # workers drain the queue once stopped
-                        break
-                    except queue.Full:
-                        continue
-                    except KeyboardInterrupt:
-                        self._stop.set()
-                        self.report.interrupted = True
+            sent = 0  # one end mark per worker, whichever takes it (workers drain the queue once stopped)
+            while sent < len(workers) and any(w.is_alive() for w in workers):
+                try:
+                    todo.put(None, timeout=0.2)
+                    sent += 1
+                except queue.Full:
+                    continue
+                except KeyboardInterrupt:
+                    self._stop.set()
+                    self.report.interrupted = True
             for w in workers:
                 while w.is_alive():
                     try:
