@@ -392,22 +392,31 @@ class BulkImport:
         self._stop = threading.Event()
 
     def run(self) -> ImportReport:
-        """Import every file; a KeyboardInterrupt (or SIGTERM, see :func:`store_main`) lets the files in
-        flight finish and marks the report interrupted."""
+        """Import every file; :meth:`stop` or a KeyboardInterrupt lets the files in flight finish and marks the
+        report interrupted."""
         todo: queue.Queue[ImportItem | None] = queue.Queue(maxsize=4 * self.jobs)
         workers: list[threading.Thread] = []
         try:
-            self.report.files = sum(1 for _ in import_items(self.paths))
+            for _ in import_items(self.paths):
+                if self._stop.is_set():
+                    break
+                self.report.files += 1
             self.progress.begin("storing files", self.report.files, "files")
             for i in range(self.jobs):
                 workers.append(threading.Thread(target=self._worker, args=(todo,), name=f"vna-store-{i}",
                                                 daemon=True))
                 workers[-1].start()
             for item in import_items(self.paths):
-                todo.put(item)
+                while not self._stop.is_set():
+                    try:
+                        todo.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    break
         except KeyboardInterrupt:
             self._stop.set()
-            self.report.interrupted = True
         finally:
             sent = 0  # one end mark per worker, whichever takes it (workers drain the queue once stopped)
             while sent < len(workers) and any(w.is_alive() for w in workers):
@@ -418,16 +427,19 @@ class BulkImport:
                     continue
                 except KeyboardInterrupt:
                     self._stop.set()
-                    self.report.interrupted = True
             for w in workers:
                 while w.is_alive():
                     try:
                         w.join(0.2)
                     except KeyboardInterrupt:
                         self._stop.set()
-                        self.report.interrupted = True
+        self.report.interrupted = self._stop.is_set() and self.report.examined < self.report.files
         self.report.finished_at = time.time()
         return self.report
+
+    def stop(self) -> None:
+        """Stop early (safe from a signal handler): the files in flight finish, no new one starts."""
+        self._stop.set()
 
     def _worker(self, todo: queue.Queue[ImportItem | None]) -> None:
         try:
@@ -507,10 +519,6 @@ class BulkImport:
             self.progress.advance()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def store_main(args: argparse.Namespace) -> int:
     """``vna store``: exit 0 when every file is stored (or was, or is ignored), 1 if any failed or the run was
     interrupted, 2 on a usage error."""
@@ -540,11 +548,12 @@ def store_main(args: argparse.Namespace) -> int:
     except BaseException:
         journal.close(complete=False)
         raise
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: files in flight finish
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         with warnings.catch_warnings(), progress_for("store", args) as progress:
             warnings.filterwarnings("ignore", module="pydicom")
             job = BulkImport(archive, args.paths, journal, args.jobs or default_jobs(), progress)
+            signal.signal(signal.SIGTERM, lambda *_: job.stop())  # as Ctrl-C: the files in flight finish
             report = job.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
