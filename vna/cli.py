@@ -11,22 +11,19 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import tempfile
 import threading
 import time
-import warnings
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from vna import __version__, preflight
 from vna.cli_support import add_common, explain, load, setting_origins
 from vna.config import Config
 from vna.errors import ConfigError, VnaError
 from vna.preflight import listen_error
-from vna.progress import add_progress_flag, progress_for
+from vna.progress import add_progress_flag
 
 if TYPE_CHECKING:
     from vna.index.base import IndexStats
@@ -391,67 +388,10 @@ def cmd_index_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    """Ingest Part 10 files directly (bulk import), one line per file, then one summary line.
+    """Ingest Part 10 files directly (bulk import): see :mod:`vna.bulk_import`."""
+    from vna.bulk_import import store_main
 
-    A file that cannot be stored (missing, unreadable, truncated, not DICOM,
-    refused) is reported on stderr and the batch goes on; exit 1 if any failed.
-    """
-    from vna.archive import Archive
-
-    cfg = load(args)
-    archive = Archive(cfg)
-    stored = duplicates = failures = 0
-    logging.getLogger("pydicom").setLevel(logging.ERROR)  # the failure line says what matters
-    files = list(_store_files(args.paths))
-    try:
-        with warnings.catch_warnings(), progress_for("store", args) as progress:
-            warnings.filterwarnings("ignore", module="pydicom")
-            progress.begin("storing files", len(files), "files")
-            for f in files:
-                progress.advance()
-                try:
-                    r = archive.ingest.ingest_file(f, source_ae="vna-cli")
-                except (VnaError, OSError) as exc:
-                    failures += 1
-                    print(f"failed {f}: {_store_failure(f, exc)}", file=sys.stderr)
-                    continue
-                duplicates += r.duplicate
-                stored += not r.duplicate
-                print(f"{'duplicate' if r.duplicate else 'stored'} {f} {r.sop_uid}")
-    finally:
-        archive.close()
-    print(f"{stored} stored, {duplicates} duplicate{'' if duplicates == 1 else 's'}, {failures} failed")
-    return 1 if failures else 0
-
-
-def _store_files(paths: Sequence[str]) -> Iterator[Path]:
-    """The files named, directories expanded recursively in name order (a missing path is yielded as is)."""
-    for name in paths:
-        p = Path(name)
-        if p.is_dir():
-            yield from sorted(q for q in p.rglob("*") if q.is_file())
-        else:
-            yield p
-
-
-#: a Part 10 file starts with a 128-byte preamble and "DICM"
-_PART10_HEADER = 132
-
-
-def _store_failure(path: Path, exc: Exception) -> str:
-    """Why ``path`` was not stored, in words for an operator (no library hints)."""
-    if isinstance(exc, OSError):
-        return (exc.strerror or str(exc)).lower()
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(_PART10_HEADER)
-    except OSError:
-        head = b""
-    if len(head) < _PART10_HEADER:
-        return f"truncated: {len(head)} bytes, shorter than a DICOM Part 10 header ({_PART10_HEADER} bytes)"
-    if head[128:] != b"DICM":
-        return "not a DICOM Part 10 file (no 'DICM' after the 128-byte preamble)"
-    return re.sub(r"\s*Use force=True to force reading\.?", "", str(exc))
+    return store_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,9 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=lambda a: importlib.import_module("vna.index.cli").cmd_index_janitor(a))
 
-    p = sub.add_parser("store", help="import DICOM files or directories")
+    p = sub.add_parser("store", help="import DICOM files, directories or DICOMDIRs (parallel, resumable)")
     add_common(p)
     add_progress_flag(p)
+    importlib.import_module("vna.bulk_import").add_store_flags(p)
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_store)
 
