@@ -10,37 +10,43 @@ stored syntax's media type) is accepted. Each request is audited as one
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+from collections import deque
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Generator, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from vna.audit import Actor
 from vna.domain import QueryLevel
-from vna.errors import InvalidDataset, InvalidInput, NotFound, VnaError
+from vna.errors import IntegrityError, InvalidDataset, InvalidInput, NotFound, VnaError
 from vna.index.query import make_condition
 from vna.services.retrieve import InstanceRef
 from vna.web.context import WebContext, actor_of, ctx_of, uid_param
 from vna.web.dicomjson import dataset_json, tag_path
 from vna.web.media import (BIG_ENDIAN, DEFLATED_LE, EXPLICIT_LE, IMPLICIT_LE, NATIVE_SYNTAXES, TS_MEDIA_TYPES,
                            MediaRange, PartWriter, file_chunks, parse_accept)
-from vna.web.status import NotAcceptable
+from vna.web.status import NotAcceptable, error_response
 
 __all__ = ["retrieve", "metadata", "bulkdata", "frames", "rendered", "thumbnail"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 OCTET = "application/octet-stream"
-#: instances up to this size are sent as one piece of the response stream
-_ONE_CHUNK = 8 << 20
+#: instances up to this size are read and sent as one piece of the response stream; larger ones in such pieces
+_ONE_PIECE = 4 << 20
+#: pieces read and verified ahead of the one being sent, per response
+_PREFETCH = 4
 
 
 def _path_uids(request: Request) -> tuple[str | None, str | None, str | None]:
@@ -95,36 +101,122 @@ def _wants_dicom(accept: list[MediaRange]) -> bool:
     return False
 
 
+def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> tuple[bytes, int] | VnaError:
+    """One instance's part (delimiter, headers, the verified bytes, CRLF) and its size; the error instead when it
+    cannot be sent. An instance over ``_ONE_PIECE`` gives only its verified size: it is streamed by
+    :func:`_big_pieces`."""
+    try:
+        with ctx.archive.retrieve.open_verified(ref.sop_uid) as v:
+            head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
+            if v.size > _ONE_PIECE:
+                return b"", v.size
+            with open(v.path, "rb") as fh:
+                data = fh.read()
+            if len(data) != v.size:
+                raise IntegrityError(f"instance {ref.sop_uid} changed size after it was verified")
+            return b"".join((head, data, b"\r\n")), v.size
+    except VnaError as exc:
+        return exc
+
+
+def _big_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> Generator[bytes, None, None]:
+    """The part of an instance over ``_ONE_PIECE``, verified, in pieces (raises VnaError before the first)."""
+    with ctx.archive.retrieve.open_verified(ref.sop_uid) as v:
+        yield writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
+        yield from file_chunks(v.path, _ONE_PIECE)
+        yield b"\r\n"
+
+
+class _InstancesResponse(Response):
+    """multipart/related application/dicom of verified instances, streamed.
+
+    The next instances (up to ``_PREFETCH``) are read and verified on the
+    context's read pool while the current one is sent, so verification
+    overlaps sending and memory stays bounded (``_PREFETCH`` pieces of at most
+    ``_ONE_PIECE`` bytes). The transfer is audited as one operation; an
+    instance that cannot be sent once the status line is gone is left out,
+    logged and counted as failed. A client that goes away stops the reads.
+    """
+
+    def __init__(self, ctx: WebContext, refs: list[InstanceRef], actor: Actor) -> None:
+        self.ctx, self.refs, self.actor = ctx, refs, actor
+        self.writer = PartWriter("application/dicom")
+        self.status_code = 200
+        self.media_type = self.writer.content_type
+        self.background = None
+        self.init_headers()   # no body attribute: no Content-Length (the length is known only once verified)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        pool, rs = self.ctx.read_pool, self.ctx.archive.retrieve
+        stack = ExitStack()
+        try:   # audited before anything is sent: a refusal still gets its own status
+            xfer = await loop.run_in_executor(
+                pool, stack.enter_context, rs.transfer(self.refs, self.actor, op="wado-rs"))
+        except Exception as exc:
+            await error_response(exc, "WADO-RS retrieve")(scope, receive, send)
+            return
+        gone = asyncio.Event()
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        listener = asyncio.create_task(listen())
+        ahead: deque[tuple[InstanceRef, asyncio.Future[tuple[bytes, int] | VnaError]]] = deque()
+        todo = iter(self.refs)
+        error: BaseException | None = None
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            while not gone.is_set():
+                while len(ahead) < _PREFETCH and (ref := next(todo, None)) is not None:
+                    ahead.append((ref, loop.run_in_executor(pool, _load, self.ctx, ref, self.writer)))
+                if not ahead:
+                    break
+                ref, job = ahead.popleft()
+                got = await job
+                if isinstance(got, VnaError):
+                    log.warning("WADO-RS: instance %s not sent: %s", ref.sop_uid, got)
+                    xfer.sent(False)
+                    continue
+                piece, size = got
+                if piece:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                else:
+                    await self._send_big(loop, ref, send, gone)
+                xfer.sent(True, size)
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": self.writer.end(), "more_body": False})
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            listener.cancel()
+            for _ref, job in ahead:
+                job.cancel()
+            exc_info = (type(error), error, error.__traceback__) if error is not None else (None, None, None)
+            await asyncio.shield(loop.run_in_executor(pool, stack.__exit__, *exc_info))
+
+    async def _send_big(self, loop: asyncio.AbstractEventLoop, ref: InstanceRef, send: Send,
+                        gone: asyncio.Event) -> None:
+        pieces = _big_pieces(self.ctx, ref, self.writer)
+        try:
+            while not gone.is_set() and (piece := await loop.run_in_executor(self.ctx.read_pool, next, pieces,
+                                                                             None)) is not None:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        finally:
+            await loop.run_in_executor(self.ctx.read_pool, pieces.close)
+
+
 async def retrieve(request: Request) -> Response:
     """``GET /studies/{s}[/series/{se}[/instances/{i}]]``: multipart/related application/dicom, bytes as stored."""
     if not _wants_dicom(parse_accept(request.headers.get("accept"))):
         raise NotAcceptable('this resource is sent as multipart/related; type="application/dicom"')
     ctx = ctx_of(request)
     study, series, sop = _path_uids(request)
-    refs = await run_in_threadpool(_select, ctx, study, series, sop)
-    writer = PartWriter("application/dicom")
-    actor = actor_of(request)
-
-    def body() -> Iterator[bytes]:
-        rs = ctx.archive.retrieve
-        with rs.transfer(refs, actor, op="wado-rs") as xfer:
-            for ref in refs:
-                try:
-                    with rs.open_verified(ref.sop_uid) as v:
-                        head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
-                        if v.size <= _ONE_CHUNK:  # one piece per instance: each piece is a hop between threads
-                            yield head + v.path.read_bytes() + b"\r\n"
-                        else:
-                            yield head
-                            yield from file_chunks(v.path)
-                            yield b"\r\n"
-                        xfer.sent(True, v.size)
-                except VnaError as exc:  # the status line is gone: leave the instance out, log and audit it
-                    log.warning("WADO-RS: instance %s not sent: %s", ref.sop_uid, exc)
-                    xfer.sent(False)
-            yield writer.end()
-
-    return StreamingResponse(body(), media_type=writer.content_type)
+    refs = await asyncio.get_running_loop().run_in_executor(ctx.read_pool, _select, ctx, study, series, sop)
+    return _InstancesResponse(ctx, refs, actor_of(request))
 
 
 # -- metadata -----------------------------------------------------------------------------------------------------
