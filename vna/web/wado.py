@@ -101,7 +101,7 @@ def _wants_dicom(accept: list[MediaRange]) -> bool:
     return False
 
 
-def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> tuple[bytes, int] | VnaError:
+def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> tuple[bytearray, int] | VnaError:
     """One instance's part (delimiter, headers, the verified bytes, CRLF) and its size; the error instead when it
     cannot be sent. An instance over ``_ONE_PIECE`` gives only its verified size: it is streamed by
     :func:`_big_pieces`."""
@@ -109,12 +109,18 @@ def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> tuple[bytes,
         with ctx.archive.retrieve.open_verified(ref.sop_uid) as v:
             head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
             if v.size > _ONE_PIECE:
-                return b"", v.size
-            with open(v.path, "rb") as fh:
-                data = fh.read()
-            if len(data) != v.size:
+                return bytearray(), v.size
+            piece = bytearray(len(head) + v.size + 2)   # read in place: no copy to join the part together
+            piece[:len(head)] = head
+            piece[-2:] = b"\r\n"
+            view = memoryview(piece)[len(head):len(head) + v.size]
+            with open(v.path, "rb", buffering=0) as fh:
+                while view and (n := fh.readinto(view)):
+                    view = view[n:]
+                longer = bool(fh.read(1))
+            if view or longer:
                 raise IntegrityError(f"instance {ref.sop_uid} changed size after it was verified")
-            return b"".join((head, data, b"\r\n")), v.size
+            return piece, v.size
     except VnaError as exc:
         return exc
 
@@ -149,11 +155,21 @@ class _InstancesResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         pool, rs = self.ctx.read_pool, self.ctx.archive.retrieve
+        ahead: deque[tuple[InstanceRef, asyncio.Future[tuple[bytearray, int] | VnaError]]] = deque()
+        todo = iter(self.refs)
+
+        def read_ahead() -> None:
+            while len(ahead) < _PREFETCH and (ref := next(todo, None)) is not None:
+                ahead.append((ref, loop.run_in_executor(pool, _load, self.ctx, ref, self.writer)))
+
+        read_ahead()   # the first reads overlap the audit's start (nothing is sent before it)
         stack = ExitStack()
         try:   # audited before anything is sent: a refusal still gets its own status
             xfer = await loop.run_in_executor(
                 pool, stack.enter_context, rs.transfer(self.refs, self.actor, op="wado-rs"))
         except Exception as exc:
+            for _ref, job in ahead:
+                job.cancel()
             await error_response(exc, "WADO-RS retrieve")(scope, receive, send)
             return
         gone = asyncio.Event()
@@ -164,14 +180,11 @@ class _InstancesResponse(Response):
             gone.set()
 
         listener = asyncio.create_task(listen())
-        ahead: deque[tuple[InstanceRef, asyncio.Future[tuple[bytes, int] | VnaError]]] = deque()
-        todo = iter(self.refs)
         error: BaseException | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             while not gone.is_set():
-                while len(ahead) < _PREFETCH and (ref := next(todo, None)) is not None:
-                    ahead.append((ref, loop.run_in_executor(pool, _load, self.ctx, ref, self.writer)))
+                read_ahead()
                 if not ahead:
                     break
                 ref, job = ahead.popleft()
