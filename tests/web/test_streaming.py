@@ -148,3 +148,35 @@ def test_study_retrieve_leaves_out_an_instance_without_verified_copy(web: Web, c
             break
         time.sleep(0.05)
     assert sent and sent[-1]["details"]["completed"] == 2 and sent[-1]["details"]["failed"] == 1
+
+
+def _big_instance(src: Path, out: Path, frames: int) -> Path:
+    """A multi-frame copy of a CT instance with new UIDs: ``frames`` times its pixel data."""
+    from pydicom.uid import generate_uid
+
+    ds = dcmread(src)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.NumberOfFrames = frames
+    ds.PixelData = bytes(ds.PixelData) * frames
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_instance_larger_than_one_piece_is_streamed_byte_identical(web: Web, corpus: list[Path],
+                                                                   tmp_path: Path) -> None:
+    from vna.web.wado import _ONE_PIECE
+
+    src = next(p for p in corpus if p.name.startswith("ct-"))
+    big = _big_instance(src, tmp_path / "big.dcm", frames=_ONE_PIECE // len(src.read_bytes()) * 2 + 3)
+    assert big.stat().st_size > 2 * _ONE_PIECE
+    body, ctype = multipart_body([src, big], BOUNDARY)
+    assert _post(web, body, ctype).status_code == 200
+    study = dcmread(src, stop_before_pixels=True).StudyInstanceUID
+    accept = {"Accept": 'multipart/related; type="application/dicom"'}
+    with requests.get(f"{web.base}/studies/{study}", headers=accept, timeout=30, stream=True) as gone:
+        assert gone.status_code == 200
+        next(gone.iter_content(65536))   # a client that reads a little, then goes away
+    r = requests.get(f"{web.base}/studies/{study}", headers=accept, timeout=30)
+    assert r.status_code == 200
+    assert sorted(data for _t, data in split_parts(r)) == sorted([src.read_bytes(), big.read_bytes()])
