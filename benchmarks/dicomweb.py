@@ -2,7 +2,7 @@
 
 Figures: STOW-RS ingest (instances/s, MB/s), QIDO-RS latency (PatientID, name
 wildcard, date range; median of ``--repeat``), WADO-RS of a CT study
-(instances/s of the best of ``--wado-repeat``, MB/s), frames/s for a
+(instances/s of the best of ``--wado-repeat`` rounds, MB/s), frames/s for a
 viewer-like pattern (frame 1 of every instance, ``--threads`` requests at
 once), and for STOW-RS and WADO-RS the server's CPU per instance (user +
 system of its process group: on a loaded machine a steadier comparison than
@@ -12,8 +12,9 @@ CPU: above 1, vna is ahead.
     .venv/bin/python -m benchmarks.dicomweb [--ct 100] [--studies 100] [--repeat 30] [--threads 4]
 
 Each server gets its own fresh storage; both run on loopback with their
-defaults (Orthanc: SQLite index, no compression). The machine may be shared:
-compare ratios, not absolutes.
+defaults (Orthanc: SQLite index, no compression), at the same time, taking
+turns figure by figure (WADO-RS: round by round, alternating who goes first).
+The machine may be shared: compare ratios, not absolutes.
 """
 
 from __future__ import annotations
@@ -155,52 +156,49 @@ def frames(srv: Server, urls: list[str], threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_ms(srv: Server, fn: Callable[[], object], count: int) -> float:
-    """Run ``fn``; the server's user + system CPU milliseconds per instance meanwhile (its whole process group)."""
-    u0, s0 = group_cpu_seconds(srv.proc.pid)
-    fn()
-    u1, s1 = group_cpu_seconds(srv.proc.pid)
-    return ((u1 - u0) + (s1 - s0)) * 1e3 / count
-
-
-def run(srv: Server, ct: list[Path], small: list[Path], args: argparse.Namespace,
-        queries: dict[str, str]) -> dict[str, float]:
-    out: dict[str, float] = {}
+def run(servers: list[Server], ct: list[Path], small: list[Path], args: argparse.Namespace,
+        queries: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Every figure of every server, the servers taking turns figure by figure (and round by round for
+    WADO-RS) so that a machine whose load changes meanwhile weighs on both alike."""
+    out: dict[str, dict[str, float]] = {srv.name: {} for srv in servers}
     ct_bytes = sum(f.stat().st_size for f in ct)
-    secs = 0.0
-
-    def timed(fn: Callable[[], float]) -> Callable[[], None]:
-        def go() -> None:
-            nonlocal secs
-            secs = fn()
-        return go
-
-    out["STOW-RS CT server CPU ms/inst"] = cpu_ms(srv, timed(lambda: stow(srv, ct, args.batch)), len(ct))
-    out["STOW-RS CT instances/s"] = len(ct) / secs
-    out["STOW-RS CT MB/s"] = ct_bytes / secs / 1e6
-    out["STOW-RS small server CPU ms/inst"] = cpu_ms(srv, timed(lambda: stow(srv, small, args.batch)), len(small))
-    out["STOW-RS small instances/s"] = len(small) / secs
+    for label, files in (("CT", ct), ("small", small)):
+        for srv in servers:
+            o = out[srv.name]
+            u0, s0 = group_cpu_seconds(srv.proc.pid)
+            secs = stow(srv, files, args.batch)
+            u1, s1 = group_cpu_seconds(srv.proc.pid)
+            o[f"STOW-RS {label} server CPU ms/inst"] = ((u1 - u0) + (s1 - s0)) * 1e3 / len(files)
+            o[f"STOW-RS {label} instances/s"] = len(files) / secs
+            if label == "CT":
+                o["STOW-RS CT MB/s"] = ct_bytes / secs / 1e6
     for name, path in queries.items():
-        secs, n = latency(srv, path, args.repeat)
-        out[f"QIDO {name} ms"] = secs * 1e3
-        out[f"QIDO {name} matches"] = n
+        for srv in servers:
+            q_secs, n = latency(srv, path, args.repeat)
+            out[srv.name][f"QIDO {name} ms"] = q_secs * 1e3
+            out[srv.name][f"QIDO {name} matches"] = n
     study = str(dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
+    best = {srv.name: float("inf") for srv in servers}
+    cpu = {srv.name: 0.0 for srv in servers}
     size = 0
-
-    def wado() -> float:
-        nonlocal size
-        best, size = wado_study(srv, study, args.wado_repeat)
-        return best
-
-    out["WADO-RS CT server CPU ms/inst"] = cpu_ms(srv, timed(wado), len(ct) * args.wado_repeat)
-    out["WADO-RS CT study instances/s"] = len(ct) / secs
-    out["WADO-RS CT study MB/s"] = size / secs / 1e6
+    for r in range(args.wado_repeat):
+        for srv in servers if r % 2 == 0 else servers[::-1]:
+            u0, s0 = group_cpu_seconds(srv.proc.pid)
+            w_secs, size = wado_study(srv, study, 1)
+            u1, s1 = group_cpu_seconds(srv.proc.pid)
+            best[srv.name] = min(best[srv.name], w_secs)
+            cpu[srv.name] += (u1 - u0) + (s1 - s0)
+    for srv in servers:
+        o = out[srv.name]
+        o["WADO-RS CT server CPU ms/inst"] = cpu[srv.name] * 1e3 / (len(ct) * args.wado_repeat)
+        o["WADO-RS CT study instances/s"] = len(ct) / best[srv.name]
+        o["WADO-RS CT study MB/s"] = size / best[srv.name] / 1e6
     urls = []
     for f in ct:
         ds = dcmread(f, stop_before_pixels=True)
         urls.append(f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
-    secs = frames(srv, urls, args.threads)
-    out["frames/s (frame 1 of each, x threads)"] = len(urls) / secs
+    for srv in servers:
+        out[srv.name]["frames/s (frame 1 of each, x threads)"] = len(urls) / frames(srv, urls, args.threads)
     return out
 
 
@@ -230,16 +228,17 @@ def main(argv: list[str] | None = None) -> int:
             "date range": "/studies?StudyDate=20180101-20201231",
         }
         starters: dict[str, Callable[[Path, float], Server]] = {"vna": start_vna, "orthanc": start_orthanc}
-        results: dict[str, dict[str, float]] = {}
-        for key, start in starters.items():
-            if args.only and args.only != key:
-                continue
-            work = root / key
-            work.mkdir()
-            srv = start(work, args.timeout)
-            try:
-                results[srv.name] = run(srv, ct, small, args, queries)
-            finally:
+        servers: list[Server] = []
+        try:
+            for key, start in starters.items():   # both run at once: they take turns figure by figure
+                if args.only and args.only != key:
+                    continue
+                work = root / key
+                work.mkdir()
+                servers.append(start(work, args.timeout))
+            results = run(servers, ct, small, args, queries)
+        finally:
+            for srv in servers:
                 stop_process(srv.proc)
         print(f"DICOMweb benchmark: CT study {args.ct} x 512 KiB, {args.studies} small studies, "
               f"{args.repeat} QIDO repeats, {args.threads} frame requests in flight")
