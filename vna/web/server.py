@@ -24,7 +24,8 @@ class WebServer:
     """Serve :func:`vna.web.app.build_app` on ``[web] host:port`` (TLS when configured) until :meth:`stop`.
 
     ``reuse_port``: worker processes of one server share the port. ``start``
-    raises ConfigError if the port cannot be bound.
+    raises ConfigError if the port cannot be bound. The server thread's event
+    loop is uvloop's when it is installed (a dependency off Windows), else asyncio's.
     """
 
     def __init__(self, archive: Archive, cfg: Config, *, reuse_port: bool = False) -> None:
