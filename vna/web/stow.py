@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -186,13 +187,16 @@ async def _ingest_all(ctx: WebContext, received: list[_Received], study: str | N
                       actor: Actor) -> dict[str, Any]:
     """Ingest every spooled part at once on the context's store pool (concurrent stores share the index's group
     commit and overlap their fsyncs); the PS3.18 response body. The spool files are removed."""
-    jobs = [ctx.store_pool.submit(_ingest_one, ctx, r, study, actor) if isinstance(r, _SpoolFile) else None
-            for r in received]
+    jobs: list[Future[dict[str, Any]] | None] = []
     try:
+        for r in received:
+            jobs.append(ctx.store_pool.submit(_ingest_one, ctx, r, study, actor) if isinstance(r, _SpoolFile)
+                        else None)
         done = await asyncio.gather(*(asyncio.wrap_future(j) for j in jobs if j is not None))
     except BaseException:
-        for r, j in zip(received, jobs):   # a job that ran (or runs) removes its own spool file
-            if isinstance(r, _SpoolFile) and j is not None and j.cancel():
+        for i, r in enumerate(received):   # a job that ran (or runs) removes its own spool file
+            job = jobs[i] if i < len(jobs) else None
+            if isinstance(r, _SpoolFile) and (job is None or job.cancel()):
                 r.discard()
         raise
     answers = iter(done)
