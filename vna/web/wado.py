@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from vna.audit import Actor
 from vna.domain import QueryLevel
-from vna.errors import IntegrityError, InvalidDataset, InvalidInput, NotFound, VnaError
+from vna.errors import IntegrityError, InvalidDataset, InvalidInput, NotFound, StorageError, VnaError
 from vna.index.query import make_condition
 from vna.services.retrieve import InstanceRef
 from vna.web.context import WebContext, actor_of, ctx_of, uid_param
@@ -101,36 +101,55 @@ def _wants_dicom(accept: list[MediaRange]) -> bool:
     return False
 
 
-def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> tuple[bytearray, int] | VnaError:
-    """One instance's part (delimiter, headers, the verified bytes, CRLF) and its size; the error instead when it
-    cannot be sent. An instance over ``_ONE_PIECE`` gives only its verified size: it is streamed by
-    :func:`_big_pieces`."""
-    try:
-        with ctx.archive.retrieve.open_verified(ref.sop_uid) as v:
-            head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
-            if v.size > _ONE_PIECE:
-                return bytearray(), v.size
-            piece = bytearray(len(head) + v.size + 2)   # read in place: no copy to join the part together
-            piece[:len(head)] = head
-            piece[-2:] = b"\r\n"
-            view = memoryview(piece)[len(head):len(head) + v.size]
-            with open(v.path, "rb", buffering=0) as fh:
-                while view and (n := fh.readinto(view)):
-                    view = view[n:]
-                longer = bool(fh.read(1))
-            if view or longer:
-                raise IntegrityError(f"instance {ref.sop_uid} changed size after it was verified")
-            return piece, v.size
-    except VnaError as exc:
-        return exc
+def _read_piece(path: Path, head: bytes, size: int, sop_uid: str) -> bytearray:
+    """``head``, the ``size`` bytes of ``path`` and CRLF in one buffer, read in place (no copy to join them)."""
+    piece = bytearray(len(head) + size + 2)
+    piece[:len(head)] = head
+    piece[-2:] = b"\r\n"
+    view = memoryview(piece)[len(head):len(head) + size]
+    with open(path, "rb", buffering=0) as fh:
+        while view and (n := fh.readinto(view)):
+            view = view[n:]
+        longer = bool(fh.read(1))
+    if view or longer:
+        raise IntegrityError(f"instance {sop_uid} changed size after it was verified")
+    return piece
 
 
-def _big_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> Generator[bytes, None, None]:
-    """The part of an instance over ``_ONE_PIECE``, verified, in pieces (raises VnaError before the first)."""
+def _part_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter,
+                 size: list[int]) -> Generator[bytes | bytearray, None, None]:
+    """The instance's part (delimiter, headers, the verified bytes, CRLF): one piece up to ``_ONE_PIECE`` bytes,
+    else pieces of that size; the verified copy stays open until the generator ends. Appends the size to ``size``
+    once verified; raises VnaError before the first piece."""
     with ctx.archive.retrieve.open_verified(ref.sop_uid) as v:
-        yield writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
+        size.append(v.size)
+        head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
+        if v.size <= _ONE_PIECE:
+            yield _read_piece(v.path, head, v.size, ref.sop_uid)
+            return
+        yield head
         yield from file_chunks(v.path, _ONE_PIECE)
         yield b"\r\n"
+
+
+#: an instance ready to send: its first piece, its size, and (over ``_ONE_PIECE``) the generator of the rest
+_Loaded = tuple[bytes | bytearray, int, Generator[bytes | bytearray, None, None] | None]
+
+
+def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> _Loaded | VnaError:
+    """The instance verified and its first piece read; the error instead when it cannot be sent."""
+    size: list[int] = []
+    pieces = _part_pieces(ctx, ref, writer, size)
+    try:
+        first = next(pieces)
+    except VnaError as exc:
+        return exc
+    except OSError as exc:   # the verified copy went away before it was read
+        return StorageError(f"instance {ref.sop_uid} could not be read after it was verified: {exc}")
+    if size[0] <= _ONE_PIECE:
+        pieces.close()
+        return first, size[0], None
+    return first, size[0], pieces
 
 
 class _InstancesResponse(Response):
@@ -155,7 +174,7 @@ class _InstancesResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         pool, rs = self.ctx.read_pool, self.ctx.archive.retrieve
-        ahead: deque[tuple[InstanceRef, asyncio.Future[tuple[bytearray, int] | VnaError]]] = deque()
+        ahead: deque[tuple[InstanceRef, asyncio.Future[_Loaded | VnaError]]] = deque()
         todo = iter(self.refs)
 
         def read_ahead() -> None:
@@ -168,8 +187,7 @@ class _InstancesResponse(Response):
             xfer = await loop.run_in_executor(
                 pool, stack.enter_context, rs.transfer(self.refs, self.actor, op="wado-rs"))
         except Exception as exc:
-            for _ref, job in ahead:
-                job.cancel()
+            await self._drop(loop, ahead)
             await error_response(exc, "WADO-RS retrieve")(scope, receive, send)
             return
         gone = asyncio.Event()
@@ -193,12 +211,17 @@ class _InstancesResponse(Response):
                     log.warning("WADO-RS: instance %s not sent: %s", ref.sop_uid, got)
                     xfer.sent(False)
                     continue
-                piece, size = got
-                if piece:
-                    await send({"type": "http.response.body", "body": piece, "more_body": True})
-                else:
-                    await self._send_big(loop, ref, send, gone)
-                xfer.sent(True, size)
+                first, size, rest = got
+                try:
+                    await send({"type": "http.response.body", "body": first, "more_body": True})
+                    while rest is not None and not gone.is_set() and (
+                            piece := await loop.run_in_executor(pool, next, rest, None)) is not None:
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+                finally:
+                    if rest is not None:
+                        await asyncio.shield(loop.run_in_executor(pool, rest.close))
+                if not gone.is_set():
+                    xfer.sent(True, size)
             if not gone.is_set():
                 await send({"type": "http.response.body", "body": self.writer.end(), "more_body": False})
         except BaseException as exc:
@@ -206,20 +229,19 @@ class _InstancesResponse(Response):
             raise
         finally:
             listener.cancel()
-            for _ref, job in ahead:
-                job.cancel()
+            await self._drop(loop, ahead)
             exc_info = (type(error), error, error.__traceback__) if error is not None else (None, None, None)
             await asyncio.shield(loop.run_in_executor(pool, stack.__exit__, *exc_info))
 
-    async def _send_big(self, loop: asyncio.AbstractEventLoop, ref: InstanceRef, send: Send,
-                        gone: asyncio.Event) -> None:
-        pieces = _big_pieces(self.ctx, ref, self.writer)
-        try:
-            while not gone.is_set() and (piece := await loop.run_in_executor(self.ctx.read_pool, next, pieces,
-                                                                             None)) is not None:
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-        finally:
-            await loop.run_in_executor(self.ctx.read_pool, pieces.close)
+    async def _drop(self, loop: asyncio.AbstractEventLoop,
+                    ahead: deque[tuple[InstanceRef, asyncio.Future[_Loaded | VnaError]]]) -> None:
+        """Cancel the reads not started; close the verified copies the finished ones hold open."""
+        for _ref, job in ahead:
+            if not job.cancel() and not job.cancelled() and job.exception() is None:
+                got = job.result()
+                if not isinstance(got, VnaError) and got[2] is not None:
+                    await asyncio.shield(loop.run_in_executor(self.ctx.read_pool, got[2].close))
+        ahead.clear()
 
 
 async def retrieve(request: Request) -> Response:
