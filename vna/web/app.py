@@ -70,8 +70,10 @@ def _routes() -> list[Route]:
 class BearerAuth:
     """ASGI middleware: authenticate ``/dicomweb`` requests on a non-loopback bind (see the module doc)."""
 
-    def __init__(self, app: ASGIApp, cfg: WebConfig, authenticator: TokenAuthenticator, archive: Archive) -> None:
+    def __init__(self, app: ASGIApp, cfg: WebConfig, authenticator: TokenAuthenticator, archive: Archive,
+                 context: WebContext | None = None) -> None:
         self.app = app
+        self.context = context
         self.required = not is_loopback(cfg.host)
         self.authenticator = authenticator
         self.archive = archive
@@ -97,6 +99,11 @@ class BearerAuth:
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 
+    def close(self) -> None:
+        """Release what the app holds (the context's thread pools) once the server has stopped."""
+        if self.context is not None:
+            self.context.close()
+
     def _audit_refusal(self, scope: Scope, principal: Principal | None, exc: VnaError) -> None:
         client = scope.get("client") or ("", 0)
         actor = Actor(principal.name if principal else "unknown", "token", f"{client[0]}:{client[1]}")
@@ -108,8 +115,8 @@ class BearerAuth:
             log.error("refused DICOMweb request from %s not audited: %s", actor.address, aexc)
 
 
-def build_app(archive: Archive, cfg: WebConfig, tokens: Any = ()) -> ASGIApp:
-    """The whole web front-end over ``archive``'s services."""
+def build_app(archive: Archive, cfg: WebConfig, tokens: Any = ()) -> BearerAuth:
+    """The whole web front-end over ``archive``'s services (``close()`` it after the server stopped)."""
     spool = archive.cfg.resolve("spool/web")  # emptied by `vna serve` before its workers start
     spool.mkdir(parents=True, exist_ok=True)
     routes = _routes()
@@ -120,5 +127,6 @@ def build_app(archive: Archive, cfg: WebConfig, tokens: Any = ()) -> ASGIApp:
 
     routes.append(Route("/", root, methods=["GET"]))
     app = Starlette(routes=routes)
-    app.state.vna = WebContext(archive, cfg, spool)
-    return BearerAuth(app, cfg, TokenAuthenticator(tokens), archive)
+    ctx = WebContext(archive, cfg, spool)
+    app.state.vna = ctx
+    return BearerAuth(app, cfg, TokenAuthenticator(tokens), archive, ctx)

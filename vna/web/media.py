@@ -1,17 +1,15 @@
-"""Media types: Accept negotiation, multipart/related bodies (written streaming, read from a spool file)."""
+"""Media types: Accept negotiation, multipart/related bodies (written and parsed streaming)."""
 
 from __future__ import annotations
 
-import mmap
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Iterator
 
 from vna.errors import InvalidInput
 
-__all__ = ["MediaRange", "parse_media_type", "parse_accept", "PartWriter", "Part", "split_multipart",
+__all__ = ["MediaRange", "parse_media_type", "parse_accept", "PartWriter", "MultipartParser", "PartStart", "PART_END",
            "TS_MEDIA_TYPES", "EXPLICIT_LE", "IMPLICIT_LE", "DEFLATED_LE", "BIG_ENDIAN"]
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -123,56 +121,155 @@ def file_chunks(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
 
 
 @dataclass(frozen=True)
-class Part:
-    """One part of a multipart body: its headers (lower-case names) and its byte range in the spool file."""
+class PartStart:
+    """A part begins: its headers (lower-case names). Its bytes follow as ``bytes`` events, then :data:`PART_END`."""
 
     headers: dict[str, str]
-    start: int
-    end: int
 
     @property
     def content_type(self) -> str:
         return self.headers.get("content-type", "")
 
 
-def split_multipart(path: Path, boundary: str) -> list[Part]:
-    """The parts of the multipart body in ``path`` (RFC 2046), found without reading it into memory.
+class _PartEnd:
+    """The part's bytes are complete (its closing delimiter was seen)."""
 
-    Raises InvalidInput if the body has no opening delimiter, no close
-    delimiter, or a part without a header/body separator.
+    def __repr__(self) -> str:
+        return "PART_END"
+
+
+PART_END = _PartEnd()
+#: What :meth:`MultipartParser.feed` returns, in body order.
+Event = PartStart | bytes | _PartEnd
+
+_PREAMBLE, _AFTER_DELIM, _HEADERS, _BODY, _DONE = range(5)
+#: the longest header block of one part, and of a delimiter line (transport padding included)
+MAX_PART_HEADERS = 65536
+_MAX_DELIM_LINE = 1024
+
+
+class MultipartParser:
+    """A multipart body (RFC 2046) parsed as it arrives, in chunks of any size.
+
+    :meth:`feed` returns the events the bytes so far complete; a part's data
+    is handed out as soon as it cannot be the start of a delimiter, so memory
+    stays bounded by the chunk size plus the boundary (plus one part's header
+    block, at most :data:`MAX_PART_HEADERS`). :meth:`close` says the body has
+    ended. Both raise InvalidInput on a malformed body: no opening
+    delimiter, a delimiter line with anything but padding after the
+    boundary (the boundary inside a part's data), a part without a blank line
+    after its headers, a header line without ``:``, no close delimiter. The
+    epilogue after the close delimiter is ignored.
     """
-    if not boundary or len(boundary) > 200:
-        raise InvalidInput("multipart boundary missing or longer than 200 characters")
-    delim = b"--" + boundary.encode("latin-1")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise InvalidInput("empty multipart body")
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = 0 if mm[:len(delim)] == delim else mm.find(b"\r\n" + delim)
-        if pos < 0:
-            raise InvalidInput("malformed multipart body: no opening boundary delimiter")
-        pos = pos if pos == 0 and mm[:len(delim)] == delim else pos + 2
-        parts: list[Part] = []
+
+    def __init__(self, boundary: str) -> None:
+        if not boundary or len(boundary) > 200:
+            raise InvalidInput("multipart boundary missing or longer than 200 characters")
+        self._dash = b"--" + boundary.encode("latin-1")
+        self._delim = b"\r\n" + self._dash
+        self._buf = bytearray()
+        self._state = _PREAMBLE
+        self._at_start = True   # the opening delimiter may also be the body's first bytes (no preamble)
+        self._seen = 0
+
+    @property
+    def done(self) -> bool:
+        """True once the close delimiter was seen."""
+        return self._state == _DONE
+
+    def feed(self, data: bytes) -> list[Event]:
+        """The events completed by ``data`` (the next bytes of the body)."""
+        self._seen += len(data)
+        if self._state == _DONE:
+            return []
+        buf = self._buf
+        buf += data
+        out: list[Event] = []
+        delim = self._delim
         while True:
-            after = pos + len(delim)
-            if mm[after:after + 2] == b"--":
-                return parts
-            eol = mm.find(b"\r\n", after)
-            if eol < 0 or mm[after:eol].strip(b" \t"):
-                raise InvalidInput("malformed multipart body: bad boundary delimiter line")
-            hs = eol + 2
-            if mm[hs:hs + 2] == b"\r\n":
-                headers, body_start = {}, hs + 2   # no headers: the body follows the blank line
-            else:
-                head_end = mm.find(b"\r\n\r\n", hs, hs + 65536)
-                if head_end < 0:
-                    raise InvalidInput("malformed multipart body: a part has no blank line after its headers")
-                headers, body_start = _headers(mm[hs:head_end]), head_end + 4
-            nxt = mm.find(b"\r\n" + delim, body_start)
-            if nxt < 0:
-                raise InvalidInput("malformed multipart body: no close delimiter (truncated?)")
-            parts.append(Part(headers, body_start, nxt))
-            pos = nxt + 2
+            state = self._state
+            if state == _BODY:
+                i = buf.find(delim)
+                if i >= 0:
+                    if i:
+                        out.append(bytes(buf[:i]))
+                    out.append(PART_END)
+                    del buf[:i + len(delim)]
+                    self._state = _AFTER_DELIM
+                    continue
+                n = len(buf) - len(delim) + 1   # the tail may be the start of a delimiter
+                if n > 0:
+                    out.append(bytes(buf[:n]))
+                    del buf[:n]
+                return out
+            if state == _HEADERS:
+                if len(buf) < 2:
+                    return out
+                if buf[:2] == b"\r\n":
+                    headers: dict[str, str] = {}
+                    del buf[:2]
+                else:
+                    end = buf.find(b"\r\n\r\n", 0, MAX_PART_HEADERS + 4)
+                    if end < 0:
+                        if len(buf) > MAX_PART_HEADERS:
+                            raise InvalidInput("malformed multipart body: a part has no blank line after its "
+                                               f"headers within {MAX_PART_HEADERS} bytes")
+                        return out
+                    headers = _headers(bytes(buf[:end]))
+                    del buf[:end + 4]
+                out.append(PartStart(headers))
+                self._state = _BODY
+                continue
+            if state == _AFTER_DELIM:
+                if len(buf) < 2:
+                    return out
+                if buf[:2] == b"--":
+                    self._state = _DONE
+                    buf.clear()
+                    return out
+                eol = buf.find(b"\r\n", 0, _MAX_DELIM_LINE)
+                if eol < 0:
+                    partial = buf[:-1] if buf.endswith(b"\r") else buf
+                    if len(buf) >= _MAX_DELIM_LINE or partial.strip(b" \t"):
+                        raise InvalidInput("malformed multipart body: bad boundary delimiter line "
+                                           "(the boundary inside a part's data?)")
+                    return out
+                if buf[:eol].strip(b" \t"):
+                    raise InvalidInput("malformed multipart body: bad boundary delimiter line "
+                                       "(the boundary inside a part's data?)")
+                del buf[:eol + 2]
+                self._state = _HEADERS
+                continue
+            # _PREAMBLE
+            if self._at_start:
+                if len(buf) < len(self._dash) and self._dash.startswith(buf):
+                    return out   # could still open with the delimiter
+                self._at_start = False
+                if buf.startswith(self._dash):
+                    del buf[:len(self._dash)]
+                    self._state = _AFTER_DELIM
+                    continue
+            i = buf.find(delim)
+            if i >= 0:
+                del buf[:i + len(delim)]
+                self._state = _AFTER_DELIM
+                continue
+            keep = len(delim) - 1
+            if len(buf) > keep:
+                del buf[:len(buf) - keep]   # preamble: ignored
+            return out
+
+    def close(self) -> None:
+        """The body has ended: raise InvalidInput unless it was a complete multipart body."""
+        if self._state == _DONE:
+            return
+        if self._seen == 0:
+            raise InvalidInput("empty multipart body")
+        if self._state == _PREAMBLE:
+            raise InvalidInput("malformed multipart body: no opening boundary delimiter")
+        if self._state == _HEADERS:
+            raise InvalidInput("malformed multipart body: a part has no blank line after its headers")
+        raise InvalidInput("malformed multipart body: no close delimiter (truncated?)")
 
 
 def _headers(raw: bytes) -> dict[str, str]:
@@ -183,15 +280,3 @@ def _headers(raw: bytes) -> dict[str, str]:
             raise InvalidInput("malformed multipart body: a part header line has no ':'")
         out[name.strip().lower()] = value.strip()
     return out
-
-
-def copy_range(src: BinaryIO, start: int, end: int, write: Callable[[bytes], object], chunk: int = 1 << 20) -> None:
-    """Pass bytes ``[start, end)`` of ``src`` to ``write``, in chunks."""
-    src.seek(start)
-    left = end - start
-    while left > 0:
-        data = src.read(min(chunk, left))
-        if not data:
-            raise InvalidInput("multipart body ended early")
-        write(data)
-        left -= len(data)

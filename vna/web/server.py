@@ -13,6 +13,7 @@ from vna.preflight import listen_error
 
 if TYPE_CHECKING:
     from vna.archive import Archive
+    from vna.web.app import BearerAuth
 
 __all__ = ["WebServer"]
 
@@ -23,7 +24,8 @@ class WebServer:
     """Serve :func:`vna.web.app.build_app` on ``[web] host:port`` (TLS when configured) until :meth:`stop`.
 
     ``reuse_port``: worker processes of one server share the port. ``start``
-    raises ConfigError if the port cannot be bound.
+    raises ConfigError if the port cannot be bound. The server thread's event
+    loop is uvloop's when it is installed (a dependency off Windows), else asyncio's.
     """
 
     def __init__(self, archive: Archive, cfg: Config, *, reuse_port: bool = False) -> None:
@@ -32,6 +34,7 @@ class WebServer:
         self.web = cfg.web
         self.reuse_port = reuse_port
         self._server: object | None = None
+        self._app: BearerAuth | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -66,6 +69,7 @@ class WebServer:
 
         sock = self._socket()
         app = build_app(self.archive, self.web, self.cfg.grpc.token)
+        self._app = app
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", proxy_headers=False,
             ssl_certfile=str(self.cfg.resolve(self.web.tls_cert)) if self.web.tls_cert else None,
@@ -97,4 +101,6 @@ class WebServer:
             return
         server.should_exit = True  # type: ignore[attr-defined]
         thread.join(15)
-        self._server = self._thread = None
+        if self._app is not None and not thread.is_alive():
+            self._app.close()
+        self._server = self._thread = self._app = None

@@ -10,37 +10,43 @@ stored syntax's media type) is accepted. Each request is audited as one
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+from collections import deque
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Generator, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from vna.audit import Actor
 from vna.domain import QueryLevel
-from vna.errors import InvalidDataset, InvalidInput, NotFound, VnaError
+from vna.errors import IntegrityError, InvalidDataset, InvalidInput, NotFound, StorageError, VnaError
 from vna.index.query import make_condition
 from vna.services.retrieve import InstanceRef
 from vna.web.context import WebContext, actor_of, ctx_of, uid_param
 from vna.web.dicomjson import dataset_json, tag_path
 from vna.web.media import (BIG_ENDIAN, DEFLATED_LE, EXPLICIT_LE, IMPLICIT_LE, NATIVE_SYNTAXES, TS_MEDIA_TYPES,
                            MediaRange, PartWriter, file_chunks, parse_accept)
-from vna.web.status import NotAcceptable
+from vna.web.status import NotAcceptable, error_response
 
 __all__ = ["retrieve", "metadata", "bulkdata", "frames", "rendered", "thumbnail"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 OCTET = "application/octet-stream"
-#: instances up to this size are sent as one piece of the response stream
-_ONE_CHUNK = 8 << 20
+#: instances up to this size are read and sent as one piece of the response stream; larger ones in such pieces
+_ONE_PIECE = 4 << 20
+#: pieces read and verified ahead of the one being sent, per response
+_PREFETCH = 4
 
 
 def _path_uids(request: Request) -> tuple[str | None, str | None, str | None]:
@@ -95,36 +101,157 @@ def _wants_dicom(accept: list[MediaRange]) -> bool:
     return False
 
 
+def _read_piece(path: Path, head: bytes, size: int, sop_uid: str) -> bytearray:
+    """``head``, the ``size`` bytes of ``path`` and CRLF in one buffer, read in place (no copy to join them)."""
+    piece = bytearray(len(head) + size + 2)
+    piece[:len(head)] = head
+    piece[-2:] = b"\r\n"
+    view = memoryview(piece)[len(head):len(head) + size]
+    with open(path, "rb", buffering=0) as fh:
+        while view and (n := fh.readinto(view)):
+            view = view[n:]
+        longer = bool(fh.read(1))
+    if view or longer:
+        raise IntegrityError(f"instance {sop_uid} changed size after it was verified")
+    return piece
+
+
+def _part_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter,
+                 size: list[int]) -> Generator[bytes | bytearray, None, None]:
+    """The instance's part (delimiter, headers, the verified bytes, CRLF): one piece up to ``_ONE_PIECE`` bytes,
+    else pieces of that size; the verified copy stays open until the generator ends. Appends the size to ``size``
+    once verified; raises VnaError before the first piece."""
+    with ctx.archive.retrieve.open_verified(ref.sop_uid) as v:
+        size.append(v.size)
+        head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
+        if v.size <= _ONE_PIECE:
+            yield _read_piece(v.path, head, v.size, ref.sop_uid)
+            return
+        yield head
+        yield from file_chunks(v.path, _ONE_PIECE)
+        yield b"\r\n"
+
+
+#: an instance ready to send: its first piece, its size, and (over ``_ONE_PIECE``) the generator of the rest
+_Loaded = tuple[bytes | bytearray, int, Generator[bytes | bytearray, None, None] | None]
+
+
+def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> _Loaded | VnaError:
+    """The instance verified and its first piece read; the error instead when it cannot be sent."""
+    size: list[int] = []
+    pieces = _part_pieces(ctx, ref, writer, size)
+    try:
+        first = next(pieces)
+    except VnaError as exc:
+        return exc
+    except OSError as exc:   # the verified copy went away before it was read
+        return StorageError(f"instance {ref.sop_uid} could not be read after it was verified: {exc}")
+    if size[0] <= _ONE_PIECE:
+        pieces.close()
+        return first, size[0], None
+    return first, size[0], pieces
+
+
+class _InstancesResponse(Response):
+    """multipart/related application/dicom of verified instances, streamed.
+
+    The next instances (up to ``_PREFETCH``) are read and verified on the
+    context's read pool while the current one is sent, so verification
+    overlaps sending and memory stays bounded (``_PREFETCH`` pieces of at most
+    ``_ONE_PIECE`` bytes). The transfer is audited as one operation; an
+    instance that cannot be sent once the status line is gone is left out,
+    logged and counted as failed. A client that goes away stops the reads.
+    """
+
+    def __init__(self, ctx: WebContext, refs: list[InstanceRef], actor: Actor) -> None:
+        self.ctx, self.refs, self.actor = ctx, refs, actor
+        self.writer = PartWriter("application/dicom")
+        self.status_code = 200
+        self.media_type = self.writer.content_type
+        self.background = None
+        self.init_headers()   # no body attribute: no Content-Length (the length is known only once verified)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        pool, rs = self.ctx.read_pool, self.ctx.archive.retrieve
+        ahead: deque[tuple[InstanceRef, asyncio.Future[_Loaded | VnaError]]] = deque()
+        todo = iter(self.refs)
+
+        def read_ahead() -> None:
+            while len(ahead) < _PREFETCH and (ref := next(todo, None)) is not None:
+                ahead.append((ref, loop.run_in_executor(pool, _load, self.ctx, ref, self.writer)))
+
+        read_ahead()   # the first reads overlap the audit's start (nothing is sent before it)
+        stack = ExitStack()
+        try:   # audited before anything is sent: a refusal still gets its own status
+            xfer = await loop.run_in_executor(
+                pool, stack.enter_context, rs.transfer(self.refs, self.actor, op="wado-rs"))
+        except Exception as exc:
+            await self._drop(loop, ahead)
+            await error_response(exc, "WADO-RS retrieve")(scope, receive, send)
+            return
+        gone = asyncio.Event()
+
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        listener = asyncio.create_task(listen())
+        error: BaseException | None = None
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            while not gone.is_set():
+                read_ahead()
+                if not ahead:
+                    break
+                ref, job = ahead.popleft()
+                got = await job
+                if isinstance(got, VnaError):
+                    log.warning("WADO-RS: instance %s not sent: %s", ref.sop_uid, got)
+                    xfer.sent(False)
+                    continue
+                first, size, rest = got
+                try:
+                    await send({"type": "http.response.body", "body": first, "more_body": True})
+                    while rest is not None and not gone.is_set() and (
+                            piece := await loop.run_in_executor(pool, next, rest, None)) is not None:
+                        await send({"type": "http.response.body", "body": piece, "more_body": True})
+                finally:
+                    if rest is not None:
+                        await asyncio.shield(loop.run_in_executor(pool, rest.close))
+                if not gone.is_set():
+                    xfer.sent(True, size)
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": self.writer.end(), "more_body": False})
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            listener.cancel()
+            await self._drop(loop, ahead)
+            exc_info = (type(error), error, error.__traceback__) if error is not None else (None, None, None)
+            await asyncio.shield(loop.run_in_executor(pool, stack.__exit__, *exc_info))
+
+    async def _drop(self, loop: asyncio.AbstractEventLoop,
+                    ahead: deque[tuple[InstanceRef, asyncio.Future[_Loaded | VnaError]]]) -> None:
+        """Cancel the reads not started; close the verified copies the finished ones hold open."""
+        for _ref, job in ahead:
+            if not job.cancel() and not job.cancelled() and job.exception() is None:
+                got = job.result()
+                if not isinstance(got, VnaError) and got[2] is not None:
+                    await asyncio.shield(loop.run_in_executor(self.ctx.read_pool, got[2].close))
+        ahead.clear()
+
+
 async def retrieve(request: Request) -> Response:
     """``GET /studies/{s}[/series/{se}[/instances/{i}]]``: multipart/related application/dicom, bytes as stored."""
     if not _wants_dicom(parse_accept(request.headers.get("accept"))):
         raise NotAcceptable('this resource is sent as multipart/related; type="application/dicom"')
     ctx = ctx_of(request)
     study, series, sop = _path_uids(request)
-    refs = await run_in_threadpool(_select, ctx, study, series, sop)
-    writer = PartWriter("application/dicom")
-    actor = actor_of(request)
-
-    def body() -> Iterator[bytes]:
-        rs = ctx.archive.retrieve
-        with rs.transfer(refs, actor, op="wado-rs") as xfer:
-            for ref in refs:
-                try:
-                    with rs.open_verified(ref.sop_uid) as v:
-                        head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
-                        if v.size <= _ONE_CHUNK:  # one piece per instance: each piece is a hop between threads
-                            yield head + v.path.read_bytes() + b"\r\n"
-                        else:
-                            yield head
-                            yield from file_chunks(v.path)
-                            yield b"\r\n"
-                        xfer.sent(True, v.size)
-                except VnaError as exc:  # the status line is gone: leave the instance out, log and audit it
-                    log.warning("WADO-RS: instance %s not sent: %s", ref.sop_uid, exc)
-                    xfer.sent(False)
-            yield writer.end()
-
-    return StreamingResponse(body(), media_type=writer.content_type)
+    refs = await asyncio.get_running_loop().run_in_executor(ctx.read_pool, _select, ctx, study, series, sop)
+    return _InstancesResponse(ctx, refs, actor_of(request))
 
 
 # -- metadata -----------------------------------------------------------------------------------------------------
