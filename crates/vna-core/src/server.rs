@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -39,7 +39,23 @@ pub const MAX_UNLIMITED_PDATA: u32 = 16 * 1024 * 1024;
 /// The largest command set accepted (commands are a few hundred bytes).
 pub const MAX_COMMAND: usize = 64 * 1024;
 
+/// The largest data set of a C-FIND/C-GET/C-MOVE/N-ACTION request accepted (identifiers are small).
+pub const MAX_REQUEST_DATA: usize = 4 * 1024 * 1024;
+/// A stored copy up to this size is read whole, hashed, then sent; a larger one is hashed in a
+/// first pass and hashed again while sent (the last fragment waits for the digest).
+pub const READ_WHOLE: u64 = 8 * 1024 * 1024;
+
 const VERIFICATION: &str = "1.2.840.10008.1.1";
+/// Storage Commitment Push Model SOP Class.
+pub const COMMITMENT: &str = "1.2.840.10008.1.20.1";
+/// Patient Root and Study Root C-FIND, C-GET and C-MOVE information models.
+pub const FIND_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1"];
+pub const GET_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.3", "1.2.840.10008.5.1.4.1.2.2.3"];
+pub const MOVE_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.2.2"];
+const PENDING: u16 = 0xFF00;
+const CANCEL: u16 = 0xFE00;
+const SUBOPS_FAILED: u16 = 0xA702;
+const SUBOPS_WARNING: u16 = 0xB000;
 
 /// Listener settings and the acceptor's contexts.
 #[derive(Debug, Clone)]
@@ -105,6 +121,106 @@ pub struct StoreAnswer {
     pub comment: Option<String>,
 }
 
+/// A C-FIND, C-GET, C-MOVE or N-ACTION request and its data set (identifier or action information).
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub calling_ae: &'a str,
+    pub address: &'a str,
+    pub port: u16,
+    pub command: &'a Command,
+    /// The presentation context's abstract syntax and transfer syntax (the data set's encoding).
+    pub abstract_syntax: &'a str,
+    pub transfer_syntax: &'a str,
+    pub data: &'a [u8],
+}
+
+/// One C-FIND response: a match (Pending, its encoded identifier) or the final status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FindAnswer {
+    Pending(Vec<u8>),
+    Final(u16),
+}
+
+/// The matches of a C-FIND, asked for one at a time between checks for a C-CANCEL.
+pub trait FindAnswers {
+    /// The next answer; None: the matches are exhausted (final Success).
+    fn next(&mut self) -> Option<FindAnswer>;
+    /// The C-FIND ended (answered, cancelled or cut off): release what the answers hold.
+    fn close(&mut self) {}
+}
+
+/// A stored copy the native side may read: the file, its expected SHA-256 (hex) and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyRef {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// One C-STORE sub-operation of a C-GET/C-MOVE: the instance and its candidate copies, best first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubOperation {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    /// The stored transfer syntax.
+    pub transfer_syntax_uid: String,
+    pub copies: Vec<CopyRef>,
+}
+
+/// Why a candidate copy was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFault {
+    /// Its size or SHA-256 differs from the recorded ones.
+    Corrupt,
+    /// The file does not exist.
+    Missing,
+    /// It could not be read (an I/O error).
+    Unreadable,
+}
+
+/// Where a C-MOVE sends: an association we request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub host: String,
+    pub port: u16,
+    pub called_ae: String,
+    pub calling_ae: String,
+    /// (abstract syntax, transfer syntaxes) to propose.
+    pub contexts: Vec<(String, Vec<String>)>,
+}
+
+/// A C-GET or C-MOVE the embedding program selected instances for.
+pub trait Retrieval {
+    /// The number of sub-operations announced (at least 1).
+    fn count(&self) -> usize;
+    /// The destination of a C-MOVE (None for a C-GET).
+    fn destination(&self) -> Option<Destination> {
+        None
+    }
+    /// The next instance to send; None when done.
+    fn next(&mut self) -> Option<SubOperation>;
+    /// Copy `index` of the current instance failed (`why`): the next candidate is tried.
+    fn bad_copy(&mut self, index: usize, why: &str, fault: CopyFault);
+    /// A verified copy by the embedding program's own means when none of the candidates verified
+    /// (valid until the next `next`); None: the sub-operation fails.
+    fn fallback(&mut self) -> Option<CopyRef>;
+    /// The data set of the verified file `path` re-encoded in `transfer_syntax`; None: not possible.
+    fn convert(&mut self, path: &Path, transfer_syntax: &str) -> Option<Vec<u8>>;
+    /// The result of the current sub-operation (`ok`: Success or Warning; `size`: bytes sent).
+    fn sent(&mut self, ok: bool, size: u64, status: Option<u16>);
+    /// The identifier of a response listing `failed` SOP Instance UIDs, in the request's transfer syntax.
+    fn failed_identifier(&mut self, failed: &[String]) -> Vec<u8>;
+    /// The retrieve ended (answered, cancelled or cut off).
+    fn close(&mut self) {}
+}
+
+/// How the embedding program answers a C-GET/C-MOVE.
+pub enum RetrievePlan {
+    /// A final response at once: status, counts, identifier.
+    Answer(u16, Option<dimse::Counts>, Option<Vec<u8>>),
+    Run(Box<dyn Retrieval>),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Debug,
@@ -120,6 +236,21 @@ pub trait Handler: Send + Sync + 'static {
     /// Take a spooled instance (the file may be adopted: moved or linked); return the C-STORE status.
     /// The spool file is removed afterwards if it is still there.
     fn store(&self, record: &StoreRecord) -> StoreAnswer;
+    /// Answer a C-FIND: its matches, asked for one by one.
+    fn find(&self, request: &Request<'_>) -> Box<dyn FindAnswers> {
+        let _ = request;
+        Box::new(std::iter::once(FindAnswer::Final(0xC000)).into_answers())
+    }
+    /// Plan a C-GET or C-MOVE.
+    fn retrieve(&self, request: &Request<'_>) -> RetrievePlan {
+        let _ = request;
+        RetrievePlan::Answer(SUBOPS_FAILED, None, None)
+    }
+    /// Answer an N-ACTION: status and Action Reply.
+    fn action(&self, request: &Request<'_>) -> (u16, Option<Vec<u8>>) {
+        let _ = request;
+        (0x0123, None)
+    }
     /// One log line.
     fn log(&self, level: Level, message: &str);
     /// Run an association thread's whole body (e.g. inside a per-thread interpreter state).
@@ -129,6 +260,24 @@ pub trait Handler: Send + Sync + 'static {
     /// The association thread is ending (after its last `store`).
     fn thread_done(&self) {}
 }
+
+/// Answers from an iterator (closing does nothing).
+pub struct IterAnswers<I>(I);
+
+impl<I: Iterator<Item = FindAnswer>> FindAnswers for IterAnswers<I> {
+    fn next(&mut self) -> Option<FindAnswer> {
+        self.0.next()
+    }
+}
+
+/// Turn an iterator of answers into [`FindAnswers`].
+pub trait IntoAnswers: Iterator<Item = FindAnswer> + Sized {
+    fn into_answers(self) -> IterAnswers<Self> {
+        IterAnswers(self)
+    }
+}
+
+impl<I: Iterator<Item = FindAnswer>> IntoAnswers for I {}
 
 struct Shared<H: Handler> {
     cfg: Config,
@@ -468,6 +617,21 @@ struct Receiving {
     failure: Option<io::Error>,
 }
 
+/// The data set of a Q/R or N-ACTION request being received (in memory, bounded).
+struct Collecting {
+    context_id: u8,
+    command: Command,
+    data: Vec<u8>,
+}
+
+/// What ended a wait for a C-STORE-RSP or a check for a C-CANCEL.
+enum Incoming {
+    Nothing,
+    Cancel,
+    /// A C-STORE-RSP: its message ID being responded to and status.
+    StoreRsp(u16, u16),
+}
+
 struct Association<'a, H: Handler> {
     shared: &'a Shared<H>,
     stream: TcpStream,
@@ -480,7 +644,10 @@ struct Association<'a, H: Handler> {
     command: Vec<u8>,
     command_cx: Option<u8>,
     receiving: Option<Receiving>,
+    collecting: Option<Collecting>,
     spool_seq: u64,
+    /// True once a C-CANCEL-RQ of the running operation arrived.
+    cancelled: bool,
     /// True once this connection counts as an association (its A-ASSOCIATE-RQ arrived).
     counted: bool,
     /// True until the connection took an association slot (counted half-open until then).
@@ -510,6 +677,8 @@ impl<'a, H: Handler> Association<'a, H> {
             command: Vec::new(),
             command_cx: None,
             receiving: None,
+            collecting: None,
+            cancelled: false,
             spool_seq: 0,
             counted: false,
             half_open: true,
@@ -800,6 +969,30 @@ impl<'a, H: Handler> Association<'a, H> {
         let pdvs = pdu::split_pdvs(body)
             .map_err(|e| End::Abort(6, format!("malformed P-DATA-TF: {e}")))?;
         for pdv in pdvs {
+            if let Some(col) = self.collecting.as_mut() {
+                if pdv.is_command() || pdv.context_id != col.context_id {
+                    return Err(End::Abort(
+                        2,
+                        format!(
+                            "PDV (context {}, header 0x{:02X}) out of place during a data set",
+                            pdv.context_id, pdv.control
+                        ),
+                    ));
+                }
+                if col.data.len() + pdv.data.len() > MAX_REQUEST_DATA {
+                    return Err(End::Abort(
+                        6,
+                        format!("request data set longer than {MAX_REQUEST_DATA} bytes"),
+                    ));
+                }
+                col.data.extend_from_slice(pdv.data);
+                if pdv.is_last() {
+                    if let Some(col) = self.collecting.take() {
+                        self.request(col)?;
+                    }
+                }
+                continue;
+            }
             if let Some(rx) = self.receiving.as_mut() {
                 if pdv.is_command() || pdv.context_id != rx.context_id {
                     return Err(End::Abort(
@@ -870,10 +1063,417 @@ impl<'a, H: Handler> Association<'a, H> {
             dimse::C_STORE_RQ if cx.storage && cx.as_scp && cmd.has_data_set() => {
                 self.begin_store(cx_id, &cx, cmd)
             }
+            dimse::C_FIND_RQ | dimse::C_GET_RQ | dimse::C_MOVE_RQ
+                if cx.as_scp && cmd.has_data_set() && serves(cmd.command_field, &cx.abstract_syntax) =>
+            {
+                self.collecting = Some(Collecting { context_id: cx_id, command: cmd, data: Vec::new() });
+                Ok(())
+            }
+            dimse::N_ACTION_RQ if cx.as_scp && cx.abstract_syntax == COMMITMENT => {
+                let col = Collecting { context_id: cx_id, command: cmd, data: Vec::new() };
+                if col.command.has_data_set() {
+                    self.collecting = Some(col);
+                    Ok(())
+                } else {
+                    self.request(col)
+                }
+            }
+            // a C-CANCEL of no operation in progress (it ended meanwhile) is ignored, as pynetdicom does
+            dimse::C_CANCEL_RQ => Ok(()),
             field => Err(End::Abort(2, format!(
                 "DIMSE command 0x{field:04X} on context {cx_id} ({}) is not supported by the native receiver",
                 cx.abstract_syntax))),
         }
+    }
+
+    fn request(&mut self, col: Collecting) -> Result<(), End> {
+        let Some(cx) = self.accepted.get(&col.context_id).cloned() else {
+            return Ok(());
+        };
+        let address = self.addr.ip().to_string();
+        let calling = self.calling_ae.clone();
+        let req = Request {
+            calling_ae: &calling,
+            address: &address,
+            port: self.addr.port(),
+            command: &col.command,
+            abstract_syntax: &cx.abstract_syntax,
+            transfer_syntax: &cx.transfer_syntax,
+            data: &col.data,
+        };
+        match col.command.command_field {
+            dimse::C_FIND_RQ => {
+                let mut answers = self.shared.handler.find(&req);
+                let result = self.find(col.context_id, &col.command, &cx, answers.as_mut());
+                answers.close();
+                result
+            }
+            dimse::C_GET_RQ | dimse::C_MOVE_RQ => match self.shared.handler.retrieve(&req) {
+                RetrievePlan::Answer(status, counts, identifier) => self.retrieve_rsp(
+                    col.context_id,
+                    &col.command,
+                    &cx,
+                    status,
+                    counts,
+                    identifier.as_deref(),
+                ),
+                RetrievePlan::Run(mut job) => {
+                    let result = self.retrieve(col.context_id, &col.command, &cx, job.as_mut());
+                    job.close();
+                    result
+                }
+            },
+            _ => {
+                let (status, reply) = self.shared.handler.action(&req);
+                let cmd = &col.command;
+                let rsp = dimse::encode_action_rsp(
+                    cmd.message_id,
+                    &cmd.requested_sop_class,
+                    &cmd.requested_sop_instance,
+                    cmd.action_type_id,
+                    status,
+                    reply.is_some(),
+                );
+                self.send_message(col.context_id, &rsp, reply.as_deref())
+            }
+        }
+    }
+
+    /// A command set and its data set (if any) as P-DATA-TF PDUs within the peer's maximum.
+    fn send_message(&mut self, cx_id: u8, command: &[u8], data: Option<&[u8]>) -> Result<(), End> {
+        let mut out = pdu::encode_pdata(cx_id, true, command, self.peer_max_pdu);
+        if let Some(data) = data {
+            out.extend_from_slice(&pdu::encode_pdata(cx_id, false, data, self.peer_max_pdu));
+        }
+        self.send(&out)
+    }
+
+    fn find(
+        &mut self,
+        cx_id: u8,
+        cmd: &Command,
+        cx: &Accepted,
+        answers: &mut dyn FindAnswers,
+    ) -> Result<(), End> {
+        let sop_class = cx.abstract_syntax.as_str();
+        loop {
+            if let Incoming::Cancel = self.incoming(cmd.message_id, false)? {
+                let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, CANCEL, false);
+                return self.send_message(cx_id, &rsp, None);
+            }
+            match answers.next() {
+                Some(FindAnswer::Pending(identifier)) => {
+                    let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, PENDING, true);
+                    self.send_message(cx_id, &rsp, Some(&identifier))?;
+                }
+                Some(FindAnswer::Final(status)) => {
+                    let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, status, false);
+                    return self.send_message(cx_id, &rsp, None);
+                }
+                None => {
+                    let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, 0, false);
+                    return self.send_message(cx_id, &rsp, None);
+                }
+            }
+        }
+    }
+
+    fn retrieve_rsp(
+        &mut self,
+        cx_id: u8,
+        cmd: &Command,
+        cx: &Accepted,
+        status: u16,
+        counts: Option<dimse::Counts>,
+        identifier: Option<&[u8]>,
+    ) -> Result<(), End> {
+        let field = if cmd.command_field == dimse::C_GET_RQ {
+            dimse::C_GET_RSP
+        } else {
+            dimse::C_MOVE_RSP
+        };
+        let rsp = dimse::encode_retrieve_rsp(
+            field,
+            cmd.message_id,
+            &cx.abstract_syntax,
+            status,
+            counts,
+            identifier.is_some(),
+        );
+        self.send_message(cx_id, &rsp, identifier)
+    }
+
+    fn retrieve(
+        &mut self,
+        cx_id: u8,
+        cmd: &Command,
+        cx: &Accepted,
+        job: &mut dyn Retrieval,
+    ) -> Result<(), End> {
+        let is_get = cmd.command_field == dimse::C_GET_RQ;
+        let total = job.count();
+        if total == 0 {
+            return self.retrieve_rsp(cx_id, cmd, cx, 0, Some(dimse::Counts::default()), None);
+        }
+        if total > 65535 {
+            let status = if is_get { 0xC416 } else { 0xC516 };
+            return self.retrieve_rsp(cx_id, cmd, cx, status, None, None);
+        }
+        if !is_get {
+            return self.retrieve_rsp(cx_id, cmd, cx, 0xA801, None, None);
+        }
+        self.cancelled = false;
+        let mut counts = dimse::Counts {
+            remaining: Some(total as u16),
+            ..dimse::Counts::default()
+        };
+        let mut failed: Vec<String> = Vec::new();
+        let mut n = 0u32;
+        while counts.remaining != Some(0) {
+            let Some(sub) = job.next() else { break };
+            if self.cancelled || matches!(self.incoming(cmd.message_id, false)?, Incoming::Cancel) {
+                let identifier = job.failed_identifier(&failed);
+                return self.retrieve_rsp(cx_id, cmd, cx, CANCEL, Some(counts), Some(&identifier));
+            }
+            n += 1;
+            // as pynetdicom numbers them: the request's ID plus the sub-operation's rank, wrapped
+            let mut id = u32::from(cmd.message_id) + n;
+            if id > 65535 {
+                id -= 65535;
+            }
+            let (status, size) = self.suboperation(&sub, id as u16, cmd.message_id, job)?;
+            let ok = matches!(status, Some(s) if s == 0 || s >> 12 == 0xB);
+            job.sent(ok, if ok { size } else { 0 }, status);
+            match status {
+                Some(0) => counts.completed += 1,
+                Some(s) if s >> 12 == 0xB => counts.warning += 1,
+                _ => {
+                    counts.failed += 1;
+                    failed.push(sub.sop_instance_uid);
+                }
+            }
+            counts.remaining = counts.remaining.map(|r| r.saturating_sub(1));
+            self.retrieve_rsp(cx_id, cmd, cx, PENDING, Some(counts), None)?;
+        }
+        let status = if counts.failed == 0 && counts.warning == 0 {
+            0
+        } else if usize::from(counts.failed) == total {
+            SUBOPS_FAILED
+        } else {
+            SUBOPS_WARNING
+        };
+        let identifier = (status != 0).then(|| job.failed_identifier(&failed));
+        self.retrieve_rsp(cx_id, cmd, cx, status, Some(counts), identifier.as_deref())
+    }
+
+    /// Our context to send `sop_class` stored in `ts` on, and the syntax to send it in: the stored one,
+    /// else another little-endian uncompressed one (the lowest context ID first).
+    fn store_context(&self, sop_class: &str, ts: &str) -> Option<(u8, String)> {
+        let mut ids: Vec<&u8> = self.accepted.keys().collect();
+        ids.sort();
+        let usable = |id: &&u8| {
+            let cx = &self.accepted[*id];
+            cx.as_scu && cx.abstract_syntax == sop_class
+        };
+        if let Some(id) = ids
+            .iter()
+            .copied()
+            .filter(usable)
+            .find(|id| self.accepted[*id].transfer_syntax == ts)
+        {
+            return Some((*id, ts.to_string()));
+        }
+        if !LITTLE_ENDIAN.contains(&ts) {
+            return None;
+        }
+        ids.iter()
+            .copied()
+            .filter(usable)
+            .find(|id| LITTLE_ENDIAN.contains(&self.accepted[*id].transfer_syntax.as_str()))
+            .map(|id| (*id, self.accepted[id].transfer_syntax.clone()))
+    }
+
+    /// One C-STORE sub-operation of a C-GET on this association: (the peer's status, or None when
+    /// nothing could be sent; the data set's size).
+    fn suboperation(
+        &mut self,
+        sub: &SubOperation,
+        message_id: u16,
+        operation_id: u16,
+        job: &mut dyn Retrieval,
+    ) -> Result<(Option<u16>, u64), End> {
+        let uid = &sub.sop_instance_uid;
+        let Some((cx_id, ts)) = self.store_context(&sub.sop_class_uid, &sub.transfer_syntax_uid)
+        else {
+            self.log(
+                Level::Error,
+                &format!(
+                    "sub-operation of {uid}: no accepted presentation context for {} in {}",
+                    sub.sop_class_uid, sub.transfer_syntax_uid
+                ),
+            );
+            return Ok((None, 0));
+        };
+        let Some((path, bytes)) = self.verified_copy(sub, job) else {
+            return Ok((None, 0));
+        };
+        let converted;
+        let data: &[u8] = if ts == sub.transfer_syntax_uid {
+            match dimse::dataset_offset(&bytes) {
+                Some(at) => &bytes[at..],
+                None => {
+                    self.log(
+                        Level::Error,
+                        &format!("sub-operation of {uid}: the stored copy is not a Part 10 file"),
+                    );
+                    return Ok((None, 0));
+                }
+            }
+        } else {
+            match job.convert(&path, &ts) {
+                Some(v) => {
+                    converted = v;
+                    &converted
+                }
+                None => return Ok((None, 0)),
+            }
+        };
+        let rq = dimse::encode_store_rq(message_id, &sub.sop_class_uid, uid, 2, None);
+        self.send_message(cx_id, &rq, Some(data))?;
+        let size = data.len() as u64;
+        loop {
+            match self.incoming(operation_id, true)? {
+                Incoming::StoreRsp(id, status) if id == message_id => {
+                    return Ok((Some(status), size))
+                }
+                Incoming::StoreRsp(id, _) => {
+                    return Err(End::Abort(
+                        2,
+                        format!("C-STORE-RSP to message {id}, expected {message_id}"),
+                    ))
+                }
+                Incoming::Cancel => self.cancelled = true,
+                Incoming::Nothing => {}
+            }
+        }
+    }
+
+    /// The bytes of the first candidate copy of `sub` that verifies (each failing one is reported to
+    /// `job`), else of the fallback copy the job provides.
+    fn verified_copy(
+        &self,
+        sub: &SubOperation,
+        job: &mut dyn Retrieval,
+    ) -> Option<(PathBuf, Vec<u8>)> {
+        for (i, copy) in sub.copies.iter().enumerate() {
+            match read_verified(copy) {
+                Ok(bytes) => return Some((copy.path.clone(), bytes)),
+                Err((why, fault)) => job.bad_copy(i, &why, fault),
+            }
+        }
+        let copy = job.fallback()?;
+        match read_verified(&copy) {
+            Ok(bytes) => Some((copy.path, bytes)),
+            Err((why, _)) => {
+                self.log(
+                    Level::Error,
+                    &format!("sub-operation of {}: {why}", sub.sop_instance_uid),
+                );
+                None
+            }
+        }
+    }
+
+    /// True when the socket has bytes to read now.
+    fn readable(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the association's open socket.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    }
+
+    /// Read what the peer sent during an operation: a C-CANCEL-RQ of `message_id` or a C-STORE-RSP.
+    /// `wait`: block (up to the network timeout) for a PDU; else read only what is already there.
+    /// A release request ends the association (after the reply), an abort ends it; another request
+    /// aborts (asynchronous operations are not negotiated).
+    fn incoming(&mut self, message_id: u16, wait: bool) -> Result<Incoming, End> {
+        loop {
+            if !wait && self.command.is_empty() && !self.readable() {
+                return Ok(Incoming::Nothing);
+            }
+            let kind = self.read_pdu(None, true)?;
+            match kind {
+                pdu::P_DATA_TF => {}
+                pdu::A_RELEASE_RQ => {
+                    self.log(
+                        Level::Info,
+                        &format!(
+                            "association from {} released during an operation",
+                            self.calling_ae
+                        ),
+                    );
+                    let _ = self.stream.write_all(&pdu::encode_release_rp());
+                    return Err(End::Released);
+                }
+                pdu::A_ABORT => return Err(End::Closed("aborted by the peer".into())),
+                _ => return Err(End::Abort(2, format!("unexpected {}", pdu::pdu_name(kind)))),
+            }
+            let body = std::mem::take(&mut self.body);
+            let found = self.incoming_pdvs(&body, message_id);
+            self.body = body;
+            match found? {
+                Incoming::Nothing => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn incoming_pdvs(&mut self, body: &[u8], message_id: u16) -> Result<Incoming, End> {
+        let pdvs = pdu::split_pdvs(body)
+            .map_err(|e| End::Abort(6, format!("malformed P-DATA-TF: {e}")))?;
+        let mut found = Incoming::Nothing;
+        for pdv in pdvs {
+            if !pdv.is_command() || self.command_cx.is_some_and(|cx| cx != pdv.context_id) {
+                return Err(End::Abort(
+                    2,
+                    "a data set or a split command during an operation".into(),
+                ));
+            }
+            if self.command.len() + pdv.data.len() > MAX_COMMAND {
+                return Err(End::Abort(6, "command set too long".into()));
+            }
+            self.command_cx = Some(pdv.context_id);
+            self.command.extend_from_slice(pdv.data);
+            if !pdv.is_last() {
+                continue;
+            }
+            let raw = std::mem::take(&mut self.command);
+            self.command_cx = None;
+            let cmd = dimse::parse_command(&raw).map_err(|e| End::Abort(6, e.to_string()))?;
+            match cmd.command_field {
+                dimse::C_CANCEL_RQ if cmd.responded_to == Some(message_id) => {
+                    found = Incoming::Cancel;
+                }
+                dimse::C_CANCEL_RQ => {}
+                dimse::C_STORE_RSP if !cmd.has_data_set() => {
+                    let status = cmd.status.unwrap_or(0xC000);
+                    found = Incoming::StoreRsp(cmd.responded_to.unwrap_or(0), status);
+                }
+                field => {
+                    return Err(End::Abort(
+                        2,
+                        format!(
+                            "DIMSE command 0x{field:04X} during another operation \
+                             (asynchronous operations are not negotiated)"
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(found)
     }
 
     fn spool_file(&mut self) -> io::Result<(File, PathBuf)> {
@@ -1015,6 +1615,7 @@ impl<'a, H: Handler> Association<'a, H> {
     fn abandon(&mut self) {
         self.command.clear();
         self.command_cx = None;
+        self.collecting = None;
         if let Some(rx) = self.receiving.take() {
             if let Some((file, path)) = rx.spool {
                 drop(file);
@@ -1029,6 +1630,46 @@ impl<'a, H: Handler> Association<'a, H> {
             );
         }
     }
+}
+
+const LITTLE_ENDIAN: [&str; 2] = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"];
+
+/// The whole file of `copy`, verified against its size and SHA-256.
+fn read_verified(copy: &CopyRef) -> Result<Vec<u8>, (String, CopyFault)> {
+    let name = copy.path.display();
+    let mut file = match File::open(&copy.path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err((format!("{name} not found"), CopyFault::Missing))
+        }
+        Err(e) => return Err((format!("{name}: {e}"), CopyFault::Unreadable)),
+    };
+    let mut bytes = Vec::with_capacity(copy.size.min(READ_WHOLE) as usize);
+    // one byte more than recorded: a longer file is detected without reading all of it
+    if let Err(e) = (&mut file)
+        .take(copy.size.saturating_add(1))
+        .read_to_end(&mut bytes)
+    {
+        return Err((format!("{name}: {e}"), CopyFault::Unreadable));
+    }
+    if bytes.len() as u64 != copy.size || hex(&Sha256::digest(&bytes)) != copy.sha256 {
+        return Err((
+            format!("{name} content digest mismatch"),
+            CopyFault::Corrupt,
+        ));
+    }
+    Ok(bytes)
+}
+
+/// True when `command_field` is the DIMSE service of the Q/R information model `abstract_syntax`.
+fn serves(command_field: u16, abstract_syntax: &str) -> bool {
+    let models: &[&str] = match command_field {
+        dimse::C_FIND_RQ => &FIND_MODELS,
+        dimse::C_GET_RQ => &GET_MODELS,
+        dimse::C_MOVE_RQ => &MOVE_MODELS,
+        _ => &[],
+    };
+    models.contains(&abstract_syntax)
 }
 
 /// An Error Comment (LO): ASCII, no backslash, at most 64 characters.
