@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
@@ -32,6 +31,7 @@ from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import dimse_codec, reactor, status as st, uid_cache
 from vna.dicom.assoc_log import AssociationLog, OncePerName
+from vna.dicom.qr import UNIQUE_KEYS, identifier_map, query_level, response
 from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
 from vna.dicom.contexts import Contexts, UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
 from vna.dicom.fast_store import FastStore, spooled_of
@@ -70,11 +70,6 @@ StudyRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.2.3")
 _LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1137.0.1")
 IMPLEMENTATION_VERSION_NAME = "VNA_010"
-_PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
-                 PatientRootQueryRetrieveInformationModelGet}
-_UNIQUE_KEYS = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
-_SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
-_ECHOED_KEYS = ("TimezoneOffsetFromUTC",)
 _THREAD_BACKSTOP = 1 << 16  # pynetdicom's maximum_associations: our limits are dicom.max_* (vna/dicom/limits.py)
 
 
@@ -151,57 +146,6 @@ def _status_of(rsp: Any) -> int:
     if isinstance(rsp, tuple):
         return int(rsp[0]) if rsp and isinstance(rsp[0], int) else st.SUCCESS
     return int(rsp) if isinstance(rsp, int) else st.SUCCESS
-
-
-def _identifier_map(ds: Dataset) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for elem in ds:
-        kw = elem.keyword or keyword_for_tag(elem.tag)
-        if not kw or kw in _SKIP_KEYS or elem.tag.group in (0x0000, 0x0002):
-            continue
-        if elem.VR == "SQ":
-            out[kw] = ""
-            continue
-        value = elem.value
-        if value is None:
-            out[kw] = ""
-        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            out[kw] = "\\".join(str(v) for v in value)
-        else:
-            out[kw] = str(value)
-    return out
-
-
-def _response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
-    rsp = Dataset()
-    rsp.QueryRetrieveLevel = level
-    non_ascii = False
-    for kw, value in row.items():
-        tag = tag_for_keyword(kw)
-        if tag is None:
-            continue
-        vr = requested[tag].VR if tag in requested else dictionary_VR(tag)
-        if vr == "SQ":
-            rsp.add_new(tag, "SQ", [])
-            continue
-        if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
-            try:
-                rsp.add_new(tag, vr, int(value) if vr not in ("FL", "FD") else float(value))
-            except ValueError:
-                rsp.add_new(tag, vr, None)
-            continue
-        if vr in ("IS", "DS") and value == "":
-            rsp.add_new(tag, vr, None)
-            continue
-        if not value.isascii():
-            non_ascii = True
-        rsp.add_new(tag, vr, value.split("\\") if "\\" in value and vr not in ("LT", "ST", "UT") else value)
-    for kw in _ECHOED_KEYS:  # PS3.4 C.4.1.1.3.2: returned as sent
-        if kw in requested:
-            rsp.add(requested[kw])
-    if non_ascii or "SpecificCharacterSet" in requested:
-        rsp.SpecificCharacterSet = "ISO_IR 192"
-    return rsp
 
 
 class _Server(ThreadedAssociationServer):
@@ -603,15 +547,7 @@ class DicomServer:
 
     def _level(self, event: evt.Event) -> tuple[QueryLevel, Dataset]:
         ds = event.identifier
-        level = str(ds.get("QueryRetrieveLevel", "")).strip().upper()
-        try:
-            qlevel = QueryLevel(level)
-        except ValueError:
-            raise InvalidInput(f"QueryRetrieveLevel {level!r} is not PATIENT/STUDY/SERIES/IMAGE") from None
-        model = cast(Any, event.request).AffectedSOPClassUID
-        if qlevel is QueryLevel.PATIENT and model not in _PATIENT_ROOT:
-            raise InvalidInput("PATIENT level needs the Patient Root information model")
-        return qlevel, ds
+        return query_level(ds, str(cast(Any, event.request).AffectedSOPClassUID)), ds
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         """C-FIND: one pending response per match."""
@@ -622,11 +558,11 @@ class DicomServer:
             yield st.IDENTIFIER_MISMATCH, None
             return
         try:
-            for row in self.archive.query.find(level, _identifier_map(ds), actor=_actor(event)):
+            for row in self.archive.query.find(level, identifier_map(ds), actor=_actor(event)):
                 if event.is_cancelled:
                     yield st.CANCEL, None
                     return
-                yield st.PENDING, _response(level.value, row, ds)
+                yield st.PENDING, response(level.value, row, ds)
         except VnaError as exc:
             log.error("C-FIND failed: %s", exc)
             yield st.status_for(exc), None
@@ -634,7 +570,7 @@ class DicomServer:
     def _select(self, event: evt.Event) -> list[InstanceRef]:
         self.archive.audit.require()  # refuse before sending anything
         level, ds = self._level(event)
-        ident = {k: v for k, v in _identifier_map(ds).items() if k in _UNIQUE_KEYS}
+        ident = {k: v for k, v in identifier_map(ds).items() if k in UNIQUE_KEYS}
         conds = self.archive.query.conditions(level, ident)
         if not conds:
             raise InvalidInput("a retrieve needs at least one unique key")
