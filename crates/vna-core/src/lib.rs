@@ -11,4 +11,5 @@
 pub mod dimse;
 pub mod negotiate;
 pub mod pdu;
+pub mod send;
 pub mod server;
