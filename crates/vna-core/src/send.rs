@@ -526,16 +526,18 @@ impl SendSettings {
         }
     }
 
-    /// The data bytes one PDV of a P-DATA-TF we send may carry.
+    /// The data bytes one PDV of a P-DATA-TF we send may carry: even (DCMTK aborts on an odd
+    /// fragment), at least 2.
     pub fn fragment_size(&self) -> usize {
         let max = match self.peer_max_pdu {
             0 => SEND_PDU_CAP,
             n => n.min(SEND_PDU_CAP),
         };
-        (max as usize).saturating_sub(6).max(1)
+        ((max as usize).saturating_sub(6) & !1).max(2)
     }
 
-    fn max_pdata_read(&self) -> u32 {
+    /// The bound of a P-DATA-TF we read: our announced maximum plus slack.
+    pub fn max_pdata_read(&self) -> u32 {
         match self.our_max_pdu {
             0 => crate::server::MAX_UNLIMITED_PDATA,
             // as the listener: the announced maximum plus a PDV item header's worth of slack
@@ -545,8 +547,8 @@ impl SendSettings {
 }
 
 /// Read one PDU into `body`: its type. P-DATA-TF bodies are bounded by `max_pdata`,
-/// `other`'s type by `other_max`, A-RELEASE-RQ/RP and A-ABORT by [`MAX_SMALL_PDU`]; anything
-/// else is a protocol error. Each read waits at most `network_timeout`, the whole PDU at most
+/// the types of `others` by their bound, A-RELEASE-RQ/RP and A-ABORT by [`MAX_SMALL_PDU`];
+/// anything else is a protocol error. Each read waits at most `network_timeout`, the whole PDU at most
 /// until `deadline` (`waiting_for` names what was awaited for the timeout's message).
 pub fn read_pdu<T: Transport + ?Sized>(
     t: &mut T,
@@ -554,17 +556,18 @@ pub fn read_pdu<T: Transport + ?Sized>(
     deadline: Instant,
     network_timeout: Duration,
     max_pdata: u32,
-    other: (u8, u32),
+    others: &[(u8, u32)],
     waiting_for: &str,
 ) -> Result<u8, LinkError> {
     let mut head = [0u8; 6];
     read_exact(t, &mut head, deadline, network_timeout, waiting_for, true)?;
     let (kind, len) = pdu::parse_header(&head);
-    let cap = match kind {
-        pdu::P_DATA_TF => max_pdata,
-        k if k == other.0 => other.1,
-        pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT => MAX_SMALL_PDU,
-        pdu::A_ASSOCIATE_RQ..=pdu::A_ABORT => {
+    let listed = others.iter().find(|o| o.0 == kind).map(|o| o.1);
+    let cap = match (kind, listed) {
+        (pdu::P_DATA_TF, _) => max_pdata,
+        (_, Some(cap)) => cap,
+        (pdu::A_RELEASE_RQ | pdu::A_RELEASE_RP | pdu::A_ABORT, None) => MAX_SMALL_PDU,
+        (pdu::A_ASSOCIATE_RQ..=pdu::A_ABORT, None) => {
             return Err(LinkError::Protocol(format!(
                 "unexpected {} while waiting for {waiting_for}",
                 pdu::pdu_name(kind)
@@ -651,6 +654,18 @@ fn hex(bytes: &[u8]) -> String {
         out.push(DIGITS[(b & 15) as usize] as char);
     }
     out
+}
+
+/// A data set is a sequence of even-length elements (a deflated one is padded to even
+/// length, PS3.5 A.5): an odd one is declined rather than sent for the peer to abort on.
+fn check_even(layout: &Part10Layout) -> Result<(), SendError> {
+    if layout.data_set_length() % 2 == 1 {
+        return Err(SendError::Unusable(format!(
+            "its data set has an odd length ({} bytes)",
+            layout.data_set_length()
+        )));
+    }
+    Ok(())
 }
 
 /// Where the data set's bytes come from while they are sent.
@@ -760,6 +775,7 @@ impl Sender {
                 });
             }
             let layout = parse_file_meta(&whole, size).map_err(SendError::Unusable)?;
+            check_even(&layout)?;
             let at = layout.data_set_offset as usize;
             return Ok((layout, Source::Whole(whole, at)));
         }
@@ -769,6 +785,7 @@ impl Sender {
             .read_to_end(&mut head)
             .map_err(|e| unusable("read", e))?;
         let layout = parse_file_meta(&head, size).map_err(SendError::Unusable)?;
+        check_even(&layout)?;
         drop(head);
         file.seek(SeekFrom::Start(0))
             .map_err(|e| unusable("read", e))?;
@@ -897,7 +914,7 @@ impl Sender {
                 deadline,
                 self.settings.network_timeout,
                 self.settings.max_pdata_read(),
-                (pdu::A_ABORT, MAX_SMALL_PDU),
+                &[],
                 &waiting_for,
             )?;
             match kind {
@@ -1115,6 +1132,7 @@ mod tests {
                 } else {
                     assert!(done_cmd, "data before the command's last fragment");
                     data.extend_from_slice(pdv.data);
+                    assert!(pdv.is_last() || pdv.data.len() % 2 == 0, "odd fragment");
                     if pdv.is_last() {
                         return (command, data, largest);
                     }
@@ -1152,7 +1170,7 @@ mod tests {
                 .unwrap();
             got
         });
-        let mut settings = SendSettings::new(1000, 16384);
+        let mut settings = SendSettings::new(1001, 16384);
         settings.whole_read_limit = whole_read_limit;
         let mut sender = Sender::new(settings);
         let out = sender
@@ -1160,7 +1178,7 @@ mod tests {
             .unwrap();
         let (command, sent, largest) = peer_thread.join().unwrap();
         assert_eq!(sent, data);
-        assert!(largest <= 1000);
+        assert!(largest <= 1001);
         assert_eq!(command, encode_store_rq(&request(None)).unwrap());
         assert_eq!(out.cancel, Some(5));
         assert_eq!(out.response.status, 0xB000);
