@@ -1231,6 +1231,41 @@ mod tests {
     }
 
     #[test]
+    fn a_file_changed_between_the_passes_holds_the_final_fragment_back() {
+        let file = part10(&data_set(5000));
+        let path = write_temp("changed", &file);
+        let (mut ours, mut peer) = UnixStream::pair().unwrap();
+        let mut settings = SendSettings::new(1000, 0);
+        settings.whole_read_limit = 1024;
+        let mut sender = Sender::new(settings);
+        let (layout, mut source) = sender.open(&path, &sha(&file)).unwrap();
+        // the hash pass is done: now the copy changes (same size, last byte flipped)
+        let mut changed = file.clone();
+        *changed.last_mut().unwrap() ^= 0xFF;
+        std::fs::write(&path, &changed).unwrap();
+        let err = sender
+            .send_data(&mut ours, 3, &mut source, layout.data_set_length(), 994)
+            .unwrap_err();
+        assert!(matches!(err, LinkError::ChangedWhileSending(_)), "{err}");
+        drop(ours);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).unwrap();
+        let mut pos = 0;
+        let mut data = 0;
+        while pos < rest.len() {
+            let (_, len) = pdu::parse_header(rest[pos..pos + 6].try_into().unwrap());
+            let body = &rest[pos + 6..pos + 6 + len as usize];
+            for pdv in pdu::split_pdvs(body).unwrap() {
+                assert!(!pdv.is_last(), "the final fragment went out");
+                data += pdv.data.len();
+            }
+            pos += 6 + len as usize;
+        }
+        assert!(data > 0 && (data as u64) < layout.data_set_length());
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
     fn other_transfer_syntax_sends_nothing() {
         let file = part10(&data_set(10));
         let path = write_temp("ts", &file);
