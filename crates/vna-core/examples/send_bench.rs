@@ -90,8 +90,17 @@ fn main() {
     let _ = scp.wait();
 
     let size = bytes.len();
-    println!("{n} x {} ({size} bytes) to storescp --ignore", file.display());
-    println!("vna-core scu : {:8.1} inst/s ({ours:.3} s)", n as f64 / ours);
-    println!("storescu     : {:8.1} inst/s ({theirs:.3} s)", n as f64 / theirs);
+    println!(
+        "{n} x {} ({size} bytes) to storescp --ignore",
+        file.display()
+    );
+    println!(
+        "vna-core scu : {:8.1} inst/s ({ours:.3} s)",
+        n as f64 / ours
+    );
+    println!(
+        "storescu     : {:8.1} inst/s ({theirs:.3} s)",
+        n as f64 / theirs
+    );
     println!("ratio vna/storescu: {:.2}", theirs / ours);
 }
