@@ -484,4 +484,42 @@ fn a_peer_abort_mid_send_ends_the_association() {
         matches!(again, SendError::Link(LinkError::Closed(_))),
         "{again}"
     );
+    // a data set far larger than the socket buffers: the abort comes while we write
+    let path = scp.dir.join("big.dcm");
+    large_file(&path, 8 * 1024 * 1024, "1.2.826.0.1.3680043.10.1137.99.4");
+    let big = [Stored::load(&path)];
+    let mut assoc =
+        Association::request("127.0.0.1", scp.port, config(16384), &proposals(&big), &[]).unwrap();
+    let err = assoc.send_store(&big[0].instance(), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SendError::Link(LinkError::PeerAborted { .. } | LinkError::Closed(_))
+        ),
+        "{err}"
+    );
+    assert!(!assoc.is_open());
+}
+
+#[test]
+fn a_stalled_peer_times_out_and_is_aborted() {
+    let (Some(dir), Some(scp)) = (test_files(), storescp("stall", &["--sleep-during", "5"])) else {
+        return;
+    };
+    let files = [Stored::load(&dir.join("CT_small.dcm"))];
+    let mut cfg = config(16384);
+    cfg.dimse_timeout = Duration::from_millis(800);
+    let mut assoc =
+        Association::request("127.0.0.1", scp.port, cfg, &proposals(&files), &[]).unwrap();
+    // storescp answers after 5 s: only a working response deadline ends this in a timeout
+    let err = assoc.send_store(&files[0].instance(), None).unwrap_err();
+    assert!(
+        matches!(err, SendError::Link(LinkError::Timeout(_))),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waited for the peer"
+    );
+    assert!(!assoc.is_open());
 }
