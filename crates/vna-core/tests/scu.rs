@@ -517,9 +517,5 @@ fn a_stalled_peer_times_out_and_is_aborted() {
         matches!(err, SendError::Link(LinkError::Timeout(_))),
         "{err}"
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "waited for the peer"
-    );
     assert!(!assoc.is_open());
 }
