@@ -1324,4 +1324,33 @@ mod tests {
             let _ = parse_response(&raw);
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn any_answer_ends_in_a_response_or_an_error(answer in proptest::collection::vec(proptest::num::u8::ANY, 0..300), valid_prefix in proptest::bool::ANY) {
+            let file = part10(&data_set(100));
+            let path = write_temp("answer", &file);
+            let (mut ours, mut peer) = UnixStream::pair().unwrap();
+            let peer_thread = std::thread::spawn(move || {
+                let _ = receive(&mut peer);
+                if valid_prefix {
+                    // a well-formed P-DATA-TF header, then garbage as its body
+                    let mut head = vec![pdu::P_DATA_TF, 0];
+                    head.extend_from_slice(&(answer.len() as u32).to_be_bytes());
+                    let _ = peer.write_all(&head);
+                }
+                let _ = peer.write_all(&answer);
+            });
+            let mut settings = SendSettings::new(0, 4096);
+            settings.response_timeout = Duration::from_millis(500);
+            let result = Sender::new(settings).send_store(&mut ours, &request(None), &path, &sha(&file));
+            peer_thread.join().unwrap();
+            if let Ok(out) = result {
+                proptest::prop_assert_eq!(out.response.message_id_responded, 9);
+            }
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
