@@ -382,6 +382,10 @@ impl Association {
 
     /// Send `instance` in a C-STORE-RQ (priority medium) and wait for its C-STORE-RSP.
     ///
+    /// Without an accepted context for its SOP class and transfer syntax this is
+    /// [`SendError::Unusable`] too: call [`Association::context_for`] first to tell the two
+    /// apart.
+    ///
     /// An error that leaves the association unusable ([`SendError::Link`]) aborts it (an
     /// A-ABORT is sent unless the peer aborted); later calls fail at once.
     pub fn send_store(

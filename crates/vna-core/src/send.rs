@@ -546,10 +546,10 @@ impl SendSettings {
     }
 }
 
-/// Read one PDU into `body`: its type. P-DATA-TF bodies are bounded by `max_pdata`,
-/// the types of `others` by their bound, A-RELEASE-RQ/RP and A-ABORT by [`MAX_SMALL_PDU`];
-/// anything else is a protocol error. Each read waits at most `network_timeout`, the whole PDU at most
-/// until `deadline` (`waiting_for` names what was awaited for the timeout's message).
+/// Read one PDU into `body`: its type. P-DATA-TF bodies are bounded by `max_pdata`, the
+/// types of `others` by their bound, A-RELEASE-RQ/RP and A-ABORT by [`MAX_SMALL_PDU`];
+/// anything else is a protocol error. Each read waits at most `network_timeout`, the whole
+/// PDU at most until `deadline` (`waiting_for` names what was awaited, for error messages).
 pub fn read_pdu<T: Transport + ?Sized>(
     t: &mut T,
     body: &mut Vec<u8>,

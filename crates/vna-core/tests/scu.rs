@@ -519,3 +519,60 @@ fn a_stalled_peer_times_out_and_is_aborted() {
     );
     assert!(!assoc.is_open());
 }
+
+/// A listener whose one connection gets `answer` after the A-ASSOCIATE-RQ arrived (or nothing),
+/// then stays open until the requestor closes it.
+fn hostile_acceptor(answer: Option<Vec<u8>>) -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = [0u8; 6];
+        std::io::Read::read_exact(&mut conn, &mut head).unwrap();
+        let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+        let mut body = vec![0u8; len];
+        std::io::Read::read_exact(&mut conn, &mut body).unwrap();
+        if let Some(answer) = answer {
+            std::io::Write::write_all(&mut conn, &answer).unwrap();
+        }
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut conn, &mut rest);
+    });
+    (port, thread)
+}
+
+#[test]
+fn a_silent_or_garbled_acceptor_fails_the_association() {
+    let cx = ContextProposal {
+        abstract_syntax: SECONDARY_CAPTURE.into(),
+        transfer_syntaxes: vec![EXPLICIT.into()],
+    };
+    let mut cfg = config(16384);
+    cfg.acse_timeout = Duration::from_millis(500);
+    // silent: ARTIM expires
+    let (port, thread) = hostile_acceptor(None);
+    let err = Association::request("127.0.0.1", port, cfg.clone(), &[cx.clone()], &[]).unwrap_err();
+    assert!(
+        matches!(err, AssociateError::Failed(LinkError::Timeout(_))),
+        "{err}"
+    );
+    thread.join().unwrap();
+    // an A-ASSOCIATE-AC announcing 1 GiB: refused unread
+    let mut huge = vec![0x02, 0];
+    huge.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    let (port, thread) = hostile_acceptor(Some(huge));
+    let err = Association::request("127.0.0.1", port, cfg.clone(), &[cx.clone()], &[]).unwrap_err();
+    assert!(
+        matches!(err, AssociateError::Failed(LinkError::Protocol(_))),
+        "{err}"
+    );
+    thread.join().unwrap();
+    // an A-ASSOCIATE-AC too short for its fixed fields
+    let (port, thread) = hostile_acceptor(Some(vec![0x02, 0, 0, 0, 0, 4, 0, 1, 0, 0]));
+    let err = Association::request("127.0.0.1", port, cfg, &[cx], &[]).unwrap_err();
+    assert!(
+        matches!(err, AssociateError::Failed(LinkError::Protocol(_))),
+        "{err}"
+    );
+    thread.join().unwrap();
+}
