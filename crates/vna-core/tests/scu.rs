@@ -551,7 +551,14 @@ fn a_silent_or_garbled_acceptor_fails_the_association() {
     cfg.acse_timeout = Duration::from_millis(500);
     // silent: ARTIM expires
     let (port, thread) = hostile_acceptor(None);
-    let err = Association::request("127.0.0.1", port, cfg.clone(), &[cx.clone()], &[]).unwrap_err();
+    let err = Association::request(
+        "127.0.0.1",
+        port,
+        cfg.clone(),
+        std::slice::from_ref(&cx),
+        &[],
+    )
+    .unwrap_err();
     assert!(
         matches!(err, AssociateError::Failed(LinkError::Timeout(_))),
         "{err}"
@@ -561,7 +568,14 @@ fn a_silent_or_garbled_acceptor_fails_the_association() {
     let mut huge = vec![0x02, 0];
     huge.extend_from_slice(&(1u32 << 30).to_be_bytes());
     let (port, thread) = hostile_acceptor(Some(huge));
-    let err = Association::request("127.0.0.1", port, cfg.clone(), &[cx.clone()], &[]).unwrap_err();
+    let err = Association::request(
+        "127.0.0.1",
+        port,
+        cfg.clone(),
+        std::slice::from_ref(&cx),
+        &[],
+    )
+    .unwrap_err();
     assert!(
         matches!(err, AssociateError::Failed(LinkError::Protocol(_))),
         "{err}"
