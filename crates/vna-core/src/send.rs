@@ -20,6 +20,12 @@
 //!
 //! Nothing here writes an A-ABORT: an error that leaves the association unusable is a
 //! [`SendError::Link`], and the caller (acceptor or requestor) aborts and closes.
+//!
+//! Use: one [`Sender`] per association, its [`SendSettings`] from the negotiated maxima
+//! (the peer's and ours) and the timeouts; between the reads of its own loop the owner of
+//! the connection calls [`Sender::send_store`] with `&mut` its stream (any [`Transport`]).
+//! [`SendError::Unusable`] and [`SendError::DigestMismatch`] leave the association as it
+//! was: try another copy, or let the Python path send this one.
 
 use std::fmt;
 use std::fs::File;
