@@ -11,4 +11,6 @@
 pub mod dimse;
 pub mod negotiate;
 pub mod pdu;
+pub mod scu;
+pub mod send;
 pub mod server;
