@@ -88,7 +88,8 @@ class Listener:
     [transfer syntaxes])]) for a C-MOVE), ``next()`` (None when done, or (SOP class, SOP instance, stored
     transfer syntax, [(path, sha256 hex, size)] candidate copies)), ``bad_copy(index, why, fault)`` (fault
     "corrupt", "missing" or "unreadable"), ``fallback()`` (a verified (path, sha256, size) or None),
-    ``convert(path, transfer_syntax)`` (the data set re-encoded, or None), ``sent(ok, size, status)``,
+    ``convert(transfer_syntax)`` (a verified copy re-encoded
+    in that syntax as a Part 10 file (path, sha256, size), or None), ``sent(ok, size, status)``,
     ``failed_identifier(uids)`` (an identifier listing them) and ``close()``.
     ``on_log(level, message)`` takes a ``logging`` level; ``on_thread_done()`` runs when an
     association's thread ends. Callbacks run in the association threads.
@@ -106,6 +107,7 @@ class Listener:
         max_per_address: int,
         acse_timeout: float,
         network_timeout: float,
+        dimse_timeout: float,
         spool_dir: str,
         implementation_class_uid: str,
         implementation_version: str,

@@ -327,3 +327,84 @@ def test_storage_commitment_report_reaches_a_pynetdicom_scp(make_server: Factory
             ("1.2.3.4.5.404", 0x0112)]
     finally:
         server.shutdown()
+
+
+def test_c_move_to_storescp_counts_bytes_and_refusals_are_the_python_receivers(
+        make_server: Factory, corpus: list[Path], storescp: StoreScp) -> None:
+    dest = f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {storescp.port}\n'
+    py, nv = _pair(make_server, corpus, dest)
+    ct = [p for p in corpus if p.name.startswith("ct-7-0001")]
+    ds = dcmread(ct[0], stop_before_pixels=True)
+    study = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID}
+    results = []
+    for srv in (py, nv):
+        for f in storescp.files():
+            f.unlink()
+        responses, final = scu.move(srv.port, study, "DEST")
+        pending = [int(r.NumberOfRemainingSuboperations) for r in responses if r.Status == 0xFF00]
+        received = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(f)
+                    for f in storescp.files()}
+        refusals = [_counts(scu.move(srv.port, study, "NOWHERE")[1]),
+                    _counts(scu.move(srv.port, {"QueryRetrieveLevel": "STUDY", "PatientName": "x*"}, "DEST")[1]),
+                    _counts(scu.move(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.3.999"},
+                                     "DEST")[1])]
+        results.append((_counts(final), pending, received, refusals))
+    assert results[1] == results[0]
+    final, pending, received, refusals = results[1]
+    assert final == (0, len(ct), 0, 0) and pending == [2, 1, 0]
+    assert received == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p) for p in ct}
+    assert [r[0] for r in refusals] == [0xA801, 0xA900, 0]
+
+
+def test_movescu_through_the_native_receiver(make_server: Factory, corpus: list[Path], storescp: StoreScp) -> None:
+    srv = make_server(NATIVE + f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {storescp.port}\n')
+    assert all(s.Status == 0 for s in scu.store(srv.port, corpus))
+    mr = [p for p in corpus if p.name.startswith("mr-")]
+    ds = dcmread(mr[0], stop_before_pixels=True)
+    r = subprocess.run(["movescu", "-S", "-aec", "VNA", "-aem", "DEST", "-k", "QueryRetrieveLevel=SERIES",
+                        "-k", f"StudyInstanceUID={ds.StudyInstanceUID}", "-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+                        "127.0.0.1", str(srv.port)], env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(f) for f in storescp.files()}
+    assert got == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p) for p in mr}
+
+
+def test_c_move_sub_operations_name_the_move_originator(make_server: Factory, corpus: list[Path]) -> None:
+    """The destination sees the requester's AE title and the C-MOVE's message ID (PS3.7 9.3.1.1),
+    and an uncompressed instance re-encoded in the one syntax the destination accepts."""
+    seen: list[tuple[str, int, str, bytes]] = []
+
+    def on_store(event: Any) -> int:
+        rq = event.request
+        seen.append((str(rq.MoveOriginatorApplicationEntityTitle).strip(), int(rq.MoveOriginatorMessageID),
+                     str(event.context.transfer_syntax), rq.DataSet.getvalue()))
+        return 0
+
+    port = free_port()
+    listener = AE(ae_title="DEST2")
+    mr = [p for p in corpus if p.name.startswith("mr-")]
+    ds = dcmread(mr[0], stop_before_pixels=True)
+    listener.add_supported_context(ds.SOPClassUID, [IMPLICIT])
+    server = listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        dest = f'[[dicom.remote]]\nae_title = "DEST2"\nhost = "127.0.0.1"\nport = {port}\n'
+        py, nv = _pair(make_server, mr, dest)
+        out = []
+        for srv in (py, nv):
+            seen.clear()
+            ae = AE(ae_title="MOVER")
+            ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.2")
+            assoc = ae.associate("127.0.0.1", srv.port, ae_title="VNA")
+            assert assoc.is_established
+            ident = Dataset()
+            ident.QueryRetrieveLevel = "STUDY"
+            ident.StudyInstanceUID = ds.StudyInstanceUID
+            statuses = [int(s.Status) for s, _ in assoc.send_c_move(ident, "DEST2", "1.2.840.10008.5.1.4.1.2.2.2",
+                                                                    msg_id=41) if s is not None and "Status" in s]
+            assoc.release()
+            assert statuses[-1] == 0
+            out.append(sorted(seen))
+        assert out[1] == out[0]
+        assert [(ae_title, msg_id, ts) for ae_title, msg_id, ts, _ in out[1]] == [("MOVER", 41, IMPLICIT)] * len(mr)
+    finally:
+        server.shutdown()

@@ -20,6 +20,8 @@ The TLS port is not served (use ``dicom.receiver = "python"`` for it).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from contextlib import ExitStack
 from io import BytesIO
@@ -36,6 +38,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from vna.archive import Archive
 from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
+from vna.checksum import sha256_file
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import native, status as st
 from vna.dicom.assoc_log import OncePerName
@@ -161,16 +164,30 @@ class _Retrieval:
             return None
         return str(inst.path), inst.content_sha256, inst.size
 
-    def convert(self, path: str, transfer_syntax: str) -> bytes | None:
-        """The data set of ``path`` in another little-endian uncompressed syntax (as pynetdicom sends a
-        Dataset when the stored syntax was not accepted)."""
+    def convert(self, transfer_syntax: str) -> tuple[str, str, int] | None:
+        """A verified copy of the current instance re-encoded in another little-endian uncompressed syntax
+        (as pynetdicom sends a decoded Dataset when the stored syntax was not accepted): a temporary Part 10
+        file, removed at the next instance."""
+        uid = self.refs[self._i - 1].sop_uid
         if transfer_syntax not in _LITTLE_ENDIAN:
             return None
         try:
-            return _encode(dcmread(path), transfer_syntax)
-        except (OSError, ValueError) as exc:
-            log.error("could not re-encode %s in %s: %s", path, transfer_syntax, exc)
+            with self.retrieve.open_verified(uid) as inst:
+                ds = dcmread(inst.path)
+            ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+            fd, name = tempfile.mkstemp(dir=self.retrieve.spool_dir, suffix=".dcm")
+            os.close(fd)
+            self._open.callback(Path(name).unlink, missing_ok=True)
+            ds.save_as(name, implicit_vr=transfer_syntax == _LITTLE_ENDIAN[0], little_endian=True,
+                       enforce_file_format=True)
+            sha, size = sha256_file(Path(name))
+        except VnaError as exc:
+            log.error("retrieve of %s failed: %s", uid, exc)
             return None
+        except (OSError, ValueError) as exc:
+            log.error("could not re-encode %s in %s: %s", uid, transfer_syntax, exc)
+            return None
+        return name, sha, size
 
     def sent(self, ok: bool, size: int, status: int | None) -> None:
         self.xfer.sent(ok, size)
@@ -234,7 +251,7 @@ class NativeDicomServer:
             host=cfg.host, port=cfg.port, reuse_port=self.reuse_port, max_pdu=cfg.max_pdu,
             max_associations=cfg.max_associations, max_half_open=cfg.max_half_open_connections,
             max_per_address=cfg.max_connections_per_address, acse_timeout=cfg.acse_timeout,
-            network_timeout=cfg.network_timeout, spool_dir=str(self._spool_dir),
+            network_timeout=cfg.network_timeout, dimse_timeout=cfg.dimse_timeout, spool_dir=str(self._spool_dir),
             implementation_class_uid=IMPLEMENTATION_CLASS_UID, implementation_version=IMPLEMENTATION_VERSION_NAME,
             spool_implementation_uid=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
             spool_implementation_version=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION),

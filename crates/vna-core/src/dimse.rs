@@ -288,82 +288,6 @@ pub fn encode_action_rsp(
     with_group_length(body)
 }
 
-/// A C-STORE-RQ command set (a data set follows), as pynetdicom encodes it; `originator`: the
-/// Move Originator AE title and message ID of a C-MOVE sub-operation.
-pub fn encode_store_rq(
-    message_id: u16,
-    sop_class: &str,
-    sop_instance: &str,
-    priority: u16,
-    originator: Option<(&str, u16)>,
-) -> Vec<u8> {
-    let mut body = Vec::with_capacity(192);
-    element(&mut body, 0x0002, &padded(sop_class, 0));
-    element(&mut body, 0x0100, &C_STORE_RQ.to_le_bytes());
-    element(&mut body, 0x0110, &message_id.to_le_bytes());
-    element(&mut body, 0x0700, &priority.to_le_bytes());
-    element(&mut body, 0x0800, &WITH_DATASET.to_le_bytes());
-    element(&mut body, 0x1000, &padded(sop_instance, 0));
-    if let Some((ae, id)) = originator {
-        element(&mut body, 0x1030, &padded(ae, b' '));
-        element(&mut body, 0x1031, &id.to_le_bytes());
-    }
-    with_group_length(body)
-}
-
-/// The offset of the data set in a Part 10 file's first bytes `head` (preamble, "DICM", the File
-/// Meta elements of group 0002 in Explicit VR Little Endian); None when `head` is not such a file
-/// or ends inside the File Meta.
-pub fn dataset_offset(head: &[u8]) -> Option<usize> {
-    if head.len() < 132 || &head[128..132] != b"DICM" {
-        return None;
-    }
-    let mut pos = 132usize;
-    loop {
-        if head.len() < pos + 8 {
-            return if head.len() == pos { Some(pos) } else { None };
-        }
-        let group = u16::from_le_bytes([head[pos], head[pos + 1]]);
-        if group != 2 {
-            return Some(pos);
-        }
-        let vr = &head[pos + 4..pos + 6];
-        let long = matches!(
-            vr,
-            b"OB"
-                | b"OW"
-                | b"OF"
-                | b"OD"
-                | b"OL"
-                | b"OV"
-                | b"SQ"
-                | b"UT"
-                | b"UN"
-                | b"UC"
-                | b"UR"
-                | b"SV"
-                | b"UV"
-        );
-        let (len, header) = if long {
-            if head.len() < pos + 12 {
-                return None;
-            }
-            let l =
-                u32::from_le_bytes([head[pos + 8], head[pos + 9], head[pos + 10], head[pos + 11]]);
-            (l as usize, 12)
-        } else {
-            (
-                u16::from_le_bytes([head[pos + 6], head[pos + 7]]) as usize,
-                8,
-            )
-        };
-        if len == 0xFFFF_FFFF {
-            return None;
-        }
-        pos = pos.checked_add(header + len)?;
-    }
-}
-
 fn meta_ui(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &str, pad: u8) {
     let raw = padded(value, pad);
     out.extend_from_slice(&2u16.to_le_bytes());
@@ -438,29 +362,6 @@ mod tests {
         assert_eq!(len, rsp.len() - 12);
         let cmd = parse_command(&rsp).unwrap();
         assert_eq!(cmd.command_field, C_STORE_RSP);
-    }
-
-    #[test]
-    fn dataset_offset_skips_the_file_meta() {
-        let header = spool_header("1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1", "1.2.3.9", "X");
-        let mut file = header.clone();
-        file.extend_from_slice(&[8, 0, 0x16, 0, b'U', b'I', 2, 0, b'1', 0]);
-        assert_eq!(dataset_offset(&file), Some(header.len()));
-        assert_eq!(dataset_offset(&header), Some(header.len()));
-        assert_eq!(dataset_offset(&file[..header.len() - 3]), None);
-        assert_eq!(dataset_offset(b"not a dicom file"), None);
-    }
-
-    #[test]
-    fn store_rq_round_trips() {
-        let rq = encode_store_rq(9, "1.2.3", "1.2.3.4", 2, Some(("MOVER", 5)));
-        let cmd = parse_command(&rq).unwrap();
-        assert_eq!(cmd.command_field, C_STORE_RQ);
-        assert_eq!(cmd.message_id, 9);
-        assert_eq!(cmd.affected_sop_instance, "1.2.3.4");
-        assert_eq!(cmd.move_originator_ae.as_deref(), Some("MOVER"));
-        assert_eq!(cmd.move_originator_id, Some(5));
-        assert!(cmd.has_data_set());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::dimse::{self, Command};
 use crate::negotiate::{negotiate, Accepted, SupportedContext};
 use crate::pdu::{self, AssociateAc, AssociateRq};
+use crate::{scu, send};
 
 /// The largest A-ASSOCIATE-RQ accepted (128 contexts, each with every transfer syntax, and a
 /// 64 KiB user identity fit), as the Python receiver's bound.
@@ -41,9 +42,6 @@ pub const MAX_COMMAND: usize = 64 * 1024;
 
 /// The largest data set of a C-FIND/C-GET/C-MOVE/N-ACTION request accepted (identifiers are small).
 pub const MAX_REQUEST_DATA: usize = 4 * 1024 * 1024;
-/// A stored copy up to this size is read whole, hashed, then sent; a larger one is hashed in a
-/// first pass and hashed again while sent (the last fragment waits for the digest).
-pub const READ_WHOLE: u64 = 8 * 1024 * 1024;
 
 const VERIFICATION: &str = "1.2.840.10008.1.1";
 /// Storage Commitment Push Model SOP Class.
@@ -72,6 +70,8 @@ pub struct Config {
     pub max_per_address: usize,
     pub acse_timeout: Duration,
     pub network_timeout: Duration,
+    /// The longest a C-STORE-RSP of a sub-operation may take.
+    pub dimse_timeout: Duration,
     pub spool_dir: PathBuf,
     /// What our A-ASSOCIATE-AC announces.
     pub implementation_class_uid: String,
@@ -204,8 +204,9 @@ pub trait Retrieval {
     /// A verified copy by the embedding program's own means when none of the candidates verified
     /// (valid until the next `next`); None: the sub-operation fails.
     fn fallback(&mut self) -> Option<CopyRef>;
-    /// The data set of the verified file `path` re-encoded in `transfer_syntax`; None: not possible.
-    fn convert(&mut self, path: &Path, transfer_syntax: &str) -> Option<Vec<u8>>;
+    /// A verified copy of the current instance re-encoded in `transfer_syntax` (a Part 10 file, valid
+    /// until the next `next`); None: not possible (the sub-operation fails).
+    fn convert(&mut self, transfer_syntax: &str) -> Option<CopyRef>;
     /// The result of the current sub-operation (`ok`: Success or Warning; `size`: bytes sent).
     fn sent(&mut self, ok: bool, size: u64, status: Option<u16>);
     /// The identifier of a response listing `failed` SOP Instance UIDs, in the request's transfer syntax.
@@ -624,12 +625,10 @@ struct Collecting {
     data: Vec<u8>,
 }
 
-/// What ended a wait for a C-STORE-RSP or a check for a C-CANCEL.
+/// What a check for a C-CANCEL found.
 enum Incoming {
     Nothing,
     Cancel,
-    /// A C-STORE-RSP: its message ID being responded to and status.
-    StoreRsp(u16, u16),
 }
 
 struct Association<'a, H: Handler> {
@@ -648,6 +647,8 @@ struct Association<'a, H: Handler> {
     spool_seq: u64,
     /// True once a C-CANCEL-RQ of the running operation arrived.
     cancelled: bool,
+    /// Sends the C-STORE sub-operations of a C-GET (made at the first one).
+    sender: Option<send::Sender>,
     /// True once this connection counts as an association (its A-ASSOCIATE-RQ arrived).
     counted: bool,
     /// True until the connection took an association slot (counted half-open until then).
@@ -679,6 +680,7 @@ impl<'a, H: Handler> Association<'a, H> {
             receiving: None,
             collecting: None,
             cancelled: false,
+            sender: None,
             spool_seq: 0,
             counted: false,
             half_open: true,
@@ -1219,9 +1221,75 @@ impl<'a, H: Handler> Association<'a, H> {
             let status = if is_get { 0xC416 } else { 0xC516 };
             return self.retrieve_rsp(cx_id, cmd, cx, status, None, None);
         }
+        let mut dest = None;
         if !is_get {
-            return self.retrieve_rsp(cx_id, cmd, cx, 0xA801, None, None);
+            match self.connect(job.destination()) {
+                Some(assoc) => dest = Some(assoc),
+                None => return self.retrieve_rsp(cx_id, cmd, cx, 0xA801, None, None),
+            }
         }
+        let result = self.suboperations(cx_id, cmd, cx, job, total, dest.as_mut());
+        if let Some(mut assoc) = dest {
+            if assoc.is_open() {
+                let _ = assoc.release();
+            }
+        }
+        result
+    }
+
+    /// The association of a C-MOVE with its destination; None (logged) when there is none.
+    fn connect(&self, dest: Option<Destination>) -> Option<scu::Association> {
+        let Some(dest) = dest else {
+            self.log(Level::Error, "C-MOVE without a destination");
+            return None;
+        };
+        let cfg = &self.shared.cfg;
+        let scu_cfg = scu::ScuConfig {
+            calling_ae: dest.calling_ae.clone(),
+            called_ae: dest.called_ae.clone(),
+            max_pdu: cfg.max_pdu,
+            implementation_class_uid: cfg.implementation_class_uid.clone(),
+            implementation_version: cfg.implementation_version.clone(),
+            connect_timeout: cfg.acse_timeout,
+            acse_timeout: cfg.acse_timeout,
+            network_timeout: cfg.network_timeout,
+            dimse_timeout: cfg.dimse_timeout,
+            whole_read_limit: send::WHOLE_READ_LIMIT,
+        };
+        let contexts: Vec<scu::ContextProposal> = dest
+            .contexts
+            .iter()
+            .map(|(abstract_syntax, syntaxes)| scu::ContextProposal {
+                abstract_syntax: abstract_syntax.clone(),
+                transfer_syntaxes: syntaxes.clone(),
+            })
+            .collect();
+        match scu::Association::request(&dest.host, dest.port, scu_cfg, &contexts, &[]) {
+            Ok(assoc) => Some(assoc),
+            Err(e) => {
+                self.log(
+                    Level::Warning,
+                    &format!(
+                        "C-MOVE destination {} ({}:{}): {e}",
+                        dest.called_ae, dest.host, dest.port
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// The C-STORE sub-operations of a C-GET (on this association) or a C-MOVE (on `dest`), their
+    /// Pending responses and the final one, as pynetdicom counts and answers them.
+    fn suboperations(
+        &mut self,
+        cx_id: u8,
+        cmd: &Command,
+        cx: &Accepted,
+        job: &mut dyn Retrieval,
+        total: usize,
+        mut dest: Option<&mut scu::Association>,
+    ) -> Result<(), End> {
         self.cancelled = false;
         let mut counts = dimse::Counts {
             remaining: Some(total as u16),
@@ -1229,6 +1297,7 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         let mut failed: Vec<String> = Vec::new();
         let mut n = 0u32;
+        let requester = self.calling_ae.clone();
         while counts.remaining != Some(0) {
             let Some(sub) = job.next() else { break };
             if self.cancelled || matches!(self.incoming(cmd.message_id, false)?, Incoming::Cancel) {
@@ -1241,16 +1310,25 @@ impl<'a, H: Handler> Association<'a, H> {
             if id > 65535 {
                 id -= 65535;
             }
-            let (status, size) = self.suboperation(&sub, id as u16, cmd.message_id, job)?;
-            let ok = matches!(status, Some(s) if s == 0 || s >> 12 == 0xB);
+            let originator = dest.as_ref().map(|_| (requester.as_str(), cmd.message_id));
+            let (status, size) = self.suboperation(
+                dest.as_deref_mut(),
+                &sub,
+                id as u16,
+                cmd.message_id,
+                originator,
+                job,
+            )?;
+            let warning = matches!(status, Some(0x0001 | 0xB000 | 0xB006 | 0xB007));
+            let ok = status == Some(0) || warning;
             job.sent(ok, if ok { size } else { 0 }, status);
-            match status {
-                Some(0) => counts.completed += 1,
-                Some(s) if s >> 12 == 0xB => counts.warning += 1,
-                _ => {
-                    counts.failed += 1;
-                    failed.push(sub.sop_instance_uid);
-                }
+            if status == Some(0) {
+                counts.completed += 1;
+            } else if warning {
+                counts.warning += 1;
+            } else {
+                counts.failed += 1;
+                failed.push(sub.sop_instance_uid);
             }
             counts.remaining = counts.remaining.map(|r| r.saturating_sub(1));
             self.retrieve_rsp(cx_id, cmd, cx, PENDING, Some(counts), None)?;
@@ -1266,45 +1344,73 @@ impl<'a, H: Handler> Association<'a, H> {
         self.retrieve_rsp(cx_id, cmd, cx, status, Some(counts), identifier.as_deref())
     }
 
-    /// Our context to send `sop_class` stored in `ts` on, and the syntax to send it in: the stored one,
-    /// else another little-endian uncompressed one (the lowest context ID first).
-    fn store_context(&self, sop_class: &str, ts: &str) -> Option<(u8, String)> {
-        let mut ids: Vec<&u8> = self.accepted.keys().collect();
-        ids.sort();
-        let usable = |id: &&u8| {
-            let cx = &self.accepted[*id];
-            cx.as_scu && cx.abstract_syntax == sop_class
+    /// The transfer syntax to send `sop_class` stored in `ts` in: the stored one when a context
+    /// accepted it, else another little-endian uncompressed one (re-encoded), else None.
+    fn syntax_for(
+        &self,
+        dest: Option<&scu::Association>,
+        sop_class: &str,
+        ts: &str,
+    ) -> Option<String> {
+        let accepted: Vec<String> = match dest {
+            Some(a) => a
+                .accepted()
+                .iter()
+                .filter(|c| c.abstract_syntax == sop_class)
+                .map(|c| c.transfer_syntax.clone())
+                .collect(),
+            None => {
+                let mut ids: Vec<&u8> = self.accepted.keys().collect();
+                ids.sort();
+                ids.into_iter()
+                    .map(|id| &self.accepted[id])
+                    .filter(|c| c.as_scu && c.abstract_syntax == sop_class)
+                    .map(|c| c.transfer_syntax.clone())
+                    .collect()
+            }
         };
-        if let Some(id) = ids
-            .iter()
-            .copied()
-            .filter(usable)
-            .find(|id| self.accepted[*id].transfer_syntax == ts)
-        {
-            return Some((*id, ts.to_string()));
+        if accepted.iter().any(|t| t == ts) {
+            return Some(ts.to_string());
         }
         if !LITTLE_ENDIAN.contains(&ts) {
             return None;
         }
-        ids.iter()
-            .copied()
-            .filter(usable)
-            .find(|id| LITTLE_ENDIAN.contains(&self.accepted[*id].transfer_syntax.as_str()))
-            .map(|id| (*id, self.accepted[id].transfer_syntax.clone()))
+        accepted
+            .into_iter()
+            .find(|t| LITTLE_ENDIAN.contains(&t.as_str()))
     }
 
-    /// One C-STORE sub-operation of a C-GET on this association: (the peer's status, or None when
-    /// nothing could be sent; the data set's size).
+    /// Our context for C-STORE-RQs of `sop_class` in `ts` on this association (lowest ID first).
+    fn store_context(&self, sop_class: &str, ts: &str) -> Option<u8> {
+        let mut ids: Vec<&u8> = self.accepted.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .find(|id| {
+                let cx = &self.accepted[*id];
+                cx.as_scu && cx.abstract_syntax == sop_class && cx.transfer_syntax == ts
+            })
+            .copied()
+    }
+
+    /// One C-STORE sub-operation: (the peer's status, or None when nothing could be sent; the
+    /// data set's size). Candidate copies are tried in order, each failing one reported to
+    /// `job`, then the job's fallback copy. A broken association with the requester ends the
+    /// operation; a broken one with a C-MOVE destination fails the sub-operation.
     fn suboperation(
         &mut self,
+        mut dest: Option<&mut scu::Association>,
         sub: &SubOperation,
         message_id: u16,
         operation_id: u16,
+        originator: Option<(&str, u16)>,
         job: &mut dyn Retrieval,
     ) -> Result<(Option<u16>, u64), End> {
         let uid = &sub.sop_instance_uid;
-        let Some((cx_id, ts)) = self.store_context(&sub.sop_class_uid, &sub.transfer_syntax_uid)
-        else {
+        let Some(ts) = self.syntax_for(
+            dest.as_deref(),
+            &sub.sop_class_uid,
+            &sub.transfer_syntax_uid,
+        ) else {
             self.log(
                 Level::Error,
                 &format!(
@@ -1314,72 +1420,107 @@ impl<'a, H: Handler> Association<'a, H> {
             );
             return Ok((None, 0));
         };
-        let Some((path, bytes)) = self.verified_copy(sub, job) else {
-            return Ok((None, 0));
-        };
-        let converted;
-        let data: &[u8] = if ts == sub.transfer_syntax_uid {
-            match dimse::dataset_offset(&bytes) {
-                Some(at) => &bytes[at..],
-                None => {
-                    self.log(
-                        Level::Error,
-                        &format!("sub-operation of {uid}: the stored copy is not a Part 10 file"),
-                    );
-                    return Ok((None, 0));
-                }
-            }
+        let mut candidates: Vec<(Option<usize>, CopyRef)> = if ts == sub.transfer_syntax_uid {
+            sub.copies
+                .iter()
+                .cloned()
+                .enumerate()
+                .map(|(i, c)| (Some(i), c))
+                .collect()
         } else {
-            match job.convert(&path, &ts) {
-                Some(v) => {
-                    converted = v;
-                    &converted
-                }
+            // re-encoded by the embedding program from a copy it verified
+            match job.convert(&ts) {
+                Some(copy) => vec![(None, copy)],
                 None => return Ok((None, 0)),
             }
         };
-        let rq = dimse::encode_store_rq(message_id, &sub.sop_class_uid, uid, 2, None);
-        self.send_message(cx_id, &rq, Some(data))?;
-        let size = data.len() as u64;
+        candidates.reverse();
+        let mut fallback_tried = ts != sub.transfer_syntax_uid;
         loop {
-            match self.incoming(operation_id, true)? {
-                Incoming::StoreRsp(id, status) if id == message_id => {
-                    return Ok((Some(status), size))
+            let (index, copy) = match candidates.pop() {
+                Some(c) => c,
+                None if !fallback_tried => {
+                    fallback_tried = true;
+                    match job.fallback() {
+                        Some(copy) => (None, copy),
+                        None => return Ok((None, 0)),
+                    }
                 }
-                Incoming::StoreRsp(id, _) => {
-                    return Err(End::Abort(
-                        2,
-                        format!("C-STORE-RSP to message {id}, expected {message_id}"),
-                    ))
+                None => return Ok((None, 0)),
+            };
+            let result = match dest.as_deref_mut() {
+                Some(assoc) => assoc.send_store(
+                    &scu::Instance {
+                        sop_class_uid: &sub.sop_class_uid,
+                        sop_instance_uid: uid,
+                        transfer_syntax: &ts,
+                        path: &copy.path,
+                        sha256: &copy.sha256,
+                    },
+                    originator,
+                ),
+                None => {
+                    let Some(context_id) = self.store_context(&sub.sop_class_uid, &ts) else {
+                        return Ok((None, 0));
+                    };
+                    let cfg = &self.shared.cfg;
+                    let settings = send::SendSettings {
+                        network_timeout: cfg.network_timeout,
+                        response_timeout: cfg.dimse_timeout,
+                        ..send::SendSettings::new(self.peer_max_pdu, cfg.max_pdu)
+                    };
+                    let sender = self
+                        .sender
+                        .get_or_insert_with(|| send::Sender::new(settings));
+                    let req = send::StoreRequest {
+                        context_id,
+                        transfer_syntax: &ts,
+                        message_id,
+                        sop_class_uid: &sub.sop_class_uid,
+                        sop_instance_uid: uid,
+                        priority: 2,
+                        move_originator: originator,
+                    };
+                    sender.send_store(&mut self.stream, &req, &copy.path, &copy.sha256)
                 }
-                Incoming::Cancel => self.cancelled = true,
-                Incoming::Nothing => {}
-            }
-        }
-    }
-
-    /// The bytes of the first candidate copy of `sub` that verifies (each failing one is reported to
-    /// `job`), else of the fallback copy the job provides.
-    fn verified_copy(
-        &self,
-        sub: &SubOperation,
-        job: &mut dyn Retrieval,
-    ) -> Option<(PathBuf, Vec<u8>)> {
-        for (i, copy) in sub.copies.iter().enumerate() {
-            match read_verified(copy) {
-                Ok(bytes) => return Some((copy.path.clone(), bytes)),
-                Err((why, fault)) => job.bad_copy(i, &why, fault),
-            }
-        }
-        let copy = job.fallback()?;
-        match read_verified(&copy) {
-            Ok(bytes) => Some((copy.path, bytes)),
-            Err((why, _)) => {
-                self.log(
-                    Level::Error,
-                    &format!("sub-operation of {}: {why}", sub.sop_instance_uid),
-                );
-                None
+            };
+            match result {
+                Ok(outcome) => {
+                    if outcome.cancel == Some(operation_id) {
+                        self.cancelled = true;
+                    }
+                    return Ok((Some(outcome.response.status), outcome.data_set_bytes));
+                }
+                Err(send::SendError::Link(e)) => {
+                    let why = format!("sub-operation of {uid}: {e}");
+                    if dest.is_some() {
+                        self.log(Level::Warning, &why);
+                        return Ok((None, 0));
+                    }
+                    return Err(match e {
+                        send::LinkError::PeerAborted { .. } | send::LinkError::Closed(_) => {
+                            End::Closed(why)
+                        }
+                        _ => End::Abort(0, why),
+                    });
+                }
+                Err(e) => {
+                    let (why, fault) = match &e {
+                        send::SendError::DigestMismatch { .. } => (
+                            format!("{} content digest mismatch", copy.path.display()),
+                            CopyFault::Corrupt,
+                        ),
+                        _ if !copy.path.exists() => (
+                            format!("{} not found", copy.path.display()),
+                            CopyFault::Missing,
+                        ),
+                        _ => (e.to_string(), CopyFault::Unreadable),
+                    };
+                    match index {
+                        Some(i) => job.bad_copy(i, &why, fault),
+                        None => self.log(Level::Error, &format!("sub-operation of {uid}: {why}")),
+                    }
+                }
             }
         }
     }
@@ -1395,7 +1536,7 @@ impl<'a, H: Handler> Association<'a, H> {
         unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
     }
 
-    /// Read what the peer sent during an operation: a C-CANCEL-RQ of `message_id` or a C-STORE-RSP.
+    /// Read what the peer sent during an operation: a C-CANCEL-RQ of `message_id`.
     /// `wait`: block (up to the network timeout) for a PDU; else read only what is already there.
     /// A release request ends the association (after the reply), an abort ends it; another request
     /// aborts (asynchronous operations are not negotiated).
@@ -1458,10 +1599,6 @@ impl<'a, H: Handler> Association<'a, H> {
                     found = Incoming::Cancel;
                 }
                 dimse::C_CANCEL_RQ => {}
-                dimse::C_STORE_RSP if !cmd.has_data_set() => {
-                    let status = cmd.status.unwrap_or(0xC000);
-                    found = Incoming::StoreRsp(cmd.responded_to.unwrap_or(0), status);
-                }
                 field => {
                     return Err(End::Abort(
                         2,
@@ -1633,33 +1770,6 @@ impl<'a, H: Handler> Association<'a, H> {
 }
 
 const LITTLE_ENDIAN: [&str; 2] = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"];
-
-/// The whole file of `copy`, verified against its size and SHA-256.
-fn read_verified(copy: &CopyRef) -> Result<Vec<u8>, (String, CopyFault)> {
-    let name = copy.path.display();
-    let mut file = match File::open(&copy.path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err((format!("{name} not found"), CopyFault::Missing))
-        }
-        Err(e) => return Err((format!("{name}: {e}"), CopyFault::Unreadable)),
-    };
-    let mut bytes = Vec::with_capacity(copy.size.min(READ_WHOLE) as usize);
-    // one byte more than recorded: a longer file is detected without reading all of it
-    if let Err(e) = (&mut file)
-        .take(copy.size.saturating_add(1))
-        .read_to_end(&mut bytes)
-    {
-        return Err((format!("{name}: {e}"), CopyFault::Unreadable));
-    }
-    if bytes.len() as u64 != copy.size || hex(&Sha256::digest(&bytes)) != copy.sha256 {
-        return Err((
-            format!("{name} content digest mismatch"),
-            CopyFault::Corrupt,
-        ));
-    }
-    Ok(bytes)
-}
 
 /// True when `command_field` is the DIMSE service of the Q/R information model `abstract_syntax`.
 fn serves(command_field: u16, abstract_syntax: &str) -> bool {

@@ -83,6 +83,7 @@ fn start(name: &str) -> (Server<Recorder>, Recorder, PathBuf) {
         max_per_address: 8,
         acse_timeout: Duration::from_secs(5),
         network_timeout: Duration::from_secs(5),
+        dimse_timeout: Duration::from_secs(5),
         spool_dir: dir.clone(),
         implementation_class_uid: "1.2.3".into(),
         implementation_version: "TEST".into(),

@@ -86,7 +86,9 @@ impl FindAnswers for PyAnswers {
                 Ok((status, _)) => Some(FindAnswer::Final(status)),
                 Err(e) if e.is_instance_of::<PyStopIteration>(py) => None,
                 Err(e) => {
-                    let _ = self.on_log.call1(py, (40, format!("C-FIND handler failed: {e}")));
+                    let _ = self
+                        .on_log
+                        .call1(py, (40, format!("C-FIND handler failed: {e}")));
                     Some(FindAnswer::Final(handler_failed("c-find")))
                 }
             }
@@ -98,7 +100,9 @@ impl FindAnswers for PyAnswers {
             Python::attach(|py| {
                 if let Ok(close) = iter.getattr(py, "close") {
                     if let Err(e) = close.call0(py) {
-                        let _ = self.on_log.call1(py, (40, format!("C-FIND clean-up failed: {e}")));
+                        let _ = self
+                            .on_log
+                            .call1(py, (40, format!("C-FIND clean-up failed: {e}")));
                     }
                 }
             });
@@ -126,11 +130,17 @@ struct PyRetrieval {
 }
 
 impl PyRetrieval {
-    fn call<T>(&self, what: &str, f: impl FnOnce(Python<'_>, &Py<PyAny>) -> PyResult<T>) -> Option<T> {
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(Python<'_>, &Py<PyAny>) -> PyResult<T>,
+    ) -> Option<T> {
         Python::attach(|py| match f(py, &self.job) {
             Ok(v) => Some(v),
             Err(e) => {
-                let _ = self.on_log.call1(py, (40, format!("retrieve handler {what} failed: {e}")));
+                let _ = self
+                    .on_log
+                    .call1(py, (40, format!("retrieve handler {what} failed: {e}")));
                 None
             }
         })
@@ -165,32 +175,38 @@ impl Retrieval for PyRetrieval {
             CopyFault::Missing => "missing",
             CopyFault::Unreadable => "unreadable",
         };
-        self.call("bad_copy", |py, job| job.call_method1(py, "bad_copy", (index, why, fault)));
+        self.call("bad_copy", |py, job| {
+            job.call_method1(py, "bad_copy", (index, why, fault))
+        });
     }
 
     fn fallback(&mut self) -> Option<CopyRef> {
         self.call("fallback", |py, job| {
-            job.call_method0(py, "fallback")?.extract::<Option<CopySpec>>(py)
+            job.call_method0(py, "fallback")?
+                .extract::<Option<CopySpec>>(py)
         })?
         .map(copy_ref)
     }
 
-    fn convert(&mut self, path: &std::path::Path, transfer_syntax: &str) -> Option<Vec<u8>> {
-        let path = path.to_string_lossy().into_owned();
+    fn convert(&mut self, transfer_syntax: &str) -> Option<CopyRef> {
         self.call("convert", |py, job| {
-            job.call_method1(py, "convert", (path, transfer_syntax))?
-                .extract::<Option<Vec<u8>>>(py)
+            job.call_method1(py, "convert", (transfer_syntax,))?
+                .extract::<Option<CopySpec>>(py)
         })?
+        .map(copy_ref)
     }
 
     fn sent(&mut self, ok: bool, size: u64, status: Option<u16>) {
-        self.call("sent", |py, job| job.call_method1(py, "sent", (ok, size, status)));
+        self.call("sent", |py, job| {
+            job.call_method1(py, "sent", (ok, size, status))
+        });
     }
 
     fn failed_identifier(&mut self, failed: &[String]) -> Vec<u8> {
         let failed = failed.to_vec();
         self.call("failed_identifier", |py, job| {
-            job.call_method1(py, "failed_identifier", (failed,))?.extract::<Vec<u8>>(py)
+            job.call_method1(py, "failed_identifier", (failed,))?
+                .extract::<Vec<u8>>(py)
         })
         .unwrap_or_default()
     }
@@ -218,13 +234,15 @@ fn plan(py: Python<'_>, answer: Py<PyAny>, on_log: &Py<PyAny>) -> PyResult<Retri
     let destination = answer
         .call_method0(py, "destination")?
         .extract::<Option<DestinationSpec>>(py)?
-        .map(|(host, port, called_ae, calling_ae, contexts)| Destination {
-            host,
-            port,
-            called_ae,
-            calling_ae,
-            contexts,
-        });
+        .map(
+            |(host, port, called_ae, calling_ae, contexts)| Destination {
+                host,
+                port,
+                called_ae,
+                calling_ae,
+                contexts,
+            },
+        );
     Ok(RetrievePlan::Run(Box::new(PyRetrieval {
         job: answer,
         on_log: on_log.clone_ref(py),
@@ -331,13 +349,11 @@ impl Handler for PyHandler {
     }
 
     fn find(&self, request: &server::Request<'_>) -> Box<dyn FindAnswers> {
-        let iter = Python::attach(|py| {
-            match self.call_request(py, "c-find", request) {
-                Ok(v) => v.bind(py).try_iter().map(|it| it.into_any().unbind()).ok(),
-                Err(e) => {
-                    self.log_error(py, "C-FIND handler failed", &e);
-                    None
-                }
+        let iter = Python::attach(|py| match self.call_request(py, "c-find", request) {
+            Ok(v) => v.bind(py).try_iter().map(|it| it.into_any().unbind()).ok(),
+            Err(e) => {
+                self.log_error(py, "C-FIND handler failed", &e);
+                None
             }
         });
         let on_log = Python::attach(|py| self.on_log.clone_ref(py));
@@ -346,11 +362,9 @@ impl Handler for PyHandler {
                 iter: Some(iter),
                 on_log,
             }),
-            None => Box::new(
-                server::IntoAnswers::into_answers(std::iter::once(FindAnswer::Final(
-                    handler_failed("c-find"),
-                ))),
-            ),
+            None => Box::new(server::IntoAnswers::into_answers(std::iter::once(
+                FindAnswer::Final(handler_failed("c-find")),
+            ))),
         }
     }
 
@@ -430,7 +444,7 @@ type ContextSpec = (String, Vec<String>, Option<(bool, bool)>, bool);
 impl Listener {
     #[new]
     #[pyo3(signature = (*, host, port, reuse_port, max_pdu, max_associations, max_half_open, max_per_address,
-                        acse_timeout, network_timeout,
+                        acse_timeout, network_timeout, dimse_timeout,
                         spool_dir, implementation_class_uid, implementation_version, spool_implementation_uid,
                         spool_implementation_version, contexts, on_associate, on_store, on_request, on_log,
                         on_thread_done))]
@@ -446,6 +460,7 @@ impl Listener {
         max_per_address: usize,
         acse_timeout: f64,
         network_timeout: f64,
+        dimse_timeout: f64,
         spool_dir: PathBuf,
         implementation_class_uid: String,
         implementation_version: String,
@@ -488,6 +503,7 @@ impl Listener {
             max_per_address,
             acse_timeout: secs(acse_timeout, "acse_timeout")?,
             network_timeout: secs(network_timeout, "network_timeout")?,
+            dimse_timeout: secs(dimse_timeout, "dimse_timeout")?,
             spool_dir,
             implementation_class_uid,
             implementation_version,
