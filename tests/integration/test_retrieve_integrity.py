@@ -1,4 +1,6 @@
-"""Retrieve verifies every copy: a bad one is marked CORRUPT, quarantined and skipped; none left -> failed sub-operation."""
+"""Retrieve verifies every copy: a bad one is marked CORRUPT, quarantined and skipped; none left -> failed sub-operation.
+
+Each test runs on both receivers (``dicom.receiver`` python and native)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,21 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import pytest
 from pydicom import dcmread
 
 from tests.conftest import StoreScp, VnaServer, dataset_bytes
 from tests.integration import scu
 
 Factory = Callable[..., VnaServer]
+
+
+@pytest.fixture(params=["python", "native"])
+def make_server(request: pytest.FixtureRequest, make_server: Factory) -> Factory:
+    """The suite's factory, with ``dicom.receiver`` set to the parameter."""
+    def factory(config: str = "", **kwargs: object) -> VnaServer:
+        return make_server(f'[dicom]\nreceiver = "{request.param}"\n' + config, **kwargs)
+    return factory
 
 
 def _blob(srv: VnaServer, replica: str, sop_uid: str) -> Path:
