@@ -8,21 +8,13 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import pytest
 from pydicom import dcmread
 
 from tests.conftest import StoreScp, VnaServer, dataset_bytes
 from tests.integration import scu
+from tests.integration.receivers import make_server  # noqa: F401 -- on both receivers
 
 Factory = Callable[..., VnaServer]
-
-
-@pytest.fixture(params=["python", "native"])
-def make_server(request: pytest.FixtureRequest, make_server: Factory) -> Factory:
-    """The suite's factory, with ``dicom.receiver`` set to the parameter."""
-    def factory(config: str = "", **kwargs: object) -> VnaServer:
-        return make_server(f'[dicom]\nreceiver = "{request.param}"\n' + config, **kwargs)
-    return factory
 
 
 def _blob(srv: VnaServer, replica: str, sop_uid: str) -> Path:
