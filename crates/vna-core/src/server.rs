@@ -631,6 +631,22 @@ enum Incoming {
     Cancel,
 }
 
+/// What an association did, for its one log line (as the Python receiver's association log).
+#[derive(Default)]
+struct Activity {
+    started: Option<Instant>,
+    /// Services used and how often, by lower-case name.
+    services: std::collections::BTreeMap<&'static str, u32>,
+    stored: u32,
+    sent: u32,
+    failures: u32,
+}
+
+/// True for a status the association log counts as a failure (not Success, Pending, Cancel, Warning).
+fn failed_status(status: u16) -> bool {
+    !matches!(status, 0 | PENDING | CANCEL | 0xFF01) && status >> 12 != 0xB
+}
+
 struct Association<'a, H: Handler> {
     shared: &'a Shared<H>,
     stream: TcpStream,
@@ -649,6 +665,7 @@ struct Association<'a, H: Handler> {
     cancelled: bool,
     /// Sends the C-STORE sub-operations of a C-GET (made at the first one).
     sender: Option<send::Sender>,
+    activity: Activity,
     /// True once this connection counts as an association (its A-ASSOCIATE-RQ arrived).
     counted: bool,
     /// True until the connection took an association slot (counted half-open until then).
@@ -681,6 +698,7 @@ impl<'a, H: Handler> Association<'a, H> {
             collecting: None,
             cancelled: false,
             sender: None,
+            activity: Activity::default(),
             spool_seq: 0,
             counted: false,
             half_open: true,
@@ -700,6 +718,15 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         self.abandon();
         let ip = self.addr.ip();
+        if associated {
+            let how = match &end {
+                End::Released => "released",
+                End::Closed(why) if why == "aborted by the peer" => "aborted",
+                End::Abort(..) => "aborted",
+                _ => "closed",
+            };
+            self.log_activity(how);
+        }
         match end {
             End::Released => {}
             End::Closed(why) => {
@@ -725,6 +752,37 @@ impl<'a, H: Handler> Association<'a, H> {
             }
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The association's one INFO line: who, how it ended, how long, the services and the counts.
+    fn log_activity(&self, how: &str) {
+        let a = &self.activity;
+        let secs = a.started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let used = if a.services.is_empty() {
+            "no service".to_string()
+        } else {
+            a.services
+                .iter()
+                .map(|(op, n)| format!("{} {n}", op.to_uppercase()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        self.log(
+            Level::Info,
+            &format!(
+                "association from {} ({}:{}) {how} after {secs:.2} s: {used}; stored {}, sent {}, failures {}",
+                self.calling_ae,
+                self.addr.ip(),
+                self.addr.port(),
+                a.stored,
+                a.sent,
+                a.failures
+            ),
+        );
+    }
+
+    fn used(&mut self, op: &'static str) {
+        *self.activity.services.entry(op).or_insert(0) += 1;
     }
 
     /// Read one PDU into `self.body`; `deadline` bounds the whole PDU (ARTIM), else each read waits
@@ -932,6 +990,7 @@ impl<'a, H: Handler> Association<'a, H> {
         });
         self.accepted = outcome.accepted;
         self.send(&ac)?;
+        self.activity.started = Some(Instant::now());
         Ok(true)
     }
 
@@ -1054,6 +1113,7 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         match cmd.command_field {
             dimse::C_ECHO_RQ if cx.abstract_syntax == VERIFICATION && !cmd.has_data_set() => {
+                self.used("c-echo");
                 let rsp = dimse::encode_echo_rsp(cmd.message_id, &cx.abstract_syntax);
                 let out = pdu::encode_pdata(cx_id, true, &rsp, self.peer_max_pdu);
                 self.send(&out)
@@ -1105,28 +1165,38 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         match col.command.command_field {
             dimse::C_FIND_RQ => {
+                self.used("c-find");
                 let mut answers = self.shared.handler.find(&req);
                 let result = self.find(col.context_id, &col.command, &cx, answers.as_mut());
                 answers.close();
                 result
             }
-            dimse::C_GET_RQ | dimse::C_MOVE_RQ => match self.shared.handler.retrieve(&req) {
-                RetrievePlan::Answer(status, counts, identifier) => self.retrieve_rsp(
-                    col.context_id,
-                    &col.command,
-                    &cx,
-                    status,
-                    counts,
-                    identifier.as_deref(),
-                ),
-                RetrievePlan::Run(mut job) => {
-                    let result = self.retrieve(col.context_id, &col.command, &cx, job.as_mut());
-                    job.close();
-                    result
+            dimse::C_GET_RQ | dimse::C_MOVE_RQ => {
+                let get = col.command.command_field == dimse::C_GET_RQ;
+                self.used(if get { "c-get" } else { "c-move" });
+                match self.shared.handler.retrieve(&req) {
+                    RetrievePlan::Answer(status, counts, identifier) => {
+                        self.activity.failures += u32::from(failed_status(status));
+                        self.retrieve_rsp(
+                            col.context_id,
+                            &col.command,
+                            &cx,
+                            status,
+                            counts,
+                            identifier.as_deref(),
+                        )
+                    }
+                    RetrievePlan::Run(mut job) => {
+                        let result = self.retrieve(col.context_id, &col.command, &cx, job.as_mut());
+                        job.close();
+                        result
+                    }
                 }
-            },
+            }
             _ => {
+                self.used("n-action");
                 let (status, reply) = self.shared.handler.action(&req);
+                self.activity.failures += u32::from(failed_status(status));
                 let cmd = &col.command;
                 let rsp = dimse::encode_action_rsp(
                     cmd.message_id,
@@ -1169,6 +1239,7 @@ impl<'a, H: Handler> Association<'a, H> {
                     self.send_message(cx_id, &rsp, Some(&identifier))?;
                 }
                 Some(FindAnswer::Final(status)) => {
+                    self.activity.failures += u32::from(failed_status(status));
                     let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, status, false);
                     return self.send_message(cx_id, &rsp, None);
                 }
@@ -1329,6 +1400,11 @@ impl<'a, H: Handler> Association<'a, H> {
             } else {
                 counts.failed += 1;
                 failed.push(sub.sop_instance_uid);
+            }
+            if ok {
+                self.activity.sent += 1;
+            } else {
+                self.activity.failures += 1;
             }
             counts.remaining = counts.remaining.map(|r| r.saturating_sub(1));
             self.retrieve_rsp(cx_id, cmd, cx, PENDING, Some(counts), None)?;
@@ -1735,6 +1811,12 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         if let Some(path) = &path {
             let _ = std::fs::remove_file(path);
+        }
+        self.used("c-store");
+        if failed_status(answer.status) {
+            self.activity.failures += 1;
+        } else {
+            self.activity.stored += 1;
         }
         let comment = answer.comment.as_deref().map(clean_comment);
         let rsp = dimse::encode_store_rsp(
