@@ -14,7 +14,8 @@ identifiers, C-GET/C-MOVE as a job (:class:`_Retrieval`) that names each
 instance's candidate copies; the native side verifies a copy's SHA-256 before its
 last byte goes out, sends the sub-operations and counts them. The Storage
 Commitment report goes out as with ``DicomServer`` (vna/dicom/commitment.py).
-The TLS port is not served (use ``dicom.receiver = "python"`` for it).
+The TLS port is not served, nor a C-MOVE to a ``tls = true`` destination (answered
+0xA801, logged): use ``dicom.receiver = "python"`` for those.
 """
 
 from __future__ import annotations
@@ -402,6 +403,10 @@ class NativeDicomServer:
                 if self._unknown_dest(name):
                     log.warning("C-MOVE to unknown destination %r refused (not in dicom.remote; logged once an hour "
                                 "per name)", name)
+                return st.MOVE_DESTINATION_UNKNOWN, None, None
+            if remote.tls:
+                log.error("C-MOVE to %s refused: the native receiver does not send to a tls = true destination yet "
+                          '(use dicom.receiver = "python")', name)
                 return st.MOVE_DESTINATION_UNKNOWN, None, None
             dest = (remote, name)
         try:
