@@ -422,3 +422,33 @@ def test_c_move_to_a_tls_destination_is_refused_by_the_native_receiver(make_serv
     while "does not send to a tls = true destination" not in srv.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "does not send to a tls = true destination" in srv.log.read_text()
+
+
+def test_q_r_operations_are_counted_as_the_python_receiver_counts_them(make_server: Factory,
+                                                                       corpus: list[Path]) -> None:
+    from tests.integration.test_telemetry import _sample, _scrape
+
+    samples = []
+    for receiver in ("python", "native"):
+        port = free_port()
+        srv = make_server(f'[dicom]\nreceiver = "{receiver}"\n[telemetry]\nenabled = true\nprometheus_port = {port}\n')
+        mr = [p for p in corpus if p.name.startswith("mr-")]
+        assert all(r.Status == 0 for r in scu.store(srv.port, mr))
+        ds = dcmread(mr[0], stop_before_pixels=True)
+        rows, final = scu.find(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ""})
+        assert (len(rows), final) == (1, 0)
+        assert scu.find(srv.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": ""})[1] == 0xA900
+        _, final, _ = scu.get(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID},
+                              [str(ds.SOPClassUID)])
+        assert final.Status == 0
+        body = ""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:   # the C-GET's sample is taken when its operation ends
+            _, body = _scrape(port)
+            if 'op="c-get"' in body:
+                break
+            time.sleep(0.1)
+        samples.append([_sample(body, "vna_dimse_operations_total", labels) for labels in (
+            '{op="c-find",status="0x0000"}', '{op="c-find",status="0xA900"}', '{op="c-get",status="0x0000"}')]
+            + [_sample(body, "vna_retrieve_instances_total", '{op="c-get"}')])
+    assert samples[1] == samples[0] == [1, 1, 1, len(mr)]

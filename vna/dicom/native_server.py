@@ -27,7 +27,7 @@ import time
 from contextlib import ExitStack
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pynetdicom
 from pydicom import dcmread
@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.dsutils import decode, encode
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vna.archive import Archive
 from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
@@ -131,7 +131,7 @@ class _Retrieval:
             self.retrieve.transfer(refs, actor, op=self.op, destination=dest_actor))
         self._i = 0
         self._copies: list[tuple[Placement, Path]] = []
-        self._started = time.perf_counter()
+        self.on_close: Callable[[int], None] | None = None   # given the final status (as the native side answers)
 
     def count(self) -> int:
         return len(self.refs)
@@ -201,6 +201,9 @@ class _Retrieval:
             self._open.close()
         finally:
             self._stack.close()
+            if self.on_close is not None:
+                x = self.xfer
+                self.on_close(st.SUCCESS if not x.failed else st.SUBOPS_FAILED if not x.completed else 0xB000)
 
 
 def move_contexts(refs: list[InstanceRef]) -> list[tuple[str, list[str]]]:
@@ -334,42 +337,57 @@ class NativeDicomServer:
             return status, str(exc)[:64]
 
     def on_request(self, req: Any) -> Any:
-        """A C-FIND, C-GET, C-MOVE or N-ACTION (see ``vna_native.Listener``): counted and timed as
-        ``DicomServer`` does; a C-FIND's matches are an iterator, a retrieve a job or a final answer."""
+        """A C-FIND, C-GET, C-MOVE or N-ACTION (see ``vna_native.Listener``): in a ``dimse.<op>`` span,
+        counted and timed as ``DicomServer`` does; a C-FIND's matches are an iterator, a retrieve a job
+        (whose span ends when the native side closes it) or a final answer."""
         kind = str(req.kind)
         actor = Actor(str(req.calling_ae), "ae", str(req.address))
         t0 = time.perf_counter()
         if kind == "c-find":
             return self._timed_find(self._find(req, actor), t0)
+        span = self.archive.telemetry.start_span(f"dimse.{kind}", {"dicom.calling_ae": actor.id},
+                                                 kind=SpanKind.SERVER)
         status = st.UNABLE_TO_PROCESS
+        handed_over = False
         try:
             if kind == "n-action":
                 status = self.commitment.request(str(req.requested_sop_class_uid), req.action_type_id,
                                                  lambda: _decode(req.data, req.transfer_syntax_uid), actor)
                 return status, None
             answer = self._retrieve(req, actor)
-            status = answer[0] if isinstance(answer, tuple) else st.SUCCESS
+            if isinstance(answer, _Retrieval):   # its span and sample are taken when it is closed
+                answer.on_close = lambda status: self._op_done(kind, status, t0, span)
+                handed_over = True
+                return answer
+            status = answer[0]
             return answer
         finally:
-            self._op_done(kind, status, t0)
+            if not handed_over:
+                self._op_done(kind, status, t0, span)
 
-    def _op_done(self, op: str, status: int, t0: float) -> None:
+    def _op_done(self, op: str, status: int, t0: float, span: Span | None = None) -> None:
         tel = self.archive.telemetry
+        text = f"0x{status:04X}"
+        if span is not None:
+            span.set_attribute("dicom.status", text)
+            if status not in (st.SUCCESS, st.PENDING, st.CANCEL) and status >> 12 != 0xB:
+                span.set_status(Status(StatusCode.ERROR, text))
+            span.end()
         if tel.enabled:
-            text = f"0x{status:04X}"
             tel.dimse_operations.add(1, {"op": op, "status": text})
             tel.dimse_duration.record(time.perf_counter() - t0, {"op": op})
 
     def _timed_find(self, answers: Iterator[tuple[int, bytes | None]], t0: float
                     ) -> Iterator[tuple[int, bytes | None]]:
         status = st.CANCEL   # closed before its final answer: cancelled or cut off
+        span = self.archive.telemetry.start_span("dimse.c-find", kind=SpanKind.SERVER)
         try:
             for status, identifier in answers:
                 yield status, identifier
             if status == st.PENDING:
                 status = st.SUCCESS
         finally:
-            self._op_done("c-find", status, t0)
+            self._op_done("c-find", status, t0, span)
 
     def _find(self, req: Any, actor: Actor) -> Iterator[tuple[int, bytes | None]]:
         """C-FIND: one Pending answer (an identifier in the context's syntax) per match."""
