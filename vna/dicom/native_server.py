@@ -45,7 +45,7 @@ from vna.dicom import native, status as st
 from vna.dicom.assoc_log import OncePerName
 from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
 from vna.dicom.contexts import storage_classes, storage_syntaxes
-from vna.dicom.qr import UNIQUE_KEYS, identifier_map, query_level, response
+from vna.dicom.qr import UNIQUE_KEYS, identifier_map, move_contexts, query_level, response
 from vna.domain import Placement
 from vna.errors import AuditUnavailable, ConfigError, InvalidInput, VnaError
 from vna.services.ingest import Spooled
@@ -204,23 +204,6 @@ class _Retrieval:
             if self.on_close is not None:
                 x = self.xfer
                 self.on_close(st.SUCCESS if not x.failed else st.SUBOPS_FAILED if not x.completed else 0xB000)
-
-
-def move_contexts(refs: list[InstanceRef]) -> list[tuple[str, list[str]]]:
-    """Storage contexts for a C-MOVE sub-association, as DicomServer proposes them: one per (SOP class,
-    stored transfer syntax); uncompressed syntaxes also offer the other uncompressed one; at most 128."""
-    seen: set[tuple[str, str]] = set()
-    out: list[tuple[str, list[str]]] = []
-    explicit, implicit = _LITTLE_ENDIAN[1], _LITTLE_ENDIAN[0]
-    for r in refs:
-        if (r.sop_class_uid, r.transfer_syntax_uid) in seen:
-            continue
-        seen.add((r.sop_class_uid, r.transfer_syntax_uid))
-        syntaxes = [r.transfer_syntax_uid]
-        if r.transfer_syntax_uid in _LITTLE_ENDIAN:
-            syntaxes += [ts for ts in (explicit, implicit) if ts not in syntaxes]
-        out.append((r.sop_class_uid, syntaxes))
-    return out[:128]
 
 
 class NativeDicomServer:

@@ -8,8 +8,9 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from vna.domain import QueryLevel
 from vna.errors import InvalidInput
+from vna.services.retrieve import InstanceRef
 
-__all__ = ["PATIENT_ROOT", "UNIQUE_KEYS", "identifier_map", "query_level", "response"]
+__all__ = ["PATIENT_ROOT", "UNIQUE_KEYS", "identifier_map", "move_contexts", "query_level", "response"]
 
 #: the Patient Root FIND, MOVE and GET information models
 PATIENT_ROOT = frozenset({"1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3"})
@@ -82,3 +83,21 @@ def response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
     if non_ascii or "SpecificCharacterSet" in requested:
         rsp.SpecificCharacterSet = "ISO_IR 192"
     return rsp
+
+
+def move_contexts(refs: list[InstanceRef]) -> list[tuple[str, list[str]]]:
+    """Storage contexts for a C-MOVE sub-association: one per (SOP class, stored transfer syntax), so a
+    compressed instance is never negotiated down to a syntax it cannot be sent in; little-endian
+    uncompressed syntaxes also offer the other one; at most 128."""
+    seen: set[tuple[str, str]] = set()
+    out: list[tuple[str, list[str]]] = []
+    explicit, implicit = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+    for r in refs:
+        if (r.sop_class_uid, r.transfer_syntax_uid) in seen:
+            continue
+        seen.add((r.sop_class_uid, r.transfer_syntax_uid))
+        syntaxes = [r.transfer_syntax_uid]
+        if r.transfer_syntax_uid in (explicit, implicit):
+            syntaxes += [ts for ts in (explicit, implicit) if ts not in syntaxes]
+        out.append((r.sop_class_uid, syntaxes))
+    return out[:128]

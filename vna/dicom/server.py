@@ -31,7 +31,7 @@ from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import dimse_codec, reactor, status as st, uid_cache
 from vna.dicom.assoc_log import AssociationLog, OncePerName
-from vna.dicom.qr import UNIQUE_KEYS, identifier_map, query_level, response
+from vna.dicom.qr import UNIQUE_KEYS, identifier_map, move_contexts, query_level, response
 from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
 from vna.dicom.contexts import Contexts, UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
 from vna.dicom.fast_store import FastStore, spooled_of
@@ -666,20 +666,5 @@ class DicomServer:
 
 
 def _contexts_for(refs: list[InstanceRef]) -> list[PresentationContext]:
-    """Storage contexts for a C-MOVE sub-association.
-
-    One context per (SOP class, stored transfer syntax), so a compressed
-    instance is never negotiated down to a syntax it cannot be sent in;
-    uncompressed syntaxes also offer the other uncompressed ones.
-    """
-    seen: set[tuple[str, str]] = set()
-    contexts = []
-    for r in refs:
-        if (r.sop_class_uid, r.transfer_syntax_uid) in seen:
-            continue
-        seen.add((r.sop_class_uid, r.transfer_syntax_uid))
-        syntaxes = [r.transfer_syntax_uid]
-        if r.transfer_syntax_uid in _LITTLE_ENDIAN:
-            syntaxes += [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts not in syntaxes]
-        contexts.append(build_context(r.sop_class_uid, syntaxes))
-    return contexts[:128]
+    """Storage contexts for a C-MOVE sub-association (see :func:`vna.dicom.qr.move_contexts`)."""
+    return [build_context(cls, syntaxes) for cls, syntaxes in move_contexts(refs)]
