@@ -1,8 +1,14 @@
 //! The listener: one thread accepts, one thread serves each association
-//! (A-ASSOCIATE negotiation, C-ECHO, C-STORE receive to a spool file, release, abort).
+//! (A-ASSOCIATE negotiation, C-ECHO, C-STORE receive to a spool file, C-FIND,
+//! C-GET, C-MOVE, C-CANCEL, N-ACTION, release, abort).
 //!
 //! The embedding program decides through [`Handler`]: whether to accept an
-//! association, what to do with each spooled instance, where log lines go.
+//! association, what to do with each spooled instance, the matches of a C-FIND
+//! (asked for one by one, a C-CANCEL checked between them), the instances of a
+//! C-GET/C-MOVE and their candidate copies ([`Retrieval`]; each copy's SHA-256 is
+//! checked before its last byte goes out, by [`crate::send`]; a C-MOVE's destination
+//! is reached with [`crate::scu`]), the answer to an N-ACTION, where log lines go.
+//! A Q/R or N-ACTION request's data set is at most [`MAX_REQUEST_DATA`] bytes.
 //! Bounds: an A-ASSOCIATE-RQ is at most [`MAX_ASSOCIATE_RQ`] bytes and must
 //! arrive within `acse_timeout` of the connection (ARTIM); a P-DATA-TF is at
 //! most the Maximum Length we announced; every other PDU is at most
