@@ -452,3 +452,32 @@ def test_q_r_operations_are_counted_as_the_python_receiver_counts_them(make_serv
             '{op="c-find",status="0x0000"}', '{op="c-find",status="0xA900"}', '{op="c-get",status="0x0000"}')]
             + [_sample(body, "vna_retrieve_instances_total", '{op="c-get"}')])
     assert samples[1] == samples[0] == [1, 1, 1, len(mr)]
+
+
+def test_a_destination_aborting_mid_move_fails_the_rest(make_server: Factory, corpus: list[Path]) -> None:
+    """The destination aborts at the second C-STORE: one completed, the rest failed, on both receivers."""
+    stores: list[str] = []
+
+    def on_store(event: Any) -> int:
+        stores.append(str(event.request.AffectedSOPInstanceUID))
+        if len(stores) == 2:
+            event.assoc.abort()
+        return 0
+
+    ct = [p for p in corpus if p.name.startswith("ct-7-0001")]
+    ds = dcmread(ct[0], stop_before_pixels=True)
+    port = free_port()
+    listener = AE(ae_title="FLAKY")
+    listener.add_supported_context(ds.SOPClassUID, [EXPLICIT, IMPLICIT])
+    server = listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        py, nv = _pair(make_server, ct, f'[[dicom.remote]]\nae_title = "FLAKY"\nhost = "127.0.0.1"\nport = {port}\n')
+        finals = []
+        for srv in (py, nv):
+            stores.clear()
+            _, final = scu.move(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID},
+                                "FLAKY")
+            finals.append(_counts(final))
+        assert finals[1] == finals[0] == (0xB000, 1, len(ct) - 1, 0)
+    finally:
+        server.shutdown()
