@@ -3,9 +3,9 @@
 Imported only by ``vna.dicom.native``.
 """
 
-from typing import Callable, Optional, final
+from typing import Any, Callable, Optional, final
 
-__all__ = ["Listener", "StoreRecord", "gray_decode", "gray_encode", "max_associate_rq", "__version__"]
+__all__ = ["Listener", "Request", "StoreRecord", "gray_decode", "gray_encode", "max_associate_rq", "__version__"]
 __version__: str
 
 @final
@@ -38,6 +38,39 @@ class StoreRecord:
     def ended_ns(self) -> int: ...
 
 @final
+class Request:
+    """A C-FIND, C-GET, C-MOVE or N-ACTION request and its data set (``data``: identifier or action
+    information, encoded in ``transfer_syntax_uid``). ``kind``: "c-find", "c-get", "c-move" or "n-action";
+    ``sop_class_uid``: the presentation context's abstract syntax."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def calling_ae(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def message_id(self) -> int: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def sop_class_uid(self) -> str: ...
+    @property
+    def transfer_syntax_uid(self) -> str: ...
+    @property
+    def requested_sop_class_uid(self) -> str: ...
+    @property
+    def requested_sop_instance_uid(self) -> str: ...
+    @property
+    def move_destination(self) -> Optional[str]: ...
+    @property
+    def action_type_id(self) -> Optional[int]: ...
+    @property
+    def data(self) -> bytes: ...
+
+@final
 class Listener:
     """The native DICOM listener; bound and accepting once constructed (raises OSError if it cannot bind).
 
@@ -47,6 +80,17 @@ class Listener:
     address beyond which a new connection is closed at once.
     ``on_associate(calling_ae, called_ae, address, port)`` returns None to accept or
     (result, source, reason) to reject; ``on_store(record)`` returns (status, error comment);
+    ``on_request(request)`` answers a :class:`Request`: for "c-find" an iterable of (status, identifier or
+    None) -- Pending (0xFF00) with an identifier per match, optionally a final status last; for "n-action"
+    (status, action reply or None); for "c-get"/"c-move" either (status, counts or None, identifier or None)
+    -- a final response at once, counts (remaining or None, completed, failed, warning) -- or a job object
+    with ``count()``, ``destination()`` (None, or (host, port, called AE, calling AE, [(abstract syntax,
+    [transfer syntaxes])]) for a C-MOVE), ``next()`` (None when done, or (SOP class, SOP instance, stored
+    transfer syntax, [(path, sha256 hex, size)] candidate copies)), ``bad_copy(index, why, fault)`` (fault
+    "corrupt", "missing" or "unreadable"), ``fallback()`` (a verified (path, sha256, size) or None),
+    ``convert(transfer_syntax)`` (a verified copy re-encoded
+    in that syntax as a Part 10 file (path, sha256, size), or None), ``sent(ok, size, status)``,
+    ``failed_identifier(uids)`` (an identifier listing them) and ``close()``.
     ``on_log(level, message)`` takes a ``logging`` level; ``on_thread_done()`` runs when an
     association's thread ends. Callbacks run in the association threads.
     """
@@ -63,6 +107,7 @@ class Listener:
         max_per_address: int,
         acse_timeout: float,
         network_timeout: float,
+        dimse_timeout: float,
         spool_dir: str,
         implementation_class_uid: str,
         implementation_version: str,
@@ -71,6 +116,7 @@ class Listener:
         contexts: list[tuple[str, list[str], Optional[tuple[bool, bool]], bool]],
         on_associate: Callable[[str, str, str, int], Optional[tuple[int, int, int]]],
         on_store: Callable[[StoreRecord], tuple[int, Optional[str]]],
+        on_request: Callable[[Request], Any],
         on_log: Callable[[int, str], None],
         on_thread_done: Callable[[], None],
     ) -> Listener: ...

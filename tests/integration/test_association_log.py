@@ -12,6 +12,7 @@ from pydicom import dcmread
 
 from tests.conftest import StoreScp, VnaServer
 from tests.integration import scu
+from tests.integration.receivers import make_server  # noqa: F401 -- on both receivers
 
 Factory = Callable[..., VnaServer]
 

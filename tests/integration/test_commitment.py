@@ -15,6 +15,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from tests.conftest import VnaServer, free_port
 from tests.integration import scu
+from tests.integration.receivers import make_server  # noqa: F401 -- on both receivers
 
 Factory = Callable[..., VnaServer]
 INSTANCE = "1.2.840.10008.1.20.1.1"

@@ -20,6 +20,7 @@ from pydicom import dcmread
 
 from benchmarks.corpus import write_corpus
 from tests.conftest import DCMTK_ENV, VnaServer, free_port, stop_process, wait_port
+from tests.integration.receivers import make_server  # noqa: F401 -- on both receivers
 
 Factory = Callable[..., VnaServer]
 

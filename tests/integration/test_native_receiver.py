@@ -296,12 +296,14 @@ def test_native_association_policy(make_server: Callable[..., VnaServer]) -> Non
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 3)
 
-    # Query/Retrieve is not served natively yet: its context is rejected, Verification accepted
-    with socket.create_connection(("127.0.0.1", native.port), timeout=10) as sock:
-        sock.sendall(associate_rq([(1, STUDY_FIND, [IMPLICIT]), (3, VERIFICATION, [IMPLICIT])], calling="GOOD"))
-        kind, body = recv_pdu(sock)
-        assert kind == 2
-        assert accepted_contexts(body) == {1: (3, IMPLICIT), 3: (0, IMPLICIT)}
+    # Query/Retrieve is accepted by both, a service neither serves (Modality Worklist) rejected by both
+    for srv in (native, python):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(associate_rq([(1, STUDY_FIND, [IMPLICIT]), (3, VERIFICATION, [IMPLICIT]),
+                                       (5, "1.2.840.10008.5.1.4.31", [IMPLICIT])], calling="GOOD"))
+            kind, body = recv_pdu(sock)
+            assert kind == 2
+            assert accepted_contexts(body) == {1: (0, IMPLICIT), 3: (0, IMPLICIT), 5: (3, IMPLICIT)}
 
 
 def test_native_faults(make_server: Callable[..., VnaServer], corpus: list[Path]) -> None:

@@ -1,4 +1,6 @@
-"""Retrieve verifies every copy: a bad one is marked CORRUPT, quarantined and skipped; none left -> failed sub-operation."""
+"""Retrieve verifies every copy: a bad one is marked CORRUPT, quarantined and skipped; none left -> failed sub-operation.
+
+Each test runs on both receivers (``dicom.receiver`` python and native)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pydicom import dcmread
 
 from tests.conftest import StoreScp, VnaServer, dataset_bytes
 from tests.integration import scu
+from tests.integration.receivers import make_server  # noqa: F401 -- on both receivers
 
 Factory = Callable[..., VnaServer]
 

@@ -15,6 +15,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import DCMTK_ENV, VnaServer, dataset_bytes, free_port, stop_process, uid_of, wait_port
+from tests.integration.receivers import RECEIVERS, with_receiver
 
 Factory = Callable[..., VnaServer]
 
@@ -63,9 +64,10 @@ def _small(corpus: list[Path]) -> Path:
     return next(p for p in corpus if p.name.startswith("small-"))
 
 
+@pytest.mark.parametrize("receiver", RECEIVERS)
 def test_retired_storage_classes_are_stored_found_and_retrieved(make_server: Factory, corpus: list[Path],
-                                                                tmp_path: Path) -> None:
-    srv = make_server()
+                                                                tmp_path: Path, receiver: str) -> None:
+    srv = make_server(with_receiver(receiver, ""))
     files = [_with_class(_small(corpus), tmp_path / "in" / f"{n}.dcm", uid, n) for n, uid in enumerate(RETIRED)]
     r = _storescu(srv, *files)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -7,30 +7,49 @@ Python is called once per association (the calling AE allowlist) and once per
 received instance (``ingest_file``, as ``DicomServer.on_store``); the native side
 writes the C-STORE-RSP and removes the spool file unless ingest adopted it.
 
-Slice 1: Verification and the storage SOP classes only. Query/Retrieve and
-Storage Commitment contexts are rejected (abstract syntax not supported); the
-TLS port is not served (use ``dicom.receiver = "python"`` for those).
+Query/Retrieve (Patient and Study Root FIND, GET, MOVE) and Storage Commitment:
+the native side parses the request and hands Python its data set; Python decodes
+it (pydicom), queries or selects, and answers -- C-FIND matches as encoded
+identifiers, C-GET/C-MOVE as a job (:class:`_Retrieval`) that names each
+instance's candidate copies; the native side verifies a copy's SHA-256 before its
+last byte goes out, sends the sub-operations and counts them. The Storage
+Commitment report goes out as with ``DicomServer`` (vna/dicom/commitment.py).
+The TLS port is not served, nor a C-MOVE to a ``tls = true`` destination (answered
+0xA801, logged): use ``dicom.receiver = "python"`` for those.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+from contextlib import ExitStack
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pynetdicom
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from pynetdicom.dsutils import decode, encode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vna.archive import Archive
 from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
-from vna.config import DicomConfig
+from vna.checksum import sha256_file
+from vna.config import DicomConfig, RemoteAE
 from vna.dicom import native, status as st
+from vna.dicom.assoc_log import OncePerName
+from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
 from vna.dicom.contexts import storage_classes, storage_syntaxes
-from vna.errors import AuditUnavailable, ConfigError, VnaError
+from vna.dicom.qr import UNIQUE_KEYS, identifier_map, move_contexts, query_level, response
+from vna.domain import Placement
+from vna.errors import AuditUnavailable, ConfigError, InvalidInput, VnaError
 from vna.services.ingest import Spooled
+from vna.services.retrieve import InstanceRef, Transfer
 
 __all__ = ["NativeDicomServer", "supported_contexts"]
 
@@ -44,23 +63,147 @@ IMPLEMENTATION_VERSION_NAME = "VNA_010"
 _CALLING_AE_NOT_RECOGNIZED = (1, 1, 3)
 
 ContextSpec = tuple[str, list[str], "tuple[bool, bool] | None", bool]
+# the Patient Root and Study Root FIND, MOVE and GET models, as DicomServer serves them
+QR_MODELS = ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3",
+             "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3")
+_LITTLE_ENDIAN = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+# errors of a malformed identifier while pydicom decodes it
+_DECODE_ERRORS = (InvalidInput, AttributeError, ValueError, TypeError, KeyError, EOFError, OverflowError)
 
 
 def supported_contexts() -> list[ContextSpec]:
-    """Verification and the storage SOP classes ``DicomServer`` accepts by name (pynetdicom's list and the
-    retired ones), with its transfer syntaxes and roles, as (abstract syntax, our syntaxes in order of
-    preference, roles or None, is storage) -- built with pynetdicom's public API."""
+    """Verification, the storage SOP classes ``DicomServer`` accepts by name (pynetdicom's list and the
+    retired ones), Query/Retrieve and Storage Commitment, with its transfer syntaxes and roles, as
+    (abstract syntax, our syntaxes in order of preference, roles or None, is storage) -- built with
+    pynetdicom's public API."""
     ae = AE()
     ae.add_supported_context(Verification)
     syntaxes = storage_syntaxes()
     for uid in storage_classes():
         ae.add_supported_context(uid, syntaxes, scu_role=True, scp_role=True)
+    for uid in [*map(UID, QR_MODELS), StorageCommitmentPushModel]:
+        ae.add_supported_context(uid)
+    not_storage = {Verification, StorageCommitmentPushModel, *QR_MODELS}
     out: list[ContextSpec] = []
     for cx in ae.supported_contexts:
         roles = None if cx.scu_role is None or cx.scp_role is None else (bool(cx.scu_role), bool(cx.scp_role))
         out.append((str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax], roles,
-                    cx.abstract_syntax != Verification))
+                    cx.abstract_syntax not in not_storage))
     return out
+
+
+def _decode(data: bytes, transfer_syntax: str) -> Dataset:
+    ts = UID(transfer_syntax)
+    return decode(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+
+
+def _encode(ds: Dataset, transfer_syntax: str) -> bytes:
+    ts = UID(transfer_syntax)
+    out = encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+    if out is None:
+        raise ValueError(f"the identifier cannot be encoded in {transfer_syntax}")
+    return out
+
+
+def _failed_list(uids: list[str], transfer_syntax: str) -> bytes:
+    """An identifier with the Failed SOP Instance UID List, as pynetdicom ends a C-GET/C-MOVE."""
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = uids
+    return _encode(ds, transfer_syntax)
+
+
+class _Retrieval:
+    """One C-GET or C-MOVE for the native sender: the selected instances, each with its candidate copies
+    (this site's plain local files, verified by the native side), and the audit of the transfer."""
+
+    def __init__(self, server: NativeDicomServer, req: Any, refs: list[InstanceRef], actor: Actor,
+                 dest: tuple[RemoteAE, str] | None) -> None:
+        self.retrieve = server.archive.retrieve
+        self.refs = refs
+        self.ts = str(req.transfer_syntax_uid)
+        self.op = str(req.kind)
+        self.dest = dest
+        self.ae_title = server.cfg.ae_title
+        self._stack = ExitStack()   # the transfer (audit) until close()
+        self._open = ExitStack()    # the current instance's fallback copy, until the next one
+        dest_actor = Actor(dest[1], "ae", f"{dest[0].host}:{dest[0].port}") if dest is not None else None
+        self.xfer: Transfer = self._stack.enter_context(
+            self.retrieve.transfer(refs, actor, op=self.op, destination=dest_actor))
+        self._i = 0
+        self._copies: list[tuple[Placement, Path]] = []
+        self.on_close: Callable[[int], None] | None = None   # given the final status (as the native side answers)
+
+    def count(self) -> int:
+        return len(self.refs)
+
+    def destination(self) -> tuple[str, int, str, str, list[tuple[str, list[str]]]] | None:
+        if self.dest is None:
+            return None
+        remote, name = self.dest
+        return remote.host, remote.port, name, self.ae_title, move_contexts(self.refs)
+
+    def next(self) -> tuple[str, str, str, list[tuple[str, str, int]]] | None:
+        self._open.close()
+        if self._i >= len(self.refs):
+            return None
+        ref = self.refs[self._i]
+        self._i += 1
+        self._copies = self.retrieve.local_copies(ref.sop_uid)
+        return (ref.sop_class_uid, ref.sop_uid, ref.transfer_syntax_uid,
+                [(str(path), p.content_sha256, p.content_size) for p, path in self._copies])
+
+    def bad_copy(self, index: int, why: str, fault: str) -> None:
+        self.retrieve.mark_bad(self._copies[index][0], fault, why)
+
+    def fallback(self) -> tuple[str, str, int] | None:
+        """A copy verified by :meth:`RetrieveService.open_verified` (cold, remote, encoded ones)."""
+        uid = self.refs[self._i - 1].sop_uid
+        try:
+            inst = self._open.enter_context(self.retrieve.open_verified(uid))
+        except VnaError as exc:
+            log.error("retrieve of %s failed: %s", uid, exc)
+            return None
+        return str(inst.path), inst.content_sha256, inst.size
+
+    def convert(self, transfer_syntax: str) -> tuple[str, str, int] | None:
+        """A verified copy of the current instance re-encoded in another little-endian uncompressed syntax
+        (as pynetdicom sends a decoded Dataset when the stored syntax was not accepted): a temporary Part 10
+        file, removed at the next instance."""
+        uid = self.refs[self._i - 1].sop_uid
+        if transfer_syntax not in _LITTLE_ENDIAN:
+            return None
+        try:
+            with self.retrieve.open_verified(uid) as inst:
+                ds = dcmread(inst.path)
+            ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+            fd, name = tempfile.mkstemp(dir=self.retrieve.spool_dir, suffix=".dcm")
+            os.close(fd)
+            self._open.callback(Path(name).unlink, missing_ok=True)
+            ds.save_as(name, implicit_vr=transfer_syntax == _LITTLE_ENDIAN[0], little_endian=True,
+                       enforce_file_format=True)
+            sha, size = sha256_file(Path(name))
+        except VnaError as exc:
+            log.error("retrieve of %s failed: %s", uid, exc)
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("could not re-encode %s in %s: %s", uid, transfer_syntax, exc)
+            return None
+        return name, sha, size
+
+    def sent(self, ok: bool, size: int, status: int | None) -> None:
+        self.xfer.sent(ok, size)
+
+    def failed_identifier(self, uids: list[str]) -> bytes:
+        return _failed_list(uids, self.ts)
+
+    def close(self) -> None:
+        try:
+            self._open.close()
+        finally:
+            self._stack.close()
+            if self.on_close is not None:
+                x = self.xfer
+                self.on_close(st.SUCCESS if not x.failed else st.SUBOPS_FAILED if not x.completed else 0xB000)
 
 
 class NativeDicomServer:
@@ -80,6 +223,10 @@ class NativeDicomServer:
         self.cfg = cfg
         self.reuse_port = reuse_port
         self._contexts = supported_contexts()
+        self._unknown_dest = OncePerName()  # an unknown C-MOVE destination is logged once an hour per name
+        self.commitment = StorageCommitment(archive, cfg, Connector(archive),
+                                            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                            implementation_version_name=IMPLEMENTATION_VERSION_NAME)
         self._spool_dir = archive.cfg.resolve("spool/incoming")
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         self._listener: Any = None
@@ -91,12 +238,12 @@ class NativeDicomServer:
             host=cfg.host, port=cfg.port, reuse_port=self.reuse_port, max_pdu=cfg.max_pdu,
             max_associations=cfg.max_associations, max_half_open=cfg.max_half_open_connections,
             max_per_address=cfg.max_connections_per_address, acse_timeout=cfg.acse_timeout,
-            network_timeout=cfg.network_timeout, spool_dir=str(self._spool_dir),
+            network_timeout=cfg.network_timeout, dimse_timeout=cfg.dimse_timeout, spool_dir=str(self._spool_dir),
             implementation_class_uid=IMPLEMENTATION_CLASS_UID, implementation_version=IMPLEMENTATION_VERSION_NAME,
             spool_implementation_uid=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
             spool_implementation_version=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION),
             contexts=self._contexts, on_associate=self.on_associate, on_store=self.on_store,
-            on_log=self._on_log, on_thread_done=self.archive.index.release_thread)
+            on_request=self.on_request, on_log=self._on_log, on_thread_done=self.archive.index.release_thread)
         log.info("native DICOM receiver listening on %s:%d", cfg.host, self._listener.port)
         self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
                                      "connections of the DICOM port now, by state (half_open, associated)",
@@ -171,6 +318,114 @@ class NativeDicomServer:
             status = st.status_for(exc)
             log.warning("C-STORE from %s refused (0x%04X): %s", record.calling_ae, status, exc)
             return status, str(exc)[:64]
+
+    def on_request(self, req: Any) -> Any:
+        """A C-FIND, C-GET, C-MOVE or N-ACTION (see ``vna_native.Listener``): in a ``dimse.<op>`` span,
+        counted and timed as ``DicomServer`` does; a C-FIND's matches are an iterator, a retrieve a job
+        (whose span ends when the native side closes it) or a final answer."""
+        kind = str(req.kind)
+        actor = Actor(str(req.calling_ae), "ae", str(req.address))
+        t0 = time.perf_counter()
+        if kind == "c-find":
+            return self._timed_find(self._find(req, actor), t0)
+        span = self.archive.telemetry.start_span(f"dimse.{kind}", {"dicom.calling_ae": actor.id},
+                                                 kind=SpanKind.SERVER)
+        status = st.UNABLE_TO_PROCESS
+        handed_over = False
+        try:
+            if kind == "n-action":
+                status = self.commitment.request(str(req.requested_sop_class_uid), req.action_type_id,
+                                                 lambda: _decode(req.data, req.transfer_syntax_uid), actor)
+                return status, None
+            answer = self._retrieve(req, actor)
+            if isinstance(answer, _Retrieval):   # its span and sample are taken when it is closed
+                answer.on_close = lambda status: self._op_done(kind, status, t0, span)
+                handed_over = True
+                return answer
+            status = answer[0]
+            return answer
+        finally:
+            if not handed_over:
+                self._op_done(kind, status, t0, span)
+
+    def _op_done(self, op: str, status: int, t0: float, span: Span | None = None) -> None:
+        tel = self.archive.telemetry
+        text = f"0x{status:04X}"
+        if span is not None:
+            span.set_attribute("dicom.status", text)
+            if status not in (st.SUCCESS, st.PENDING, st.CANCEL) and status >> 12 != 0xB:
+                span.set_status(Status(StatusCode.ERROR, text))
+            span.end()
+        if tel.enabled:
+            tel.dimse_operations.add(1, {"op": op, "status": text})
+            tel.dimse_duration.record(time.perf_counter() - t0, {"op": op})
+
+    def _timed_find(self, answers: Iterator[tuple[int, bytes | None]], t0: float
+                    ) -> Iterator[tuple[int, bytes | None]]:
+        status = st.CANCEL   # closed before its final answer: cancelled or cut off
+        span = self.archive.telemetry.start_span("dimse.c-find", kind=SpanKind.SERVER)
+        try:
+            for status, identifier in answers:
+                yield status, identifier
+            if status == st.PENDING:
+                status = st.SUCCESS
+        finally:
+            self._op_done("c-find", status, t0, span)
+
+    def _find(self, req: Any, actor: Actor) -> Iterator[tuple[int, bytes | None]]:
+        """C-FIND: one Pending answer (an identifier in the context's syntax) per match."""
+        ts = str(req.transfer_syntax_uid)
+        try:
+            ds = _decode(req.data, ts)
+            level = query_level(ds, str(req.sop_class_uid))
+            keys = identifier_map(ds)
+        except _DECODE_ERRORS as exc:
+            log.warning("C-FIND refused: %s", exc)
+            yield st.IDENTIFIER_MISMATCH, None
+            return
+        try:
+            for row in self.archive.query.find(level, keys, actor=actor):
+                yield st.PENDING, _encode(response(level.value, row, ds), ts)
+        except VnaError as exc:
+            log.error("C-FIND failed: %s", exc)
+            yield st.status_for(exc), None
+
+    def _retrieve(self, req: Any, actor: Actor) -> _Retrieval | tuple[int, tuple[int | None, int, int, int] | None,
+                                                                      bytes | None]:
+        """C-GET/C-MOVE: a job over the selected instances, or a final answer (a refusal as DicomServer
+        answers it: the status with one failed sub-operation and an empty Failed SOP Instance UID List)."""
+        kind = str(req.kind)
+        ts = str(req.transfer_syntax_uid)
+        dest: tuple[RemoteAE, str] | None = None
+        if kind == "c-move":
+            name = str(req.move_destination or "").strip()
+            remote = self.cfg.find_remote(name)
+            if remote is None:
+                if self._unknown_dest(name):
+                    log.warning("C-MOVE to unknown destination %r refused (not in dicom.remote; logged once an hour "
+                                "per name)", name)
+                return st.MOVE_DESTINATION_UNKNOWN, None, None
+            if remote.tls:
+                log.error("C-MOVE to %s refused: the native receiver does not send to a tls = true destination yet "
+                          '(use dicom.receiver = "python")', name)
+                return st.MOVE_DESTINATION_UNKNOWN, None, None
+            dest = (remote, name)
+        try:
+            self.archive.audit.require()  # refuse before sending anything
+            ds = _decode(req.data, ts)
+            level = query_level(ds, str(req.sop_class_uid))
+            conds = self.archive.query.conditions(
+                level, {k: v for k, v in identifier_map(ds).items() if k in UNIQUE_KEYS})
+            if not conds:
+                raise InvalidInput("a retrieve needs at least one unique key")
+            refs = self.archive.retrieve.select(level, conds)
+            return _Retrieval(self, req, refs, actor, dest)
+        except _DECODE_ERRORS as exc:
+            log.warning("%s refused: %s", kind.upper(), exc)
+            status = st.IDENTIFIER_MISMATCH
+        except VnaError as exc:
+            status = st.status_for(exc)
+        return status, (None, 0, 1, 0), _failed_list([], ts)
 
     @staticmethod
     def _on_log(level: int, message: str) -> None:

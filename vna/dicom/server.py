@@ -19,19 +19,20 @@ from typing import Any, Callable, Iterator, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
-from pynetdicom import AE, _config, build_role, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from vna.archive import Archive
-from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
+from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
 from vna.config import DicomConfig, RemoteAE
 from vna.dicom import dimse_codec, reactor, status as st, uid_cache
 from vna.dicom.assoc_log import AssociationLog, OncePerName
+from vna.dicom.qr import UNIQUE_KEYS, identifier_map, move_contexts, query_level, response
+from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
 from vna.dicom.contexts import Contexts, UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
 from vna.dicom.fast_store import FastStore, spooled_of
 from vna.dicom.limits import ConnectionLimits
@@ -58,8 +59,6 @@ dimse_codec.install()
 
 # SOP classes (PS3.4); spelled out because pynetdicom.sop_class builds them dynamically
 Verification = UID("1.2.840.10008.1.1")
-StorageCommitmentPushModel = UID("1.2.840.10008.1.20.1")
-StorageCommitmentPushModelInstance = UID("1.2.840.10008.1.20.1.1")
 PatientRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.1.1")
 PatientRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.1.2")
 PatientRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.1.3")
@@ -71,11 +70,6 @@ StudyRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.2.3")
 _LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1137.0.1")
 IMPLEMENTATION_VERSION_NAME = "VNA_010"
-_PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
-                 PatientRootQueryRetrieveInformationModelGet}
-_UNIQUE_KEYS = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
-_SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
-_ECHOED_KEYS = ("TimezoneOffsetFromUTC",)
 _THREAD_BACKSTOP = 1 << 16  # pynetdicom's maximum_associations: our limits are dicom.max_* (vna/dicom/limits.py)
 
 
@@ -152,57 +146,6 @@ def _status_of(rsp: Any) -> int:
     if isinstance(rsp, tuple):
         return int(rsp[0]) if rsp and isinstance(rsp[0], int) else st.SUCCESS
     return int(rsp) if isinstance(rsp, int) else st.SUCCESS
-
-
-def _identifier_map(ds: Dataset) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for elem in ds:
-        kw = elem.keyword or keyword_for_tag(elem.tag)
-        if not kw or kw in _SKIP_KEYS or elem.tag.group in (0x0000, 0x0002):
-            continue
-        if elem.VR == "SQ":
-            out[kw] = ""
-            continue
-        value = elem.value
-        if value is None:
-            out[kw] = ""
-        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            out[kw] = "\\".join(str(v) for v in value)
-        else:
-            out[kw] = str(value)
-    return out
-
-
-def _response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
-    rsp = Dataset()
-    rsp.QueryRetrieveLevel = level
-    non_ascii = False
-    for kw, value in row.items():
-        tag = tag_for_keyword(kw)
-        if tag is None:
-            continue
-        vr = requested[tag].VR if tag in requested else dictionary_VR(tag)
-        if vr == "SQ":
-            rsp.add_new(tag, "SQ", [])
-            continue
-        if vr in ("US", "SS", "UL", "SL", "FL", "FD"):
-            try:
-                rsp.add_new(tag, vr, int(value) if vr not in ("FL", "FD") else float(value))
-            except ValueError:
-                rsp.add_new(tag, vr, None)
-            continue
-        if vr in ("IS", "DS") and value == "":
-            rsp.add_new(tag, vr, None)
-            continue
-        if not value.isascii():
-            non_ascii = True
-        rsp.add_new(tag, vr, value.split("\\") if "\\" in value and vr not in ("LT", "ST", "UT") else value)
-    for kw in _ECHOED_KEYS:  # PS3.4 C.4.1.1.3.2: returned as sent
-        if kw in requested:
-            rsp.add(requested[kw])
-    if non_ascii or "SpecificCharacterSet" in requested:
-        rsp.SpecificCharacterSet = "ISO_IR 192"
-    return rsp
 
 
 class _Server(ThreadedAssociationServer):
@@ -293,7 +236,10 @@ class DicomServer:
         self.limits = ConnectionLimits(cfg.max_associations, cfg.max_half_open_connections,
                                        cfg.max_connections_per_address)
         self._servers: list[ThreadedAssociationServer] = []
-        self._client_tls: ssl.SSLContext | None = None   # for associations we request from tls = true remotes
+        self._connector = Connector(archive)   # for associations we request (tls = true remotes)
+        self.commitment = StorageCommitment(archive, cfg, self._connector,
+                                            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+                                            implementation_version_name=IMPLEMENTATION_VERSION_NAME)
         self._inflight = 0
         self._idle = threading.Condition()
         self._assocs: dict[int, tuple[Span | None, bool]] = {}   # id(assoc) -> (span, accepted)
@@ -601,15 +547,7 @@ class DicomServer:
 
     def _level(self, event: evt.Event) -> tuple[QueryLevel, Dataset]:
         ds = event.identifier
-        level = str(ds.get("QueryRetrieveLevel", "")).strip().upper()
-        try:
-            qlevel = QueryLevel(level)
-        except ValueError:
-            raise InvalidInput(f"QueryRetrieveLevel {level!r} is not PATIENT/STUDY/SERIES/IMAGE") from None
-        model = cast(Any, event.request).AffectedSOPClassUID
-        if qlevel is QueryLevel.PATIENT and model not in _PATIENT_ROOT:
-            raise InvalidInput("PATIENT level needs the Patient Root information model")
-        return qlevel, ds
+        return query_level(ds, str(cast(Any, event.request).AffectedSOPClassUID)), ds
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         """C-FIND: one pending response per match."""
@@ -620,11 +558,11 @@ class DicomServer:
             yield st.IDENTIFIER_MISMATCH, None
             return
         try:
-            for row in self.archive.query.find(level, _identifier_map(ds), actor=_actor(event)):
+            for row in self.archive.query.find(level, identifier_map(ds), actor=_actor(event)):
                 if event.is_cancelled:
                     yield st.CANCEL, None
                     return
-                yield st.PENDING, _response(level.value, row, ds)
+                yield st.PENDING, response(level.value, row, ds)
         except VnaError as exc:
             log.error("C-FIND failed: %s", exc)
             yield st.status_for(exc), None
@@ -632,7 +570,7 @@ class DicomServer:
     def _select(self, event: evt.Event) -> list[InstanceRef]:
         self.archive.audit.require()  # refuse before sending anything
         level, ds = self._level(event)
-        ident = {k: v for k, v in _identifier_map(ds).items() if k in _UNIQUE_KEYS}
+        ident = {k: v for k, v in identifier_map(ds).items() if k in UNIQUE_KEYS}
         conds = self.archive.query.conditions(level, ident)
         if not conds:
             raise InvalidInput("a retrieve needs at least one unique key")
@@ -707,11 +645,7 @@ class DicomServer:
 
     def _connect_args(self, remote: RemoteAE) -> dict[str, Any]:
         """``AE.associate`` keyword arguments for an association we request from ``remote`` (TLS if configured)."""
-        if not remote.tls:
-            return {}
-        if self._client_tls is None:  # built once: it loads the CA bundle and our certificate from disk
-            self._client_tls = client_context(self.archive.cfg)
-        return {"tls_args": (self._client_tls, remote.host)}
+        return self._connector.tls_args(remote)
 
     def _refuse_move(self, remote: RemoteAE, status: int) -> Iterator[Any]:
         """Make pynetdicom answer a C-MOVE with ``status``.
@@ -727,143 +661,10 @@ class DicomServer:
     def on_n_action(self, event: evt.Event) -> tuple[int, Dataset | None]:
         """Storage Commitment request: answer now, send the N-EVENT-REPORT on a new association."""
         req = cast(Any, event.request)
-        if req.RequestedSOPClassUID != StorageCommitmentPushModel or req.ActionTypeID != 1:
-            return 0x0123, None  # no such action
-        calling = event.assoc.requestor.ae_title.strip()
-        try:
-            info = event.action_information
-            transaction_uid = str(info.TransactionUID)
-            items = [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID))
-                     for i in info.ReferencedSOPSequence]
-        except (AttributeError, ValueError, TypeError) as exc:
-            log.warning("Storage Commitment request from %s is malformed: %s", calling, exc)
-            return 0x0115, None  # invalid argument value
-        remote = self.cfg.find_remote(calling)
-        if remote is None:
-            log.warning("Storage Commitment from %s: calling AE is not a configured remote", calling)
-            return 0x0213, None  # resource limitation: nowhere to send the report
-        try:
-            self.archive.audit.require()
-        except AuditUnavailable as exc:
-            log.error("Storage Commitment from %s refused: %s", calling, exc)
-            return 0x0213, None
-        threading.Thread(
-            target=self._commitment_report,
-            args=(transaction_uid, items, remote, _actor(event)),
-            name=f"vna-commit-{transaction_uid[-8:]}", daemon=True,
-        ).start()
-        return st.SUCCESS, None
-
-    def _commitment_failure(self, sop_class: str, sop_uid: str, rec: AuditScope) -> int | None:
-        """None if committed, else the Failure Reason (PS3.4 J.3.2.1.3)."""
-        try:
-            inst = self.archive.index.get_instance(sop_uid)
-            if inst is None:
-                return 0x0112  # no such object instance
-            rec.study_uids.append(inst.study_uid)
-            rec.patient_ids.append(inst.attrs.get("PatientID", ""))
-            if inst.sop_class_uid != sop_class:
-                return 0x0119  # class / instance conflict
-            return None if self.archive.is_committed(sop_uid, sop_class) else 0x0110  # processing failure
-        except VnaError as exc:
-            log.error("commitment check of %s failed: %s", sop_uid, exc)
-            return 0x0110
-
-    def _commitment_report(self, transaction_uid: str, items: list[tuple[str, str]], remote: RemoteAE,
-                           actor: Actor) -> None:
-        """Check the items and send the N-EVENT-REPORT to ``remote``, retrying a failed delivery.
-
-        Up to ``commitment_retries`` further attempts, ``commitment_retry_interval``
-        seconds apart (doubling); the result is computed once. Not kept across a restart:
-        the requester then times out and asks again (PS3.4 J.3.3).
-        """
-        ae_title = remote.ae_title
-        ok: list[Dataset] = []
-        failed: list[Dataset] = []
-        try:
-            with self.archive.audit.operation(INSTANCES_ACCESSED, "R", actor, details={
-                    "purpose": "storage commitment", "transaction_uid": transaction_uid}) as rec:
-                for cls, uid in items:
-                    item = Dataset()
-                    item.ReferencedSOPClassUID = cls
-                    item.ReferencedSOPInstanceUID = uid
-                    reason = self._commitment_failure(cls, uid, rec)
-                    if reason is None:
-                        ok.append(item)
-                    else:
-                        item.FailureReason = reason
-                        failed.append(item)
-                rec.details.update({"instances": len(items), "committed": len(ok), "failed": len(failed)})
-                rec.outcome = 4 if failed else 0
-        except AuditUnavailable as exc:  # the answer was promised: send it, the loss is logged
-            log.error("Storage Commitment %s from %s not audited: %s", transaction_uid, ae_title, exc)
-        report = Dataset()
-        report.TransactionUID = transaction_uid
-        report.RetrieveAETitle = self.cfg.ae_title
-        if ok:
-            report.ReferencedSOPSequence = ok
-        if failed:
-            report.FailedSOPSequence = failed
-        event_type = 2 if failed else 1
-        delay = self.cfg.commitment_retry_interval
-        for attempt in range(self.cfg.commitment_retries + 1):
-            if attempt:
-                time.sleep(delay)
-                delay *= 2
-            status = self._send_report(report, event_type, remote)
-            if status == 0:
-                log.info("Storage Commitment report %s to %s: %d committed, %d failed", transaction_uid, ae_title,
-                         len(ok), len(failed))
-                return
-            log.warning("Storage Commitment report %s to %s not delivered (%s), attempt %d of %d", transaction_uid,
-                        ae_title, "no association" if status is None else f"status 0x{status:04X}", attempt + 1,
-                        self.cfg.commitment_retries + 1)
-        log.error("Storage Commitment report %s to %s given up after %d attempts", transaction_uid, ae_title,
-                  self.cfg.commitment_retries + 1)
-
-    def _send_report(self, report: Dataset, event_type: int, remote: RemoteAE) -> int | None:
-        """One delivery of an N-EVENT-REPORT: the peer's status, or None without an association or answer."""
-        ae = AE(ae_title=self.cfg.ae_title)
-        ae.acse_timeout = self.cfg.acse_timeout
-        ae.dimse_timeout = self.cfg.dimse_timeout
-        ae.network_timeout = self.cfg.network_timeout
-        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ae.add_requested_context(StorageCommitmentPushModel)
-        try:
-            # we act as SCP of the Push Model on an association we request (PS3.4 J.3.3)
-            assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title,
-                                 ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, self._on_conn_open)],
-                                 **self._connect_args(remote))
-        except (OSError, VnaError) as exc:
-            log.warning("Storage Commitment report to %s: %s", remote.ae_title, exc)
-            return None
-        if not assoc.is_established:
-            return None
-        try:
-            status, _ = assoc.send_n_event_report(
-                report, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
-            return int(status.Status) if status and "Status" in status else None
-        finally:
-            assoc.release()
+        return self.commitment.request(str(req.RequestedSOPClassUID), req.ActionTypeID,
+                                       lambda: event.action_information, _actor(event)), None
 
 
 def _contexts_for(refs: list[InstanceRef]) -> list[PresentationContext]:
-    """Storage contexts for a C-MOVE sub-association.
-
-    One context per (SOP class, stored transfer syntax), so a compressed
-    instance is never negotiated down to a syntax it cannot be sent in;
-    uncompressed syntaxes also offer the other uncompressed ones.
-    """
-    seen: set[tuple[str, str]] = set()
-    contexts = []
-    for r in refs:
-        if (r.sop_class_uid, r.transfer_syntax_uid) in seen:
-            continue
-        seen.add((r.sop_class_uid, r.transfer_syntax_uid))
-        syntaxes = [r.transfer_syntax_uid]
-        if r.transfer_syntax_uid in _LITTLE_ENDIAN:
-            syntaxes += [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts not in syntaxes]
-        contexts.append(build_context(r.sop_class_uid, syntaxes))
-    return contexts[:128]
+    """Storage contexts for a C-MOVE sub-association (see :func:`vna.dicom.qr.move_contexts`)."""
+    return [build_context(cls, syntaxes) for cls, syntaxes in move_contexts(refs)]

@@ -227,6 +227,41 @@ class RetrieveService:
         except VnaError as exc:
             log.warning("could not keep a local copy of %s: %s", sop_uid, exc)
 
+    def local_copies(self, sop_uid: str) -> list[tuple[Placement, Path]]:
+        """This site's OK copies of the current version of ``sop_uid`` that are whole plain files on a local
+        store, in the order :meth:`open_verified` tries them: what a sender may verify itself (then report
+        a failing one with :meth:`mark_bad`)."""
+        out = []
+        ok = [p for p in self.index.placements(sop_uid)
+              if p.state is PlacementState.OK and site_of(p.store_id) == self.site]
+        for p in sorted(ok, key=lambda p: (_TIER_ORDER[p.tier], p.store_id)):
+            accessor = self.tiers.get(p.tier)
+            if accessor is None or p.codec != "identity" or p.offset is not None:
+                continue
+            try:
+                store = accessor.store(p.store_id)
+            except KeyError:
+                continue
+            if isinstance(store, LocalPathStore):
+                out.append((p, store.local_path(p.blob_key)))
+        return out
+
+    def mark_bad(self, p: Placement, fault: str, why: str) -> None:
+        """Record a copy that failed its verification, as :meth:`open_verified` does: ``fault`` "corrupt"
+        (marked CORRUPT and quarantined), "missing" (marked MISSING) or "unreadable" (logged only)."""
+        if fault == "corrupt":
+            self._mark(p, PlacementState.CORRUPT, why)
+            accessor = self.tiers.get(p.tier)
+            try:
+                if accessor is not None:
+                    accessor.store(p.store_id).quarantine(p.blob_key)
+            except (KeyError, StorageError) as qexc:
+                log.error("could not quarantine %s:%s: %s", p.store_id, p.blob_key, qexc)
+        elif fault == "missing":
+            self._mark(p, PlacementState.MISSING, why)
+        else:
+            log.warning("copy of %s on %s unreadable: %s", p.sop_uid, p.store_id, why)
+
     def _verify(self, p: Placement) -> tuple[Path, bool] | None:
         """A verified local file for the placement (and whether it is a temp copy), or None."""
         accessor = self.tiers.get(p.tier)
@@ -255,15 +290,11 @@ class RetrieveService:
                 accessor.read_verified(p, fh.write)
             return tmp, True
         except IntegrityError as exc:
-            self._mark(p, PlacementState.CORRUPT, str(exc))
-            try:
-                store.quarantine(p.blob_key)
-            except StorageError as qexc:
-                log.error("could not quarantine %s:%s: %s", p.store_id, p.blob_key, qexc)
+            self.mark_bad(p, "corrupt", str(exc))
         except BlobNotFound as exc:
-            self._mark(p, PlacementState.MISSING, str(exc))
+            self.mark_bad(p, "missing", str(exc))
         except StorageError as exc:
-            log.warning("copy of %s on %s unreadable: %s", p.sop_uid, p.store_id, exc)
+            self.mark_bad(p, "unreadable", str(exc))
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         return None

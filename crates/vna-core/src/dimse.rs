@@ -7,7 +7,18 @@ pub const C_STORE_RQ: u16 = 0x0001;
 pub const C_STORE_RSP: u16 = 0x8001;
 pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_ECHO_RSP: u16 = 0x8030;
+pub const C_FIND_RQ: u16 = 0x0020;
+pub const C_FIND_RSP: u16 = 0x8020;
+pub const C_GET_RQ: u16 = 0x0010;
+pub const C_GET_RSP: u16 = 0x8010;
+pub const C_MOVE_RQ: u16 = 0x0021;
+pub const C_MOVE_RSP: u16 = 0x8021;
+pub const C_CANCEL_RQ: u16 = 0x0FFF;
+pub const N_ACTION_RQ: u16 = 0x0130;
+pub const N_ACTION_RSP: u16 = 0x8130;
 pub const NO_DATASET: u16 = 0x0101;
+/// CommandDataSetType of a command followed by a data set, as pynetdicom writes it.
+pub const WITH_DATASET: u16 = 0x0001;
 
 /// The elements of a request command set that the receiver uses.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,6 +32,18 @@ pub struct Command {
     pub data_set_type: u16,
     pub move_originator_ae: Option<String>,
     pub move_originator_id: Option<u16>,
+    /// RequestedSOPClassUID (0000,0003) of an N- request.
+    pub requested_sop_class: String,
+    /// RequestedSOPInstanceUID (0000,1001) of an N- request.
+    pub requested_sop_instance: String,
+    /// MoveDestination (0000,0600) of a C-MOVE-RQ.
+    pub move_destination: Option<String>,
+    /// MessageIDBeingRespondedTo (0000,0120) of a response or a C-CANCEL-RQ.
+    pub responded_to: Option<u16>,
+    /// ActionTypeID (0000,1008) of an N-ACTION.
+    pub action_type_id: Option<u16>,
+    /// Status (0000,0900) of a response.
+    pub status: Option<u16>,
     /// The elements (0000,eeee) present.
     pub present: Vec<u16>,
 }
@@ -98,7 +121,13 @@ pub fn parse_command(raw: &[u8]) -> Result<Command, PduError> {
                 cmd.command_field = us(value)?;
                 has_field = true;
             }
+            0x0003 => cmd.requested_sop_class = text(value)?,
             0x0110 => cmd.message_id = us(value)?,
+            0x0120 => cmd.responded_to = Some(us(value)?),
+            0x0600 => cmd.move_destination = Some(text(value)?),
+            0x0900 => cmd.status = Some(us(value)?),
+            0x1001 => cmd.requested_sop_instance = text(value)?,
+            0x1008 => cmd.action_type_id = Some(us(value)?),
             0x0700 => cmd.priority = us(value)?,
             0x0800 => {
                 cmd.data_set_type = us(value)?;
@@ -188,6 +217,77 @@ pub fn encode_echo_rsp(message_id: u16, sop_class: &str) -> Vec<u8> {
     with_group_length(body)
 }
 
+/// Sub-operation counts of a C-GET/C-MOVE response: remaining (None: left out), completed, failed, warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub remaining: Option<u16>,
+    pub completed: u16,
+    pub failed: u16,
+    pub warning: u16,
+}
+
+/// A C-FIND-RSP command set, as pynetdicom encodes it; `identifier`: a data set follows.
+pub fn encode_find_rsp(message_id: u16, sop_class: &str, status: u16, identifier: bool) -> Vec<u8> {
+    let mut body = Vec::with_capacity(96);
+    element(&mut body, 0x0002, &padded(sop_class, 0));
+    element(&mut body, 0x0100, &C_FIND_RSP.to_le_bytes());
+    element(&mut body, 0x0120, &message_id.to_le_bytes());
+    let kind = if identifier { WITH_DATASET } else { NO_DATASET };
+    element(&mut body, 0x0800, &kind.to_le_bytes());
+    element(&mut body, 0x0900, &status.to_le_bytes());
+    with_group_length(body)
+}
+
+/// A C-GET-RSP or C-MOVE-RSP (`command_field`) command set, as pynetdicom encodes it.
+pub fn encode_retrieve_rsp(
+    command_field: u16,
+    message_id: u16,
+    sop_class: &str,
+    status: u16,
+    counts: Option<Counts>,
+    identifier: bool,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(128);
+    element(&mut body, 0x0002, &padded(sop_class, 0));
+    element(&mut body, 0x0100, &command_field.to_le_bytes());
+    element(&mut body, 0x0120, &message_id.to_le_bytes());
+    let kind = if identifier { WITH_DATASET } else { NO_DATASET };
+    element(&mut body, 0x0800, &kind.to_le_bytes());
+    element(&mut body, 0x0900, &status.to_le_bytes());
+    if let Some(c) = counts {
+        if let Some(remaining) = c.remaining {
+            element(&mut body, 0x1020, &remaining.to_le_bytes());
+        }
+        element(&mut body, 0x1021, &c.completed.to_le_bytes());
+        element(&mut body, 0x1022, &c.failed.to_le_bytes());
+        element(&mut body, 0x1023, &c.warning.to_le_bytes());
+    }
+    with_group_length(body)
+}
+
+/// An N-ACTION-RSP command set, as pynetdicom encodes it; `reply`: an Action Reply follows.
+pub fn encode_action_rsp(
+    message_id: u16,
+    sop_class: &str,
+    sop_instance: &str,
+    action_type_id: Option<u16>,
+    status: u16,
+    reply: bool,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(128);
+    element(&mut body, 0x0002, &padded(sop_class, 0));
+    element(&mut body, 0x0100, &N_ACTION_RSP.to_le_bytes());
+    element(&mut body, 0x0120, &message_id.to_le_bytes());
+    let kind = if reply { WITH_DATASET } else { NO_DATASET };
+    element(&mut body, 0x0800, &kind.to_le_bytes());
+    element(&mut body, 0x0900, &status.to_le_bytes());
+    element(&mut body, 0x1000, &padded(sop_instance, 0));
+    if let Some(id) = action_type_id {
+        element(&mut body, 0x1008, &id.to_le_bytes());
+    }
+    with_group_length(body)
+}
+
 fn meta_ui(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &str, pad: u8) {
     let raw = padded(value, pad);
     out.extend_from_slice(&2u16.to_le_bytes());
@@ -262,6 +362,37 @@ mod tests {
         assert_eq!(len, rsp.len() - 12);
         let cmd = parse_command(&rsp).unwrap();
         assert_eq!(cmd.command_field, C_STORE_RSP);
+    }
+
+    #[test]
+    fn retrieve_rsp_counts() {
+        let counts = Counts {
+            remaining: Some(3),
+            completed: 1,
+            failed: 2,
+            warning: 0,
+        };
+        let rsp = encode_retrieve_rsp(C_GET_RSP, 4, "1.2.3", 0xFF00, Some(counts), false);
+        let cmd = parse_command(&rsp).unwrap();
+        assert_eq!(cmd.command_field, C_GET_RSP);
+        assert_eq!(cmd.responded_to, Some(4));
+        assert_eq!(cmd.status, Some(0xFF00));
+        assert!(cmd.present.contains(&0x1020) && cmd.present.contains(&0x1023));
+        let rsp = encode_find_rsp(4, "1.2.3", 0xFF00, true);
+        assert!(parse_command(&rsp).unwrap().has_data_set());
+        let rsp = encode_action_rsp(
+            4,
+            "1.2.840.10008.1.20.1",
+            "1.2.840.10008.1.20.1.1",
+            Some(1),
+            0,
+            false,
+        );
+        let cmd = parse_command(&rsp).unwrap();
+        assert_eq!(
+            (cmd.command_field, cmd.action_type_id),
+            (N_ACTION_RSP, Some(1))
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! vna's DICOM wire, without Python: Upper Layer PDUs ([`pdu`]), presentation context
 //! negotiation ([`negotiate`]), DIMSE command sets and the spool header ([`dimse`]),
-//! and a listener serving C-ECHO and C-STORE receive ([`server`]).
+//! C-STORE sending from a verified stored file ([`send`]), an association requestor
+//! ([`scu`]), and a listener serving every service of the DICOM port ([`server`]).
 //!
 //! The PDU layer is hand-written rather than taken from `dicom-ul`: its reader applies
 //! one maximum length to every PDU type (an A-ASSOCIATE-RQ and a P-DATA-TF need
@@ -11,4 +12,6 @@
 pub mod dimse;
 pub mod negotiate;
 pub mod pdu;
+pub mod scu;
+pub mod send;
 pub mod server;

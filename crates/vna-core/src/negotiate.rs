@@ -25,6 +25,8 @@ pub struct Accepted {
     pub storage: bool,
     /// True when we act as SCP on it (the requestor sends requests).
     pub as_scp: bool,
+    /// True when we act as SCU on it (C-STORE sub-operations of a C-GET go to the requestor).
+    pub as_scu: bool,
 }
 
 /// The negotiation's outcome: results for the A-ASSOCIATE-AC, role replies, accepted contexts by ID.
@@ -99,6 +101,7 @@ pub fn negotiate(rq: &AssociateRq, supported: &HashMap<String, SupportedContext>
                 transfer_syntax: ts.clone(),
                 storage: ours.storage,
                 as_scp,
+                as_scu,
             },
         );
     }
@@ -198,5 +201,6 @@ mod tests {
         let out = negotiate(&r, &supported());
         assert_eq!(out.roles.len(), 1);
         assert!(!out.accepted[&1].as_scp);
+        assert!(out.accepted[&1].as_scu);
     }
 }

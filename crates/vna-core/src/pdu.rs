@@ -406,6 +406,112 @@ pub fn encode_pdata(context_id: u8, command: bool, data: &[u8], max_pdu: u32) ->
     out
 }
 
+/// Encode an A-ASSOCIATE-RQ (header included) from `rq`: its AE title fields, application
+/// context, presentation contexts, Maximum Length, implementation class UID and version, and an
+/// SCP/SCU Role Selection sub-item per entry of `rq.roles`.
+pub fn encode_associate_rq(rq: &AssociateRq) -> Vec<u8> {
+    let mut body = Vec::with_capacity(256 + 128 * rq.contexts.len());
+    body.extend_from_slice(&rq.protocol_version.to_be_bytes());
+    body.extend_from_slice(&[0, 0]);
+    body.extend_from_slice(&rq.called_raw);
+    body.extend_from_slice(&rq.calling_raw);
+    body.extend_from_slice(&[0u8; 32]);
+    push_item(&mut body, 0x10, rq.application_context.as_bytes());
+    for cx in &rq.contexts {
+        let mut value = vec![cx.id, 0, 0, 0];
+        push_item(&mut value, 0x30, cx.abstract_syntax.as_bytes());
+        for ts in &cx.transfer_syntaxes {
+            push_item(&mut value, 0x40, ts.as_bytes());
+        }
+        push_item(&mut body, 0x20, &value);
+    }
+    let mut user = Vec::with_capacity(128);
+    push_item(&mut user, 0x51, &rq.max_pdu.to_be_bytes());
+    push_item(&mut user, 0x52, rq.implementation_class_uid.as_bytes());
+    for role in &rq.roles {
+        let mut value = Vec::with_capacity(role.sop_class.len() + 4);
+        value.extend_from_slice(&(role.sop_class.len() as u16).to_be_bytes());
+        value.extend_from_slice(role.sop_class.as_bytes());
+        value.push(role.scu as u8);
+        value.push(role.scp as u8);
+        push_item(&mut user, 0x54, &value);
+    }
+    if !rq.implementation_version.is_empty() {
+        push_item(&mut user, 0x55, rq.implementation_version.as_bytes());
+    }
+    push_item(&mut body, 0x50, &user);
+    pdu(A_ASSOCIATE_RQ, &body)
+}
+
+/// A parsed A-ASSOCIATE-AC.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AssociateAccept {
+    pub protocol_version: u16,
+    pub application_context: String,
+    /// One result per presentation context answered (the transfer syntax is empty when absent).
+    pub contexts: Vec<ContextResult>,
+    /// The acceptor's Maximum Length Received (0: unlimited).
+    pub max_pdu: u32,
+    pub implementation_class_uid: String,
+    pub implementation_version: String,
+    /// The acceptor's SCP/SCU Role Selection replies.
+    pub roles: Vec<RoleSelection>,
+}
+
+/// Parse the body (after the 6-byte header) of an A-ASSOCIATE-AC.
+pub fn parse_associate_ac(body: &[u8]) -> Result<AssociateAccept, PduError> {
+    if body.len() < 68 {
+        return err("A-ASSOCIATE-AC shorter than its fixed fields");
+    }
+    let mut ac = AssociateAccept {
+        protocol_version: u16::from_be_bytes([body[0], body[1]]),
+        ..AssociateAccept::default()
+    };
+    let mut user_seen = false;
+    for item in items(&body[68..]) {
+        let (kind, value) = item?;
+        match kind {
+            0x10 => ac.application_context = uid_text(value, "Application Context Name")?,
+            0x21 => {
+                if value.len() < 4 {
+                    return err("presentation context result item too short");
+                }
+                let mut transfer_syntax = String::new();
+                for sub in items(&value[4..]) {
+                    let (sub_kind, raw) = sub?;
+                    if sub_kind == 0x40 {
+                        transfer_syntax = uid_text(raw, "Transfer Syntax")?;
+                    }
+                }
+                ac.contexts.push(ContextResult {
+                    id: value[0],
+                    result: value[2],
+                    transfer_syntax,
+                });
+            }
+            0x50 => {
+                let mut user = AssociateRq::default();
+                parse_user_info(value, &mut user)?;
+                ac.max_pdu = user.max_pdu;
+                ac.implementation_class_uid = user.implementation_class_uid;
+                ac.implementation_version = user.implementation_version;
+                ac.roles = user.roles;
+                user_seen = true;
+            }
+            _ => return err(format!("unexpected item 0x{kind:02X} in A-ASSOCIATE-AC")),
+        }
+    }
+    if !user_seen {
+        return err("A-ASSOCIATE-AC without a User Information item");
+    }
+    Ok(ac)
+}
+
+/// An A-RELEASE-RQ.
+pub fn encode_release_rq() -> Vec<u8> {
+    pdu(A_RELEASE_RQ, &[0, 0, 0, 0])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,6 +613,43 @@ mod tests {
         assert!(last);
     }
 
+    #[test]
+    fn associate_rq_round_trips_and_ac_parses() {
+        let body = rq_body(
+            &[(1, "1.2.840.10008.1.1", &["1.2.840.10008.1.2"])],
+            &[("1.2.3", true, true)],
+        );
+        let rq = parse_associate_rq(&body).unwrap();
+        let encoded = encode_associate_rq(&rq);
+        assert_eq!(&encoded[6..], &body[..]);
+        let results = [ContextResult {
+            id: 1,
+            result: 0,
+            transfer_syntax: "1.2.840.10008.1.2".into(),
+        }];
+        let roles = [RoleSelection {
+            sop_class: "1.2.3".into(),
+            scu: false,
+            scp: true,
+        }];
+        let ac = encode_associate_ac(&AssociateAc {
+            rq: &rq,
+            contexts: &results,
+            roles: &roles,
+            max_pdu: 4096,
+            implementation_class_uid: "1.2.3.4",
+            implementation_version: "V1",
+        });
+        let parsed = parse_associate_ac(&ac[6..]).unwrap();
+        assert_eq!(parsed.contexts, results.to_vec());
+        assert_eq!(parsed.roles, roles.to_vec());
+        assert_eq!(parsed.max_pdu, 4096);
+        assert_eq!(parsed.application_context, APPLICATION_CONTEXT);
+        assert_eq!(parsed.implementation_class_uid, "1.2.3.4");
+        assert_eq!(parsed.implementation_version, "V1");
+        assert!(parse_associate_ac(&ac[6..60]).is_err());
+    }
+
     proptest::proptest! {
         #[test]
         fn associate_rq_parser_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
@@ -519,6 +662,11 @@ mod tests {
             let at = pos % body.len();
             body[at] = byte;
             let _ = parse_associate_rq(&body);
+        }
+
+        #[test]
+        fn associate_ac_parser_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = parse_associate_ac(&body);
         }
 
         #[test]

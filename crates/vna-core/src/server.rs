@@ -1,8 +1,14 @@
 //! The listener: one thread accepts, one thread serves each association
-//! (A-ASSOCIATE negotiation, C-ECHO, C-STORE receive to a spool file, release, abort).
+//! (A-ASSOCIATE negotiation, C-ECHO, C-STORE receive to a spool file, C-FIND,
+//! C-GET, C-MOVE, C-CANCEL, N-ACTION, release, abort).
 //!
 //! The embedding program decides through [`Handler`]: whether to accept an
-//! association, what to do with each spooled instance, where log lines go.
+//! association, what to do with each spooled instance, the matches of a C-FIND
+//! (asked for one by one, a C-CANCEL checked between them), the instances of a
+//! C-GET/C-MOVE and their candidate copies ([`Retrieval`]; each copy's SHA-256 is
+//! checked before its last byte goes out, by [`crate::send`]; a C-MOVE's destination
+//! is reached with [`crate::scu`]), the answer to an N-ACTION, where log lines go.
+//! A Q/R or N-ACTION request's data set is at most [`MAX_REQUEST_DATA`] bytes.
 //! Bounds: an A-ASSOCIATE-RQ is at most [`MAX_ASSOCIATE_RQ`] bytes and must
 //! arrive within `acse_timeout` of the connection (ARTIM); a P-DATA-TF is at
 //! most the Maximum Length we announced; every other PDU is at most
@@ -26,6 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::dimse::{self, Command};
 use crate::negotiate::{negotiate, Accepted, SupportedContext};
 use crate::pdu::{self, AssociateAc, AssociateRq};
+use crate::{scu, send};
 
 /// The largest A-ASSOCIATE-RQ accepted (128 contexts, each with every transfer syntax, and a
 /// 64 KiB user identity fit), as the Python receiver's bound.
@@ -39,7 +46,20 @@ pub const MAX_UNLIMITED_PDATA: u32 = 16 * 1024 * 1024;
 /// The largest command set accepted (commands are a few hundred bytes).
 pub const MAX_COMMAND: usize = 64 * 1024;
 
+/// The largest data set of a C-FIND/C-GET/C-MOVE/N-ACTION request accepted (identifiers are small).
+pub const MAX_REQUEST_DATA: usize = 4 * 1024 * 1024;
+
 const VERIFICATION: &str = "1.2.840.10008.1.1";
+/// Storage Commitment Push Model SOP Class.
+pub const COMMITMENT: &str = "1.2.840.10008.1.20.1";
+/// Patient Root and Study Root C-FIND, C-GET and C-MOVE information models.
+pub const FIND_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1"];
+pub const GET_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.3", "1.2.840.10008.5.1.4.1.2.2.3"];
+pub const MOVE_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.2.2"];
+const PENDING: u16 = 0xFF00;
+const CANCEL: u16 = 0xFE00;
+const SUBOPS_FAILED: u16 = 0xA702;
+const SUBOPS_WARNING: u16 = 0xB000;
 
 /// Listener settings and the acceptor's contexts.
 #[derive(Debug, Clone)]
@@ -56,6 +76,8 @@ pub struct Config {
     pub max_per_address: usize,
     pub acse_timeout: Duration,
     pub network_timeout: Duration,
+    /// The longest a C-STORE-RSP of a sub-operation may take.
+    pub dimse_timeout: Duration,
     pub spool_dir: PathBuf,
     /// What our A-ASSOCIATE-AC announces.
     pub implementation_class_uid: String,
@@ -105,6 +127,107 @@ pub struct StoreAnswer {
     pub comment: Option<String>,
 }
 
+/// A C-FIND, C-GET, C-MOVE or N-ACTION request and its data set (identifier or action information).
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub calling_ae: &'a str,
+    pub address: &'a str,
+    pub port: u16,
+    pub command: &'a Command,
+    /// The presentation context's abstract syntax and transfer syntax (the data set's encoding).
+    pub abstract_syntax: &'a str,
+    pub transfer_syntax: &'a str,
+    pub data: &'a [u8],
+}
+
+/// One C-FIND response: a match (Pending, its encoded identifier) or the final status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FindAnswer {
+    Pending(Vec<u8>),
+    Final(u16),
+}
+
+/// The matches of a C-FIND, asked for one at a time between checks for a C-CANCEL.
+pub trait FindAnswers {
+    /// The next answer; None: the matches are exhausted (final Success).
+    fn next(&mut self) -> Option<FindAnswer>;
+    /// The C-FIND ended (answered, cancelled or cut off): release what the answers hold.
+    fn close(&mut self) {}
+}
+
+/// A stored copy the native side may read: the file, its expected SHA-256 (hex) and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyRef {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// One C-STORE sub-operation of a C-GET/C-MOVE: the instance and its candidate copies, best first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubOperation {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    /// The stored transfer syntax.
+    pub transfer_syntax_uid: String,
+    pub copies: Vec<CopyRef>,
+}
+
+/// Why a candidate copy was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFault {
+    /// Its size or SHA-256 differs from the recorded ones.
+    Corrupt,
+    /// The file does not exist.
+    Missing,
+    /// It could not be read (an I/O error).
+    Unreadable,
+}
+
+/// Where a C-MOVE sends: an association we request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub host: String,
+    pub port: u16,
+    pub called_ae: String,
+    pub calling_ae: String,
+    /// (abstract syntax, transfer syntaxes) to propose.
+    pub contexts: Vec<(String, Vec<String>)>,
+}
+
+/// A C-GET or C-MOVE the embedding program selected instances for.
+pub trait Retrieval {
+    /// The number of sub-operations announced (at least 1).
+    fn count(&self) -> usize;
+    /// The destination of a C-MOVE (None for a C-GET).
+    fn destination(&self) -> Option<Destination> {
+        None
+    }
+    /// The next instance to send; None when done.
+    fn next(&mut self) -> Option<SubOperation>;
+    /// Copy `index` of the current instance failed (`why`): the next candidate is tried.
+    fn bad_copy(&mut self, index: usize, why: &str, fault: CopyFault);
+    /// A verified copy by the embedding program's own means when none of the candidates verified
+    /// (valid until the next `next`); None: the sub-operation fails.
+    fn fallback(&mut self) -> Option<CopyRef>;
+    /// A verified copy of the current instance re-encoded in `transfer_syntax` (a Part 10 file, valid
+    /// until the next `next`); None: not possible (the sub-operation fails).
+    fn convert(&mut self, transfer_syntax: &str) -> Option<CopyRef>;
+    /// The result of the current sub-operation (`ok`: Success or Warning; `size`: bytes sent).
+    fn sent(&mut self, ok: bool, size: u64, status: Option<u16>);
+    /// The identifier of a response listing `failed` SOP Instance UIDs, in the request's transfer syntax.
+    fn failed_identifier(&mut self, failed: &[String]) -> Vec<u8>;
+    /// The retrieve ended (answered, cancelled or cut off).
+    fn close(&mut self) {}
+}
+
+/// How the embedding program answers a C-GET/C-MOVE.
+pub enum RetrievePlan {
+    /// A final response at once: status, counts, identifier.
+    Answer(u16, Option<dimse::Counts>, Option<Vec<u8>>),
+    Run(Box<dyn Retrieval>),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Debug,
@@ -120,6 +243,21 @@ pub trait Handler: Send + Sync + 'static {
     /// Take a spooled instance (the file may be adopted: moved or linked); return the C-STORE status.
     /// The spool file is removed afterwards if it is still there.
     fn store(&self, record: &StoreRecord) -> StoreAnswer;
+    /// Answer a C-FIND: its matches, asked for one by one.
+    fn find(&self, request: &Request<'_>) -> Box<dyn FindAnswers> {
+        let _ = request;
+        Box::new(std::iter::once(FindAnswer::Final(0xC000)).into_answers())
+    }
+    /// Plan a C-GET or C-MOVE.
+    fn retrieve(&self, request: &Request<'_>) -> RetrievePlan {
+        let _ = request;
+        RetrievePlan::Answer(SUBOPS_FAILED, None, None)
+    }
+    /// Answer an N-ACTION: status and Action Reply.
+    fn action(&self, request: &Request<'_>) -> (u16, Option<Vec<u8>>) {
+        let _ = request;
+        (0x0123, None)
+    }
     /// One log line.
     fn log(&self, level: Level, message: &str);
     /// Run an association thread's whole body (e.g. inside a per-thread interpreter state).
@@ -129,6 +267,24 @@ pub trait Handler: Send + Sync + 'static {
     /// The association thread is ending (after its last `store`).
     fn thread_done(&self) {}
 }
+
+/// Answers from an iterator (closing does nothing).
+pub struct IterAnswers<I>(I);
+
+impl<I: Iterator<Item = FindAnswer>> FindAnswers for IterAnswers<I> {
+    fn next(&mut self) -> Option<FindAnswer> {
+        self.0.next()
+    }
+}
+
+/// Turn an iterator of answers into [`FindAnswers`].
+pub trait IntoAnswers: Iterator<Item = FindAnswer> + Sized {
+    fn into_answers(self) -> IterAnswers<Self> {
+        IterAnswers(self)
+    }
+}
+
+impl<I: Iterator<Item = FindAnswer>> IntoAnswers for I {}
 
 struct Shared<H: Handler> {
     cfg: Config,
@@ -468,6 +624,35 @@ struct Receiving {
     failure: Option<io::Error>,
 }
 
+/// The data set of a Q/R or N-ACTION request being received (in memory, bounded).
+struct Collecting {
+    context_id: u8,
+    command: Command,
+    data: Vec<u8>,
+}
+
+/// What a check for a C-CANCEL found.
+enum Incoming {
+    Nothing,
+    Cancel,
+}
+
+/// What an association did, for its one log line (as the Python receiver's association log).
+#[derive(Default)]
+struct Activity {
+    started: Option<Instant>,
+    /// Services used and how often, by lower-case name.
+    services: std::collections::BTreeMap<&'static str, u32>,
+    stored: u32,
+    sent: u32,
+    failures: u32,
+}
+
+/// True for a status the association log counts as a failure (not Success, Pending, Cancel, Warning).
+fn failed_status(status: u16) -> bool {
+    !matches!(status, 0 | PENDING | CANCEL | 0xFF01) && status >> 12 != 0xB
+}
+
 struct Association<'a, H: Handler> {
     shared: &'a Shared<H>,
     stream: TcpStream,
@@ -480,7 +665,13 @@ struct Association<'a, H: Handler> {
     command: Vec<u8>,
     command_cx: Option<u8>,
     receiving: Option<Receiving>,
+    collecting: Option<Collecting>,
     spool_seq: u64,
+    /// True once a C-CANCEL-RQ of the running operation arrived.
+    cancelled: bool,
+    /// Sends the C-STORE sub-operations of a C-GET (made at the first one).
+    sender: Option<send::Sender>,
+    activity: Activity,
     /// True once this connection counts as an association (its A-ASSOCIATE-RQ arrived).
     counted: bool,
     /// True until the connection took an association slot (counted half-open until then).
@@ -510,6 +701,10 @@ impl<'a, H: Handler> Association<'a, H> {
             command: Vec::new(),
             command_cx: None,
             receiving: None,
+            collecting: None,
+            cancelled: false,
+            sender: None,
+            activity: Activity::default(),
             spool_seq: 0,
             counted: false,
             half_open: true,
@@ -529,6 +724,15 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         self.abandon();
         let ip = self.addr.ip();
+        if associated {
+            let how = match &end {
+                End::Released => "released",
+                End::Closed(why) if why == "aborted by the peer" => "aborted",
+                End::Abort(..) => "aborted",
+                _ => "closed",
+            };
+            self.log_activity(how);
+        }
         match end {
             End::Released => {}
             End::Closed(why) => {
@@ -554,6 +758,37 @@ impl<'a, H: Handler> Association<'a, H> {
             }
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The association's one INFO line: who, how it ended, how long, the services and the counts.
+    fn log_activity(&self, how: &str) {
+        let a = &self.activity;
+        let secs = a.started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        let used = if a.services.is_empty() {
+            "no service".to_string()
+        } else {
+            a.services
+                .iter()
+                .map(|(op, n)| format!("{} {n}", op.to_uppercase()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        self.log(
+            Level::Info,
+            &format!(
+                "association from {} ({}:{}) {how} after {secs:.2} s: {used}; stored {}, sent {}, failures {}",
+                self.calling_ae,
+                self.addr.ip(),
+                self.addr.port(),
+                a.stored,
+                a.sent,
+                a.failures
+            ),
+        );
+    }
+
+    fn used(&mut self, op: &'static str) {
+        *self.activity.services.entry(op).or_insert(0) += 1;
     }
 
     /// Read one PDU into `self.body`; `deadline` bounds the whole PDU (ARTIM), else each read waits
@@ -761,6 +996,7 @@ impl<'a, H: Handler> Association<'a, H> {
         });
         self.accepted = outcome.accepted;
         self.send(&ac)?;
+        self.activity.started = Some(Instant::now());
         Ok(true)
     }
 
@@ -800,6 +1036,30 @@ impl<'a, H: Handler> Association<'a, H> {
         let pdvs = pdu::split_pdvs(body)
             .map_err(|e| End::Abort(6, format!("malformed P-DATA-TF: {e}")))?;
         for pdv in pdvs {
+            if let Some(col) = self.collecting.as_mut() {
+                if pdv.is_command() || pdv.context_id != col.context_id {
+                    return Err(End::Abort(
+                        2,
+                        format!(
+                            "PDV (context {}, header 0x{:02X}) out of place during a data set",
+                            pdv.context_id, pdv.control
+                        ),
+                    ));
+                }
+                if col.data.len() + pdv.data.len() > MAX_REQUEST_DATA {
+                    return Err(End::Abort(
+                        6,
+                        format!("request data set longer than {MAX_REQUEST_DATA} bytes"),
+                    ));
+                }
+                col.data.extend_from_slice(pdv.data);
+                if pdv.is_last() {
+                    if let Some(col) = self.collecting.take() {
+                        self.request(col)?;
+                    }
+                }
+                continue;
+            }
             if let Some(rx) = self.receiving.as_mut() {
                 if pdv.is_command() || pdv.context_id != rx.context_id {
                     return Err(End::Abort(
@@ -859,6 +1119,7 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         match cmd.command_field {
             dimse::C_ECHO_RQ if cx.abstract_syntax == VERIFICATION && !cmd.has_data_set() => {
+                self.used("c-echo");
                 let rsp = dimse::encode_echo_rsp(cmd.message_id, &cx.abstract_syntax);
                 let out = pdu::encode_pdata(cx_id, true, &rsp, self.peer_max_pdu);
                 self.send(&out)
@@ -870,10 +1131,568 @@ impl<'a, H: Handler> Association<'a, H> {
             dimse::C_STORE_RQ if cx.storage && cx.as_scp && cmd.has_data_set() => {
                 self.begin_store(cx_id, &cx, cmd)
             }
+            dimse::C_FIND_RQ | dimse::C_GET_RQ | dimse::C_MOVE_RQ
+                if cx.as_scp && cmd.has_data_set() && serves(cmd.command_field, &cx.abstract_syntax) =>
+            {
+                self.collecting = Some(Collecting { context_id: cx_id, command: cmd, data: Vec::new() });
+                Ok(())
+            }
+            dimse::N_ACTION_RQ if cx.as_scp && cx.abstract_syntax == COMMITMENT => {
+                let col = Collecting { context_id: cx_id, command: cmd, data: Vec::new() };
+                if col.command.has_data_set() {
+                    self.collecting = Some(col);
+                    Ok(())
+                } else {
+                    self.request(col)
+                }
+            }
+            // a C-CANCEL of no operation in progress (it ended meanwhile) is ignored, as pynetdicom does
+            dimse::C_CANCEL_RQ => Ok(()),
             field => Err(End::Abort(2, format!(
                 "DIMSE command 0x{field:04X} on context {cx_id} ({}) is not supported by the native receiver",
                 cx.abstract_syntax))),
         }
+    }
+
+    fn request(&mut self, col: Collecting) -> Result<(), End> {
+        let Some(cx) = self.accepted.get(&col.context_id).cloned() else {
+            return Ok(());
+        };
+        let address = self.addr.ip().to_string();
+        let calling = self.calling_ae.clone();
+        let req = Request {
+            calling_ae: &calling,
+            address: &address,
+            port: self.addr.port(),
+            command: &col.command,
+            abstract_syntax: &cx.abstract_syntax,
+            transfer_syntax: &cx.transfer_syntax,
+            data: &col.data,
+        };
+        match col.command.command_field {
+            dimse::C_FIND_RQ => {
+                self.used("c-find");
+                let mut answers = self.shared.handler.find(&req);
+                let result = self.find(col.context_id, &col.command, &cx, answers.as_mut());
+                answers.close();
+                result
+            }
+            dimse::C_GET_RQ | dimse::C_MOVE_RQ => {
+                let get = col.command.command_field == dimse::C_GET_RQ;
+                self.used(if get { "c-get" } else { "c-move" });
+                match self.shared.handler.retrieve(&req) {
+                    RetrievePlan::Answer(status, counts, identifier) => {
+                        self.activity.failures += u32::from(failed_status(status));
+                        self.retrieve_rsp(
+                            col.context_id,
+                            &col.command,
+                            &cx,
+                            status,
+                            counts,
+                            identifier.as_deref(),
+                        )
+                    }
+                    RetrievePlan::Run(mut job) => {
+                        let result = self.retrieve(col.context_id, &col.command, &cx, job.as_mut());
+                        job.close();
+                        result
+                    }
+                }
+            }
+            _ => {
+                self.used("n-action");
+                let (status, reply) = self.shared.handler.action(&req);
+                self.activity.failures += u32::from(failed_status(status));
+                let cmd = &col.command;
+                let rsp = dimse::encode_action_rsp(
+                    cmd.message_id,
+                    &cmd.requested_sop_class,
+                    &cmd.requested_sop_instance,
+                    cmd.action_type_id,
+                    status,
+                    reply.is_some(),
+                );
+                self.send_message(col.context_id, &rsp, reply.as_deref())
+            }
+        }
+    }
+
+    /// A command set and its data set (if any) as P-DATA-TF PDUs within the peer's maximum.
+    fn send_message(&mut self, cx_id: u8, command: &[u8], data: Option<&[u8]>) -> Result<(), End> {
+        let mut out = pdu::encode_pdata(cx_id, true, command, self.peer_max_pdu);
+        if let Some(data) = data {
+            out.extend_from_slice(&pdu::encode_pdata(cx_id, false, data, self.peer_max_pdu));
+        }
+        self.send(&out)
+    }
+
+    fn find(
+        &mut self,
+        cx_id: u8,
+        cmd: &Command,
+        cx: &Accepted,
+        answers: &mut dyn FindAnswers,
+    ) -> Result<(), End> {
+        let sop_class = cx.abstract_syntax.as_str();
+        loop {
+            if let Incoming::Cancel = self.incoming(cmd.message_id, false)? {
+                let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, CANCEL, false);
+                return self.send_message(cx_id, &rsp, None);
+            }
+            match answers.next() {
+                Some(FindAnswer::Pending(identifier)) => {
+                    let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, PENDING, true);
+                    self.send_message(cx_id, &rsp, Some(&identifier))?;
+                }
+                Some(FindAnswer::Final(status)) => {
+                    self.activity.failures += u32::from(failed_status(status));
+                    let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, status, false);
+                    return self.send_message(cx_id, &rsp, None);
+                }
+                None => {
+                    let rsp = dimse::encode_find_rsp(cmd.message_id, sop_class, 0, false);
+                    return self.send_message(cx_id, &rsp, None);
+                }
+            }
+        }
+    }
+
+    fn retrieve_rsp(
+        &mut self,
+        cx_id: u8,
+        cmd: &Command,
+        cx: &Accepted,
+        status: u16,
+        counts: Option<dimse::Counts>,
+        identifier: Option<&[u8]>,
+    ) -> Result<(), End> {
+        let field = if cmd.command_field == dimse::C_GET_RQ {
+            dimse::C_GET_RSP
+        } else {
+            dimse::C_MOVE_RSP
+        };
+        let rsp = dimse::encode_retrieve_rsp(
+            field,
+            cmd.message_id,
+            &cx.abstract_syntax,
+            status,
+            counts,
+            identifier.is_some(),
+        );
+        self.send_message(cx_id, &rsp, identifier)
+    }
+
+    fn retrieve(
+        &mut self,
+        cx_id: u8,
+        cmd: &Command,
+        cx: &Accepted,
+        job: &mut dyn Retrieval,
+    ) -> Result<(), End> {
+        let is_get = cmd.command_field == dimse::C_GET_RQ;
+        let total = job.count();
+        if total == 0 {
+            return self.retrieve_rsp(cx_id, cmd, cx, 0, Some(dimse::Counts::default()), None);
+        }
+        if total > 65535 {
+            let status = if is_get { 0xC416 } else { 0xC516 };
+            return self.retrieve_rsp(cx_id, cmd, cx, status, None, None);
+        }
+        let mut dest = None;
+        if !is_get {
+            match self.connect(job.destination()) {
+                Some(assoc) => dest = Some(assoc),
+                None => return self.retrieve_rsp(cx_id, cmd, cx, 0xA801, None, None),
+            }
+        }
+        let result = self.suboperations(cx_id, cmd, cx, job, total, dest.as_mut());
+        if let Some(mut assoc) = dest {
+            if assoc.is_open() {
+                let _ = assoc.release();
+            }
+        }
+        result
+    }
+
+    /// The association of a C-MOVE with its destination; None (logged) when there is none.
+    fn connect(&self, dest: Option<Destination>) -> Option<scu::Association> {
+        let Some(dest) = dest else {
+            self.log(Level::Error, "C-MOVE without a destination");
+            return None;
+        };
+        let cfg = &self.shared.cfg;
+        let scu_cfg = scu::ScuConfig {
+            calling_ae: dest.calling_ae.clone(),
+            called_ae: dest.called_ae.clone(),
+            max_pdu: cfg.max_pdu,
+            implementation_class_uid: cfg.implementation_class_uid.clone(),
+            implementation_version: cfg.implementation_version.clone(),
+            connect_timeout: cfg.acse_timeout,
+            acse_timeout: cfg.acse_timeout,
+            network_timeout: cfg.network_timeout,
+            dimse_timeout: cfg.dimse_timeout,
+            whole_read_limit: send::WHOLE_READ_LIMIT,
+        };
+        let contexts: Vec<scu::ContextProposal> = dest
+            .contexts
+            .iter()
+            .map(|(abstract_syntax, syntaxes)| scu::ContextProposal {
+                abstract_syntax: abstract_syntax.clone(),
+                transfer_syntaxes: syntaxes.clone(),
+            })
+            .collect();
+        match scu::Association::request(&dest.host, dest.port, scu_cfg, &contexts, &[]) {
+            Ok(assoc) => Some(assoc),
+            Err(e) => {
+                self.log(
+                    Level::Warning,
+                    &format!(
+                        "C-MOVE destination {} ({}:{}): {e}",
+                        dest.called_ae, dest.host, dest.port
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// The C-STORE sub-operations of a C-GET (on this association) or a C-MOVE (on `dest`), their
+    /// Pending responses and the final one, as pynetdicom counts and answers them.
+    fn suboperations(
+        &mut self,
+        cx_id: u8,
+        cmd: &Command,
+        cx: &Accepted,
+        job: &mut dyn Retrieval,
+        total: usize,
+        mut dest: Option<&mut scu::Association>,
+    ) -> Result<(), End> {
+        self.cancelled = false;
+        let mut counts = dimse::Counts {
+            remaining: Some(total as u16),
+            ..dimse::Counts::default()
+        };
+        let mut failed: Vec<String> = Vec::new();
+        let mut n = 0u32;
+        let requester = self.calling_ae.clone();
+        while counts.remaining != Some(0) {
+            let Some(sub) = job.next() else { break };
+            if self.cancelled || matches!(self.incoming(cmd.message_id, false)?, Incoming::Cancel) {
+                let identifier = job.failed_identifier(&failed);
+                return self.retrieve_rsp(cx_id, cmd, cx, CANCEL, Some(counts), Some(&identifier));
+            }
+            n += 1;
+            // as pynetdicom numbers them: the request's ID plus the sub-operation's rank, wrapped
+            let mut id = u32::from(cmd.message_id) + n;
+            if id > 65535 {
+                id -= 65535;
+            }
+            let originator = dest.as_ref().map(|_| (requester.as_str(), cmd.message_id));
+            let (status, size) = self.suboperation(
+                dest.as_deref_mut(),
+                &sub,
+                id as u16,
+                cmd.message_id,
+                originator,
+                job,
+            )?;
+            let warning = matches!(status, Some(0x0001 | 0xB000 | 0xB006 | 0xB007));
+            let ok = status == Some(0) || warning;
+            job.sent(ok, if ok { size } else { 0 }, status);
+            if status == Some(0) {
+                counts.completed += 1;
+            } else if warning {
+                counts.warning += 1;
+            } else {
+                counts.failed += 1;
+                failed.push(sub.sop_instance_uid);
+            }
+            if ok {
+                self.activity.sent += 1;
+            } else {
+                self.activity.failures += 1;
+            }
+            counts.remaining = counts.remaining.map(|r| r.saturating_sub(1));
+            self.retrieve_rsp(cx_id, cmd, cx, PENDING, Some(counts), None)?;
+        }
+        let status = if counts.failed == 0 && counts.warning == 0 {
+            0
+        } else if usize::from(counts.failed) == total {
+            SUBOPS_FAILED
+        } else {
+            SUBOPS_WARNING
+        };
+        let identifier = (status != 0).then(|| job.failed_identifier(&failed));
+        self.retrieve_rsp(cx_id, cmd, cx, status, Some(counts), identifier.as_deref())
+    }
+
+    /// The transfer syntax to send `sop_class` stored in `ts` in: the stored one when a context
+    /// accepted it, else another little-endian uncompressed one (re-encoded), else None.
+    fn syntax_for(
+        &self,
+        dest: Option<&scu::Association>,
+        sop_class: &str,
+        ts: &str,
+    ) -> Option<String> {
+        let accepted: Vec<String> = match dest {
+            Some(a) => a
+                .accepted()
+                .iter()
+                .filter(|c| c.abstract_syntax == sop_class)
+                .map(|c| c.transfer_syntax.clone())
+                .collect(),
+            None => {
+                let mut ids: Vec<&u8> = self.accepted.keys().collect();
+                ids.sort();
+                ids.into_iter()
+                    .map(|id| &self.accepted[id])
+                    .filter(|c| c.as_scu && c.abstract_syntax == sop_class)
+                    .map(|c| c.transfer_syntax.clone())
+                    .collect()
+            }
+        };
+        if accepted.iter().any(|t| t == ts) {
+            return Some(ts.to_string());
+        }
+        if !LITTLE_ENDIAN.contains(&ts) {
+            return None;
+        }
+        accepted
+            .into_iter()
+            .find(|t| LITTLE_ENDIAN.contains(&t.as_str()))
+    }
+
+    /// Our context for C-STORE-RQs of `sop_class` in `ts` on this association (lowest ID first).
+    fn store_context(&self, sop_class: &str, ts: &str) -> Option<u8> {
+        let mut ids: Vec<&u8> = self.accepted.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .find(|id| {
+                let cx = &self.accepted[*id];
+                cx.as_scu && cx.abstract_syntax == sop_class && cx.transfer_syntax == ts
+            })
+            .copied()
+    }
+
+    /// One C-STORE sub-operation: (the peer's status, or None when nothing could be sent; the
+    /// data set's size). Candidate copies are tried in order, each failing one reported to
+    /// `job`, then the job's fallback copy. A broken association with the requester ends the
+    /// operation; a broken one with a C-MOVE destination fails the sub-operation.
+    fn suboperation(
+        &mut self,
+        mut dest: Option<&mut scu::Association>,
+        sub: &SubOperation,
+        message_id: u16,
+        operation_id: u16,
+        originator: Option<(&str, u16)>,
+        job: &mut dyn Retrieval,
+    ) -> Result<(Option<u16>, u64), End> {
+        let uid = &sub.sop_instance_uid;
+        let Some(ts) = self.syntax_for(
+            dest.as_deref(),
+            &sub.sop_class_uid,
+            &sub.transfer_syntax_uid,
+        ) else {
+            self.log(
+                Level::Error,
+                &format!(
+                    "sub-operation of {uid}: no accepted presentation context for {} in {}",
+                    sub.sop_class_uid, sub.transfer_syntax_uid
+                ),
+            );
+            return Ok((None, 0));
+        };
+        let mut candidates: Vec<(Option<usize>, CopyRef)> = if ts == sub.transfer_syntax_uid {
+            sub.copies
+                .iter()
+                .cloned()
+                .enumerate()
+                .map(|(i, c)| (Some(i), c))
+                .collect()
+        } else {
+            // re-encoded by the embedding program from a copy it verified
+            match job.convert(&ts) {
+                Some(copy) => vec![(None, copy)],
+                None => return Ok((None, 0)),
+            }
+        };
+        candidates.reverse();
+        let mut fallback_tried = ts != sub.transfer_syntax_uid;
+        loop {
+            let (index, copy) = match candidates.pop() {
+                Some(c) => c,
+                None if !fallback_tried => {
+                    fallback_tried = true;
+                    match job.fallback() {
+                        Some(copy) => (None, copy),
+                        None => return Ok((None, 0)),
+                    }
+                }
+                None => return Ok((None, 0)),
+            };
+            let result = match dest.as_deref_mut() {
+                Some(assoc) => assoc.send_store(
+                    &scu::Instance {
+                        sop_class_uid: &sub.sop_class_uid,
+                        sop_instance_uid: uid,
+                        transfer_syntax: &ts,
+                        path: &copy.path,
+                        sha256: &copy.sha256,
+                    },
+                    originator,
+                ),
+                None => {
+                    let Some(context_id) = self.store_context(&sub.sop_class_uid, &ts) else {
+                        return Ok((None, 0));
+                    };
+                    let cfg = &self.shared.cfg;
+                    let settings = send::SendSettings {
+                        network_timeout: cfg.network_timeout,
+                        response_timeout: cfg.dimse_timeout,
+                        ..send::SendSettings::new(self.peer_max_pdu, cfg.max_pdu)
+                    };
+                    let sender = self
+                        .sender
+                        .get_or_insert_with(|| send::Sender::new(settings));
+                    let req = send::StoreRequest {
+                        context_id,
+                        transfer_syntax: &ts,
+                        message_id,
+                        sop_class_uid: &sub.sop_class_uid,
+                        sop_instance_uid: uid,
+                        priority: 2,
+                        move_originator: originator,
+                    };
+                    sender.send_store(&mut self.stream, &req, &copy.path, &copy.sha256)
+                }
+            };
+            match result {
+                Ok(outcome) => {
+                    if outcome.cancel == Some(operation_id) {
+                        self.cancelled = true;
+                    }
+                    return Ok((Some(outcome.response.status), outcome.data_set_bytes));
+                }
+                Err(send::SendError::Link(e)) => {
+                    let why = format!("sub-operation of {uid}: {e}");
+                    if dest.is_some() {
+                        self.log(Level::Warning, &why);
+                        return Ok((None, 0));
+                    }
+                    return Err(match e {
+                        send::LinkError::PeerAborted { .. } | send::LinkError::Closed(_) => {
+                            End::Closed(why)
+                        }
+                        _ => End::Abort(0, why),
+                    });
+                }
+                Err(e) => {
+                    let (why, fault) = match &e {
+                        send::SendError::DigestMismatch { .. } => (
+                            format!("{} content digest mismatch", copy.path.display()),
+                            CopyFault::Corrupt,
+                        ),
+                        _ if !copy.path.exists() => (
+                            format!("{} not found", copy.path.display()),
+                            CopyFault::Missing,
+                        ),
+                        _ => (e.to_string(), CopyFault::Unreadable),
+                    };
+                    match index {
+                        Some(i) => job.bad_copy(i, &why, fault),
+                        None => self.log(Level::Error, &format!("sub-operation of {uid}: {why}")),
+                    }
+                }
+            }
+        }
+    }
+
+    /// True when the socket has bytes to read now.
+    fn readable(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the association's open socket.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    }
+
+    /// Read what the peer sent during an operation: a C-CANCEL-RQ of `message_id`.
+    /// `wait`: block (up to the network timeout) for a PDU; else read only what is already there.
+    /// A release request ends the association (after the reply), an abort ends it; another request
+    /// aborts (asynchronous operations are not negotiated).
+    fn incoming(&mut self, message_id: u16, wait: bool) -> Result<Incoming, End> {
+        loop {
+            if !wait && self.command.is_empty() && !self.readable() {
+                return Ok(Incoming::Nothing);
+            }
+            let kind = self.read_pdu(None, true)?;
+            match kind {
+                pdu::P_DATA_TF => {}
+                pdu::A_RELEASE_RQ => {
+                    self.log(
+                        Level::Info,
+                        &format!(
+                            "association from {} released during an operation",
+                            self.calling_ae
+                        ),
+                    );
+                    let _ = self.stream.write_all(&pdu::encode_release_rp());
+                    return Err(End::Released);
+                }
+                pdu::A_ABORT => return Err(End::Closed("aborted by the peer".into())),
+                _ => return Err(End::Abort(2, format!("unexpected {}", pdu::pdu_name(kind)))),
+            }
+            let body = std::mem::take(&mut self.body);
+            let found = self.incoming_pdvs(&body, message_id);
+            self.body = body;
+            match found? {
+                Incoming::Nothing => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn incoming_pdvs(&mut self, body: &[u8], message_id: u16) -> Result<Incoming, End> {
+        let pdvs = pdu::split_pdvs(body)
+            .map_err(|e| End::Abort(6, format!("malformed P-DATA-TF: {e}")))?;
+        let mut found = Incoming::Nothing;
+        for pdv in pdvs {
+            if !pdv.is_command() || self.command_cx.is_some_and(|cx| cx != pdv.context_id) {
+                return Err(End::Abort(
+                    2,
+                    "a data set or a split command during an operation".into(),
+                ));
+            }
+            if self.command.len() + pdv.data.len() > MAX_COMMAND {
+                return Err(End::Abort(6, "command set too long".into()));
+            }
+            self.command_cx = Some(pdv.context_id);
+            self.command.extend_from_slice(pdv.data);
+            if !pdv.is_last() {
+                continue;
+            }
+            let raw = std::mem::take(&mut self.command);
+            self.command_cx = None;
+            let cmd = dimse::parse_command(&raw).map_err(|e| End::Abort(6, e.to_string()))?;
+            match cmd.command_field {
+                dimse::C_CANCEL_RQ if cmd.responded_to == Some(message_id) => {
+                    found = Incoming::Cancel;
+                }
+                dimse::C_CANCEL_RQ => {}
+                field => {
+                    return Err(End::Abort(
+                        2,
+                        format!(
+                            "DIMSE command 0x{field:04X} during another operation \
+                             (asynchronous operations are not negotiated)"
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(found)
     }
 
     fn spool_file(&mut self) -> io::Result<(File, PathBuf)> {
@@ -999,6 +1818,12 @@ impl<'a, H: Handler> Association<'a, H> {
         if let Some(path) = &path {
             let _ = std::fs::remove_file(path);
         }
+        self.used("c-store");
+        if failed_status(answer.status) {
+            self.activity.failures += 1;
+        } else {
+            self.activity.stored += 1;
+        }
         let comment = answer.comment.as_deref().map(clean_comment);
         let rsp = dimse::encode_store_rsp(
             command.message_id,
@@ -1015,6 +1840,7 @@ impl<'a, H: Handler> Association<'a, H> {
     fn abandon(&mut self) {
         self.command.clear();
         self.command_cx = None;
+        self.collecting = None;
         if let Some(rx) = self.receiving.take() {
             if let Some((file, path)) = rx.spool {
                 drop(file);
@@ -1029,6 +1855,19 @@ impl<'a, H: Handler> Association<'a, H> {
             );
         }
     }
+}
+
+const LITTLE_ENDIAN: [&str; 2] = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"];
+
+/// True when `command_field` is the DIMSE service of the Q/R information model `abstract_syntax`.
+fn serves(command_field: u16, abstract_syntax: &str) -> bool {
+    let models: &[&str] = match command_field {
+        dimse::C_FIND_RQ => &FIND_MODELS,
+        dimse::C_GET_RQ => &GET_MODELS,
+        dimse::C_MOVE_RQ => &MOVE_MODELS,
+        _ => &[],
+    };
+    models.contains(&abstract_syntax)
 }
 
 /// An Error Comment (LO): ASCII, no backslash, at most 64 characters.

@@ -11,12 +11,16 @@ use sha2::{Digest, Sha256};
 use vna_core::dimse;
 use vna_core::negotiate::SupportedContext;
 use vna_core::pdu::{self, AssociateRq};
-use vna_core::server::{Config, Decision, Handler, Level, Peer, Server, StoreAnswer, StoreRecord};
+use vna_core::server::{
+    Config, Decision, FindAnswer, FindAnswers, Handler, IntoAnswers, Level, Peer, Request, Server,
+    StoreAnswer, StoreRecord,
+};
 
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 const EXPLICIT: &str = "1.2.840.10008.1.2.1";
 const IMPLICIT: &str = "1.2.840.10008.1.2";
 const VERIFICATION: &str = "1.2.840.10008.1.1";
+const STUDY_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 
 /// Each record the handler got, with the spool file's bytes at that moment.
 type Stored = Arc<Mutex<Vec<(StoreRecord, Vec<u8>)>>>;
@@ -44,6 +48,16 @@ impl Handler for Recorder {
         }
     }
 
+    fn find(&self, request: &Request<'_>) -> Box<dyn FindAnswers> {
+        // one match per byte of the identifier, echoing it
+        let matches: Vec<FindAnswer> = request
+            .data
+            .iter()
+            .map(|b| FindAnswer::Pending(vec![*b, 0]))
+            .collect();
+        Box::new(matches.into_iter().into_answers())
+    }
+
     fn log(&self, _level: Level, _message: &str) {}
 }
 
@@ -59,6 +73,14 @@ fn start(name: &str) -> (Server<Recorder>, Recorder, PathBuf) {
     let mut contexts = HashMap::new();
     contexts.insert(
         VERIFICATION.to_string(),
+        SupportedContext {
+            transfer_syntaxes: vec![IMPLICIT.into()],
+            roles: None,
+            storage: false,
+        },
+    );
+    contexts.insert(
+        STUDY_FIND.to_string(),
         SupportedContext {
             transfer_syntaxes: vec![IMPLICIT.into()],
             roles: None,
@@ -83,6 +105,7 @@ fn start(name: &str) -> (Server<Recorder>, Recorder, PathBuf) {
         max_per_address: 8,
         acse_timeout: Duration::from_secs(5),
         network_timeout: Duration::from_secs(5),
+        dimse_timeout: Duration::from_secs(5),
         spool_dir: dir.clone(),
         implementation_class_uid: "1.2.3".into(),
         implementation_version: "TEST".into(),
@@ -313,4 +336,58 @@ fn refusals_are_answered_and_the_association_goes_on() {
     assert_eq!(rec.stored.lock().unwrap().len(), 2);
     server.stop(Duration::from_secs(1));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The statuses of the responses read until a final one.
+fn find_statuses(s: &mut TcpStream) -> Vec<u16> {
+    let mut out = Vec::new();
+    loop {
+        let (kind, body) = read_pdu(s);
+        assert_eq!(kind, pdu::P_DATA_TF);
+        let pdvs = pdu::split_pdvs(&body).unwrap();
+        if !pdvs[0].is_command() {
+            continue;
+        }
+        let status = rsp_status(&body);
+        out.push(status);
+        if status != 0xFF00 {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn c_find_answers_each_match_and_a_c_cancel_ends_it() {
+    let (mut server, _rec, _dir) = start("find");
+    let port = server.local_addr().port();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&associate_rq("FINDER", &[(1, STUDY_FIND, IMPLICIT)]))
+        .unwrap();
+    assert_eq!(read_pdu(&mut s).0, pdu::A_ASSOCIATE_AC);
+    let rq = command(dimse::C_FIND_RQ, STUDY_FIND, None, true);
+    let mut out = pdu::encode_pdata(1, true, &rq, 16384);
+    out.extend(pdu::encode_pdata(1, false, &[1, 2, 3, 4], 16384));
+    s.write_all(&out).unwrap();
+    assert_eq!(
+        find_statuses(&mut s),
+        vec![0xFF00, 0xFF00, 0xFF00, 0xFF00, 0]
+    );
+
+    // the request, its identifier and a C-CANCEL-RQ of it together: cancelled before any match
+    let mut cancel = Vec::new();
+    element(&mut cancel, 0x0100, &dimse::C_CANCEL_RQ.to_le_bytes());
+    element(&mut cancel, 0x0120, &5u16.to_le_bytes());
+    element(&mut cancel, 0x0800, &0x0101u16.to_le_bytes());
+    let mut out = pdu::encode_pdata(1, true, &rq, 16384);
+    out.extend(pdu::encode_pdata(1, false, &[1, 2, 3, 4], 16384));
+    out.extend(pdu::encode_pdata(1, true, &cancel, 16384));
+    s.write_all(&out).unwrap();
+    assert_eq!(find_statuses(&mut s), vec![0xFE00]);
+
+    // a C-GET on the C-FIND context is not served: abort
+    let rq = command(dimse::C_GET_RQ, STUDY_FIND, None, true);
+    s.write_all(&pdu::encode_pdata(1, true, &rq, 16384))
+        .unwrap();
+    assert_eq!(read_pdu(&mut s).0, pdu::A_ABORT);
+    server.stop(Duration::from_secs(1));
 }

@@ -10,12 +10,17 @@ use std::time::Duration;
 
 mod codec;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyStopIteration, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
+use vna_core::dimse::{self, Counts};
 use vna_core::negotiate::SupportedContext;
 use vna_core::pdu::AssociateRq;
-use vna_core::server::{self, Config, Decision, Handler, Level, Peer, Server, StoreAnswer};
+use vna_core::server::{
+    self, Config, CopyFault, CopyRef, Decision, Destination, FindAnswer, FindAnswers, Handler,
+    Level, Peer, Retrieval, RetrievePlan, Server, StoreAnswer, SubOperation,
+};
 
 /// A C-STORE data set spooled to ``path`` (preamble, File Meta, data set as received).
 #[pyclass(frozen, get_all, module = "vna_native")]
@@ -34,9 +39,222 @@ struct StoreRecord {
     ended_ns: u64,
 }
 
+/// A C-FIND, C-GET, C-MOVE or N-ACTION request with its data set (identifier or action information).
+#[pyclass(frozen, get_all, module = "vna_native")]
+struct Request {
+    kind: &'static str,
+    calling_ae: String,
+    address: String,
+    port: u16,
+    message_id: u16,
+    priority: u16,
+    sop_class_uid: String,
+    transfer_syntax_uid: String,
+    requested_sop_class_uid: String,
+    requested_sop_instance_uid: String,
+    move_destination: Option<String>,
+    action_type_id: Option<u16>,
+    data: Py<PyBytes>,
+}
+
+/// The status of a request whose Python handler raised (pynetdicom's statuses for that case).
+fn handler_failed(kind: &str) -> u16 {
+    match kind {
+        "c-find" => 0xC311,
+        "c-get" => 0xC411,
+        "c-move" => 0xC511,
+        _ => 0x0110,
+    }
+}
+
+struct PyAnswers {
+    iter: Option<Py<PyAny>>,
+    on_log: Py<PyAny>,
+}
+
+impl FindAnswers for PyAnswers {
+    fn next(&mut self) -> Option<FindAnswer> {
+        let iter = self.iter.as_ref()?;
+        Python::attach(|py| {
+            let item = iter
+                .call_method0(py, "__next__")
+                .and_then(|v| v.extract::<(u16, Option<Vec<u8>>)>(py));
+            match item {
+                Ok((status, Some(identifier))) if status == 0xFF00 || status == 0xFF01 => {
+                    Some(FindAnswer::Pending(identifier))
+                }
+                Ok((status, _)) => Some(FindAnswer::Final(status)),
+                Err(e) if e.is_instance_of::<PyStopIteration>(py) => None,
+                Err(e) => {
+                    let _ = self
+                        .on_log
+                        .call1(py, (40, format!("C-FIND handler failed: {e}")));
+                    Some(FindAnswer::Final(handler_failed("c-find")))
+                }
+            }
+        })
+    }
+
+    fn close(&mut self) {
+        if let Some(iter) = self.iter.take() {
+            Python::attach(|py| {
+                if let Ok(close) = iter.getattr(py, "close") {
+                    if let Err(e) = close.call0(py) {
+                        let _ = self
+                            .on_log
+                            .call1(py, (40, format!("C-FIND clean-up failed: {e}")));
+                    }
+                }
+            });
+        }
+    }
+}
+
+type CopySpec = (String, String, u64);
+type SubSpec = (String, String, String, Vec<CopySpec>);
+
+fn copy_ref((path, sha256, size): CopySpec) -> CopyRef {
+    CopyRef {
+        path: PathBuf::from(path),
+        sha256,
+        size,
+    }
+}
+
+/// A C-GET/C-MOVE planned by Python: the job object's methods are called in the association's thread.
+struct PyRetrieval {
+    job: Py<PyAny>,
+    on_log: Py<PyAny>,
+    count: usize,
+    destination: Option<Destination>,
+}
+
+impl PyRetrieval {
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(Python<'_>, &Py<PyAny>) -> PyResult<T>,
+    ) -> Option<T> {
+        Python::attach(|py| match f(py, &self.job) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let _ = self
+                    .on_log
+                    .call1(py, (40, format!("retrieve handler {what} failed: {e}")));
+                None
+            }
+        })
+    }
+}
+
+impl Retrieval for PyRetrieval {
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn destination(&self) -> Option<Destination> {
+        self.destination.clone()
+    }
+
+    fn next(&mut self) -> Option<SubOperation> {
+        let spec = self.call("next", |py, job| {
+            job.call_method0(py, "next")?.extract::<Option<SubSpec>>(py)
+        })??;
+        let (sop_class_uid, sop_instance_uid, transfer_syntax_uid, copies) = spec;
+        Some(SubOperation {
+            sop_class_uid,
+            sop_instance_uid,
+            transfer_syntax_uid,
+            copies: copies.into_iter().map(copy_ref).collect(),
+        })
+    }
+
+    fn bad_copy(&mut self, index: usize, why: &str, fault: CopyFault) {
+        let fault = match fault {
+            CopyFault::Corrupt => "corrupt",
+            CopyFault::Missing => "missing",
+            CopyFault::Unreadable => "unreadable",
+        };
+        self.call("bad_copy", |py, job| {
+            job.call_method1(py, "bad_copy", (index, why, fault))
+        });
+    }
+
+    fn fallback(&mut self) -> Option<CopyRef> {
+        self.call("fallback", |py, job| {
+            job.call_method0(py, "fallback")?
+                .extract::<Option<CopySpec>>(py)
+        })?
+        .map(copy_ref)
+    }
+
+    fn convert(&mut self, transfer_syntax: &str) -> Option<CopyRef> {
+        self.call("convert", |py, job| {
+            job.call_method1(py, "convert", (transfer_syntax,))?
+                .extract::<Option<CopySpec>>(py)
+        })?
+        .map(copy_ref)
+    }
+
+    fn sent(&mut self, ok: bool, size: u64, status: Option<u16>) {
+        self.call("sent", |py, job| {
+            job.call_method1(py, "sent", (ok, size, status))
+        });
+    }
+
+    fn failed_identifier(&mut self, failed: &[String]) -> Vec<u8> {
+        let failed = failed.to_vec();
+        self.call("failed_identifier", |py, job| {
+            job.call_method1(py, "failed_identifier", (failed,))?
+                .extract::<Vec<u8>>(py)
+        })
+        .unwrap_or_default()
+    }
+
+    fn close(&mut self) {
+        self.call("close", |py, job| job.call_method0(py, "close"));
+    }
+}
+
+type CountsSpec = (Option<u16>, u16, u16, u16);
+type AnswerSpec = (u16, Option<CountsSpec>, Option<Vec<u8>>);
+type DestinationSpec = (String, u16, String, String, Vec<(String, Vec<String>)>);
+
+fn plan(py: Python<'_>, answer: Py<PyAny>, on_log: &Py<PyAny>) -> PyResult<RetrievePlan> {
+    if let Ok((status, counts, identifier)) = answer.extract::<AnswerSpec>(py) {
+        let counts = counts.map(|(remaining, completed, failed, warning)| Counts {
+            remaining,
+            completed,
+            failed,
+            warning,
+        });
+        return Ok(RetrievePlan::Answer(status, counts, identifier));
+    }
+    let count = answer.call_method0(py, "count")?.extract::<usize>(py)?;
+    let destination = answer
+        .call_method0(py, "destination")?
+        .extract::<Option<DestinationSpec>>(py)?
+        .map(
+            |(host, port, called_ae, calling_ae, contexts)| Destination {
+                host,
+                port,
+                called_ae,
+                calling_ae,
+                contexts,
+            },
+        );
+    Ok(RetrievePlan::Run(Box::new(PyRetrieval {
+        job: answer,
+        on_log: on_log.clone_ref(py),
+        count,
+        destination,
+    })))
+}
+
 struct PyHandler {
     on_associate: Py<PyAny>,
     on_store: Py<PyAny>,
+    on_request: Py<PyAny>,
     on_log: Py<PyAny>,
     on_thread_done: Py<PyAny>,
 }
@@ -46,6 +264,32 @@ const HANDLER_FAILED: u16 = 0xC211;
 impl PyHandler {
     fn log_error(&self, py: Python<'_>, what: &str, err: &PyErr) {
         let _ = self.on_log.call1(py, (40, format!("{what}: {err}")));
+    }
+
+    fn call_request(
+        &self,
+        py: Python<'_>,
+        kind: &'static str,
+        r: &server::Request<'_>,
+    ) -> PyResult<Py<PyAny>> {
+        let c = r.command;
+        let request = Request {
+            kind,
+            calling_ae: r.calling_ae.to_string(),
+            address: r.address.to_string(),
+            port: r.port,
+            message_id: c.message_id,
+            priority: c.priority,
+            sop_class_uid: r.abstract_syntax.to_string(),
+            transfer_syntax_uid: r.transfer_syntax.to_string(),
+            requested_sop_class_uid: c.requested_sop_class.clone(),
+            requested_sop_instance_uid: c.requested_sop_instance.clone(),
+            move_destination: c.move_destination.clone(),
+            action_type_id: c.action_type_id,
+            data: PyBytes::new(py, r.data).unbind(),
+        };
+        let request = Py::new(py, request)?;
+        self.on_request.call1(py, (request,))
     }
 }
 
@@ -104,6 +348,61 @@ impl Handler for PyHandler {
         })
     }
 
+    fn find(&self, request: &server::Request<'_>) -> Box<dyn FindAnswers> {
+        let iter = Python::attach(|py| match self.call_request(py, "c-find", request) {
+            Ok(v) => v.bind(py).try_iter().map(|it| it.into_any().unbind()).ok(),
+            Err(e) => {
+                self.log_error(py, "C-FIND handler failed", &e);
+                None
+            }
+        });
+        let on_log = Python::attach(|py| self.on_log.clone_ref(py));
+        match iter {
+            Some(iter) => Box::new(PyAnswers {
+                iter: Some(iter),
+                on_log,
+            }),
+            None => Box::new(server::IntoAnswers::into_answers(std::iter::once(
+                FindAnswer::Final(handler_failed("c-find")),
+            ))),
+        }
+    }
+
+    fn retrieve(&self, request: &server::Request<'_>) -> RetrievePlan {
+        let kind = if request.command.command_field == dimse::C_GET_RQ {
+            "c-get"
+        } else {
+            "c-move"
+        };
+        Python::attach(|py| {
+            let planned = self
+                .call_request(py, kind, request)
+                .and_then(|answer| plan(py, answer, &self.on_log));
+            match planned {
+                Ok(plan) => plan,
+                Err(e) => {
+                    self.log_error(py, &format!("{} handler failed", kind.to_uppercase()), &e);
+                    RetrievePlan::Answer(handler_failed(kind), None, None)
+                }
+            }
+        })
+    }
+
+    fn action(&self, request: &server::Request<'_>) -> (u16, Option<Vec<u8>>) {
+        Python::attach(|py| {
+            let answer = self
+                .call_request(py, "n-action", request)
+                .and_then(|v| v.extract::<(u16, Option<Vec<u8>>)>(py));
+            match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    self.log_error(py, "N-ACTION handler failed", &e);
+                    (handler_failed("n-action"), None)
+                }
+            }
+        })
+    }
+
     fn log(&self, level: Level, message: &str) {
         let level = match level {
             Level::Debug => 10,
@@ -145,9 +444,10 @@ type ContextSpec = (String, Vec<String>, Option<(bool, bool)>, bool);
 impl Listener {
     #[new]
     #[pyo3(signature = (*, host, port, reuse_port, max_pdu, max_associations, max_half_open, max_per_address,
-                        acse_timeout, network_timeout,
+                        acse_timeout, network_timeout, dimse_timeout,
                         spool_dir, implementation_class_uid, implementation_version, spool_implementation_uid,
-                        spool_implementation_version, contexts, on_associate, on_store, on_log, on_thread_done))]
+                        spool_implementation_version, contexts, on_associate, on_store, on_request, on_log,
+                        on_thread_done))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -160,6 +460,7 @@ impl Listener {
         max_per_address: usize,
         acse_timeout: f64,
         network_timeout: f64,
+        dimse_timeout: f64,
         spool_dir: PathBuf,
         implementation_class_uid: String,
         implementation_version: String,
@@ -168,6 +469,7 @@ impl Listener {
         contexts: Vec<ContextSpec>,
         on_associate: Py<PyAny>,
         on_store: Py<PyAny>,
+        on_request: Py<PyAny>,
         on_log: Py<PyAny>,
         on_thread_done: Py<PyAny>,
     ) -> PyResult<Self> {
@@ -201,6 +503,7 @@ impl Listener {
             max_per_address,
             acse_timeout: secs(acse_timeout, "acse_timeout")?,
             network_timeout: secs(network_timeout, "network_timeout")?,
+            dimse_timeout: secs(dimse_timeout, "dimse_timeout")?,
             spool_dir,
             implementation_class_uid,
             implementation_version,
@@ -211,6 +514,7 @@ impl Listener {
         let handler = PyHandler {
             on_associate,
             on_store,
+            on_request,
             on_log,
             on_thread_done,
         };
@@ -270,6 +574,7 @@ fn max_associate_rq() -> u32 {
 fn vna_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Listener>()?;
     m.add_class::<StoreRecord>()?;
+    m.add_class::<Request>()?;
     m.add_function(wrap_pyfunction!(max_associate_rq, m)?)?;
     codec::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

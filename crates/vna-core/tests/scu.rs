@@ -1,0 +1,592 @@
+//! The association requestor and C-STORE sending against DCMTK's `storescp` on loopback:
+//! what storescp wrote (bit-preserving) must hold the sent data set byte for byte.
+//!
+//! Skipped (with a line on stderr) when `storescp` or pydicom's test files are missing;
+//! `VNA_PYDICOM_TEST_FILES` names another directory of those files.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use vna_core::dimse;
+use vna_core::scu::{AssociateError, Association, ContextProposal, Instance, ScuConfig};
+use vna_core::send::{self, LinkError, Part10Layout, SendError};
+
+const PYDICOM_FILES: &str = "/work/main/.venv/lib/python3.11/site-packages/pydicom/data/test_files";
+const SECONDARY_CAPTURE: &str = "1.2.840.10008.5.1.4.1.1.7";
+const EXPLICIT: &str = "1.2.840.10008.1.2.1";
+
+/// A storescp process on a free loopback port, writing into its own directory; killed on drop.
+struct StoreScp {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl StoreScp {
+    /// What storescp logged so far (for failure messages).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("storescp.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn have_storescp() -> bool {
+    Command::new("storescp")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn storescp(name: &str, extra: &[&str]) -> Option<StoreScp> {
+    if !have_storescp() {
+        eprintln!("storescp not found: test skipped");
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("vna-scu-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(dir.join("storescp.log")).unwrap();
+    let child = Command::new("storescp")
+        .args(["-od"])
+        .arg(dir.join("out"))
+        .args([
+            "+B", "-pm", "+xa", "-dhl", "-v", "-aet", "STORESCP", "-ta", "10",
+        ])
+        .args(extra)
+        .arg(port.to_string())
+        .env("TCP_NODELAY", "1")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut scp = StoreScp { child, port, dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = scp.child.try_wait().unwrap() {
+            panic!("storescp exited: {status}");
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(scp);
+        }
+        assert!(Instant::now() < deadline, "storescp not listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn test_files() -> Option<PathBuf> {
+    let dir = std::env::var_os("VNA_PYDICOM_TEST_FILES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(PYDICOM_FILES));
+    if dir.join("CT_small.dcm").is_file() {
+        Some(dir)
+    } else {
+        eprintln!("pydicom test files not found: test skipped");
+        None
+    }
+}
+
+fn config(max_pdu: u32) -> ScuConfig {
+    ScuConfig {
+        calling_ae: "VNA".into(),
+        called_ae: "STORESCP".into(),
+        max_pdu,
+        implementation_class_uid: "1.2.826.0.1.3680043.10.1137.0.1".into(),
+        implementation_version: "VNA_TEST".into(),
+        connect_timeout: Duration::from_secs(5),
+        acse_timeout: Duration::from_secs(10),
+        network_timeout: Duration::from_secs(10),
+        dimse_timeout: Duration::from_secs(30),
+        whole_read_limit: send::WHOLE_READ_LIMIT,
+    }
+}
+
+/// A stored file to send: its path, layout, digest and bytes.
+struct Stored {
+    path: PathBuf,
+    layout: Part10Layout,
+    sha256: String,
+    bytes: Vec<u8>,
+}
+
+impl Stored {
+    fn load(path: &Path) -> Stored {
+        let bytes = std::fs::read(path).unwrap();
+        let layout = send::read_layout(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Stored {
+            path: path.to_path_buf(),
+            sha256: format!("{:x}", Sha256::digest(&bytes)),
+            layout,
+            bytes,
+        }
+    }
+
+    fn sop_class(&self) -> &str {
+        self.layout.sop_class_uid.as_deref().unwrap()
+    }
+
+    fn sop_instance(&self) -> &str {
+        self.layout.sop_instance_uid.as_deref().unwrap()
+    }
+
+    fn instance(&self) -> Instance<'_> {
+        Instance {
+            sop_class_uid: self.sop_class(),
+            sop_instance_uid: self.sop_instance(),
+            transfer_syntax: &self.layout.transfer_syntax,
+            path: &self.path,
+            sha256: &self.sha256,
+        }
+    }
+
+    fn data_set(&self) -> &[u8] {
+        &self.bytes[self.layout.data_set_offset as usize..]
+    }
+}
+
+fn proposals(files: &[Stored]) -> Vec<ContextProposal> {
+    let mut out: Vec<ContextProposal> = Vec::new();
+    for f in files {
+        let p = ContextProposal {
+            abstract_syntax: f.sop_class().to_string(),
+            transfer_syntaxes: vec![f.layout.transfer_syntax.clone()],
+        };
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The files storescp wrote whose name ends with `sop_instance`.
+fn written(scp: &StoreScp, sop_instance: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(scp.dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(sop_instance))
+        })
+        .collect()
+}
+
+/// storescp wrote `f` exactly once, its data set byte for byte, in the same transfer syntax.
+fn assert_received(scp: &StoreScp, f: &Stored) {
+    let paths = written(scp, f.sop_instance());
+    assert_eq!(paths.len(), 1, "{}: {paths:?}", f.path.display());
+    let got = std::fs::read(&paths[0]).unwrap();
+    let layout = send::parse_file_meta(&got, got.len() as u64).unwrap();
+    assert_eq!(layout.transfer_syntax, f.layout.transfer_syntax);
+    assert!(
+        got[layout.data_set_offset as usize..] == *f.data_set(),
+        "{}: the data set storescp wrote differs",
+        f.path.display()
+    );
+}
+
+/// Distinct SOP Instance UIDs (storescp names its files by them).
+const CORPUS: &[&str] = &[
+    "CT_small.dcm",              // Explicit VR Little Endian
+    "rtplan.dcm",                // Implicit VR Little Endian
+    "MR_small_bigendian.dcm",    // Explicit VR Big Endian
+    "SC_rgb_rle.dcm",            // RLE Lossless
+    "JPEG2000.dcm",              // JPEG 2000
+    "examples_jpeg2k.dcm",       // JPEG 2000 Lossless
+    "SC_rgb_jpeg_dcmtk.dcm",     // JPEG Baseline
+    "JPGExtended.dcm",           // JPEG Extended
+    "JPEGLSNearLossless_08.dcm", // JPEG-LS Near Lossless
+];
+
+#[test]
+fn sends_every_transfer_syntax_bit_exact() {
+    let (Some(dir), Some(scp)) = (test_files(), storescp("corpus", &[])) else {
+        return;
+    };
+    let files: Vec<Stored> = CORPUS.iter().map(|n| Stored::load(&dir.join(n))).collect();
+    let mut assoc = Association::request(
+        "127.0.0.1",
+        scp.port,
+        config(16384),
+        &proposals(&files),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(assoc.accepted().len(), proposals(&files).len());
+    assert_eq!(assoc.peer_max_pdu(), 16384);
+    for f in &files {
+        let out = assoc
+            .send_store(&f.instance(), Some(("MOVER", 42)))
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", f.path.display(), scp.log()));
+        assert_eq!(out.response.status, 0, "{}", f.path.display());
+        assert_eq!(out.cancel, None);
+        assert_eq!(out.data_set_bytes, f.data_set().len() as u64);
+        assert_eq!(
+            out.response.affected_sop_instance.as_deref(),
+            Some(f.sop_instance())
+        );
+    }
+    assoc
+        .release()
+        .unwrap_or_else(|e| panic!("release: {e}\n{}", scp.log()));
+    assert!(!assoc.is_open());
+    for f in &files {
+        assert_received(&scp, f);
+    }
+    // pydicom's deflated file has an odd-length data set (DCMTK aborts on it): declined,
+    // nothing sent, the association carries on
+    let deflated = Stored::load(&dir.join("image_dfl.dcm"));
+    let proposal = ContextProposal {
+        abstract_syntax: deflated.sop_class().to_string(),
+        transfer_syntaxes: vec![deflated.layout.transfer_syntax.clone()],
+    };
+    let mut assoc =
+        Association::request("127.0.0.1", scp.port, config(16384), &[proposal], &[]).unwrap();
+    let err = assoc.send_store(&deflated.instance(), None).unwrap_err();
+    assert!(matches!(err, SendError::Unusable(_)), "{err}");
+    assert!(assoc.is_open());
+    assoc.release().unwrap();
+    assert!(written(&scp, deflated.sop_instance()).is_empty());
+}
+
+#[test]
+fn a_small_peer_maximum_is_respected() {
+    let (Some(dir), Some(scp)) = (test_files(), storescp("pdu", &["--max-pdu", "4096"])) else {
+        return;
+    };
+    let files: Vec<Stored> = ["CT_small.dcm", "JPEG2000.dcm"]
+        .iter()
+        .map(|n| Stored::load(&dir.join(n)))
+        .collect();
+    // we announce no maximum: storescp may send us PDUs of any size
+    let mut assoc =
+        Association::request("127.0.0.1", scp.port, config(0), &proposals(&files), &[]).unwrap();
+    assert_eq!(assoc.peer_max_pdu(), 4096);
+    for f in &files {
+        let out = assoc.send_store(&f.instance(), None).unwrap();
+        assert_eq!(out.response.status, 0);
+    }
+    assoc.release().unwrap();
+    for f in &files {
+        assert_received(&scp, f);
+    }
+}
+
+/// A Secondary Capture Part 10 file of about `size` bytes (vna's spool header, a few
+/// identifying elements, an OB pixel data element), written to `path`.
+fn large_file(path: &Path, size: usize, instance: &str) {
+    let mut out = dimse::spool_header(SECONDARY_CAPTURE, instance, EXPLICIT, "1.2.3", "T");
+    let mut short = |tag: (u16, u16), vr: &[u8; 2], value: &str| {
+        let mut v = value.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(if vr == b"UI" { 0 } else { b' ' });
+        }
+        out.extend_from_slice(&tag.0.to_le_bytes());
+        out.extend_from_slice(&tag.1.to_le_bytes());
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        out.extend_from_slice(&v);
+    };
+    short((0x0008, 0x0016), b"UI", SECONDARY_CAPTURE);
+    short((0x0008, 0x0018), b"UI", instance);
+    short((0x0008, 0x0060), b"CS", "OT");
+    short((0x0020, 0x000D), b"UI", "1.2.826.0.1.3680043.10.1137.99.1");
+    short((0x0020, 0x000E), b"UI", "1.2.826.0.1.3680043.10.1137.99.2");
+    let n = size - out.len() - 12;
+    out.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    // a pseudo-random block, each copy of it shifted by its index
+    let mut x = 0x9E37_79B9u32;
+    let block: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let start = out.len();
+    out.resize(start + n, 0);
+    for (i, chunk) in out[start..].chunks_mut(block.len()).enumerate() {
+        chunk.copy_from_slice(&block[..chunk.len()]);
+        chunk[0] = i as u8;
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn a_file_above_the_whole_read_bound_is_streamed() {
+    let Some(scp) = storescp("large", &[]) else {
+        return;
+    };
+    let path = scp.dir.join("large.dcm");
+    let size = send::WHOLE_READ_LIMIT as usize + 8 * 1024 * 1024;
+    large_file(&path, size, "1.2.826.0.1.3680043.10.1137.99.3");
+    let f = Stored::load(&path);
+    assert!(f.bytes.len() as u64 > send::WHOLE_READ_LIMIT);
+    let mut assoc = Association::request(
+        "127.0.0.1",
+        scp.port,
+        config(16384),
+        &proposals(std::slice::from_ref(&f)),
+        &[],
+    )
+    .unwrap();
+    let out = assoc.send_store(&f.instance(), None).unwrap();
+    assert_eq!(out.response.status, 0);
+    // a wrong digest on a streamed file: nothing sent, the association carries on
+    let wrong = format!("{:x}", Sha256::digest(b"x"));
+    let err = assoc
+        .send_store(
+            &Instance {
+                sha256: &wrong,
+                ..f.instance()
+            },
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(err, SendError::DigestMismatch { .. }), "{err}");
+    assert!(assoc.is_open());
+    assoc.release().unwrap();
+    assert_received(&scp, &f);
+}
+
+#[test]
+fn a_digest_mismatch_sends_nothing_and_the_association_carries_on() {
+    let (Some(dir), Some(scp)) = (test_files(), storescp("digest", &[])) else {
+        return;
+    };
+    let ct = Stored::load(&dir.join("CT_small.dcm"));
+    let mr = Stored::load(&dir.join("MR_small_implicit.dcm"));
+    let files = [ct, mr];
+    let mut assoc = Association::request(
+        "127.0.0.1",
+        scp.port,
+        config(16384),
+        &proposals(&files),
+        &[],
+    )
+    .unwrap();
+    let err = assoc
+        .send_store(
+            &Instance {
+                sha256: &files[1].sha256,
+                ..files[0].instance()
+            },
+            None,
+        )
+        .unwrap_err();
+    match &err {
+        SendError::DigestMismatch { expected, actual } => {
+            assert_eq!(*expected, files[1].sha256);
+            assert_eq!(*actual, files[0].sha256);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(err.association_usable() && assoc.is_open());
+    // the other copy (the right one) goes out on the same association
+    for f in &files {
+        assert_eq!(
+            assoc
+                .send_store(&f.instance(), None)
+                .unwrap()
+                .response
+                .status,
+            0
+        );
+    }
+    assoc.release().unwrap();
+    for f in &files {
+        assert_received(&scp, f);
+    }
+}
+
+#[test]
+fn a_refused_association_is_reported() {
+    let (Some(dir), Some(scp)) = (test_files(), storescp("refuse", &["--refuse"])) else {
+        return;
+    };
+    let ct = Stored::load(&dir.join("CT_small.dcm"));
+    let err = Association::request(
+        "127.0.0.1",
+        scp.port,
+        config(16384),
+        &proposals(std::slice::from_ref(&ct)),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, AssociateError::Rejected { result: 1, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn nothing_listening_is_a_connect_error() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cx = ContextProposal {
+        abstract_syntax: SECONDARY_CAPTURE.into(),
+        transfer_syntaxes: vec![EXPLICIT.into()],
+    };
+    let err = Association::request("127.0.0.1", port, config(16384), &[cx], &[]).unwrap_err();
+    assert!(matches!(err, AssociateError::Connect(_)), "{err}");
+    // a malformed proposal is refused before connecting
+    let err = Association::request("127.0.0.1", port, config(16384), &[], &[]).unwrap_err();
+    assert!(matches!(err, AssociateError::Invalid(_)), "{err}");
+}
+
+#[test]
+fn a_peer_abort_mid_send_ends_the_association() {
+    let (Some(dir), Some(scp)) = (test_files(), storescp("abort", &["--abort-during"])) else {
+        return;
+    };
+    let ct = Stored::load(&dir.join("CT_small.dcm"));
+    let files = [ct];
+    let mut assoc = Association::request(
+        "127.0.0.1",
+        scp.port,
+        config(16384),
+        &proposals(&files),
+        &[],
+    )
+    .unwrap();
+    let err = assoc.send_store(&files[0].instance(), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SendError::Link(LinkError::PeerAborted { .. } | LinkError::Closed(_))
+        ),
+        "{err}"
+    );
+    assert!(!err.association_usable() && !assoc.is_open());
+    let again = assoc.send_store(&files[0].instance(), None).unwrap_err();
+    assert!(
+        matches!(again, SendError::Link(LinkError::Closed(_))),
+        "{again}"
+    );
+    // a data set far larger than the socket buffers: the abort comes while we write
+    let path = scp.dir.join("big.dcm");
+    large_file(&path, 8 * 1024 * 1024, "1.2.826.0.1.3680043.10.1137.99.4");
+    let big = [Stored::load(&path)];
+    let mut assoc =
+        Association::request("127.0.0.1", scp.port, config(16384), &proposals(&big), &[]).unwrap();
+    let err = assoc.send_store(&big[0].instance(), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SendError::Link(LinkError::PeerAborted { .. } | LinkError::Closed(_))
+        ),
+        "{err}"
+    );
+    assert!(!assoc.is_open());
+}
+
+#[test]
+fn a_stalled_peer_times_out_and_is_aborted() {
+    let (Some(dir), Some(scp)) = (test_files(), storescp("stall", &["--sleep-during", "5"])) else {
+        return;
+    };
+    let files = [Stored::load(&dir.join("CT_small.dcm"))];
+    let mut cfg = config(16384);
+    cfg.dimse_timeout = Duration::from_millis(800);
+    let mut assoc =
+        Association::request("127.0.0.1", scp.port, cfg, &proposals(&files), &[]).unwrap();
+    // storescp answers after 5 s: only a working response deadline ends this in a timeout
+    let err = assoc.send_store(&files[0].instance(), None).unwrap_err();
+    assert!(
+        matches!(err, SendError::Link(LinkError::Timeout(_))),
+        "{err}"
+    );
+    assert!(!assoc.is_open());
+}
+
+/// A listener whose one connection gets `answer` after the A-ASSOCIATE-RQ arrived (or nothing),
+/// then stays open until the requestor closes it.
+fn hostile_acceptor(answer: Option<Vec<u8>>) -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = [0u8; 6];
+        std::io::Read::read_exact(&mut conn, &mut head).unwrap();
+        let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+        let mut body = vec![0u8; len];
+        std::io::Read::read_exact(&mut conn, &mut body).unwrap();
+        if let Some(answer) = answer {
+            std::io::Write::write_all(&mut conn, &answer).unwrap();
+        }
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut conn, &mut rest);
+    });
+    (port, thread)
+}
+
+#[test]
+fn a_silent_or_garbled_acceptor_fails_the_association() {
+    let cx = ContextProposal {
+        abstract_syntax: SECONDARY_CAPTURE.into(),
+        transfer_syntaxes: vec![EXPLICIT.into()],
+    };
+    let mut cfg = config(16384);
+    cfg.acse_timeout = Duration::from_millis(500);
+    // silent: ARTIM expires
+    let (port, thread) = hostile_acceptor(None);
+    let err = Association::request(
+        "127.0.0.1",
+        port,
+        cfg.clone(),
+        std::slice::from_ref(&cx),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, AssociateError::Failed(LinkError::Timeout(_))),
+        "{err}"
+    );
+    thread.join().unwrap();
+    // an A-ASSOCIATE-AC announcing 1 GiB: refused unread
+    let mut huge = vec![0x02, 0];
+    huge.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    let (port, thread) = hostile_acceptor(Some(huge));
+    let err = Association::request(
+        "127.0.0.1",
+        port,
+        cfg.clone(),
+        std::slice::from_ref(&cx),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, AssociateError::Failed(LinkError::Protocol(_))),
+        "{err}"
+    );
+    thread.join().unwrap();
+    // an A-ASSOCIATE-AC too short for its fixed fields
+    let (port, thread) = hostile_acceptor(Some(vec![0x02, 0, 0, 0, 0, 4, 0, 1, 0, 0]));
+    let err = Association::request("127.0.0.1", port, cfg, &[cx], &[]).unwrap_err();
+    assert!(
+        matches!(err, AssociateError::Failed(LinkError::Protocol(_))),
+        "{err}"
+    );
+    thread.join().unwrap();
+}
