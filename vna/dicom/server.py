@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import socketserver
 import ssl
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, cast
 
@@ -22,7 +24,6 @@ from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, _config, build_role, evt
-from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -30,11 +31,10 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from vna.archive import Archive
 from vna.audit import INSTANCES_ACCESSED, LOGIN, USER_AUTHENTICATION, Actor, AuditScope
 from vna.config import DicomConfig, RemoteAE
-from vna.dicom import dimse_codec, reactor, status as st, uid_cache
+from vna.dicom import status as st
 from vna.dicom.assoc_log import AssociationLog, OncePerName
-from vna.dicom.contexts import Contexts, UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
-from vna.dicom.fast_store import FastStore, spooled_of
-from vna.dicom.limits import ConnectionLimits
+from vna.dicom.contexts import UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
+from vna.dicom.limits import Connection, ConnectionLimits
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
@@ -45,16 +45,8 @@ __all__ = ["DicomServer"]
 
 log = logging.getLogger(__name__)
 
-# Receive C-STORE datasets straight to a spool file (no decode), send retrieved
-# files without decoding them.
+# Receive C-STORE datasets straight to a spool file (no decode) -- pynetdicom's documented switch.
 _config.STORE_RECV_CHUNKED_DATASET = True
-_config.STORE_SEND_CHUNKED_DATASET = True
-# Block instead of polling in the per-association reactor threads (see reactor.py).
-reactor.install()
-# Validate each distinct UID string once (see uid_cache.py).
-uid_cache.install()
-# Encode command sets and spool headers without pydicom's generic writer (see dimse_codec.py).
-dimse_codec.install()
 
 # SOP classes (PS3.4); spelled out because pynetdicom.sop_class builds them dynamically
 Verification = UID("1.2.840.10008.1.1")
@@ -76,68 +68,9 @@ _PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryR
 _UNIQUE_KEYS = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
 _SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 _ECHOED_KEYS = ("TimezoneOffsetFromUTC",)
+_C_STORE_RSP = 0x8001
+_DEFER_SIZE = 1 << 20  # values larger than this are read from the verified copy when sent, not by dcmread
 _THREAD_BACKSTOP = 1 << 16  # pynetdicom's maximum_associations: our limits are dicom.max_* (vna/dicom/limits.py)
-
-
-class FileBackedDataset(Dataset):
-    """A placeholder yielded to pynetdicom's C-GET/C-MOVE loops for a stored file.
-
-    pynetdicom's retrieve loops accept only Datasets; :func:`_send_c_store`
-    recognises this class and sends the verified file's bytes unchanged.
-    """
-
-    def __init__(self, path: Path | None, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str,
-                 originator: str | None = None, xfer: Transfer | None = None, size: int = 0) -> None:
-        super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_uid
-        object.__setattr__(self, "vna_path", path)
-        object.__setattr__(self, "vna_ts", transfer_syntax_uid)
-        object.__setattr__(self, "vna_originator", originator)
-        object.__setattr__(self, "vna_xfer", xfer)       # counts the sub-operation's result
-        object.__setattr__(self, "vna_size", size)
-
-
-class _SubOperationFailed(Exception):
-    """Raised instead of sending a sub-operation whose instance has no verified copy."""
-
-
-_original_send_c_store = Association.send_c_store
-
-
-def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-    """Send a FileBackedDataset as raw file bytes (uncompressed fallback if its syntax was not accepted)."""
-    if isinstance(dataset, FileBackedDataset) and dataset.vna_xfer is not None:
-        xfer: Transfer = dataset.vna_xfer
-        try:
-            rsp = _send_file(self, dataset, *args, **kwargs)
-        except Exception:
-            xfer.sent(False)
-            raise
-        status = int(rsp.Status) if rsp is not None and "Status" in rsp else -1
-        xfer.sent(status == 0 or status >> 12 == 0xB, dataset.vna_size)   # success or warning
-        return rsp
-    return _send_file(self, dataset, *args, **kwargs)
-
-
-def _send_file(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-    if isinstance(dataset, FileBackedDataset):
-        path: Path | None = dataset.vna_path
-        if path is None:  # pynetdicom counts the exception as a failed sub-operation
-            raise _SubOperationFailed(f"no verified copy of {dataset.SOPInstanceUID}")
-        if dataset.vna_originator is not None:  # C-MOVE: the requester, not us (PS3.7 9.3.1.1)
-            kwargs["originator_aet"] = dataset.vna_originator
-        ts = dataset.vna_ts
-        has_cx = any(
-            cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == ts and cx.as_scu
-            for cx in self.accepted_contexts)
-        if has_cx or ts not in _LITTLE_ENDIAN:
-            return _original_send_c_store(self, path, *args, **kwargs)
-        return _original_send_c_store(self, dcmread(path), *args, **kwargs)
-    return _original_send_c_store(self, dataset, *args, **kwargs)
-
-
-Association.send_c_store = _send_c_store  # type: ignore[method-assign]
 
 
 def _actor(event: evt.Event) -> Actor:
@@ -206,7 +139,8 @@ def _response(level: str, row: dict[str, str], requested: Dataset) -> Dataset:
 
 
 class _Server(ThreadedAssociationServer):
-    """The association server: optional SO_REUSEPORT, TLS handshakes in the association's thread, limits.
+    """The association server (pynetdicom's, subclassed through socketserver's hooks): optional SO_REUSEPORT,
+    Nagle off, TLS handshakes in the connection's thread, connection limits.
 
     pynetdicom wraps accepted sockets in the acceptor thread, where a client
     that never finishes its handshake would stall every other connection; here
@@ -214,18 +148,20 @@ class _Server(ThreadedAssociationServer):
     and a failed one closes that connection only.
 
     With ``limits`` every accepted connection is counted there and closed at
-    once when a limit refuses it; the association that takes it over claims
-    it (``DicomServer._on_accepted_conn``) and its DUL thread releases it.
+    once when a limit refuses it. The request thread that hands the connection
+    to pynetdicom keeps it counted until the association's thread ends
+    (``Association`` is a ``threading.Thread``: joined); ``accepting`` tells
+    the EVT_CONN_OPEN handler (``DicomServer._on_accepted_conn``) which
+    connection the new association took, and it tells back the association.
     """
 
     reuse_port = False
     handshake_timeout = 30.0
     limits: ConnectionLimits | None = None
+    accepting: threading.local | None = None
     request_queue_size = 128  # listen backlog (socketserver's 5 makes a burst of connections wait for SYN retries)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.contexts = Contexts(self.contexts)
+    daemon_threads = True     # a request thread lives as long as its association: never joined at shutdown
+    block_on_close = False
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -234,6 +170,10 @@ class _Server(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            log.debug("could not set TCP_NODELAY: %s", exc)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
@@ -253,6 +193,12 @@ class _Server(ThreadedAssociationServer):
             raise
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to pynetdicom, then wait for its association to end; the connection's
+        slot is given back then (or at once when no association took it)."""
+        conn = self.limits.claim(request) if self.limits is not None else None
+        state = self.accepting
+        if state is not None:
+            state.conn, state.assoc = conn, None
         try:
             if isinstance(request, ssl.SSLSocket):
                 try:
@@ -262,11 +208,25 @@ class _Server(ThreadedAssociationServer):
                 except (OSError, ValueError) as exc:
                     log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
                     return
-            super().finish_request(request, client_address)
+            super().finish_request(request, client_address)   # EVT_CONN_OPEN, then the association's thread starts
+            assoc = state.assoc if state is not None else None
+            if assoc is not None:
+                assoc.join()
         finally:
-            conn = self.limits.claim(request) if self.limits is not None else None
-            if conn is not None:  # no association took the connection over
+            if state is not None:
+                state.conn = state.assoc = None
+            if conn is not None:
                 conn.close()
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket (the associations are left to ``DicomServer.stop``).
+
+        pynetdicom's ``AssociationServer.shutdown`` also removes the server from the
+        AE's list of servers started by ``AE.start_server``; this one was made by
+        ``AE.make_server`` and is in no such list.
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 class _ReusePortServer(_Server):
@@ -301,9 +261,11 @@ class DicomServer:
         self._op_keys: dict[tuple[str, int], tuple[str, SeriesKey, SeriesKey]] = {}   # see _op_done
         self.assoc_log = AssociationLog()   # one INFO line per association
         self._unknown_dest = OncePerName()  # an unknown C-MOVE destination is logged once an hour per name
-        self._storage_classes = frozenset(str(uid) for uid in storage_classes())
-        self._spool_dir = archive.cfg.resolve("spool/incoming")
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        self._accepting = threading.local()  # shared with the _Server request threads (see _Server)
+        self._conns: weakref.WeakKeyDictionary[Any, Connection] = weakref.WeakKeyDictionary()  # assoc -> its slot
+        self._conns_lock = threading.Lock()
+        # pynetdicom spools received data sets with tempfile (vna serve points it at spool/incoming)
+        archive.cfg.resolve("spool/incoming").mkdir(parents=True, exist_ok=True)
 
     def _build_ae(self) -> AE:
         cfg = self.cfg
@@ -375,9 +337,8 @@ class DicomServer:
             server = cast(_Server, self.ae.make_server(
                 (self.cfg.host, port), evt_handlers=self.handlers(), server_class=server_class, ssl_context=ctx))
             server.handshake_timeout = self.cfg.acse_timeout
-            if reactor.installed():  # the DUL reactor releases a counted connection when it ends
-                server.limits = self.limits
-            self.ae._servers.append(server)  # noqa: SLF001 -- as AE.start_server does; shutdown() removes it
+            server.limits = self.limits
+            server.accepting = self._accepting
             threading.Thread(target=server.serve_forever, name=f"vna-acceptor-{port}", daemon=True).start()
             self._servers.append(server)
         self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
@@ -408,7 +369,7 @@ class DicomServer:
         self._servers = []
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
-        self.ae.shutdown()
+        self.ae.shutdown()  # aborts every association of the AE (ours were never in its list of servers)
 
     # -- telemetry and audit of associations ----------------------------------------
     def _traced(self, op: str, handler: Callable[[evt.Event], Any], generator: bool = False
@@ -421,9 +382,7 @@ class DicomServer:
         def run(event: evt.Event) -> Any:
             t0 = time.perf_counter()
             status = st.UNABLE_TO_PROCESS
-            spooled = spooled_of(event.request)  # a C-STORE received on the fast path: it began then
-            with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER,
-                          start_ns=spooled.started_ns if spooled is not None else None) as span:
+            with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER) as span:
                 try:
                     rsp = handler(event)
                     status = _status_of(rsp)
@@ -476,7 +435,7 @@ class DicomServer:
         return entry[0] if entry else None
 
     def _assoc_begin(self, event: evt.Event) -> None:
-        if event.assoc.is_aborted:  # the connection ended before its A-ASSOCIATE-RQ (see reactor)
+        if event.assoc.is_aborted:  # the connection ended before its A-ASSOCIATE-RQ
             return
         r = event.assoc.requestor
         calling = getattr(r.primitive, "calling_ae_title", None) or r.ae_title   # not negotiated yet
@@ -532,20 +491,19 @@ class DicomServer:
             log.debug("could not set TCP_NODELAY: %s", exc)
 
     def _on_accepted_conn(self, event: evt.Event) -> None:
-        """A peer connected: Nagle off, and (``dicom.fast_store``) C-STOREs received on the fast path."""
-        self._on_conn_open(event)
-        sock = cast(Any, event.assoc.dul.socket).socket
-        conn = self.limits.claim(sock) if sock is not None else None
-        if conn is not None:  # released when the association's DUL thread ends (see reactor)
-            event.assoc.dul._vna_conn = conn  # type: ignore[attr-defined]
-        if self.cfg.fast_store and reactor.installed():
-            event.assoc.dul._vna_fast_store = FastStore(  # type: ignore[attr-defined]
-                self._storage_classes, self._spool_dir, on_close=self.archive.index.release_thread)
+        """A peer connected (in the _Server request thread): note which counted connection it took."""
+        state = self._accepting
+        state.assoc = event.assoc
+        conn = getattr(state, "conn", None)
+        if conn is not None:
+            with self._conns_lock:
+                self._conns[event.assoc] = conn
 
     def _on_requested(self, event: evt.Event) -> None:
         """An A-ASSOCIATE-RQ arrived: take an association slot, or reject (transient, local limit exceeded)."""
         assoc = event.assoc
-        conn = getattr(assoc.dul, "_vna_conn", None)
+        with self._conns_lock:
+            conn = self._conns.get(assoc)
         if conn is None or assoc.is_aborted or conn.associate():
             return
         conn.refused("association rejected: %d associations open (dicom.max_associations)", self.cfg.max_associations)
@@ -584,9 +542,7 @@ class DicomServer:
             self.archive.ingest.ingest_file(
                 Path(event.dataset_path), source_ae=calling,
                 expected_sop_uid=str(req.AffectedSOPInstanceUID),
-                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True,
-                spooled=spooled_of(req),  # received on the fast path: hashed while spooled
-            )
+                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True)
             return st.SUCCESS
         except VnaError as exc:
             rsp = Dataset()
@@ -638,22 +594,36 @@ class DicomServer:
             raise InvalidInput("a retrieve needs at least one unique key")
         return self.archive.retrieve.select(level, conds)
 
-    def _suboperations(self, event: evt.Event, refs: list[InstanceRef], originator: str | None,
-                       xfer: Transfer) -> Iterator[tuple[int, Dataset | None]]:
+    def _suboperations(self, event: evt.Event, refs: list[InstanceRef], sent: "_SubOperations"
+                       ) -> Iterator[tuple[int, Dataset | None]]:
+        """One pending status and Dataset per instance, for pynetdicom to send as a C-STORE sub-operation.
+
+        The Dataset is the verified copy read by pydicom (its elements stay raw, so a send in the stored
+        transfer syntax is byte-exact); an instance with no verified copy yields one without File Meta,
+        which pynetdicom refuses to send and counts as a failed sub-operation (its UID listed).
+        """
         for ref in refs:
+            sent.answered()
             if event.is_cancelled:
                 yield st.CANCEL, None
                 return
             with self.archive.telemetry.span("retrieve.instance"):
                 try:
                     with self.archive.retrieve.open_verified(ref.sop_uid) as inst:
-                        yield st.PENDING, FileBackedDataset(inst.path, ref.sop_class_uid, ref.sop_uid,
-                                                            ref.transfer_syntax_uid, originator, xfer, inst.size)
+                        ds = dcmread(inst.path, defer_size=_DEFER_SIZE)
+                        sent.sending(inst.size)
+                        yield st.PENDING, ds   # sent while the verified copy is held
+                        continue
                 except VnaError as exc:
                     log.error("retrieve of %s failed: %s", ref.sop_uid, exc)
-                    # no path: the send raises, pynetdicom counts a failed sub-operation and lists the UID
-                    yield st.PENDING, FileBackedDataset(None, ref.sop_class_uid, ref.sop_uid,
-                                                        ref.transfer_syntax_uid, xfer=xfer)
+                except Exception as exc:  # noqa: BLE001 -- a verified file pydicom cannot read: this one fails
+                    log.error("retrieve of %s failed: the verified copy does not parse: %s", ref.sop_uid, exc)
+            unsendable = Dataset()
+            unsendable.SOPClassUID = ref.sop_class_uid
+            unsendable.SOPInstanceUID = ref.sop_uid
+            sent.sending(0)
+            yield st.PENDING, unsendable
+        sent.answered()
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association."""
@@ -669,10 +639,14 @@ class DicomServer:
             yield st.status_for(exc), None
             return
         with self.archive.retrieve.transfer(refs, _actor(event), op="c-get") as xfer:
+            sent = _SubOperations(xfer)
+            event.assoc.bind(evt.EVT_DIMSE_RECV, sent.on_dimse_recv)   # the C-STORE-RSPs come back on it
             yield len(refs)
             try:
-                yield from self._suboperations(event, refs, None, xfer)
+                yield from self._suboperations(event, refs, sent)
             finally:
+                sent.answered()
+                event.assoc.unbind(evt.EVT_DIMSE_RECV, sent.on_dimse_recv)
                 self.assoc_log.sent(event, xfer.completed, xfer.failed)
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
@@ -697,12 +671,15 @@ class DicomServer:
             return
         dest = Actor(dest_name, "ae", f"{remote.host}:{remote.port}")
         with self.archive.retrieve.transfer(refs, _actor(event), op="c-move", destination=dest) as xfer:
+            sent = _SubOperations(xfer)
             yield remote.host, remote.port, {"contexts": _contexts_for(refs), **self._connect_args(remote),
-                                             "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
+                                             "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open),
+                                                              (evt.EVT_DIMSE_RECV, sent.on_dimse_recv)]}
             yield len(refs)
             try:
-                yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip(), xfer)
+                yield from self._suboperations(event, refs, sent)
             finally:
+                sent.answered()
                 self.assoc_log.sent(event, xfer.completed, xfer.failed)
 
     def _connect_args(self, remote: RemoteAE) -> dict[str, Any]:
@@ -847,6 +824,43 @@ class DicomServer:
             return int(status.Status) if status and "Status" in status else None
         finally:
             assoc.release()
+
+
+class _SubOperations:
+    """Counts the C-STORE sub-operations of one C-GET or C-MOVE into its ``Transfer``.
+
+    pynetdicom sends each yielded Dataset and reads its C-STORE-RSP before it asks
+    the handler for the next one; ``on_dimse_recv`` (EVT_DIMSE_RECV of the
+    association that carries the sub-operations) sees that response. A
+    sub-operation still unanswered when the handler resumes (the send raised, or
+    the association ended) counts as failed.
+    """
+
+    def __init__(self, xfer: Transfer) -> None:
+        self.xfer = xfer
+        self._lock = threading.Lock()
+        self._size: int | None = None   # size of the instance being sent; None: nothing outstanding
+
+    def sending(self, size: int) -> None:
+        with self._lock:
+            self._size = size
+
+    def answered(self) -> None:
+        """The outstanding sub-operation, if no response counted it, failed."""
+        with self._lock:
+            size, self._size = self._size, None
+        if size is not None:
+            self.xfer.sent(False)
+
+    def on_dimse_recv(self, event: evt.Event) -> None:
+        cs = getattr(event.message, "command_set", None)
+        if cs is None or cs.get("CommandField") != _C_STORE_RSP:
+            return
+        status = int(cs.get("Status", st.UNABLE_TO_PROCESS))
+        with self._lock:
+            size, self._size = self._size, None
+        if size is not None:
+            self.xfer.sent(status == st.SUCCESS or status >> 12 == 0xB, size)   # success or warning
 
 
 def _contexts_for(refs: list[InstanceRef]) -> list[PresentationContext]:
