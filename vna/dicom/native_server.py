@@ -29,7 +29,7 @@ from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
 from vna.config import DicomConfig
 from vna.dicom import native, status as st
 from vna.dicom.contexts import storage_classes, storage_syntaxes
-from vna.errors import AuditUnavailable, ConfigError, VnaError
+from vna.errors import AuditUnavailable, VnaError
 from vna.services.ingest import Spooled
 
 __all__ = ["NativeDicomServer", "supported_contexts"]
@@ -67,15 +67,12 @@ class NativeDicomServer:
     """The archive's C-ECHO and C-STORE SCP on the native listener; the interface ``DicomServer``
     offers ``vna serve`` (start, stop, listening).
 
-    Raises ConfigError when the extension is not built or the configuration needs what the
-    native receiver does not serve yet (``tls_port``).
+    Raises ConfigError when the extension is not built. ``tls_port`` is not its own: ``vna serve``
+    serves it with ``DicomServer(tls_only=True)`` next to this one.
     """
 
     def __init__(self, archive: Archive, cfg: DicomConfig, *, reuse_port: bool = False) -> None:
         self._native = native.load()
-        if cfg.tls_port:
-            raise ConfigError('dicom.tls_port is not served by dicom.receiver = "native" yet: '
-                              'use dicom.receiver = "python"')
         self.archive = archive
         self.cfg = cfg
         self.reuse_port = reuse_port

@@ -236,16 +236,23 @@ class _ReusePortServer(_Server):
 
 
 class DicomServer:
-    """Runs the archive's DIMSE services on one port.
+    """Runs the archive's DIMSE services on ``dicom.port`` and, when set, ``dicom.tls_port``.
 
-    With ``reuse_port`` several processes listen on the same port
-    (SO_REUSEPORT) and the kernel spreads associations over them.
+    With ``reuse_port`` several processes listen on the same ports
+    (SO_REUSEPORT) and the kernel spreads associations over them. With
+    ``tls_only`` it serves ``tls_port`` alone (next to the native receiver on
+    the plain port, see ``vna serve``); the connection gauge is then the
+    native listener's.
     """
 
-    def __init__(self, archive: Archive, cfg: DicomConfig, *, reuse_port: bool = False) -> None:
+    def __init__(self, archive: Archive, cfg: DicomConfig, *, reuse_port: bool = False,
+                 tls_only: bool = False) -> None:
+        if tls_only and not cfg.tls_port:
+            raise ValueError("tls_only needs dicom.tls_port")
         self.archive = archive
         self.cfg = cfg
         self.reuse_port = reuse_port
+        self.tls_only = tls_only
         self.ae = self._build_ae()
         # associations and half-open connections are counted by self.limits; pynetdicom's own count of
         # association threads (which includes half-open connections) is left as a far backstop only
@@ -325,11 +332,12 @@ class DicomServer:
         return bindings
 
     def start(self) -> ThreadedAssociationServer:
-        """Listen in background threads (the plain port, and ``tls_port`` when set); returns the plain server.
+        """Listen in background threads (the plain port unless ``tls_only``, and ``tls_port`` when set);
+        returns the first server.
 
-        Raises ConfigError when the TLS certificate or key cannot be loaded.
+        Raises ConfigError when the TLS certificate or key cannot be loaded, OSError when a port cannot be bound.
         """
-        listeners: list[tuple[int, ssl.SSLContext | None]] = [(self.cfg.port, None)]
+        listeners: list[tuple[int, ssl.SSLContext | None]] = [] if self.tls_only else [(self.cfg.port, None)]
         if self.cfg.tls_port:
             listeners.append((self.cfg.tls_port, server_context(self.archive.cfg)))
         server_class = _ReusePortServer if self.reuse_port else _Server
@@ -341,9 +349,10 @@ class DicomServer:
             server.accepting = self._accepting
             threading.Thread(target=server.serve_forever, name=f"vna-acceptor-{port}", daemon=True).start()
             self._servers.append(server)
-        self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
-                                     "connections of the DICOM port now, by state (half_open, associated)",
-                                     self._connection_counts)
+        if not self.tls_only:
+            self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
+                                         "connections of the DICOM port now, by state (half_open, associated)",
+                                         self._connection_counts)
         self.archive.telemetry.start_endpoint()
         return self._servers[0]
 
