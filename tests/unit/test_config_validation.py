@@ -106,3 +106,19 @@ def test_prometheus_port_without_telemetry_is_warned_about(tmp_path: Path) -> No
     assert len(warnings) == 1 and "telemetry.prometheus_port" in warnings[0], r.stderr
     assert "telemetry.enabled" in warnings[0]
     assert "WARNING" not in show(tmp_path, "[telemetry]\nenabled = true\nprometheus_port = 9464\n").stderr
+
+
+@pytest.mark.parametrize("where", ["file", "environment"])
+def test_retired_fast_store_is_accepted_with_a_warning_naming_its_replacement(tmp_path: Path, where: str) -> None:
+    """An old config file (or environment) with ``dicom.fast_store`` still loads; one warning says what replaced it."""
+    if where == "file":
+        r = show(tmp_path, "[dicom]\nfast_store = false\nport = 11113\n")
+    else:
+        r = show(tmp_path, env={"VNA_DICOM_FAST_STORE": "true"})
+    assert r.returncode == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1, r.stderr
+    assert "dicom.fast_store is retired and ignored" in warnings[0] and 'dicom.receiver = "native"' in warnings[0]
+    assert "\"fast_store\"" not in r.stdout
+    if where == "file":
+        assert "11113" in r.stdout  # the rest of the [dicom] table still applies
