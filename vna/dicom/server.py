@@ -1,9 +1,25 @@
-"""The DIMSE server: one pynetdicom AE, handlers bound as data, each a thin translation.
+"""The DIMSE server of ``dicom.receiver = "python"``: one plain pynetdicom AE, handlers bound as data, each a
+thin translation.
 
 Services: Verification, Storage (every storage SOP class pynetdicom knows and the
 retired ones, unknown ones if configured -- see contexts.py; all transfer syntaxes
 pynetdicom knows; received to a spool file and never decoded),
 Patient/Study Root Query/Retrieve FIND/MOVE/GET, Storage Commitment Push Model.
+
+pynetdicom is used through its public API only (AE, events and handlers, the
+association server subclassed through socketserver's hooks, the documented
+``_config`` switch): this is the reference implementation. Properties of this
+path that the native receiver (native_server.py) does not share:
+
+- C-MOVE sub-operations carry our AE title as Move Originator (pynetdicom sets it),
+  not the requester's.
+- A retrieved instance is read by pydicom and encoded by pynetdicom: byte-exact in
+  its stored syntax (pydicom keeps raw elements), except Deflated Explicit VR
+  Little Endian (deflated anew); the encoded data set is held in memory while sent.
+- Malformed PDUs, PDU lengths and timers are handled by pynetdicom as it does;
+  only the connection limits (limits.py) are vna's.
+- Every association copies the supported presentation contexts and runs
+  pynetdicom's polling reactors: slower than the native receiver.
 """
 
 from __future__ import annotations
