@@ -166,7 +166,8 @@ class _Server(ThreadedAssociationServer):
     With ``limits`` every accepted connection is counted there and closed at
     once when a limit refuses it. The request thread that hands the connection
     to pynetdicom keeps it counted until the association's thread ends
-    (``Association`` is a ``threading.Thread``: joined); ``accepting`` tells
+    (``Association`` is a ``threading.Thread``: joined) or, sooner, until the
+    connection closes (``DicomServer._release_conn``); ``accepting`` tells
     the EVT_CONN_OPEN handler (``DicomServer._on_accepted_conn``) which
     connection the new association took, and it tells back the association.
     """
@@ -328,6 +329,7 @@ class DicomServer:
         bindings: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_accepted_conn),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_CONN_CLOSE, self._release_conn),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_assoc_over),
@@ -523,6 +525,14 @@ class DicomServer:
         if conn is not None:
             with self._conns_lock:
                 self._conns[event.assoc] = conn
+
+    def _release_conn(self, event: evt.Event) -> None:
+        """The connection closed: its slot is free now (pynetdicom may keep the association's thread until
+        ``acse_timeout`` when a peer hangs up before its A-ASSOCIATE-RQ)."""
+        with self._conns_lock:
+            conn = self._conns.pop(event.assoc, None)
+        if conn is not None:
+            conn.close()
 
     def _on_requested(self, event: evt.Event) -> None:
         """An A-ASSOCIATE-RQ arrived: take an association slot, or reject (transient, local limit exceeded)."""
