@@ -98,6 +98,14 @@ class VnaServer:
                               capture_output=True, text=True, cwd=ROOT, env={**os.environ, **self.env}, timeout=120)
 
 
+def with_receiver(config: str, receiver: str) -> str:
+    """``config`` (TOML text) with ``dicom.receiver = receiver`` added to its [dicom] table."""
+    line = f'receiver = "{receiver}"\n'
+    if "[dicom]\n" in config:
+        return config.replace("[dicom]\n", "[dicom]\n" + line, 1)
+    return "[dicom]\n" + line + config
+
+
 def write_config(path: Path, body: str) -> Path:
     path.write_text(body)
     return path

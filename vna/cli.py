@@ -80,6 +80,8 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
         from vna.dicom.native_server import NativeDicomServer
 
         server = NativeDicomServer(archive, cfg.dicom, reuse_port=reuse_port)
+        if cfg.dicom.tls_port:  # the TLS port stays on pynetdicom, next to the native plain port
+            server = DicomListeners(server, DicomServer(archive, cfg.dicom, reuse_port=reuse_port, tls_only=True))
     elif dicom:
         server = DicomServer(archive, cfg.dicom, reuse_port=reuse_port)
     grpc_server = None
@@ -145,6 +147,41 @@ def _serve_process(cfg: Config, stop: Any, ready: Any, reuse_port: bool, log_lev
         if health is not None:
             health.stop()
         archive.close()
+
+
+class DicomListeners:
+    """Several DICOM servers of one process served as one: ``start``, ``stop``, ``listening``.
+
+    ``start`` starts them in order (stopping those already started when one
+    fails, and re-raising); ``stop`` stops them all at once, each with the same
+    grace; ``listening`` is true while every one listens.
+    """
+
+    def __init__(self, *servers: Any) -> None:
+        self.servers = servers
+
+    def start(self) -> None:
+        started: list[Any] = []
+        try:
+            for server in self.servers:
+                server.start()
+                started.append(server)
+        except BaseException:
+            for server in reversed(started):
+                server.stop(0)
+            raise
+
+    def stop(self, grace: float = 30.0) -> None:
+        threads = [threading.Thread(target=server.stop, args=(grace,), name="vna-dicom-stop")
+                   for server in self.servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    @property
+    def listening(self) -> bool:
+        return all(server.listening for server in self.servers)
 
 
 def _health_server(cfg: Config, archive: Any, dicom: Any, grpc_server: Any, stop: Any,

@@ -86,7 +86,6 @@ class DicomConfig:
     network_timeout: float = 60.0
     max_pdu: int = 65536
     workers: int = 1
-    fast_store: bool = True          # receive C-STOREs without pynetdicom's per-PDU layers (vna/dicom/fast_store.py)
     receiver: str = "python"         # "native": C-ECHO/C-STORE on the Rust core (vna/dicom/native_server.py; no Q/R yet)
     accept_unknown_storage_classes: bool = False  # accept storage SOP classes pynetdicom does not list (private ones)
     max_connections_per_address: int = 8   # open connections one peer address may hold (associations included)
@@ -608,10 +607,11 @@ def unknown_env(env: Mapping[str, str]) -> dict[str, str | None]:
     import difflib
 
     paths = _env_paths()
+    retired = {"_".join(path).upper() for path in RETIRED_SETTINGS}
     unknown: dict[str, str | None] = {}
     for name in env:
         rest = name[4:]
-        if not name.startswith("VNA_") or rest in paths or rest in _ENV_NOT_SETTINGS \
+        if not name.startswith("VNA_") or rest in paths or rest in _ENV_NOT_SETTINGS or rest in retired \
                 or rest.startswith(_ENV_NOT_SETTINGS_PREFIXES):
             continue
         close = difflib.get_close_matches(rest, list(paths), n=1)
@@ -619,10 +619,28 @@ def unknown_env(env: Mapping[str, str]) -> dict[str, str | None]:
     return unknown
 
 
+#: settings that were removed but are still accepted (and ignored) with a warning: path -> what replaced them
+RETIRED_SETTINGS: dict[tuple[str, ...], str] = {
+    ("dicom", "fast_store"): 'the python receiver is plain pynetdicom now; the fast C-STORE path is '
+                             'dicom.receiver = "native"',
+}
+
+
+def _drop_retired(data: dict[str, Any]) -> None:
+    """Remove RETIRED_SETTINGS from the (merged) config tree, one warning each."""
+    for path, instead in RETIRED_SETTINGS.items():
+        node: Any = data
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, dict) and path[-1] in node:
+            del node[path[-1]]
+            log.warning("%s is retired and ignored: %s (remove it from the configuration)", ".".join(path), instead)
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     """Map ``VNA_SECTION_KEY`` variables onto the config tree (unknown ones are logged as warnings)."""
     tree: dict[str, Any] = {}
-    paths = _env_paths()
+    paths = {**_env_paths(), **{"_".join(path).upper(): path for path in RETIRED_SETTINGS}}
     for name, hint in unknown_env(env).items():
         log.warning("environment variable %s is not a vna setting and is ignored%s", name,
                     f" (did you mean {hint}?)" if hint else "")
@@ -661,6 +679,7 @@ def load_config(
         data = _merge(data, _env_overrides(env))
     if overrides:
         data = _merge(data, overrides)
+    _drop_retired(data)
     cfg: Config = _build(Config, data, "config")
     _validate(cfg)
     if cfg.telemetry.prometheus_port and not cfg.telemetry.enabled:

@@ -3,6 +3,7 @@ destination, and clients that must not disturb anyone else."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -115,3 +116,34 @@ def test_tls_misconfiguration_is_a_clear_start_up_error(make_server: Factory, tm
         raise AssertionError("vna serve started with an unreadable TLS key")
     except RuntimeError as exc:
         assert "dicom TLS" in str(exc)
+
+
+def test_native_plain_port_and_pynetdicom_tls_port_side_by_side(make_server: Factory, corpus: list[Path],
+                                                                 tmp_path: Path) -> None:
+    """``dicom.receiver = "native"`` with ``tls_port``: the plain port is the native listener's, the TLS port
+    pynetdicom's; C-ECHO and C-STORE work on both into one archive, and stopping the server closes both."""
+    cert, key = self_signed(tmp_path, "server")
+    tls_port = free_port()
+    srv = make_server(_tls_config(tls_port, cert, key, 'receiver = "native"\n'))
+    wait_port("127.0.0.1", tls_port, 10)
+    assert "native DICOM receiver listening" in srv.log.read_text()
+    tls = ["+tla", "+cf", str(cert), "-aec", "VNA", "127.0.0.1", str(tls_port)]
+    plain = ["-aec", "VNA", "127.0.0.1", str(srv.port)]
+    assert _dcmtk("echoscu", *plain).returncode == 0
+    assert _dcmtk("echoscu", *tls).returncode == 0
+    r = _dcmtk("storescu", *plain, *map(str, corpus[:2]))
+    assert r.returncode == 0, r.stderr
+    r = _dcmtk("storescu", *tls, *map(str, corpus[2:4]))
+    assert r.returncode == 0, r.stderr
+    stats = srv.cli("index", "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["instances"] == 4
+    # plain DICOM on the TLS port is still refused
+    assert _dcmtk("echoscu", "-to", "5", "-ta", "5", *plain[:-1], str(tls_port), timeout=30).returncode != 0
+    assert srv.stop() == 0
+    for port in (srv.port, tls_port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except OSError:
+            continue
+        raise AssertionError(f"port {port} still open after stop")

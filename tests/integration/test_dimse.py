@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Callable
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from tests.conftest import DCMTK_ENV, StoreScp, VnaServer, dataset_bytes
 from tests.integration import scu
@@ -192,7 +194,13 @@ def test_compressed_transfer_syntaxes_stored_as_received(make_server: Factory) -
                        "SeriesInstanceUID": ds.SeriesInstanceUID, "SOPInstanceUID": ds.SOPInstanceUID},
             [str(ds.SOPClassUID)], [str(ds.file_meta.TransferSyntaxUID)])
         assert final.Status == 0 and len(received) == 1, f.name
-        assert raw[str(ds.SOPInstanceUID)] == dataset_bytes(f), f.name
+        sent, stored = raw[str(ds.SOPInstanceUID)], dataset_bytes(f)
+        if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+            # the python receiver sends what pydicom re-deflates: the same data set, another deflate stream
+            # (docs/conformance.md)
+            assert zlib.decompress(sent, -15) == zlib.decompress(stored, -15), f.name
+        else:
+            assert sent == stored, f.name
 
 
 def test_sigterm_shuts_down_cleanly(make_server: Factory, corpus: list[Path]) -> None:
@@ -222,9 +230,7 @@ def test_associations_do_not_leak_index_connections(make_server: Factory, corpus
 
 
 def test_idle_and_silent_connections_are_closed_by_their_timers(make_server: Factory, corpus: list[Path]) -> None:
-    """The association reactors block instead of polling; their timers still fire.
-
-    An established association that goes quiet is closed after dicom.network_timeout;
+    """An established association that goes quiet is closed after dicom.network_timeout;
     a TCP connection that never sends an A-ASSOCIATE-RQ after dicom.acse_timeout.
     Meanwhile the server keeps serving other associations.
     """

@@ -32,13 +32,13 @@ Factory = Callable[..., VnaServer]
 class InProcess:
     """An archive and its DIMSE server in this process, with in-memory exporters."""
 
-    def __init__(self, tmp: Path, log_stream: io.StringIO, fast_store: bool = True) -> None:
+    def __init__(self, tmp: Path, log_stream: io.StringIO) -> None:
         from vna.dicom.server import DicomServer
 
         self.port = free_port()
         self.cfg = load_config(env={}, overrides={
             "archive": {"data_dir": str(tmp / "data")},
-            "dicom": {"port": self.port, "host": "127.0.0.1", "fast_store": fast_store},
+            "dicom": {"port": self.port, "host": "127.0.0.1"},
             "telemetry": {"enabled": True},
         })
         self.handler = logging.StreamHandler(log_stream)
@@ -83,13 +83,13 @@ class InProcess:
 
 
 @contextmanager
-def in_process(tmp_path: Path, fast_store: bool = True) -> Iterator[InProcess]:
+def in_process(tmp_path: Path) -> Iterator[InProcess]:
     # the server's pynetdicom settings are process-wide: keep them from leaking into the SCUs of later tests
     from pynetdicom import _config
 
     saved = _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET
     stream = io.StringIO()
-    srv = InProcess(tmp_path, stream, fast_store)
+    srv = InProcess(tmp_path, stream)
     _config.STORE_RECV_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET = True
     srv.log = stream  # type: ignore[attr-defined]
     try:
@@ -134,22 +134,12 @@ def test_spans_and_metrics_after_dimse_traffic(inproc: InProcess, corpus: list[P
     by_id = {s.context.span_id: s for s in inproc.spans.get_finished_spans()}
     ingests = inproc.finished("ingest")
     assert sorted(_parent(s) or 0 for s in ingests) == sorted(s.context.span_id for s in stores)
-    # C-STOREs received on the fast path: hashed while spooled (no ingest.hash), the receiving is a stage
-    assert inproc.finished("ingest.hash") == []
-    for stage in ("ingest.receive", "ingest.parse", "ingest.write", "ingest.index"):
+    # C-STOREs spooled by pynetdicom: no receive stage, ingest.hash reads the spool file back
+    assert inproc.finished("ingest.receive") == []
+    for stage in ("ingest.hash", "ingest.parse", "ingest.write", "ingest.index"):
         spans = inproc.finished(stage)
         assert len(spans) == len(mr), stage
         assert all(by_id[_parent(s) or 0].name == "ingest" for s in spans), stage
-    for receive in inproc.finished("ingest.receive"):
-        ingest = by_id[_parent(receive) or 0]
-        store = by_id[_parent(ingest) or 0]
-        assert store.start_time == ingest.start_time == receive.start_time < receive.end_time
-        (parse,) = [s for s in inproc.finished("ingest.parse") if _parent(s) == ingest.context.span_id]
-        assert receive.end_time <= parse.start_time
-    # the bytes spooled (and hashed) are the bytes stored
-    stored = [inproc.archive.index.get_instance(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)) for p in mr]
-    assert sorted(s.attributes["vna.bytes"] for s in inproc.finished("ingest.receive")) == \
-        sorted(r.content_size for r in stored if r is not None)
     writes = inproc.finished("storage.write")
     assert len(writes) == 2 * len(mr)                     # one per hot replica
     assert all(by_id[_parent(s) or 0].name == "ingest.write" for s in writes)
@@ -173,24 +163,12 @@ def test_spans_and_metrics_after_dimse_traffic(inproc: InProcess, corpus: list[P
     assert m["vna.dimse.associations"][frozenset({("result", "accepted")})] == 4
     assert m["vna.dimse.associations.open"][frozenset()] == 0
     assert m["vna.stage.duration"][frozenset({("stage", "storage.write")})].count == 2 * len(mr)
-    assert m["vna.stage.duration"][frozenset({("stage", "ingest.receive")})].count == len(mr)
+    assert m["vna.stage.duration"][frozenset({("stage", "ingest.hash")})].count == len(mr)
     assert m["vna.audit.records"][frozenset({("event_id", "110104")})] == len(mr) + 1   # stores + the C-GET
 
     # a log line written inside a span carries its trace id (and no patient data)
     (line,) = [x for x in inproc.log.getvalue().splitlines() if "C-FIND refused" in x]  # type: ignore[attr-defined]
     assert f"trace_id={bad[0].context.trace_id:032x}" in line
-
-
-def test_stores_received_by_pynetdicom_are_hashed_as_a_stage(tmp_path: Path, corpus: list[Path]) -> None:
-    """``dicom.fast_store = false``: pynetdicom spools the data set, ``ingest.hash`` reads it (no receive stage)."""
-    with in_process(tmp_path, fast_store=False) as srv:
-        mr = [p for p in corpus if p.name.startswith("mr-")][:3]
-        assert all(r.Status == 0 for r in scu.store(srv.port, mr))
-        srv.wait_spans("dimse.association", 1)
-        assert srv.finished("ingest.receive") == []
-        ingests = {s.context.span_id for s in srv.finished("ingest")}
-        hashes = srv.finished("ingest.hash")
-        assert len(hashes) == len(mr) and {_parent(s) for s in hashes} == ingests
 
 
 def test_disabled_telemetry_is_a_no_op(tmp_path: Path) -> None:

@@ -128,3 +128,19 @@ def test_issuer_assignments_are_accepted(tmp_path: Path) -> None:
                        '[[migrate.source]]\nae_title = "MOD_A"\nhost = "h"\nport = 104\nissuer_of_patient_id = "HOSP_A"\n')
     assert r.returncode == 0, r.stderr
     assert "HOSP_A" in r.stdout
+
+
+@pytest.mark.parametrize("where", ["file", "environment"])
+def test_retired_fast_store_is_accepted_with_a_warning_naming_its_replacement(tmp_path: Path, where: str) -> None:
+    """An old config file (or environment) with ``dicom.fast_store`` still loads; one warning says what replaced it."""
+    if where == "file":
+        r = show(tmp_path, "[dicom]\nfast_store = false\nport = 11113\n")
+    else:
+        r = show(tmp_path, env={"VNA_DICOM_FAST_STORE": "true"})
+    assert r.returncode == 0, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1, r.stderr
+    assert "dicom.fast_store is retired and ignored" in warnings[0] and 'dicom.receiver = "native"' in warnings[0]
+    assert "\"fast_store\"" not in r.stdout
+    if where == "file":
+        assert "11113" in r.stdout  # the rest of the [dicom] table still applies

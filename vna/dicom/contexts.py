@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 from typing import Any
@@ -13,7 +12,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-__all__ = ["Contexts", "RETIRED_STORAGE_CLASSES", "UnknownStorage", "register_retired_storage", "storage_classes",
+__all__ = ["RETIRED_STORAGE_CLASSES", "UnknownStorage", "register_retired_storage", "storage_classes",
            "storage_context", "storage_syntaxes"]
 
 log = logging.getLogger(__name__)
@@ -122,22 +121,3 @@ class UnknownStorage:
             log.info("association from %s: %d unknown SOP class(es) accepted as storage",
                      assoc.requestor.ae_title, len(extra))
             assoc.acceptor.supported_contexts = supported + extra
-
-
-class Contexts(list):  # type: ignore[type-arg]
-    """The server's supported presentation contexts, copied cheaply for each association.
-
-    pynetdicom deep-copies the list for every association it accepts: ~190
-    storage SOP classes x ~35 transfer syntaxes, every UID re-validated by a
-    regular expression -- about 0.1 s of CPU (holding the GIL) per
-    association. A context's own fields are what negotiation may change, so a
-    copy of each context with its own transfer syntax list is as good.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        out = []
-        for cx in self:
-            c = copy.copy(cx)
-            c._transfer_syntax = list(cx._transfer_syntax)  # noqa: SLF001
-            out.append(c)
-        return out

@@ -1,7 +1,7 @@
 """Connection limits of the DICOM port, and rate-limited log lines about refused peers.
 
 A connection is *half-open* from its accept until its A-ASSOCIATE-RQ is
-admitted, then *associated* until its DUL thread ends. The two are counted
+admitted, then *associated* until its association ends. The two are counted
 apart: half-open connections (``dicom.max_half_open_connections``) cannot take
 the association slots (``dicom.max_associations``), and one peer address holds
 at most ``dicom.max_connections_per_address`` connections of either kind.

@@ -14,8 +14,8 @@ identifiers, C-GET/C-MOVE as a job (:class:`_Retrieval`) that names each
 instance's candidate copies; the native side verifies a copy's SHA-256 before its
 last byte goes out, sends the sub-operations and counts them. The Storage
 Commitment report goes out as with ``DicomServer`` (vna/dicom/commitment.py).
-The TLS port is not served, nor a C-MOVE to a ``tls = true`` destination (answered
-0xA801, logged): use ``dicom.receiver = "python"`` for those.
+The TLS port is served next to it by ``DicomServer`` (pynetdicom; ``vna serve`` composes
+both); a C-MOVE to a ``tls = true`` destination is refused (0xA801, logged).
 """
 
 from __future__ import annotations
@@ -210,15 +210,12 @@ class NativeDicomServer:
     """The archive's C-ECHO and C-STORE SCP on the native listener; the interface ``DicomServer``
     offers ``vna serve`` (start, stop, listening).
 
-    Raises ConfigError when the extension is not built or the configuration needs what the
-    native receiver does not serve yet (``tls_port``).
+    Raises ConfigError when the extension is not built. ``tls_port`` is not its own: ``vna serve``
+    serves it with ``DicomServer(tls_only=True)`` next to this one.
     """
 
     def __init__(self, archive: Archive, cfg: DicomConfig, *, reuse_port: bool = False) -> None:
         self._native = native.load()
-        if cfg.tls_port:
-            raise ConfigError('dicom.tls_port is not served by dicom.receiver = "native" yet: '
-                              'use dicom.receiver = "python"')
         self.archive = archive
         self.cfg = cfg
         self.reuse_port = reuse_port

@@ -1,9 +1,25 @@
-"""The DIMSE server: one pynetdicom AE, handlers bound as data, each a thin translation.
+"""The DIMSE server of ``dicom.receiver = "python"``: one plain pynetdicom AE, handlers bound as data, each a
+thin translation.
 
 Services: Verification, Storage (every storage SOP class pynetdicom knows and the
 retired ones, unknown ones if configured -- see contexts.py; all transfer syntaxes
 pynetdicom knows; received to a spool file and never decoded),
 Patient/Study Root Query/Retrieve FIND/MOVE/GET, Storage Commitment Push Model.
+
+pynetdicom is used through its public API only (AE, events and handlers, the
+association server subclassed through socketserver's hooks, the documented
+``_config`` switch): this is the reference implementation. Properties of this
+path that the native receiver (native_server.py) does not share:
+
+- C-MOVE sub-operations carry our AE title as Move Originator (pynetdicom sets it),
+  not the requester's.
+- A retrieved instance is read by pydicom and encoded by pynetdicom: byte-exact in
+  its stored syntax (pydicom keeps raw elements), except Deflated Explicit VR
+  Little Endian (deflated anew); the encoded data set is held in memory while sent.
+- Malformed PDUs, PDU lengths and timers are handled by pynetdicom as it does;
+  only the connection limits (limits.py) are vna's.
+- Every association copies the supported presentation contexts and runs
+  pynetdicom's polling reactors: slower than the native receiver.
 """
 
 from __future__ import annotations
@@ -11,9 +27,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import socketserver
 import ssl
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, cast
 
@@ -21,7 +39,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.transport import ThreadedAssociationServer
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -29,13 +46,12 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from vna.archive import Archive
 from vna.audit import LOGIN, USER_AUTHENTICATION, Actor
 from vna.config import DicomConfig, RemoteAE
-from vna.dicom import dimse_codec, reactor, status as st, uid_cache
+from vna.dicom import status as st
 from vna.dicom.assoc_log import AssociationLog, OncePerName
 from vna.dicom.qr import UNIQUE_KEYS, identifier_map, move_contexts, query_level, response
 from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
-from vna.dicom.contexts import Contexts, UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
-from vna.dicom.fast_store import FastStore, spooled_of
-from vna.dicom.limits import ConnectionLimits
+from vna.dicom.contexts import UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
+from vna.dicom.limits import Connection, ConnectionLimits
 from vna.dicom.tls import client_context, server_context
 from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
@@ -46,16 +62,8 @@ __all__ = ["DicomServer"]
 
 log = logging.getLogger(__name__)
 
-# Receive C-STORE datasets straight to a spool file (no decode), send retrieved
-# files without decoding them.
+# Receive C-STORE datasets straight to a spool file (no decode) -- pynetdicom's documented switch.
 _config.STORE_RECV_CHUNKED_DATASET = True
-_config.STORE_SEND_CHUNKED_DATASET = True
-# Block instead of polling in the per-association reactor threads (see reactor.py).
-reactor.install()
-# Validate each distinct UID string once (see uid_cache.py).
-uid_cache.install()
-# Encode command sets and spool headers without pydicom's generic writer (see dimse_codec.py).
-dimse_codec.install()
 
 # SOP classes (PS3.4); spelled out because pynetdicom.sop_class builds them dynamically
 Verification = UID("1.2.840.10008.1.1")
@@ -70,68 +78,9 @@ StudyRootQueryRetrieveInformationModelGet = UID("1.2.840.10008.5.1.4.1.2.2.3")
 _LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1137.0.1")
 IMPLEMENTATION_VERSION_NAME = "VNA_010"
+_C_STORE_RSP = 0x8001
+_DEFER_SIZE = 1 << 20  # values larger than this are read from the verified copy when sent, not by dcmread
 _THREAD_BACKSTOP = 1 << 16  # pynetdicom's maximum_associations: our limits are dicom.max_* (vna/dicom/limits.py)
-
-
-class FileBackedDataset(Dataset):
-    """A placeholder yielded to pynetdicom's C-GET/C-MOVE loops for a stored file.
-
-    pynetdicom's retrieve loops accept only Datasets; :func:`_send_c_store`
-    recognises this class and sends the verified file's bytes unchanged.
-    """
-
-    def __init__(self, path: Path | None, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str,
-                 originator: str | None = None, xfer: Transfer | None = None, size: int = 0) -> None:
-        super().__init__()
-        self.SOPClassUID = sop_class_uid
-        self.SOPInstanceUID = sop_uid
-        object.__setattr__(self, "vna_path", path)
-        object.__setattr__(self, "vna_ts", transfer_syntax_uid)
-        object.__setattr__(self, "vna_originator", originator)
-        object.__setattr__(self, "vna_xfer", xfer)       # counts the sub-operation's result
-        object.__setattr__(self, "vna_size", size)
-
-
-class _SubOperationFailed(Exception):
-    """Raised instead of sending a sub-operation whose instance has no verified copy."""
-
-
-_original_send_c_store = Association.send_c_store
-
-
-def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-    """Send a FileBackedDataset as raw file bytes (uncompressed fallback if its syntax was not accepted)."""
-    if isinstance(dataset, FileBackedDataset) and dataset.vna_xfer is not None:
-        xfer: Transfer = dataset.vna_xfer
-        try:
-            rsp = _send_file(self, dataset, *args, **kwargs)
-        except Exception:
-            xfer.sent(False)
-            raise
-        status = int(rsp.Status) if rsp is not None and "Status" in rsp else -1
-        xfer.sent(status == 0 or status >> 12 == 0xB, dataset.vna_size)   # success or warning
-        return rsp
-    return _send_file(self, dataset, *args, **kwargs)
-
-
-def _send_file(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-    if isinstance(dataset, FileBackedDataset):
-        path: Path | None = dataset.vna_path
-        if path is None:  # pynetdicom counts the exception as a failed sub-operation
-            raise _SubOperationFailed(f"no verified copy of {dataset.SOPInstanceUID}")
-        if dataset.vna_originator is not None:  # C-MOVE: the requester, not us (PS3.7 9.3.1.1)
-            kwargs["originator_aet"] = dataset.vna_originator
-        ts = dataset.vna_ts
-        has_cx = any(
-            cx.abstract_syntax == dataset.SOPClassUID and cx.transfer_syntax[0] == ts and cx.as_scu
-            for cx in self.accepted_contexts)
-        if has_cx or ts not in _LITTLE_ENDIAN:
-            return _original_send_c_store(self, path, *args, **kwargs)
-        return _original_send_c_store(self, dcmread(path), *args, **kwargs)
-    return _original_send_c_store(self, dataset, *args, **kwargs)
-
-
-Association.send_c_store = _send_c_store  # type: ignore[method-assign]
 
 
 def _actor(event: evt.Event) -> Actor:
@@ -149,7 +98,8 @@ def _status_of(rsp: Any) -> int:
 
 
 class _Server(ThreadedAssociationServer):
-    """The association server: optional SO_REUSEPORT, TLS handshakes in the association's thread, limits.
+    """The association server (pynetdicom's, subclassed through socketserver's hooks): optional SO_REUSEPORT,
+    Nagle off, TLS handshakes in the connection's thread, connection limits.
 
     pynetdicom wraps accepted sockets in the acceptor thread, where a client
     that never finishes its handshake would stall every other connection; here
@@ -157,18 +107,21 @@ class _Server(ThreadedAssociationServer):
     and a failed one closes that connection only.
 
     With ``limits`` every accepted connection is counted there and closed at
-    once when a limit refuses it; the association that takes it over claims
-    it (``DicomServer._on_accepted_conn``) and its DUL thread releases it.
+    once when a limit refuses it. The request thread that hands the connection
+    to pynetdicom keeps it counted until the association's thread ends
+    (``Association`` is a ``threading.Thread``: joined) or, sooner, until the
+    connection closes (``DicomServer._release_conn``); ``accepting`` tells
+    the EVT_CONN_OPEN handler (``DicomServer._on_accepted_conn``) which
+    connection the new association took, and it tells back the association.
     """
 
     reuse_port = False
     handshake_timeout = 30.0
     limits: ConnectionLimits | None = None
+    accepting: threading.local | None = None
     request_queue_size = 128  # listen backlog (socketserver's 5 makes a burst of connections wait for SYN retries)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.contexts = Contexts(self.contexts)
+    daemon_threads = True     # a request thread lives as long as its association: never joined at shutdown
+    block_on_close = False
 
     def server_bind(self) -> None:
         if self.reuse_port:
@@ -177,6 +130,10 @@ class _Server(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            log.debug("could not set TCP_NODELAY: %s", exc)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
@@ -196,6 +153,12 @@ class _Server(ThreadedAssociationServer):
             raise
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to pynetdicom, then wait for its association to end; the connection's
+        slot is given back then (or at once when no association took it)."""
+        conn = self.limits.claim(request) if self.limits is not None else None
+        state = self.accepting
+        if state is not None:
+            state.conn, state.assoc = conn, None
         try:
             if isinstance(request, ssl.SSLSocket):
                 try:
@@ -205,11 +168,25 @@ class _Server(ThreadedAssociationServer):
                 except (OSError, ValueError) as exc:
                     log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
                     return
-            super().finish_request(request, client_address)
+            super().finish_request(request, client_address)   # EVT_CONN_OPEN, then the association's thread starts
+            assoc = state.assoc if state is not None else None
+            if assoc is not None:
+                assoc.join()
         finally:
-            conn = self.limits.claim(request) if self.limits is not None else None
-            if conn is not None:  # no association took the connection over
+            if state is not None:
+                state.conn = state.assoc = None
+            if conn is not None:
                 conn.close()
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket (the associations are left to ``DicomServer.stop``).
+
+        pynetdicom's ``AssociationServer.shutdown`` also removes the server from the
+        AE's list of servers started by ``AE.start_server``; this one was made by
+        ``AE.make_server`` and is in no such list.
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 class _ReusePortServer(_Server):
@@ -219,16 +196,23 @@ class _ReusePortServer(_Server):
 
 
 class DicomServer:
-    """Runs the archive's DIMSE services on one port.
+    """Runs the archive's DIMSE services on ``dicom.port`` and, when set, ``dicom.tls_port``.
 
-    With ``reuse_port`` several processes listen on the same port
-    (SO_REUSEPORT) and the kernel spreads associations over them.
+    With ``reuse_port`` several processes listen on the same ports
+    (SO_REUSEPORT) and the kernel spreads associations over them. With
+    ``tls_only`` it serves ``tls_port`` alone (next to the native receiver on
+    the plain port, see ``vna serve``); the connection gauge is then the
+    native listener's.
     """
 
-    def __init__(self, archive: Archive, cfg: DicomConfig, *, reuse_port: bool = False) -> None:
+    def __init__(self, archive: Archive, cfg: DicomConfig, *, reuse_port: bool = False,
+                 tls_only: bool = False) -> None:
+        if tls_only and not cfg.tls_port:
+            raise ValueError("tls_only needs dicom.tls_port")
         self.archive = archive
         self.cfg = cfg
         self.reuse_port = reuse_port
+        self.tls_only = tls_only
         self.ae = self._build_ae()
         # associations and half-open connections are counted by self.limits; pynetdicom's own count of
         # association threads (which includes half-open connections) is left as a far backstop only
@@ -247,9 +231,11 @@ class DicomServer:
         self._op_keys: dict[tuple[str, int], tuple[str, SeriesKey, SeriesKey]] = {}   # see _op_done
         self.assoc_log = AssociationLog()   # one INFO line per association
         self._unknown_dest = OncePerName()  # an unknown C-MOVE destination is logged once an hour per name
-        self._storage_classes = frozenset(str(uid) for uid in storage_classes())
-        self._spool_dir = archive.cfg.resolve("spool/incoming")
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        self._accepting = threading.local()  # shared with the _Server request threads (see _Server)
+        self._conns: weakref.WeakKeyDictionary[Any, Connection] = weakref.WeakKeyDictionary()  # assoc -> its slot
+        self._conns_lock = threading.Lock()
+        # pynetdicom spools received data sets with tempfile (vna serve points it at spool/incoming)
+        archive.cfg.resolve("spool/incoming").mkdir(parents=True, exist_ok=True)
 
     def _build_ae(self) -> AE:
         cfg = self.cfg
@@ -289,6 +275,7 @@ class DicomServer:
         bindings: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_accepted_conn),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_CONN_CLOSE, self._release_conn),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_assoc_over),
@@ -309,11 +296,12 @@ class DicomServer:
         return bindings
 
     def start(self) -> ThreadedAssociationServer:
-        """Listen in background threads (the plain port, and ``tls_port`` when set); returns the plain server.
+        """Listen in background threads (the plain port unless ``tls_only``, and ``tls_port`` when set);
+        returns the first server.
 
-        Raises ConfigError when the TLS certificate or key cannot be loaded.
+        Raises ConfigError when the TLS certificate or key cannot be loaded, OSError when a port cannot be bound.
         """
-        listeners: list[tuple[int, ssl.SSLContext | None]] = [(self.cfg.port, None)]
+        listeners: list[tuple[int, ssl.SSLContext | None]] = [] if self.tls_only else [(self.cfg.port, None)]
         if self.cfg.tls_port:
             listeners.append((self.cfg.tls_port, server_context(self.archive.cfg)))
         server_class = _ReusePortServer if self.reuse_port else _Server
@@ -321,14 +309,14 @@ class DicomServer:
             server = cast(_Server, self.ae.make_server(
                 (self.cfg.host, port), evt_handlers=self.handlers(), server_class=server_class, ssl_context=ctx))
             server.handshake_timeout = self.cfg.acse_timeout
-            if reactor.installed():  # the DUL reactor releases a counted connection when it ends
-                server.limits = self.limits
-            self.ae._servers.append(server)  # noqa: SLF001 -- as AE.start_server does; shutdown() removes it
+            server.limits = self.limits
+            server.accepting = self._accepting
             threading.Thread(target=server.serve_forever, name=f"vna-acceptor-{port}", daemon=True).start()
             self._servers.append(server)
-        self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
-                                     "connections of the DICOM port now, by state (half_open, associated)",
-                                     self._connection_counts)
+        if not self.tls_only:
+            self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
+                                         "connections of the DICOM port now, by state (half_open, associated)",
+                                         self._connection_counts)
         self.archive.telemetry.start_endpoint()
         return self._servers[0]
 
@@ -354,7 +342,7 @@ class DicomServer:
         self._servers = []
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
-        self.ae.shutdown()
+        self.ae.shutdown()  # aborts every association of the AE (ours were never in its list of servers)
 
     # -- telemetry and audit of associations ----------------------------------------
     def _traced(self, op: str, handler: Callable[[evt.Event], Any], generator: bool = False
@@ -367,9 +355,7 @@ class DicomServer:
         def run(event: evt.Event) -> Any:
             t0 = time.perf_counter()
             status = st.UNABLE_TO_PROCESS
-            spooled = spooled_of(event.request)  # a C-STORE received on the fast path: it began then
-            with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER,
-                          start_ns=spooled.started_ns if spooled is not None else None) as span:
+            with tel.span(f"dimse.{op}", parent=self._assoc_span(event), kind=SpanKind.SERVER) as span:
                 try:
                     rsp = handler(event)
                     status = _status_of(rsp)
@@ -422,7 +408,7 @@ class DicomServer:
         return entry[0] if entry else None
 
     def _assoc_begin(self, event: evt.Event) -> None:
-        if event.assoc.is_aborted:  # the connection ended before its A-ASSOCIATE-RQ (see reactor)
+        if event.assoc.is_aborted:  # the connection ended before its A-ASSOCIATE-RQ
             return
         r = event.assoc.requestor
         calling = getattr(r.primitive, "calling_ae_title", None) or r.ae_title   # not negotiated yet
@@ -478,20 +464,27 @@ class DicomServer:
             log.debug("could not set TCP_NODELAY: %s", exc)
 
     def _on_accepted_conn(self, event: evt.Event) -> None:
-        """A peer connected: Nagle off, and (``dicom.fast_store``) C-STOREs received on the fast path."""
-        self._on_conn_open(event)
-        sock = cast(Any, event.assoc.dul.socket).socket
-        conn = self.limits.claim(sock) if sock is not None else None
-        if conn is not None:  # released when the association's DUL thread ends (see reactor)
-            event.assoc.dul._vna_conn = conn  # type: ignore[attr-defined]
-        if self.cfg.fast_store and reactor.installed():
-            event.assoc.dul._vna_fast_store = FastStore(  # type: ignore[attr-defined]
-                self._storage_classes, self._spool_dir, on_close=self.archive.index.release_thread)
+        """A peer connected (in the _Server request thread): note which counted connection it took."""
+        state = self._accepting
+        state.assoc = event.assoc
+        conn = getattr(state, "conn", None)
+        if conn is not None:
+            with self._conns_lock:
+                self._conns[event.assoc] = conn
+
+    def _release_conn(self, event: evt.Event) -> None:
+        """The connection closed: its slot is free now (pynetdicom may keep the association's thread until
+        ``acse_timeout`` when a peer hangs up before its A-ASSOCIATE-RQ)."""
+        with self._conns_lock:
+            conn = self._conns.pop(event.assoc, None)
+        if conn is not None:
+            conn.close()
 
     def _on_requested(self, event: evt.Event) -> None:
         """An A-ASSOCIATE-RQ arrived: take an association slot, or reject (transient, local limit exceeded)."""
         assoc = event.assoc
-        conn = getattr(assoc.dul, "_vna_conn", None)
+        with self._conns_lock:
+            conn = self._conns.get(assoc)
         if conn is None or assoc.is_aborted or conn.associate():
             return
         conn.refused("association rejected: %d associations open (dicom.max_associations)", self.cfg.max_associations)
@@ -530,9 +523,7 @@ class DicomServer:
             self.archive.ingest.ingest_file(
                 Path(event.dataset_path), source_ae=calling,
                 expected_sop_uid=str(req.AffectedSOPInstanceUID),
-                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True,
-                spooled=spooled_of(req),  # received on the fast path: hashed while spooled
-            )
+                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True)
             return st.SUCCESS
         except VnaError as exc:
             rsp = Dataset()
@@ -576,22 +567,36 @@ class DicomServer:
             raise InvalidInput("a retrieve needs at least one unique key")
         return self.archive.retrieve.select(level, conds)
 
-    def _suboperations(self, event: evt.Event, refs: list[InstanceRef], originator: str | None,
-                       xfer: Transfer) -> Iterator[tuple[int, Dataset | None]]:
+    def _suboperations(self, event: evt.Event, refs: list[InstanceRef], sent: "_SubOperations"
+                       ) -> Iterator[tuple[int, Dataset | None]]:
+        """One pending status and Dataset per instance, for pynetdicom to send as a C-STORE sub-operation.
+
+        The Dataset is the verified copy read by pydicom (its elements stay raw, so a send in the stored
+        transfer syntax is byte-exact); an instance with no verified copy yields one without File Meta,
+        which pynetdicom refuses to send and counts as a failed sub-operation (its UID listed).
+        """
         for ref in refs:
+            sent.answered()
             if event.is_cancelled:
                 yield st.CANCEL, None
                 return
             with self.archive.telemetry.span("retrieve.instance"):
                 try:
                     with self.archive.retrieve.open_verified(ref.sop_uid) as inst:
-                        yield st.PENDING, FileBackedDataset(inst.path, ref.sop_class_uid, ref.sop_uid,
-                                                            ref.transfer_syntax_uid, originator, xfer, inst.size)
+                        ds = dcmread(inst.path, defer_size=_DEFER_SIZE)
+                        sent.sending(inst.size)
+                        yield st.PENDING, ds   # sent while the verified copy is held
+                        continue
                 except VnaError as exc:
                     log.error("retrieve of %s failed: %s", ref.sop_uid, exc)
-                    # no path: the send raises, pynetdicom counts a failed sub-operation and lists the UID
-                    yield st.PENDING, FileBackedDataset(None, ref.sop_class_uid, ref.sop_uid,
-                                                        ref.transfer_syntax_uid, xfer=xfer)
+                except Exception as exc:  # noqa: BLE001 -- a verified file pydicom cannot read: this one fails
+                    log.error("retrieve of %s failed: the verified copy does not parse: %s", ref.sop_uid, exc)
+            unsendable = Dataset()
+            unsendable.SOPClassUID = ref.sop_class_uid
+            unsendable.SOPInstanceUID = ref.sop_uid
+            sent.sending(0)
+            yield st.PENDING, unsendable
+        sent.answered()
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association."""
@@ -607,10 +612,14 @@ class DicomServer:
             yield st.status_for(exc), None
             return
         with self.archive.retrieve.transfer(refs, _actor(event), op="c-get") as xfer:
+            sent = _SubOperations(xfer)
+            event.assoc.bind(evt.EVT_DIMSE_RECV, sent.on_dimse_recv)   # the C-STORE-RSPs come back on it
             yield len(refs)
             try:
-                yield from self._suboperations(event, refs, None, xfer)
+                yield from self._suboperations(event, refs, sent)
             finally:
+                sent.answered()
+                event.assoc.unbind(evt.EVT_DIMSE_RECV, sent.on_dimse_recv)
                 self.assoc_log.sent(event, xfer.completed, xfer.failed)
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
@@ -635,12 +644,15 @@ class DicomServer:
             return
         dest = Actor(dest_name, "ae", f"{remote.host}:{remote.port}")
         with self.archive.retrieve.transfer(refs, _actor(event), op="c-move", destination=dest) as xfer:
+            sent = _SubOperations(xfer)
             yield remote.host, remote.port, {"contexts": _contexts_for(refs), **self._connect_args(remote),
-                                             "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open)]}
+                                             "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_conn_open),
+                                                              (evt.EVT_DIMSE_RECV, sent.on_dimse_recv)]}
             yield len(refs)
             try:
-                yield from self._suboperations(event, refs, event.assoc.requestor.ae_title.strip(), xfer)
+                yield from self._suboperations(event, refs, sent)
             finally:
+                sent.answered()
                 self.assoc_log.sent(event, xfer.completed, xfer.failed)
 
     def _connect_args(self, remote: RemoteAE) -> dict[str, Any]:
@@ -663,6 +675,43 @@ class DicomServer:
         req = cast(Any, event.request)
         return self.commitment.request(str(req.RequestedSOPClassUID), req.ActionTypeID,
                                        lambda: event.action_information, _actor(event)), None
+
+
+class _SubOperations:
+    """Counts the C-STORE sub-operations of one C-GET or C-MOVE into its ``Transfer``.
+
+    pynetdicom sends each yielded Dataset and reads its C-STORE-RSP before it asks
+    the handler for the next one; ``on_dimse_recv`` (EVT_DIMSE_RECV of the
+    association that carries the sub-operations) sees that response. A
+    sub-operation still unanswered when the handler resumes (the send raised, or
+    the association ended) counts as failed.
+    """
+
+    def __init__(self, xfer: Transfer) -> None:
+        self.xfer = xfer
+        self._lock = threading.Lock()
+        self._size: int | None = None   # size of the instance being sent; None: nothing outstanding
+
+    def sending(self, size: int) -> None:
+        with self._lock:
+            self._size = size
+
+    def answered(self) -> None:
+        """The outstanding sub-operation, if no response counted it, failed."""
+        with self._lock:
+            size, self._size = self._size, None
+        if size is not None:
+            self.xfer.sent(False)
+
+    def on_dimse_recv(self, event: evt.Event) -> None:
+        cs = getattr(event.message, "command_set", None)
+        if cs is None or cs.get("CommandField") != _C_STORE_RSP:
+            return
+        status = int(cs.get("Status", st.UNABLE_TO_PROCESS))
+        with self._lock:
+            size, self._size = self._size, None
+        if size is not None:
+            self.xfer.sent(status == st.SUCCESS or status >> 12 == 0xB, size)   # success or warning
 
 
 def _contexts_for(refs: list[InstanceRef]) -> list[PresentationContext]:
