@@ -25,7 +25,6 @@ from pydicom import dcmread
 
 from benchmarks.corpus import write_corpus
 from tests.conftest import DCMTK_ENV, VnaServer, free_port, stop_process, wait_port
-from tests.integration.receivers import make_server  # noqa: F401 -- on both receivers
 
 Factory = Callable[..., VnaServer]
 
@@ -50,10 +49,7 @@ def counting_storescp(tmp_path: Path) -> Iterator[tuple[int, Path, subprocess.Po
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("receiver", [
-    pytest.param("native", marks=pytest.mark.xfail(strict=True, reason="native C-MOVE lands with helper qr's "
-                                                   "work: remove this mark when it has")),
-    "python"])
+@pytest.mark.parametrize("receiver", ["native", "python"])
 def test_back_to_back_moves_never_stall(
         make_server: Factory, counting_storescp: tuple[int, Path, subprocess.Popen[bytes]], tmp_path: Path,
         receiver: str) -> None:
