@@ -86,7 +86,7 @@ class DicomConfig:
     network_timeout: float = 60.0
     max_pdu: int = 65536
     workers: int = 1
-    receiver: str = "python"         # "native": C-ECHO/C-STORE on the Rust core (vna/dicom/native_server.py; no Q/R yet)
+    receiver: str = "native"         # the Rust core owns the DICOM port (vna/dicom/native_server.py); "python": pynetdicom
     accept_unknown_storage_classes: bool = False  # accept storage SOP classes pynetdicom does not list (private ones)
     max_connections_per_address: int = 8   # open connections one peer address may hold (associations included)
     max_half_open_connections: int = 64    # connections not yet associated (counted apart from max_associations)
