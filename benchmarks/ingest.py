@@ -34,11 +34,11 @@ from benchmarks.servers import fs_type, group_cpu_seconds
 HOST = "127.0.0.1"
 CLIENT_AET = "BENCHSCU"
 ARG_LIMIT = 100_000  # bytes of file arguments per storescu command (well below ARG_MAX)
-RECEIVERS = ("vna", "vna-w2", "vna-native", "orthanc", "storescp")
+RECEIVERS = ("vna", "vna-w2", "vna-python", "orthanc", "storescp")
 NOTES = {
-    "vna": "SQLite index, 2 fsynced hot replicas, W=2",
+    "vna": "SQLite index, 2 fsynced hot replicas, W=2, the native receiver (the default)",
     "vna-w2": "the same with dicom.workers = 2 (two processes on the port, SO_REUSEPORT)",
-    "vna-native": "vna with dicom.receiver = \"native\" (the Rust listener; same index, replicas and W)",
+    "vna-python": "vna with dicom.receiver = \"python\" (plain pynetdicom, the reference; same index, replicas and W)",
     "orthanc": "Orthanc 1.10 defaults: fdatasync of each file + MD5, SQLite index synced at checkpoints only",
     "storescp": "DCMTK storescp +B --fork: writes files, NO fsync, no index",
 }
@@ -279,8 +279,8 @@ def start(name: str, work: Path, args: argparse.Namespace) -> Receiver:
     base = args.port_base
     if name == "vna":
         return start_vna(work, base, shlex.split(args.vna_args), args.vna_workers, args.start_timeout)
-    if name == "vna-native":
-        return start_vna(work, base + 5, shlex.split(args.vna_args), args.vna_workers, args.start_timeout, "native")
+    if name == "vna-python":
+        return start_vna(work, base + 5, shlex.split(args.vna_args), args.vna_workers, args.start_timeout, "python")
     if name.startswith("vna-w"):  # vna-wN: N worker processes sharing the DICOM port
         return start_vna(work, base + 4, shlex.split(args.vna_args), int(name[5:]), args.start_timeout)
     if name == "orthanc":
@@ -370,12 +370,12 @@ def table(results: list[Result]) -> str:
 
 
 def native_vs_python(results: list[Result]) -> str:
-    """vna-native / vna (the python receiver) per (corpus, associations) of the same run; "" without both."""
+    """vna (the native receiver) / vna-python per (corpus, associations) of the same run; "" without both."""
     by = {(r.receiver, r.corpus, r.associations): r for r in results}
     lines = []
     for r in results:
-        p = by.get(("vna", r.corpus, r.associations))
-        if r.receiver != "vna-native" or p is None:
+        p = by.get(("vna-python", r.corpus, r.associations))
+        if r.receiver != "vna" or p is None:
             continue
         cpu = (f", receiver CPU per instance {r.cpu_ms_per_inst / p.cpu_ms_per_inst:.2f}x"
                if r.cpu_ms_per_inst and p.cpu_ms_per_inst else "")
@@ -413,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=1, help="runs per cell, median reported")
     ap.add_argument("--port-base", type=int, default=11240,
                     help="vna=base, Orthanc DICOM=base+1 HTTP=base+2, storescp=base+3, vna-w2=base+4, "
-                         "vna-native=base+5")
+                         "vna-python=base+5")
     ap.add_argument("--vna-args", default="", help="extra args for 'vna serve' (shell-quoted string)")
     ap.add_argument("--vna-workers", type=int, default=None, help="set VNA_DICOM_WORKERS=N for vna serve")
     ap.add_argument("--tmp-dir", type=Path, default=None, help="where corpora and receiver storage go")
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"missing tool: {tool}", file=sys.stderr)
             return 2
     ports = {"vna": [args.port_base], "orthanc": [args.port_base + 1, args.port_base + 2],
-             "storescp": [args.port_base + 3], "vna-w2": [args.port_base + 4], "vna-native": [args.port_base + 5]}
+             "storescp": [args.port_base + 3], "vna-w2": [args.port_base + 4], "vna-python": [args.port_base + 5]}
     busy = [p for r in args.receivers for p in ports[r] if not port_free(p)]
     if busy:
         print(f"ports already in use: {busy}; choose another --port-base", file=sys.stderr)
