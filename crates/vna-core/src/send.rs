@@ -592,6 +592,8 @@ pub fn read_pdu<T: Transport + ?Sized>(
         )));
     }
     body.clear();
+    // exactly: a doubling growth would hold up to twice the bound
+    body.reserve_exact(len as usize);
     body.resize(len as usize, 0);
     read_exact(t, body, deadline, network_timeout, waiting_for, false)?;
     Ok(kind)
