@@ -116,6 +116,7 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "dimse_command": {"echo": echo_rq(), "store": store_rq()},
         "pdata": {
             "two": bytes([64]) + pdv(1, 3, echo_rq()) + pdv(3, 0, b"ab") + pdv(3, 2, b""),
+            "fragments": bytes([9]) + b"".join(pdv(3, 0, b"xy") for _ in range(40)) + pdv(3, 2, b""),
             "unlimited": bytes([0]) + pdv(3, 1, store_rq()[:20]) + pdv(3, 3, store_rq()[20:]),
         },
         "file_meta": {"part10": part10()},

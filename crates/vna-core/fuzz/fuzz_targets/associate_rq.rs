@@ -23,7 +23,10 @@ fuzz_target!(|body: &[u8]| {
         assert_eq!(outcome.results.len(), rq.contexts.len());
         for (id, acc) in &outcome.accepted {
             let proposed: Vec<_> = rq.contexts.iter().filter(|c| c.id == *id).collect();
-            assert!(!proposed.is_empty(), "accepted context {id} was not proposed");
+            assert!(
+                !proposed.is_empty(),
+                "accepted context {id} was not proposed"
+            );
             assert!(proposed
                 .iter()
                 .any(|c| c.abstract_syntax == acc.abstract_syntax

@@ -60,7 +60,8 @@ fn server_addr() -> SocketAddr {
         // the server closed must be an error, not the end of the process
         // SAFETY: setting a signal's disposition to SIG_IGN, before any thread writes.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-        let spool = std::env::temp_dir().join(format!("vna-core-fuzz-spool-{}", std::process::id()));
+        let spool =
+            std::env::temp_dir().join(format!("vna-core-fuzz-spool-{}", std::process::id()));
         std::fs::create_dir_all(&spool).expect("a spool directory");
         let cfg = Config {
             host: "127.0.0.1".into(),

@@ -35,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
         let (kind, len) = pdu::parse_header(head);
         assert_eq!(kind, pdu::P_DATA_TF);
         if max_pdu != 0 {
-            assert!(len <= max_pdu, "P-DATA-TF of {len} bytes over the maximum {max_pdu}");
+            assert!(
+                len <= max_pdu,
+                "P-DATA-TF of {len} bytes over the maximum {max_pdu}"
+            );
         }
         let pdu_body = &out[pos + 6..pos + 6 + len as usize];
         for pdv in pdu::split_pdvs(pdu_body).expect("our own P-DATA-TF splits") {

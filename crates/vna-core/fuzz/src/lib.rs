@@ -92,7 +92,7 @@ pub fn bounded<R>(bytes: usize, f: impl FnOnce() -> R) -> (R, usize) {
 /// allowance (error texts, small structures) plus a constant factor of the input. A parser
 /// that trusts a length field rather than the bytes present exceeds it at once.
 pub fn parser_bound(len: usize, factor: usize) -> usize {
-    4096 + factor * len
+    1024 + factor * len
 }
 
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
