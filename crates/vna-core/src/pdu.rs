@@ -1,9 +1,10 @@
 //! Upper Layer PDUs (PS3.8 9.3): the A-ASSOCIATE-RQ parser, the encoders of the
 //! PDUs an acceptor sends, and the P-DATA-TF splitter.
 //!
-//! Every parser works on a PDU body already read (bounded by the caller) and
-//! never allocates more than the body's size; every length field is checked
-//! against the bytes that are actually there.
+//! Every parser works on a PDU body already read (bounded by the caller); no single
+//! allocation it makes is larger than that bound (at most [`MAX_CONTEXTS`] contexts, one
+//! User Information item, PDVs split in place); every length field is checked against the
+//! bytes that are actually there.
 
 use std::fmt;
 
@@ -14,6 +15,11 @@ pub const P_DATA_TF: u8 = 0x04;
 pub const A_RELEASE_RQ: u8 = 0x05;
 pub const A_RELEASE_RP: u8 = 0x06;
 pub const A_ABORT: u8 = 0x07;
+
+/// The most presentation contexts an A-ASSOCIATE-RQ or -AC may carry: their IDs are the odd
+/// numbers 1-255 (PS3.8 9.3.2.2). With this and one User Information item, no vector a parser
+/// builds is larger than the PDU body's bound.
+pub const MAX_CONTEXTS: usize = 128;
 
 /// The DICOM Application Context Name (PS3.7 A.2.1).
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
@@ -159,7 +165,11 @@ pub fn parse_associate_rq(body: &[u8]) -> Result<AssociateRq, PduError> {
                 rq.application_context = uid_text(value, "Application Context Name")?;
                 seen_app = true;
             }
+            0x20 if rq.contexts.len() == MAX_CONTEXTS => {
+                return err(format!("more than {MAX_CONTEXTS} presentation contexts"))
+            }
             0x20 => rq.contexts.push(parse_proposed_context(value)?),
+            0x50 if seen_user => return err("a second User Information item"),
             0x50 => {
                 parse_user_info(value, &mut rq)?;
                 seen_user = true;
@@ -498,6 +508,11 @@ pub fn parse_associate_ac(body: &[u8]) -> Result<AssociateAccept, PduError> {
         let (kind, value) = item?;
         match kind {
             0x10 => ac.application_context = uid_text(value, "Application Context Name")?,
+            0x21 if ac.contexts.len() == MAX_CONTEXTS => {
+                return err(format!(
+                    "more than {MAX_CONTEXTS} presentation context results"
+                ))
+            }
             0x21 => {
                 if value.len() < 4 {
                     return err("presentation context result item too short");

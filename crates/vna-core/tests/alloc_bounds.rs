@@ -98,3 +98,82 @@ fn a_read_pdu_never_holds_more_than_its_bound() {
         "a buffer of {most} bytes for PDUs of at most {bound}"
     );
 }
+
+fn item(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
+    out.extend_from_slice(&[kind, 0]);
+    out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+/// An A-ASSOCIATE-(RQ|AC) body: fixed fields, application context, `contexts` context items
+/// of type `cx_kind` (each with one sub-item), `users` User Information items packed with
+/// Role Selection sub-items (as many as fit in one item).
+fn assoc_body(cx_kind: u8, contexts: usize, users: usize) -> Vec<u8> {
+    let mut body = vec![0, 1, 0, 0];
+    body.extend_from_slice(&[b' '; 32]);
+    body.extend_from_slice(&[0; 32]);
+    item(&mut body, 0x10, pdu::APPLICATION_CONTEXT.as_bytes());
+    for i in 0..contexts {
+        let mut v = vec![(2 * i + 1) as u8, 0, 0, 0];
+        item(&mut v, if cx_kind == 0x20 { 0x30 } else { 0x40 }, b"1");
+        if cx_kind == 0x20 {
+            item(&mut v, 0x40, b"1");
+        }
+        item(&mut body, cx_kind, &v);
+    }
+    for _ in 0..users {
+        let mut user = Vec::new();
+        item(&mut user, 0x51, &16384u32.to_be_bytes());
+        while user.len() + 9 <= 65535 {
+            item(&mut user, 0x54, &[0, 1, b'1', 1, 1]);
+        }
+        item(&mut body, 0x50, &user);
+    }
+    body
+}
+
+const BOUND: usize = vna_core::server::MAX_ASSOCIATE_RQ as usize;
+
+#[test]
+fn an_associate_rq_of_many_contexts_stays_within_its_bound() {
+    // 128 contexts parse; a body of the largest size packed with contexts (the vector of
+    // them was 1.8 MiB) or with User Information items of roles (2 MiB) is refused
+    let fits = assoc_body(0x20, 128, 1);
+    let (rq, most) = largest(|| pdu::parse_associate_rq(&fits));
+    assert_eq!(rq.unwrap().contexts.len(), 128);
+    assert!(most <= BOUND);
+    let per_context = 4 + 4 + 5 + 5;
+    let packed = assoc_body(0x20, (BOUND - 70_000) / per_context, 1);
+    assert!(packed.len() <= BOUND);
+    let (rq, most) = largest(|| pdu::parse_associate_rq(&packed));
+    assert!(
+        most <= BOUND,
+        "{most} bytes at once for a {} byte A-ASSOCIATE-RQ",
+        packed.len()
+    );
+    assert!(rq.is_err());
+    let roles = assoc_body(0x20, 1, 7);
+    assert!(roles.len() <= BOUND);
+    let (rq, most) = largest(|| pdu::parse_associate_rq(&roles));
+    assert!(
+        most <= BOUND,
+        "{most} bytes at once for a {} byte A-ASSOCIATE-RQ",
+        roles.len()
+    );
+    assert!(rq.is_err());
+}
+
+#[test]
+fn an_associate_ac_of_many_results_stays_within_its_bound() {
+    let packed = assoc_body(0x21, (BOUND - 70_000) / 13, 1);
+    assert!(packed.len() <= BOUND);
+    let (ac, most) = largest(|| pdu::parse_associate_ac(&packed));
+    assert!(
+        most <= BOUND,
+        "{most} bytes at once for a {} byte A-ASSOCIATE-AC",
+        packed.len()
+    );
+    assert!(ac.is_err());
+    let fits = assoc_body(0x21, 128, 1);
+    assert_eq!(pdu::parse_associate_ac(&fits).unwrap().contexts.len(), 128);
+}
