@@ -958,6 +958,12 @@ impl Sender {
                     return Err(LinkError::Protocol("command set too long".into()));
                 }
                 command_cx = Some(pdv.context_id);
+                let need = self.command.len() + pdv.data.len();
+                if need > self.command.capacity() {
+                    // grow by doubling, but never past the bound
+                    let want = (self.command.capacity() * 2).clamp(need, MAX_COMMAND);
+                    self.command.reserve_exact(want - self.command.len());
+                }
                 self.command.extend_from_slice(pdv.data);
                 if !pdv.is_last() {
                     continue;

@@ -177,3 +177,55 @@ fn an_associate_ac_of_many_results_stays_within_its_bound() {
     let fits = assoc_body(0x21, 128, 1);
     assert_eq!(pdu::parse_associate_ac(&fits).unwrap().contexts.len(), 128);
 }
+
+#[test]
+fn a_long_response_command_grows_within_its_bound() {
+    // a C-STORE-RSP of 60,000 bytes in two PDVs (40,000 then 20,000): the command buffer's
+    // doubling made 80,000 bytes, past the 64 KiB command bound
+    use sha2::{Digest, Sha256};
+    use vna_core::dimse;
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    const EXPLICIT: &str = "1.2.840.10008.1.2.1";
+    let dir = std::env::temp_dir().join(format!("vna-alloc-bounds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("one.dcm");
+    let mut file = dimse::spool_header(CT, "1.2.3.45", EXPLICIT, "1.2.3", "T1");
+    file.extend_from_slice(&[0x08, 0, 0x18, 0, b'U', b'I', 8, 0]);
+    file.extend_from_slice(b"1.2.3.45");
+    std::fs::write(&path, &file).unwrap();
+    let sha: String = Sha256::digest(&file)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+
+    let comment = "x".repeat(60_000 - 140);
+    let rsp = dimse::encode_store_rsp(9, CT, "1.2.3.45", 0xA700, Some(&comment));
+    assert!(rsp.len() > 59_000 && rsp.len() <= 60_000);
+    let (mut ours, mut peer) = UnixStream::pair().unwrap();
+    for (part, control) in [(&rsp[..40_000], 1u8), (&rsp[40_000..], 3u8)] {
+        let mut raw = vec![pdu::P_DATA_TF, 0];
+        raw.extend_from_slice(&(part.len() as u32 + 6).to_be_bytes());
+        raw.extend_from_slice(&(part.len() as u32 + 2).to_be_bytes());
+        raw.extend_from_slice(&[3, control]);
+        raw.extend_from_slice(part);
+        peer.write_all(&raw).unwrap();
+    }
+    let mut sender = send::Sender::new(send::SendSettings::new(16384, 0));
+    let req = send::StoreRequest {
+        context_id: 3,
+        transfer_syntax: EXPLICIT,
+        message_id: 9,
+        sop_class_uid: CT,
+        sop_instance_uid: "1.2.3.45",
+        priority: 0,
+        move_originator: None,
+    };
+    let (outcome, most) = largest(|| sender.send_store(&mut ours, &req, &path, &sha));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(outcome.unwrap().response.status, 0xA700);
+    assert!(
+        most <= send::MAX_COMMAND,
+        "{most} bytes at once for a command bounded by {}",
+        send::MAX_COMMAND
+    );
+}
