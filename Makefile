@@ -55,7 +55,7 @@ test-native:
 ## Installs cargo-fuzz (pinned) when missing; without a nightly toolchain it says so and skips.
 CARGO_FUZZ_VERSION ?= 0.13.2
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS ?= associate_rq associate_ac dimse_command pdata file_meta store_rsp listener
+FUZZ_TARGETS ?= associate_rq associate_ac dimse_command pdata file_meta store_rsp listener requestor
 FUZZ_DIR := crates/vna-core/fuzz
 fuzz:
 	@if ! rustup run nightly rustc --version >/dev/null 2>&1; then \

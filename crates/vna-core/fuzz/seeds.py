@@ -42,11 +42,11 @@ def associate_rq(calling: bytes = b"STORESCU") -> bytes:
     return body + user_info(16384, [(MR, 1, 1)])
 
 
-def associate_ac() -> bytes:
+def associate_ac(results=((1, 0, IMPLICIT), (3, 3, b""))) -> bytes:
     body = struct.pack(">HH", 1, 0) + b"VNA".ljust(16) + b"STORESCU".ljust(16) + bytes(32)
     body += item(0x10, APP)
-    body += item(0x21, bytes([1, 0, 0, 0]) + item(0x40, IMPLICIT))
-    body += item(0x21, bytes([3, 0, 3, 0]) + item(0x40, b""))
+    for cid, result, ts in results:
+        body += item(0x21, bytes([cid, 0, result, 0]) + item(0x40, ts))
     return body + user_info(32768, [(MR, 0, 1)])
 
 
@@ -125,6 +125,15 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "cancel": bytes([7]) + pdu(4, pdv(3, 3, cancel_rq())) + pdu(4, pdv(3, 1, store_rsp(9, 0xB000)[:30]))
             + pdu(4, pdv(3, 3, store_rsp(9, 0xB000)[30:])),
             "abort": bytes([1]) + pdu(7, bytes([0, 0, 2, 6])),
+        },
+        "requestor": {
+            "store": pdu(2, associate_ac(((1, 0, EXPLICIT), (3, 0, IMPLICIT), (5, 3, EXPLICIT))))
+            + pdu(4, pdv(1, 3, store_rsp(1))) + pdu(6, bytes(4)),
+            "cancel": pdu(2, associate_ac(((1, 0, EXPLICIT),))) + pdu(4, pdv(1, 3, cancel_rq(1)))
+            + pdu(4, pdv(1, 1, store_rsp(1, 0xB000)[:30]) + pdv(1, 3, store_rsp(1, 0xB000)[30:]))
+            + pdu(5, bytes(4)) + pdu(6, bytes(4)),
+            "reject": pdu(3, bytes([0, 1, 1, 3])),
+            "abort": pdu(7, bytes([0, 0, 2, 0])),
         },
         "listener": {
             "echo": pdu(1, associate_rq()) + pdu(4, pdv(1, 3, echo_rq())) + pdu(5, bytes(4)),

@@ -7,14 +7,11 @@
 #![no_main]
 
 use std::io::{self, Read, Write};
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use sha2::{Digest, Sha256};
 use vna_core::{dimse, send};
-use vna_core_fuzz::{bounded, parser_bound, CT, EXPLICIT};
+use vna_core_fuzz::{bounded, parser_bound, stored, CT, EXPLICIT};
 
 /// The peer: reads come from the input, writes are counted and dropped.
 struct Peer<'a> {
@@ -49,28 +46,6 @@ impl send::Transport for Peer<'_> {
     fn set_write_timeout(&mut self, _: Option<Duration>) -> io::Result<()> {
         Ok(())
     }
-}
-
-/// A small Part 10 file (vna's spool header and a 2-element data set) and its SHA-256.
-fn stored() -> &'static (PathBuf, String) {
-    static FILE: OnceLock<(PathBuf, String)> = OnceLock::new();
-    FILE.get_or_init(|| {
-        let mut file = dimse::spool_header(CT, "1.2.3.45", EXPLICIT, "1.2.3", "FUZZ");
-        file.extend_from_slice(&[0x08, 0, 0x16, 0, b'U', b'I', 26, 0]);
-        file.extend_from_slice(CT.as_bytes());
-        file.push(0);
-        file.extend_from_slice(&[0xE0, 0x7F, 0x10, 0, b'O', b'B', 0, 0, 64, 0, 0, 0]);
-        file.extend((0..64u8).map(|i| i.wrapping_mul(7)));
-        let dir = std::env::temp_dir().join(format!("vna-core-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let path = dir.join("stored.dcm");
-        std::fs::write(&path, &file).expect("the stored file");
-        let sha: String = Sha256::digest(&file)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        (path, sha)
-    })
 }
 
 fuzz_target!(|data: &[u8]| {

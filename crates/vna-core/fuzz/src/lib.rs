@@ -5,8 +5,12 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
+use sha2::{Digest, Sha256};
+use vna_core::dimse;
 use vna_core::negotiate::SupportedContext;
 
 /// The system allocator, with a bound on the size of any one allocation while one is set.
@@ -130,4 +134,27 @@ pub fn supported() -> HashMap<String, SupportedContext> {
         },
     );
     m
+}
+
+/// A small Part 10 file (vna's spool header, CT in Explicit VR Little Endian, a 2-element data
+/// set) in a temporary directory of this process, and its SHA-256 in hex.
+pub fn stored() -> &'static (PathBuf, String) {
+    static FILE: OnceLock<(PathBuf, String)> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let mut file = dimse::spool_header(CT, "1.2.3.45", EXPLICIT, "1.2.3", "FUZZ");
+        file.extend_from_slice(&[0x08, 0, 0x16, 0, b'U', b'I', 26, 0]);
+        file.extend_from_slice(CT.as_bytes());
+        file.push(0);
+        file.extend_from_slice(&[0xE0, 0x7F, 0x10, 0, b'O', b'B', 0, 0, 64, 0, 0, 0]);
+        file.extend((0..64u8).map(|i| i.wrapping_mul(7)));
+        let dir = std::env::temp_dir().join(format!("vna-core-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let path = dir.join("stored.dcm");
+        std::fs::write(&path, &file).expect("the stored file");
+        let sha: String = Sha256::digest(&file)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        (path, sha)
+    })
 }
