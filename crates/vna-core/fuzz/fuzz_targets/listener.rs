@@ -38,7 +38,7 @@ impl Handler for Accepting {
     fn store(&self, record: &StoreRecord) -> StoreAnswer {
         assert!(record.path.exists(), "the spool file is handed over");
         StoreAnswer {
-            status: if record.size % 2 == 0 { 0 } else { 0xA900 },
+            status: if record.size.is_multiple_of(2) { 0 } else { 0xA900 },
             comment: Some("fuzz\\answer\u{7f}".into()),
         }
     }
