@@ -1,9 +1,10 @@
 //! Upper Layer PDUs (PS3.8 9.3): the A-ASSOCIATE-RQ parser, the encoders of the
 //! PDUs an acceptor sends, and the P-DATA-TF splitter.
 //!
-//! Every parser works on a PDU body already read (bounded by the caller) and
-//! never allocates more than the body's size; every length field is checked
-//! against the bytes that are actually there.
+//! Every parser works on a PDU body already read (bounded by the caller); no single
+//! allocation it makes is larger than that bound (at most [`MAX_CONTEXTS`] contexts, one
+//! User Information item, PDVs split in place); every length field is checked against the
+//! bytes that are actually there.
 
 use std::fmt;
 
@@ -14,6 +15,11 @@ pub const P_DATA_TF: u8 = 0x04;
 pub const A_RELEASE_RQ: u8 = 0x05;
 pub const A_RELEASE_RP: u8 = 0x06;
 pub const A_ABORT: u8 = 0x07;
+
+/// The most presentation contexts an A-ASSOCIATE-RQ or -AC may carry: their IDs are the odd
+/// numbers 1-255 (PS3.8 9.3.2.2). With this and one User Information item, no vector a parser
+/// builds is larger than the PDU body's bound.
+pub const MAX_CONTEXTS: usize = 128;
 
 /// The DICOM Application Context Name (PS3.7 A.2.1).
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
@@ -159,7 +165,11 @@ pub fn parse_associate_rq(body: &[u8]) -> Result<AssociateRq, PduError> {
                 rq.application_context = uid_text(value, "Application Context Name")?;
                 seen_app = true;
             }
+            0x20 if rq.contexts.len() == MAX_CONTEXTS => {
+                return err(format!("more than {MAX_CONTEXTS} presentation contexts"))
+            }
             0x20 => rq.contexts.push(parse_proposed_context(value)?),
+            0x50 if seen_user => return err("a second User Information item"),
             0x50 => {
                 parse_user_info(value, &mut rq)?;
                 seen_user = true;
@@ -352,9 +362,40 @@ impl Pdv<'_> {
     }
 }
 
+/// The PDVs of a P-DATA-TF body that [`split_pdvs`] checked; iterating copies and allocates
+/// nothing.
+#[derive(Debug, Clone)]
+pub struct Pdvs<'a> {
+    body: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Iterator for Pdvs<'a> {
+    type Item = Pdv<'a>;
+
+    fn next(&mut self) -> Option<Pdv<'a>> {
+        let body = self.body;
+        let pos = self.pos;
+        if body.len() - pos < 6 {
+            return None;
+        }
+        // checked by split_pdvs: the length fits the body and is at least 2
+        let len =
+            u32::from_be_bytes([body[pos], body[pos + 1], body[pos + 2], body[pos + 3]]) as usize;
+        self.pos = pos + 4 + len;
+        Some(Pdv {
+            context_id: body[pos + 4],
+            control: body[pos + 5],
+            data: &body[pos + 6..pos + 4 + len],
+        })
+    }
+}
+
 /// Split a P-DATA-TF body into its PDVs; an error when the items do not exactly fill it.
-pub fn split_pdvs(body: &[u8]) -> Result<Vec<Pdv<'_>>, PduError> {
-    let mut out = Vec::new();
+///
+/// The whole body is checked before the first PDV is returned, and nothing is allocated
+/// (a vector of PDVs would be several times the body: a PDV header is 6 bytes).
+pub fn split_pdvs(body: &[u8]) -> Result<Pdvs<'_>, PduError> {
     let mut pos = 0usize;
     while pos < body.len() {
         if body.len() - pos < 6 {
@@ -365,17 +406,12 @@ pub fn split_pdvs(body: &[u8]) -> Result<Vec<Pdv<'_>>, PduError> {
         if len < 2 || len > body.len() - pos - 4 {
             return err("PDV length does not fit its PDU");
         }
-        out.push(Pdv {
-            context_id: body[pos + 4],
-            control: body[pos + 5],
-            data: &body[pos + 6..pos + 4 + len],
-        });
         pos += 4 + len;
     }
-    if out.is_empty() {
+    if body.is_empty() {
         return err("P-DATA-TF without a PDV");
     }
-    Ok(out)
+    Ok(Pdvs { body, pos: 0 })
 }
 
 /// A P-DATA-TF (header included) carrying `data` in PDVs of at most `max_pdu` bytes per PDU
@@ -472,6 +508,11 @@ pub fn parse_associate_ac(body: &[u8]) -> Result<AssociateAccept, PduError> {
         let (kind, value) = item?;
         match kind {
             0x10 => ac.application_context = uid_text(value, "Application Context Name")?,
+            0x21 if ac.contexts.len() == MAX_CONTEXTS => {
+                return err(format!(
+                    "more than {MAX_CONTEXTS} presentation context results"
+                ))
+            }
             0x21 => {
                 if value.len() < 4 {
                     return err("presentation context result item too short");
@@ -583,7 +624,7 @@ mod tests {
     #[test]
     fn pdvs_must_fill_the_body() {
         let pdu = encode_pdata(1, true, b"abcd", 0);
-        let pdvs = split_pdvs(&pdu[6..]).unwrap();
+        let pdvs: Vec<_> = split_pdvs(&pdu[6..]).unwrap().collect();
         assert_eq!(pdvs.len(), 1);
         assert!(pdvs[0].is_command() && pdvs[0].is_last());
         assert_eq!(pdvs[0].data, b"abcd");
@@ -591,6 +632,25 @@ mod tests {
         let mut lying = pdu[6..].to_vec();
         lying[0] = 0x7F;
         assert!(split_pdvs(&lying).is_err());
+    }
+
+    #[test]
+    fn many_empty_pdvs_are_split_in_place() {
+        // found by the pdata fuzz target: a vector of PDVs was several times the body
+        let mut body = Vec::new();
+        while body.len() + 6 <= 16384 {
+            body.extend_from_slice(&[0, 0, 0, 2, 1, 0]);
+        }
+        let range = body.as_ptr_range();
+        let mut n = 0;
+        for pdv in split_pdvs(&body).unwrap() {
+            let at = pdv.data.as_ptr();
+            assert!(pdv.data.is_empty() && range.start <= at && at <= range.end);
+            n += 1;
+        }
+        assert_eq!(n, body.len() / 6);
+        body.push(0);
+        assert!(split_pdvs(&body).is_err());
     }
 
     #[test]
@@ -604,7 +664,9 @@ mod tests {
             let (kind, len) = parse_header(out[pos..pos + 6].try_into().unwrap());
             assert_eq!(kind, P_DATA_TF);
             assert!(len <= 30);
-            let pdvs = split_pdvs(&out[pos + 6..pos + 6 + len as usize]).unwrap();
+            let pdvs: Vec<_> = split_pdvs(&out[pos + 6..pos + 6 + len as usize])
+                .unwrap()
+                .collect();
             total += pdvs[0].data.len();
             last = pdvs[0].is_last();
             pos += 6 + len as usize;
@@ -672,7 +734,7 @@ mod tests {
         #[test]
         fn pdv_splitter_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             if let Ok(pdvs) = split_pdvs(&body) {
-                let total: usize = pdvs.iter().map(|p| p.data.len() + 6).sum();
+                let total: usize = pdvs.map(|p| p.data.len() + 6).sum();
                 proptest::prop_assert_eq!(total, body.len());
             }
         }

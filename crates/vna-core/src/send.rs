@@ -592,6 +592,8 @@ pub fn read_pdu<T: Transport + ?Sized>(
         )));
     }
     body.clear();
+    // exactly: a doubling growth would hold up to twice the bound
+    body.reserve_exact(len as usize);
     body.resize(len as usize, 0);
     read_exact(t, body, deadline, network_timeout, waiting_for, false)?;
     Ok(kind)
@@ -956,6 +958,12 @@ impl Sender {
                     return Err(LinkError::Protocol("command set too long".into()));
                 }
                 command_cx = Some(pdv.context_id);
+                let need = self.command.len() + pdv.data.len();
+                if need > self.command.capacity() {
+                    // grow by doubling, but never past the bound
+                    let want = (self.command.capacity() * 2).clamp(need, MAX_COMMAND);
+                    self.command.reserve_exact(want - self.command.len());
+                }
                 self.command.extend_from_slice(pdv.data);
                 if !pdv.is_last() {
                     continue;

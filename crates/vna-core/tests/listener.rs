@@ -191,7 +191,7 @@ fn command(field: u16, sop_class: &str, sop_uid: Option<&str>, data_set: bool) -
 }
 
 fn rsp_status(body: &[u8]) -> u16 {
-    let pdvs = pdu::split_pdvs(body).unwrap();
+    let pdvs: Vec<_> = pdu::split_pdvs(body).unwrap().collect();
     let raw = pdvs[0].data;
     // find (0000,0900)
     let mut pos = 0;
