@@ -836,6 +836,8 @@ impl<'a, H: Handler> Association<'a, H> {
             ));
         }
         let mut body = std::mem::take(&mut self.body);
+        body.clear();
+        body.reserve_exact(len as usize); // never more than the bound checked above
         body.resize(len as usize, 0);
         let read = self.read_exact(&mut body, deadline, false);
         self.body = body;
@@ -1099,7 +1101,7 @@ impl<'a, H: Handler> Association<'a, H> {
                 return Err(End::Abort(6, "command set too long".into()));
             }
             self.command_cx = Some(pdv.context_id);
-            self.command.extend_from_slice(pdv.data);
+            extend_bounded(&mut self.command, pdv.data);
             if pdv.is_last() {
                 let raw = std::mem::take(&mut self.command);
                 let cx = self.command_cx.take().unwrap_or(pdv.context_id);
@@ -1669,7 +1671,7 @@ impl<'a, H: Handler> Association<'a, H> {
                 return Err(End::Abort(6, "command set too long".into()));
             }
             self.command_cx = Some(pdv.context_id);
-            self.command.extend_from_slice(pdv.data);
+            extend_bounded(&mut self.command, pdv.data);
             if !pdv.is_last() {
                 continue;
             }
@@ -1871,6 +1873,16 @@ fn serves(command_field: u16, abstract_syntax: &str) -> bool {
 }
 
 /// An Error Comment (LO): ASCII, no backslash, at most 64 characters.
+/// Append ``data`` (already checked to fit under ``MAX_COMMAND``) without growing the buffer past it.
+fn extend_bounded(buf: &mut Vec<u8>, data: &[u8]) {
+    let need = buf.len() + data.len();
+    if need > buf.capacity() {
+        let want = (buf.capacity() * 2).clamp(need, MAX_COMMAND.max(need));
+        buf.reserve_exact(want - buf.len());
+    }
+    buf.extend_from_slice(data);
+}
+
 fn clean_comment(text: &str) -> String {
     let cleaned: String = text
         .chars()

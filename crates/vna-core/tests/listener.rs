@@ -344,7 +344,7 @@ fn find_statuses(s: &mut TcpStream) -> Vec<u16> {
     loop {
         let (kind, body) = read_pdu(s);
         assert_eq!(kind, pdu::P_DATA_TF);
-        let pdvs = pdu::split_pdvs(&body).unwrap();
+        let pdvs: Vec<_> = pdu::split_pdvs(&body).unwrap().collect();
         if !pdvs[0].is_command() {
             continue;
         }
