@@ -15,7 +15,7 @@ from vna.config import CassandraConfig
 from vna.domain import QueryLevel
 from vna.index.base import Index
 from vna.index.cassandra import SCHEMA_VERSION as CASSANDRA_SCHEMA, CassandraIndex
-from vna.index.query import OTHER_IDS_KEY, encode_other_ids
+from vna.index.query import MAX_OTHER_IDS, OTHER_IDS_KEY, encode_other_ids
 from vna.index.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA, SqliteIndex
 
 from tests.contracts.test_index import backend, find, index, make_placement, make_record, query, uids  # noqa: F401
@@ -92,16 +92,55 @@ def test_other_patient_ids_find_the_study_filed_under_another_id(index: Index) -
     assert patients(index, PatientID="A-1") == {("A-1", "HOSP_A", "1")}
 
 
-def test_a_study_whose_identity_changes_is_found_by_the_new_one_only(index: Index) -> None:
+def test_a_study_whose_patient_id_changes_is_found_by_the_new_primary_id(index: Index) -> None:
+    """The primary PatientID is the latest instance's; the Other Patient IDs of the earlier ones stay."""
     index.register(make_record("2.1.1.1", "2.1.1", "2.1", attrs=LINKED), [make_placement("2.1.1.1")])
     assert uids(index, QueryLevel.STUDY, PatientID="B-777") == {"2.1"}
     corrected = {"PatientID": "A-2", "IssuerOfPatientID": "HOSP_A", "PatientName": "Gamma^Gus"}
     index.register(make_record("2.1.1.2", "2.1.1", "2.1", attrs=corrected, received_at=1_700_000_009.0),
                    [make_placement("2.1.1.2")])
-    assert uids(index, QueryLevel.STUDY, PatientID="B-777") == set()
     assert uids(index, QueryLevel.STUDY, PatientID="A-1") == set()
     assert uids(index, QueryLevel.STUDY, PatientID="A-2", IssuerOfPatientID="HOSP_A") == {"2.1"}
+    assert uids(index, QueryLevel.STUDY, PatientID="B-777", IssuerOfPatientID="HOSP_B") == {"2.1"}
     assert patients(index, PatientID="A-*") == {("A-2", "HOSP_A", "1")}
+
+
+# a PR/SR of study 3.x from another workstation: no issuer, no Other Patient IDs
+BARE = {"PatientID": "A-1", "PatientName": "Gamma^Gus"}
+LINKED_C = LINKED | {OTHER_IDS_KEY: encode_other_ids([("C-5", "HOSP_C")])}
+
+
+def test_instances_without_issuer_or_other_ids_do_not_erase_the_studys(index: Index) -> None:
+    """An absent issuer or Other Patient IDs is unknown, not none, whatever the arrival order: the study
+    keeps its non-empty issuer and the union of its instances' other IDs."""
+    orders = {"3.1": [LINKED, BARE, LINKED_C, BARE], "3.2": [BARE, LINKED_C, BARE, LINKED]}
+    for study, order in orders.items():
+        for n, attrs in enumerate(order):
+            sop = f"{study}.1.{n + 1}"
+            index.register(make_record(sop, f"{study}.1", study, attrs=attrs,
+                                       received_at=1_700_000_000.0 + n), [make_placement(sop)])
+    for level in (QueryLevel.STUDY, QueryLevel.SERIES):
+        rows = find(index, level, PatientID="A-1")
+        assert {(r["PatientID"], r["IssuerOfPatientID"]) for r in rows} == {("A-1", "HOSP_A")}, level
+        assert len(rows) == 2, rows
+    for pid, issuer in (("A-1", "HOSP_A"), ("B-777", "HOSP_B"), ("X-9", ""), ("C-5", "HOSP_C")):
+        assert uids(index, QueryLevel.STUDY, PatientID=pid, IssuerOfPatientID=issuer) == {"3.1", "3.2"}, pid
+    assert uids(index, QueryLevel.IMAGE, PatientID="C-5", IssuerOfPatientID="HOSP_C") == {
+        f"{s}.1.{n}" for s in orders for n in range(1, 5)}
+    assert uids(index, QueryLevel.STUDY, IssuerOfPatientID="HOSP_A") == {"3.1", "3.2"}
+    assert patients(index, PatientID="A-1") == {("A-1", "HOSP_A", "2")}
+    assert patients(index, PatientID="A-1", IssuerOfPatientID="HOSP_A") == {("A-1", "HOSP_A", "2")}
+
+
+def test_other_patient_ids_of_a_study_are_bounded(index: Index) -> None:
+    """The union over a study's instances holds at most MAX_OTHER_IDS items; the first ones stay."""
+    for n in range(3):
+        other = encode_other_ids([(f"O-{n}-{k:02}", "HOSP_O") for k in range(MAX_OTHER_IDS)])
+        sop = f"4.1.1.{n + 1}"
+        index.register(make_record(sop, "4.1.1", "4.1", attrs=BARE | {OTHER_IDS_KEY: other},
+                                   received_at=1_700_000_000.0 + n), [make_placement(sop)])
+    assert uids(index, QueryLevel.STUDY, PatientID="O-0-*") == {"4.1"}
+    assert uids(index, QueryLevel.STUDY, PatientID="O-1-*") == set()
 
 
 def test_stats_count_patients_by_identity(index: Index) -> None:
@@ -131,13 +170,13 @@ def test_sqlite_database_of_schema_v3_is_upgraded_in_place(tmp_path: Path) -> No
 
 def test_cassandra_keyspace_before_schema_v7_is_upgraded(cassandra_config: Callable[..., CassandraConfig],
                                                          cassandra_admin: Any) -> None:
-    """A keyspace without v7 (no other_patient_ids column) keeps its data and answers identity queries after migrate."""
+    """A keyspace without v7 (no other_ids column) keeps its data and answers identity queries after migrate."""
     cfg = cassandra_config()
     idx = CassandraIndex(cfg)
     try:
         idx.migrate()
         ks = cfg.keyspace
-        cassandra_admin.execute(f"ALTER TABLE {ks}.studies DROP other_patient_ids")  # as a v5/v6 keyspace has it
+        cassandra_admin.execute(f"ALTER TABLE {ks}.studies DROP other_ids")  # as a v5/v6 keyspace has it
         cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version = 7")
         idx.close()
         idx = CassandraIndex(cfg)

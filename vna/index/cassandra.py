@@ -185,8 +185,8 @@ from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Ti
 from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
 from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
 from vna.index.cassandra_group import WriteGroups
-from vna.index.query import (COMPUTED_KEYS, IDENTITY_KEYS, LEVEL_KEYS, OTHER_IDS_KEY, Condition, MatchKind,
-                             decode_other_ids, encode_other_ids, identities, matches_all)
+from vna.index.query import (COMPUTED_KEYS, IDENTITY_KEYS, LEVEL_KEYS, MAX_OTHER_IDS, OTHER_IDS_KEY, Condition,
+                             MatchKind, decode_other_ids, encode_other_ids, identities, matches_all)
 
 __all__ = ["CassandraIndex"]
 
@@ -1130,13 +1130,16 @@ class CassandraIndex:
         """The study, studies_by_patient, series and instance rows of a registration (plain upserts)."""
         a = record.attrs
         study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
-        study[OTHER_IDS_KEY] = a.get(OTHER_IDS_KEY, "")
+        if not study["issuer_of_patient_id"]:
+            del study["issuer_of_patient_id"]  # unknown, not none: the study keeps the issuer it has
+        other = self._new_other_ids(record.study_uid, a.get(OTHER_IDS_KEY, ""))
         family = _family_key(study["patient_name"])
         name_family, name_fg = _name_keys(study["patient_name"])
         day, odd = _study_day(study["study_date"])
         modality = a.get("Modality", "").strip(" \x00")
         sets = ", ".join(f"{c} = ?" for c in study)
         add = ", modalities = modalities + ?" if modality else ""
+        add += ", other_ids = other_ids + ?" if other else ""
         # no batchlog: the commit follows only once every row is written
         batch: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
         batch.append((self._prep(
@@ -1144,9 +1147,9 @@ class CassandraIndex:
             f"name_family = ?, name_fg = ?, study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
             (*study.values(), record.received_at, family[:1] or None, family[:3] or None, name_family, name_fg,
              day, odd,
-             *([{modality}] if modality else []), record.study_uid)))
+             *([{modality}] if modality else []), *([set(other)] if other else []), record.study_uid)))
         keys = dict.fromkeys([study["patient_id"] or _EMPTY_PATIENT,
-                              *(pid for pid, _issuer in decode_other_ids(study[OTHER_IDS_KEY]))])
+                              *(pid for pid, _issuer in decode_other_ids("\n".join(other)))])
         for key in keys:  # the primary PatientID, and each other one (schema v7)
             batch.append((self._prep(
                 f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
@@ -1167,6 +1170,17 @@ class CassandraIndex:
             f"VALUES (?, ?, ?, ?, {', '.join('?' for _ in inst)})"),
             (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values())))
         return batch
+
+    def _new_other_ids(self, study_uid: str, encoded: str) -> list[str]:
+        """The items of ``encoded`` (Other Patient IDs of an instance) to add to the study's set: the union
+        over its instances is bounded by MAX_OTHER_IDS (one primary-key read, only when the instance has
+        any; concurrent registrations may each add up to the bound)."""
+        items = encoded.split("\n") if encoded else []
+        if not items:
+            return []
+        rows = list(self._exec(f"SELECT other_ids FROM {self._t('studies')} WHERE study_uid = ?", (study_uid,)))
+        held = set(rows[0]["other_ids"] or ()) if rows else set()
+        return [i for i in items if i not in held][:max(0, MAX_OTHER_IDS - len(held))]
 
     def _serial(self, cql: str, params: Sequence[Any]) -> Any:
         bound = self._prep(cql).bind(tuple(params))
@@ -1989,7 +2003,7 @@ def _study_row(r: Row) -> dict[str, str]:
     row |= {kw: _s(r[col]) for kw, col in _STUDY_COLS.items()}
     row["updated_at"] = _s(r["updated_at"])
     row["last_access"] = _s(r.get("last_access"))
-    row[OTHER_IDS_KEY] = _s(r.get("other_patient_ids"))
+    row[OTHER_IDS_KEY] = "\n".join(sorted(r.get("other_ids") or ()))
     return row
 
 

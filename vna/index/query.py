@@ -45,6 +45,7 @@ __all__ = [
     "ISSUER_ASSIGNED_KEY",
     "IDENTITY_KEYS",
     "MAX_OTHER_IDS",
+    "merge_other_ids",
     "encode_other_ids",
     "decode_other_ids",
     "identities",
@@ -276,6 +277,17 @@ def decode_other_ids(value: str | None) -> list[tuple[str, str]]:
         if pid:
             out.append((pid, issuer))
     return out
+
+
+def merge_other_ids(stored: str | None, new: str | None) -> str:
+    """The union of two encoded sets of Other Patient IDs (:func:`encode_other_ids`), bounded: the stored
+    items are kept and new ones added while fewer than :data:`MAX_OTHER_IDS` are held."""
+    held = dict.fromkeys(decode_other_ids(stored))
+    for pair in decode_other_ids(new):
+        if len(held) >= MAX_OTHER_IDS:
+            break
+        held.setdefault(pair)
+    return encode_other_ids(held)
 
 
 def identities(row: Mapping[str, str | None]) -> list[tuple[str | None, str | None]]:
