@@ -187,3 +187,42 @@ def test_cassandra_keyspace_before_schema_v7_is_upgraded(cassandra_config: Calla
     finally:
         idx.close()
         cassandra_admin.execute(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}")
+
+
+def test_sqlite_migrate_applies_a_version_missing_below_the_highest(tmp_path: Path) -> None:
+    """A version merged after a higher one (a gap in schema_version) is applied, not skipped."""
+    idx = SqliteIndex(tmp_path / "index.sqlite")
+    try:
+        idx.migrate()
+        with idx._write() as conn:  # as if v3 had not been applied while v4 was
+            conn.execute("DROP INDEX instances_study_cover")
+            conn.execute("DELETE FROM schema_version WHERE version = 3")
+        assert idx.migrate() == SQLITE_SCHEMA
+        assert sorted(r[0] for r in idx._read("SELECT version FROM schema_version")) == [1, 2, 3, 4]
+        assert idx._read("SELECT name FROM sqlite_master WHERE name = 'instances_study_cover'")
+        assert idx.migrate() == SQLITE_SCHEMA  # idempotent
+        assert sorted(r[0] for r in idx._read("SELECT version FROM schema_version")) == [1, 2, 3, 4]
+    finally:
+        idx.close()
+
+
+def test_cassandra_migrate_applies_a_version_missing_below_the_highest(
+        cassandra_config: Callable[..., CassandraConfig], cassandra_admin: Any) -> None:
+    """With v7 applied and v5 not (as a v6 merged after v7 would be), migrate applies v5; registration works."""
+    cfg = cassandra_config()
+    idx = CassandraIndex(cfg)
+    try:
+        idx.migrate()
+        ks = cfg.keyspace
+        before = {r["version"] for r in cassandra_admin.execute(f"SELECT version FROM {ks}.schema_version")}
+        cassandra_admin.execute(f"DROP TABLE {ks}.registration_decisions")
+        cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version = 5")
+        idx.close()
+        idx = CassandraIndex(cfg)
+        assert idx.migrate() == CASSANDRA_SCHEMA
+        assert {r["version"] for r in cassandra_admin.execute(f"SELECT version FROM {ks}.schema_version")} == before
+        load(idx)
+        assert patients(idx, PatientID="12345") == {("12345", "HOSP_A", "2"), ("12345", "HOSP_B", "1")}
+    finally:
+        idx.close()
+        cassandra_admin.execute(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}")

@@ -547,9 +547,9 @@ class CassandraIndex:
             self._ddl(f"CREATE TABLE IF NOT EXISTS {self._t('schema_version')} "
                       "(version int PRIMARY KEY, applied_at double)")
             rows = self._session.execute(f"SELECT version FROM {self._t('schema_version')}")
-            current = max((int(r["version"]) for r in rows), default=0)
+            applied = {int(r["version"]) for r in rows}  # one row per version: a gap is applied too
             for version, statements in migrations.items():
-                if current >= version:
+                if version in applied:
                     continue
                 for stmt in statements:  # every statement is idempotent (IF [NOT] EXISTS)
                     self._ddl(stmt)

@@ -252,8 +252,9 @@ class SqliteIndex:
             conn = self._conn()
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             for version, name in sorted(_MIGRATIONS.items()):
-                current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
-                if current < version:
+                # every version not recorded, in order (one row per version: a gap is applied too)
+                done = conn.execute("SELECT 1 FROM schema_version WHERE version = ?", (version,)).fetchone()
+                if done is None:
                     ddl = resources.files("vna.index").joinpath(name).read_text()
                     conn.executescript(
                         f"BEGIN IMMEDIATE;{ddl};INSERT INTO schema_version VALUES ({version}); COMMIT;")
