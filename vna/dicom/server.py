@@ -73,7 +73,7 @@ IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1137.0.1")
 IMPLEMENTATION_VERSION_NAME = "VNA_010"
 _PATIENT_ROOT = {PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelMove,
                  PatientRootQueryRetrieveInformationModelGet}
-_UNIQUE_KEYS = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
+_UNIQUE_KEYS = {"PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
 _SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 _ECHOED_KEYS = ("TimezoneOffsetFromUTC",)
 _THREAD_BACKSTOP = 1 << 16  # pynetdicom's maximum_associations: our limits are dicom.max_* (vna/dicom/limits.py)

@@ -40,6 +40,7 @@ __all__ = [
     "make_condition",
     "matches",
     "matches_all",
+    "matches_primary_identity",
     "normalise_time",
     "OTHER_IDS_KEY",
     "ISSUER_ASSIGNED_KEY",
@@ -295,6 +296,13 @@ def identities(row: Mapping[str, str | None]) -> list[tuple[str | None, str | No
     out: list[tuple[str | None, str | None]] = [(row.get("PatientID"), row.get("IssuerOfPatientID"))]
     out.extend(decode_other_ids(row.get(OTHER_IDS_KEY)))
     return out
+
+
+def matches_primary_identity(conditions: Iterable[Condition], row: Mapping[str, str | None]) -> bool:
+    """True if the row's primary identity (its PatientID and IssuerOfPatientID) satisfies every identity
+    condition; other conditions are ignored. The retrieve rule: a C-MOVE/C-GET by PatientID never follows
+    Other Patient IDs (docs/patient-identity.md)."""
+    return all(matches(c, row.get(c.keyword)) for c in conditions if c.keyword in IDENTITY_KEYS)
 
 
 def matches_all(conditions: Iterable[Condition], row: Mapping[str, str | None]) -> bool:
