@@ -228,3 +228,27 @@ def test_patient_level_retrieve_sends_only_the_patient_of_the_issuer(
     status, got = _get_patient_root(srv.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "",
                                                "IssuerOfPatientID": "HOSP_A"}, sop_class)
     assert (status, got) == (0xA900, set()), hex(status)
+
+
+def test_grpc_source_name_gets_no_assigned_issuer(make_server: Callable[..., VnaServer], tmp_path: Path) -> None:
+    """The issuer of a [[dicom.sender]] is assigned by the calling AE of a DIMSE association only: a gRPC
+    Store that names that AE as its free-form source gets none (unless the object carries one)."""
+    from tests.integration.test_grpc import WRITE, grpc_config  # the gRPC test suite's server config
+    from vna.api.client import VnaClient
+
+    grpc_port = free_port()
+    srv = make_server(CONFIG + grpc_config(grpc_port))
+    out = tmp_path / "sent"
+    out.mkdir()
+    via_grpc = _write(out, 0, 51, PatientID="777", PatientName="DELTA^DORA")
+    via_dimse = _write(out, 0, 52, PatientID="777", PatientName="DELTA^DORA")
+    with VnaClient(f"127.0.0.1:{grpc_port}", WRITE, timeout=60) as client:
+        for p in via_grpc:
+            client.store(p, source_name="PACS_B")
+    _storescu(srv.port, "PACS_B", via_dimse)
+    study_grpc, study_dimse = (str(dcmread(x[0]).StudyInstanceUID) for x in (via_grpc, via_dimse))
+    rows = _find(srv.port, "STUDY", PatientID="777")
+    assert sorted((str(r.StudyInstanceUID), str(r.get("IssuerOfPatientID", ""))) for r in rows) == sorted(
+        [(study_grpc, ""), (study_dimse, "HOSP_B")])
+    assert [str(r.StudyInstanceUID) for r in _find(srv.port, "STUDY", PatientID="777",
+                                                   IssuerOfPatientID="HOSP_B")] == [study_dimse]
