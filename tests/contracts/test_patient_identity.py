@@ -226,3 +226,25 @@ def test_cassandra_migrate_applies_a_version_missing_below_the_highest(
     finally:
         idx.close()
         cassandra_admin.execute(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}")
+
+
+def test_sqlite_issuer_only_query_reads_an_index(tmp_path: Path) -> None:
+    """The statement of an issuer-only PATIENT query searches an index of patient_ids (no scan)."""
+    idx = SqliteIndex(tmp_path / "index.sqlite")
+    try:
+        idx.migrate()
+        load(idx)
+        conn = idx._conn()
+        seen: list[str] = []
+        conn.set_trace_callback(seen.append)
+        try:
+            assert patients(idx, IssuerOfPatientID="HOSP_B") == {
+                ("12345", "HOSP_B", "1"), ("A-1", "HOSP_A", "1"), ("B-777", "HOSP_B", "1")}
+        finally:
+            conn.set_trace_callback(None)
+        stmts = [s for s in seen if "patient_ids" in s]
+        assert stmts, seen
+        plan = " ".join(str(r[3]) for s in stmts for r in conn.execute("EXPLAIN QUERY PLAN " + s))
+        assert "USING COVERING INDEX patient_ids_issuer" in plan and "SCAN p" not in plan, plan
+    finally:
+        idx.close()
