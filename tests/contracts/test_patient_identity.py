@@ -11,8 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
 from vna.config import CassandraConfig
 from vna.domain import QueryLevel
+from vna.errors import InvalidInput
 from vna.index.base import Index
 from vna.index.cassandra import SCHEMA_VERSION as CASSANDRA_SCHEMA, CassandraIndex
 from vna.index.query import MAX_OTHER_IDS, OTHER_IDS_KEY, encode_other_ids
@@ -248,3 +251,21 @@ def test_sqlite_issuer_only_query_reads_an_index(tmp_path: Path) -> None:
         assert "USING COVERING INDEX patient_ids_issuer" in plan and "SCAN p" not in plan, plan
     finally:
         idx.close()
+
+
+def test_issuer_only_patient_query_on_cassandra_is_refused(index: Index) -> None:
+    """No Cassandra index serves IssuerOfPatientID without a PatientID at PATIENT level: refused, not a
+    read of every patient's studies; with a PatientID or a PatientName it is answered (SQLite: always)."""
+    load(index)
+    want = {("12345", "HOSP_B", "1"), ("A-1", "HOSP_A", "1"), ("B-777", "HOSP_B", "1")}
+    if isinstance(index, CassandraIndex):
+        with pytest.raises(InvalidInput, match="IssuerOfPatientID"):
+            patients(index, IssuerOfPatientID="HOSP_B")
+        with pytest.raises(InvalidInput, match="IssuerOfPatientID"):
+            patients(index, PatientID="1234*", IssuerOfPatientID="HOSP_B")
+    else:
+        assert patients(index, IssuerOfPatientID="HOSP_B") == want
+    assert patients(index, PatientID="12345", IssuerOfPatientID="HOSP_B") == {("12345", "HOSP_B", "1")}
+    assert patients(index, PatientName="Gamma*", IssuerOfPatientID="HOSP_B") == {
+        ("A-1", "HOSP_A", "1"), ("B-777", "HOSP_B", "1")}
+    assert len(patients(index)) == 4  # a universal query stops at its limit: served
