@@ -252,3 +252,34 @@ def test_grpc_source_name_gets_no_assigned_issuer(make_server: Callable[..., Vna
         [(study_grpc, ""), (study_dimse, "HOSP_B")])
     assert [str(r.StudyInstanceUID) for r in _find(srv.port, "STUDY", PatientID="777",
                                                    IssuerOfPatientID="HOSP_B")] == [study_dimse]
+
+
+def test_audit_trail_tells_two_patients_12345_apart(make_server: Callable[..., VnaServer], tmp_path: Path) -> None:
+    """Stores, queries and retrieves name the patient ``ID^^^Issuer`` in the audit trail (the carried or
+    the assigned issuer); `vna audit search --patient` finds one domain's, or by the bare ID both."""
+    import json
+
+    srv = make_server(CONFIG)
+    out = tmp_path / "sent"
+    out.mkdir()
+    a = _write(out, 0, 61, PatientID="12345", IssuerOfPatientID="HOSP_A", PatientName="ALPHA^ANNA")
+    b = _write(out, 0, 62, PatientID="12345", PatientName="BETA^BERT")  # HOSP_B assigned by [[dicom.sender]]
+    _storescu(srv.port, "PACS_A", a)
+    _storescu(srv.port, "PACS_B", b)
+    study_b = str(dcmread(b[0]).StudyInstanceUID)
+    assert len(_find(srv.port, "STUDY", PatientID="12345", IssuerOfPatientID="HOSP_B")) == 1
+    _, final, _ = scu.get(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_b},
+                          [str(dcmread(b[0]).SOPClassUID)])
+    assert final.Status == 0x0000
+
+    def search(patient: str) -> list[dict[str, Any]]:
+        r = srv.cli("audit", "search", "--json", "--patient", patient)
+        assert r.returncode == 0, r.stderr
+        return list(json.loads(r.stdout))
+
+    got_b = {(r["event_id"], r["action"]): r["patient_ids"] for r in search("12345^^^HOSP_B")}
+    assert got_b == {("110104", "C"): ["12345^^^HOSP_B"], ("110112", "E"): ["12345^^^HOSP_B"],
+                     ("110104", "R"): ["12345^^^HOSP_B"]}
+    assert {tuple(r["patient_ids"]) for r in search("12345^^^HOSP_A")} == {("12345^^^HOSP_A",)}
+    assert len(search("12345^^^HOSP_A")) == len(a)
+    assert len(search("12345")) == len(a) + len(b) + 2  # the stores, the query and the retrieve

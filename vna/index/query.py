@@ -47,6 +47,7 @@ __all__ = [
     "IDENTITY_KEYS",
     "MAX_OTHER_IDS",
     "merge_other_ids",
+    "audit_patient_id",
     "encode_other_ids",
     "decode_other_ids",
     "identities",
@@ -278,6 +279,12 @@ def decode_other_ids(value: str | None) -> list[tuple[str, str]]:
         if pid:
             out.append((pid, issuer))
     return out
+
+
+def audit_patient_id(patient_id: str, issuer: str | None) -> str:
+    """How the audit trail names a patient: the PatientID, as ``ID^^^Issuer`` (HL7 CX, assigning
+    authority in component 4) when it has an issuer, so two domains' "12345" are told apart."""
+    return f"{patient_id}^^^{issuer}" if patient_id and issuer else patient_id
 
 
 def merge_other_ids(stored: str | None, new: str | None) -> str:

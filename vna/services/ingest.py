@@ -45,7 +45,8 @@ from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Ti
 from vna.errors import (DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost, QuorumNotMet,
                         IndexUnavailable, StateConflict, StorageError)
 from vna.index.base import Index
-from vna.index.query import ISSUER_ASSIGNED_KEY, LEVEL_KEYS, MAX_OTHER_IDS, OTHER_IDS_KEY, encode_other_ids
+from vna.index.query import (ISSUER_ASSIGNED_KEY, LEVEL_KEYS, MAX_OTHER_IDS, OTHER_IDS_KEY, audit_patient_id,
+                             encode_other_ids)
 from vna.integrity.repair import new_blob_key
 from vna.services.dataset_identity import same_dataset
 from vna.services.part10 import scan_part10
@@ -402,7 +403,8 @@ class IngestService:
                 content_sha256, size = sha256_file(path)
         with self.telemetry.stage("ingest.parse"):
             h = read_header(path)
-        rec.patient_ids.append(h.attrs.get("PatientID", ""))
+        rec.patient_ids.append(audit_patient_id(h.attrs.get("PatientID", ""),
+                                                h.attrs.get("IssuerOfPatientID") or issuer))
         rec.study_uids.append(h.study_uid)
         rec.details.update({"sop_uid": h.sop_uid, "series_uid": h.series_uid, "sop_class_uid": h.sop_class_uid})
         if expected_sop_uid is not None and h.sop_uid != expected_sop_uid.strip("\x00 "):

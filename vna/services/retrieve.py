@@ -28,7 +28,7 @@ from vna.domain import LOCAL_SITE, Placement, PlacementState, QueryLevel, Tier, 
 from vna.errors import (BlobNotFound, IntegrityError, LastVerifiedCopyLost, NotFound, SiteUnavailable, StorageError,
                         InvalidInput, VnaError)
 from vna.index.base import Index
-from vna.index.query import Condition, matches_primary_identity
+from vna.index.query import Condition, audit_patient_id, matches_primary_identity
 from vna.storage.accessor import TierAccessor
 from vna.storage.base import LocalPathStore
 from vna.telemetry import Telemetry
@@ -54,7 +54,7 @@ class InstanceRef:
     sop_class_uid: str
     transfer_syntax_uid: str
     study_uid: str = ""
-    patient_id: str = ""
+    patient_id: str = ""  # as the audit trail names the patient (vna.index.query.audit_patient_id)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,8 @@ class RetrieveService:
         with self.telemetry.stage("retrieve.select"):
             rows = self.index.find(QueryLevel.IMAGE, conditions)
             refs = [InstanceRef(r["SOPInstanceUID"], r["SOPClassUID"], r["TransferSyntaxUID"], r["StudyInstanceUID"],
-                                r.get("PatientID", "")) for r in rows if matches_primary_identity(conditions, r)]
+                                audit_patient_id(r.get("PatientID", ""), r.get("IssuerOfPatientID")))
+                    for r in rows if matches_primary_identity(conditions, r)]
         return sorted(refs, key=lambda r: r.sop_uid)
 
     @contextmanager
