@@ -1859,10 +1859,10 @@ class CassandraIndex:
             queries = self._study_queries(QueryLevel.PATIENT, conds)
             if any(q.clauses for q in queries):
                 pids = _unique(_s(r["patient_id"]) for r in self._studies_where(queries))
-            elif any(c.keyword == "IssuerOfPatientID" for c in conds):
+            elif "IssuerOfPatientID" in (kws := {c.keyword for c in conds}) and "PatientID" not in kws:
                 # no index serves it: every patient's studies would be read to answer a few
-                raise InvalidInput("a PATIENT-level query by IssuerOfPatientID needs a PatientID (single value or "
-                                   "list) or a PatientName on the Cassandra index")
+                raise InvalidInput("a PATIENT-level query by IssuerOfPatientID needs a PatientID or a "
+                                   "PatientName on the Cassandra index")
             else:
                 pids = (("" if r["patient_key"] == _EMPTY_PATIENT else r["patient_key"])
                         for r in self._exec(f"SELECT DISTINCT patient_key FROM {self._t('studies_by_patient')}"))
