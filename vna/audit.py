@@ -749,11 +749,17 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
             yield rec
 
 
+def _names_patient(recorded: Iterable[str], patient: str) -> bool:
+    """``patient`` is one of ``recorded``, or the PatientID of one recorded as ``ID^^^Issuer``."""
+    return any(p == patient or p.partition("^^^")[0] == patient for p in recorded)
+
+
 def search(path: Path, *, patient: str | None = None, study: str | None = None, actor: str | None = None,
            since: str | None = None, until: str | None = None, event: str | None = None) -> Iterator[dict[str, Any]]:
     """Records matching every given filter.
 
-    ``patient``/``study``: exact match against any listed id/UID; ``actor``:
+    ``patient``/``study``: exact match against any listed id/UID (a bare PatientID also
+    matches the ``ID^^^Issuer`` entries of every domain); ``actor``:
     the actor id (case-insensitive) or its address; ``since``/``until``:
     inclusive bounds on ``ts`` (ISO 8601 strings in UTC, compared as text, so
     a date matches from its start); ``event``: an event id ("110104") or a
@@ -762,7 +768,7 @@ def search(path: Path, *, patient: str | None = None, study: str | None = None, 
     ev = event.lower() if event else None
     who = actor.lower() if actor else None
     for rec in iter_records(path):
-        if patient is not None and patient not in rec.get("patient_ids", ()):
+        if patient is not None and not _names_patient(rec.get("patient_ids", ()), patient):
             continue
         if study is not None and study not in rec.get("study_uids", ()):
             continue

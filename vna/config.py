@@ -761,7 +761,7 @@ def _validate(cfg: Config) -> None:
     issuers = {s.ae_title.strip(): s.issuer_of_patient_id for s in cfg.dicom.sender if s.issuer_of_patient_id}
     for i, src in enumerate(cfg.migrate.source):
         issuer = src.issuer_of_patient_id
-        if issuer and issuers.get(src.ae_title, issuer) != issuer:
+        if issuer and issuers.get(src.ae_title.strip(), issuer) != issuer:
             raise ConfigError(f"migrate.source[{i}].issuer_of_patient_id differs from the [[dicom.sender]] entry "
                               f"of the same AE title ({src.ae_title}): one AE, one issuer")
 

@@ -20,12 +20,14 @@ import requests
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet
 
 from benchmarks.corpus import StudySpec, make_study
 from vna.index.query import ISSUER_ASSIGNED_KEY
 from vna.index.sqlite import SqliteIndex
 
-from tests.conftest import DCMTK_ENV, VnaServer, dataset_bytes, free_port
+from tests.conftest import DCMTK_ENV, StoreScp, VnaServer, dataset_bytes, free_port
 from tests.integration import scu
 
 CONFIG = """
@@ -154,3 +156,130 @@ def test_two_hospitals_same_patient_id_are_two_patients(make_server: Callable[..
         assert (rec_a.attrs["IssuerOfPatientID"], rec_a.attrs.get(ISSUER_ASSIGNED_KEY)) == ("HOSP_A", None)
     finally:
         idx.close()
+
+
+def _get_patient_root(port: int, identifier: dict[str, str], sop_class: str) -> tuple[int, set[str]]:
+    """A Patient Root C-GET; returns (final status, SOP Instance UIDs received)."""
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES[:])
+    got: set[str] = set()
+
+    def on_store(event: Any) -> int:
+        got.add(str(event.dataset.SOPInstanceUID))
+        return 0
+
+    ds = Dataset()
+    for k, v in identifier.items():
+        setattr(ds, k, v)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VNA", ext_neg=[build_role(sop_class, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    final = -1
+    try:
+        for status, _ in assoc.send_c_get(ds, PatientRootQueryRetrieveInformationModelGet):
+            if status is not None and "Status" in status and status.Status not in (0xFF00, 0xFF01):
+                final = int(status.Status)
+    finally:
+        assoc.release()
+    return final, got
+
+
+def test_patient_level_retrieve_sends_only_the_patient_of_the_issuer(
+        make_server: Callable[..., VnaServer], storescp: StoreScp, tmp_path: Path) -> None:
+    """C-MOVE (DCMTK movescu) and C-GET at PATIENT level by (PatientID, IssuerOfPatientID) with two
+    patients "12345" send only the requested one's instances, never a study that merely lists the ID
+    in Other Patient IDs; an issuer alone is not a unique key (refused, nothing sent)."""
+    srv = make_server(CONFIG + f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {storescp.port}\n')
+    out = tmp_path / "sent"
+    out.mkdir()
+    a = _write(out, 0, 41, PatientID="12345", IssuerOfPatientID="HOSP_A", PatientName="ALPHA^ANNA")
+    b = _write(out, 0, 42, PatientID="12345", PatientName="BETA^BERT")  # HOSP_B assigned by [[dicom.sender]]
+    linked = _write(out, 0, 43, PatientID="A-1", IssuerOfPatientID="HOSP_A", PatientName="GAMMA^GUS")
+    for p in linked:  # lists B's patient as another ID
+        ds = dcmread(p)
+        item = Dataset()
+        item.PatientID = "12345"
+        item.IssuerOfPatientID = "HOSP_B"
+        ds.OtherPatientIDsSequence = Sequence([item])
+        ds.save_as(p, enforce_file_format=True)
+    _storescu(srv.port, "PACS_A", a + linked)
+    _storescu(srv.port, "PACS_B", b)
+    sops = {name: {str(dcmread(p).SOPInstanceUID) for p in paths} for name, paths in
+            (("a", a), ("b", b), ("linked", linked))}
+    # a query follows the other ID (documented); a retrieve must not
+    assert len(_find(srv.port, "STUDY", PatientID="12345", IssuerOfPatientID="HOSP_B")) == 2
+
+    r = subprocess.run(["movescu", "-P", "-aec", "VNA", "-aem", "DEST", "-k", "QueryRetrieveLevel=PATIENT",
+                        "-k", "PatientID=12345", "-k", "IssuerOfPatientID=HOSP_B", "127.0.0.1", str(srv.port)],
+                       env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    moved = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in storescp.files()}
+    assert moved == sops["b"]
+
+    sop_class = str(dcmread(a[0]).SOPClassUID)
+    for ident, want in (({"PatientID": "12345", "IssuerOfPatientID": "HOSP_A"}, sops["a"]),
+                        ({"PatientID": "12345", "IssuerOfPatientID": "HOSP_B"}, sops["b"]),
+                        ({"PatientID": "12345"}, sops["a"] | sops["b"]),
+                        ({"PatientID": "A-1", "IssuerOfPatientID": "HOSP_A"}, sops["linked"])):
+        status, got = _get_patient_root(srv.port, {"QueryRetrieveLevel": "PATIENT", **ident}, sop_class)
+        assert (status, got) == (0x0000, want), ident
+    status, got = _get_patient_root(srv.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "",
+                                               "IssuerOfPatientID": "HOSP_A"}, sop_class)
+    assert (status, got) == (0xA900, set()), hex(status)
+
+
+def test_grpc_source_name_gets_no_assigned_issuer(make_server: Callable[..., VnaServer], tmp_path: Path) -> None:
+    """The issuer of a [[dicom.sender]] is assigned by the calling AE of a DIMSE association only: a gRPC
+    Store that names that AE as its free-form source gets none (unless the object carries one)."""
+    from tests.integration.test_grpc import WRITE, grpc_config  # the gRPC test suite's server config
+    from vna.api.client import VnaClient
+
+    grpc_port = free_port()
+    srv = make_server(CONFIG + grpc_config(grpc_port))
+    out = tmp_path / "sent"
+    out.mkdir()
+    via_grpc = _write(out, 0, 51, PatientID="777", PatientName="DELTA^DORA")
+    via_dimse = _write(out, 0, 52, PatientID="777", PatientName="DELTA^DORA")
+    with VnaClient(f"127.0.0.1:{grpc_port}", WRITE, timeout=60) as client:
+        for p in via_grpc:
+            client.store(p, source_name="PACS_B")
+    _storescu(srv.port, "PACS_B", via_dimse)
+    study_grpc, study_dimse = (str(dcmread(x[0]).StudyInstanceUID) for x in (via_grpc, via_dimse))
+    rows = _find(srv.port, "STUDY", PatientID="777")
+    assert sorted((str(r.StudyInstanceUID), str(r.get("IssuerOfPatientID", ""))) for r in rows) == sorted(
+        [(study_grpc, ""), (study_dimse, "HOSP_B")])
+    assert [str(r.StudyInstanceUID) for r in _find(srv.port, "STUDY", PatientID="777",
+                                                   IssuerOfPatientID="HOSP_B")] == [study_dimse]
+
+
+def test_audit_trail_tells_two_patients_12345_apart(make_server: Callable[..., VnaServer], tmp_path: Path) -> None:
+    """Stores, queries and retrieves name the patient ``ID^^^Issuer`` in the audit trail (the carried or
+    the assigned issuer); `vna audit search --patient` finds one domain's, or by the bare ID both."""
+    import json
+
+    srv = make_server(CONFIG)
+    out = tmp_path / "sent"
+    out.mkdir()
+    a = _write(out, 0, 61, PatientID="12345", IssuerOfPatientID="HOSP_A", PatientName="ALPHA^ANNA")
+    b = _write(out, 0, 62, PatientID="12345", PatientName="BETA^BERT")  # HOSP_B assigned by [[dicom.sender]]
+    _storescu(srv.port, "PACS_A", a)
+    _storescu(srv.port, "PACS_B", b)
+    study_b = str(dcmread(b[0]).StudyInstanceUID)
+    assert len(_find(srv.port, "STUDY", PatientID="12345", IssuerOfPatientID="HOSP_B")) == 1
+    _, final, _ = scu.get(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_b},
+                          [str(dcmread(b[0]).SOPClassUID)])
+    assert final.Status == 0x0000
+
+    def search(patient: str) -> list[dict[str, Any]]:
+        r = srv.cli("audit", "search", "--json", "--patient", patient)
+        assert r.returncode == 0, r.stderr
+        return list(json.loads(r.stdout))
+
+    got_b = {(r["event_id"], r["action"]): r["patient_ids"] for r in search("12345^^^HOSP_B")}
+    assert got_b == {("110104", "C"): ["12345^^^HOSP_B"], ("110112", "E"): ["12345^^^HOSP_B"],
+                     ("110104", "R"): ["12345^^^HOSP_B"]}
+    assert {tuple(r["patient_ids"]) for r in search("12345^^^HOSP_A")} == {("12345^^^HOSP_A",)}
+    assert len(search("12345^^^HOSP_A")) == len(a)
+    assert len(search("12345")) == len(a) + len(b) + 2  # the stores, the query and the retrieve

@@ -116,6 +116,10 @@ def test_prometheus_port_without_telemetry_is_warned_about(tmp_path: Path) -> No
     ('[[dicom.sender]]\nae_title = "MOD_A"\nissuer_of_patient_id = "HOSP_A"\n'
      '[[migrate.source]]\nae_title = "MOD_A"\nhost = "h"\nport = 104\nissuer_of_patient_id = "HOSP_B"\n',
      ("migrate.source[0].issuer_of_patient_id", "MOD_A")),
+    # AE titles compare stripped (as the assignment looks them up): one AE, one issuer
+    ('[[dicom.sender]]\nae_title = "MOD_A"\nissuer_of_patient_id = "HOSP_A"\n'
+     '[[migrate.source]]\nae_title = "MOD_A "\nhost = "h"\nport = 104\nissuer_of_patient_id = "HOSP_B"\n',
+     ("migrate.source[0].issuer_of_patient_id", "MOD_A")),
     ('[[migrate.source]]\nae_title = "OLD"\nhost = "h"\nport = 104\nissuer_of_patient_id = "A\\nB"\n',
      ("migrate.source[0].issuer_of_patient_id",)),
 ])

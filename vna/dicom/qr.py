@@ -14,7 +14,7 @@ __all__ = ["PATIENT_ROOT", "UNIQUE_KEYS", "identifier_map", "move_contexts", "qu
 
 #: the Patient Root FIND, MOVE and GET information models
 PATIENT_ROOT = frozenset({"1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3"})
-UNIQUE_KEYS = {"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
+UNIQUE_KEYS = {"PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
 SKIP_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"}
 ECHOED_KEYS = ("TimezoneOffsetFromUTC",)
 

@@ -210,8 +210,8 @@ from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflic
 from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
 from vna.index.cassandra_counters import CassandraCounters
 from vna.index.cassandra_group import WriteGroups
-from vna.index.query import (COMPUTED_KEYS, IDENTITY_KEYS, LEVEL_KEYS, OTHER_IDS_KEY, Condition, MatchKind,
-                             decode_other_ids, encode_other_ids, identities, matches_all)
+from vna.index.query import (COMPUTED_KEYS, IDENTITY_KEYS, LEVEL_KEYS, MAX_OTHER_IDS, OTHER_IDS_KEY, Condition,
+                             MatchKind, decode_other_ids, encode_other_ids, identities, matches_all)
 
 __all__ = ["CassandraIndex"]
 
@@ -575,9 +575,9 @@ class CassandraIndex:
             self._ddl(f"CREATE TABLE IF NOT EXISTS {self._t('schema_version')} "
                       "(version int PRIMARY KEY, applied_at double)")
             rows = self._session.execute(f"SELECT version FROM {self._t('schema_version')}")
-            current = max((int(r["version"]) for r in rows), default=0)
+            applied = {int(r["version"]) for r in rows}  # one row per version: a gap is applied too
             for version, statements in migrations.items():
-                if current >= version:
+                if version in applied:
                     continue
                 for stmt in statements:  # every statement is idempotent (IF [NOT] EXISTS)
                     self._ddl(stmt)
@@ -1243,13 +1243,16 @@ class CassandraIndex:
         the instance row ``USING TIMESTAMP stamp`` when given)."""
         a = record.attrs
         study = {col: a.get(kw, "") for kw, col in _STUDY_COLS.items()}
-        study[OTHER_IDS_KEY] = a.get(OTHER_IDS_KEY, "")
+        if not study["issuer_of_patient_id"]:
+            del study["issuer_of_patient_id"]  # unknown, not none: the study keeps the issuer it has
+        other = self._new_other_ids(record.study_uid, a.get(OTHER_IDS_KEY, ""))
         family = _family_key(study["patient_name"])
         name_family, name_fg = _name_keys(study["patient_name"])
         day, odd = _study_day(study["study_date"])
         modality = a.get("Modality", "").strip(" \x00")
         sets = ", ".join(f"{c} = ?" for c in study)
         add = ", modalities = modalities + ?" if modality else ""
+        add += ", other_ids = other_ids + ?" if other else ""
         # no batchlog: the commit follows only once every row is written
         batch: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
         batch.append((self._prep(
@@ -1257,9 +1260,9 @@ class CassandraIndex:
             f"name_family = ?, name_fg = ?, study_day = ?, study_date_odd = ?{add} WHERE study_uid = ?"),
             (*study.values(), record.received_at, family[:1] or None, family[:3] or None, name_family, name_fg,
              day, odd,
-             *([{modality}] if modality else []), record.study_uid)))
+             *([{modality}] if modality else []), *([set(other)] if other else []), record.study_uid)))
         keys = dict.fromkeys([study["patient_id"] or _EMPTY_PATIENT,
-                              *(pid for pid, _issuer in decode_other_ids(study[OTHER_IDS_KEY]))])
+                              *(pid for pid, _issuer in decode_other_ids("\n".join(other)))])
         for key in keys:  # the primary PatientID, and each other one (schema v7)
             batch.append((self._prep(
                 f"INSERT INTO {self._t('studies_by_patient')} (patient_key, study_uid) VALUES (?, ?)"),
@@ -1281,6 +1284,17 @@ class CassandraIndex:
             (record.study_uid, record.series_uid, record.sop_uid, record.version, *inst.values(),
              int(time.time() * 1_000_000) if stamp is None else stamp)))
         return batch
+
+    def _new_other_ids(self, study_uid: str, encoded: str) -> list[str]:
+        """The items of ``encoded`` (Other Patient IDs of an instance) to add to the study's set: the union
+        over its instances is bounded by MAX_OTHER_IDS (one primary-key read, only when the instance has
+        any; concurrent registrations may each add up to the bound)."""
+        items = encoded.split("\n") if encoded else []
+        if not items:
+            return []
+        rows = list(self._exec(f"SELECT other_ids FROM {self._t('studies')} WHERE study_uid = ?", (study_uid,)))
+        held = set(rows[0]["other_ids"] or ()) if rows else set()
+        return [i for i in items if i not in held][:max(0, MAX_OTHER_IDS - len(held))]
 
     def _serial(self, cql: str, params: Sequence[Any]) -> Any:
         bound = self._prep(cql).bind(tuple(params))
@@ -1975,6 +1989,10 @@ class CassandraIndex:
             queries = self._study_queries(QueryLevel.PATIENT, conds)
             if any(q.clauses for q in queries):
                 pids = _unique(_s(r["patient_id"]) for r in self._studies_where(queries))
+            elif "IssuerOfPatientID" in (kws := {c.keyword for c in conds}) and "PatientID" not in kws:
+                # no index serves it: every patient's studies would be read to answer a few
+                raise InvalidInput("a PATIENT-level query by IssuerOfPatientID needs a PatientID or a "
+                                   "PatientName on the Cassandra index")
             else:
                 pids = (("" if r["patient_key"] == _EMPTY_PATIENT else r["patient_key"])
                         for r in self._exec(f"SELECT DISTINCT patient_key FROM {self._t('studies_by_patient')}"))
@@ -2099,7 +2117,7 @@ def _study_row(r: Row) -> dict[str, str]:
     row |= {kw: _s(r[col]) for kw, col in _STUDY_COLS.items()}
     row["updated_at"] = _s(r["updated_at"])
     row["last_access"] = _s(r.get("last_access"))
-    row[OTHER_IDS_KEY] = _s(r.get("other_patient_ids"))
+    row[OTHER_IDS_KEY] = "\n".join(sorted(r.get("other_ids") or ()))
     return row
 
 

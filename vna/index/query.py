@@ -40,11 +40,14 @@ __all__ = [
     "make_condition",
     "matches",
     "matches_all",
+    "matches_primary_identity",
     "normalise_time",
     "OTHER_IDS_KEY",
     "ISSUER_ASSIGNED_KEY",
     "IDENTITY_KEYS",
     "MAX_OTHER_IDS",
+    "merge_other_ids",
+    "audit_patient_id",
     "encode_other_ids",
     "decode_other_ids",
     "identities",
@@ -278,11 +281,35 @@ def decode_other_ids(value: str | None) -> list[tuple[str, str]]:
     return out
 
 
+def audit_patient_id(patient_id: str, issuer: str | None) -> str:
+    """How the audit trail names a patient: the PatientID, as ``ID^^^Issuer`` (HL7 CX, assigning
+    authority in component 4) when it has an issuer, so two domains' "12345" are told apart."""
+    return f"{patient_id}^^^{issuer}" if patient_id and issuer else patient_id
+
+
+def merge_other_ids(stored: str | None, new: str | None) -> str:
+    """The union of two encoded sets of Other Patient IDs (:func:`encode_other_ids`), bounded: the stored
+    items are kept and new ones added while fewer than :data:`MAX_OTHER_IDS` are held."""
+    held = dict.fromkeys(decode_other_ids(stored))
+    for pair in decode_other_ids(new):
+        if len(held) >= MAX_OTHER_IDS:
+            break
+        held.setdefault(pair)
+    return encode_other_ids(held)
+
+
 def identities(row: Mapping[str, str | None]) -> list[tuple[str | None, str | None]]:
     """Every identity of a row: its primary (PatientID, IssuerOfPatientID), then its other ones."""
     out: list[tuple[str | None, str | None]] = [(row.get("PatientID"), row.get("IssuerOfPatientID"))]
     out.extend(decode_other_ids(row.get(OTHER_IDS_KEY)))
     return out
+
+
+def matches_primary_identity(conditions: Iterable[Condition], row: Mapping[str, str | None]) -> bool:
+    """True if the row's primary identity (its PatientID and IssuerOfPatientID) satisfies every identity
+    condition; other conditions are ignored. The retrieve rule: a C-MOVE/C-GET by PatientID never follows
+    Other Patient IDs (docs/patient-identity.md)."""
+    return all(matches(c, row.get(c.keyword)) for c in conditions if c.keyword in IDENTITY_KEYS)
 
 
 def matches_all(conditions: Iterable[Condition], row: Mapping[str, str | None]) -> bool:

@@ -34,7 +34,7 @@ from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Ti
 from vna.errors import IndexUnavailable, StateConflict
 from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
 from vna.index.query import (IDENTITY_KEYS, LEVEL_KEYS, OTHER_IDS_KEY, Condition, MatchKind, decode_other_ids,
-                             encode_other_ids, matches_all)
+                             encode_other_ids, matches_all, merge_other_ids)
 
 __all__ = ["SqliteIndex"]
 
@@ -252,8 +252,9 @@ class SqliteIndex:
             conn = self._conn()
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             for version, name in sorted(_MIGRATIONS.items()):
-                current = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
-                if current < version:
+                # every version not recorded, in order (one row per version: a gap is applied too)
+                done = conn.execute("SELECT 1 FROM schema_version WHERE version = ?", (version,)).fetchone()
+                if done is None:
                     ddl = resources.files("vna.index").joinpath(name).read_text()
                     conn.executescript(
                         f"BEGIN IMMEDIATE;{ddl};INSERT INTO schema_version VALUES ({version}); COMMIT;")
@@ -338,7 +339,7 @@ class SqliteIndex:
             raise StateConflict(f"instance {record.sop_uid} version {record.version} exists") from None
         study_cols = LEVEL_KEYS[QueryLevel.PATIENT] + LEVEL_KEYS[QueryLevel.STUDY][1:]
         study = {k: a.get(k, "") for k in study_cols} | {OTHER_IDS_KEY: a.get(OTHER_IDS_KEY, "")}
-        self._identities(conn, record.study_uid, study)
+        study = self._identities(conn, record.study_uid, study)
         self._upsert(conn, "studies", "StudyInstanceUID", record.study_uid, study | {"updated_at": record.received_at})
         self._upsert(conn, "series", "SeriesInstanceUID", record.series_uid,
                      {k: a.get(k, "") for k in LEVEL_KEYS[QueryLevel.SERIES][1:]}
@@ -356,20 +357,28 @@ class SqliteIndex:
             self._insert_placement(conn, p)
 
     @staticmethod
-    def _identities(conn: sqlite3.Connection, study_uid: str, study: dict[str, str]) -> None:
-        """Keep ``patient_ids`` equal to the study's identities as ``study`` (its new row) states them.
+    def _identities(conn: sqlite3.Connection, study_uid: str, study: dict[str, str]) -> dict[str, str]:
+        """The study row to write, merged with the stored one, and ``patient_ids`` kept equal to its identities.
 
-        One primary-key read when they are unchanged (every instance of a study but the first)."""
-        new = (study["PatientID"], study["IssuerOfPatientID"], study[OTHER_IDS_KEY])
+        An instance's absent value is unknown, not none (docs/patient-identity.md, "Instances of one study"):
+        the study keeps its non-empty issuer when the instance has none, and its Other Patient IDs are the
+        union over its instances (at most MAX_OTHER_IDS, the first ones kept). One primary-key read when the
+        identities are unchanged (every instance of a study but the first)."""
         old = conn.execute("SELECT PatientID, IssuerOfPatientID, other_patient_ids FROM studies "
                            "WHERE StudyInstanceUID = ?", (study_uid,)).fetchone()
+        if old is not None:
+            if not study["IssuerOfPatientID"]:
+                study = study | {"IssuerOfPatientID": old[1]}
+            study = study | {OTHER_IDS_KEY: merge_other_ids(old[2], study[OTHER_IDS_KEY])}
+        new = (study["PatientID"], study["IssuerOfPatientID"], study[OTHER_IDS_KEY])
         if old is not None and tuple(old) == new:
-            return
+            return study
         if old is not None:
             conn.execute("DELETE FROM patient_ids WHERE StudyInstanceUID = ?", (study_uid,))
         pairs = {(new[0], new[1]), *decode_other_ids(new[2])}
         conn.executemany("INSERT OR IGNORE INTO patient_ids VALUES (?, ?, ?)",
                          [(pid, issuer, study_uid) for pid, issuer in pairs])
+        return study
 
     @staticmethod
     def _upsert(conn: sqlite3.Connection, table: str, pk: str, key: str, values: dict[str, Any]) -> None:

@@ -45,7 +45,8 @@ from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Ti
 from vna.errors import (DuplicateConflict, IntegrityError, InvalidDataset, LastVerifiedCopyLost, QuorumNotMet,
                         IndexUnavailable, StateConflict, StorageError)
 from vna.index.base import Index
-from vna.index.query import ISSUER_ASSIGNED_KEY, LEVEL_KEYS, MAX_OTHER_IDS, OTHER_IDS_KEY, encode_other_ids
+from vna.index.query import (ISSUER_ASSIGNED_KEY, LEVEL_KEYS, MAX_OTHER_IDS, OTHER_IDS_KEY, audit_patient_id,
+                             encode_other_ids)
 from vna.integrity.repair import new_blob_key
 from vna.services.dataset_identity import same_dataset
 from vna.services.part10 import scan_part10
@@ -364,15 +365,21 @@ class IngestService:
         trail refuses service, and after storing if the record of this
         store cannot be written (the instance is then stored, unacknowledged;
         a retry is idempotent). ``actor`` defaults to the AE ``source_ae``.
+        The issuer configured for ``source_ae`` (``assigned_issuers``) is recorded for an object without
+        one only when the actor is that AE (a DIMSE association, a migration run): ``source_ae`` is a
+        free label for gRPC, STOW-RS and CLI callers, whose objects get no assigned issuer.
         """
         who = actor if actor is not None else Actor(source_ae or "unknown", "ae")
+        by_ae = who.kind == "ae" and who.id.strip() == source_ae.strip()
+        issuer = self.assigned_issuers.get(source_ae.strip()) if by_ae else None
         tel = self.telemetry
         with (self.audit.operation(INSTANCES_TRANSFERRED, "C", who) as rec,
               tel.span("ingest", start_ns=spooled.started_ns if spooled is not None else None, inner=True)):
             if spooled is not None:
                 tel.stage_done("ingest.receive", spooled.started_ns, spooled.ended_ns, {"vna.bytes": spooled.size})
             try:
-                result = self._ingest(path, source_ae, expected_sop_uid, expected_sop_class, rec, owned, spooled)
+                result = self._ingest(path, source_ae, expected_sop_uid, expected_sop_class, rec, owned, spooled,
+                                      issuer)
             except BaseException:
                 tel.ingest_instances.add_key(1, _FAILED)
                 raise
@@ -387,7 +394,8 @@ class IngestService:
             return result
 
     def _ingest(self, path: Path, source_ae: str, expected_sop_uid: str | None, expected_sop_class: str | None,
-                rec: AuditScope, owned: bool = False, spooled: Spooled | None = None) -> IngestResult:
+                rec: AuditScope, owned: bool = False, spooled: Spooled | None = None,
+                issuer: str | None = None) -> IngestResult:
         if spooled is not None:
             content_sha256, size = spooled.sha256, spooled.size
         else:
@@ -395,7 +403,8 @@ class IngestService:
                 content_sha256, size = sha256_file(path)
         with self.telemetry.stage("ingest.parse"):
             h = read_header(path)
-        rec.patient_ids.append(h.attrs.get("PatientID", ""))
+        rec.patient_ids.append(audit_patient_id(h.attrs.get("PatientID", ""),
+                                                h.attrs.get("IssuerOfPatientID") or issuer))
         rec.study_uids.append(h.study_uid)
         rec.details.update({"sop_uid": h.sop_uid, "series_uid": h.series_uid, "sop_class_uid": h.sop_class_uid})
         if expected_sop_uid is not None and h.sop_uid != expected_sop_uid.strip("\x00 "):
@@ -417,7 +426,7 @@ class IngestService:
                     return same
             version = 1 if existing is None else existing.version + 1
             try:
-                return self._store(path, h, version, content_sha256, size, source_ae, owned)
+                return self._store(path, h, version, content_sha256, size, source_ae, owned, issuer)
             except StateConflict:
                 log.info("concurrent store of %s version %d; re-checking", h.sop_uid, version)
                 continue
@@ -547,7 +556,7 @@ class IngestService:
         return True
 
     def _store(self, path: Path, h: _Header, version: int, sha: str, size: int, source_ae: str,
-               owned: bool = False) -> IngestResult:
+               owned: bool = False, issuer: str | None = None) -> IngestResult:
         key = f"{h.study_uid}/{h.series_uid}/{h.sop_uid}.v{version}.{uuid.uuid4().hex[:12]}.dcm"
         t0 = time.monotonic()
         with self.telemetry.stage("ingest.write"):
@@ -559,7 +568,7 @@ class IngestService:
             sop_uid=h.sop_uid, series_uid=h.series_uid, study_uid=h.study_uid, sop_class_uid=h.sop_class_uid,
             transfer_syntax_uid=h.transfer_syntax_uid, version=version, content_sha256=sha,
             content_size=size, received_at=now, source_ae=source_ae,
-            attrs=assign_issuer(h.attrs, self.assigned_issuers.get(source_ae.strip())),
+            attrs=assign_issuer(h.attrs, issuer),
         )
         written = [w.store_id for w in writes if w.ok]
         try:

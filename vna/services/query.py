@@ -15,7 +15,7 @@ from vna.audit import QUERY, Actor, AuditLog
 from vna.domain import InstanceRecord, PlacementState, QueryLevel, site_of
 from vna.errors import InvalidInput
 from vna.index.base import Index
-from vna.index.query import Condition, keys_for_level, make_condition
+from vna.index.query import Condition, audit_patient_id, keys_for_level, make_condition
 
 if TYPE_CHECKING:
     from vna.federation.sites import Sites
@@ -32,6 +32,13 @@ def _exact(value: str) -> list[str]:
     if not value or any(c in value for c in _WILDCARDS):
         return []
     return [v for v in value.split("\\") if v]
+
+
+def _audit_patients(identifier: Mapping[str, str]) -> list[str]:
+    """The exact PatientIDs of an identifier, qualified by its issuer when it names exactly one."""
+    issuers = _exact(identifier.get("IssuerOfPatientID", ""))
+    issuer = issuers[0] if len(issuers) == 1 else None
+    return [audit_patient_id(pid, issuer) for pid in _exact(identifier.get("PatientID", ""))]
 
 
 class QueryService:
@@ -73,7 +80,7 @@ class QueryService:
             raise InvalidInput(f"unknown query level {level!r}")
         keys = {k: v for k, v in identifier.items() if v and v != "*"}
         with self.audit.operation(QUERY, "E", actor or _UNIDENTIFIED,
-                                  patient_ids=_exact(identifier.get("PatientID", "")),
+                                  patient_ids=_audit_patients(identifier),
                                   study_uids=_exact(identifier.get("StudyInstanceUID", "")),
                                   details={"level": level.value, "keys": keys}) as rec:
             n = 0

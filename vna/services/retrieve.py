@@ -26,9 +26,9 @@ from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog
 from vna.checksum import sha256_file
 from vna.domain import LOCAL_SITE, Placement, PlacementState, QueryLevel, Tier, site_of
 from vna.errors import (BlobNotFound, IntegrityError, LastVerifiedCopyLost, NotFound, SiteUnavailable, StorageError,
-                        VnaError)
+                        InvalidInput, VnaError)
 from vna.index.base import Index
-from vna.index.query import Condition
+from vna.index.query import Condition, audit_patient_id, matches_primary_identity
 from vna.storage.accessor import TierAccessor
 from vna.storage.base import LocalPathStore
 from vna.telemetry import Telemetry
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["VerifiedInstance", "InstanceRef", "Transfer", "RetrieveService"]
 
 log = logging.getLogger(__name__)
+
+#: the keys a retrieve must hold one of (IssuerOfPatientID alone would select a whole domain)
+_RETRIEVE_UNIQUE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})
 
 _TIER_ORDER = {Tier.CACHE: 0, Tier.HOT: 1, Tier.COLD: 2}
 
@@ -51,7 +54,7 @@ class InstanceRef:
     sop_class_uid: str
     transfer_syntax_uid: str
     study_uid: str = ""
-    patient_id: str = ""
+    patient_id: str = ""  # as the audit trail names the patient (vna.index.query.audit_patient_id)
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,18 @@ class RetrieveService:
         spool_dir.mkdir(parents=True, exist_ok=True)
 
     def select(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRef]:
-        """Instances under the matching entities, in a stable order."""
+        """Instances under the matching entities, in a stable order.
+
+        ``conditions`` must hold a unique key (PatientID or a UID; InvalidInput otherwise). PatientID and
+        IssuerOfPatientID match the study's primary identity only: a retrieve never follows Other Patient
+        IDs, and with an issuer it sends that patient's instances only (docs/patient-identity.md)."""
+        if not any(c.keyword in _RETRIEVE_UNIQUE_KEYS for c in conditions):
+            raise InvalidInput("a retrieve needs at least one unique key")
         with self.telemetry.stage("retrieve.select"):
             rows = self.index.find(QueryLevel.IMAGE, conditions)
             refs = [InstanceRef(r["SOPInstanceUID"], r["SOPClassUID"], r["TransferSyntaxUID"], r["StudyInstanceUID"],
-                                r.get("PatientID", "")) for r in rows]
+                                audit_patient_id(r.get("PatientID", ""), r.get("IssuerOfPatientID")))
+                    for r in rows if matches_primary_identity(conditions, r)]
         return sorted(refs, key=lambda r: r.sop_uid)
 
     @contextmanager

@@ -11,6 +11,8 @@ CREATE TABLE IF NOT EXISTS patient_ids (
     PRIMARY KEY (PatientID, IssuerOfPatientID, StudyInstanceUID)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS patient_ids_study ON patient_ids(StudyInstanceUID);
+-- a query by IssuerOfPatientID without a PatientID (the primary key leads with PatientID)
+CREATE INDEX IF NOT EXISTS patient_ids_issuer ON patient_ids(IssuerOfPatientID, PatientID);
 -- the PATIENT-level counts of one (PatientID, IssuerOfPatientID); replaces studies_patient (its prefix)
 CREATE INDEX IF NOT EXISTS studies_identity ON studies(PatientID, IssuerOfPatientID);
 DROP INDEX IF EXISTS studies_patient;
