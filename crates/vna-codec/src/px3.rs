@@ -1,0 +1,665 @@
+//! The `px3` pixel stream: a fast static-model coder for greyscale frames.
+//!
+//! Per frame: the encoder picks one of [`NPRED`] fixed predictors for every
+//! strip of [`STRIP`] rows (the one with the smallest estimated cost), codes
+//! the zigzag residual (modulo 2^bits) as a token (values below 16 as
+//! themselves, larger ones as their bit length and top mantissa bit) plus raw
+//! low bits, and codes the tokens with two interleaved rANS states over static
+//! per-context frequency tables. The context is the bucketed sum of the
+//! neighbouring residuals (N, NW, NE of the previous row, twice W), and
+//! adjacent buckets are merged where one table is cheaper than two. Contexts
+//! only depend on residuals, so the decoder decodes a row of residuals and then
+//! rebuilds the row's pixels with the strip's predictor.
+//!
+//! Frame: `body_len u32 | body`, body = `ngroups u8 | ngroups-1 bucket
+//! boundaries u8 | predictor u8 per strip | per group: nsym u8, nsym LEB128
+//! frequencies (sum 4096) | nwords u32 | raw_len u32 | nwords u16 rANS words |
+//! raw_len bytes of raw bits (LSB first)`. The decoder checks every field, that
+//! the rANS states end where the encoder started them and that both parts are
+//! consumed exactly; it never panics.
+
+use crate::{Error, Geometry};
+
+const PREC: u32 = 12;
+const M: u32 = 1 << PREC;
+/// No frequency above this: every symbol costs at least log2(4096/4032) = 0.0227 bit,
+/// which bounds the samples a stream can describe (see [`MAX_SAMPLES_PER_BYTE`]).
+const MAX_FREQ: u32 = M - 64;
+/// Samples per stream byte a valid stream cannot exceed (8 / 0.0227 = 352).
+pub(crate) const MAX_SAMPLES_PER_BYTE: usize = 352;
+const RANS_L: u32 = 1 << 16;
+const FINE: usize = 16;
+const STRIP: usize = 32;
+const NPRED: usize = 7;
+const ALPHA: usize = 40;
+
+fn alphabet(bits: u32) -> usize {
+    if bits == 8 {
+        24
+    } else {
+        ALPHA
+    }
+}
+
+#[inline(always)]
+fn token(z: u32) -> (u32, u32) {
+    if z < 16 {
+        (z, 0)
+    } else {
+        let n = 31 - z.leading_zeros();
+        (16 + (n - 4) * 2 + ((z >> (n - 1)) & 1), n - 1)
+    }
+}
+
+/// (raw bit count, base value) of every token.
+fn token_table() -> [(u32, u32); ALPHA] {
+    let mut t = [(0u32, 0u32); ALPHA];
+    for (k, e) in t.iter_mut().enumerate() {
+        let k = k as u32;
+        *e = if k < 16 {
+            (0, k)
+        } else {
+            let n = 4 + (k - 16) / 2;
+            (n - 1, (1 << n) | (((k - 16) & 1) << (n - 1)))
+        };
+    }
+    t
+}
+
+#[inline(always)]
+fn bucket(act: u32) -> usize {
+    ((32 - act.leading_zeros()) as usize).min(FINE - 1)
+}
+
+/// The activity of a pixel's neighbourhood: its previous row's residuals (NW + 2N + NE).
+#[inline(always)]
+fn act(nw: u32, n: u32, ne: u32) -> u32 {
+    nw + 2 * n + ne
+}
+
+#[inline(always)]
+fn rans_step(s: &mut u32, base: u32, table: &[u32], words: &[u16], wp: &mut usize) -> u8 {
+    let e = table[(base | (*s & (M - 1))) as usize];
+    let x = (e & 0x1FFF) * (*s >> PREC) + ((e >> 13) & 0xFFF);
+    let need = x < RANS_L;
+    // words has one zero of padding; a stream that reads past it is refused at the end
+    let w = u32::from(words[(*wp).min(words.len() - 1)]);
+    *s = if need { (x << 16) | w } else { x };
+    *wp += usize::from(need);
+    (e >> 25) as u8
+}
+
+#[inline(always)]
+fn zigzag(d: i32) -> u32 {
+    ((d << 1) ^ (d >> 31)) as u32
+}
+
+#[inline(always)]
+fn unzigzag(z: u32) -> i32 {
+    ((z >> 1) as i32) ^ -((z & 1) as i32)
+}
+
+#[inline(always)]
+fn predict<const P: usize>(w: i32, n: i32, nw: i32, ne: i32) -> i32 {
+    match P {
+        0 => {
+            let (lo, hi) = if w < n { (w, n) } else { (n, w) };
+            (w + n - nw).clamp(lo, hi)
+        }
+        1 => w + n - nw,
+        2 => (w + n) >> 1,
+        3 => w,
+        4 => n,
+        5 => w + ((ne - nw) >> 1),
+        _ => (3 * (w + n) - 2 * nw + 2) >> 2,
+    }
+}
+
+/// Residuals `z` of one row (`y > 0`): `pp` is the previous row padded by one
+/// on each side (pads = its end samples), `cur` the row.
+#[inline(always)]
+fn residual_row<const P: usize>(pp: &[i32], cur: &[i32], z: &mut [u32], mask: i32, half: i32) {
+    let cols = cur.len();
+    let mut w = pp[1];
+    for x in 0..cols {
+        let v = cur[x];
+        let p = predict::<P>(w, pp[x + 1], pp[x], pp[x + 2]);
+        z[x] = zigzag((((v - p) + half) & mask) - half);
+        w = v;
+    }
+}
+
+fn residual_row_dyn(k: usize, pp: &[i32], cur: &[i32], z: &mut [u32], mask: i32, half: i32) {
+    match k {
+        0 => residual_row::<0>(pp, cur, z, mask, half),
+        1 => residual_row::<1>(pp, cur, z, mask, half),
+        2 => residual_row::<2>(pp, cur, z, mask, half),
+        3 => residual_row::<3>(pp, cur, z, mask, half),
+        4 => residual_row::<4>(pp, cur, z, mask, half),
+        5 => residual_row::<5>(pp, cur, z, mask, half),
+        _ => residual_row::<6>(pp, cur, z, mask, half),
+    }
+}
+
+#[inline(always)]
+fn rebuild_row<const P: usize>(pp: &[i32], z: &[u32], cur: &mut [i32], mask: i32) {
+    let mut w = pp[1];
+    for (x, (c, &zz)) in cur.iter_mut().zip(z).enumerate() {
+        let p = predict::<P>(w, pp[x + 1], pp[x], pp[x + 2]);
+        w = (p + unzigzag(zz)) & mask;
+        *c = w;
+    }
+}
+
+fn rebuild_row_dyn(k: usize, pp: &[i32], z: &[u32], cur: &mut [i32], mask: i32) {
+    match k {
+        0 => rebuild_row::<0>(pp, z, cur, mask),
+        1 => rebuild_row::<1>(pp, z, cur, mask),
+        2 => rebuild_row::<2>(pp, z, cur, mask),
+        3 => rebuild_row::<3>(pp, z, cur, mask),
+        4 => rebuild_row::<4>(pp, z, cur, mask),
+        5 => rebuild_row::<5>(pp, z, cur, mask),
+        _ => rebuild_row::<6>(pp, z, cur, mask),
+    }
+}
+
+fn pad_row(row: &[i32], pp: &mut [i32]) {
+    pp[1..row.len() + 1].copy_from_slice(row);
+    pp[0] = row[0];
+    pp[row.len() + 1] = row[row.len() - 1];
+}
+
+/// Estimated cost of a residual row: the bit length of each zigzag value.
+fn row_cost(z: &[u32]) -> u64 {
+    z.iter().map(|&v| u64::from(32 - v.leading_zeros())).sum()
+}
+
+// ------------------------------------------------------------------ frequency tables
+
+fn entropy_bits(h: &[u32]) -> f64 {
+    let total: u64 = h.iter().map(|&c| u64::from(c)).sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let t = total as f64;
+    let used = h.iter().filter(|&&c| c > 0).count() as f64;
+    h.iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| -(c as f64) * (c as f64 / t).log2())
+        .sum::<f64>()
+        + 12.0 * used
+        + 8.0
+}
+
+/// Contiguous groups of fine buckets (as their first bucket), merged greedily while merging saves bits.
+fn merge_groups(hist: &[[u32; ALPHA]; FINE]) -> Vec<usize> {
+    let mut starts: Vec<usize> = (0..FINE).collect();
+    let mut sums: Vec<[u32; ALPHA]> = hist.to_vec();
+    loop {
+        let mut best: Option<(f64, usize)> = None;
+        for i in 0..sums.len().saturating_sub(1) {
+            let mut m = sums[i];
+            for (a, b) in m.iter_mut().zip(&sums[i + 1]) {
+                *a += b;
+            }
+            let delta = entropy_bits(&m) - entropy_bits(&sums[i]) - entropy_bits(&sums[i + 1]);
+            if delta <= 0.0 && best.is_none_or(|(d, _)| delta < d) {
+                best = Some((delta, i));
+            }
+        }
+        let Some((_, i)) = best else { break };
+        let next = sums.remove(i + 1);
+        for (a, b) in sums[i].iter_mut().zip(&next) {
+            *a += b;
+        }
+        starts.remove(i + 1);
+    }
+    starts
+}
+
+/// Frequencies summing to [`M`], each used symbol at least 1, none above [`MAX_FREQ`].
+fn normalize(h: &[u32; ALPHA]) -> [u32; ALPHA] {
+    let total: u64 = h.iter().map(|&c| u64::from(c)).sum();
+    let mut f = [0u32; ALPHA];
+    if total == 0 {
+        f[0] = MAX_FREQ;
+        f[1] = M - MAX_FREQ;
+        return f;
+    }
+    for (o, &c) in f.iter_mut().zip(h) {
+        if c > 0 {
+            *o = ((u64::from(c) * u64::from(M) + total / 2) / total).max(1) as u32;
+        }
+    }
+    let sum: u32 = f.iter().sum();
+    let top = (0..ALPHA).max_by_key(|&i| f[i]).unwrap_or(0);
+    f[top] = (f[top] + M).saturating_sub(sum).max(1);
+    let sum: u32 = f.iter().sum();
+    if sum != M {
+        // only when rounding made the largest negative: take from the largest ones
+        let mut excess = sum - M;
+        while excess > 0 {
+            let i = (0..ALPHA).max_by_key(|&i| f[i]).unwrap_or(0);
+            f[i] -= 1;
+            excess -= 1;
+        }
+    }
+    if f[top] > MAX_FREQ {
+        let other = if top == 0 { 1 } else { 0 };
+        f[other] += f[top] - MAX_FREQ;
+        f[top] = MAX_FREQ;
+    }
+    f
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u32) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+// ------------------------------------------------------------------ raw bits
+
+struct RawWriter {
+    acc: u64,
+    n: u32,
+    out: Vec<u8>,
+}
+
+impl RawWriter {
+    #[inline(always)]
+    fn put(&mut self, v: u32, bits: u32) {
+        self.acc |= u64::from(v) << self.n;
+        self.n += bits;
+        if self.n >= 32 {
+            self.out.extend_from_slice(&(self.acc as u32).to_le_bytes());
+            self.acc >>= 32;
+            self.n -= 32;
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        while self.n > 0 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n = self.n.saturating_sub(8);
+        }
+        self.out
+    }
+}
+
+// ------------------------------------------------------------------ encoder
+
+struct Plan {
+    starts: Vec<usize>,
+    map: [u8; FINE],
+    freqs: Vec<[u32; ALPHA]>,
+}
+
+fn samples_i32(frame: &[u8], g: &Geometry) -> Vec<i32> {
+    let flip = i32::from(g.sign_flip());
+    if g.bits == 8 {
+        frame.iter().map(|&b| i32::from(b) ^ flip).collect()
+    } else {
+        frame
+            .chunks_exact(2)
+            .map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])) ^ flip)
+            .collect()
+    }
+}
+
+pub(crate) fn encode_frame(frame: &[u8], g: &Geometry) -> Vec<u8> {
+    let (rows, cols, bits) = (g.rows, g.cols, g.bits);
+    let mask = ((1u32 << bits) - 1) as i32;
+    let half = 1i32 << (bits - 1);
+    let img = samples_i32(frame, g);
+    let n = rows * cols;
+    let mut z = vec![0u32; n];
+    // row 0: every predictor is W (0 at x = 0)
+    let mut w = 0;
+    for x in 0..cols {
+        let v = img[x];
+        z[x] = zigzag((((v - w) + half) & mask) - half);
+        w = v;
+    }
+    let nstrips = rows.div_ceil(STRIP);
+    let mut preds = vec![0u8; nstrips];
+    let mut pp = vec![0i32; cols + 2];
+    let mut trial = vec![0u32; cols];
+    for (s, pred) in preds.iter_mut().enumerate() {
+        let (y0, y1) = ((s * STRIP).max(1), ((s + 1) * STRIP).min(rows));
+        let mut costs = [0u64; NPRED];
+        // judge on every other row (all of them when the strip is short)
+        let step = if y1 - y0 > 8 { 2 } else { 1 };
+        for y in (y0..y1).step_by(step) {
+            pad_row(&img[(y - 1) * cols..y * cols], &mut pp);
+            let cur = &img[y * cols..(y + 1) * cols];
+            for (k, c) in costs.iter_mut().enumerate() {
+                residual_row_dyn(k, &pp, cur, &mut trial, mask, half);
+                *c += row_cost(&trial);
+            }
+        }
+        let best = (0..NPRED).min_by_key(|&k| costs[k]).unwrap_or(0);
+        *pred = best as u8;
+        for y in y0..y1 {
+            pad_row(&img[(y - 1) * cols..y * cols], &mut pp);
+            let cur = &img[y * cols..(y + 1) * cols];
+            residual_row_dyn(best, &pp, cur, &mut z[y * cols..(y + 1) * cols], mask, half);
+        }
+    }
+    // contexts, tokens, raw bits, histograms
+    let mut toks = vec![0u8; n];
+    let mut ctxs = vec![0u8; n];
+    let mut hist = [[0u32; ALPHA]; FINE];
+    let mut raw = RawWriter {
+        acc: 0,
+        n: 0,
+        out: Vec::with_capacity(n),
+    };
+    let zero_row = vec![0u32; cols + 2];
+    let mut zp = vec![0u32; cols + 2];
+    for y in 0..rows {
+        let prev: &[u32] = if y == 0 { &zero_row } else { &zp };
+        let row = &z[y * cols..(y + 1) * cols];
+        for x in 0..cols {
+            let b = bucket(act(prev[x], prev[x + 1], prev[x + 2]));
+            let v = row[x];
+            let (t, nr) = token(v);
+            raw.put(v & ((1u32 << nr) - 1), nr);
+            toks[y * cols + x] = t as u8;
+            ctxs[y * cols + x] = b as u8;
+            hist[b][t as usize] += 1;
+        }
+        zp[1..cols + 1].copy_from_slice(row);
+    }
+    let starts = merge_groups(&hist);
+    let mut map = [0u8; FINE];
+    let mut freqs = Vec::with_capacity(starts.len());
+    for (gi, &s) in starts.iter().enumerate() {
+        let e = starts.get(gi + 1).copied().unwrap_or(FINE);
+        let mut h = [0u32; ALPHA];
+        for b in s..e {
+            map[b] = gi as u8;
+            for (a, c) in h.iter_mut().zip(&hist[b]) {
+                *a += c;
+            }
+        }
+        freqs.push(normalize(&h));
+    }
+    let plan = Plan { starts, map, freqs };
+    let words = rans_encode(&toks, &ctxs, &plan);
+    let raw = raw.finish();
+    // assemble
+    let mut body = Vec::with_capacity(64 + words.len() * 2 + raw.len());
+    body.push(plan.starts.len() as u8);
+    body.extend(plan.starts[1..].iter().map(|&s| s as u8));
+    body.extend_from_slice(&preds);
+    let alpha = alphabet(bits);
+    for f in &plan.freqs {
+        let nsym = (0..alpha).rev().find(|&i| f[i] > 0).map_or(1, |i| i + 1);
+        body.push(nsym as u8);
+        for &v in &f[..nsym] {
+            put_varint(&mut body, v);
+        }
+    }
+    body.extend_from_slice(&(words.len() as u32).to_le_bytes());
+    body.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    for w in &words {
+        body.extend_from_slice(&w.to_le_bytes());
+    }
+    body.extend_from_slice(&raw);
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn rans_encode(toks: &[u8], ctxs: &[u8], plan: &Plan) -> Vec<u16> {
+    // cumulative starts per group
+    let cum: Vec<[u32; ALPHA]> = plan
+        .freqs
+        .iter()
+        .map(|f| {
+            let mut c = [0u32; ALPHA];
+            let mut s = 0;
+            for (o, &v) in c.iter_mut().zip(f) {
+                *o = s;
+                s += v;
+            }
+            c
+        })
+        .collect();
+    let mut out: Vec<u16> = Vec::with_capacity(toks.len() / 2 + 8);
+    let mut st = [RANS_L; 2];
+    for i in (0..toks.len()).rev() {
+        let gi = plan.map[ctxs[i] as usize] as usize;
+        let t = toks[i] as usize;
+        let (freq, start) = (plan.freqs[gi][t], cum[gi][t]);
+        let s = &mut st[i & 1];
+        let x_max = ((RANS_L >> PREC) << 16) * freq;
+        if *s >= x_max {
+            out.push(*s as u16);
+            *s >>= 16;
+        }
+        *s = ((*s / freq) << PREC) + (*s % freq) + start;
+    }
+    for s in [st[1], st[0]] {
+        out.push(s as u16);
+        out.push((s >> 16) as u16);
+    }
+    out.reverse();
+    out
+}
+
+// ------------------------------------------------------------------ decoder
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| Error::Corrupt("px3 frame is truncated".into()))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, Error> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, Error> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn varint(&mut self) -> Result<u32, Error> {
+        let mut v = 0u32;
+        for shift in [0, 7] {
+            let b = self.u8()?;
+            v |= u32::from(b & 0x7F) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(Error::Corrupt("px3 frequency is too long".into()))
+    }
+}
+
+fn corrupt(m: &str) -> Error {
+    Error::Corrupt(m.into())
+}
+
+/// Decode one frame body into `out` (the frame's little-endian sample bytes).
+pub(crate) fn decode_frame(body: &[u8], g: &Geometry, out: &mut [u8]) -> Result<(), Error> {
+    let (rows, cols, bits) = (g.rows, g.cols, g.bits);
+    let mask = ((1u32 << bits) - 1) as i32;
+    let alpha = alphabet(bits);
+    let mut c = Cursor { buf: body, pos: 0 };
+    let ngroups = usize::from(c.u8()?);
+    if ngroups == 0 || ngroups > FINE {
+        return Err(corrupt("px3 context group count out of range"));
+    }
+    let mut map = [0u8; FINE];
+    let mut prev = 0usize;
+    let mut bounds = Vec::with_capacity(ngroups);
+    bounds.push(0usize);
+    for _ in 1..ngroups {
+        let b = usize::from(c.u8()?);
+        if b <= prev || b >= FINE {
+            return Err(corrupt("px3 context groups out of order"));
+        }
+        bounds.push(b);
+        prev = b;
+    }
+    for (gi, &s) in bounds.iter().enumerate() {
+        let e = bounds.get(gi + 1).copied().unwrap_or(FINE);
+        for m in &mut map[s..e] {
+            *m = gi as u8;
+        }
+    }
+    let nstrips = rows.div_ceil(STRIP);
+    let preds = c.take(nstrips)?;
+    if preds.iter().any(|&p| usize::from(p) >= NPRED) {
+        return Err(corrupt("px3 predictor out of range"));
+    }
+    // slot tables: freq (13 bits) | slot - start (12 bits) << 13 | symbol << 25
+    let mut table = vec![0u32; ngroups << PREC];
+    for gi in 0..ngroups {
+        let nsym = usize::from(c.u8()?);
+        if nsym == 0 || nsym > alpha {
+            return Err(corrupt("px3 table size out of range"));
+        }
+        let mut start = 0u32;
+        for sym in 0..nsym {
+            let f = c.varint()?;
+            if f > MAX_FREQ || start + f > M {
+                return Err(corrupt("px3 frequencies out of range"));
+            }
+            let base = (gi << PREC) + start as usize;
+            for (j, t) in table[base..base + f as usize].iter_mut().enumerate() {
+                *t = f | ((j as u32) << 13) | ((sym as u32) << 25);
+            }
+            start += f;
+        }
+        if start != M {
+            return Err(corrupt("px3 frequencies do not sum to 4096"));
+        }
+    }
+    let nwords = c.u32()? as usize;
+    let raw_len = c.u32()? as usize;
+    let wbytes = c.take(
+        nwords
+            .checked_mul(2)
+            .ok_or_else(|| corrupt("px3 length overflow"))?,
+    )?;
+    let rawb = c.take(raw_len)?;
+    if c.pos != body.len() {
+        return Err(corrupt("px3 frame has trailing bytes"));
+    }
+    if nwords < 4 {
+        return Err(corrupt("px3 rANS part too short"));
+    }
+    let mut words: Vec<u16> = wbytes
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    words.push(0);
+    let mut st = [
+        (u32::from(words[0]) << 16) | u32::from(words[1]),
+        (u32::from(words[2]) << 16) | u32::from(words[3]),
+    ];
+    let mut wp = 4usize;
+    let mut rawp: Vec<u8> = Vec::with_capacity(raw_len + 8);
+    rawp.extend_from_slice(rawb);
+    rawp.extend_from_slice(&[0u8; 8]);
+    let raw_max = raw_len; // byte index limit for 8-byte loads
+    let mut bitpos = 0usize;
+    let tt = token_table();
+
+    let mut zp = vec![0u32; cols + 2];
+    let mut zc = vec![0u32; cols + 2];
+    let mut pp = vec![0i32; cols + 2];
+    let mut cur = vec![0i32; cols];
+    let mut idx = 0usize;
+    let mut cb = vec![0u32; cols];
+    let mut syms = vec![0u8; cols];
+    let bps = g.bytes_per_sample();
+    let flip = i32::from(g.sign_flip());
+    for y in 0..rows {
+        // contexts of row y: from the previous row's residuals only, so the symbol chain
+        // below does not wait for the raw bits or the pixels
+        for (x, c) in cb.iter_mut().enumerate() {
+            *c = u32::from(map[bucket(act(zp[x], zp[x + 1], zp[x + 2]))]) << PREC;
+        }
+        // tokens of row y: two interleaved rANS states (even and odd pixel index)
+        let par = idx & 1;
+        let (mut s0, mut s1) = (st[par], st[par ^ 1]);
+        let mut pairs = syms.chunks_exact_mut(2).zip(cb.chunks_exact(2));
+        for (sy, c) in &mut pairs {
+            sy[0] = rans_step(&mut s0, c[0], &table, &words, &mut wp);
+            sy[1] = rans_step(&mut s1, c[1], &table, &words, &mut wp);
+        }
+        if cols % 2 == 1 {
+            syms[cols - 1] = rans_step(&mut s0, cb[cols - 1], &table, &words, &mut wp);
+            std::mem::swap(&mut s0, &mut s1);
+        }
+        st[par] = s0;
+        st[par ^ 1] = s1;
+        idx += cols;
+        // raw low bits: residuals of row y
+        for (zz, &sy) in zc[1..cols + 1].iter_mut().zip(&syms) {
+            let (nr, base) = tt[usize::from(sy)];
+            let at = (bitpos >> 3).min(raw_max);
+            let chunk = u64::from_le_bytes(rawp[at..at + 8].try_into().unwrap_or([0; 8]));
+            *zz = base | (((chunk >> (bitpos & 7)) as u32) & ((1u32 << nr) - 1));
+            bitpos += nr as usize;
+        }
+        // pixels of row y
+        if y == 0 {
+            let mut w = 0i32;
+            for (cv, &zz) in cur.iter_mut().zip(&zc[1..cols + 1]) {
+                w = (w + unzigzag(zz)) & mask;
+                *cv = w;
+            }
+        } else {
+            rebuild_row_dyn(
+                usize::from(preds[y / STRIP]),
+                &pp,
+                &zc[1..cols + 1],
+                &mut cur,
+                mask,
+            );
+        }
+        pad_row(&cur, &mut pp);
+        std::mem::swap(&mut zp, &mut zc);
+        let o = &mut out[y * cols * bps..(y + 1) * cols * bps];
+        if bps == 1 {
+            for (ob, &v) in o.iter_mut().zip(&cur) {
+                *ob = (v ^ flip) as u8;
+            }
+        } else {
+            for (ob, &v) in o.chunks_exact_mut(2).zip(&cur) {
+                ob.copy_from_slice(&((v ^ flip) as u16).to_le_bytes());
+            }
+        }
+    }
+    if st != [RANS_L, RANS_L] || wp != nwords {
+        return Err(corrupt("px3 rANS part does not end where it should"));
+    }
+    if bitpos.div_ceil(8) != raw_len {
+        return Err(corrupt("px3 raw-bit part has the wrong length"));
+    }
+    if bitpos % 8 != 0 && (rawb[raw_len - 1] >> (bitpos % 8)) != 0 {
+        return Err(corrupt("px3 raw-bit padding is not zero"));
+    }
+    Ok(())
+}
