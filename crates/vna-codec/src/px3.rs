@@ -66,9 +66,10 @@ fn token_table() -> [(u32, u32); ALPHA] {
     t
 }
 
+/// floor(log2(act + 1)), at most 15 (the float exponent: exact for act < 2^24, and vectorisable).
 #[inline(always)]
 fn bucket(act: u32) -> usize {
-    ((32 - act.leading_zeros()) as usize).min(FINE - 1)
+    (((act as f32 + 1.0).to_bits() >> 23) - 127).min(FINE as u32 - 1) as usize
 }
 
 /// The activity of a pixel's neighbourhood: its previous row's residuals (NW + 2N + NE).
@@ -116,28 +117,42 @@ fn predict<const P: usize>(w: i32, n: i32, nw: i32, ne: i32) -> i32 {
 }
 
 /// Residuals `z` of one row (`y > 0`): `pp` is the previous row padded by one
-/// on each side (pads = its end samples), `cur` the row.
+/// on each side (pads = its end samples), `cw` the row shifted right by one
+/// (`cw[0]` = the previous row's first sample, the W of x = 0), `cur` the row.
 #[inline(always)]
-fn residual_row<const P: usize>(pp: &[i32], cur: &[i32], z: &mut [u32], mask: i32, half: i32) {
+fn residual_row<const P: usize>(
+    pp: &[i32],
+    cw: &[i32],
+    cur: &[i32],
+    z: &mut [u16],
+    mask: i32,
+    half: i32,
+) {
     let cols = cur.len();
-    let mut w = pp[1];
+    let (pp, cw, z) = (&pp[..cols + 2], &cw[..cols], &mut z[..cols]);
     for x in 0..cols {
-        let v = cur[x];
-        let p = predict::<P>(w, pp[x + 1], pp[x], pp[x + 2]);
-        z[x] = zigzag((((v - p) + half) & mask) - half);
-        w = v;
+        let p = predict::<P>(cw[x], pp[x + 1], pp[x], pp[x + 2]);
+        z[x] = zigzag((((cur[x] - p) + half) & mask) - half) as u16;
     }
 }
 
-fn residual_row_dyn(k: usize, pp: &[i32], cur: &[i32], z: &mut [u32], mask: i32, half: i32) {
+fn residual_row_dyn(
+    k: usize,
+    pp: &[i32],
+    cw: &[i32],
+    cur: &[i32],
+    z: &mut [u16],
+    mask: i32,
+    half: i32,
+) {
     match k {
-        0 => residual_row::<0>(pp, cur, z, mask, half),
-        1 => residual_row::<1>(pp, cur, z, mask, half),
-        2 => residual_row::<2>(pp, cur, z, mask, half),
-        3 => residual_row::<3>(pp, cur, z, mask, half),
-        4 => residual_row::<4>(pp, cur, z, mask, half),
-        5 => residual_row::<5>(pp, cur, z, mask, half),
-        _ => residual_row::<6>(pp, cur, z, mask, half),
+        0 => residual_row::<0>(pp, cw, cur, z, mask, half),
+        1 => residual_row::<1>(pp, cw, cur, z, mask, half),
+        2 => residual_row::<2>(pp, cw, cur, z, mask, half),
+        3 => residual_row::<3>(pp, cw, cur, z, mask, half),
+        4 => residual_row::<4>(pp, cw, cur, z, mask, half),
+        5 => residual_row::<5>(pp, cw, cur, z, mask, half),
+        _ => residual_row::<6>(pp, cw, cur, z, mask, half),
     }
 }
 
@@ -169,9 +184,12 @@ fn pad_row(row: &[i32], pp: &mut [i32]) {
     pp[row.len() + 1] = row[row.len() - 1];
 }
 
-/// Estimated cost of a residual row: the bit length of each zigzag value.
-fn row_cost(z: &[u32]) -> u64 {
-    z.iter().map(|&v| u64::from(32 - v.leading_zeros())).sum()
+/// Estimated cost of a residual row: about the bit length of each zigzag value
+/// (the float exponent of z + 1, which vectorises where a leading-zero count does not).
+fn row_cost(z: &[u16]) -> u64 {
+    z.iter()
+        .map(|&v| u64::from(((f32::from(v) + 1.0).to_bits() >> 23) - 127))
+        .sum()
 }
 
 // ------------------------------------------------------------------ frequency tables
@@ -260,119 +278,121 @@ fn put_varint(out: &mut Vec<u8>, mut v: u32) {
     out.push(v as u8);
 }
 
-// ------------------------------------------------------------------ raw bits
-
-struct RawWriter {
-    acc: u64,
-    n: u32,
-    out: Vec<u8>,
-}
-
-impl RawWriter {
-    #[inline(always)]
-    fn put(&mut self, v: u32, bits: u32) {
-        self.acc |= u64::from(v) << self.n;
-        self.n += bits;
-        if self.n >= 32 {
-            self.out.extend_from_slice(&(self.acc as u32).to_le_bytes());
-            self.acc >>= 32;
-            self.n -= 32;
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        while self.n > 0 {
-            self.out.push(self.acc as u8);
-            self.acc >>= 8;
-            self.n = self.n.saturating_sub(8);
-        }
-        self.out
-    }
-}
-
 // ------------------------------------------------------------------ encoder
 
-struct Plan {
-    starts: Vec<usize>,
-    map: [u8; FINE],
-    freqs: Vec<[u32; ALPHA]>,
+/// Row `y` of `frame` as unsigned samples (sign bit flipped for signed data).
+fn load_row(frame: &[u8], g: &Geometry, y: usize, out: &mut [i32]) {
+    let flip = i32::from(g.sign_flip());
+    let cols = g.cols;
+    if g.bits == 8 {
+        for (o, &b) in out.iter_mut().zip(&frame[y * cols..(y + 1) * cols]) {
+            *o = i32::from(b) ^ flip;
+        }
+    } else {
+        for (o, c) in out
+            .iter_mut()
+            .zip(frame[y * cols * 2..(y + 1) * cols * 2].chunks_exact(2))
+        {
+            *o = i32::from(u16::from_le_bytes([c[0], c[1]])) ^ flip;
+        }
+    }
 }
 
-fn samples_i32(frame: &[u8], g: &Geometry) -> Vec<i32> {
-    let flip = i32::from(g.sign_flip());
-    if g.bits == 8 {
-        frame.iter().map(|&b| i32::from(b) ^ flip).collect()
-    } else {
-        frame
-            .chunks_exact(2)
-            .map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])) ^ flip)
-            .collect()
-    }
+/// The previous row padded (`pp`) and the current row shifted (`cw`) for [`residual_row`].
+fn neighbours(prev: &[i32], cur: &[i32], pp: &mut [i32], cw: &mut [i32]) {
+    pad_row(prev, pp);
+    cw[0] = prev[0];
+    cw[1..cur.len()].copy_from_slice(&cur[..cur.len() - 1]);
+}
+
+/// Per (group, token): what the rANS encoder needs.
+#[derive(Clone, Copy, Default)]
+struct EncSym {
+    /// floor(2^64 / freq) + 1: x / freq = (x * rcp) >> 64 exactly for x < 2^32 (freq >= 2)
+    rcp: u64,
+    freq: u32,
+    start: u32,
 }
 
 pub(crate) fn encode_frame(frame: &[u8], g: &Geometry) -> Vec<u8> {
     let (rows, cols, bits) = (g.rows, g.cols, g.bits);
     let mask = ((1u32 << bits) - 1) as i32;
     let half = 1i32 << (bits - 1);
-    let img = samples_i32(frame, g);
     let n = rows * cols;
-    let mut z = vec![0u32; n];
+    let mut z = vec![0u16; n];
+    let mut prev = vec![0i32; cols];
+    let mut cur = vec![0i32; cols];
     // row 0: every predictor is W (0 at x = 0)
+    load_row(frame, g, 0, &mut cur);
     let mut w = 0;
     for x in 0..cols {
-        let v = img[x];
-        z[x] = zigzag((((v - w) + half) & mask) - half);
+        let v = cur[x];
+        z[x] = zigzag((((v - w) + half) & mask) - half) as u16;
         w = v;
     }
     let nstrips = rows.div_ceil(STRIP);
     let mut preds = vec![0u8; nstrips];
     let mut pp = vec![0i32; cols + 2];
-    let mut trial = vec![0u32; cols];
+    let mut cw = vec![0i32; cols];
+    let mut trial = vec![0u16; cols];
     for (s, pred) in preds.iter_mut().enumerate() {
         let (y0, y1) = ((s * STRIP).max(1), ((s + 1) * STRIP).min(rows));
         let mut costs = [0u64; NPRED];
-        // judge on every other row (all of them when the strip is short)
-        let step = if y1 - y0 > 8 { 2 } else { 1 };
+        // judge on every fourth row (every row when the strip is short)
+        let step = if y1 - y0 > 8 { 4 } else { 1 };
         for y in (y0..y1).step_by(step) {
-            pad_row(&img[(y - 1) * cols..y * cols], &mut pp);
-            let cur = &img[y * cols..(y + 1) * cols];
+            load_row(frame, g, y - 1, &mut prev);
+            load_row(frame, g, y, &mut cur);
+            neighbours(&prev, &cur, &mut pp, &mut cw);
             for (k, c) in costs.iter_mut().enumerate() {
-                residual_row_dyn(k, &pp, cur, &mut trial, mask, half);
+                residual_row_dyn(k, &pp, &cw, &cur, &mut trial, mask, half);
                 *c += row_cost(&trial);
             }
         }
         let best = (0..NPRED).min_by_key(|&k| costs[k]).unwrap_or(0);
         *pred = best as u8;
+        load_row(frame, g, y0 - 1, &mut cur);
         for y in y0..y1 {
-            pad_row(&img[(y - 1) * cols..y * cols], &mut pp);
-            let cur = &img[y * cols..(y + 1) * cols];
-            residual_row_dyn(best, &pp, cur, &mut z[y * cols..(y + 1) * cols], mask, half);
+            std::mem::swap(&mut prev, &mut cur);
+            load_row(frame, g, y, &mut cur);
+            neighbours(&prev, &cur, &mut pp, &mut cw);
+            let zr = &mut z[y * cols..(y + 1) * cols];
+            residual_row_dyn(best, &pp, &cw, &cur, zr, mask, half);
         }
     }
-    // contexts, tokens, raw bits, histograms
-    let mut toks = vec![0u8; n];
-    let mut ctxs = vec![0u8; n];
-    let mut hist = [[0u32; ALPHA]; FINE];
-    let mut raw = RawWriter {
-        acc: 0,
-        n: 0,
-        out: Vec::with_capacity(n),
-    };
-    let zero_row = vec![0u32; cols + 2];
+    // histograms per fine context (four copies, so runs of one bin do not wait on each
+    // other's increments) and the raw low bits (branch-free: the 8 bytes at the write
+    // position are rewritten every time, `raw` has 8 bytes of slack)
+    let mut hist4 = [[[0u32; ALPHA]; FINE]; 4];
+    let mut raw = vec![0u8; n * 2 + 8];
+    let (mut acc, mut nacc, mut rpos) = (0u64, 0u32, 0usize);
     let mut zp = vec![0u32; cols + 2];
     for y in 0..rows {
-        let prev: &[u32] = if y == 0 { &zero_row } else { &zp };
         let row = &z[y * cols..(y + 1) * cols];
-        for x in 0..cols {
-            let b = bucket(act(prev[x], prev[x + 1], prev[x + 2]));
-            let v = row[x];
+        for (x, &v) in row.iter().enumerate() {
+            let b = bucket(act(zp[x], zp[x + 1], zp[x + 2]));
+            let v = u32::from(v);
             let (t, nr) = token(v);
-            raw.put(v & ((1u32 << nr) - 1), nr);
-            toks[y * cols + x] = t as u8;
-            ctxs[y * cols + x] = b as u8;
-            hist[b][t as usize] += 1;
+            acc |= u64::from(v & ((1u32 << nr) - 1)) << nacc;
+            nacc += nr;
+            raw[rpos..rpos + 8].copy_from_slice(&acc.to_le_bytes());
+            rpos += (nacc >> 3) as usize;
+            acc >>= nacc & !7;
+            nacc &= 7;
+            hist4[x & 3][b][t as usize] += 1;
         }
-        zp[1..cols + 1].copy_from_slice(row);
+        for (d, &v) in zp[1..cols + 1].iter_mut().zip(row) {
+            *d = u32::from(v);
+        }
+    }
+    raw.truncate(rpos + nacc.div_ceil(8) as usize);
+    let mut hist = hist4[0];
+    for h in &hist4[1..] {
+        for (a, b) in hist.iter_mut().zip(h) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
     }
     let starts = merge_groups(&hist);
     let mut map = [0u8; FINE];
@@ -388,68 +408,111 @@ pub(crate) fn encode_frame(frame: &[u8], g: &Geometry) -> Vec<u8> {
         }
         freqs.push(normalize(&h));
     }
-    let plan = Plan { starts, map, freqs };
-    let words = rans_encode(&toks, &ctxs, &plan);
-    let raw = raw.finish();
+    let words = rans_encode(&z, rows, cols, &map, &freqs);
     // assemble
-    let mut body = Vec::with_capacity(64 + words.len() * 2 + raw.len());
-    body.push(plan.starts.len() as u8);
-    body.extend(plan.starts[1..].iter().map(|&s| s as u8));
-    body.extend_from_slice(&preds);
+    let mut out = Vec::with_capacity(80 + nstrips + words.len() * 2 + raw.len());
+    out.extend_from_slice(&[0; 4]);
+    out.push(starts.len() as u8);
+    out.extend(starts[1..].iter().map(|&s| s as u8));
+    out.extend_from_slice(&preds);
     let alpha = alphabet(bits);
-    for f in &plan.freqs {
+    for f in &freqs {
         let nsym = (0..alpha).rev().find(|&i| f[i] > 0).map_or(1, |i| i + 1);
-        body.push(nsym as u8);
+        out.push(nsym as u8);
         for &v in &f[..nsym] {
-            put_varint(&mut body, v);
+            put_varint(&mut out, v);
         }
     }
-    body.extend_from_slice(&(words.len() as u32).to_le_bytes());
-    body.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-    for w in &words {
-        body.extend_from_slice(&w.to_le_bytes());
+    out.extend_from_slice(&(words.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    let wstart = out.len();
+    out.resize(wstart + words.len() * 2, 0);
+    for (o, w) in out[wstart..].chunks_exact_mut(2).zip(&words) {
+        o.copy_from_slice(&w.to_le_bytes());
     }
-    body.extend_from_slice(&raw);
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&raw);
+    let body_len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&body_len.to_le_bytes());
     out
 }
 
-fn rans_encode(toks: &[u8], ctxs: &[u8], plan: &Plan) -> Vec<u16> {
-    // cumulative starts per group
-    let cum: Vec<[u32; ALPHA]> = plan
-        .freqs
-        .iter()
-        .map(|f| {
-            let mut c = [0u32; ALPHA];
-            let mut s = 0;
-            for (o, &v) in c.iter_mut().zip(f) {
-                *o = s;
-                s += v;
+#[inline(always)]
+fn rans_put(s: &mut u32, sym: &EncSym, out: &mut [u16], pos: &mut usize) {
+    let x_max = ((RANS_L >> PREC) << 16) * sym.freq;
+    let emit = *s >= x_max;
+    // out[..pos] is free (at least one word): write always, keep the word only when emitting
+    out[*pos - 1] = *s as u16;
+    *pos -= usize::from(emit);
+    if emit {
+        *s >>= 16;
+    }
+    let q = if sym.freq == 1 {
+        *s
+    } else {
+        ((u128::from(*s) * u128::from(sym.rcp)) >> 64) as u32
+    };
+    *s = (q << PREC) + (*s - q * sym.freq) + sym.start;
+}
+
+/// The rANS words of a frame's residuals, last pixel first, the two states (pixel index
+/// parity) interleaved; reversed at the end so the decoder reads forwards.
+fn rans_encode(
+    z: &[u16],
+    rows: usize,
+    cols: usize,
+    map: &[u8; FINE],
+    freqs: &[[u32; ALPHA]],
+) -> Vec<u16> {
+    let mut syms = vec![EncSym::default(); freqs.len() * ALPHA];
+    for (gi, f) in freqs.iter().enumerate() {
+        let mut start = 0;
+        for (t, &fr) in f.iter().enumerate() {
+            if fr > 0 {
+                let rcp = if fr == 1 {
+                    0
+                } else {
+                    u64::MAX / u64::from(fr) + 1
+                };
+                syms[gi * ALPHA + t] = EncSym {
+                    rcp,
+                    freq: fr,
+                    start,
+                };
             }
-            c
-        })
-        .collect();
-    let mut out: Vec<u16> = Vec::with_capacity(toks.len() / 2 + 8);
-    let mut st = [RANS_L; 2];
-    for i in (0..toks.len()).rev() {
-        let gi = plan.map[ctxs[i] as usize] as usize;
-        let t = toks[i] as usize;
-        let (freq, start) = (plan.freqs[gi][t], cum[gi][t]);
-        let s = &mut st[i & 1];
-        let x_max = ((RANS_L >> PREC) << 16) * freq;
-        if *s >= x_max {
-            out.push(*s as u16);
-            *s >>= 16;
+            start += fr;
         }
-        *s = ((*s / freq) << PREC) + (*s % freq) + start;
+    }
+    // the context base (group * ALPHA) of each pixel of a row, from the row above
+    let mut base = vec![0usize; cols];
+    // filled from the end: at most one word per symbol plus the two final states
+    let mut out = vec![0u16; z.len() + 5];
+    let mut pos = out.len();
+    let mut st = [RANS_L; 2];
+    for y in (0..rows).rev() {
+        if y == 0 {
+            base.fill(usize::from(map[0]) * ALPHA);
+        } else {
+            let above = &z[(y - 1) * cols..y * cols];
+            for (x, b) in base.iter_mut().enumerate() {
+                let nw = if x > 0 { above[x - 1] } else { 0 };
+                let ne = if x + 1 < cols { above[x + 1] } else { 0 };
+                let a = act(u32::from(nw), u32::from(above[x]), u32::from(ne));
+                *b = usize::from(map[bucket(a)]) * ALPHA;
+            }
+        }
+        let row = &z[y * cols..(y + 1) * cols];
+        for x in (0..cols).rev() {
+            let (t, _) = token(u32::from(row[x]));
+            let sym = &syms[base[x] + t as usize];
+            rans_put(&mut st[(y * cols + x) & 1], sym, &mut out, &mut pos);
+        }
     }
     for s in [st[1], st[0]] {
-        out.push(s as u16);
-        out.push((s >> 16) as u16);
+        out[pos - 1] = s as u16;
+        out[pos - 2] = (s >> 16) as u16;
+        pos -= 2;
     }
-    out.reverse();
+    out.drain(..pos);
     out
 }
 
@@ -591,14 +654,22 @@ pub(crate) fn decode_frame(body: &[u8], g: &Geometry, out: &mut [u8]) -> Result<
     let mut cur = vec![0i32; cols];
     let mut idx = 0usize;
     let mut cb = vec![0u32; cols];
+    let mut bk = vec![0u8; cols];
+    let mut mapshift = [0u32; FINE];
+    for (m, &g) in mapshift.iter_mut().zip(&map) {
+        *m = u32::from(g) << PREC;
+    }
     let mut syms = vec![0u8; cols];
     let bps = g.bytes_per_sample();
     let flip = i32::from(g.sign_flip());
     for y in 0..rows {
         // contexts of row y: from the previous row's residuals only, so the symbol chain
         // below does not wait for the raw bits or the pixels
-        for (x, c) in cb.iter_mut().enumerate() {
-            *c = u32::from(map[bucket(act(zp[x], zp[x + 1], zp[x + 2]))]) << PREC;
+        for (b, w) in bk.iter_mut().zip(zp.windows(3)) {
+            *b = bucket(act(w[0], w[1], w[2])) as u8;
+        }
+        for (c, &b) in cb.iter_mut().zip(&bk) {
+            *c = mapshift[usize::from(b) & (FINE - 1)];
         }
         // tokens of row y: two interleaved rANS states (even and odd pixel index)
         let par = idx & 1;
