@@ -483,30 +483,47 @@ fn rans_encode(
         }
     }
     // the context base (group * ALPHA) of each pixel of a row, from the row above
-    let mut base = vec![0usize; cols];
+    let mut base = vec![0u16; cols];
+    let mut bk = vec![0u8; cols];
+    let mut zp = vec![0u32; cols + 2];
+    let mut mapbase = [0u16; FINE];
+    for (m, &g) in mapbase.iter_mut().zip(map) {
+        *m = u16::from(g) * ALPHA as u16;
+    }
     // filled from the end: at most one word per symbol plus the two final states
     let mut out = vec![0u16; z.len() + 5];
     let mut pos = out.len();
-    let mut st = [RANS_L; 2];
+    // sa: the state of the next pixel to code (pixels are coded last first; the state
+    // alternates with the pixel index, both start at RANS_L)
+    let (mut sa, mut sb) = (RANS_L, RANS_L);
     for y in (0..rows).rev() {
-        if y == 0 {
-            base.fill(usize::from(map[0]) * ALPHA);
-        } else {
-            let above = &z[(y - 1) * cols..y * cols];
-            for (x, b) in base.iter_mut().enumerate() {
-                let nw = if x > 0 { above[x - 1] } else { 0 };
-                let ne = if x + 1 < cols { above[x + 1] } else { 0 };
-                let a = act(u32::from(nw), u32::from(above[x]), u32::from(ne));
-                *b = usize::from(map[bucket(a)]) * ALPHA;
+        if y > 0 {
+            for (d, &v) in zp[1..cols + 1].iter_mut().zip(&z[(y - 1) * cols..y * cols]) {
+                *d = u32::from(v);
             }
+        } else {
+            zp.fill(0);
+        }
+        for (b, w) in bk.iter_mut().zip(zp.windows(3)) {
+            *b = bucket(act(w[0], w[1], w[2])) as u8;
+        }
+        for (c, &b) in base.iter_mut().zip(&bk) {
+            *c = mapbase[usize::from(b) & (FINE - 1)];
         }
         let row = &z[y * cols..(y + 1) * cols];
-        for x in (0..cols).rev() {
-            let (t, _) = token(u32::from(row[x]));
-            let sym = &syms[base[x] + t as usize];
-            rans_put(&mut st[(y * cols + x) & 1], sym, &mut out, &mut pos);
+        for (&v, &b) in row.iter().zip(&base).rev() {
+            let (t, _) = token(u32::from(v));
+            rans_put(
+                &mut sa,
+                &syms[usize::from(b) + t as usize],
+                &mut out,
+                &mut pos,
+            );
+            std::mem::swap(&mut sa, &mut sb);
         }
     }
+    // after pixel 0, sa belongs to the odd pixels
+    let st = [sb, sa];
     for s in [st[1], st[0]] {
         out[pos - 1] = s as u16;
         out[pos - 2] = (s >> 16) as u16;
