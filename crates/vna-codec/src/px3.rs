@@ -698,7 +698,6 @@ pub(crate) fn decode_frame(body: &[u8], g: &Geometry, out: &mut [u8]) -> Result<
         }
         if cols % 2 == 1 {
             syms[cols - 1] = rans_step(&mut s0, cb[cols - 1], &table, &words, &mut wp);
-            std::mem::swap(&mut s0, &mut s1);
         }
         st[par] = s0;
         st[par ^ 1] = s1;
