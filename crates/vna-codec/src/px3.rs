@@ -221,7 +221,7 @@ fn merge_groups(hist: &[[u32; ALPHA]; FINE]) -> Vec<usize> {
                 *a += b;
             }
             let delta = entropy_bits(&m) - entropy_bits(&sums[i]) - entropy_bits(&sums[i + 1]);
-            if delta <= 0.0 && best.is_none_or(|(d, _)| delta < d) {
+            if delta <= 0.0 && best.map_or(true, |(d, _)| delta < d) {
                 best = Some((delta, i));
             }
         }
