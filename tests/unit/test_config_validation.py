@@ -106,3 +106,10 @@ def test_prometheus_port_without_telemetry_is_warned_about(tmp_path: Path) -> No
     assert len(warnings) == 1 and "telemetry.prometheus_port" in warnings[0], r.stderr
     assert "telemetry.enabled" in warnings[0]
     assert "WARNING" not in show(tmp_path, "[telemetry]\nenabled = true\nprometheus_port = 9464\n").stderr
+
+
+def test_unknown_cold_codec_is_refused_and_known_ones_accepted(tmp_path: Path) -> None:
+    _config_error(show(tmp_path, '[cold]\ncodec = "dicom-px9"\n'), "cold.codec", "dicom-px3")
+    for codec in ("dicom-px1", "dicom-px2", "dicom-px3"):
+        r = show(tmp_path, f'[cold]\ncodec = "{codec}"\n')
+        assert r.returncode == 0 and codec in r.stdout, r.stderr

@@ -407,7 +407,7 @@ class Migrator:
         now = time.time()
         key = f"{study_uid}/{group_uid}.{uuid.uuid4().hex[:12]}.bundle"
         pending = self._pending_rows(instances, key, now)
-        writer = BundleWriter(self.cold_cfg.zstd_level)
+        writer = BundleWriter(self.cold_cfg.zstd_level, codec=self.cold_cfg.codec)
         for inst in instances:
             with self.retrieve.open_verified(inst.sop_uid, local_only=True) as verified:
                 writer.add(inst.sop_uid, inst.version, verified.path.read_bytes())
