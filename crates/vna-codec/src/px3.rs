@@ -209,28 +209,43 @@ fn entropy_bits(h: &[u32]) -> f64 {
         + 8.0
 }
 
+fn merged(a: &[u32; ALPHA], b: &[u32; ALPHA]) -> [u32; ALPHA] {
+    let mut m = *a;
+    for (x, y) in m.iter_mut().zip(b) {
+        *x += y;
+    }
+    m
+}
+
 /// Contiguous groups of fine buckets (as their first bucket), merged greedily while merging saves bits.
 fn merge_groups(hist: &[[u32; ALPHA]; FINE]) -> Vec<usize> {
     let mut starts: Vec<usize> = (0..FINE).collect();
     let mut sums: Vec<[u32; ALPHA]> = hist.to_vec();
+    let mut cost: Vec<f64> = sums.iter().map(|h| entropy_bits(h)).collect();
+    // gain[i]: bits saved by merging groups i and i + 1 (negative: merging costs)
+    let pair_gain = |sums: &[[u32; ALPHA]], cost: &[f64], i: usize| {
+        cost[i] + cost[i + 1] - entropy_bits(&merged(&sums[i], &sums[i + 1]))
+    };
+    let mut gain: Vec<f64> = (0..FINE - 1).map(|i| pair_gain(&sums, &cost, i)).collect();
     loop {
-        let mut best: Option<(f64, usize)> = None;
-        for i in 0..sums.len().saturating_sub(1) {
-            let mut m = sums[i];
-            for (a, b) in m.iter_mut().zip(&sums[i + 1]) {
-                *a += b;
-            }
-            let delta = entropy_bits(&m) - entropy_bits(&sums[i]) - entropy_bits(&sums[i + 1]);
-            if delta <= 0.0 && best.map_or(true, |(d, _)| delta < d) {
-                best = Some((delta, i));
-            }
-        }
-        let Some((_, i)) = best else { break };
-        let next = sums.remove(i + 1);
-        for (a, b) in sums[i].iter_mut().zip(&next) {
-            *a += b;
-        }
+        let Some(i) = (0..gain.len())
+            .filter(|&i| gain[i] >= 0.0)
+            .max_by(|&a, &b| gain[a].total_cmp(&gain[b]))
+        else {
+            break;
+        };
+        sums[i] = merged(&sums[i], &sums[i + 1]);
+        sums.remove(i + 1);
+        cost[i] = entropy_bits(&sums[i]);
+        cost.remove(i + 1);
         starts.remove(i + 1);
+        gain.remove(i);
+        if i < gain.len() {
+            gain[i] = pair_gain(&sums, &cost, i);
+        }
+        if i > 0 {
+            gain[i - 1] = pair_gain(&sums, &cost, i - 1);
+        }
     }
     starts
 }
@@ -360,17 +375,23 @@ pub(crate) fn encode_frame(frame: &[u8], g: &Geometry) -> Vec<u8> {
             residual_row_dyn(best, &pp, &cw, &cur, zr, mask, half);
         }
     }
-    // histograms per fine context (four copies, so runs of one bin do not wait on each
-    // other's increments) and the raw low bits (branch-free: the 8 bytes at the write
-    // position are rewritten every time, `raw` has 8 bytes of slack)
-    let mut hist4 = [[[0u32; ALPHA]; FINE]; 4];
+    // per pixel: its fine context and token as one index (bucket * ALPHA + token); histograms
+    // of those (four copies, so runs of one bin do not wait on each other's increments); the
+    // raw low bits (branch-free: the 8 bytes at the write position are rewritten every time,
+    // `raw` has 8 bytes of slack)
+    let mut fs = vec![0u16; n];
+    let mut hist4 = vec![[0u32; FINE * ALPHA]; 4];
     let mut raw = vec![0u8; n * 2 + 8];
     let (mut acc, mut nacc, mut rpos) = (0u64, 0u32, 0usize);
     let mut zp = vec![0u32; cols + 2];
+    let mut bk = vec![0u16; cols];
     for y in 0..rows {
+        for (b, w) in bk.iter_mut().zip(zp.windows(3)) {
+            *b = (bucket(act(w[0], w[1], w[2])) * ALPHA) as u16;
+        }
         let row = &z[y * cols..(y + 1) * cols];
-        for (x, &v) in row.iter().enumerate() {
-            let b = bucket(act(zp[x], zp[x + 1], zp[x + 2]));
+        let fsr = &mut fs[y * cols..(y + 1) * cols];
+        for (x, ((&v, &b), f)) in row.iter().zip(&bk).zip(fsr.iter_mut()).enumerate() {
             let v = u32::from(v);
             let (t, nr) = token(v);
             acc |= u64::from(v & ((1u32 << nr) - 1)) << nacc;
@@ -379,18 +400,20 @@ pub(crate) fn encode_frame(frame: &[u8], g: &Geometry) -> Vec<u8> {
             rpos += (nacc >> 3) as usize;
             acc >>= nacc & !7;
             nacc &= 7;
-            hist4[x & 3][b][t as usize] += 1;
+            let k = usize::from(b) + t as usize;
+            *f = k as u16;
+            hist4[x & 3][k % (FINE * ALPHA)] += 1;
         }
         for (d, &v) in zp[1..cols + 1].iter_mut().zip(row) {
             *d = u32::from(v);
         }
     }
     raw.truncate(rpos + nacc.div_ceil(8) as usize);
-    let mut hist = hist4[0];
-    for h in &hist4[1..] {
-        for (a, b) in hist.iter_mut().zip(h) {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x += y;
+    let mut hist = [[0u32; ALPHA]; FINE];
+    for h in &hist4 {
+        for (b, hb) in hist.iter_mut().enumerate() {
+            for (t, c) in hb.iter_mut().enumerate() {
+                *c += h[b * ALPHA + t];
             }
         }
     }
@@ -408,7 +431,7 @@ pub(crate) fn encode_frame(frame: &[u8], g: &Geometry) -> Vec<u8> {
         }
         freqs.push(normalize(&h));
     }
-    let words = rans_encode(&z, rows, cols, &map, &freqs);
+    let words = rans_encode(&fs, &map, &freqs);
     // assemble
     let mut out = Vec::with_capacity(80 + nstrips + words.len() * 2 + raw.len());
     out.extend_from_slice(&[0; 4]);
@@ -454,26 +477,23 @@ fn rans_put(s: &mut u32, sym: &EncSym, out: &mut [u16], pos: &mut usize) {
     *s = (q << PREC) + (*s - q * sym.freq) + sym.start;
 }
 
-/// The rANS words of a frame's residuals, last pixel first, the two states (pixel index
-/// parity) interleaved; reversed at the end so the decoder reads forwards.
-fn rans_encode(
-    z: &[u16],
-    rows: usize,
-    cols: usize,
-    map: &[u8; FINE],
-    freqs: &[[u32; ALPHA]],
-) -> Vec<u16> {
-    let mut syms = vec![EncSym::default(); freqs.len() * ALPHA];
-    for (gi, f) in freqs.iter().enumerate() {
+/// The rANS words of a frame's symbols (`fs`: fine context * ALPHA + token per pixel), last
+/// pixel first, the two states (pixel index parity) interleaved; the decoder reads forwards.
+#[inline(never)]
+fn rans_encode(fs: &[u16], map: &[u8; FINE], freqs: &[[u32; ALPHA]]) -> Vec<u16> {
+    // what to code for each (fine context, token): its group's frequency and start
+    let mut syms = vec![EncSym::default(); FINE * ALPHA];
+    for (b, row) in syms.chunks_exact_mut(ALPHA).enumerate() {
+        let f = &freqs[usize::from(map[b])];
         let mut start = 0;
-        for (t, &fr) in f.iter().enumerate() {
+        for (e, &fr) in row.iter_mut().zip(f) {
             if fr > 0 {
                 let rcp = if fr == 1 {
                     0
                 } else {
                     u64::MAX / u64::from(fr) + 1
                 };
-                syms[gi * ALPHA + t] = EncSym {
+                *e = EncSym {
                     rcp,
                     freq: fr,
                     start,
@@ -482,45 +502,20 @@ fn rans_encode(
             start += fr;
         }
     }
-    // the context base (group * ALPHA) of each pixel of a row, from the row above
-    let mut base = vec![0u16; cols];
-    let mut bk = vec![0u8; cols];
-    let mut zp = vec![0u32; cols + 2];
-    let mut mapbase = [0u16; FINE];
-    for (m, &g) in mapbase.iter_mut().zip(map) {
-        *m = u16::from(g) * ALPHA as u16;
-    }
     // filled from the end: at most one word per symbol plus the two final states
-    let mut out = vec![0u16; z.len() + 5];
+    let mut out = vec![0u16; fs.len() + 5];
     let mut pos = out.len();
     // sa: the state of the next pixel to code (pixels are coded last first; the state
     // alternates with the pixel index, both start at RANS_L)
     let (mut sa, mut sb) = (RANS_L, RANS_L);
-    for y in (0..rows).rev() {
-        if y > 0 {
-            for (d, &v) in zp[1..cols + 1].iter_mut().zip(&z[(y - 1) * cols..y * cols]) {
-                *d = u32::from(v);
-            }
-        } else {
-            zp.fill(0);
-        }
-        for (b, w) in bk.iter_mut().zip(zp.windows(3)) {
-            *b = bucket(act(w[0], w[1], w[2])) as u8;
-        }
-        for (c, &b) in base.iter_mut().zip(&bk) {
-            *c = mapbase[usize::from(b) & (FINE - 1)];
-        }
-        let row = &z[y * cols..(y + 1) * cols];
-        for (&v, &b) in row.iter().zip(&base).rev() {
-            let (t, _) = token(u32::from(v));
-            rans_put(
-                &mut sa,
-                &syms[usize::from(b) + t as usize],
-                &mut out,
-                &mut pos,
-            );
-            std::mem::swap(&mut sa, &mut sb);
-        }
+    for &f in fs.iter().rev() {
+        rans_put(
+            &mut sa,
+            &syms[usize::from(f) % (FINE * ALPHA)],
+            &mut out,
+            &mut pos,
+        );
+        std::mem::swap(&mut sa, &mut sb);
     }
     // after pixel 0, sa belongs to the odd pixels
     let st = [sb, sa];
