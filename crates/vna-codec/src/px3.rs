@@ -227,13 +227,10 @@ fn merge_groups(hist: &[[u32; ALPHA]; FINE]) -> Vec<usize> {
         cost[i] + cost[i + 1] - entropy_bits(&merged(&sums[i], &sums[i + 1]))
     };
     let mut gain: Vec<f64> = (0..FINE - 1).map(|i| pair_gain(&sums, &cost, i)).collect();
-    loop {
-        let Some(i) = (0..gain.len())
-            .filter(|&i| gain[i] >= 0.0)
-            .max_by(|&a, &b| gain[a].total_cmp(&gain[b]))
-        else {
-            break;
-        };
+    while let Some(i) = (0..gain.len())
+        .filter(|&i| gain[i] >= 0.0)
+        .max_by(|&a, &b| gain[a].total_cmp(&gain[b]))
+    {
         sums[i] = merged(&sums[i], &sums[i + 1]);
         sums.remove(i + 1);
         cost[i] = entropy_bits(&sums[i]);
