@@ -155,6 +155,7 @@ class ColdTierConfig:
     s3: S3Config = field(default_factory=S3Config)
     zstd_level: int = 9
     codec: str = "dicom-px1"        # cold frames: "dicom-px1", or "dicom-px2"/"dicom-px3" (native extension)
+    encode_workers: int = 0         # threads encoding a bundle's frames (0: one per core)
     bundle_by: str = "series"       # or "study": one cold object per series / per study
     redundancy: int = 1             # copies the cold directory counts for toward archive.min_copies (cold.s3.redundancy for S3)
 
@@ -692,6 +693,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cold.backend must be 'filesystem' or 's3'")
     if cfg.cold.backend == "s3" and not cfg.cold.s3.bucket:
         raise ConfigError("cold.s3.bucket is required when cold.backend = 's3'")
+    if cfg.cold.encode_workers < 0:
+        raise ConfigError("cold.encode_workers must be >= 0 (0: one per core)")
     if cfg.cold.codec not in COLD_CODECS:
         raise ConfigError(f"cold.codec must be one of {', '.join(COLD_CODECS)}, not {cfg.cold.codec!r}")
     if cfg.cold.bundle_by not in ("series", "study"):

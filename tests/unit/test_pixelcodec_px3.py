@@ -210,3 +210,19 @@ def test_codec_registry_and_bundle_carry_px3() -> None:
     frame = blob[entry.offset : entry.offset + entry.length]
     assert entry.codec == CODEC_NAME_PX3 and frame_info(frame).version == FORMAT_VERSION_PX3
     assert decode_frame(frame, entry) == data
+
+
+def test_frames_encoded_in_a_pool_make_the_same_bundle() -> None:
+    """BundleWriter.encode is what add writes: frames encoded on other threads give identical bundles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    contents = [_ct_small(), _native16(np.arange(40 * 33, dtype=np.uint16).reshape(40, 33) * 31), b"not dicom"]
+    serial, pooled = BundleWriter(3, codec=CODEC_NAME_PX3), BundleWriter(3, codec=CODEC_NAME_PX3)
+    for i, c in enumerate(contents):
+        serial.add(f"1.2.{i}", 1, c)
+    with ThreadPoolExecutor(3) as pool:
+        frames = list(pool.map(pooled.encode, contents))
+    for i, (c, f) in enumerate(zip(contents, frames)):
+        pooled.add(f"1.2.{i}", 1, c, f)
+    (e1, d1), (e2, d2) = serial.finish(), pooled.finish()
+    assert e1 == e2 and b"".join(d1) == b"".join(d2)

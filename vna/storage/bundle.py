@@ -157,13 +157,20 @@ class BundleWriter:
         """Bytes of header and frames so far (the whole bundle once finished)."""
         return self._pos
 
-    def add(self, sop_uid: str, version: int, content: bytes) -> BundleEntry:
-        """Encode ``content`` as the next frame; raises ValueError after finish or on a duplicate key."""
+    def encode(self, content: bytes) -> bytes:
+        """The frame :meth:`add` would write for ``content``. Thread-safe (the native coder and
+        zstd release the GIL), so callers may encode in a pool and ``add`` the frames in order."""
+        return pixelcodec.encode(content, self.codec_level, verify=self.verify, version=self._version)
+
+    def add(self, sop_uid: str, version: int, content: bytes, frame: bytes | None = None) -> BundleEntry:
+        """Append ``content`` as the next frame (``frame``: what :meth:`encode` returned for it, or
+        None to encode here); raises ValueError after finish or on a duplicate key."""
         if self._finished:
             raise ValueError("bundle already finished")
         if (sop_uid, version) in self._keys:
             raise ValueError(f"bundle already holds {sop_uid} version {version}")
-        frame = pixelcodec.encode(content, self.codec_level, verify=self.verify, version=self._version)
+        if frame is None:
+            frame = self.encode(content)
         entry = BundleEntry(
             sop_uid=sop_uid,
             version=version,
