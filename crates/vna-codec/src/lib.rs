@@ -8,7 +8,12 @@
 //! with adaptive binary probabilities chosen by the local error activity, the
 //! top mantissa bit modelled per token and the remaining bits stored raw.
 //!
-//! Stream: per frame `arith_len u32 | raw_len u32 | arith bytes | raw bits`.
+//! Two stream formats, both decodable forever: px2 ([`encode`]/[`decode`], the
+//! adaptive coder above) and px3 ([`encode_px3`]/[`decode_px3`]: a predictor
+//! chosen per strip of rows and static per-context rANS, several times faster
+//! at a slightly lower ratio; see `px3.rs`).
+//!
+//! px2 stream: per frame `arith_len u32 | raw_len u32 | arith bytes | raw bits`.
 //! [`decode`] never panics and refuses any stream that is not exactly what
 //! [`encode`] writes for the given geometry (truncated, extended, or a token
 //! out of range); wrong bytes that still parse are caught by the caller's CRC.
