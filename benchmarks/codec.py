@@ -1,4 +1,4 @@
-"""Cold-tier codec comparison: dicom-px2 and dicom-px1 vs plain zstd vs JPEG-LS lossless, same run, same files.
+"""Cold-tier codec comparison: dicom-px3, dicom-px2 and dicom-px1 vs plain zstd vs JPEG-LS lossless, same run, same files.
 
 Corpora: generated CT (512x512 16-bit) and MR (256x256 16-bit) from
 ``benchmarks.corpus`` (smooth synthetic anatomy + noise: ratios differ from real
@@ -90,9 +90,10 @@ def _zstd_codec(level: int) -> tuple[Callable[[bytes], bytes], Callable[[bytes],
     return enc, dec
 
 
-def _px2_codec(level: int, threads: int = 1) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+def _px2_codec(level: int, threads: int = 1, version: int = pixelcodec.FORMAT_VERSION_PX2
+               ) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
     def enc(data: bytes) -> bytes:
-        return pixelcodec.encode(data, level, version=pixelcodec.FORMAT_VERSION_PX2, threads=threads)
+        return pixelcodec.encode(data, level, version=version, threads=threads)
 
     return enc, pixelcodec.decode
 
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, action="append", default=[],
                     help="extra folder of real DICOM files (e.g. pydicom-data's data_store/data)")
     ap.add_argument("--jxl", action="store_true", help="also JPEG-XL lossless (slow) on 16-bit greyscale")
+    ap.add_argument("--only", default="", help="comma-separated name prefixes of our codecs to run (e.g. "
+                    "'dicom-px3,dicom-px2,zstd-3'; default: all); JPEG-LS always runs when installed")
     args = ap.parse_args(argv)
 
     corpora: list[Corpus] = []
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                           "all syntaxes, colour, 8-bit; JPEG-LS: only its 16-bit greyscale native files"))
 
     codecs: list[tuple[str, Callable[[bytes], bytes], Callable[[bytes], bytes]]] = [
+        ("dicom-px3 L3", *_px2_codec(3, version=pixelcodec.FORMAT_VERSION_PX3)),
         ("dicom-px2 L3", *_px2_codec(3)),
         ("dicom-px1 L1", *_px1_codec(1)),
         ("dicom-px1 L3", *_px1_codec(3)),
@@ -221,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         ("zstd-3", *_zstd_codec(3)),
         ("zstd-9", *_zstd_codec(9)),
     ]
+    if args.only:
+        wanted = tuple(p.strip() for p in args.only.split(",") if p.strip())
+        codecs = [c for c in codecs if c[0].startswith(wanted)]
     if not HAVE_JPEGLS:
         print("NOTE: imagecodecs (JPEG-LS) is not installed: skipping that peer "
               "(.venv/bin/pip install imagecodecs)\n")
     print(f"single-threaded, best of {args.repeat} in CPU time; MB/s of original file bytes; ratio = original/stored; "
-          f"'px2/x' = dicom-px2 ratio / this codec's ratio\n")
+          f"'px3/x' = dicom-px3 ratio / this codec's ratio\n")
     for corpus in corpora:
         size = sum(len(f) for f in corpus.files)
         print(f"== {corpus.name}: {len(corpus.files)} files, {size / 1e6:.1f} MB  [{corpus.note}]")
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.jxl and bool(imagecodecs.JPEGXL.available):
                 results.append(("JPEG-XL lossless", run_jpegls(corpus, args.repeat, jxl=True)))
         ours = results[0][1].ratio
-        print(f"   {'codec':18s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'px2/x':>8s}")
+        print(f"   {'codec':18s} {'ratio':>7s} {'enc MB/s':>9s} {'dec MB/s':>9s} {'px3/x':>8s}")
         for name, r in results:
             enc = r.original / r.enc_s / 1e6 if r.enc_s else float("nan")
             dec = r.original / r.dec_s / 1e6 if r.dec_s else float("nan")

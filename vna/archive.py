@@ -11,6 +11,7 @@ from vna.audit import (APPLICATION_ACTIVITY, APPLICATION_START, APPLICATION_STOP
                        Code)
 from vna.codec import IdentityCodec, PixelCodec
 from vna.config import Config
+from vna.pixelcodec import CODEC_VERSIONS
 from vna.domain import PlacementState, Tier, site_of, site_store_id
 from vna.errors import AuditUnavailable, NotFound
 from vna.gauges import ArchiveGauges
@@ -52,7 +53,8 @@ class Archive:
         self.site_id = cfg.archive.site_id
         stores = self._hot_stores(cfg)
         self.hot = TierAccessor(Tier.HOT, stores, cfg.hot.quorum, IdentityCodec(), telemetry=self.telemetry)
-        self.cold = TierAccessor(Tier.COLD, [self._cold_store(cfg)], 1, PixelCodec(cfg.cold.zstd_level))
+        self.cold = TierAccessor(Tier.COLD, [self._cold_store(cfg)], 1,
+                                 PixelCodec(cfg.cold.zstd_level, version=CODEC_VERSIONS[cfg.cold.codec]))
         #: every tier's accessor, by tier
         self.tiers: dict[Tier, TierAccessor] = {Tier.HOT: self.hot, Tier.COLD: self.cold}
         #: archive.min_copies and what one copy on each store counts for

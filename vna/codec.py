@@ -79,7 +79,7 @@ class PixelCodec:
         self.version = version
         from vna import pixelcodec
 
-        self.name = pixelcodec.CODEC_NAME if version == pixelcodec.FORMAT_VERSION else pixelcodec.CODEC_NAME_PX2
+        self.name = {v: k for k, v in pixelcodec.CODEC_VERSIONS.items()}[version]
         self._impl = pixelcodec
 
     def encode(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -99,4 +99,6 @@ def get_codec(name: str) -> Codec:
         return PixelCodec()
     if name == "dicom-px2":  # px1 + the native greyscale coder (vna.pixelcodec, format version 2)
         return PixelCodec(version=2)
+    if name == "dicom-px3":  # px1 + the native px3 coder (format version 3)
+        return PixelCodec(version=3)
     raise ConfigError(f"unknown codec {name!r}")

@@ -153,6 +153,9 @@ class HotTierConfig:
         return self.write_quorum or self.count
 
 
+COLD_CODECS = ("dicom-px1", "dicom-px2", "dicom-px3")
+
+
 @dataclass(frozen=True)
 class ColdTierConfig:
     """The compressed cold tier: a filesystem directory (embedded default) or an S3 bucket."""
@@ -161,6 +164,8 @@ class ColdTierConfig:
     path: str = "cold"              # filesystem backend, relative to data_dir
     s3: S3Config = field(default_factory=S3Config)
     zstd_level: int = 9
+    codec: str = "dicom-px1"        # cold frames: "dicom-px1", or "dicom-px2"/"dicom-px3" (native extension)
+    encode_workers: int = 0         # threads encoding a bundle's frames (0: one per core)
     bundle_by: str = "series"       # or "study": one cold object per series / per study
     redundancy: int = 1             # copies the cold directory counts for toward archive.min_copies (cold.s3.redundancy for S3)
 
@@ -731,6 +736,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cold.backend must be 'filesystem' or 's3'")
     if cfg.cold.backend == "s3" and not cfg.cold.s3.bucket:
         raise ConfigError("cold.s3.bucket is required when cold.backend = 's3'")
+    if cfg.cold.encode_workers < 0:
+        raise ConfigError("cold.encode_workers must be >= 0 (0: one per core)")
+    if cfg.cold.codec not in COLD_CODECS:
+        raise ConfigError(f"cold.codec must be one of {', '.join(COLD_CODECS)}, not {cfg.cold.codec!r}")
     if cfg.cold.bundle_by not in ("series", "study"):
         raise ConfigError("cold.bundle_by must be 'series' or 'study'")
     if min(cfg.cold.redundancy, cfg.cold.s3.redundancy, *(s3.redundancy for s3 in cfg.hot.s3)) < 1:

@@ -139,3 +139,15 @@ def gray_decode(
     stream: bytes, *, rows: int, cols: int, frames: int, bits: int, signed: bool, threads: int = 1
 ) -> bytes:
     """Restore what :func:`gray_encode` coded; raises ValueError if the stream is damaged."""
+
+def gray3_encode(
+    pixels: bytes, *, rows: int, cols: int, frames: int, bits: int, signed: bool, threads: int = 1
+) -> bytes:
+    """Code little-endian greyscale samples (``bits`` 8 or 16) as a ``px3`` stream for ``dicom-px3``;
+    frames in parallel on up to ``threads`` threads, GIL released. Raises ValueError if the size
+    does not match."""
+
+def gray3_decode(
+    stream: bytes, *, rows: int, cols: int, frames: int, bits: int, signed: bool, threads: int = 1
+) -> bytes:
+    """Restore what :func:`gray3_encode` coded; raises ValueError if the stream is damaged."""

@@ -148,3 +148,14 @@ def test_retired_fast_store_is_accepted_with_a_warning_naming_its_replacement(tm
     assert "\"fast_store\"" not in r.stdout
     if where == "file":
         assert "11113" in r.stdout  # the rest of the [dicom] table still applies
+
+
+def test_unknown_cold_codec_is_refused_and_known_ones_accepted(tmp_path: Path) -> None:
+    _config_error(show(tmp_path, '[cold]\ncodec = "dicom-px9"\n'), "cold.codec", "dicom-px3")
+    for codec in ("dicom-px1", "dicom-px2", "dicom-px3"):
+        r = show(tmp_path, f'[cold]\ncodec = "{codec}"\n')
+        assert r.returncode == 0 and codec in r.stdout, r.stderr
+
+
+def test_negative_cold_encode_workers_is_refused(tmp_path: Path) -> None:
+    _config_error(show(tmp_path, "[cold]\nencode_workers = -1\n"), "cold.encode_workers")

@@ -58,7 +58,8 @@ def _estimate_ratio(archive: Any, study_uids: list[str], samples: int = ESTIMATE
             with archive.retrieve.open_verified(instances[i].sop_uid) as v:
                 data = v.path.read_bytes()
             raw += len(data)
-            packed += len(pixelcodec.encode(data, archive.cfg.cold.zstd_level))
+            packed += len(pixelcodec.encode(data, archive.cfg.cold.zstd_level,
+                                            version=pixelcodec.CODEC_VERSIONS[archive.cfg.cold.codec]))
     return raw / packed if packed else 1.0
 
 

@@ -29,6 +29,8 @@ import os
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from itertools import islice
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -53,6 +55,12 @@ log = logging.getLogger(__name__)
 
 #: due studies counted at most past a run's limit (each costs index reads) when telling how many are left
 _LEFT_STUDIES = 100
+
+
+@lru_cache(maxsize=4)
+def _encode_pool(workers: int) -> ThreadPoolExecutor:
+    """One process-wide pool per worker count for encoding cold frames (its threads idle between runs)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="vna-cold-encode")
 
 
 @dataclass(frozen=True)
@@ -219,6 +227,8 @@ class Migrator:
         self.copies = copies if copies is not None else CopyPolicy()
         self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold}, audit=self.audit, copies=self.copies)
         self.site = self.purger.site
+        self._encode_workers = cold_cfg.encode_workers or os.cpu_count() or 1
+        self._encode_pool = _encode_pool(self._encode_workers) if self._encode_workers > 1 else None
 
     # -- selection -----------------------------------------------------------
     def due(self, now: float | None = None, held: list[StudySummary] | None = None) -> Iterator[StudySummary]:
@@ -407,10 +417,18 @@ class Migrator:
         now = time.time()
         key = f"{study_uid}/{group_uid}.{uuid.uuid4().hex[:12]}.bundle"
         pending = self._pending_rows(instances, key, now)
-        writer = BundleWriter(self.cold_cfg.zstd_level)
-        for inst in instances:
-            with self.retrieve.open_verified(inst.sop_uid, local_only=True) as verified:
-                writer.add(inst.sop_uid, inst.version, verified.path.read_bytes())
+        writer = BundleWriter(self.cold_cfg.zstd_level, codec=self.cold_cfg.codec)
+        # read in order, encode on every core (the coders release the GIL), at most two
+        # instances per worker in memory at a time besides the bundle's frames
+        it = iter(instances)
+        while window := list(islice(it, 2 * self._encode_workers)):
+            contents = []
+            for inst in window:
+                with self.retrieve.open_verified(inst.sop_uid, local_only=True) as verified:
+                    contents.append(verified.path.read_bytes())
+            frames = list(self._encode_pool.map(writer.encode, contents)) if self._encode_pool else [None] * len(window)
+            for inst, content, frame in zip(window, contents, frames):
+                writer.add(inst.sop_uid, inst.version, content, frame)
         entries, data = writer.finish()
         self.cold_store.put(key, [data] if isinstance(data, bytes) else data)
         by_uid = {e.sop_uid: e for e in entries}

@@ -61,7 +61,8 @@ FOOTER_SIZE = _FOOTER.size
 TAIL_READ = 64 * 1024  # first tail read of load_manifest: footer + a manifest of ~200 entries
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DECODERS: dict[str, Callable[[bytes], bytes]] = {pixelcodec.CODEC_NAME: pixelcodec.decode,
-                                                  pixelcodec.CODEC_NAME_PX2: pixelcodec.decode}
+                                                  pixelcodec.CODEC_NAME_PX2: pixelcodec.decode,
+                                                  pixelcodec.CODEC_NAME_PX3: pixelcodec.decode}
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ def _field(obj: Mapping[str, Any], name: str, typ: type) -> Any:
 class BundleWriter:
     """Builds one bundle in memory: ``add`` each instance, then ``finish`` once.
 
-    Not thread-safe. ``add`` encodes with ``codec`` (``dicom-px1``, or ``dicom-px2``
-    whose greyscale frames need the native extension to decode) at ``codec_level``;
+    Not thread-safe. ``add`` encodes with ``codec`` (``dicom-px1``, or ``dicom-px2`` /
+    ``dicom-px3`` whose greyscale frames need the native extension to decode) at ``codec_level``;
     ``verify=True`` makes the codec decode each frame back before accepting it
     (for debugging; migration verifies by digest after the put anyway).
     """
@@ -141,7 +142,7 @@ class BundleWriter:
         self.codec_level = codec_level
         self.verify = verify
         self.codec = codec
-        self._version = pixelcodec.FORMAT_VERSION if codec == pixelcodec.CODEC_NAME else pixelcodec.FORMAT_VERSION_PX2
+        self._version = pixelcodec.CODEC_VERSIONS[codec]
         self._frames: list[bytes] = []
         self._entries: list[BundleEntry] = []
         self._keys: set[tuple[str, int]] = set()
@@ -156,13 +157,20 @@ class BundleWriter:
         """Bytes of header and frames so far (the whole bundle once finished)."""
         return self._pos
 
-    def add(self, sop_uid: str, version: int, content: bytes) -> BundleEntry:
-        """Encode ``content`` as the next frame; raises ValueError after finish or on a duplicate key."""
+    def encode(self, content: bytes) -> bytes:
+        """The frame :meth:`add` would write for ``content``. Thread-safe (the native coder and
+        zstd release the GIL), so callers may encode in a pool and ``add`` the frames in order."""
+        return pixelcodec.encode(content, self.codec_level, verify=self.verify, version=self._version)
+
+    def add(self, sop_uid: str, version: int, content: bytes, frame: bytes | None = None) -> BundleEntry:
+        """Append ``content`` as the next frame (``frame``: what :meth:`encode` returned for it, or
+        None to encode here); raises ValueError after finish or on a duplicate key."""
         if self._finished:
             raise ValueError("bundle already finished")
         if (sop_uid, version) in self._keys:
             raise ValueError(f"bundle already holds {sop_uid} version {version}")
-        frame = pixelcodec.encode(content, self.codec_level, verify=self.verify, version=self._version)
+        if frame is None:
+            frame = self.encode(content)
         entry = BundleEntry(
             sop_uid=sop_uid,
             version=version,

@@ -1,4 +1,4 @@
-//! The binding of vna-codec: greyscale pixel coding for `dicom-px2` frames, GIL released.
+//! The binding of vna-codec: greyscale pixel coding for `dicom-px2` and `dicom-px3` frames, GIL released.
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -62,8 +62,52 @@ fn gray_decode<'py>(
     Ok(PyBytes::new(py, &out))
 }
 
+/// Code little-endian greyscale samples as a ``px3`` stream (static-model rANS; frames in parallel).
+#[pyfunction]
+#[pyo3(signature = (pixels, *, rows, cols, frames, bits, signed, threads=1))]
+#[allow(clippy::too_many_arguments)]
+fn gray3_encode<'py>(
+    py: Python<'py>,
+    pixels: &[u8],
+    rows: usize,
+    cols: usize,
+    frames: usize,
+    bits: u32,
+    signed: bool,
+    threads: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let g = geometry(rows, cols, frames, bits, signed);
+    let out = py
+        .detach(|| vna_codec::encode_px3(pixels, &g, threads))
+        .map_err(py_err)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// Restore what ``gray3_encode`` coded; raises ValueError if the stream is damaged.
+#[pyfunction]
+#[pyo3(signature = (stream, *, rows, cols, frames, bits, signed, threads=1))]
+#[allow(clippy::too_many_arguments)]
+fn gray3_decode<'py>(
+    py: Python<'py>,
+    stream: &[u8],
+    rows: usize,
+    cols: usize,
+    frames: usize,
+    bits: u32,
+    signed: bool,
+    threads: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let g = geometry(rows, cols, frames, bits, signed);
+    let out = py
+        .detach(|| vna_codec::decode_px3(stream, &g, threads))
+        .map_err(py_err)?;
+    Ok(PyBytes::new(py, &out))
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gray_encode, m)?)?;
     m.add_function(wrap_pyfunction!(gray_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(gray3_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(gray3_decode, m)?)?;
     Ok(())
 }
