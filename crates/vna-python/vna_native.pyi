@@ -76,6 +76,9 @@ class Listener:
 
     ``contexts``: (abstract syntax, our transfer syntaxes in order of preference,
     (requestor may be SCU, requestor may be SCP) or None for default roles, is a storage class).
+    ``unknown_storage`` (``dicom.accept_unknown_storage_classes``): None, or (transfer syntaxes, roles,
+    refused abstract syntaxes) -- a proposed abstract syntax not in ``contexts`` that is a valid UID and
+    not refused is negotiated as a storage class with these syntaxes and roles.
     ``max_half_open`` / ``max_per_address`` (0: unlimited): connections not yet associated / from one
     address beyond which a new connection is closed at once.
     ``on_associate(calling_ae, called_ae, address, port)`` returns None to accept or
@@ -119,6 +122,7 @@ class Listener:
         on_request: Callable[[Request], Any],
         on_log: Callable[[int, str], None],
         on_thread_done: Callable[[], None],
+        unknown_storage: Optional[tuple[list[str], Optional[tuple[bool, bool]], list[str]]] = None,
     ) -> Listener: ...
     @property
     def port(self) -> int: ...

@@ -15,6 +15,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import DCMTK_ENV, VnaServer, dataset_bytes, free_port, stop_process, uid_of, wait_port
+from tests.integration import scu
 from tests.integration.receivers import RECEIVERS, with_receiver
 
 Factory = Callable[..., VnaServer]
@@ -91,8 +92,10 @@ def test_retired_storage_classes_are_stored_found_and_retrieved(make_server: Fac
     assert got == set(RETIRED)
 
 
-def test_private_sop_class_refused_by_default(make_server: Factory, corpus: list[Path], tmp_path: Path) -> None:
-    srv = make_server()
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_private_sop_class_refused_by_default(make_server: Factory, corpus: list[Path], tmp_path: Path,
+                                              receiver: str) -> None:
+    srv = make_server(with_receiver(receiver, ""))
     f = _with_class(_small(corpus), tmp_path / "private.dcm", PRIVATE, 0)
     out = _dcmsend(srv, f)
     assert "No Acceptable Presentation Contexts" in out, out
@@ -100,9 +103,10 @@ def test_private_sop_class_refused_by_default(make_server: Factory, corpus: list
     assert _instances(srv) == 0
 
 
+@pytest.mark.parametrize("receiver", RECEIVERS)
 @pytest.mark.parametrize("sop_class", [PRIVATE, "1.2.840.10008.5.1.4.1.1.501.1"])  # private; DICOS CT (unknown to pynetdicom)
 def test_unknown_sop_class_stored_when_configured(make_server: Factory, corpus: list[Path], tmp_path: Path,
-                                                  sop_class: str) -> None:
+                                                  sop_class: str, receiver: str) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     port = free_port()
@@ -111,8 +115,8 @@ def test_unknown_sop_class_stored_when_configured(make_server: Factory, corpus: 
                                stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
     try:
         wait_port("127.0.0.1", port, 10, scp)
-        srv = make_server(f'[dicom]\naccept_unknown_storage_classes = true\n'
-                          f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {port}\n')
+        srv = make_server(with_receiver(receiver, f'[dicom]\naccept_unknown_storage_classes = true\n'
+                          f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {port}\n'))
         f = _with_class(_small(corpus), tmp_path / "unknown.dcm", sop_class, 0)
         out = _dcmsend(srv, f, _small(corpus))  # with a known class on the same association
         assert re.search(r"with status SUCCESS\s*: 2", out), out
@@ -127,6 +131,15 @@ def test_unknown_sop_class_stored_when_configured(make_server: Factory, corpus: 
         got = [p for p in dest.iterdir() if p.is_file()]
         assert [uid_of(p, "SOPClassUID") for p in got] == [sop_class]
         assert dataset_bytes(got[0]) == dataset_bytes(f)
+        # and C-GET: the requestor takes the SCP role for the unknown class on the same association
+        ts = str(dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        received, final, raw = scu.get(srv.port, {"QueryRetrieveLevel": "IMAGE",
+                                                  "StudyInstanceUID": uid_of(f, "StudyInstanceUID"),
+                                                  "SeriesInstanceUID": uid_of(f, "SeriesInstanceUID"),
+                                                  "SOPInstanceUID": uid_of(f)}, [sop_class], [ts])
+        assert int(final.Status) == 0, final
+        assert [str(ds.SOPClassUID) for ds in received] == [sop_class]
+        assert raw[uid_of(f)] == dataset_bytes(f)
     finally:
         stop_process(scp, 5)
     # a known non-storage SOP class is not turned into storage: Modality Worklist FIND stays unsupported

@@ -9,11 +9,12 @@ from typing import Any
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt, register_uid
 from pynetdicom.presentation import PresentationContext
+from pynetdicom import sop_class
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom.sop_class import SOPClass, uid_to_service_class
 
-__all__ = ["RETIRED_STORAGE_CLASSES", "UnknownStorage", "register_retired_storage", "storage_classes",
-           "storage_context", "storage_syntaxes"]
+__all__ = ["RETIRED_STORAGE_CLASSES", "UnknownStorage", "other_service_classes", "register_retired_storage",
+           "storage_classes", "storage_context", "storage_syntaxes"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,13 @@ def storage_context(uid: str, syntaxes: list[UID]) -> PresentationContext:
     cx.scu_role = True
     cx.scp_role = True
     return cx
+
+
+def other_service_classes() -> list[str]:
+    """The SOP classes pynetdicom knows for a service other than Storage (query, worklist, print ...):
+    never accepted as unknown storage classes. Sorted."""
+    known = {str(v) for v in vars(sop_class).values() if isinstance(v, SOPClass)}
+    return sorted(u for u in known if uid_to_service_class(u) not in (ServiceClass, StorageServiceClass))
 
 
 def _register_unknown(uid: UID) -> bool:

@@ -44,14 +44,14 @@ from vna.config import DicomConfig, RemoteAE
 from vna.dicom import native, status as st
 from vna.dicom.assoc_log import OncePerName
 from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
-from vna.dicom.contexts import storage_classes, storage_syntaxes
+from vna.dicom.contexts import other_service_classes, storage_classes, storage_syntaxes
 from vna.dicom.qr import UNIQUE_KEYS, identifier_map, move_contexts, query_level, response
 from vna.domain import Placement
 from vna.errors import AuditUnavailable, ConfigError, InvalidInput, VnaError
 from vna.services.ingest import Spooled
 from vna.services.retrieve import InstanceRef, Transfer
 
-__all__ = ["NativeDicomServer", "supported_contexts"]
+__all__ = ["NativeDicomServer", "supported_contexts", "unknown_storage"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ IMPLEMENTATION_VERSION_NAME = "VNA_010"
 _CALLING_AE_NOT_RECOGNIZED = (1, 1, 3)
 
 ContextSpec = tuple[str, list[str], "tuple[bool, bool] | None", bool]
+UnknownSpec = tuple[list[str], "tuple[bool, bool] | None", list[str]]
 # the Patient Root and Study Root FIND, MOVE and GET models, as DicomServer serves them
 QR_MODELS = ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3",
              "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3")
@@ -90,6 +91,19 @@ def supported_contexts() -> list[ContextSpec]:
         out.append((str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax], roles,
                     cx.abstract_syntax not in not_storage))
     return out
+
+
+def unknown_storage() -> UnknownSpec:
+    """``dicom.accept_unknown_storage_classes`` for the native listener, the rule of
+    :class:`vna.dicom.contexts.UnknownStorage`: a proposed abstract syntax that is a valid UID, not
+    supported by name and not a SOP class pynetdicom knows for another service is accepted as storage,
+    with the storage transfer syntaxes and both roles (C-STORE in, C-GET sub-operations out).
+
+    Returns (our transfer syntaxes, (requestor may be SCU, requestor may be SCP), refused abstract syntaxes).
+    Nothing is registered process-wide (the native side keeps such a context for its association only),
+    so ``MAX_UNKNOWN_CLASSES`` does not apply.
+    """
+    return [str(ts) for ts in storage_syntaxes()], (True, True), other_service_classes()
 
 
 def _decode(data: bytes, transfer_syntax: str) -> Dataset:
@@ -220,6 +234,7 @@ class NativeDicomServer:
         self.cfg = cfg
         self.reuse_port = reuse_port
         self._contexts = supported_contexts()
+        self._unknown = unknown_storage() if cfg.accept_unknown_storage_classes else None
         self._unknown_dest = OncePerName()  # an unknown C-MOVE destination is logged once an hour per name
         self.commitment = StorageCommitment(archive, cfg, Connector(archive),
                                             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
@@ -240,7 +255,8 @@ class NativeDicomServer:
             spool_implementation_uid=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
             spool_implementation_version=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION),
             contexts=self._contexts, on_associate=self.on_associate, on_store=self.on_store,
-            on_request=self.on_request, on_log=self._on_log, on_thread_done=self.archive.index.release_thread)
+            on_request=self.on_request, on_log=self._on_log, on_thread_done=self.archive.index.release_thread,
+            unknown_storage=self._unknown)
         log.info("native DICOM receiver listening on %s:%d", cfg.host, self._listener.port)
         self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
                                      "connections of the DICOM port now, by state (half_open, associated)",

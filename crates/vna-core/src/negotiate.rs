@@ -1,8 +1,10 @@
 //! Presentation context negotiation as an acceptor, with pynetdicom's rules:
 //! the first of *our* transfer syntaxes that the requestor proposed is accepted;
 //! an SCP/SCU Role Selection proposal is answered for contexts that declare roles.
+//! With [`UnknownStorage`], a proposed abstract syntax we do not support by name is
+//! negotiated as a storage class (`dicom.accept_unknown_storage_classes`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::pdu::{AssociateRq, ContextResult, RoleSelection};
 
@@ -15,6 +17,33 @@ pub struct SupportedContext {
     pub roles: Option<(bool, bool)>,
     /// True for a storage SOP class (C-STORE receive), false for Verification.
     pub storage: bool,
+}
+
+/// Storage SOP classes accepted without being named: any proposed abstract syntax that is a valid
+/// UID, not supported by name and not in `refused` (SOP classes of other services, which never become
+/// storage) is negotiated with `context` (its transfer syntaxes and roles; `storage` should be true).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownStorage {
+    pub context: SupportedContext,
+    pub refused: HashSet<String>,
+}
+
+impl UnknownStorage {
+    /// True when `uid` is accepted as an unknown storage class (`uid` not supported by name).
+    pub fn accepts(&self, uid: &str) -> bool {
+        valid_uid(uid) && !self.refused.contains(uid)
+    }
+}
+
+/// A valid UID as pydicom's `UID.is_valid` has it: at most 64 characters, dot-separated
+/// numeric components without leading zeros.
+pub fn valid_uid(uid: &str) -> bool {
+    uid.len() <= 64
+        && uid.split('.').all(|c| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_digit())
+                && (c == "0" || !c.starts_with('0'))
+        })
 }
 
 /// An accepted presentation context.
@@ -37,8 +66,13 @@ pub struct Outcome {
     pub accepted: HashMap<u8, Accepted>,
 }
 
-/// Negotiate the proposed contexts of `rq` against `supported` (keyed by abstract syntax).
-pub fn negotiate(rq: &AssociateRq, supported: &HashMap<String, SupportedContext>) -> Outcome {
+/// Negotiate the proposed contexts of `rq` against `supported` (keyed by abstract syntax), and
+/// the other abstract syntaxes against `unknown` when given.
+pub fn negotiate(
+    rq: &AssociateRq,
+    supported: &HashMap<String, SupportedContext>,
+    unknown: Option<&UnknownStorage>,
+) -> Outcome {
     let mut out = Outcome::default();
     let proposed_roles: HashMap<&str, (bool, bool)> = rq
         .roles
@@ -48,7 +82,12 @@ pub fn negotiate(rq: &AssociateRq, supported: &HashMap<String, SupportedContext>
     let mut replied: HashMap<String, RoleSelection> = HashMap::new();
     for cx in &rq.contexts {
         let first = cx.transfer_syntaxes.first().cloned().unwrap_or_default();
-        let Some(ours) = supported.get(&cx.abstract_syntax) else {
+        let ours = supported.get(&cx.abstract_syntax).or_else(|| {
+            unknown
+                .filter(|u| u.accepts(&cx.abstract_syntax))
+                .map(|u| &u.context)
+        });
+        let Some(ours) = ours else {
             out.results.push(ContextResult {
                 id: cx.id,
                 result: 3,
@@ -152,7 +191,7 @@ mod tests {
             }],
             vec![],
         );
-        let out = negotiate(&r, &supported());
+        let out = negotiate(&r, &supported(), None);
         assert_eq!(out.results[0].result, 0);
         assert_eq!(out.results[0].transfer_syntax, EXPLICIT);
         assert!(out.accepted[&1].as_scp);
@@ -176,7 +215,7 @@ mod tests {
             ],
             vec![],
         );
-        let out = negotiate(&r, &supported());
+        let out = negotiate(&r, &supported(), None);
         assert_eq!(
             out.results.iter().map(|r| r.result).collect::<Vec<_>>(),
             vec![3, 4]
@@ -198,9 +237,64 @@ mod tests {
                 scp: true,
             }],
         );
-        let out = negotiate(&r, &supported());
+        let out = negotiate(&r, &supported(), None);
         assert_eq!(out.roles.len(), 1);
         assert!(!out.accepted[&1].as_scp);
         assert!(out.accepted[&1].as_scu);
+    }
+
+    #[test]
+    fn unknown_classes_are_storage_when_asked() {
+        const PRIVATE: &str = "1.2.3.4.5.6.7";
+        const WORKLIST: &str = "1.2.840.10008.5.1.4.31";
+        let unknown = UnknownStorage {
+            context: SupportedContext {
+                transfer_syntaxes: vec![EXPLICIT.into(), IMPLICIT.into()],
+                roles: Some((true, true)),
+                storage: true,
+            },
+            refused: [WORKLIST.to_string()].into_iter().collect(),
+        };
+        let proposed = |id: u8, uid: &str| ProposedContext {
+            id,
+            abstract_syntax: uid.into(),
+            transfer_syntaxes: vec![IMPLICIT.into()],
+        };
+        let r = rq(
+            vec![
+                proposed(1, PRIVATE),
+                proposed(3, WORKLIST),
+                proposed(5, "1.2.03.4"),
+                proposed(7, CT),
+            ],
+            vec![RoleSelection {
+                sop_class: PRIVATE.into(),
+                scu: true,
+                scp: true,
+            }],
+        );
+        let results = |out: &Outcome| out.results.iter().map(|r| r.result).collect::<Vec<_>>();
+        // refused by default
+        let out = negotiate(&r, &supported(), None);
+        assert_eq!(results(&out), vec![3, 3, 3, 0]);
+        // accepted as storage, with its roles answered (C-GET sub-operations may go back on it)
+        let out = negotiate(&r, &supported(), Some(&unknown));
+        assert_eq!(results(&out), vec![0, 3, 3, 0]);
+        let private = &out.accepted[&1];
+        assert!(private.storage && private.as_scp && private.as_scu);
+        assert_eq!(private.transfer_syntax, IMPLICIT);
+        assert_eq!(out.roles.len(), 1);
+        assert!(out.roles[0].scu && out.roles[0].scp);
+    }
+
+    #[test]
+    fn uid_validity() {
+        for ok in ["1.2.3", "0.1", "1.2.840.10008.5.1.4.1.1.501.1"] {
+            assert!(valid_uid(ok), "{ok}");
+        }
+        let long = "1.".repeat(32) + "1";
+        for bad in ["", "1..2", "1.02", "1.2.", "1.a", " 1.2", long.as_str()] {
+            assert!(!valid_uid(bad), "{bad}");
+        }
     }
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::dimse::{self, Command};
-use crate::negotiate::{negotiate, Accepted, SupportedContext};
+use crate::negotiate::{negotiate, Accepted, SupportedContext, UnknownStorage};
 use crate::pdu::{self, AssociateAc, AssociateRq};
 use crate::{scu, send};
 
@@ -86,6 +86,8 @@ pub struct Config {
     pub spool_implementation_uid: String,
     pub spool_implementation_version: String,
     pub contexts: HashMap<String, SupportedContext>,
+    /// `dicom.accept_unknown_storage_classes`: how other abstract syntaxes are accepted as storage.
+    pub unknown_storage: Option<UnknownStorage>,
 }
 
 /// The peer of an association.
@@ -987,7 +989,7 @@ impl<'a, H: Handler> Association<'a, H> {
             ));
         }
         let cfg = &self.shared.cfg;
-        let outcome = negotiate(&rq, &cfg.contexts);
+        let outcome = negotiate(&rq, &cfg.contexts, cfg.unknown_storage.as_ref());
         let ac = pdu::encode_associate_ac(&AssociateAc {
             rq: &rq,
             contexts: &outcome.results,

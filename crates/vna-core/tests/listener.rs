@@ -112,6 +112,7 @@ fn start(name: &str) -> (Server<Recorder>, Recorder, PathBuf) {
         spool_implementation_uid: "1.2.3.4".into(),
         spool_implementation_version: "SPOOL_1".into(),
         contexts,
+        unknown_storage: None,
     };
     let rec = Recorder::default();
     (Server::start(cfg, rec.clone()).unwrap(), rec, dir)

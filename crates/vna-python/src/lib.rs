@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use vna_core::dimse::{self, Counts};
-use vna_core::negotiate::SupportedContext;
+use vna_core::negotiate::{SupportedContext, UnknownStorage};
 use vna_core::pdu::AssociateRq;
 use vna_core::server::{
     self, Config, CopyFault, CopyRef, Decision, Destination, FindAnswer, FindAnswers, Handler,
@@ -439,6 +439,8 @@ struct Listener {
 }
 
 type ContextSpec = (String, Vec<String>, Option<(bool, bool)>, bool);
+/// (our transfer syntaxes, roles or None, abstract syntaxes never accepted as storage)
+type UnknownSpec = (Vec<String>, Option<(bool, bool)>, Vec<String>);
 
 #[pymethods]
 impl Listener {
@@ -447,7 +449,7 @@ impl Listener {
                         acse_timeout, network_timeout, dimse_timeout,
                         spool_dir, implementation_class_uid, implementation_version, spool_implementation_uid,
                         spool_implementation_version, contexts, on_associate, on_store, on_request, on_log,
-                        on_thread_done))]
+                        on_thread_done, unknown_storage = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -472,6 +474,7 @@ impl Listener {
         on_request: Py<PyAny>,
         on_log: Py<PyAny>,
         on_thread_done: Py<PyAny>,
+        unknown_storage: Option<UnknownSpec>,
     ) -> PyResult<Self> {
         let secs = |v: f64, name: &str| {
             if v.is_finite() && v > 0.0 {
@@ -510,6 +513,16 @@ impl Listener {
             spool_implementation_uid,
             spool_implementation_version,
             contexts: supported,
+            unknown_storage: unknown_storage.map(|(transfer_syntaxes, roles, refused)| {
+                UnknownStorage {
+                    context: SupportedContext {
+                        transfer_syntaxes,
+                        roles,
+                        storage: true,
+                    },
+                    refused: refused.into_iter().collect(),
+                }
+            }),
         };
         let handler = PyHandler {
             on_associate,
