@@ -5,7 +5,7 @@ Imported only by ``vna.dicom.native``.
 
 from typing import Any, Callable, Optional, final
 
-__all__ = ["Listener", "Request", "StoreRecord", "gray_decode", "gray_encode", "max_associate_rq", "__version__"]
+__all__ = ["Listener", "Request", "StoreRecord", "gray3_decode", "gray3_encode", "gray_decode", "gray_encode", "max_associate_rq", "__version__"]
 __version__: str
 
 @final
