@@ -20,6 +20,21 @@ fn py_err(e: Error) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
+/// One of vna-codec's coders: (input, geometry, threads) -> output.
+type Coder = fn(&[u8], &Geometry, usize) -> Result<Vec<u8>, Error>;
+
+/// Run one of vna-codec's coders on ``data`` with the GIL released.
+fn code<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    g: &Geometry,
+    threads: usize,
+    coder: Coder,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let out = py.detach(|| coder(data, g, threads)).map_err(py_err)?;
+    Ok(PyBytes::new(py, &out))
+}
+
 /// Code little-endian greyscale samples (frames in parallel on up to ``threads`` threads).
 #[pyfunction]
 #[pyo3(signature = (pixels, *, rows, cols, frames, bits, signed, threads=1))]
@@ -35,10 +50,7 @@ fn gray_encode<'py>(
     threads: usize,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let g = geometry(rows, cols, frames, bits, signed);
-    let out = py
-        .detach(|| vna_codec::encode(pixels, &g, threads))
-        .map_err(py_err)?;
-    Ok(PyBytes::new(py, &out))
+    code(py, pixels, &g, threads, vna_codec::encode)
 }
 
 /// Restore what ``gray_encode`` coded; raises ValueError if the stream is damaged.
@@ -56,10 +68,7 @@ fn gray_decode<'py>(
     threads: usize,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let g = geometry(rows, cols, frames, bits, signed);
-    let out = py
-        .detach(|| vna_codec::decode(stream, &g, threads))
-        .map_err(py_err)?;
-    Ok(PyBytes::new(py, &out))
+    code(py, stream, &g, threads, vna_codec::decode)
 }
 
 /// Code little-endian greyscale samples as a ``px3`` stream (static-model rANS; frames in parallel).
@@ -77,10 +86,7 @@ fn gray3_encode<'py>(
     threads: usize,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let g = geometry(rows, cols, frames, bits, signed);
-    let out = py
-        .detach(|| vna_codec::encode_px3(pixels, &g, threads))
-        .map_err(py_err)?;
-    Ok(PyBytes::new(py, &out))
+    code(py, pixels, &g, threads, vna_codec::encode_px3)
 }
 
 /// Restore what ``gray3_encode`` coded; raises ValueError if the stream is damaged.
@@ -98,10 +104,7 @@ fn gray3_decode<'py>(
     threads: usize,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let g = geometry(rows, cols, frames, bits, signed);
-    let out = py
-        .detach(|| vna_codec::decode_px3(stream, &g, threads))
-        .map_err(py_err)?;
-    Ok(PyBytes::new(py, &out))
+    code(py, stream, &g, threads, vna_codec::decode_px3)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
