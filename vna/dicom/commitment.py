@@ -25,7 +25,7 @@ from vna.dicom import status as st
 from vna.dicom.tls import client_context
 from vna.errors import AuditUnavailable, VnaError
 
-__all__ = ["Connector", "StorageCommitment", "StorageCommitmentPushModel", "StorageCommitmentPushModelInstance"]
+__all__ = ["Connector", "StorageCommitment", "StorageCommitmentPushModel", "StorageCommitmentPushModelInstance", "nodelay"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ StorageCommitmentPushModel = UID("1.2.840.10008.1.20.1")
 StorageCommitmentPushModelInstance = UID("1.2.840.10008.1.20.1.1")
 
 
-def _nodelay(event: evt.Event) -> None:
+def nodelay(event: evt.Event) -> None:
     """Nagle off on the socket of an association we request."""
     try:
         sock = cast(Any, event.assoc.dul.socket).socket
@@ -62,7 +62,7 @@ class Connector:
 
     def args(self, remote: RemoteAE) -> dict[str, Any]:
         """Every keyword argument for an association with ``remote``."""
-        return {"evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay)], **self.tls_args(remote)}
+        return {"evt_handlers": [(evt.EVT_CONN_OPEN, nodelay)], **self.tls_args(remote)}
 
 
 class StorageCommitment:

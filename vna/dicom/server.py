@@ -49,7 +49,7 @@ from vna.config import DicomConfig, RemoteAE
 from vna.dicom import status as st
 from vna.dicom.assoc_log import AssociationLog, OncePerName
 from vna.dicom.qr import UNIQUE_KEYS, identifier_map, move_contexts, query_level, response
-from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
+from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel, nodelay
 from vna.dicom.contexts import UnknownStorage, register_retired_storage, storage_classes, storage_syntaxes
 from vna.dicom.limits import Connection, ConnectionLimits
 from vna.dicom.tls import client_context, server_context
@@ -454,14 +454,7 @@ class DicomServer:
             log.error("authentication failure of %s not audited: %s", actor.id, exc)
 
     # -- handlers ------------------------------------------------------------
-    @staticmethod
-    def _on_conn_open(event: evt.Event) -> None:
-        try:
-            sock = cast(Any, event.assoc.dul.socket).socket
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError) as exc:
-            log.debug("could not set TCP_NODELAY: %s", exc)
+    _on_conn_open = staticmethod(nodelay)  # Nagle off on an association we request
 
     def _on_accepted_conn(self, event: evt.Event) -> None:
         """A peer connected (in the _Server request thread): note which counted connection it took."""

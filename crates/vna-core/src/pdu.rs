@@ -309,10 +309,28 @@ pub fn encode_associate_ac(ac: &AssociateAc<'_>) -> Vec<u8> {
         push_item(&mut value, 0x40, cx.transfer_syntax.as_bytes());
         push_item(&mut body, 0x21, &value);
     }
+    let user = user_information(
+        ac.max_pdu,
+        ac.implementation_class_uid,
+        ac.implementation_version,
+        ac.roles,
+    );
+    push_item(&mut body, 0x50, &user);
+    pdu(A_ASSOCIATE_AC, &body)
+}
+
+/// The User Information item's value (PS3.8 9.3.2.3 / 9.3.3.3): max PDU, implementation class UID,
+/// SCP/SCU role selections, implementation version name (when not empty).
+fn user_information(
+    max_pdu: u32,
+    class_uid: &str,
+    version: &str,
+    roles: &[RoleSelection],
+) -> Vec<u8> {
     let mut user = Vec::with_capacity(128);
-    push_item(&mut user, 0x51, &ac.max_pdu.to_be_bytes());
-    push_item(&mut user, 0x52, ac.implementation_class_uid.as_bytes());
-    for role in ac.roles {
+    push_item(&mut user, 0x51, &max_pdu.to_be_bytes());
+    push_item(&mut user, 0x52, class_uid.as_bytes());
+    for role in roles {
         let mut value = Vec::with_capacity(role.sop_class.len() + 4);
         value.extend_from_slice(&(role.sop_class.len() as u16).to_be_bytes());
         value.extend_from_slice(role.sop_class.as_bytes());
@@ -320,11 +338,10 @@ pub fn encode_associate_ac(ac: &AssociateAc<'_>) -> Vec<u8> {
         value.push(role.scp as u8);
         push_item(&mut user, 0x54, &value);
     }
-    if !ac.implementation_version.is_empty() {
-        push_item(&mut user, 0x55, ac.implementation_version.as_bytes());
+    if !version.is_empty() {
+        push_item(&mut user, 0x55, version.as_bytes());
     }
-    push_item(&mut body, 0x50, &user);
-    pdu(A_ASSOCIATE_AC, &body)
+    user
 }
 
 /// An A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 permanent / 2 transient, source, reason.
@@ -461,20 +478,12 @@ pub fn encode_associate_rq(rq: &AssociateRq) -> Vec<u8> {
         }
         push_item(&mut body, 0x20, &value);
     }
-    let mut user = Vec::with_capacity(128);
-    push_item(&mut user, 0x51, &rq.max_pdu.to_be_bytes());
-    push_item(&mut user, 0x52, rq.implementation_class_uid.as_bytes());
-    for role in &rq.roles {
-        let mut value = Vec::with_capacity(role.sop_class.len() + 4);
-        value.extend_from_slice(&(role.sop_class.len() as u16).to_be_bytes());
-        value.extend_from_slice(role.sop_class.as_bytes());
-        value.push(role.scu as u8);
-        value.push(role.scp as u8);
-        push_item(&mut user, 0x54, &value);
-    }
-    if !rq.implementation_version.is_empty() {
-        push_item(&mut user, 0x55, rq.implementation_version.as_bytes());
-    }
+    let user = user_information(
+        rq.max_pdu,
+        &rq.implementation_class_uid,
+        &rq.implementation_version,
+        &rq.roles,
+    );
     push_item(&mut body, 0x50, &user);
     pdu(A_ASSOCIATE_RQ, &body)
 }
