@@ -480,7 +480,7 @@ class CassandraIndex:
         self._cluster, self._session = connect(cfg)
         self._session.default_fetch_size = _FETCH_SIZE
         self._groups = WriteGroups(self._session)  # registrations' plain writes, group-committed
-        self._counters = CassandraCounters(self._session, self._ks, concurrency=cfg.concurrency,
+        self._counters = CassandraCounters(self._session, self._ks, self._prep, concurrency=cfg.concurrency,
                                            lease=self.acquire_lease)  # stats() without scans (schema v6)
 
     # -- plumbing ------------------------------------------------------------

@@ -137,12 +137,12 @@ def to_stats(t: Totals) -> IndexStats:
 class CassandraCounters:
     """The counter ledger of one keyspace: delta statements for writers, roll-up, read and recount.
 
-    ``lease``: ``(name, owner, ttl) -> bool`` (the index's ``acquire_lease``), so
+    ``prepare``: the index's statement cache (one per session). ``lease``: ``(name, owner, ttl) -> bool`` (the index's ``acquire_lease``), so
     one front-end rolls up at a time. Thread-safe.
     """
 
-    def __init__(self, session: Session, keyspace: str, *, concurrency: int = 32,
-                 lease: Callable[[str, str, float], bool] | None = None,
+    def __init__(self, session: Session, keyspace: str, prepare: Callable[[str], PreparedStatement], *,
+                 concurrency: int = 32, lease: Callable[[str, str, float], bool] | None = None,
                  margin: float = 5.0, interval: float = 2.0, event_ttl: float = 900.0) -> None:
         self._session = session
         self._t = f"{keyspace}.counter_ledger"
@@ -152,18 +152,10 @@ class CassandraCounters:
         self.margin = margin
         self.interval = interval
         self.event_ttl = event_ttl
-        self._prepared: dict[str, PreparedStatement] = {}
+        self._prep = prepare
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def _prep(self, cql: str) -> PreparedStatement:
-        stmt = self._prepared.get(cql)
-        if stmt is None:
-            stmt = self._session.prepare(cql)
-            with self._lock:
-                self._prepared[cql] = stmt
-        return stmt
 
     # -- writers ---------------------------------------------------------------
     def _delta(self, shard: int, event: str, deltas: Totals, refs: Iterable[str] = ()) -> Statement:

@@ -654,7 +654,8 @@ pub fn write_all<T: Transport + ?Sized>(t: &mut T, bytes: &[u8]) -> Result<(), L
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hexadecimal of ``bytes`` (the SHA-256 digests Python compares).
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::dimse::{self, Command};
 use crate::negotiate::{negotiate, Accepted, SupportedContext, UnknownStorage};
 use crate::pdu::{self, AssociateAc, AssociateRq};
+use crate::send::hex;
 use crate::{scu, send};
 
 /// The largest A-ASSOCIATE-RQ accepted (128 contexts, each with every transfer syntax, and a
@@ -1898,14 +1899,4 @@ fn clean_comment(text: &str) -> String {
         .take(64)
         .collect();
     cleaned.trim().to_string()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 15) as usize] as char);
-    }
-    out
 }
