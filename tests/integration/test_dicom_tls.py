@@ -76,7 +76,10 @@ def test_mutual_tls_requires_a_client_certificate(make_server: Factory, corpus: 
 
 
 def test_c_move_to_a_tls_destination(make_server: Factory, corpus: list[Path], tmp_path: Path) -> None:
-    """The archive associates over TLS with a ``tls = true`` remote, verifying its certificate."""
+    """The archive associates over TLS with a ``tls = true`` remote, verifying its certificate.
+
+    On the python receiver: the native requestor has no TLS yet and refuses such a C-MOVE (0xA801,
+    tests/integration/test_native_qr.py)."""
     cert, key = self_signed(tmp_path, "server")
     dcert, dkey = self_signed(tmp_path, "dest")
     out = tmp_path / "dest"
@@ -89,7 +92,7 @@ def test_c_move_to_a_tls_destination(make_server: Factory, corpus: list[Path], t
     try:
         wait_port("127.0.0.1", dport, 10, dest)
         remote = f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {dport}\ntls = true\n'
-        srv = make_server(_tls_config(free_port(), cert, key, f'tls_ca = "{dcert}"\n') + remote)
+        srv = make_server(_tls_config(free_port(), cert, key, f'tls_ca = "{dcert}"\nreceiver = "python"\n') + remote)
         assert all(s.Status == 0 for s in scu.store(srv.port, corpus[:2]))
         ds = dcmread(corpus[0], stop_before_pixels=True)
         r = _dcmtk("movescu", "-S", "-aec", "VNA", "-aem", "DEST", "-k", "QueryRetrieveLevel=IMAGE",
