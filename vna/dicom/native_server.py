@@ -180,11 +180,13 @@ class _Retrieval:
         return str(inst.path), inst.content_sha256, inst.size
 
     def convert(self, transfer_syntax: str) -> tuple[str, str, int] | None:
-        """A verified copy of the current instance re-encoded in another little-endian uncompressed syntax
-        (as pynetdicom sends a decoded Dataset when the stored syntax was not accepted): a temporary Part 10
-        file, removed at the next instance."""
-        uid = self.refs[self._i - 1].sop_uid
-        if transfer_syntax not in _LITTLE_ENDIAN:
+        """A verified copy of the current instance re-encoded by pydicom (as pynetdicom sends a decoded
+        Dataset): in another little-endian uncompressed syntax when the stored one was not accepted, or in
+        its stored syntax when the native sender declines the stored bytes as they are (an odd-length
+        deflated data set). A temporary Part 10 file, removed at the next instance."""
+        ref = self.refs[self._i - 1]
+        uid = ref.sop_uid
+        if transfer_syntax not in _LITTLE_ENDIAN and transfer_syntax != ref.transfer_syntax_uid:
             return None
         try:
             with self.retrieve.open_verified(uid) as inst:
@@ -193,8 +195,11 @@ class _Retrieval:
             fd, name = tempfile.mkstemp(dir=self.retrieve.spool_dir, suffix=".dcm")
             os.close(fd)
             self._open.callback(Path(name).unlink, missing_ok=True)
-            ds.save_as(name, implicit_vr=transfer_syntax == _LITTLE_ENDIAN[0], little_endian=True,
-                       enforce_file_format=True)
+            if transfer_syntax in _LITTLE_ENDIAN:
+                ds.save_as(name, implicit_vr=transfer_syntax == _LITTLE_ENDIAN[0], little_endian=True,
+                           enforce_file_format=True)
+            else:  # the stored syntax: pydicom encodes it (a deflated data set padded to even length)
+                ds.save_as(name, enforce_file_format=True)
             sha, size = sha256_file(Path(name))
         except VnaError as exc:
             log.error("retrieve of %s failed: %s", uid, exc)

@@ -1523,6 +1523,7 @@ impl<'a, H: Handler> Association<'a, H> {
         };
         candidates.reverse();
         let mut fallback_tried = ts != sub.transfer_syntax_uid;
+        let mut converted = fallback_tried;
         loop {
             let (index, copy) = match candidates.pop() {
                 Some(c) => c,
@@ -1590,6 +1591,18 @@ impl<'a, H: Handler> Association<'a, H> {
                         }
                         _ => End::Abort(0, why),
                     });
+                }
+                Err(send::SendError::Unusable(why)) if !converted && copy.path.exists() => {
+                    // a stored copy this sender declines as it is (e.g. an odd-length deflated data
+                    // set): not a damaged copy. The embedding program re-encodes one it verified.
+                    converted = true;
+                    self.log(
+                        Level::Warning,
+                        &format!("sub-operation of {uid}: {why}; sending a re-encoded copy"),
+                    );
+                    if let Some(copy) = job.convert(&ts) {
+                        candidates.push((None, copy));
+                    }
                 }
                 Err(e) => {
                     let (why, fault) = match &e {
