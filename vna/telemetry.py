@@ -537,11 +537,12 @@ class Telemetry:
         return _CurrentSpan(self._new_span(name, attributes, parent, kind, start_ns))
 
     def start_span(self, name: str, attributes: Attributes | None = None,
-                   kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> trace.Span | None:
-        """A span the caller ends (not made current): e.g. one per association."""
+                   kind: trace.SpanKind = trace.SpanKind.INTERNAL, *,
+                   parent: trace.Span | None = None) -> trace.Span | None:
+        """A span the caller ends (not made current): e.g. one per association (child of ``parent``)."""
         if not self.enabled:
             return None
-        return self._new_span(name, attributes, None, kind)
+        return self._new_span(name, attributes, parent, kind)
 
     def _new_span(self, name: str, attributes: Attributes | None, parent: trace.Span | None,
                   kind: trace.SpanKind, start_ns: int | None = None) -> trace.Span:

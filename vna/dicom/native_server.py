@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from io import BytesIO
@@ -247,6 +248,8 @@ class NativeDicomServer:
         self._spool_dir = archive.cfg.resolve("spool/incoming")
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         self._listener: Any = None
+        # the association's span while its native thread runs (one thread per association)
+        self._assoc = threading.local()
 
     def start(self) -> None:
         """Bind and accept in native threads. Raises OSError when the port cannot be bound."""
@@ -260,7 +263,7 @@ class NativeDicomServer:
             spool_implementation_uid=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_UID),
             spool_implementation_version=str(pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION),
             contexts=self._contexts, on_associate=self.on_associate, on_store=self.on_store,
-            on_request=self.on_request, on_log=self._on_log, on_thread_done=self.archive.index.release_thread,
+            on_request=self.on_request, on_log=self._on_log, on_thread_done=self._thread_done,
             unknown_storage=self._unknown)
         log.info("native DICOM receiver listening on %s:%d", cfg.host, self._listener.port)
         self.archive.telemetry.gauge("vna.dicom.connections", "{connection}",
@@ -290,6 +293,13 @@ class NativeDicomServer:
         ``allowed_calling_aes`` is an authentication failure (audited)."""
         allowed = self.cfg.allowed_calling_aes
         if not allowed or calling_ae in allowed:
+            tel = self.archive.telemetry
+            tel.dimse_associations.add(1, {"result": "accepted"})
+            tel.dimse_associations_open.add(1)
+            self._assoc.span = tel.start_span("dimse.association", {
+                "dicom.calling_ae": calling_ae.strip(), "dicom.called_ae": self.cfg.ae_title,
+                "net.peer.ip": address, "net.peer.port": port}, kind=SpanKind.SERVER)
+            self._assoc.open = True
             return None
         reason = "calling AE title not recognised"
         self.archive.telemetry.dimse_associations.add(1, {"result": "rejected"})
@@ -300,6 +310,22 @@ class NativeDicomServer:
         except AuditUnavailable as exc:
             log.error("authentication failure of %s not audited: %s", calling_ae, exc)
         return _CALLING_AE_NOT_RECOGNIZED
+
+    def _thread_done(self) -> None:
+        """An association's native thread ends: its span ends, it is no longer open; the index releases
+        what the thread held."""
+        if getattr(self._assoc, "open", False):
+            self._assoc.open = False
+            self.archive.telemetry.dimse_associations_open.add(-1)
+            span, self._assoc.span = self._assoc.span, None
+            if span is not None:
+                span.end()
+        self.archive.index.release_thread()
+
+    def _assoc_span(self) -> Span | None:
+        """The span of the association whose thread calls."""
+        span: Span | None = getattr(self._assoc, "span", None)
+        return span
 
     def on_store(self, record: Any) -> tuple[int, str | None]:
         """C-STORE: ingest the spooled file; Success only once durable and indexed. With telemetry, in a
@@ -312,7 +338,8 @@ class NativeDicomServer:
             return self._store(record)
         t0 = time.perf_counter()
         status = st.UNABLE_TO_PROCESS
-        with tel.span("dimse.c-store", kind=SpanKind.SERVER, start_ns=record.started_ns) as span:
+        with tel.span("dimse.c-store", kind=SpanKind.SERVER, start_ns=record.started_ns,
+                      parent=self._assoc_span()) as span:
             try:
                 status, comment = self._store(record)
                 return status, comment
@@ -347,7 +374,7 @@ class NativeDicomServer:
         if kind == "c-find":
             return self._timed_find(self._find(req, actor), t0)
         span = self.archive.telemetry.start_span(f"dimse.{kind}", {"dicom.calling_ae": actor.id},
-                                                 kind=SpanKind.SERVER)
+                                                 kind=SpanKind.SERVER, parent=self._assoc_span())
         status = st.UNABLE_TO_PROCESS
         handed_over = False
         try:
@@ -381,7 +408,7 @@ class NativeDicomServer:
     def _timed_find(self, answers: Iterator[tuple[int, bytes | None]], t0: float
                     ) -> Iterator[tuple[int, bytes | None]]:
         status = st.CANCEL   # closed before its final answer: cancelled or cut off
-        span = self.archive.telemetry.start_span("dimse.c-find", kind=SpanKind.SERVER)
+        span = self.archive.telemetry.start_span("dimse.c-find", kind=SpanKind.SERVER, parent=self._assoc_span())
         try:
             for status, identifier in answers:
                 yield status, identifier
