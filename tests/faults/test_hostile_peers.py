@@ -10,6 +10,7 @@ Every test ends with the server still answering C-ECHO and C-STORE (DCMTK
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import struct
@@ -61,8 +62,13 @@ def _status(srv: VnaServer, key: str) -> int:
 def _sockets(srv: VnaServer) -> int:
     """Open sockets of the server process."""
     assert srv.proc is not None
-    fds = Path(f"/proc/{srv.proc.pid}/fd")
-    return sum(1 for fd in fds.iterdir() if str(fd.readlink()).startswith("socket:"))
+    count = 0
+    for fd in Path(f"/proc/{srv.proc.pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except FileNotFoundError:  # closed since the listing
+            pass
+    return count
 
 
 def _echoscu(srv: VnaServer) -> subprocess.CompletedProcess[str]:
