@@ -54,6 +54,7 @@ def test_back_to_back_moves_never_stall(
         make_server: Factory, counting_storescp: tuple[int, Path, subprocess.Popen[bytes]], tmp_path: Path,
         receiver: str) -> None:
     scp_port, scp_log, scp = counting_storescp
+    moves = MOVES if receiver == "native" else MOVES // 4   # the reference is slow: fewer rounds of the race
     srv = make_server(f'[dicom]\nreceiver = "{receiver}"\ndimse_timeout = 5\n'
                       f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {scp_port}\n')
     files = write_corpus(tmp_path / "study", "small", studies=1, per_study=INSTANCES, seed=17)
@@ -63,7 +64,7 @@ def test_back_to_back_moves_never_stall(
     study = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
 
     movers = [subprocess.Popen(
-        ["movescu", "-v", "-S", "--repeat", str(MOVES // PARALLEL), "-aec", "VNA", "-aem", "DEST",
+        ["movescu", "-v", "-S", "--repeat", str(moves // PARALLEL), "-aec", "VNA", "-aem", "DEST",
          "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(srv.port)],
         env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(PARALLEL)]
     outputs = [p.communicate(timeout=540)[0] for p in movers]
@@ -77,12 +78,12 @@ def test_back_to_back_moves_never_stall(
         assert set(failed) <= {"Warning: SubOperationsCompleteOneOrMoreFailures"}, failed[:3]
         stop_process(scp, 5)
         received = len(re.findall(r"Received Store Request", scp_log.read_text()))
-        assert (len(finals) - len(failed)) * INSTANCES <= received <= MOVES * INSTANCES
+        assert (len(finals) - len(failed)) * INSTANCES <= received <= moves * INSTANCES
         return
-    assert len(finals) == MOVES, "\n".join(out[-2000:] for out in outputs)
-    assert failed == [], f"{len(failed)} of {MOVES} moves did not complete every sub-operation: {failed[:3]}"
+    assert len(finals) == moves, "\n".join(out[-2000:] for out in outputs)
+    assert failed == [], f"{len(failed)} of {moves} moves did not complete every sub-operation: {failed[:3]}"
     assert all(p.returncode == 0 for p in movers), [p.returncode for p in movers]
     stop_process(scp, 5)  # its log is complete once it has exited
     received = len(re.findall(r"Received Store Request", scp_log.read_text()))
-    assert received == MOVES * INSTANCES
+    assert received == moves * INSTANCES
     assert "unexpected C-STORE" not in srv.log.read_text()
