@@ -238,24 +238,39 @@ pub fn decode(stream: &[u8], g: &Geometry, threads: usize) -> Result<Vec<u8>, Er
         return Err(Error::Corrupt("stream too short for the geometry".into()));
     }
     let parts = split(stream, g.frames)?;
+    decode_frames(&parts, size, g, threads, |(a, r), o| {
+        decode_frame(a, r, g, o)
+    })
+}
+
+/// Decode `items` (one per frame) into a `size`-byte buffer, frames in parallel on up to `threads`
+/// threads; `frame` fills one frame's bytes.
+fn decode_frames<T: Sync>(
+    items: &[T],
+    size: usize,
+    g: &Geometry,
+    threads: usize,
+    frame: impl Fn(&T, &mut [u8]) -> Result<(), Error> + Sync,
+) -> Result<Vec<u8>, Error> {
     let mut out = vec![0u8; size];
     let fb = g.frame_bytes();
-    let n = workers(threads, parts.len());
+    let n = workers(threads, items.len());
     if n == 1 {
-        for ((a, r), o) in parts.iter().zip(out.chunks_exact_mut(fb)) {
-            decode_frame(a, r, g, o)?;
+        for (item, o) in items.iter().zip(out.chunks_exact_mut(fb)) {
+            frame(item, o)?;
         }
         return Ok(out);
     }
-    let per = parts.len().div_ceil(n);
+    let per = items.len().div_ceil(n);
+    let frame = &frame;
     std::thread::scope(|s| {
-        let handles: Vec<_> = parts
+        let handles: Vec<_> = items
             .chunks(per)
             .zip(out.chunks_mut(per * fb))
             .map(|(group, dst)| {
                 s.spawn(move || {
-                    for ((a, r), o) in group.iter().zip(dst.chunks_exact_mut(fb)) {
-                        decode_frame(a, r, g, o)?;
+                    for (item, o) in group.iter().zip(dst.chunks_exact_mut(fb)) {
+                        frame(item, o)?;
                     }
                     Ok::<(), Error>(())
                 })
@@ -334,32 +349,5 @@ pub fn decode_px3(stream: &[u8], g: &Geometry, threads: usize) -> Result<Vec<u8>
             stream.len() - pos
         )));
     }
-    let mut out = vec![0u8; size];
-    let fb = g.frame_bytes();
-    let n = workers(threads, bodies.len());
-    if n == 1 {
-        for (b, o) in bodies.iter().zip(out.chunks_exact_mut(fb)) {
-            px3::decode_frame(b, g, o)?;
-        }
-        return Ok(out);
-    }
-    let per = bodies.len().div_ceil(n);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = bodies
-            .chunks(per)
-            .zip(out.chunks_mut(per * fb))
-            .map(|(group, dst)| {
-                s.spawn(move || {
-                    for (b, o) in group.iter().zip(dst.chunks_exact_mut(fb)) {
-                        px3::decode_frame(b, g, o)?;
-                    }
-                    Ok::<(), Error>(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-    })?;
-    Ok(out)
+    decode_frames(&bodies, size, g, threads, |b, o| px3::decode_frame(b, g, o))
 }
