@@ -180,3 +180,27 @@ def test_instance_larger_than_one_piece_is_streamed_byte_identical(web: Web, cor
     r = requests.get(f"{web.base}/studies/{study}", headers=accept, timeout=30)
     assert r.status_code == 200
     assert sorted(data for _t, data in split_parts(r)) == sorted([src.read_bytes(), big.read_bytes()])
+
+
+def test_retrieve_sends_the_good_copy_and_quarantines_a_damaged_one(web: Web, corpus: list[Path]) -> None:
+    """A hot copy whose bytes differ from the index is never sent: the other copy is, and the damaged copy
+    read is quarantined. One instance has its first copy damaged, another its second, so whichever order the
+    server reads copies in, one damaged copy is read first."""
+    study = [p for p in corpus if p.name.startswith("ct-7-0001")]
+    assert len(study) >= 2
+    body, ctype = multipart_body(study, BOUNDARY)
+    assert _post(web, body, ctype).status_code == 200
+    damaged: list[Path] = []
+    for which, path in enumerate(study[:2]):
+        copies = sorted(_blobs(web, str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)))
+        assert len(copies) == 2
+        data = bytearray(copies[which].read_bytes())
+        data[-1] ^= 0xFF   # same size, other bytes: only the digest tells
+        copies[which].write_bytes(bytes(data))
+        damaged.append(copies[which])
+    ds = dcmread(study[0], stop_before_pixels=True)
+    r = requests.get(f"{web.base}/studies/{ds.StudyInstanceUID}",
+                     headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=30)
+    assert r.status_code == 200
+    assert sorted(data for _t, data in split_parts(r)) == sorted(p.read_bytes() for p in study)
+    assert any(not p.exists() for p in damaged)   # read first, found damaged: moved to quarantine

@@ -11,6 +11,7 @@ stored syntax's media type) is accepted. Each request is audited as one
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import logging
@@ -116,11 +117,46 @@ def _read_piece(path: Path, head: bytes, size: int, sop_uid: str) -> bytearray:
     return piece
 
 
+def _read_local(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> tuple[bytearray, int] | None:
+    """The instance's part read once from a local plain copy up to ``_ONE_PIECE`` bytes and verified from the
+    same buffer (SHA-256 and size against the index), with its size; a failing copy is recorded as
+    ``open_verified`` records it and the next one tried. None: no such copy verifies (the caller falls back to
+    ``open_verified``: cold, encoded, remote or larger copies)."""
+    rs = ctx.archive.retrieve
+    for p, path in rs.local_copies(ref.sop_uid):
+        if p.content_size > _ONE_PIECE:
+            return None
+        head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", p.content_size)
+        try:
+            piece = _read_piece(path, head, p.content_size, ref.sop_uid)
+        except FileNotFoundError:
+            rs.mark_bad(p, "missing", f"{p.store_id}:{p.blob_key} not found")
+            continue
+        except IntegrityError as exc:
+            rs.mark_bad(p, "corrupt", f"{p.store_id}:{p.blob_key} size differs from the index ({exc})")
+            continue
+        except OSError as exc:
+            rs.mark_bad(p, "unreadable", f"{p.store_id}:{p.blob_key}: {exc.strerror}")
+            continue
+        body = memoryview(piece)[len(head):len(piece) - 2]
+        if hashlib.sha256(body).hexdigest() != p.content_sha256:
+            rs.mark_bad(p, "corrupt", f"{p.store_id}:{p.blob_key} content digest mismatch")
+            continue
+        return piece, p.content_size
+    return None
+
+
 def _part_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter,
                  size: list[int]) -> Generator[bytes | bytearray, None, None]:
     """The instance's part (delimiter, headers, the verified bytes, CRLF): one piece up to ``_ONE_PIECE`` bytes,
     else pieces of that size; the verified copy stays open until the generator ends. Appends the size to ``size``
-    once verified; raises VnaError before the first piece."""
+    once verified; raises VnaError before the first piece. A local plain copy is read once and verified from
+    that read (:func:`_read_local`)."""
+    local = _read_local(ctx, ref, writer)
+    if local is not None:
+        size.append(local[1])
+        yield local[0]
+        return
     with ctx.archive.retrieve.open_verified(ref.sop_uid) as v:
         size.append(v.size)
         head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", v.size)
