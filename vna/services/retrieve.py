@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 _RETRIEVE_UNIQUE_KEYS = frozenset({"PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})
 
 _TIER_ORDER = {Tier.CACHE: 0, Tier.HOT: 1, Tier.COLD: 2}
+#: seconds within which a study read again is not written to the index again (:meth:`RetrieveService.record_access`)
+ACCESS_RESOLUTION = 60.0
+_ACCESS_MEMORY = 100_000
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class RetrieveService:
         self.audit = audit if audit is not None else AuditLog.disabled()
         self.telemetry = telemetry if telemetry is not None else Telemetry.disabled()
         spool_dir.mkdir(parents=True, exist_ok=True)
+        self._accessed: dict[str, float] = {}   # study UID -> the access time this process last wrote
+        self._access_lock = threading.Lock()
 
     def select(self, level: QueryLevel, conditions: Sequence[Condition]) -> list[InstanceRef]:
         """Instances under the matching entities, in a stable order.
@@ -143,10 +149,21 @@ class RetrieveService:
                 self.telemetry.retrieve_bytes.add(xfer.bytes, {"op": op})
 
     def record_access(self, refs: Sequence[InstanceRef]) -> None:
-        """Note a read of each study the refs belong to (lifecycle ``age_basis = "last_access"``)."""
+        """Note a read of each study the refs belong to (lifecycle ``age_basis = "last_access"``).
+
+        A study read again within ``ACCESS_RESOLUTION`` seconds of the access this process last wrote is not
+        written again (a viewer reads a study in many requests; lifecycle ages are days): ``last_access`` is
+        exact to that resolution. The memory of written accesses is bounded (``_ACCESS_MEMORY`` studies)."""
         now = time.time()
-        for study_uid in sorted({r.study_uid for r in refs if r.study_uid}):
+        with self._access_lock:
+            due = sorted(uid for uid in {r.study_uid for r in refs if r.study_uid}
+                         if now - self._accessed.get(uid, -ACCESS_RESOLUTION) >= ACCESS_RESOLUTION)
+        for study_uid in due:
             self.index.record_access(study_uid, now)
+            with self._access_lock:
+                if len(self._accessed) >= _ACCESS_MEMORY:
+                    self._accessed.clear()
+                self._accessed[study_uid] = now
 
     @contextmanager
     def open_verified(self, sop_uid: str, *, local_only: bool = False) -> Iterator[VerifiedInstance]:
