@@ -18,7 +18,7 @@ import logging
 from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Generator, TypeVar
+from typing import Any, BinaryIO, Callable, Generator, TypeVar
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -69,13 +69,20 @@ def _select(ctx: WebContext, study: str | None, series: str | None, sop: str | N
 
 
 def _each_verified(ctx: WebContext, refs: list[InstanceRef], actor: Actor, op: str,
-                   fn: Callable[[InstanceRef, Path], T]) -> list[T]:
-    """``fn`` on a verified copy of every ref, in one audited transfer; an unreadable instance fails the request."""
+                   fn: Callable[[InstanceRef, Path | BinaryIO], T]) -> list[T]:
+    """``fn`` on a verified copy of every ref, in one audited transfer; an unreadable instance fails the request.
+    ``fn`` gets the copy's bytes in memory when a local plain copy was read and verified at once
+    (:func:`_read_local`), else the path of a verified copy."""
     out = []
     rs = ctx.archive.retrieve
     with rs.transfer(refs, actor, op=op) as xfer:
         for ref in refs:
             try:
+                local = _read_local(ctx, ref)
+                if local is not None:
+                    out.append(fn(ref, io.BytesIO(local[0])))
+                    xfer.sent(True, local[1])
+                    continue
                 with rs.open_verified(ref.sop_uid) as v:
                     out.append(fn(ref, v.path))
                     xfer.sent(True, v.size)
@@ -102,11 +109,11 @@ def _wants_dicom(accept: list[MediaRange]) -> bool:
     return False
 
 
-def _read_piece(path: Path, head: bytes, size: int, sop_uid: str) -> bytearray:
-    """``head``, the ``size`` bytes of ``path`` and CRLF in one buffer, read in place (no copy to join them)."""
-    piece = bytearray(len(head) + size + 2)
+def _read_piece(path: Path, head: bytes, size: int, sop_uid: str, tail: bytes = b"\r\n") -> bytearray:
+    """``head``, the ``size`` bytes of ``path`` and ``tail`` in one buffer, read in place (no copy to join them)."""
+    piece = bytearray(len(head) + size + len(tail))
     piece[:len(head)] = head
-    piece[-2:] = b"\r\n"
+    piece[len(head) + size:] = tail
     view = memoryview(piece)[len(head):len(head) + size]
     with open(path, "rb", buffering=0) as fh:
         while view and (n := fh.readinto(view)):
@@ -117,18 +124,19 @@ def _read_piece(path: Path, head: bytes, size: int, sop_uid: str) -> bytearray:
     return piece
 
 
-def _read_local(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> tuple[bytearray, int] | None:
-    """The instance's part read once from a local plain copy up to ``_ONE_PIECE`` bytes and verified from the
-    same buffer (SHA-256 and size against the index), with its size; a failing copy is recorded as
-    ``open_verified`` records it and the next one tried. None: no such copy verifies (the caller falls back to
-    ``open_verified``: cold, encoded, remote or larger copies)."""
+def _read_local(ctx: WebContext, ref: InstanceRef, head_for: Callable[[int], bytes] = lambda _size: b"",
+                tail: bytes = b"") -> tuple[bytearray, int] | None:
+    """``head_for(size)``, the instance's bytes and ``tail`` in one buffer, read once from a local plain copy up to
+    ``_ONE_PIECE`` bytes and verified from that buffer (SHA-256 and size against the index), with the size; a
+    failing copy is recorded as ``open_verified`` records it and the next one tried. None: no such copy verifies
+    (the caller falls back to ``open_verified``: cold, encoded, remote or larger copies)."""
     rs = ctx.archive.retrieve
     for p, path in rs.local_copies(ref.sop_uid):
         if p.content_size > _ONE_PIECE:
             return None
-        head = writer.head(f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", p.content_size)
+        head = head_for(p.content_size)
         try:
-            piece = _read_piece(path, head, p.content_size, ref.sop_uid)
+            piece = _read_piece(path, head, p.content_size, ref.sop_uid, tail)
         except FileNotFoundError:
             rs.mark_bad(p, "missing", f"{p.store_id}:{p.blob_key} not found")
             continue
@@ -138,7 +146,7 @@ def _read_local(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> tuple[
         except OSError as exc:
             rs.mark_bad(p, "unreadable", f"{p.store_id}:{p.blob_key}: {exc.strerror}")
             continue
-        body = memoryview(piece)[len(head):len(piece) - 2]
+        body = memoryview(piece)[len(head):len(head) + p.content_size]
         if hashlib.sha256(body).hexdigest() != p.content_sha256:
             rs.mark_bad(p, "corrupt", f"{p.store_id}:{p.blob_key} content digest mismatch")
             continue
@@ -152,7 +160,8 @@ def _part_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter,
     else pieces of that size; the verified copy stays open until the generator ends. Appends the size to ``size``
     once verified; raises VnaError before the first piece. A local plain copy is read once and verified from
     that read (:func:`_read_local`)."""
-    local = _read_local(ctx, ref, writer)
+    local = _read_local(ctx, ref, lambda size: writer.head(
+        f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", size), b"\r\n")
     if local is not None:
         size.append(local[1])
         yield local[0]
@@ -296,7 +305,7 @@ def _bulk_base(ctx: WebContext, ref: InstanceRef, series_uid: str) -> str:
     return f"{ctx.prefix}/studies/{ref.study_uid}/series/{series_uid}/instances/{ref.sop_uid}/bulkdata"
 
 
-def _read_header(path: Path) -> Dataset:
+def _read_header(path: Path | BinaryIO) -> Dataset:
     """The data set with values over 1 KiB left on disk until used (elements after Pixel Data included)."""
     try:
         return dcmread(path, defer_size=1024)
@@ -304,7 +313,7 @@ def _read_header(path: Path) -> Dataset:
         raise InvalidDataset(f"stored instance cannot be parsed: {exc}") from exc
 
 
-def _metadata_one(ctx: WebContext, ref: InstanceRef, path: Path) -> dict[str, Any]:
+def _metadata_one(ctx: WebContext, ref: InstanceRef, path: Path | BinaryIO) -> dict[str, Any]:
     ds = _read_header(path)
     inst = ctx.archive.index.get_instance(ref.sop_uid)
     series_uid = inst.series_uid if inst is not None else str(ds.get("SeriesInstanceUID", ""))
@@ -340,14 +349,14 @@ def _one(ctx: WebContext, study: str | None, series: str | None, sop: str | None
     return refs[0]
 
 
-def _read_full(path: Path) -> Dataset:
+def _read_full(path: Path | BinaryIO) -> Dataset:
     try:
         return dcmread(path)
     except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
         raise InvalidDataset(f"stored instance cannot be parsed: {exc}") from exc
 
 
-def _bulk_value(path: Path, where: str) -> bytes:
+def _bulk_value(path: Path | BinaryIO, where: str) -> bytes:
     try:
         steps = tag_path(where)
     except ValueError as exc:
@@ -421,7 +430,7 @@ def _frame_plan(accept: list[MediaRange], ts: str) -> tuple[str, str, bool]:
                         f"or transfer-syntax=* for them as stored")
 
 
-def _frames_of(path: Path, numbers: list[int], accept: list[MediaRange]) -> tuple[str, list[bytes]]:
+def _frames_of(path: Path | BinaryIO, numbers: list[int], accept: list[MediaRange]) -> tuple[str, list[bytes]]:
     ds = _read_full(path)
     if "PixelData" not in ds:
         raise NotFound("the instance has no pixel data")
@@ -504,7 +513,7 @@ def _viewport(request: Request, default: int | None) -> tuple[int, int] | None:
     return size
 
 
-def _render(path: Path, frame: int, media_type: str, window: tuple[float, float] | None,
+def _render(path: Path | BinaryIO, frame: int, media_type: str, window: tuple[float, float] | None,
             viewport: tuple[int, int] | None, quality: int) -> bytes:
     import numpy as np
     from PIL import Image
