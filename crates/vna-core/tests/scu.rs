@@ -668,6 +668,27 @@ impl Pki {
         ));
         self.pair(name)
     }
+
+    /// A self-signed CA certificate for `san` that expired in 2020 (`openssl ca` sets past dates).
+    fn expired_self_signed(&self, name: &str, san: &str) -> Pair {
+        let conf = format!(
+            "[ca]\ndefault_ca = this\n[this]\ndatabase = {name}.index\nnew_certs_dir = .\n\
+             serial = {name}.serial\ndefault_md = sha256\npolicy = any\nx509_extensions = ext\n\
+             [any]\ncommonName = supplied\n\
+             [ext]\nbasicConstraints = critical,CA:true\nsubjectAltName = {san}\n"
+        );
+        std::fs::write(self.dir.join(format!("{name}.cnf")), conf).unwrap();
+        std::fs::write(self.dir.join(format!("{name}.index")), "").unwrap();
+        std::fs::write(self.dir.join(format!("{name}.serial")), "01\n").unwrap();
+        self.openssl(&format!(
+            "req -new {NEW_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}"
+        ));
+        self.openssl(&format!(
+            "ca -config {name}.cnf -selfsign -keyfile {name}.key -in {name}.csr -batch -notext \
+             -startdate 20200101000000Z -enddate 20200102000000Z -out {name}.crt"
+        ));
+        self.pair(name)
+    }
 }
 
 /// `openssl req` options for a new unencrypted P-256 key.
@@ -785,6 +806,16 @@ fn tls_a_peer_that_cannot_be_verified_gets_no_dicom_byte() {
     };
     let ca = pki.self_signed("ca", "DNS:ca.invalid");
     pki.self_signed("other-ca", "DNS:other.invalid");
+    // self-signed certificates the bundle holds, but expired or for another name
+    let expired = pki.expired_self_signed("expired", "DNS:localhost,IP:127.0.0.1");
+    let misnamed = pki.self_signed("misnamed", "DNS:elsewhere.invalid");
+    let bundle = pki.dir.join("bundle.pem");
+    let pem = |p: &Path| std::fs::read_to_string(p).unwrap();
+    std::fs::write(
+        &bundle,
+        [pem(&ca.0), pem(&expired.0), pem(&misnamed.0)].concat(),
+    )
+    .unwrap();
     let peers = [
         (
             "stranger",
@@ -801,9 +832,11 @@ fn tls_a_peer_that_cannot_be_verified_gets_no_dicom_byte() {
             pki.leaf("elsewhere", "DNS:elsewhere.invalid", "ca", 3),
             "not valid for name",
         ),
+        ("expired", expired, "expired"),
+        ("misnamed", misnamed, "not valid for name"),
     ];
     let ct = Stored::load(&dir.join("CT_small.dcm"));
-    let client = tls_client(&ca.0, None);
+    let client = tls_client(&bundle, None);
     for (name, pair, why) in &peers {
         let Some(scp) = tls_storescp(&format!("tls-{name}"), pair, &["-ic"]) else {
             return;
