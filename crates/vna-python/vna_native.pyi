@@ -88,7 +88,9 @@ class Listener:
     (status, action reply or None); for "c-get"/"c-move" either (status, counts or None, identifier or None)
     -- a final response at once, counts (remaining or None, completed, failed, warning) -- or a job object
     with ``count()``, ``destination()`` (None, or (host, port, called AE, calling AE, [(abstract syntax,
-    [transfer syntaxes])]) for a C-MOVE), ``next()`` (None when done, or (SOP class, SOP instance, stored
+    [transfer syntaxes])], TLS) for a C-MOVE; TLS is None for plain TCP, or (CA bundle path or None for the
+    system's CAs, (certificate path, key path) or None) -- the peer's certificate must chain to the CA and
+    name the host, TLS 1.2 or later), ``next()`` (None when done, or (SOP class, SOP instance, stored
     transfer syntax, [(path, sha256 hex, size)] candidate copies)), ``bad_copy(index, why, fault)`` (fault
     "corrupt", "missing" or "unreadable"), ``fallback()`` (a verified (path, sha256, size) or None),
     ``convert(transfer_syntax)`` (a verified copy re-encoded

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
-from tests.conftest import DCMTK_ENV, VnaServer, dataset_bytes, free_port, self_signed, stop_process, wait_port
+from tests.conftest import (DCMTK_ENV, VnaServer, dataset_bytes, free_port, self_signed, stop_process, wait_port,
+                            with_receiver)
 from tests.integration import scu
 
 Factory = Callable[..., VnaServer]
@@ -75,37 +78,98 @@ def test_mutual_tls_requires_a_client_certificate(make_server: Factory, corpus: 
     assert r.returncode == 0, r.stderr
 
 
-def test_c_move_to_a_tls_destination(make_server: Factory, corpus: list[Path], tmp_path: Path) -> None:
-    """The archive associates over TLS with a ``tls = true`` remote, verifying its certificate.
+class _TlsStoreScp:
+    """A DCMTK storescp serving TLS with ``cert``/``key`` (AE DEST), logging verbosely; stopped by ``stop``."""
 
-    On the python receiver: the native requestor has no TLS yet and refuses such a C-MOVE (0xA801,
-    tests/integration/test_native_qr.py)."""
+    def __init__(self, tmp_path: Path, name: str, cert: Path, key: Path, *extra: str) -> None:
+        self.out = tmp_path / name
+        self.out.mkdir()
+        self.log = tmp_path / f"{name}.log"
+        self.port = free_port()
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(["storescp", "-v", "+tls", str(key), str(cert), *extra, "-aet", "DEST",
+                                          "-od", str(self.out), "+xa", str(self.port)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+        wait_port("127.0.0.1", self.port, 10, self.proc)
+
+    def remote(self, name: str) -> str:
+        return f'[[dicom.remote]]\nae_title = "{name}"\nhost = "127.0.0.1"\nport = {self.port}\ntls = true\n'
+
+    def stop(self) -> None:
+        stop_process(self.proc, 5)
+
+
+def _move_one(srv: VnaServer, path: Path, destination: str) -> tuple[list[Dataset], Dataset]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return scu.move(srv.port, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": ds.StudyInstanceUID,
+                               "SeriesInstanceUID": ds.SeriesInstanceUID, "SOPInstanceUID": ds.SOPInstanceUID},
+                    destination)
+
+
+def _received(out: Path, timeout: float = 10) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while not list(out.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return list(out.iterdir())
+
+
+@pytest.mark.parametrize("receiver", ["python", "native"])
+def test_c_move_to_a_tls_destination(make_server: Factory, corpus: list[Path], tmp_path: Path,
+                                     receiver: str) -> None:
+    """The archive associates over TLS with a ``tls = true`` remote, verifying its certificate
+    (``tls_ca``, the host name) and presenting its own, which the remote requires (mutual TLS)."""
     cert, key = self_signed(tmp_path, "server")
     dcert, dkey = self_signed(tmp_path, "dest")
-    out = tmp_path / "dest"
-    out.mkdir()
-    dport = free_port()
-    with open(tmp_path / "storescp.log", "wb") as log:
-        dest = subprocess.Popen(["storescp", "+tls", str(dkey), str(dcert), "+cf", str(cert), "-aet", "DEST",
-                                 "-od", str(out), "+xa", str(dport)], stdout=log, stderr=subprocess.STDOUT,
-                                env=DCMTK_ENV)
+    dest = _TlsStoreScp(tmp_path, "dest", dcert, dkey, "+cf", str(cert))   # -rc: our certificate is required
     try:
-        wait_port("127.0.0.1", dport, 10, dest)
-        remote = f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {dport}\ntls = true\n'
-        srv = make_server(_tls_config(free_port(), cert, key, f'tls_ca = "{dcert}"\nreceiver = "python"\n') + remote)
+        srv = make_server(with_receiver(_tls_config(free_port(), cert, key, f'tls_ca = "{dcert}"\n'), receiver)
+                          + dest.remote("DEST"))
         assert all(s.Status == 0 for s in scu.store(srv.port, corpus[:2]))
         ds = dcmread(corpus[0], stop_before_pixels=True)
         r = _dcmtk("movescu", "-S", "-aec", "VNA", "-aem", "DEST", "-k", "QueryRetrieveLevel=IMAGE",
                    "-k", f"StudyInstanceUID={ds.StudyInstanceUID}", "-k", f"SOPInstanceUID={ds.SOPInstanceUID}",
                    "127.0.0.1", str(srv.port))
         assert r.returncode == 0, r.stderr
-        deadline = time.monotonic() + 10
-        while not list(out.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        (got,) = list(out.iterdir())
+        (got,) = _received(dest.out)
         assert dataset_bytes(got) == dataset_bytes(corpus[0])
     finally:
-        stop_process(dest, 5)
+        dest.stop()
+
+
+@pytest.mark.parametrize("receiver", ["python", "native"])
+def test_c_move_to_a_tls_destination_that_cannot_be_verified_or_refuses_us_fails(
+        make_server: Factory, corpus: list[Path], tmp_path: Path, receiver: str) -> None:
+    """A destination whose certificate ``tls_ca`` did not sign gets no association (the handshake fails before
+    any DICOM byte); one that requires a client certificate when we have none refuses us. Either C-MOVE fails
+    as pynetdicom answers a destination it cannot associate with: 0xA801 and no sub-operation counts. A
+    destination we can verify and that does not ask for our certificate gets the instance (the control)."""
+    dcert, dkey = self_signed(tmp_path, "dest")
+    ccert, _ = self_signed(tmp_path, "client")
+    ocert, okey = self_signed(tmp_path, "stranger")
+    dests: dict[str, _TlsStoreScp] = {}
+    try:
+        dests["GOOD"] = _TlsStoreScp(tmp_path, "good", dcert, dkey, "-ic")
+        dests["UNTRUSTED"] = _TlsStoreScp(tmp_path, "untrusted", ocert, okey, "-ic")
+        dests["MUTUAL"] = _TlsStoreScp(tmp_path, "mutual", dcert, dkey, "+cf", str(ccert))   # -rc
+        srv = make_server(f'[dicom]\nreceiver = "{receiver}"\ntls_ca = "{dcert}"\n'
+                          + "".join(d.remote(name) for name, d in dests.items()))
+        assert all(s.Status == 0 for s in scu.store(srv.port, corpus[:1]))
+        _, final = _move_one(srv, corpus[0], "GOOD")
+        assert final.Status == 0 and final.NumberOfCompletedSuboperations == 1
+        (got,) = _received(dests["GOOD"].out)
+        assert dataset_bytes(got) == dataset_bytes(corpus[0])
+        for name in ("UNTRUSTED", "MUTUAL"):
+            responses, final = _move_one(srv, corpus[0], name)
+            assert [r.Status for r in responses] == [0xA801], name
+            assert not any(k in final for k in ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
+                                                "NumberOfFailedSuboperations", "NumberOfWarningSuboperations"))
+            assert list(dests[name].out.iterdir()) == [], name
+        # the untrusted destination saw a failed handshake, never an association
+        assert "Association Received" not in dests["UNTRUSTED"].log.read_text()
+        assert "Association Received" in dests["GOOD"].log.read_text()
+    finally:
+        for d in dests.values():
+            d.stop()
 
 
 def test_tls_misconfiguration_is_a_clear_start_up_error(make_server: Factory, tmp_path: Path) -> None:

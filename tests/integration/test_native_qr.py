@@ -410,20 +410,6 @@ def test_c_move_sub_operations_name_the_move_originator(make_server: Factory, co
         server.shutdown()
 
 
-def test_c_move_to_a_tls_destination_is_refused_by_the_native_receiver(make_server: Factory,
-                                                                      corpus: list[Path]) -> None:
-    srv = make_server(NATIVE + f'[[dicom.remote]]\nae_title = "SECURE"\nhost = "127.0.0.1"\nport = {free_port()}\n'
-                               'tls = true\n')
-    assert all(s.Status == 0 for s in scu.store(srv.port, corpus[:1]))
-    ds = dcmread(corpus[0], stop_before_pixels=True)
-    _, final = scu.move(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID}, "SECURE")
-    assert final.Status == 0xA801
-    deadline = time.monotonic() + 10
-    while "does not send to a tls = true destination" not in srv.log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "does not send to a tls = true destination" in srv.log.read_text()
-
-
 def test_q_r_operations_are_counted_as_the_python_receiver_counts_them(make_server: Factory,
                                                                        corpus: list[Path]) -> None:
     from tests.integration.test_telemetry import _sample, _scrape

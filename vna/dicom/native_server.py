@@ -15,7 +15,8 @@ instance's candidate copies; the native side verifies a copy's SHA-256 before it
 last byte goes out, sends the sub-operations and counts them. The Storage
 Commitment report goes out as with ``DicomServer`` (vna/dicom/commitment.py).
 The TLS port is served next to it by ``DicomServer`` (pynetdicom; ``vna serve`` composes
-both); a C-MOVE to a ``tls = true`` destination is refused (0xA801, logged).
+both). A C-MOVE to a ``tls = true`` destination goes over TLS with the settings of
+vna/dicom/tls.py (:func:`~vna.dicom.tls.client_files`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from vna.dicom.assoc_log import OncePerName
 from vna.dicom.commitment import Connector, StorageCommitment, StorageCommitmentPushModel
 from vna.dicom.contexts import other_service_classes, storage_classes, storage_syntaxes
 from vna.dicom.qr import UNIQUE_KEYS, identifier_map, move_contexts, query_level, response
+from vna.dicom.tls import client_files
 from vna.domain import Placement
 from vna.errors import AuditUnavailable, ConfigError, InvalidInput, VnaError
 from vna.services.ingest import Spooled
@@ -127,6 +129,10 @@ def _failed_list(uids: list[str], transfer_syntax: str) -> bytes:
     return _encode(ds, transfer_syntax)
 
 
+_Destination = tuple[str, int, str, str, list[tuple[str, list[str]]],
+                     tuple[str | None, tuple[str, str] | None] | None]
+
+
 class _Retrieval:
     """One C-GET or C-MOVE for the native sender: the selected instances, each with its candidate copies
     (this site's plain local files, verified by the native side), and the audit of the transfer."""
@@ -139,6 +145,7 @@ class _Retrieval:
         self.op = str(req.kind)
         self.dest = dest
         self.ae_title = server.cfg.ae_title
+        self._archive_cfg = server.archive.cfg
         self._stack = ExitStack()   # the transfer (audit) until close()
         self._open = ExitStack()    # the current instance's fallback copy, until the next one
         dest_actor = Actor(dest[1], "ae", f"{dest[0].host}:{dest[0].port}") if dest is not None else None
@@ -151,11 +158,13 @@ class _Retrieval:
     def count(self) -> int:
         return len(self.refs)
 
-    def destination(self) -> tuple[str, int, str, str, list[tuple[str, list[str]]]] | None:
+    def destination(self) -> _Destination | None:
+        """(host, port, called AE, calling AE, contexts, TLS settings or None) of a C-MOVE (vna_native.pyi)."""
         if self.dest is None:
             return None
         remote, name = self.dest
-        return remote.host, remote.port, name, self.ae_title, move_contexts(self.refs)
+        tls = client_files(self._archive_cfg) if remote.tls else None
+        return remote.host, remote.port, name, self.ae_title, move_contexts(self.refs), tls
 
     def next(self) -> tuple[str, str, str, list[tuple[str, str, int]]] | None:
         self._open.close()
@@ -449,10 +458,6 @@ class NativeDicomServer:
                 if self._unknown_dest(name):
                     log.warning("C-MOVE to unknown destination %r refused (not in dicom.remote; logged once an hour "
                                 "per name)", name)
-                return st.MOVE_DESTINATION_UNKNOWN, None, None
-            if remote.tls:
-                log.error("C-MOVE to %s refused: the native receiver does not send to a tls = true destination yet "
-                          '(use dicom.receiver = "python")', name)
                 return st.MOVE_DESTINATION_UNKNOWN, None, None
             dest = (remote, name)
         try:

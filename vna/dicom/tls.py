@@ -7,7 +7,7 @@ import ssl
 from vna.config import Config, DicomConfig
 from vna.errors import ConfigError
 
-__all__ = ["server_context", "client_context"]
+__all__ = ["server_context", "client_context", "client_files"]
 
 
 def _paths(cfg: Config) -> tuple[str, str]:
@@ -47,3 +47,11 @@ def client_context(cfg: Config) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"dicom TLS: cannot load certificate/key: {exc}") from exc
     return ctx
+
+
+def client_files(cfg: Config) -> tuple[str | None, tuple[str, str] | None]:
+    """What :func:`client_context` loads, for the native requestor: the CA bundle (None: the system's CAs)
+    and our (certificate, key), or None when we present none."""
+    d = cfg.dicom
+    ca = str(cfg.resolve(d.tls_ca)) if d.tls_ca else None
+    return ca, (_paths(cfg) if d.tls_cert and d.tls_key else None)

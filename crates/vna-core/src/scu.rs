@@ -1,22 +1,42 @@
-//! An association requestor (plain TCP): connect, A-ASSOCIATE-RQ/AC, C-STORE-RQs sent with
-//! [`crate::send`], A-RELEASE and A-ABORT. It carries the C-MOVE sub-operations to their
-//! destination; a destination reached over TLS stays on the Python path.
+//! An association requestor (TCP, or TLS as PS3.15 B.1 and BCP 195 say): connect,
+//! A-ASSOCIATE-RQ/AC, C-STORE-RQs sent with [`crate::send`], A-RELEASE and A-ABORT. It carries
+//! the C-MOVE sub-operations to their destination.
 //!
-//! Bounds: the connection must be made within `connect_timeout`; the A-ASSOCIATE-AC/RJ and
-//! the A-RELEASE-RP must arrive within `acse_timeout` (ARTIM); each read or write waits at
-//! most `network_timeout`; a C-STORE-RSP at most `dimse_timeout`. An A-ASSOCIATE-AC is read
+//! TLS ([`TlsClient`], rustls with the ring provider): TLS 1.2 or 1.3; the peer's certificate
+//! must chain to the configured CA bundle (else the system's CAs) and name the host we connect
+//! to (a DNS name or an IP address), as Python's `ssl.create_default_context` checks it; our
+//! certificate is presented when configured and the peer asks. The handshake completes before
+//! the A-ASSOCIATE-RQ goes out: an untrusted peer receives no DICOM byte.
+//!
+//! Bounds: the connection must be made within `connect_timeout`; the TLS handshake, the
+//! A-ASSOCIATE-AC/RJ and the A-RELEASE-RP must arrive within `acse_timeout` (ARTIM); each read
+//! or write waits at most `network_timeout`; a C-STORE-RSP at most `dimse_timeout`. An A-ASSOCIATE-AC is read
 //! up to [`crate::server::MAX_ASSOCIATE_RQ`] bytes, a P-DATA-TF up to our announced maximum
 //! (or [`crate::server::MAX_UNLIMITED_PDATA`] when we announce none), whatever the peer says.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::io::Write;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
+    SignatureScheme, StreamOwned,
+};
 
 use crate::dimse;
 use crate::pdu::{self, AssociateRq, ProposedContext, RoleSelection};
-use crate::send::{self, LinkError, SendError, SendSettings, Sender, StoreOutcome, StoreRequest};
+use crate::send::{
+    self, LinkError, SendError, SendSettings, Sender, StoreOutcome, StoreRequest, Transport,
+};
 
 /// Settings of a requested association.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +78,7 @@ pub struct AcceptedContext {
 pub enum AssociateError {
     /// The settings or proposal are malformed (nothing was sent).
     Invalid(String),
-    /// No connection could be made.
+    /// No connection could be made (TCP, or the TLS handshake: nothing was sent).
     Connect(String),
     /// The acceptor sent an A-ASSOCIATE-RJ: result (1 permanent, 2 transient), source, reason
     /// (PS3.8 9.3.4).
@@ -98,6 +118,305 @@ impl From<LinkError> for AssociateError {
     }
 }
 
+/// How associations with a TLS peer are secured.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsSettings {
+    /// PEM CA bundle the peer's certificate must chain to (None: the system's CAs). A
+    /// self-signed certificate in it may be the peer's own, as OpenSSL accepts it.
+    pub ca_file: Option<PathBuf>,
+    /// Our PEM certificate (chain) and its private key, presented when the peer asks.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// A TLS client configuration built from [`TlsSettings`] (cheap to clone).
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<ClientConfig>,
+}
+
+impl fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsClient").finish_non_exhaustive()
+    }
+}
+
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{what} {}: no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+impl TlsClient {
+    /// Load the CA bundle (or the system's CAs) and our certificate and key; an error names
+    /// the file that could not be used.
+    pub fn new(settings: &TlsSettings) -> Result<TlsClient, String> {
+        // ring: no C toolchain beyond cc (aws-lc-rs needs cmake); its key exchange groups are the
+        // classical ones (X25519, P-256, P-384), which BCP 195 asks for.
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        match &settings.ca_file {
+            Some(path) => {
+                for cert in read_certs(path, "CA bundle")? {
+                    roots
+                        .add(cert.clone())
+                        .map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
+                    anchors.push(cert);
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            }
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| format!("CA certificates: {e}"))?;
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerVerifier { webpki, anchors }));
+        let config = match &settings.identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = read_certs(cert, "certificate")?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("private key {}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("certificate {} and its key: {e}", cert.display()))?
+            }
+        };
+        Ok(TlsClient {
+            config: Arc::new(config),
+        })
+    }
+
+    /// [`TlsClient::new`] once per distinct `settings` for the life of the process (the files
+    /// are read at the first use, as the Python receiver builds its context once); a failure
+    /// is not remembered.
+    pub fn shared(settings: &TlsSettings) -> Result<TlsClient, String> {
+        static BUILT: OnceLock<Mutex<HashMap<TlsSettings, TlsClient>>> = OnceLock::new();
+        let built = BUILT.get_or_init(Default::default);
+        if let Some(client) = built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(settings)
+        {
+            return Ok(client.clone());
+        }
+        let client = TlsClient::new(settings)?;
+        built
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(settings.clone(), client.clone());
+        Ok(client)
+    }
+}
+
+/// webpki's verification, and one case OpenSSL accepts and webpki refuses: the peer presents a
+/// CA certificate that is itself in the configured bundle (a self-signed certificate trusted
+/// as it is). Its name is still checked; webpki checked its validity period before it found
+/// the CA flag.
+#[derive(Debug)]
+struct PeerVerifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    anchors: Vec<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verdict = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        match verdict {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Other(ref other)))
+                if other.0.downcast_ref::<webpki::Error>()
+                    == Some(&webpki::Error::CaUsedAsEndEntity) =>
+            {
+                if !self
+                    .anchors
+                    .iter()
+                    .any(|a| a.as_ref() == end_entity.as_ref())
+                {
+                    return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                        rustls::OtherError(Arc::new(UntrustedCa)),
+                    )));
+                }
+                let parsed = ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&parsed, server_name)?;
+                Ok(ServerCertVerified::assertion())
+            }
+            verdict => verdict,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// The peer presented a CA certificate as its own and the CA bundle does not hold it.
+#[derive(Debug)]
+struct UntrustedCa;
+
+impl fmt::Display for UntrustedCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the peer's certificate is a CA certificate that is not in the CA bundle")
+    }
+}
+
+impl std::error::Error for UntrustedCa {}
+
+/// `e` for a log line: an invalid certificate's own explanation rather than its debug form.
+fn handshake_error(e: &io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {other}")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// The connection an association runs on.
+enum Link {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Link {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Link::Plain(s) => s,
+            Link::Tls(s) => &s.sock,
+        }
+    }
+
+    /// Close the connection (after a TLS close_notify, bounded by the write timeout).
+    fn shutdown(&mut self) {
+        if let Link::Tls(s) = self {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+        let _ = self.tcp().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.read(buf),
+            Link::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    /// A TLS write returns once its records were handed to the socket (or failed), as a TCP
+    /// write does: the write timeout bounds it.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Link::Plain(s) => s.write(buf),
+            Link::Tls(s) => {
+                let n = s.write(buf)?;
+                s.flush()?;
+                Ok(n)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Link::Plain(s) => s.flush(),
+            Link::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl Transport for Link {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.tcp().set_read_timeout(timeout)
+    }
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.tcp().set_write_timeout(timeout)
+    }
+}
+
+/// The TLS handshake with `host` on `tcp`, completed within `acse_timeout` (each read or write
+/// within `network_timeout`).
+fn handshake(
+    tcp: TcpStream,
+    host: &str,
+    tls: &TlsClient,
+    acse_timeout: Duration,
+    network_timeout: Duration,
+) -> Result<Link, AssociateError> {
+    let peer = tcp
+        .peer_addr()
+        .map_or_else(|_| host.to_string(), |a| a.to_string());
+    let failed = |why: String| AssociateError::Connect(format!("TLS handshake with {peer}: {why}"));
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| failed(format!("{host:?} is not a host name or address: {e}")))?;
+    let conn =
+        ClientConnection::new(tls.config.clone(), name).map_err(|e| failed(e.to_string()))?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    let deadline = Instant::now() + acse_timeout;
+    while stream.conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(failed("not completed in time".into()));
+        }
+        let wait = Some(left.min(network_timeout));
+        let timeouts = stream
+            .sock
+            .set_read_timeout(wait)
+            .and_then(|()| stream.sock.set_write_timeout(wait));
+        if let Err(e) = timeouts.and_then(|()| stream.conn.complete_io(&mut stream.sock).map(drop))
+        {
+            let _ = stream.sock.shutdown(std::net::Shutdown::Both);
+            return Err(failed(handshake_error(&e)));
+        }
+    }
+    Ok(Link::Tls(Box::new(stream)))
+}
+
 /// One stored instance to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance<'a> {
@@ -112,7 +431,7 @@ pub struct Instance<'a> {
 
 /// An established association we requested; aborted when dropped unless released.
 pub struct Association {
-    stream: TcpStream,
+    stream: Link,
     cfg: ScuConfig,
     peer: SocketAddr,
     accepted: Vec<AcceptedContext>,
@@ -161,12 +480,29 @@ impl Association {
         contexts: &[ContextProposal],
         roles: &[RoleSelection],
     ) -> Result<Association, AssociateError> {
+        Self::request_over(host, port, None, cfg, contexts, roles)
+    }
+
+    /// [`Association::request`] over TLS when `tls` is given: the handshake (the peer verified
+    /// for `host`) completes before the A-ASSOCIATE-RQ is sent.
+    pub fn request_over(
+        host: &str,
+        port: u16,
+        tls: Option<&TlsClient>,
+        cfg: ScuConfig,
+        contexts: &[ContextProposal],
+        roles: &[RoleSelection],
+    ) -> Result<Association, AssociateError> {
         let rq = Self::build_rq(&cfg, contexts, roles)?;
-        let mut stream = connect(host, port, cfg.connect_timeout)?;
-        let peer = stream
+        let tcp = connect(host, port, cfg.connect_timeout)?;
+        let peer = tcp
             .peer_addr()
             .map_err(|e| AssociateError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let mut stream = match tls {
+            None => Link::Plain(tcp),
+            Some(tls) => handshake(tcp, host, tls, cfg.acse_timeout, cfg.network_timeout)?,
+        };
         let io = |e: std::io::Error| LinkError::Closed(format!("connection error: {e}"));
         stream
             .set_write_timeout(Some(cfg.network_timeout))
@@ -192,15 +528,15 @@ impl Association {
             }
             e
         })?;
-        let abort = |mut stream: TcpStream, why: String| {
+        let abort = |mut stream: Link, why: String| {
             let _ = stream.write_all(&pdu::encode_abort(0, 0));
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            stream.shutdown();
             AssociateError::Failed(LinkError::Protocol(why))
         };
         match kind {
             pdu::A_ASSOCIATE_AC => {}
             pdu::A_ASSOCIATE_RJ => {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
+                stream.shutdown();
                 return Err(match body.as_slice() {
                     [_, result, source, reason] => AssociateError::Rejected {
                         result: *result,
@@ -306,7 +642,7 @@ impl Association {
     }
 
     fn established(
-        stream: TcpStream,
+        stream: Link,
         cfg: ScuConfig,
         peer: SocketAddr,
         ac: pdu::AssociateAccept,
@@ -475,14 +811,14 @@ impl Association {
     }
 
     fn close(&mut self, send_abort: bool) {
+        let _ = self
+            .stream
+            .set_write_timeout(Some(Duration::from_millis(500)));
         if send_abort && self.open {
-            let _ = self
-                .stream
-                .set_write_timeout(Some(Duration::from_millis(500)));
             let _ = self.stream.write_all(&pdu::encode_abort(0, 0));
         }
         self.open = false;
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        self.stream.shutdown();
     }
 }
 

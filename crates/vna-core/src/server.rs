@@ -196,6 +196,8 @@ pub struct Destination {
     pub calling_ae: String,
     /// (abstract syntax, transfer syntaxes) to propose.
     pub contexts: Vec<(String, Vec<String>)>,
+    /// Associate over TLS with these settings (None: plain TCP).
+    pub tls: Option<scu::TlsSettings>,
 }
 
 /// A C-GET or C-MOVE the embedding program selected instances for.
@@ -1346,7 +1348,28 @@ impl<'a, H: Handler> Association<'a, H> {
                 transfer_syntaxes: syntaxes.clone(),
             })
             .collect();
-        match scu::Association::request(&dest.host, dest.port, scu_cfg, &contexts, &[]) {
+        let tls = match dest.tls.as_ref().map(scu::TlsClient::shared).transpose() {
+            Ok(tls) => tls,
+            Err(e) => {
+                self.log(
+                    Level::Error,
+                    &format!(
+                        "C-MOVE destination {} ({}:{}): TLS settings: {e}",
+                        dest.called_ae, dest.host, dest.port
+                    ),
+                );
+                return None;
+            }
+        };
+        let assoc = scu::Association::request_over(
+            &dest.host,
+            dest.port,
+            tls.as_ref(),
+            scu_cfg,
+            &contexts,
+            &[],
+        );
+        match assoc {
             Ok(assoc) => Some(assoc),
             Err(e) => {
                 self.log(

@@ -1,6 +1,8 @@
 //! The association requestor and C-STORE sending against DCMTK's `storescp` on loopback:
 //! what storescp wrote (bit-preserving) must hold the sent data set byte for byte.
 //!
+//! Over TLS too (storescp +tls, certificates made with `openssl`).
+//!
 //! Skipped (with a line on stderr) when `storescp` or pydicom's test files are missing;
 //! `VNA_PYDICOM_TEST_FILES` names another directory of those files.
 
@@ -11,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use vna_core::dimse;
-use vna_core::scu::{AssociateError, Association, ContextProposal, Instance, ScuConfig};
+use vna_core::scu::{
+    AssociateError, Association, ContextProposal, Instance, ScuConfig, TlsClient, TlsSettings,
+};
 use vna_core::send::{self, LinkError, Part10Layout, SendError};
 
 const PYDICOM_FILES: &str = "/work/main/.venv/lib/python3.11/site-packages/pydicom/data/test_files";
@@ -589,4 +593,300 @@ fn a_silent_or_garbled_acceptor_fails_the_association() {
         "{err}"
     );
     thread.join().unwrap();
+}
+
+/// Throwaway certificates made with the `openssl` command in their own directory; None (with
+/// a line on stderr) when it is missing.
+struct Pki {
+    dir: PathBuf,
+}
+
+/// A certificate and its private key (PEM files).
+type Pair = (PathBuf, PathBuf);
+
+impl Pki {
+    fn new(name: &str) -> Option<Pki> {
+        let found = Command::new("openssl")
+            .arg("version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            eprintln!("openssl not found: test skipped");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("vna-pki-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Some(Pki { dir })
+    }
+
+    /// Run `openssl` in the directory with `args` (split at spaces: file names there, no spaces).
+    fn openssl(&self, args: &str) {
+        let args: Vec<&str> = args.split(' ').collect();
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pair(&self, name: &str) -> Pair {
+        (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        )
+    }
+
+    /// A self-signed certificate (a CA, as `openssl req -x509` makes it) for `san`.
+    fn self_signed(&self, name: &str, san: &str) -> Pair {
+        self.openssl(&format!(
+            "req -x509 {NEW_KEY} -keyout {name}.key -out {name}.crt -days 1 -subj /CN={name} \
+             -addext subjectAltName={san}"
+        ));
+        self.pair(name)
+    }
+
+    /// An end-entity certificate for `san` signed by the CA `ca` (made by this `Pki`).
+    fn leaf(&self, name: &str, san: &str, ca: &str, serial: u32) -> Pair {
+        std::fs::write(
+            self.dir.join(format!("{name}.ext")),
+            format!("subjectAltName={san}\n"),
+        )
+        .unwrap();
+        self.openssl(&format!(
+            "req -new {NEW_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}"
+        ));
+        self.openssl(&format!(
+            "x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -set_serial {serial} -days 1 \
+             -out {name}.crt -extfile {name}.ext"
+        ));
+        self.pair(name)
+    }
+
+    /// A self-signed CA certificate for `san` that expired in 2020 (`openssl ca` sets past dates).
+    fn expired_self_signed(&self, name: &str, san: &str) -> Pair {
+        let conf = format!(
+            "[ca]\ndefault_ca = this\n[this]\ndatabase = {name}.index\nnew_certs_dir = .\n\
+             serial = {name}.serial\ndefault_md = sha256\npolicy = any\nx509_extensions = ext\n\
+             [any]\ncommonName = supplied\n\
+             [ext]\nbasicConstraints = critical,CA:true\nsubjectAltName = {san}\n"
+        );
+        std::fs::write(self.dir.join(format!("{name}.cnf")), conf).unwrap();
+        std::fs::write(self.dir.join(format!("{name}.index")), "").unwrap();
+        std::fs::write(self.dir.join(format!("{name}.serial")), "01\n").unwrap();
+        self.openssl(&format!(
+            "req -new {NEW_KEY} -keyout {name}.key -out {name}.csr -subj /CN={name}"
+        ));
+        self.openssl(&format!(
+            "ca -config {name}.cnf -selfsign -keyfile {name}.key -in {name}.csr -batch -notext \
+             -startdate 20200101000000Z -enddate 20200102000000Z -out {name}.crt"
+        ));
+        self.pair(name)
+    }
+}
+
+/// `openssl req` options for a new unencrypted P-256 key.
+const NEW_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tls_client(ca: &Path, identity: Option<&Pair>) -> TlsClient {
+    TlsClient::new(&TlsSettings {
+        ca_file: Some(ca.to_path_buf()),
+        identity: identity.cloned(),
+    })
+    .unwrap()
+}
+
+/// storescp serving TLS with `pair`, and `extra` options.
+fn tls_storescp(name: &str, pair: &Pair, extra: &[&str]) -> Option<StoreScp> {
+    let (crt, key) = (pair.0.to_str().unwrap(), pair.1.to_str().unwrap());
+    storescp(name, &[&["+tls", key, crt], extra].concat())
+}
+
+#[test]
+fn tls_sends_bit_exact_to_a_peer_the_ca_signed() {
+    let (Some(dir), Some(pki)) = (test_files(), Pki::new("signed")) else {
+        return;
+    };
+    let ca = pki.self_signed("ca", "DNS:ca.invalid");
+    let dest = pki.leaf("dest", "DNS:localhost,IP:127.0.0.1", "ca", 1);
+    let Some(scp) = tls_storescp("tls-signed", &dest, &["-ic"]) else {
+        return;
+    };
+    let files: Vec<Stored> = CORPUS.iter().map(|n| Stored::load(&dir.join(n))).collect();
+    let client = tls_client(&ca.0, None);
+    let mut assoc = Association::request_over(
+        "127.0.0.1",
+        scp.port,
+        Some(&client),
+        config(16384),
+        &proposals(&files),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", scp.log()));
+    for f in &files {
+        let out = assoc
+            .send_store(&f.instance(), None)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", f.path.display(), scp.log()));
+        assert_eq!(out.response.status, 0, "{}", f.path.display());
+    }
+    assoc
+        .release()
+        .unwrap_or_else(|e| panic!("release: {e}\n{}", scp.log()));
+    for f in &files {
+        assert_received(&scp, f);
+    }
+}
+
+#[test]
+fn tls_mutual_with_a_self_signed_peer_certificate_from_the_bundle() {
+    let (Some(dir), Some(pki)) = (test_files(), Pki::new("mutual")) else {
+        return;
+    };
+    let dest = pki.self_signed("dest", "DNS:localhost,IP:127.0.0.1");
+    let ours = pki.self_signed("vna", "DNS:vna.invalid");
+    // storescp requires a client certificate (-rc, its default) that `ours` is
+    let ours_crt = ours.0.to_str().unwrap();
+    let Some(scp) = tls_storescp("tls-mutual", &dest, &["+cf", ours_crt]) else {
+        return;
+    };
+    let ct = Stored::load(&dir.join("CT_small.dcm"));
+    let cx = proposals(std::slice::from_ref(&ct));
+    let anonymous = tls_client(&dest.0, None);
+    let err = Association::request_over(
+        "127.0.0.1",
+        scp.port,
+        Some(&anonymous),
+        config(16384),
+        &cx,
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, AssociateError::Failed(_) | AssociateError::Connect(_)),
+        "{err}"
+    );
+    let client = tls_client(&dest.0, Some(&ours));
+    let mut assoc = Association::request_over(
+        "127.0.0.1",
+        scp.port,
+        Some(&client),
+        config(16384),
+        &cx,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", scp.log()));
+    assert_eq!(
+        assoc
+            .send_store(&ct.instance(), None)
+            .unwrap()
+            .response
+            .status,
+        0
+    );
+    assoc.release().unwrap();
+    assert_received(&scp, &ct);
+}
+
+#[test]
+fn tls_a_peer_that_cannot_be_verified_gets_no_dicom_byte() {
+    let (Some(dir), Some(pki)) = (test_files(), Pki::new("unverified")) else {
+        return;
+    };
+    let ca = pki.self_signed("ca", "DNS:ca.invalid");
+    pki.self_signed("other-ca", "DNS:other.invalid");
+    // self-signed certificates the bundle holds, but expired or for another name
+    let expired = pki.expired_self_signed("expired", "DNS:localhost,IP:127.0.0.1");
+    let misnamed = pki.self_signed("misnamed", "DNS:elsewhere.invalid");
+    let bundle = pki.dir.join("bundle.pem");
+    let pem = |p: &Path| std::fs::read_to_string(p).unwrap();
+    std::fs::write(
+        &bundle,
+        [pem(&ca.0), pem(&expired.0), pem(&misnamed.0)].concat(),
+    )
+    .unwrap();
+    let peers = [
+        (
+            "stranger",
+            pki.self_signed("stranger", "DNS:localhost,IP:127.0.0.1"),
+            "not in the CA bundle",
+        ),
+        (
+            "foreign",
+            pki.leaf("foreign", "DNS:localhost,IP:127.0.0.1", "other-ca", 2),
+            "UnknownIssuer",
+        ),
+        (
+            "elsewhere",
+            pki.leaf("elsewhere", "DNS:elsewhere.invalid", "ca", 3),
+            "not valid for name",
+        ),
+        ("expired", expired, "expired"),
+        ("misnamed", misnamed, "not valid for name"),
+    ];
+    let ct = Stored::load(&dir.join("CT_small.dcm"));
+    let client = tls_client(&bundle, None);
+    for (name, pair, why) in &peers {
+        let Some(scp) = tls_storescp(&format!("tls-{name}"), pair, &["-ic"]) else {
+            return;
+        };
+        let err = Association::request_over(
+            "127.0.0.1",
+            scp.port,
+            Some(&client),
+            config(16384),
+            &proposals(std::slice::from_ref(&ct)),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, AssociateError::Connect(e) if e.contains("TLS handshake") && e.contains(why)),
+            "{name}: {err}"
+        );
+        assert!(
+            !scp.log().contains("Association Received"),
+            "{name}: {}",
+            scp.log()
+        );
+        assert!(written(&scp, ct.sop_instance()).is_empty());
+    }
+}
+
+#[test]
+fn tls_settings_that_cannot_be_loaded_name_their_file() {
+    let Some(pki) = Pki::new("settings") else {
+        return;
+    };
+    let ca = pki.self_signed("ca", "DNS:ca.invalid");
+    let missing = pki.dir.join("missing.pem");
+    let empty = pki.dir.join("empty.pem");
+    std::fs::write(&empty, b"").unwrap();
+    for (ca_file, identity, named) in [
+        (&missing, None, &missing),
+        (&empty, None, &empty),
+        (&ca.0, Some((ca.0.clone(), missing.clone())), &missing),
+    ] {
+        let settings = TlsSettings {
+            ca_file: Some(ca_file.clone()),
+            identity,
+        };
+        let err = TlsClient::new(&settings).unwrap_err();
+        assert!(err.contains(named.to_str().unwrap()), "{err}");
+    }
+    TlsClient::new(&TlsSettings {
+        ca_file: Some(ca.0.clone()),
+        identity: Some(ca.clone()),
+    })
+    .unwrap();
 }

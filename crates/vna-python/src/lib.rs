@@ -17,6 +17,7 @@ use pyo3::types::PyBytes;
 use vna_core::dimse::{self, Counts};
 use vna_core::negotiate::{SupportedContext, UnknownStorage};
 use vna_core::pdu::AssociateRq;
+use vna_core::scu::TlsSettings;
 use vna_core::server::{
     self, Config, CopyFault, CopyRef, Decision, Destination, FindAnswer, FindAnswers, Handler,
     Level, Peer, Retrieval, RetrievePlan, Server, StoreAnswer, SubOperation,
@@ -218,7 +219,16 @@ impl Retrieval for PyRetrieval {
 
 type CountsSpec = (Option<u16>, u16, u16, u16);
 type AnswerSpec = (u16, Option<CountsSpec>, Option<Vec<u8>>);
-type DestinationSpec = (String, u16, String, String, Vec<(String, Vec<String>)>);
+/// (CA bundle path or None, (certificate path, key path) or None).
+type TlsSpec = (Option<String>, Option<(String, String)>);
+type DestinationSpec = (
+    String,
+    u16,
+    String,
+    String,
+    Vec<(String, Vec<String>)>,
+    Option<TlsSpec>,
+);
 
 fn plan(py: Python<'_>, answer: Py<PyAny>, on_log: &Py<PyAny>) -> PyResult<RetrievePlan> {
     if let Ok((status, counts, identifier)) = answer.extract::<AnswerSpec>(py) {
@@ -235,12 +245,16 @@ fn plan(py: Python<'_>, answer: Py<PyAny>, on_log: &Py<PyAny>) -> PyResult<Retri
         .call_method0(py, "destination")?
         .extract::<Option<DestinationSpec>>(py)?
         .map(
-            |(host, port, called_ae, calling_ae, contexts)| Destination {
+            |(host, port, called_ae, calling_ae, contexts, tls)| Destination {
                 host,
                 port,
                 called_ae,
                 calling_ae,
                 contexts,
+                tls: tls.map(|(ca_file, identity)| TlsSettings {
+                    ca_file: ca_file.map(PathBuf::from),
+                    identity: identity.map(|(cert, key)| (cert.into(), key.into())),
+                }),
             },
         );
     Ok(RetrievePlan::Run(Box::new(PyRetrieval {
