@@ -22,6 +22,7 @@ answer when it is 0). Lines::
 
     {"b":7,"assoc":"...","actor":{...},"study":"1.2...","outcome":0}   a batch opens (one future record)
     {"b":7,"p":"P1^^^HOSP","i":{"sop_uid":...,"bytes":...}}            one instance of batch 7
+    {"writing":[7],"ts":"2026-..."}                                     batch 7's record is being written
     {"done":[7]}                                                        batch 7's record is written
 
 The journal is truncated when no batch is open and rewritten with the open
@@ -36,13 +37,16 @@ created under a temporary name and locked before it is renamed into place,
 and a recovering process checks that the file it locked is still linked, so
 two starting processes never recover one journal twice.
 
-A crash between writing a record and its ``done`` line lists that batch's
-instances a second time (recovered). A record held in memory under
+A crash between a ``writing`` line and its ``done`` line leaves recovery in
+doubt: it reads the audit trail's tail back to that time (never more) and
+writes only the batches whose record (same association, same instances) is
+not there, so nothing is listed twice. A record held in memory under
 ``on_failure = "buffer"`` counts as written, as it does for every other record.
 """
 
 from __future__ import annotations
 
+import calendar
 import errno
 import fcntl
 import json
@@ -57,7 +61,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator
 
-from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope, outcome_for
+from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope, _now_iso, outcome_for
 from vna.errors import AuditUnavailable
 
 __all__ = ["TransferAudit", "AssociationAudit", "journal_dir"]
@@ -84,6 +88,7 @@ class _Batch:
     study: str
     outcome: int
     started: float = field(default_factory=time.monotonic)
+    writing: str = ""      # recovery: when a process began writing its record ("": it never did)
     patients: list[str] = field(default_factory=list)       # without repeats, for the record
     instances: list[dict[str, Any]] = field(default_factory=list)
     patient_of: list[str] = field(default_factory=list)     # each instance's, for a rewritten journal
@@ -189,6 +194,7 @@ class TransferAudit:
         self._path: Path | None = None
         self._size = 0
         self._dirty = False
+        self._failing = False                 # the last record could not be written
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -296,15 +302,22 @@ class TransferAudit:
                         due.append(b)
                         del assoc.batches[key]
         done: list[int] = []
+        if due and self._fd is not None:
+            try:   # a crash before the done line: recovery looks for these records before writing them
+                self._append(_line({"writing": [b.id for b in due], "ts": _now_iso()}))
+            except OSError as exc:
+                log.error("audit: the transfer journal %s cannot be written: %s", self._path, exc)
         for i, batch in enumerate(due):
             try:
                 _write_record(self.audit, batch)
             except AuditUnavailable as exc:
-                log.error("audit: the transfer record of %d instances from %s is held for a retry: %s",
-                          len(batch.instances), batch.actor.get("id"), exc)
+                if not self._failing:   # the audit writer raises its own alarm; one line here per failure
+                    log.error("audit: %d transfer records are held for a retry: %s", len(due) - i, exc)
+                self._failing = True
                 self._retry.extend(due[i:])
                 break
             done.append(batch.id)
+            self._failing = False
         if done and self._fd is not None:
             try:
                 self._append(_line({"done": done}))
@@ -413,7 +426,7 @@ class TransferAudit:
                     raise
                 if os.fstat(fd).st_nlink == 0:
                     continue       # recovered and removed by another process meanwhile
-                batches = list(_unfinished(_read_all(fd)))
+                batches = _not_in_trail(audit.path, list(_unfinished(_read_all(fd))))
                 for batch in batches:
                     _write_record(audit, batch, recovered=True)
                     written += 1
@@ -474,6 +487,10 @@ def _unfinished(data: bytes) -> Iterator[_Batch]:
             continue
         if "done" in obj:
             done.update(int(b) for b in obj["done"])
+        elif "writing" in obj:
+            for b in obj["writing"]:
+                if int(b) in batches and not batches[int(b)].writing:
+                    batches[int(b)].writing = str(obj["ts"])
         elif "i" in obj:
             batch = batches.get(int(obj["b"]))
             if batch is not None:
@@ -484,3 +501,60 @@ def _unfinished(data: bytes) -> Iterator[_Batch]:
     for b, batch in batches.items():
         if b not in done and batch.instances:
             yield batch
+
+
+def _not_in_trail(trail: Path, batches: list[_Batch]) -> list[_Batch]:
+    """``batches`` without those whose record is already in the trail: a batch its process began writing
+    (a ``writing`` line) but not marked done. Only the trail's tail written since then is read."""
+    started = [b.writing for b in batches if b.writing]
+    if not started:
+        return batches
+    since = min(started)
+    written: set[tuple[str, tuple[str, ...]]] = set()
+    for rec in _tail_since(trail, since):
+        details = rec.get("details") or {}
+        if rec.get("event_id") == INSTANCES_TRANSFERRED.code and isinstance(details, dict) and "association" in details:
+            written.add((str(details["association"]),
+                         tuple(str(i.get("sop_uid")) for i in details.get("instances") or ())))
+    return [b for b in batches
+            if not (b.writing and (b.assoc, tuple(str(i.get("sop_uid")) for i in b.instances)) in written)]
+
+
+def _tail_since(trail: Path, since: str) -> Iterator[dict[str, Any]]:
+    """The trail's records from the end back to the first one older than ``since`` (ISO text; a second of
+    slack for clocks of other processes), newest first."""
+    try:
+        fh = open(trail, "rb")
+    except OSError:
+        return
+    with fh:
+        try:
+            pos = os.fstat(fh.fileno()).st_size
+        except OSError:
+            return
+        rest = b""
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            fh.seek(pos)
+            lines = (fh.read(step) + rest).split(b"\n")
+            rest = lines[0] if pos > 0 else b""
+            for raw in reversed(lines[1:] if pos > 0 else lines):
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue
+                if not isinstance(rec, dict):
+                    continue
+                if str(rec.get("ts", ""))[:19] < _seconds_before(since):
+                    return
+                yield rec
+
+
+def _seconds_before(ts: str) -> str:
+    """``ts`` (ISO, UTC) one second earlier, to the second."""
+    try:
+        t = calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) - 1
+    except ValueError:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
