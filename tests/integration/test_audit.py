@@ -520,6 +520,7 @@ def test_kill_9_mid_association_every_acknowledged_instance_is_recovered(make_se
     srv.proc.kill()
     srv.proc.wait(10)
     assert len(_transfers(srv)) == 1                                        # the open association: no record yet
+    srv.log.rename(srv.log.with_suffix(".killed.log"))                      # start() waits for a new "vna ready"
     srv.start()
     recs = _transfers(srv)
     recovered = [r for r in recs if r["details"].get("recovered")]
@@ -534,6 +535,45 @@ def test_kill_9_mid_association_every_acknowledged_instance_is_recovered(make_se
     assert sorted(_listed(_transfers(srv))) == sorted(listed)             # a clean stop adds nothing
     r = srv.cli("audit", "verify", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["intact"] is True, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_kill_9_while_an_association_stores(make_server: Factory, tmp_path: Path, receiver: str) -> None:
+    """kill -9 in the middle of a running association: after the restart every acknowledged instance is
+    in one record (recovered); no instance is listed twice."""
+    from benchmarks.corpus import write_corpus
+
+    files = write_corpus(tmp_path / "many", "small", studies=1, per_study=400, seed=3)
+    srv = make_server(f'[dicom]\nreceiver = "{receiver}"\n[audit]\ntransfer_flush_interval = 600\n')
+    assert srv.proc is not None
+    acked: list[str] = []
+
+    def send() -> None:
+        try:
+            conn = _Association(srv.port, files[:1])
+            for p in files:
+                if conn.store(p) != 0:
+                    return
+                acked.append(_uid(p))
+        except Exception:   # the server died: the association is gone
+            return
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    _wait(lambda: len(acked) >= 10, 60, "ten acknowledged instances")
+    srv.proc.kill()
+    srv.proc.wait(10)
+    sender.join(60)
+    assert 10 <= len(acked) < len(files)
+    srv.log.rename(srv.log.with_suffix(".killed.log"))
+    srv.start()
+    recs = _transfers(srv)
+    listed = _listed(recs)
+    assert len(listed) == len(set(listed))                                  # nothing twice
+    assert set(acked) <= set(listed)                                        # every acknowledged one
+    assert recs and all(r["details"]["recovered"] for r in recs)
+    assert srv.stop() == 0
+    assert verify(srv.data_dir / "audit" / "audit.log").intact
 
 
 def test_a_restarted_worker_recovers_the_dead_journal_only(make_server: Factory, corpus: list[Path]) -> None:
