@@ -62,7 +62,7 @@ from types import TracebackType
 from typing import Any, Iterator
 
 from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope, _now_iso, outcome_for
-from vna.errors import AuditUnavailable
+from vna.errors import AuditUnavailable, ConfigError
 
 __all__ = ["TransferAudit", "AssociationAudit", "journal_dir"]
 
@@ -201,12 +201,16 @@ class TransferAudit:
     # -- life ---------------------------------------------------------------------------
     def start(self) -> None:
         """Recover the journals of dead processes, open this one's, start the flush thread.
-        Raises OSError when the journal cannot be created."""
+        Raises ConfigError when the journal's directory cannot be written."""
         if not self.enabled:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.recover(self.audit, self.dir)
-        self._fd, self._path = self._create()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.recover(self.audit, self.dir)
+            self._fd, self._path = self._create()
+        except OSError as exc:
+            raise ConfigError(f"{self.dir}: the C-STORE audit journal cannot be written there "
+                              f"({exc.strerror or exc}): check the data directory's owner and free space") from exc
         self._thread = threading.Thread(target=self._background, name="vna-audit-transfers", daemon=True)
         self._thread.start()
 
