@@ -13,6 +13,9 @@ failure) or 12 (major failure). A record::
      "source":{"ae":"VNA","host":"vna-1","pid":4242,"site":"local"},"study_uids":["1.2.840..."],
      "ts":"2026-11-28T03:42:13.123456Z","hash":"9f2c..."}
 
+The C-STOREs of a DIMSE association are recorded per study, listing their
+instances, and recovered after a crash: :mod:`vna.transfer_audit`.
+
 ``hash`` is the SHA-256 of the record's canonical JSON (keys sorted, no
 spaces, UTF-8) without ``hash`` (the line is that JSON with ``hash`` appended
 last); ``prev_hash`` is the previous record's

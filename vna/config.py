@@ -263,6 +263,8 @@ class AuditConfig:
     syslog_host: str = ""           # empty: no forwarding
     syslog_port: int = 514
     syslog_protocol: str = "udp"    # or "tcp" (RFC 6587 octet counting); only tcp detects a lost collector
+    transfer_flush_interval: float = 5.0   # DIMSE C-STORE: a study's record is written at the latest this
+    #                                        many seconds after its first instance not yet in one (vna/transfer_audit.py)
 
 
 @dataclass(frozen=True)
@@ -965,6 +967,8 @@ def _validate_observability(a: AuditConfig, t: TelemetryConfig) -> None:
         raise ConfigError(f"audit.on_failure must be one of {', '.join(AUDIT_FAILURE_POLICIES)}")
     if a.buffer_max < 1:
         raise ConfigError("audit.buffer_max must be >= 1")
+    if a.transfer_flush_interval <= 0:
+        raise ConfigError("audit.transfer_flush_interval must be > 0")
     if a.fsync_interval < 0 or a.min_free_mb < 0:
         raise ConfigError("audit.fsync_interval and audit.min_free_mb must be >= 0")
     if not a.path:

@@ -74,12 +74,17 @@ def test_dimse_traffic_is_audited(make_server: Factory, corpus: list[Path], stor
     assert (stop["event_id"], stop["event_type"]["code"]) == ("110100", "110121")
 
     stored = [r for r in recs if r["event_id"] == "110104" and r["action"] == "C"]
-    assert len(stored) == len(corpus) and all(r["outcome"] == 0 for r in stored)
+    # one association: one record per study, listing its instances
+    assert len(stored) == len({_head(p)[1] for p in corpus}) and all(r["outcome"] == 0 for r in stored)
+    assert sum(r["details"]["count"] for r in stored) == len(corpus)
+    assert len({r["details"]["association"] for r in stored}) == 1
     assert {r["actor"]["id"] for r in stored} == {"TESTSCU"} and stored[0]["actor"]["address"] == "127.0.0.1"
-    mine = [r for r in stored if r["study_uids"] == [study]]
-    assert len(mine) == len(mr) and all(r["patient_ids"] == [patient] for r in mine)
-    assert {r["details"]["sop_uid"] for r in mine} == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                                                        for p in mr}
+    (mine,) = [r for r in stored if r["study_uids"] == [study]]
+    assert mine["patient_ids"] == [patient] and mine["details"]["count"] == len(mr)
+    assert mine["details"]["bytes"] == sum(i["bytes"] for i in mine["details"]["instances"]) > 0
+    assert {i["sop_uid"] for i in mine["details"]["instances"]} == {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in mr}
+    assert mine["details"]["sop_classes"] == {str(dcmread(mr[0], stop_before_pixels=True).SOPClassUID): len(mr)}
 
     (query,) = [r for r in recs if r["event_id"] == "110112"]
     assert query["action"] == "E" and query["patient_ids"] == [patient] and query["study_uids"] == [study]
@@ -179,7 +184,8 @@ def test_worker_processes_share_one_chain(make_server: Factory, corpus: list[Pat
     assert srv.stop() == 0
     recs = _records(srv)
     assert len({r["source"]["pid"] for r in recs}) == 2            # both workers wrote
-    assert len([r for r in recs if r["event_id"] == "110104"]) == len(corpus)
+    listed = [i["sop_uid"] for r in recs if r["event_id"] == "110104" for i in r["details"]["instances"]]
+    assert len(listed) == len(set(listed)) == len(corpus)
     assert verify(srv.data_dir / "audit" / "audit.log").intact
 
 
@@ -289,15 +295,20 @@ def test_full_audit_disk_refuses_before_storing(make_server: Factory, corpus: li
 
 def test_full_audit_disk_buffer_policy_serves_until_the_buffer_is_full(make_server: Factory,
                                                                         corpus: list[Path]) -> None:
-    srv = make_server('[audit]\npath = "/dev/full"\non_failure = "buffer"\nbuffer_max = 3\n')
-    # held in memory: the application start, then one record per store; the third store finds it full
-    rsps = scu.store(srv.port, corpus[:4])
-    assert [r.Status for r in rsps] == [0, 0, 0xA700, 0xA700]
+    from tests.integration.test_health import get
+
+    health = free_port()
+    srv = make_server(f'[health]\nhost = "127.0.0.1"\nport = {health}\n'
+                      '[audit]\npath = "/dev/full"\non_failure = "buffer"\nbuffer_max = 2\n')
+    # held in memory: the application start; the association's record (one per study) fills the buffer
+    assert [r.Status for r in scu.store(srv.port, corpus[:2])] == [0, 0]
+    _wait(lambda: get(health)[0] == 503, 30, "the association's record to fill the buffer")
+    assert [r.Status for r in scu.store(srv.port, corpus[2:4])] == [0xA700, 0xA700]
     assert _stats(srv)["instances"] == 2
     log = srv.log.read_text()
     assert "AUDIT TRAIL FAILING" in log and "policy buffer" in log
     srv.stop()
-    assert "3 records still unwritten" in srv.log.read_text()   # never silently
+    assert "2 records still unwritten" in srv.log.read_text()   # never silently
 
 
 class _Collector:
@@ -361,7 +372,7 @@ def test_unreachable_collector_refuses_then_recovers(make_server: Factory, corpu
     collector.start()
     _wait(lambda: bool(collector.messages), 10, "the held application-start record to be forwarded")
     assert [r.Status for r in scu.store(srv.port, corpus[:2])] == [0, 0]
-    _wait(lambda: len(collector.messages) >= 3, 10, "the store records")
+    _wait(lambda: len(collector.messages) >= 2, 10, "the store record (one study, one association)")
     local = _records(srv)
     forwarded = collector.records()
     assert [r["seq"] for r in forwarded] == [r["seq"] for r in local]      # in order, none lost
@@ -377,8 +388,9 @@ def test_unreachable_collector_buffer_policy_forwards_later(make_server: Factory
     assert all(r.Status == 0 for r in scu.store(srv.port, corpus[:3]))
     assert "AUDIT TRAIL FAILING" in srv.log.read_text()
     collector.start()
-    _wait(lambda: len(collector.messages) >= 4, 10, "the held records to be forwarded")
-    assert [r["seq"] for r in collector.records()] == [r["seq"] for r in _records(srv)] == [1, 2, 3, 4]
+    # the application start and the association's record (one study)
+    _wait(lambda: len(collector.messages) >= 2, 10, "the held records to be forwarded")
+    assert [r["seq"] for r in collector.records()] == [r["seq"] for r in _records(srv)] == [1, 2]
 
 
 def test_udp_forwarding(tmp_path: Path) -> None:
@@ -394,3 +406,196 @@ def test_udp_forwarding(tmp_path: Path) -> None:
     head, body = msg.split(b"\xef\xbb\xbf", 1)
     assert head.startswith(b"<110>1 ") and b' vna ' in head
     assert json.loads(body)["patient_ids"] == ["P9"]
+
+
+# -- DIMSE C-STORE: one record per association and study, recovered after kill -9 ----------------------
+
+RECEIVERS = ["python", "native"]
+
+
+def _transfers(srv: VnaServer) -> list[dict[str, Any]]:
+    """The C-STORE transfer records (event 110104, action C) of the trail, in order."""
+    path = srv.data_dir / "audit" / "audit.log"
+    if not path.exists():
+        return []
+    return [r for r in _records(srv) if r["event_id"] == "110104" and r["action"] == "C"]
+
+
+def _listed(recs: list[dict[str, Any]]) -> list[str]:
+    return [i["sop_uid"] for r in recs for i in r["details"]["instances"]]
+
+
+def _uid(p: Path) -> str:
+    return str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+
+
+class _Association:
+    """One open pynetdicom association to a server, storing files one at a time."""
+
+    def __init__(self, port: int, paths: list[Path]) -> None:
+        from pynetdicom import AE
+
+        ae = AE(ae_title="TESTSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        heads = [dcmread(p, stop_before_pixels=True) for p in paths]
+        for cls, ts in {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in heads}:
+            ae.add_requested_context(cls, ts)
+        self.assoc = ae.associate("127.0.0.1", port, ae_title="VNA")
+        assert self.assoc.is_established
+
+    def store(self, ds: Any) -> int:
+        rsp = self.assoc.send_c_store(dcmread(ds) if isinstance(ds, Path) else ds)
+        return int(rsp.Status)
+
+    def release(self) -> None:
+        self.assoc.release()
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_one_association_writes_one_record_per_study(make_server: Factory, corpus: list[Path],
+                                                     receiver: str) -> None:
+    """Interleaved studies on one association: one record per study when it ends (not on a timer, not at
+    shutdown), listing exactly its instances; a failed store is in its own record with its outcome."""
+    srv = make_server(f'[dicom]\nreceiver = "{receiver}"\n[audit]\ntransfer_flush_interval = 600\n')
+    ct = [p for p in corpus if p.name.startswith("ct-")]
+    a, b = ct[:3], ct[3:6]
+    assert _head(a[0])[1] != _head(b[0])[1]
+    interleaved = [a[0], b[0], a[1], b[1], a[2], b[2]]
+    conn = _Association(srv.port, interleaved)
+    assert [conn.store(p) for p in interleaved] == [0] * 6
+    changed = dcmread(a[0])
+    changed.PatientName = "CHANGED^NAME"           # the same SOP Instance UID in other content: refused
+    assert conn.store(changed) != 0
+    conn.release()
+    _wait(lambda: len(_transfers(srv)) == 3, 30, "the association's records")
+    recs = _transfers(srv)
+    by = {(r["study_uids"][0], r["outcome"]): r for r in recs}
+    study_a, study_b = _head(a[0])[1], _head(b[0])[1]
+    assert set(by) == {(study_a, 0), (study_b, 0), (study_a, 4)}
+    assert _listed([by[study_a, 0]]) == [_uid(p) for p in a] and _listed([by[study_b, 0]]) == [_uid(p) for p in b]
+    failed = by[study_a, 4]["details"]
+    assert failed["count"] == 1 and failed["instances"][0]["sop_uid"] == _uid(a[0])
+    assert "differs" in failed["instances"][0]["error"]
+    assert len({r["details"]["association"] for r in recs}) == 1
+    assert all(r["patient_ids"] == [_head(a[0])[0]] for r in (by[study_a, 0], by[study_a, 4]))
+    assert not any(r["details"].get("recovered") for r in recs)
+    assert srv.stop() == 0
+    assert len(_transfers(srv)) == 3
+    r = srv.cli("audit", "verify", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["intact"] is True, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_a_long_association_writes_a_study_record_every_interval(make_server: Factory, corpus: list[Path],
+                                                                 receiver: str) -> None:
+    srv = make_server(f'[dicom]\nreceiver = "{receiver}"\n[audit]\ntransfer_flush_interval = 0.2\n')
+    ct = [p for p in corpus if p.name.startswith("ct-")][:3]
+    conn = _Association(srv.port, ct)
+    assert conn.store(ct[0]) == 0
+    _wait(lambda: len(_transfers(srv)) == 1, 30, "the record of the first instance while the association runs")
+    assert [conn.store(p) for p in ct[1:]] == [0, 0]
+    conn.release()
+    _wait(lambda: len(_listed(_transfers(srv))) == 3, 30, "the records of the other instances")
+    recs = _transfers(srv)
+    assert sorted(_listed(recs)) == sorted(_uid(p) for p in ct)       # each instance listed once
+    assert {r["study_uids"][0] for r in recs} == {_head(ct[0])[1]} and len(recs) >= 2
+    assert len({r["details"]["association"] for r in recs}) == 1
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_kill_9_mid_association_every_acknowledged_instance_is_recovered(make_server: Factory, corpus: list[Path],
+                                                                         receiver: str) -> None:
+    """A released association's record is written; then kill -9 while a second association of two studies is
+    open: the restart writes its records marked recovered; every acknowledged instance is listed once."""
+    srv = make_server(f'[dicom]\nreceiver = "{receiver}"\n[audit]\ntransfer_flush_interval = 600\n')
+    assert srv.proc is not None
+    small = [p for p in corpus if p.name.startswith("small-")]
+    assert all(r.Status == 0 for r in scu.store(srv.port, small))          # released: written at its end
+    _wait(lambda: len(_transfers(srv)) == 1, 30, "the first association's record")
+    ct = [p for p in corpus if p.name.startswith("ct-")]
+    conn = _Association(srv.port, ct)
+    assert [conn.store(p) for p in ct] == [0] * len(ct)                     # acknowledged, association open
+    journals = list((srv.data_dir / "audit" / "journal").glob("*.jnl"))
+    assert journals and any(j.stat().st_size for j in journals)
+    srv.proc.kill()
+    srv.proc.wait(10)
+    assert len(_transfers(srv)) == 1                                        # the open association: no record yet
+    srv.log.rename(srv.log.with_suffix(".killed.log"))                      # start() waits for a new "vna ready"
+    srv.start()
+    recs = _transfers(srv)
+    recovered = [r for r in recs if r["details"].get("recovered")]
+    assert len(recovered) == 2 and {r["study_uids"][0] for r in recovered} == {_head(p)[1] for p in ct}
+    assert all(r["actor"]["id"] == "TESTSCU" and r["outcome"] == 0 for r in recovered)
+    assert sorted(_listed(recovered)) == sorted(_uid(p) for p in ct)
+    listed = _listed(recs)
+    assert sorted(listed) == sorted(_uid(p) for p in small + ct)          # nothing twice, nothing missing
+    assert not list((srv.data_dir / "audit" / "journal").glob("*.jnl")) or all(
+        j.stat().st_size == 0 for j in (srv.data_dir / "audit" / "journal").glob("*.jnl"))
+    assert srv.stop() == 0
+    assert sorted(_listed(_transfers(srv))) == sorted(listed)             # a clean stop adds nothing
+    r = srv.cli("audit", "verify", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["intact"] is True, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+def test_kill_9_while_an_association_stores(make_server: Factory, tmp_path: Path, receiver: str) -> None:
+    """kill -9 in the middle of a running association: after the restart every acknowledged instance is
+    in one record (recovered); no instance is listed twice."""
+    from benchmarks.corpus import write_corpus
+
+    files = write_corpus(tmp_path / "many", "small", studies=1, per_study=400, seed=3)
+    srv = make_server(f'[dicom]\nreceiver = "{receiver}"\n[audit]\ntransfer_flush_interval = 600\n')
+    assert srv.proc is not None
+    acked: list[str] = []
+
+    def send() -> None:
+        try:
+            conn = _Association(srv.port, files[:1])
+            for p in files:
+                if conn.store(p) != 0:
+                    return
+                acked.append(_uid(p))
+        except Exception:   # the server died: the association is gone
+            return
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    _wait(lambda: len(acked) >= 10, 60, "ten acknowledged instances")
+    srv.proc.kill()
+    srv.proc.wait(10)
+    sender.join(60)
+    assert 10 <= len(acked) < len(files)
+    srv.log.rename(srv.log.with_suffix(".killed.log"))
+    srv.start()
+    recs = _transfers(srv)
+    listed = _listed(recs)
+    assert len(listed) == len(set(listed))                                  # nothing twice
+    assert set(acked) <= set(listed)                                        # every acknowledged one
+    assert recs and all(r["details"]["recovered"] for r in recs)
+    assert srv.stop() == 0
+    assert verify(srv.data_dir / "audit" / "audit.log").intact
+
+
+def test_a_restarted_worker_recovers_the_dead_journal_only(make_server: Factory, corpus: list[Path]) -> None:
+    """workers = 2: kill -9 the worker holding an open association; the restarted worker writes its records
+    (recovered) and leaves the live worker's journal alone."""
+    import os
+    import signal
+
+    srv = make_server("[dicom]\nworkers = 2\n[audit]\ntransfer_flush_interval = 600\n")
+    ct = [p for p in corpus if p.name.startswith("ct-")]
+    conn = _Association(srv.port, ct)
+    assert [conn.store(p) for p in ct] == [0] * len(ct)
+    jdir = srv.data_dir / "audit" / "journal"
+    (busy,) = [j for j in jdir.glob("*.jnl") if j.stat().st_size]
+    idle = [j for j in jdir.glob("*.jnl") if j != busy]
+    assert len(idle) == 1
+    os.kill(int(busy.name.split("-")[0]), signal.SIGKILL)
+    _wait(lambda: len(_transfers(srv)) == 2, 60, "the restarted worker to recover the records")
+    recs = _transfers(srv)
+    assert all(r["details"]["recovered"] for r in recs)
+    assert sorted(_listed(recs)) == sorted(_uid(p) for p in ct)
+    assert not busy.exists() and idle[0].exists()                          # the live worker's journal is kept
+    assert srv.stop() == 0
+    assert sorted(_listed(_transfers(srv))) == sorted(_uid(p) for p in ct)
+    assert verify(srv.data_dir / "audit" / "audit.log").intact

@@ -281,5 +281,6 @@ def test_audit_trail_tells_two_patients_12345_apart(make_server: Callable[..., V
     assert got_b == {("110104", "C"): ["12345^^^HOSP_B"], ("110112", "E"): ["12345^^^HOSP_B"],
                      ("110104", "R"): ["12345^^^HOSP_B"]}
     assert {tuple(r["patient_ids"]) for r in search("12345^^^HOSP_A")} == {("12345^^^HOSP_A",)}
-    assert len(search("12345^^^HOSP_A")) == len(a)
-    assert len(search("12345")) == len(a) + len(b) + 2  # the stores, the query and the retrieve
+    (stored_a,) = search("12345^^^HOSP_A")              # one association, one study: one record
+    assert stored_a["details"]["count"] == len(a)
+    assert len(search("12345")) == 4  # the two associations' stores, the query and the retrieve

@@ -32,7 +32,8 @@ def _mode(p: Path) -> int:
 def _archive_paths(srv: VnaServer, outside: Path) -> tuple[list[Path], list[Path]]:
     """(directories, files) an archive holding one instance must protect."""
     d = srv.data_dir
-    dirs = [d, d / "hot" / "r1", outside, d / "cold", d / "spool", d / "spool" / "incoming", d / "audit"]
+    dirs = [d, d / "hot" / "r1", outside, d / "cold", d / "spool", d / "spool" / "incoming", d / "audit",
+            d / "audit" / "journal"]
     files = [d / "index.sqlite", d / "audit" / "audit.log"]
     files += [p for p in (d / "index.sqlite-wal", d / "index.sqlite-shm") if p.exists()]
     blobs = [p for root in (d / "hot" / "r1", outside) for p in root.rglob("*")

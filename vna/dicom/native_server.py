@@ -53,6 +53,7 @@ from vna.domain import Placement
 from vna.errors import AuditUnavailable, ConfigError, InvalidInput, VnaError
 from vna.services.ingest import Spooled
 from vna.services.retrieve import InstanceRef, Transfer
+from vna.transfer_audit import AssociationAudit, TransferAudit, journal_dir
 
 __all__ = ["NativeDicomServer", "supported_contexts", "unknown_storage"]
 
@@ -257,12 +258,15 @@ class NativeDicomServer:
         self._spool_dir = archive.cfg.resolve("spool/incoming")
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         self._listener: Any = None
-        # the association's span while its native thread runs (one thread per association)
+        # the association's span and C-STORE audit while its native thread runs (one thread per association)
         self._assoc = threading.local()
+        self.transfers = TransferAudit(archive.audit, journal_dir(archive.cfg.resolve("audit")),
+                                       archive.cfg.audit.transfer_flush_interval)
 
     def start(self) -> None:
         """Bind and accept in native threads. Raises OSError when the port cannot be bound."""
         cfg = self.cfg
+        self.transfers.start()
         self._listener = self._native.Listener(
             host=cfg.host, port=cfg.port, reuse_port=self.reuse_port, max_pdu=cfg.max_pdu,
             max_associations=cfg.max_associations, max_half_open=cfg.max_half_open_connections,
@@ -295,6 +299,7 @@ class NativeDicomServer:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.stop(grace)
+        self.transfers.close()
 
     # -- callbacks from the native threads ---------------------------------------------
     def on_associate(self, calling_ae: str, called_ae: str, address: str, port: int) -> tuple[int, int, int] | None:
@@ -321,8 +326,12 @@ class NativeDicomServer:
         return _CALLING_AE_NOT_RECOGNIZED
 
     def _thread_done(self) -> None:
-        """An association's native thread ends: its span ends, it is no longer open; the index releases
-        what the thread held."""
+        """An association's native thread ends: its C-STORE audit records are written, its span ends, it
+        is no longer open; the index releases what the thread held."""
+        transfer: AssociationAudit | None = getattr(self._assoc, "transfer", None)
+        if transfer is not None:
+            self._assoc.transfer = None
+            transfer.close()
         if getattr(self._assoc, "open", False):
             self._assoc.open = False
             self.archive.telemetry.dimse_associations_open.add(-1)
@@ -362,10 +371,14 @@ class NativeDicomServer:
                 tel.dimse_duration.record(time.perf_counter() - t0, {"op": "c-store"})
 
     def _store(self, record: Any) -> tuple[int, str | None]:
+        actor = Actor(record.calling_ae, "ae", record.address)
+        transfer: AssociationAudit | None = getattr(self._assoc, "transfer", None)
+        if transfer is None:   # the association's first C-STORE
+            transfer = self._assoc.transfer = self.transfers.association(actor)
         try:
             self.archive.ingest.ingest_file(
                 Path(record.path), source_ae=record.calling_ae, expected_sop_uid=record.sop_instance_uid,
-                expected_sop_class=record.sop_class_uid, actor=Actor(record.calling_ae, "ae", record.address),
+                expected_sop_class=record.sop_class_uid, actor=actor, transfer=transfer,
                 owned=True, spooled=Spooled(record.sha256, record.size, record.started_ns, record.ended_ns))
             return st.SUCCESS, None
         except VnaError as exc:

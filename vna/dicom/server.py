@@ -57,6 +57,7 @@ from vna.domain import QueryLevel
 from vna.errors import AuditUnavailable, InvalidInput, VnaError
 from vna.services.retrieve import InstanceRef, Transfer
 from vna.telemetry import SeriesKey, series_key
+from vna.transfer_audit import AssociationAudit, TransferAudit, journal_dir
 
 __all__ = ["DicomServer"]
 
@@ -234,6 +235,11 @@ class DicomServer:
         self._accepting = threading.local()  # shared with the _Server request threads (see _Server)
         self._conns: weakref.WeakKeyDictionary[Any, Connection] = weakref.WeakKeyDictionary()  # assoc -> its slot
         self._conns_lock = threading.Lock()
+        # each association's C-STORE audit (one record per study, vna/transfer_audit.py), from its first C-STORE
+        self.transfers = TransferAudit(archive.audit, journal_dir(archive.cfg.resolve("audit")),
+                                       archive.cfg.audit.transfer_flush_interval)
+        self._transfers: weakref.WeakKeyDictionary[Any, AssociationAudit] = weakref.WeakKeyDictionary()
+        self._transfers_lock = threading.Lock()
         # pynetdicom spools received data sets with tempfile (vna serve points it at spool/incoming)
         archive.cfg.resolve("spool/incoming").mkdir(parents=True, exist_ok=True)
 
@@ -278,6 +284,9 @@ class DicomServer:
             (evt.EVT_CONN_CLOSE, self._release_conn),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._transfer_over),
+            (evt.EVT_ABORTED, self._transfer_over),
+            (evt.EVT_CONN_CLOSE, self._transfer_over),
             (evt.EVT_RELEASED, self._on_assoc_over),
             (evt.EVT_ABORTED, self._on_assoc_over),
             (evt.EVT_C_ECHO, t("c-echo", lambda event: st.SUCCESS)),
@@ -305,6 +314,7 @@ class DicomServer:
         if self.cfg.tls_port:
             listeners.append((self.cfg.tls_port, server_context(self.archive.cfg)))
         server_class = _ReusePortServer if self.reuse_port else _Server
+        self.transfers.start()
         for port, ctx in listeners:
             server = cast(_Server, self.ae.make_server(
                 (self.cfg.host, port), evt_handlers=self.handlers(), server_class=server_class, ssl_context=ctx))
@@ -343,6 +353,7 @@ class DicomServer:
         with self._idle:
             self._idle.wait_for(lambda: self._inflight == 0, timeout=grace)
         self.ae.shutdown()  # aborts every association of the AE (ours were never in its list of servers)
+        self.transfers.close()
 
     # -- telemetry and audit of associations ----------------------------------------
     def _traced(self, op: str, handler: Callable[[evt.Event], Any], generator: bool = False
@@ -485,6 +496,21 @@ class DicomServer:
         assoc.acse.send_reject(0x02, 0x03, 0x02)
         assoc.kill()  # as pynetdicom after its own rejections: the A-ASSOCIATE-RJ is sent before the close
 
+    def _transfer(self, event: evt.Event) -> AssociationAudit:
+        """The C-STORE audit of the event's association (made at its first C-STORE)."""
+        with self._transfers_lock:
+            transfer = self._transfers.get(event.assoc)
+            if transfer is None:
+                transfer = self._transfers[event.assoc] = self.transfers.association(_actor(event))
+        return transfer
+
+    def _transfer_over(self, event: evt.Event) -> None:
+        """Released, aborted or closed: the association's C-STORE audit records are written (once)."""
+        with self._transfers_lock:
+            transfer = self._transfers.pop(event.assoc, None)
+        if transfer is not None:
+            transfer.close()
+
     def _on_assoc_over(self, event: evt.Event) -> None:
         """Released or aborted (in the association's thread, after its last handler): close its index connection."""
         self.archive.index.release_thread()
@@ -516,7 +542,8 @@ class DicomServer:
             self.archive.ingest.ingest_file(
                 Path(event.dataset_path), source_ae=calling,
                 expected_sop_uid=str(req.AffectedSOPInstanceUID),
-                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True)
+                expected_sop_class=str(req.AffectedSOPClassUID), actor=_actor(event), owned=True,
+                transfer=self._transfer(event))
             return st.SUCCESS
         except VnaError as exc:
             rsp = Dataset()

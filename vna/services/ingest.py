@@ -55,6 +55,7 @@ from vna.telemetry import Telemetry, series_key
 
 if TYPE_CHECKING:
     from vna.services.retrieve import RetrieveService
+    from vna.transfer_audit import AssociationAudit
 
 __all__ = ["IngestResult", "IngestService", "Spooled", "assign_issuer"]
 
@@ -308,7 +309,8 @@ def assign_issuer(attrs: dict[str, str], issuer: str | None) -> dict[str, str]:
 class IngestService:
     """Stores Part 10 files in the hot tier and registers them in the index.
 
-    Every call is audited (one "DICOM Instances Transferred" record, action C)
+    Every call is audited (one "DICOM Instances Transferred" record, action C; a DIMSE association's
+    stores are listed in one record per study instead, see ``ingest_file``)
     and traced (``ingest`` > ``ingest.hash`` or ``ingest.receive``, ``ingest.parse``,
     ``ingest.write``, ``ingest.index``; ``ingest.compare`` when a re-send in other
     bytes is compared with the stored instance).
@@ -340,6 +342,7 @@ class IngestService:
         actor: Actor | None = None,
         owned: bool = False,
         spooled: Spooled | None = None,
+        transfer: AssociationAudit | None = None,
     ) -> IngestResult:
         """Store the Part 10 file at ``path`` (which the caller owns and may delete after).
 
@@ -365,6 +368,9 @@ class IngestService:
         trail refuses service, and after storing if the record of this
         store cannot be written (the instance is then stored, unacknowledged;
         a retry is idempotent). ``actor`` defaults to the AE ``source_ae``.
+        ``transfer``: the audit of the DIMSE association this store is part of; the instance is then
+        journaled there (one record per association and study, :mod:`vna.transfer_audit`) instead of
+        getting its own record.
         The issuer configured for ``source_ae`` (``assigned_issuers``) is recorded for an object without
         one only when the actor is that AE (a DIMSE association, a migration run): ``source_ae`` is a
         free label for gRPC, STOW-RS and CLI callers, whose objects get no assigned issuer.
@@ -373,7 +379,9 @@ class IngestService:
         by_ae = who.kind == "ae" and who.id.strip() == source_ae.strip()
         issuer = self.assigned_issuers.get(source_ae.strip()) if by_ae else None
         tel = self.telemetry
-        with (self.audit.operation(INSTANCES_TRANSFERRED, "C", who) as rec,
+        audited = (self.audit.operation(INSTANCES_TRANSFERRED, "C", who) if transfer is None
+                   else transfer.instance())
+        with (audited as rec,
               tel.span("ingest", start_ns=spooled.started_ns if spooled is not None else None, inner=True)):
             if spooled is not None:
                 tel.stage_done("ingest.receive", spooled.started_ns, spooled.ended_ns, {"vna.bytes": spooled.size})
