@@ -142,8 +142,8 @@ def start_vna(work: Path, port: int, extra_args: list[str], workers: int | None,
     return Receiver("vna", port, "VNA", proc, count, log)
 
 
-def start_orthanc(work: Path, port: int, http_port: int, timeout: float) -> Receiver:
-    """Orthanc with its own config (defaults otherwise); ready when HTTP /system answers."""
+def start_orthanc(work: Path, port: int, http_port: int, timeout: float, extra: dict | None = None) -> Receiver:
+    """Orthanc with its own config (defaults otherwise, ``extra`` keys added); ready when HTTP /system answers."""
     log = work / "orthanc.log"
     cfg = {
         "Name": "bench-orthanc",
@@ -156,6 +156,7 @@ def start_orthanc(work: Path, port: int, http_port: int, timeout: float) -> Rece
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "Plugins": [],
+        **(extra or {}),
     }
     conf = work / "orthanc.json"
     conf.write_text(json.dumps(cfg, indent=2))

@@ -90,12 +90,16 @@ class Listener:
     with ``count()``, ``destination()`` (None, or (host, port, called AE, calling AE, [(abstract syntax,
     [transfer syntaxes])], TLS) for a C-MOVE; TLS is None for plain TCP, or (CA bundle path or None for the
     system's CAs, (certificate path, key path) or None) -- the peer's certificate must chain to the CA and
-    name the host, TLS 1.2 or later), ``next()`` (None when done, or (SOP class, SOP instance, stored
-    transfer syntax, [(path, sha256 hex, size)] candidate copies)), ``bad_copy(index, why, fault)`` (fault
-    "corrupt", "missing" or "unreadable"), ``fallback()`` (a verified (path, sha256, size) or None),
-    ``convert(transfer_syntax)`` (a verified copy re-encoded
-    in that syntax as a Part 10 file (path, sha256, size), or None), ``sent(ok, size, status)``,
-    ``failed_identifier(uids)`` (an identifier listing them) and ``close()``.
+    name the host, TLS 1.2 or later), ``next_batch(n)`` (the next at most n instances to send, [] when
+    done: [(SOP class, SOP instance, stored transfer syntax, [(path, sha256 hex, size)] candidate copies)];
+    asked again once the previous batch is sent; an instance's *position* is its rank in the order they
+    are handed out, from 0), ``bad_copy(position, index, why, fault)`` (fault "corrupt", "missing" or
+    "unreadable"), ``fallback(position)`` (a verified (path, sha256, size) or None),
+    ``convert(position, transfer_syntax)`` (a verified copy re-encoded in that syntax as a Part 10 file
+    (path, sha256, size), or None) -- both valid until another position is named or the next batch is
+    asked for --, ``sent([(ok, size, status)])`` (results in order, passed on before the next batch is
+    asked for and before ``close()``), ``failed_identifier(uids)`` (an identifier listing them) and
+    ``close()``.
     ``on_log(level, message)`` takes a ``logging`` level; ``on_thread_done()`` runs when an
     association's thread ends. Callbacks run in the association threads.
     """

@@ -192,6 +192,28 @@ def test_register_get_instance_and_placements(index: Index) -> None:
     assert index.placements("1.4.1", 2) == []
 
 
+def test_placements_many_are_the_current_versions_placements(index: Index) -> None:
+    index.register(make_record("1.4.1", "1.3.1", "1.2.1", attrs=P1 | S1),
+                   [make_placement("1.4.1", store="hot-a"),
+                    make_placement("1.4.1", store="hot-b", state=PlacementState.CORRUPT)])
+    index.register(make_record("1.4.2", "1.3.1", "1.2.1", attrs=P1 | S1), [make_placement("1.4.2", store="hot-a")])
+    index.register(make_record("1.4.2", "1.3.1", "1.2.1", version=2, attrs=P1 | S1, received_at=1_700_000_100.0),
+                   [make_placement("1.4.2", version=2, store="hot-b")])
+    many = index.placements_many(["1.4.2", "1.9.9", "1.4.1"])
+    assert set(many) == {"1.4.1", "1.4.2", "1.9.9"}
+    for sop in ("1.4.1", "1.4.2", "1.9.9"):
+        key = (lambda p: p.store_id)
+        assert sorted(many[sop], key=key) == sorted(index.placements(sop), key=key), sop
+    assert [p.version for p in many["1.4.2"]] == [2]
+    assert index.placements_many([]) == {}
+    # more UIDs than one IN list holds, each asked for once
+    sops = [f"1.5.{i}" for i in range(620)]
+    for sop in sops:
+        index.register(make_record(sop, "1.3.2", "1.2.2", attrs=P2 | S2), [make_placement(sop)])
+    many = index.placements_many([*sops, sops[0]])
+    assert len(many) == len(sops) and all([p.sop_uid for p in many[s]] == [s] for s in sops)
+
+
 def test_placement_fields_round_trip(index: Index) -> None:
     cold = Placement(
         sop_uid="1.5", version=1, tier=Tier.COLD, store_id="s3-cold", blob_key="bundles/b1.zst", codec="zstd",

@@ -10,6 +10,7 @@ from typing import Callable
 
 from pydicom import dcmread
 
+from benchmarks.corpus import write_corpus
 from tests.conftest import StoreScp, VnaServer, dataset_bytes
 from tests.integration import scu
 from tests.integration.receivers import make_server  # noqa: F401 -- on both receivers
@@ -71,3 +72,26 @@ def test_refused_retrieves_get_a_failure_status(make_server: Factory, corpus: li
     _, final, _ = scu.get(srv.port, {"QueryRetrieveLevel": "BOGUS", "StudyInstanceUID": "1.2.3"}, ["1.2.840.10008.5.1.4.1.1.2"])
     assert final.Status == 0xA900
     assert storescp.files() == []
+
+
+def test_bad_copies_on_both_sides_of_a_batch_boundary(make_server: Factory, tmp_path: Path) -> None:
+    """The native sender takes instances from the job in batches (RETRIEVE_BATCH = 64) and names the one it
+    sends by its rank: bad copies and fallbacks in the first and in a later batch reach the right instance."""
+    srv = make_server()
+    study = write_corpus(tmp_path / "study", "small", studies=1, per_study=70, seed=23)
+    assert all(r.Status == 0 for r in scu.store(srv.port, study))
+    by_uid = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in study}
+    uids = sorted(by_uid)                      # the order a retrieve sends them in
+    corrupt, lost = [uids[3], uids[63], uids[66]], uids[65]
+    for uid in corrupt:
+        _flip(_blob(srv, "r1", uid))
+    _flip(_blob(srv, "r1", lost))
+    _blob(srv, "r2", lost).unlink()
+    ds = dcmread(study[0], stop_before_pixels=True)
+    received, final, raw = scu.get(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID},
+                                   [str(ds.SOPClassUID)])
+    assert (final.Status, final.NumberOfFailedSuboperations, final.NumberOfCompletedSuboperations) == (0xB000, 1, 69)
+    assert sorted(raw) == sorted(set(uids) - {lost})
+    assert all(raw[uid] == dataset_bytes(by_uid[uid]) for uid in raw)
+    stats = json.loads(srv.cli("index", "stats", "--json").stdout)
+    assert stats["tiers"]["hot"]["by_state"] == {"OK": 2 * 70 - 5, "CORRUPT": 4, "MISSING": 1}

@@ -152,8 +152,9 @@ class _Retrieval:
         dest_actor = Actor(dest[1], "ae", f"{dest[0].host}:{dest[0].port}") if dest is not None else None
         self.xfer: Transfer = self._stack.enter_context(
             self.retrieve.transfer(refs, actor, op=self.op, destination=dest_actor))
-        self._i = 0
-        self._copies: list[tuple[Placement, Path]] = []
+        self._i = 0                  # refs handed out so far
+        self._copies: dict[int, list[tuple[Placement, Path]]] = {}   # the last batch's candidates, by position
+        self._open_at = -1           # the position whose fallback or re-encoded copies _open holds
         self.on_close: Callable[[int], None] | None = None   # given the final status (as the native side answers)
 
     def count(self) -> int:
@@ -167,22 +168,32 @@ class _Retrieval:
         tls = client_files(self._archive_cfg) if remote.tls else None
         return remote.host, remote.port, name, self.ae_title, move_contexts(self.refs), tls
 
-    def next(self) -> tuple[str, str, str, list[tuple[str, str, int]]] | None:
+    def next_batch(self, n: int) -> list[tuple[str, str, str, list[tuple[str, str, int]]]]:
+        """The next ``n`` (fewer at the end, none when done) instances with their candidate copies, read
+        from the index at once; the native side sends them in order, at positions ``self._i`` onwards."""
         self._open.close()
-        if self._i >= len(self.refs):
-            return None
-        ref = self.refs[self._i]
-        self._i += 1
-        self._copies = self.retrieve.local_copies(ref.sop_uid)
-        return (ref.sop_class_uid, ref.sop_uid, ref.transfer_syntax_uid,
-                [(str(path), p.content_sha256, p.content_size) for p, path in self._copies])
+        self._open_at = -1
+        refs = self.refs[self._i:self._i + max(1, n)]
+        first, self._i = self._i, self._i + len(refs)
+        copies = self.retrieve.local_copies_many([r.sop_uid for r in refs])
+        self._copies = {first + k: copies[r.sop_uid] for k, r in enumerate(refs)}
+        return [(r.sop_class_uid, r.sop_uid, r.transfer_syntax_uid,
+                 [(str(path), p.content_sha256, p.content_size) for p, path in self._copies[first + k]])
+                for k, r in enumerate(refs)]
 
-    def bad_copy(self, index: int, why: str, fault: str) -> None:
-        self.retrieve.mark_bad(self._copies[index][0], fault, why)
+    def bad_copy(self, position: int, index: int, why: str, fault: str) -> None:
+        self.retrieve.mark_bad(self._copies[position][index][0], fault, why)
 
-    def fallback(self) -> tuple[str, str, int] | None:
+    def _current(self, position: int) -> InstanceRef:
+        """The instance at ``position``; what was opened for an earlier one is released."""
+        if position != self._open_at:
+            self._open.close()
+            self._open_at = position
+        return self.refs[position]
+
+    def fallback(self, position: int) -> tuple[str, str, int] | None:
         """A copy verified by :meth:`RetrieveService.open_verified` (cold, remote, encoded ones)."""
-        uid = self.refs[self._i - 1].sop_uid
+        uid = self._current(position).sop_uid
         try:
             inst = self._open.enter_context(self.retrieve.open_verified(uid))
         except VnaError as exc:
@@ -190,12 +201,12 @@ class _Retrieval:
             return None
         return str(inst.path), inst.content_sha256, inst.size
 
-    def convert(self, transfer_syntax: str) -> tuple[str, str, int] | None:
-        """A verified copy of the current instance re-encoded by pydicom (as pynetdicom sends a decoded
+    def convert(self, position: int, transfer_syntax: str) -> tuple[str, str, int] | None:
+        """A verified copy of the instance at ``position`` re-encoded by pydicom (as pynetdicom sends a decoded
         Dataset): in another little-endian uncompressed syntax when the stored one was not accepted, or in
         its stored syntax when the native sender declines the stored bytes as they are (an odd-length
-        deflated data set). A temporary Part 10 file, removed at the next instance."""
-        ref = self.refs[self._i - 1]
+        deflated data set). A temporary Part 10 file, removed once another instance is worked on."""
+        ref = self._current(position)
         uid = ref.sop_uid
         if transfer_syntax not in _LITTLE_ENDIAN and transfer_syntax != ref.transfer_syntax_uid:
             return None
@@ -220,8 +231,10 @@ class _Retrieval:
             return None
         return name, sha, size
 
-    def sent(self, ok: bool, size: int, status: int | None) -> None:
-        self.xfer.sent(ok, size)
+    def sent(self, results: list[tuple[bool, int, int | None]]) -> None:
+        """Sub-operations' results, in order: (Success or Warning, data set bytes sent, the peer's status)."""
+        for ok, size, _status in results:
+            self.xfer.sent(ok, size)
 
     def failed_identifier(self, uids: list[str]) -> bytes:
         return _failed_list(uids, self.ts)

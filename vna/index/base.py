@@ -101,6 +101,12 @@ class Index(Protocol):
         """Placements of one version (default: the current one)."""
         ...
 
+    def placements_many(self, sop_uids: Sequence[str]) -> dict[str, list[Placement]]:
+        """Placements of the current version of each instance, by SOP Instance UID, in a bounded number of
+        backend round trips whatever the number of UIDs (as :meth:`placements` each); an instance that is
+        not registered (or not visible) maps to an empty list."""
+        ...
+
     def transition(
         self,
         placement: Placement,

@@ -1325,6 +1325,25 @@ class CassandraIndex:
                               (sop_uid, version))
             return [self._placement(r) for r in rows]
 
+    def placements_many(self, sop_uids: Sequence[str]) -> dict[str, list[Placement]]:
+        """One wave of IN queries: the instances' instance_versions and placements partitions together
+        (placements of every version are read and those not of the current complete version dropped)."""
+        out: dict[str, list[Placement]] = {uid: [] for uid in sop_uids}
+        if not out:
+            return out
+        with self._errors("placements_many"):
+            versions = self._start_in(
+                f"SELECT sop_uid, version, complete FROM {self._t('instance_versions')} WHERE sop_uid IN ?", out)
+            placements = self._start_in(f"SELECT * FROM {self._t('placements')} WHERE sop_uid IN ?", out)
+            current: dict[str, int] = {}
+            for v in self._rows_of(versions):   # newest version first within each partition
+                if v["complete"] and v["sop_uid"] not in current:
+                    current[v["sop_uid"]] = int(v["version"])
+            for r in self._rows_of(placements):
+                if current.get(r["sop_uid"]) == int(r["version"]):
+                    out[r["sop_uid"]].append(self._placement(r))
+        return out
+
     def transition(
         self, placement: Placement, new_state: PlacementState, *, verified_at: float | None = None
     ) -> bool:

@@ -39,6 +39,7 @@ from vna.index.query import (IDENTITY_KEYS, LEVEL_KEYS, OTHER_IDS_KEY, Condition
 __all__ = ["SqliteIndex"]
 
 SCHEMA_VERSION = 4
+_IN_CHUNK = 500   # UIDs per IN (...) list: below SQLITE_MAX_VARIABLE_NUMBER of older builds (999)
 _MIGRATIONS = {1: "sql/001_initial.sql", 2: "sql/002_lifecycle.sql", 3: "sql/003_study_cover.sql",
                4: "sql/004_patient_identity.sql"}
 
@@ -413,6 +414,18 @@ class SqliteIndex:
         else:
             rows = self._read("SELECT * FROM placements WHERE sop_uid = ? AND version = ?", (sop_uid, version))
         return [self._placement(r) for r in rows]
+
+    def placements_many(self, sop_uids: Sequence[str]) -> dict[str, list[Placement]]:
+        out: dict[str, list[Placement]] = {uid: [] for uid in sop_uids}
+        distinct = list(out)
+        for i in range(0, len(distinct), _IN_CHUNK):
+            chunk = distinct[i:i + _IN_CHUNK]
+            rows = self._read(
+                "SELECT p.* FROM placements p JOIN instances i ON i.SOPInstanceUID = p.sop_uid "
+                f"AND i.version = p.version WHERE p.sop_uid IN ({', '.join('?' for _ in chunk)})", chunk)
+            for r in rows:
+                out[r["sop_uid"]].append(self._placement(r))
+        return out
 
     def transition(
         self, placement: Placement, new_state: PlacementState, *, verified_at: float | None = None

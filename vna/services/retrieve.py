@@ -254,23 +254,31 @@ class RetrieveService:
         except VnaError as exc:
             log.warning("could not keep a local copy of %s: %s", sop_uid, exc)
 
-    def local_copies(self, sop_uid: str) -> list[tuple[Placement, Path]]:
-        """This site's OK copies of the current version of ``sop_uid`` that are whole plain files on a local
-        store, in the order :meth:`open_verified` tries them: what a sender may verify itself (then report
-        a failing one with :meth:`mark_bad`)."""
-        out = []
-        ok = [p for p in self.index.placements(sop_uid)
-              if p.state is PlacementState.OK and site_of(p.store_id) == self.site]
-        for p in sorted(ok, key=lambda p: (_TIER_ORDER[p.tier], p.store_id)):
-            accessor = self.tiers.get(p.tier)
-            if accessor is None or p.codec != "identity" or p.offset is not None:
-                continue
-            try:
-                store = accessor.store(p.store_id)
-            except KeyError:
-                continue
-            if isinstance(store, LocalPathStore):
-                out.append((p, store.local_path(p.blob_key)))
+    def local_copies_many(self, sop_uids: Sequence[str]) -> dict[str, list[tuple[Placement, Path]]]:
+        """By SOP Instance UID, this site's OK copies of the current version of each instance that are whole
+        plain files on a local store, in the order :meth:`open_verified` tries them: what a sender may verify
+        itself (then report a failing one with :meth:`mark_bad`). One index read for all of them."""
+        stores: dict[tuple[Tier, str], LocalPathStore | None] = {}
+
+        def local(p: Placement) -> LocalPathStore | None:
+            key = (p.tier, p.store_id)
+            if key not in stores:
+                accessor = self.tiers.get(p.tier)
+                try:
+                    store = accessor.store(p.store_id) if accessor is not None else None
+                except KeyError:
+                    store = None
+                stores[key] = store if isinstance(store, LocalPathStore) else None
+            return stores[key]
+
+        out: dict[str, list[tuple[Placement, Path]]] = {}
+        for uid, placements in self.index.placements_many(sop_uids).items():
+            ok = [p for p in placements if p.state is PlacementState.OK and site_of(p.store_id) == self.site
+                  and p.codec == "identity" and p.offset is None]
+            copies = out[uid] = []
+            for p in sorted(ok, key=lambda p: (_TIER_ORDER[p.tier], p.store_id)):
+                if (store := local(p)) is not None:
+                    copies.append((p, store.local_path(p.blob_key)))
         return out
 
     def mark_bad(self, p: Placement, fault: str, why: str) -> None:

@@ -58,6 +58,8 @@ pub const FIND_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.1000
 pub const GET_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.3", "1.2.840.10008.5.1.4.1.2.2.3"];
 pub const MOVE_MODELS: [&str; 2] = ["1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.2.2"];
 const PENDING: u16 = 0xFF00;
+/// Sub-operations asked of a [`Retrieval`] at once (one call into the embedding program per batch).
+pub const RETRIEVE_BATCH: usize = 64;
 const CANCEL: u16 = 0xFE00;
 const SUBOPS_FAILED: u16 = 0xA702;
 const SUBOPS_WARNING: u16 = 0xB000;
@@ -201,6 +203,11 @@ pub struct Destination {
 }
 
 /// A C-GET or C-MOVE the embedding program selected instances for.
+///
+/// Instances are handed out in batches, in the order they are sent; an instance's *position* is its
+/// rank in that order (0 for the first instance of the first batch). The per-instance calls
+/// (`bad_copy`, `fallback`, `convert`) name the instance being sent by its position; it always
+/// belongs to the last batch handed out.
 pub trait Retrieval {
     /// The number of sub-operations announced (at least 1).
     fn count(&self) -> usize;
@@ -208,16 +215,18 @@ pub trait Retrieval {
     fn destination(&self) -> Option<Destination> {
         None
     }
-    /// The next instance to send; None when done.
-    fn next(&mut self) -> Option<SubOperation>;
-    /// Copy `index` of the current instance failed (`why`): the next candidate is tried.
-    fn bad_copy(&mut self, index: usize, why: &str, fault: CopyFault);
-    /// A verified copy by the embedding program's own means when none of the candidates verified
-    /// (valid until the next `next`); None: the sub-operation fails.
-    fn fallback(&mut self) -> Option<CopyRef>;
-    /// A verified copy of the current instance re-encoded in `transfer_syntax` (a Part 10 file, valid
-    /// until the next `next`); None: not possible (the sub-operation fails).
-    fn convert(&mut self, transfer_syntax: &str) -> Option<CopyRef>;
+    /// The next instances to send, at most `max` (at least one unless done); empty when done.
+    /// Asked again only once every instance of the previous batch has been sent.
+    fn next_batch(&mut self, max: usize) -> Vec<SubOperation>;
+    /// Copy `index` of the instance at `position` failed (`why`): the next candidate is tried.
+    fn bad_copy(&mut self, position: usize, index: usize, why: &str, fault: CopyFault);
+    /// A verified copy of the instance at `position` by the embedding program's own means when none
+    /// of the candidates verified (valid until another position is named or the next batch is
+    /// asked for); None: the sub-operation fails.
+    fn fallback(&mut self, position: usize) -> Option<CopyRef>;
+    /// A verified copy of the instance at `position` re-encoded in `transfer_syntax` (a Part 10 file,
+    /// valid as a fallback copy is); None: not possible (the sub-operation fails).
+    fn convert(&mut self, position: usize, transfer_syntax: &str) -> Option<CopyRef>;
     /// The result of the current sub-operation (`ok`: Success or Warning; `size`: bytes sent).
     fn sent(&mut self, ok: bool, size: u64, status: Option<u16>);
     /// The identifier of a response listing `failed` SOP Instance UIDs, in the request's transfer syntax.
@@ -1403,23 +1412,23 @@ impl<'a, H: Handler> Association<'a, H> {
         let mut failed: Vec<String> = Vec::new();
         let mut n = 0u32;
         let requester = self.calling_ae.clone();
+        let mut batch = std::collections::VecDeque::new();
         while counts.remaining != Some(0) {
-            let Some(sub) = job.next() else { break };
+            if batch.is_empty() {
+                batch.extend(job.next_batch(RETRIEVE_BATCH));
+            }
+            let Some(sub) = batch.pop_front() else { break };
+            let position = n as usize;
             if self.cancelled || matches!(self.incoming(cmd.message_id, false)?, Incoming::Cancel) {
                 let identifier = job.failed_identifier(&failed);
                 return self.retrieve_rsp(cx_id, cmd, cx, CANCEL, Some(counts), Some(&identifier));
             }
             n += 1;
-            // as pynetdicom numbers them: the request's ID plus the sub-operation's rank, wrapped
-            let mut id = u32::from(cmd.message_id) + n;
-            if id > 65535 {
-                id -= 65535;
-            }
             let originator = dest.as_ref().map(|_| (requester.as_str(), cmd.message_id));
             let (status, size) = self.suboperation(
                 dest.as_deref_mut(),
                 &sub,
-                id as u16,
+                position,
                 cmd.message_id,
                 originator,
                 job,
@@ -1505,16 +1514,23 @@ impl<'a, H: Handler> Association<'a, H> {
     /// One C-STORE sub-operation: (the peer's status, or None when nothing could be sent; the
     /// data set's size). Candidate copies are tried in order, each failing one reported to
     /// `job`, then the job's fallback copy. A broken association with the requester ends the
-    /// operation; a broken one with a C-MOVE destination fails the sub-operation.
+    /// operation; a broken one with a C-MOVE destination fails the sub-operation. `position`: the
+    /// instance's rank in the job's order (see [`Retrieval`]).
     fn suboperation(
         &mut self,
         mut dest: Option<&mut scu::Association>,
         sub: &SubOperation,
-        message_id: u16,
+        position: usize,
         operation_id: u16,
         originator: Option<(&str, u16)>,
         job: &mut dyn Retrieval,
     ) -> Result<(Option<u16>, u64), End> {
+        // as pynetdicom numbers them: the request's ID plus the sub-operation's rank (from 1), wrapped
+        let mut id = u32::from(operation_id) + position as u32 + 1;
+        if id > 65535 {
+            id -= 65535;
+        }
+        let message_id = id as u16;
         let uid = &sub.sop_instance_uid;
         let Some(ts) = self.syntax_for(
             dest.as_deref(),
@@ -1539,7 +1555,7 @@ impl<'a, H: Handler> Association<'a, H> {
                 .collect()
         } else {
             // re-encoded by the embedding program from a copy it verified
-            match job.convert(&ts) {
+            match job.convert(position, &ts) {
                 Some(copy) => vec![(None, copy)],
                 None => return Ok((None, 0)),
             }
@@ -1552,7 +1568,7 @@ impl<'a, H: Handler> Association<'a, H> {
                 Some(c) => c,
                 None if !fallback_tried => {
                     fallback_tried = true;
-                    match job.fallback() {
+                    match job.fallback(position) {
                         Some(copy) => (None, copy),
                         None => return Ok((None, 0)),
                     }
@@ -1623,7 +1639,7 @@ impl<'a, H: Handler> Association<'a, H> {
                         Level::Warning,
                         &format!("sub-operation of {uid}: {why}; sending a re-encoded copy"),
                     );
-                    if let Some(copy) = job.convert(&ts) {
+                    if let Some(copy) = job.convert(position, &ts) {
                         candidates.push((None, copy));
                     }
                 }
@@ -1640,7 +1656,7 @@ impl<'a, H: Handler> Association<'a, H> {
                         _ => (e.to_string(), CopyFault::Unreadable),
                     };
                     match index {
-                        Some(i) => job.bad_copy(i, &why, fault),
+                        Some(i) => job.bad_copy(position, i, &why, fault),
                         None => self.log(Level::Error, &format!("sub-operation of {uid}: {why}")),
                     }
                 }

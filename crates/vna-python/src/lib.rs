@@ -123,14 +123,25 @@ fn copy_ref((path, sha256, size): CopySpec) -> CopyRef {
 }
 
 /// A C-GET/C-MOVE planned by Python: the job object's methods are called in the association's thread.
+/// The sub-operations' results are passed on together, before the next batch is asked for and at the end.
 struct PyRetrieval {
     job: Py<PyAny>,
     on_log: Py<PyAny>,
     count: usize,
     destination: Option<Destination>,
+    sent: Vec<(bool, u64, Option<u16>)>,
 }
 
 impl PyRetrieval {
+    /// Pass the results gathered since the last call on (one call for all of them).
+    fn flush_sent(&mut self) {
+        if self.sent.is_empty() {
+            return;
+        }
+        let results = std::mem::take(&mut self.sent);
+        self.call("sent", |py, job| job.call_method1(py, "sent", (results,)));
+    }
+
     fn call<T>(
         &self,
         what: &str,
@@ -157,50 +168,56 @@ impl Retrieval for PyRetrieval {
         self.destination.clone()
     }
 
-    fn next(&mut self) -> Option<SubOperation> {
-        let spec = self.call("next", |py, job| {
-            job.call_method0(py, "next")?.extract::<Option<SubSpec>>(py)
-        })??;
-        let (sop_class_uid, sop_instance_uid, transfer_syntax_uid, copies) = spec;
-        Some(SubOperation {
-            sop_class_uid,
-            sop_instance_uid,
-            transfer_syntax_uid,
-            copies: copies.into_iter().map(copy_ref).collect(),
-        })
+    fn next_batch(&mut self, max: usize) -> Vec<SubOperation> {
+        self.flush_sent();
+        let specs = self
+            .call("next_batch", |py, job| {
+                job.call_method1(py, "next_batch", (max,))?
+                    .extract::<Vec<SubSpec>>(py)
+            })
+            .unwrap_or_default();
+        specs
+            .into_iter()
+            .map(
+                |(sop_class_uid, sop_instance_uid, transfer_syntax_uid, copies)| SubOperation {
+                    sop_class_uid,
+                    sop_instance_uid,
+                    transfer_syntax_uid,
+                    copies: copies.into_iter().map(copy_ref).collect(),
+                },
+            )
+            .collect()
     }
 
-    fn bad_copy(&mut self, index: usize, why: &str, fault: CopyFault) {
+    fn bad_copy(&mut self, position: usize, index: usize, why: &str, fault: CopyFault) {
         let fault = match fault {
             CopyFault::Corrupt => "corrupt",
             CopyFault::Missing => "missing",
             CopyFault::Unreadable => "unreadable",
         };
         self.call("bad_copy", |py, job| {
-            job.call_method1(py, "bad_copy", (index, why, fault))
+            job.call_method1(py, "bad_copy", (position, index, why, fault))
         });
     }
 
-    fn fallback(&mut self) -> Option<CopyRef> {
+    fn fallback(&mut self, position: usize) -> Option<CopyRef> {
         self.call("fallback", |py, job| {
-            job.call_method0(py, "fallback")?
+            job.call_method1(py, "fallback", (position,))?
                 .extract::<Option<CopySpec>>(py)
         })?
         .map(copy_ref)
     }
 
-    fn convert(&mut self, transfer_syntax: &str) -> Option<CopyRef> {
+    fn convert(&mut self, position: usize, transfer_syntax: &str) -> Option<CopyRef> {
         self.call("convert", |py, job| {
-            job.call_method1(py, "convert", (transfer_syntax,))?
+            job.call_method1(py, "convert", (position, transfer_syntax))?
                 .extract::<Option<CopySpec>>(py)
         })?
         .map(copy_ref)
     }
 
     fn sent(&mut self, ok: bool, size: u64, status: Option<u16>) {
-        self.call("sent", |py, job| {
-            job.call_method1(py, "sent", (ok, size, status))
-        });
+        self.sent.push((ok, size, status));
     }
 
     fn failed_identifier(&mut self, failed: &[String]) -> Vec<u8> {
@@ -213,6 +230,7 @@ impl Retrieval for PyRetrieval {
     }
 
     fn close(&mut self) {
+        self.flush_sent();
         self.call("close", |py, job| job.call_method0(py, "close"));
     }
 }
@@ -262,6 +280,7 @@ fn plan(py: Python<'_>, answer: Py<PyAny>, on_log: &Py<PyAny>) -> PyResult<Retri
         on_log: on_log.clone_ref(py),
         count,
         destination,
+        sent: Vec::new(),
     })))
 }
 
