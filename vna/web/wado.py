@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import threading
 from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,7 +30,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from vna.audit import Actor
-from vna.domain import QueryLevel
+from vna.domain import Placement, QueryLevel
 from vna.errors import IntegrityError, InvalidDataset, InvalidInput, NotFound, StorageError, VnaError
 from vna.index.query import make_condition
 from vna.services.retrieve import InstanceRef
@@ -48,6 +49,8 @@ OCTET = "application/octet-stream"
 _ONE_PIECE = 4 << 20
 #: pieces read and verified ahead of the one being sent, per response
 _PREFETCH = 4
+#: instances whose copies are read from the index at once
+_BATCH = 64
 
 
 def _path_uids(request: Request) -> tuple[str | None, str | None, str | None]:
@@ -75,10 +78,11 @@ def _each_verified(ctx: WebContext, refs: list[InstanceRef], actor: Actor, op: s
     (:func:`_read_local`), else the path of a verified copy."""
     out = []
     rs = ctx.archive.retrieve
+    copies = _Copies(ctx, refs)
     with rs.transfer(refs, actor, op=op) as xfer:
         for ref in refs:
             try:
-                local = _read_local(ctx, ref)
+                local = _read_local(ctx, ref, copies=copies)
                 if local is not None:
                     out.append(fn(ref, io.BytesIO(local[0])))
                     xfer.sent(True, local[1])
@@ -124,14 +128,36 @@ def _read_piece(path: Path, head: bytes, size: int, sop_uid: str, tail: bytes = 
     return piece
 
 
+class _Copies:
+    """The local plain copies of a list of instances, read from the index a batch at a time (``_BATCH``
+    instances from the first one asked for) when first needed; thread-safe."""
+
+    def __init__(self, ctx: WebContext, refs: list[InstanceRef]) -> None:
+        self._rs = ctx.archive.retrieve
+        self._uids = [r.sop_uid for r in refs]
+        self._at = {uid: i for i, uid in enumerate(self._uids)}
+        self._got: dict[str, list[tuple[Placement, Path]]] = {}
+        self._lock = threading.Lock()
+
+    def of(self, sop_uid: str) -> list[tuple[Placement, Path]]:
+        with self._lock:
+            if sop_uid not in self._got:
+                i = self._at.get(sop_uid, 0)
+                batch = [u for u in self._uids[i:i + _BATCH] if u not in self._got] or [sop_uid]
+                found = self._rs.local_copies_many(batch)
+                self._got.update({u: found.get(u, []) for u in batch})
+            return self._got.pop(sop_uid, [])
+
+
 def _read_local(ctx: WebContext, ref: InstanceRef, head_for: Callable[[int], bytes] = lambda _size: b"",
-                tail: bytes = b"") -> tuple[bytearray, int] | None:
+                tail: bytes = b"", copies: _Copies | None = None) -> tuple[bytearray, int] | None:
     """``head_for(size)``, the instance's bytes and ``tail`` in one buffer, read once from a local plain copy up to
     ``_ONE_PIECE`` bytes and verified from that buffer (SHA-256 and size against the index), with the size; a
     failing copy is recorded as ``open_verified`` records it and the next one tried. None: no such copy verifies
     (the caller falls back to ``open_verified``: cold, encoded, remote or larger copies)."""
     rs = ctx.archive.retrieve
-    for p, path in rs.local_copies(ref.sop_uid):
+    found = copies.of(ref.sop_uid) if copies is not None else rs.local_copies_many([ref.sop_uid]).get(ref.sop_uid, [])
+    for p, path in found:
         if p.content_size > _ONE_PIECE:
             return None
         head = head_for(p.content_size)
@@ -154,14 +180,14 @@ def _read_local(ctx: WebContext, ref: InstanceRef, head_for: Callable[[int], byt
     return None
 
 
-def _part_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter,
-                 size: list[int]) -> Generator[bytes | bytearray, None, None]:
+def _part_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter, size: list[int],
+                 copies: _Copies | None = None) -> Generator[bytes | bytearray, None, None]:
     """The instance's part (delimiter, headers, the verified bytes, CRLF): one piece up to ``_ONE_PIECE`` bytes,
     else pieces of that size; the verified copy stays open until the generator ends. Appends the size to ``size``
     once verified; raises VnaError before the first piece. A local plain copy is read once and verified from
     that read (:func:`_read_local`)."""
     local = _read_local(ctx, ref, lambda size: writer.head(
-        f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", size), b"\r\n")
+        f"application/dicom; transfer-syntax={ref.transfer_syntax_uid}", size), b"\r\n", copies)
     if local is not None:
         size.append(local[1])
         yield local[0]
@@ -181,10 +207,10 @@ def _part_pieces(ctx: WebContext, ref: InstanceRef, writer: PartWriter,
 _Loaded = tuple[bytes | bytearray, int, Generator[bytes | bytearray, None, None] | None]
 
 
-def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter) -> _Loaded | VnaError:
+def _load(ctx: WebContext, ref: InstanceRef, writer: PartWriter, copies: _Copies | None = None) -> _Loaded | VnaError:
     """The instance verified and its first piece read; the error instead when it cannot be sent."""
     size: list[int] = []
-    pieces = _part_pieces(ctx, ref, writer, size)
+    pieces = _part_pieces(ctx, ref, writer, size, copies)
     try:
         first = next(pieces)
     except VnaError as exc:
@@ -221,10 +247,11 @@ class _InstancesResponse(Response):
         pool, rs = self.ctx.read_pool, self.ctx.archive.retrieve
         ahead: deque[tuple[InstanceRef, asyncio.Future[_Loaded | VnaError]]] = deque()
         todo = iter(self.refs)
+        copies = _Copies(self.ctx, self.refs)   # one index read per batch of instances, not one per instance
 
         def read_ahead() -> None:
             while len(ahead) < _PREFETCH and (ref := next(todo, None)) is not None:
-                ahead.append((ref, loop.run_in_executor(pool, _load, self.ctx, ref, self.writer)))
+                ahead.append((ref, loop.run_in_executor(pool, _load, self.ctx, ref, self.writer, copies)))
 
         read_ahead()   # the first reads overlap the audit's start (nothing is sent before it)
         stack = ExitStack()
