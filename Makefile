@@ -12,7 +12,7 @@ CARGO  ?= cargo
 NATIVE_STAMP := $(VENV)/.native-installed
 NATIVE_SRC := Cargo.toml Cargo.lock $(shell find crates -type f \( -name '*.rs' -o -name '*.toml' -o -name '*.pyi' \) 2>/dev/null)
 
-.PHONY: install viewer run test test-native fuzz test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
+.PHONY: install viewer run test test-native fuzz fuzz-ci test-fast lint typecheck system-deps cassandra cassandra-stop cluster-up cluster-down cluster-status bench bench-cluster clean
 
 OHIF_VERSION ?= 3.13.2
 OHIF_CACHE   ?= .cache/ohif
@@ -49,36 +49,22 @@ test-native:
 	$(CARGO) test -q -p vna-core
 	$(CARGO) test -q --release -p vna-codec
 
-## Fuzz the native parsers (crates/vna-core/fuzz, cargo-fuzz on rustup's nightly toolchain) for
-## FUZZ_SECONDS each, from the seeds of seeds.py plus the corpus kept from earlier runs; fails on a
-## crash (panic, hang, an allocation over its bound), whose input lands in crates/vna-core/fuzz/artifacts/.
-## Installs cargo-fuzz (pinned) when missing; without a nightly toolchain it says so and skips.
-CARGO_FUZZ_VERSION ?= 0.13.2
-FUZZ_SECONDS ?= 20
-FUZZ_TARGETS ?= associate_rq associate_ac dimse_command pdata file_meta store_rsp listener requestor
+## Fuzz the native parsers (crates/vna-core/fuzz: libFuzzer targets, built by cargo with the
+## instrumentation cargo-fuzz uses and no sanitizer, so stable Rust builds them; no cargo-fuzz to
+## install) for FUZZ_SECONDS each (FUZZ_TARGETS: a subset), from the seeds of seeds.py plus the
+## corpus kept from earlier runs. Fails on a crash (panic, hang, an allocation over its bound),
+## whose input lands in crates/vna-core/fuzz/artifacts/. FUZZ_TOOLCHAIN=nightly picks a toolchain.
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS ?=
 FUZZ_DIR := crates/vna-core/fuzz
 fuzz:
-	@if ! rustup run nightly rustc --version >/dev/null 2>&1; then \
-	  echo "make fuzz: SKIPPED, no nightly Rust toolchain (rustup toolchain install nightly to run the fuzz targets)"; \
-	  exit 0; \
-	fi; \
-	set -e; \
-	$(CARGO) fuzz --version 2>/dev/null | grep -qF "$(CARGO_FUZZ_VERSION)" || \
-	  $(CARGO) install --locked cargo-fuzz@$(CARGO_FUZZ_VERSION); \
-	python3 $(FUZZ_DIR)/seeds.py $(FUZZ_DIR)/corpus; \
-	cd crates/vna-core; \
-	$(CARGO) +nightly fuzz build -s none; \
-	for t in $(FUZZ_TARGETS); do \
-	  echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
-	  log=fuzz/artifacts/$$t.log; mkdir -p fuzz/artifacts; \
-	  if $(CARGO) +nightly fuzz run -s none $$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=30 \
-	       -rss_limit_mb=2048 >$$log 2>&1; then \
-	    grep -E '^(Done|#[0-9]+[[:space:]]+DONE)' $$log; \
-	  else \
-	    tail -n 40 $$log; echo "fuzz: $$t FAILED (its input is in crates/vna-core/fuzz/artifacts/$$t/)"; exit 1; \
-	  fi; \
-	done; \
-	echo "fuzz: every target ran $(FUZZ_SECONDS) s without a crash"
+	$(FUZZ_DIR)/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+## The bounded fuzz run of `make test`: every target for FUZZ_CI_SECONDS, after a format check.
+FUZZ_CI_SECONDS ?= 20
+fuzz-ci:
+	$(CARGO) fmt --manifest-path $(FUZZ_DIR)/Cargo.toml --all --check
+	$(FUZZ_DIR)/run.sh $(FUZZ_CI_SECONDS)
 
 ## Start the archive on the embedded default (SQLite index, hot replicas under ./vna-data);
 ## its last start-up line is the viewer's URL (http://127.0.0.1:8080/viewer/).
@@ -106,8 +92,9 @@ system-deps:
 	  echo "installing Java 17 + Maven (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
 
-## The whole suite: unit, contract (SQLite + a real Cassandra), DIMSE integration with DCMTK, faults.
-test: system-deps install test-native
+## The whole suite: unit, contract (SQLite + a real Cassandra), DIMSE integration with DCMTK, faults;
+## the native parsers fuzzed for a bounded time first (fuzz-ci).
+test: system-deps install test-native fuzz-ci
 	$(BIN)/python ops/cassandra/launcher.py fetch
 	$(BIN)/mypy vna
 	$(BIN)/python -m mypy.stubtest vna_native --allowlist crates/vna-python/stubtest-allowlist.txt

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import sqlite3
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -450,14 +452,28 @@ def test_native_stores_are_counted_like_python_ones(make_server: Callable[..., V
     wait_for(lambda: (gauge("half_open"), gauge("associated")) == (0, 0), "no connection left")
 
 
-@pytest.mark.skip(reason="in two clean-clone CI runs of the whole suite (never alone, nor with its module) the third "
-                         "connection from 127.0.0.1 was associated instead of refused; under investigation. The "
-                         "per-address limit of the native listener is covered by tests/faults/test_hostile_peers.py::"
-                         "test_per_address_connection_limit[native]")
+def connections(metrics_port: int) -> tuple[float, float]:
+    """The server's (half-open, associated) DICOM connections, from its vna_dicom_connections gauge."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as rsp:
+        body = rsp.read().decode()
+
+    def gauge(state: str) -> float:
+        m = re.search(rf'^vna_dicom_connections{{state="{state}"}} (\S+)$', body, re.M)
+        return float(m.group(1)) if m else -1.0
+
+    return gauge("half_open"), gauge("associated")
+
+
 def test_native_connection_limits(make_server: Callable[..., VnaServer]) -> None:
-    srv = make_server(NATIVE + "max_connections_per_address = 2\nmax_half_open_connections = 64\n")
+    metrics = free_port()
+    srv = make_server(NATIVE + "max_connections_per_address = 2\nmax_half_open_connections = 64\n"
+                      f"[telemetry]\nenabled = true\nprometheus_port = {metrics}\n")
+    # the start-up probe (wait_port) connected from 127.0.0.1 too: its connection counts against the
+    # address until its association thread has seen it closed
+    wait_for(lambda: connections(metrics) == (0, 0), "no connection left from the start-up probe")
     held = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
     try:
+        wait_for(lambda: connections(metrics) == (2, 0), "both held connections admitted")
         with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as extra:
             extra.sendall(associate_rq([(1, VERIFICATION, [IMPLICIT])]))
             try:

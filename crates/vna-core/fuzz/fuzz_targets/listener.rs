@@ -19,7 +19,7 @@ use vna_core::pdu;
 use vna_core::server::{
     self, Config, Decision, Handler, Level, Peer, StoreAnswer, StoreRecord, MAX_ASSOCIATE_RQ,
 };
-use vna_core_fuzz::{set_limit, supported};
+use vna_core_fuzz::{set_limit, supported, unknown_storage};
 
 const MAX_PDU: u32 = 4096;
 /// How long the client waits for the server: far above anything it should take.
@@ -38,7 +38,11 @@ impl Handler for Accepting {
     fn store(&self, record: &StoreRecord) -> StoreAnswer {
         assert!(record.path.exists(), "the spool file is handed over");
         StoreAnswer {
-            status: if record.size.is_multiple_of(2) { 0 } else { 0xA900 },
+            status: if record.size.is_multiple_of(2) {
+                0
+            } else {
+                0xA900
+            },
             comment: Some("fuzz\\answer\u{7f}".into()),
         }
     }
@@ -73,12 +77,14 @@ fn server_addr() -> SocketAddr {
             max_per_address: 0,
             acse_timeout: Duration::from_secs(5),
             network_timeout: Duration::from_secs(5),
+            dimse_timeout: Duration::from_secs(5),
             spool_dir: spool,
             implementation_class_uid: "1.2.826.0.1.3680043.9.7433.1".into(),
             implementation_version: "VNA_FUZZ".into(),
             spool_implementation_uid: "1.2.826.0.1.3680043.9.7433.1".into(),
             spool_implementation_version: "VNA_FUZZ".into(),
             contexts: supported(),
+            unknown_storage: Some(unknown_storage()),
         };
         let srv = server::Server::start(cfg, Accepting).expect("the listener starts");
         let addr = srv.local_addr();

@@ -3,7 +3,7 @@
 //! and the acceptor's contexts.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 use vna_core::dimse;
-use vna_core::negotiate::SupportedContext;
+use vna_core::negotiate::{SupportedContext, UnknownStorage};
 
 /// The system allocator, with a bound on the size of any one allocation while one is set.
 pub struct Bounded;
@@ -135,6 +135,22 @@ pub fn supported() -> HashMap<String, SupportedContext> {
     );
     m
 }
+
+/// `dicom.accept_unknown_storage_classes` as the listener is configured with it: any other valid
+/// UID as storage (Explicit or Implicit VR Little Endian, both roles), but a refused one.
+pub fn unknown_storage() -> UnknownStorage {
+    UnknownStorage {
+        context: SupportedContext {
+            transfer_syntaxes: vec![EXPLICIT.to_string(), IMPLICIT.to_string()],
+            roles: Some((true, true)),
+            storage: true,
+        },
+        refused: HashSet::from([REFUSED.to_string()]),
+    }
+}
+
+/// A SOP class of another service (Storage Commitment Push Model) that never becomes storage.
+pub const REFUSED: &str = "1.2.840.10008.1.20.1";
 
 /// A small Part 10 file (vna's spool header, CT in Explicit VR Little Endian, a 2-element data
 /// set) in a temporary directory of this process, and its SHA-256 in hex.
