@@ -1417,7 +1417,18 @@ impl<'a, H: Handler> Association<'a, H> {
             if batch.is_empty() {
                 batch.extend(job.next_batch(RETRIEVE_BATCH));
             }
-            let Some(sub) = batch.pop_front() else { break };
+            let Some(sub) = batch.pop_front() else {
+                // the job ended before every announced instance was handed out (its index read failed):
+                // those sub-operations failed, never a Success for what was not sent
+                let left = counts.remaining.unwrap_or(0);
+                for _ in 0..left {
+                    job.sent(false, 0, None);
+                }
+                counts.failed = counts.failed.saturating_add(left);
+                self.activity.failures += u32::from(left);
+                counts.remaining = Some(0);
+                break;
+            };
             let position = n as usize;
             if self.cancelled || matches!(self.incoming(cmd.message_id, false)?, Incoming::Cancel) {
                 let identifier = job.failed_identifier(&failed);
