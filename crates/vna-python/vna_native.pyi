@@ -186,7 +186,7 @@ class BlobWriter:
     def close(self) -> None:
         """Remove the temporary file unless committed; idempotent."""
 
-def write_replicas(dirs: list[BlobDir], key: str, source: str, adopt: bool) -> list[int | OSError]:
+def write_replicas(dirs: list[BlobDir], key: str, source: str, adopt: bool) -> list[tuple[int | OSError, int, int]]:
     """Write ``source`` under ``key`` to every store of ``dirs`` in parallel (with ``adopt`` the first store
-    takes the file over if it can, see :meth:`BlobDir.adopt`); per store, the size written or the OSError
-    (FileExistsError: the key exists) that stopped it."""
+    takes the file over if it can, see :meth:`BlobDir.adopt`); per store (the size written or the OSError --
+    FileExistsError: the key exists -- that stopped it, started ns, ended ns since the epoch)."""

@@ -210,3 +210,44 @@ def test_native_required_but_missing_says_how_to_build(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "the native blob writer needs the native extension vna_native" in r.stdout
     assert "make install" in r.stdout
+
+
+def test_tier_write_file_same_replica_outcomes_and_quorum(tmp_path: Path) -> None:
+    """W-of-N through TierAccessor.write_file: one native call on the native stores, per-replica calls on the
+    reference ones; a read-only replica and a replica that has the key fail alike, quorum and compensation too."""
+    from vna.codec import IdentityCodec
+    from vna.domain import Tier
+    from vna.errors import QuorumNotMet
+    from vna.storage.accessor import TierAccessor
+
+    data = data_of(70_000, 5)
+    sha = hashlib.sha256(data).hexdigest()
+    outcomes = []
+    for native in (True, False):
+        base = tmp_path / ("native" if native else "python")
+        base.mkdir()
+        with tmpfs(base / "ro", "4m") as ro:
+            stores = [FilesystemBlobStore(f"r{i}", root, native=native)
+                      for i, root in enumerate([base / "r0", ro / "r1", base / "r2"])]
+            assert subprocess.run(["mount", "-o", "remount,ro", str(ro)]).returncode == 0
+            stores[2].put("k/x.dcm", [b"already here"])
+            spool = base / "spool.dcm"
+            spool.write_bytes(data)
+            tier = TierAccessor(Tier.HOT, stores, 1, IdentityCodec())
+            assert tier._native_files == native
+            writes = tier.write_file("k/x.dcm", spool, sha, len(data), adopt=True)
+            adopted = stores[0].local_path("k/x.dcm").stat().st_ino == spool.stat().st_ino
+            strict = TierAccessor(Tier.HOT, stores, 3, IdentityCodec())
+            spool2 = base / "spool2.dcm"
+            spool2.write_bytes(data)
+            quorum = outcome(lambda: strict.write_file("k/y.dcm", spool2, sha, len(data), adopt=True))
+            left = sorted(stores[0].iter_keys())
+            tier.close()
+            strict.close()
+        outcomes.append((writes, adopted, quorum, left))
+    assert outcomes[0] == outcomes[1]
+    writes, adopted, quorum, left = outcomes[0]
+    assert [(w.store_id, w.ok) for w in writes] == [("r0", True), ("r1", False), ("r2", False)]
+    assert writes[1].error == "r1: cannot write k/x.dcm: Read-only file system"
+    assert writes[2].error == "r2: k/x.dcm already exists"
+    assert adopted and quorum[0] == QuorumNotMet.__name__ and left == ["k/x.dcm"]  # k/y.dcm compensated

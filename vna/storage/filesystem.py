@@ -7,18 +7,18 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from vna.checksum import read_chunks
 from vna.dicom import native as native_ext
 from vna.domain import BlobStat
-from vna.errors import BlobExists, BlobNotFound, StorageUnavailable
+from vna.errors import BlobExists, BlobNotFound, StorageError, StorageUnavailable
 from vna.storage.base import safe_key
 
 if TYPE_CHECKING:
     from vna_native import BlobDir
 
-__all__ = ["FilesystemBlobStore", "write_all"]
+__all__ = ["FilesystemBlobStore", "native_replicas", "put_file_replicas", "write_all"]
 
 _TMP = ".tmp"
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
@@ -320,3 +320,35 @@ class FilesystemBlobStore:
                 key = f"{rel}/{name}" if rel else name
                 if key.startswith(prefix):
                     yield key
+
+
+def native_replicas(stores: Sequence[object]) -> bool:
+    """True when every store is a FilesystemBlobStore on the native writer (:func:`put_file_replicas` takes them)."""
+    return bool(stores) and all(isinstance(s, FilesystemBlobStore) and s.native_dir is not None for s in stores)
+
+
+def put_file_replicas(stores: Sequence[FilesystemBlobStore], key: str, source: Path, *, adopt: bool = False
+                      ) -> list[tuple[BlobStat | StorageError, int, int]]:
+    """``put_file(key, source)`` on every store at once: one native call, the stores written in parallel
+    with the GIL released; with ``adopt`` the first store may take ``source`` over (``put_file(adopt=True)``).
+
+    Per store, in order: its BlobStat or the error its ``put_file`` would have raised (BlobExists,
+    StorageUnavailable), and when its write started and ended (``time.time_ns()``). Every store must be
+    on the native writer (:func:`native_replicas`); ValueError for an unsafe key.
+    """
+    safe_key(key)
+    dirs = [s.native_dir for s in stores]
+    if not all(dirs):
+        raise ValueError("put_file_replicas needs stores on the native writer")
+    raw = native_ext.load("the native blob writer").write_replicas(dirs, key, str(source), adopt)
+    out: list[tuple[BlobStat | StorageError, int, int]] = []
+    for store, (result, started_ns, ended_ns) in zip(stores, raw):
+        outcome: BlobStat | StorageError
+        if isinstance(result, FileExistsError):
+            outcome = BlobExists(f"{store.store_id}: {key} already exists")
+        elif isinstance(result, OSError):
+            outcome = StorageUnavailable(f"{store.store_id}: cannot write {key}: {result.strerror}")
+        else:
+            outcome = BlobStat(key=key, size=result)
+        out.append((outcome, started_ns, ended_ns))
+    return out

@@ -357,44 +357,62 @@ impl Drop for TempBlob {
     }
 }
 
-/// Write `source` under `key` to every store of `dirs` in parallel, one thread per store; with
-/// `adopt`, the first store that can takes the file over (see [`BlobDir::adopt`]), the others copy.
-/// One result per store, in order.
+/// One store's part of [`write_replicas`]: what it wrote or why not, and when (ns since the epoch).
+#[derive(Debug)]
+pub struct ReplicaOutcome {
+    pub result: io::Result<Written>,
+    pub started_ns: u64,
+    pub ended_ns: u64,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Write `source` under `key` to every store of `dirs` in parallel, the first in the calling thread
+/// and one more thread per other store; with `adopt`, the first store takes the file over if it can
+/// (see [`BlobDir::adopt`]), the others copy it. One outcome per store, in order.
 pub fn write_replicas(
     dirs: &[&BlobDir],
     key: &str,
     source: &Path,
     adopt: bool,
-) -> Vec<io::Result<Written>> {
-    if let Err(e) = check_key(key) {
-        return dirs
-            .iter()
-            .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
-            .collect();
-    }
-    let one = |i: usize, dir: &BlobDir| -> io::Result<Written> {
-        if adopt && i == 0 {
-            if let Some(w) = dir.adopt(key, source)? {
-                return Ok(w);
+) -> Vec<ReplicaOutcome> {
+    let one = |i: usize, dir: &BlobDir| -> ReplicaOutcome {
+        let started_ns = now_ns();
+        let result = (|| {
+            if adopt && i == 0 {
+                if let Some(w) = dir.adopt(key, source)? {
+                    return Ok(w);
+                }
             }
+            dir.copy_file(key, source)
+        })();
+        ReplicaOutcome {
+            result,
+            started_ns,
+            ended_ns: now_ns(),
         }
-        dir.copy_file(key, source)
     };
-    if dirs.len() <= 1 {
-        return dirs.iter().enumerate().map(|(i, d)| one(i, d)).collect();
-    }
+    let Some((first, rest)) = dirs.split_first() else {
+        return Vec::new();
+    };
     std::thread::scope(|s| {
-        let handles: Vec<_> = dirs[1..]
+        let handles: Vec<_> = rest
             .iter()
             .enumerate()
             .map(|(i, d)| s.spawn(move || one(i + 1, d)))
             .collect();
-        let mut out = vec![one(0, dirs[0])];
+        let mut out = vec![one(0, first)];
         for h in handles {
-            out.push(
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("replica writer panicked"))),
-            );
+            out.push(h.join().unwrap_or_else(|_| ReplicaOutcome {
+                result: Err(io::Error::other("replica writer panicked")),
+                started_ns: 0,
+                ended_ns: 0,
+            }));
         }
         out
     })
@@ -490,7 +508,8 @@ mod tests {
         let out = write_replicas(&refs, "k/x.dcm", &spool, true);
         let ino = fs::metadata(&spool).unwrap().ino();
         for (i, (r, d)) in out.iter().zip(&dirs).enumerate() {
-            assert_eq!(r.as_ref().unwrap().size, data.len() as u64);
+            assert_eq!(r.result.as_ref().unwrap().size, data.len() as u64);
+            assert!(r.started_ns <= r.ended_ns);
             let p = d.root().join("k/x.dcm");
             assert_eq!(fs::read(&p).unwrap(), data);
             assert_eq!(fs::metadata(&p).unwrap().ino() == ino, i == 0);
@@ -498,7 +517,7 @@ mod tests {
         let again = write_replicas(&refs, "k/x.dcm", &spool, true);
         assert!(again
             .iter()
-            .all(|r| r.as_ref().unwrap_err().kind() == io::ErrorKind::AlreadyExists));
+            .all(|r| r.result.as_ref().unwrap_err().kind() == io::ErrorKind::AlreadyExists));
         fs::remove_dir_all(t).unwrap();
     }
 }

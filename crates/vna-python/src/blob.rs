@@ -125,8 +125,8 @@ impl BlobWriter {
 }
 
 /// Write ``source`` under ``key`` to every store of ``dirs`` in parallel (with ``adopt`` the first
-/// store takes the file over if it can, see ``BlobDir.adopt``); per store, the size written or the
-/// OSError (FileExistsError: the key exists) that stopped it.
+/// store takes the file over if it can, see ``BlobDir.adopt``); per store (the size written or the
+/// OSError that stopped it -- FileExistsError: the key exists --, started ns, ended ns).
 #[pyfunction]
 fn write_replicas(
     py: Python<'_>,
@@ -134,18 +134,21 @@ fn write_replicas(
     key: &str,
     source: PathBuf,
     adopt: bool,
-) -> PyResult<Vec<Py<PyAny>>> {
+) -> PyResult<Vec<(Py<PyAny>, u64, u64)>> {
     blob::check_key(key).map_err(os_error)?;
     let inner: Vec<Arc<blob::BlobDir>> = dirs.iter().map(|d| Arc::clone(&d.inner)).collect();
-    let results = py.detach(|| {
+    let outcomes = py.detach(|| {
         let refs: Vec<&blob::BlobDir> = inner.iter().map(|d| d.as_ref()).collect();
         blob::write_replicas(&refs, key, &source, adopt)
     });
-    results
+    outcomes
         .into_iter()
-        .map(|r| match r {
-            Ok(w) => Ok(w.size.into_pyobject(py)?.into_any().unbind()),
-            Err(e) => Ok(os_error(e).into_value(py).into_any()),
+        .map(|o| {
+            let result = match o.result {
+                Ok(w) => w.size.into_pyobject(py)?.into_any().unbind(),
+                Err(e) => os_error(e).into_value(py).into_any(),
+            };
+            Ok((result, o.started_ns, o.ended_ns))
         })
         .collect()
 }
