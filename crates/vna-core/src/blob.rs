@@ -18,8 +18,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -372,50 +372,112 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Write `source` under `key` to every store of `dirs` in parallel, the first in the calling thread
-/// and one more thread per other store; with `adopt`, the first store takes the file over if it can
-/// (see [`BlobDir::adopt`]), the others copy it. One outcome per store, in order.
+/// The process's replica writer threads: started on demand, kept waiting for the next job.
+///
+/// A thread started per write would queue behind every runnable thread of a busy machine (a
+/// new thread starts at the back of the scheduler's queue), a woken waiting one does not.
+struct Pool {
+    jobs: Mutex<mpsc::Sender<Job>>,
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    idle: Arc<AtomicUsize>,
+    threads: AtomicUsize,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads beyond which jobs wait for a busy one.
+const MAX_THREADS: usize = 64;
+
+impl Pool {
+    fn get() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let (tx, rx) = mpsc::channel();
+            Pool {
+                jobs: Mutex::new(tx),
+                queue: Arc::new(Mutex::new(rx)),
+                idle: Arc::new(AtomicUsize::new(0)),
+                threads: AtomicUsize::new(0),
+            }
+        })
+    }
+
+    fn submit(&self, job: Job) {
+        if self.idle.load(Ordering::SeqCst) == 0
+            && self.threads.fetch_add(1, Ordering::SeqCst) < MAX_THREADS
+        {
+            let (queue, idle) = (Arc::clone(&self.queue), Arc::clone(&self.idle));
+            let started = std::thread::Builder::new()
+                .name("vna-blob-writer".into())
+                .spawn(move || loop {
+                    idle.fetch_add(1, Ordering::SeqCst);
+                    let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    idle.fetch_sub(1, Ordering::SeqCst);
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                });
+            if started.is_err() {
+                self.threads.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        // the receiver lives in the static pool: sending cannot fail
+        let _ = jobs.send(job);
+    }
+}
+
+fn write_one(dir: &BlobDir, key: &str, source: &Path, adopt: bool) -> ReplicaOutcome {
+    let started_ns = now_ns();
+    let result = (|| {
+        if adopt {
+            if let Some(w) = dir.adopt(key, source)? {
+                return Ok(w);
+            }
+        }
+        dir.copy_file(key, source)
+    })();
+    ReplicaOutcome {
+        result,
+        started_ns,
+        ended_ns: now_ns(),
+    }
+}
+
+/// Write `source` under `key` to every store of `dirs` in parallel: the first in the calling
+/// thread, the others on the process's writer threads; with `adopt`, the first store takes the file
+/// over if it can (see [`BlobDir::adopt`]), the others copy it. One outcome per store, in order.
 pub fn write_replicas(
-    dirs: &[&BlobDir],
+    dirs: &[Arc<BlobDir>],
     key: &str,
     source: &Path,
     adopt: bool,
 ) -> Vec<ReplicaOutcome> {
-    let one = |i: usize, dir: &BlobDir| -> ReplicaOutcome {
-        let started_ns = now_ns();
-        let result = (|| {
-            if adopt && i == 0 {
-                if let Some(w) = dir.adopt(key, source)? {
-                    return Ok(w);
-                }
-            }
-            dir.copy_file(key, source)
-        })();
-        ReplicaOutcome {
-            result,
-            started_ns,
-            ended_ns: now_ns(),
-        }
-    };
     let Some((first, rest)) = dirs.split_first() else {
         return Vec::new();
     };
-    std::thread::scope(|s| {
-        let handles: Vec<_> = rest
-            .iter()
-            .enumerate()
-            .map(|(i, d)| s.spawn(move || one(i + 1, d)))
-            .collect();
-        let mut out = vec![one(0, first)];
-        for h in handles {
-            out.push(h.join().unwrap_or_else(|_| ReplicaOutcome {
-                result: Err(io::Error::other("replica writer panicked")),
-                started_ns: 0,
-                ended_ns: 0,
+    let pool = Pool::get();
+    let waiting: Vec<mpsc::Receiver<ReplicaOutcome>> = rest
+        .iter()
+        .map(|dir| {
+            let (tx, rx) = mpsc::channel();
+            let (dir, key, source) = (Arc::clone(dir), key.to_string(), source.to_path_buf());
+            pool.submit(Box::new(move || {
+                let _ = tx.send(write_one(&dir, &key, &source, false));
             }));
-        }
-        out
-    })
+            rx
+        })
+        .collect();
+    let mut out = vec![write_one(first, key, source, adopt)];
+    for rx in waiting {
+        out.push(rx.recv().unwrap_or_else(|_| ReplicaOutcome {
+            result: Err(io::Error::other("replica writer failed")),
+            started_ns: 0,
+            ended_ns: 0,
+        }));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -500,12 +562,13 @@ mod tests {
     #[test]
     fn replicas_adopt_once_and_copy() {
         let t = scratch("r");
-        let dirs: Vec<BlobDir> = (0..3).map(|i| store(&t, &format!("r{i}"), true)).collect();
-        let refs: Vec<&BlobDir> = dirs.iter().collect();
+        let dirs: Vec<Arc<BlobDir>> = (0..3)
+            .map(|i| Arc::new(store(&t, &format!("r{i}"), true)))
+            .collect();
         let spool = t.join("r0").join("spool.dcm");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
         fs::write(&spool, &data).unwrap();
-        let out = write_replicas(&refs, "k/x.dcm", &spool, true);
+        let out = write_replicas(&dirs, "k/x.dcm", &spool, true);
         let ino = fs::metadata(&spool).unwrap().ino();
         for (i, (r, d)) in out.iter().zip(&dirs).enumerate() {
             assert_eq!(r.result.as_ref().unwrap().size, data.len() as u64);
@@ -514,7 +577,7 @@ mod tests {
             assert_eq!(fs::read(&p).unwrap(), data);
             assert_eq!(fs::metadata(&p).unwrap().ino() == ino, i == 0);
         }
-        let again = write_replicas(&refs, "k/x.dcm", &spool, true);
+        let again = write_replicas(&dirs, "k/x.dcm", &spool, true);
         assert!(again
             .iter()
             .all(|r| r.result.as_ref().unwrap_err().kind() == io::ErrorKind::AlreadyExists));

@@ -137,10 +137,7 @@ fn write_replicas(
 ) -> PyResult<Vec<(Py<PyAny>, u64, u64)>> {
     blob::check_key(key).map_err(os_error)?;
     let inner: Vec<Arc<blob::BlobDir>> = dirs.iter().map(|d| Arc::clone(&d.inner)).collect();
-    let outcomes = py.detach(|| {
-        let refs: Vec<&blob::BlobDir> = inner.iter().map(|d| d.as_ref()).collect();
-        blob::write_replicas(&refs, key, &source, adopt)
-    });
+    let outcomes = py.detach(|| blob::write_replicas(&inner, key, &source, adopt));
     outcomes
         .into_iter()
         .map(|o| {
