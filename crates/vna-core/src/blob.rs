@@ -389,22 +389,34 @@ type Job = Box<dyn FnOnce() + Send>;
 const MAX_THREADS: usize = 64;
 
 impl Pool {
-    fn get() -> &'static Pool {
-        static POOL: OnceLock<Pool> = OnceLock::new();
-        POOL.get_or_init(|| {
-            let (tx, rx) = mpsc::channel();
-            Pool {
-                jobs: Mutex::new(tx),
-                queue: Arc::new(Mutex::new(rx)),
-                idle: Arc::new(AtomicUsize::new(0)),
-                threads: AtomicUsize::new(0),
+    /// This process's pool (a child made by `fork` has none of its parent's threads: a new pool).
+    fn get() -> Arc<Pool> {
+        static POOL: Mutex<Option<(u32, Arc<Pool>)>> = Mutex::new(None);
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = std::process::id();
+        match pool.as_ref() {
+            Some((owner, p)) if *owner == pid => Arc::clone(p),
+            _ => {
+                let (tx, rx) = mpsc::channel();
+                let p = Arc::new(Pool {
+                    jobs: Mutex::new(tx),
+                    queue: Arc::new(Mutex::new(rx)),
+                    idle: Arc::new(AtomicUsize::new(0)),
+                    threads: AtomicUsize::new(0),
+                });
+                *pool = Some((pid, Arc::clone(&p)));
+                p
             }
-        })
+        }
     }
 
     fn submit(&self, job: Job) {
+        let grow = |n: usize| (n < MAX_THREADS).then_some(n + 1);
         if self.idle.load(Ordering::SeqCst) == 0
-            && self.threads.fetch_add(1, Ordering::SeqCst) < MAX_THREADS
+            && self
+                .threads
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, grow)
+                .is_ok()
         {
             let (queue, idle) = (Arc::clone(&self.queue), Arc::clone(&self.idle));
             let started = std::thread::Builder::new()
@@ -423,7 +435,8 @@ impl Pool {
             }
         }
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        // the receiver lives in the static pool: sending cannot fail
+        // the receiver lives as long as the pool's threads: a job that cannot be sent is dropped, and
+        // its caller sees its result channel closed
         let _ = jobs.send(job);
     }
 }
