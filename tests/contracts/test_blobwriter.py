@@ -189,11 +189,16 @@ def test_missing_root_same_error(tmp_path: Path) -> None:
     assert results[0] == results[1] == ("StorageUnavailable", "fs: cannot write a/b: No such file or directory")
 
 
-def test_native_required_but_missing_says_how_to_build(tmp_path: Path) -> None:
-    """Without the extension: native=True raises ConfigError naming the build; the default takes the reference."""
+@pytest.mark.parametrize("fake_module,message", [
+    ("raise ImportError('not built in this test')\n", "the native blob writer needs the native extension vna_native"),
+    ("Listener = None\n", "the native blob writer: the installed vna_native predates it"),
+], ids=["missing", "older-build"])
+def test_native_required_but_missing_says_how_to_build(tmp_path: Path, fake_module: str, message: str) -> None:
+    """Without the extension (or with a build older than the writer): native=True raises ConfigError naming
+    the build; the default takes the reference."""
     fake = tmp_path / "fake"
     fake.mkdir()
-    (fake / "vna_native.py").write_text("raise ImportError('not built in this test')\n")
+    (fake / "vna_native.py").write_text(fake_module)
     script = (
         "import sys\n"
         "from vna.errors import ConfigError\n"
@@ -208,7 +213,7 @@ def test_native_required_but_missing_says_how_to_build(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True,
                        timeout=60, env={**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{root}"})
     assert r.returncode == 0, r.stderr
-    assert "the native blob writer needs the native extension vna_native" in r.stdout
+    assert message in r.stdout
     assert "make install" in r.stdout
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, S
 from vna.checksum import read_chunks
 from vna.dicom import native as native_ext
 from vna.domain import BlobStat
-from vna.errors import BlobExists, BlobNotFound, StorageError, StorageUnavailable
+from vna.errors import BlobExists, BlobNotFound, ConfigError, StorageError, StorageUnavailable
 from vna.storage.base import safe_key
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ __all__ = ["FilesystemBlobStore", "native_replicas", "put_file_replicas", "write
 _TMP = ".tmp"
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 _QUARANTINE = ".quarantine"
+_NEEDED_BY = "the native blob writer"
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP}  # a hard link is not possible here
 
 
@@ -71,8 +72,11 @@ class FilesystemBlobStore:
         #: the native writer of this directory (``vna_native.BlobDir``), None on the Python reference path
         self.native_dir: BlobDir | None = None
         if native or (native is None and native_ext.available()):
-            self.native_dir = native_ext.load("the native blob writer").BlobDir(
-                self._root_s, fsync=fsync, file_mode=file_mode)
+            blob_dir = getattr(native_ext.load(_NEEDED_BY), "BlobDir", None)
+            if blob_dir is not None:
+                self.native_dir = blob_dir(self._root_s, fsync=fsync, file_mode=file_mode)
+            elif native:
+                raise ConfigError(f"{_NEEDED_BY}: the installed vna_native predates it: {native_ext.BUILD_HINT}")
 
     @property
     def native(self) -> bool:
@@ -340,7 +344,7 @@ def put_file_replicas(stores: Sequence[FilesystemBlobStore], key: str, source: P
     dirs = [s.native_dir for s in stores]
     if not all(dirs):
         raise ValueError("put_file_replicas needs stores on the native writer")
-    raw = native_ext.load("the native blob writer").write_replicas(dirs, key, str(source), adopt)
+    raw = native_ext.load(_NEEDED_BY).write_replicas(dirs, key, str(source), adopt)
     out: list[tuple[BlobStat | StorageError, int, int]] = []
     for store, (result, started_ns, ended_ns) in zip(stores, raw):
         outcome: BlobStat | StorageError
