@@ -1,11 +1,12 @@
-"""vna's native DIMSE core (Rust): the listener that receives C-ECHO and C-STORE.
+"""vna's native core (Rust): the DICOM listener, the pixel coders and the filesystem blob writer.
 
 Imported only by ``vna.dicom.native``.
 """
 
 from typing import Any, Callable, Optional, final
 
-__all__ = ["Listener", "Request", "StoreRecord", "gray3_decode", "gray3_encode", "gray_decode", "gray_encode", "max_associate_rq", "__version__"]
+__all__ = ["BlobDir", "BlobWriter", "Listener", "Request", "StoreRecord", "gray3_decode", "gray3_encode", "gray_decode",
+           "gray_encode", "max_associate_rq", "write_replicas", "__version__"]
 __version__: str
 
 @final
@@ -161,3 +162,37 @@ def gray3_decode(
     stream: bytes, *, rows: int, cols: int, frames: int, bits: int, signed: bool, threads: int = 1
 ) -> bytes:
     """Restore what :func:`gray3_encode` coded; raises ValueError if the stream is damaged."""
+
+@final
+class BlobDir:
+    """A filesystem blob store's directory: blobs under ``root``, temporary names in ``root/.tmp`` (which
+    the caller creates). Writes are create-new: temporary file (``O_EXCL``, ``file_mode``), fsync, hard
+    link under the key (FileExistsError if it exists), fsync of the key's directory (made if missing);
+    ``fsync=False`` skips every fsync. Every call releases the GIL; errors are OSError(errno, strerror),
+    ValueError for an unsafe key."""
+
+    def __new__(cls, root: str, *, fsync: bool, file_mode: int) -> BlobDir: ...
+    def writer(self) -> BlobWriter:
+        """A new temporary file to fill with :meth:`BlobWriter.write` and publish with :meth:`BlobWriter.commit`."""
+    def put_file(self, key: str, source: str) -> int:
+        """Copy the local file ``source`` under ``key`` in the kernel; the size written."""
+    def adopt(self, key: str, source: str) -> Optional[int]:
+        """Take ``source`` over as ``key``'s blob (file mode, fsync, hard link); its size, or None when it is
+        on another filesystem or cannot be linked here."""
+
+@final
+class BlobWriter:
+    """A blob being written under a temporary name (see :meth:`BlobDir.writer`)."""
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (hashed while written)."""
+    def commit(self, key: str) -> tuple[int, str]:
+        """Fsync, publish under ``key`` (FileExistsError if it exists), remove the temporary name:
+        (size, SHA-256 hex of the bytes)."""
+    def close(self) -> None:
+        """Remove the temporary file unless committed; idempotent."""
+
+def write_replicas(dirs: list[BlobDir], key: str, source: str, adopt: bool) -> list[tuple[int | OSError, int, int]]:
+    """Write ``source`` under ``key`` to every store of ``dirs`` in parallel (with ``adopt`` the first store
+    takes the file over if it can, see :meth:`BlobDir.adopt`); per store (the size written or the OSError --
+    FileExistsError: the key exists -- that stopped it, started ns, ended ns since the epoch)."""

@@ -37,12 +37,18 @@ from vna.storage.s3 import S3BlobStore, map_error
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem-native", "filesystem-python", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    if request.param == "filesystem":
-        return FilesystemBlobStore("fs", tmp_path / "fs")
+    if request.param.startswith("filesystem"):
+        fs = FilesystemBlobStore("fs", tmp_path / "fs", native=request.param == "filesystem-native")
+        assert fs.native == (request.param == "filesystem-native")
+        return fs
     s3: S3BlobStore = request.getfixturevalue("s3_store")
     return s3
+
+
+#: the filesystem store's two writers: the native one (vna_native.BlobDir) and the Python reference
+WRITERS = pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 
 
 def chunked(data: bytes, size: int) -> Iterator[bytes]:
@@ -395,7 +401,8 @@ def test_s3_error_mapping_table(code: str, status: int, expected: type[Exception
     assert "s3: put k" in str(mapped)
 
 
-def test_filesystem_put_file_same_and_other_filesystem(tmp_path: Path) -> None:
+@WRITERS
+def test_filesystem_put_file_same_and_other_filesystem(tmp_path: Path, native: bool) -> None:
     """put_file copies in the kernel; across filesystems (EXDEV) it falls back to sendfile."""
     import subprocess
 
@@ -408,7 +415,7 @@ def test_filesystem_put_file_same_and_other_filesystem(tmp_path: Path) -> None:
     assert subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(other)]).returncode == 0
     try:
         for root in (tmp_path / "same", other):
-            store = FilesystemBlobStore("fs", root)
+            store = FilesystemBlobStore("fs", root, native=native)
             stat = store.put_file("a/b", src)
             assert stat.size == src.stat().st_size
             assert b"".join(store.open("a/b")) == src.read_bytes()
@@ -418,9 +425,10 @@ def test_filesystem_put_file_same_and_other_filesystem(tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", str(other)])
 
 
-def test_filesystem_adopts_a_spool_file_on_its_filesystem_and_copies_otherwise(tmp_path: Path) -> None:
+@WRITERS
+def test_filesystem_adopts_a_spool_file_on_its_filesystem_and_copies_otherwise(tmp_path: Path, native: bool) -> None:
     """put_file(adopt=True): the spool file becomes the blob (one inode, fsynced, its file_mode); elsewhere a copy."""
-    store = FilesystemBlobStore("r1", tmp_path / "r1", file_mode=0o640)
+    store = FilesystemBlobStore("r1", tmp_path / "r1", file_mode=0o640, native=native)
     data = blob(50_000, seed=3)
     spool = tmp_path / "spool.dcm"
     spool.write_bytes(data)
@@ -449,12 +457,13 @@ def test_filesystem_adopts_a_spool_file_on_its_filesystem_and_copies_otherwise(t
         shutil.rmtree(shm)
 
 
-def test_tier_write_file_lets_one_replica_adopt_and_copies_to_the_others(tmp_path: Path) -> None:
+@WRITERS
+def test_tier_write_file_lets_one_replica_adopt_and_copies_to_the_others(tmp_path: Path, native: bool) -> None:
     from vna.codec import IdentityCodec
     from vna.domain import Tier
     from vna.storage.accessor import TierAccessor
 
-    stores = [FilesystemBlobStore(f"r{i}", tmp_path / f"r{i}") for i in range(3)]
+    stores = [FilesystemBlobStore(f"r{i}", tmp_path / f"r{i}", native=native) for i in range(3)]
     hot = TierAccessor(Tier.HOT, stores, 3, IdentityCodec())
     data = blob(20_000, seed=4)
     spool = tmp_path / "spool.dcm"

@@ -15,12 +15,13 @@ BUILD_HINT = ("build it with `make install` (needs the Rust toolchain: cargo fro
               "or `pip install ./crates/vna-python` into vna's environment")
 
 
-def load() -> ModuleType:
-    """The ``vna_native`` module; raises ConfigError (with how to build it) when it is not installed."""
+def load(needed_by: str = 'dicom.receiver = "native"') -> ModuleType:
+    """The ``vna_native`` module; raises ConfigError (naming ``needed_by`` and how to build it) when it is
+    not installed."""
     try:
         import vna_native
     except ImportError as exc:
-        raise ConfigError(f'dicom.receiver = "native" needs the native extension vna_native ({exc}): '
+        raise ConfigError(f"{needed_by} needs the native extension vna_native ({exc}): "
                           f"{BUILD_HINT}") from None
     return vna_native
 

@@ -19,6 +19,7 @@ from vna.codec import Codec, get_codec
 from vna.domain import LOCAL_SITE, Placement, PlacementState, Tier, site_of
 from vna.errors import BlobExists, IntegrityError, QuorumNotMet, StorageError, StorageUnavailable, VnaError
 from vna.storage.base import BlobStore, FileCopyStore
+from vna.storage.filesystem import FilesystemBlobStore, native_replicas, put_file_replicas
 from vna.telemetry import Telemetry
 
 __all__ = ["ReplicaWrite", "TierAccessor", "site_of_tiers"]
@@ -129,6 +130,8 @@ class TierAccessor:
         self.codec = codec
         # which stores copy files in the kernel: fixed with the stores (a runtime Protocol check costs ~50 us)
         self._copies_files = [isinstance(s, FileCopyStore) for s in self.stores]
+        # every replica on the native filesystem writer: write_file is one native call for all of them
+        self._native_files = native_replicas(self.stores)
         self._pool = _Writers(max(2, 4 * len(self.stores)), f"vna-{tier.value}")
 
     def close(self) -> None:
@@ -182,6 +185,8 @@ class TierAccessor:
         """
         if self.codec.name != "identity":
             return self.write(key, lambda: iter_file(str(path)), content_sha256)
+        if self._native_files:
+            return self._quorum(key, self._copy_native(key, path, content_sha256, size, adopt))
         calls: list[tuple[Callable[..., ReplicaWrite], tuple[Any, ...]]] = []
         for s, copies in zip(self.stores, self._copies_files):
             if copies:
@@ -190,6 +195,23 @@ class TierAccessor:
             else:
                 calls.append((self._write_one, (s, key, lambda: iter_file(str(path)), content_sha256)))
         return self._quorum(key, self._fan_out(calls))
+
+    def _copy_native(self, key: str, path: Path, sha256: str, size: int, adopt: bool) -> list[ReplicaWrite]:
+        """:meth:`_copy_one` on every replica at once (``filesystem.put_file_replicas``)."""
+        stores = cast(list[FilesystemBlobStore], self.stores)
+        out: list[ReplicaWrite] = []
+        for store, (stat, started_ns, ended_ns) in zip(stores, put_file_replicas(stores, key, path, adopt=adopt)):
+            self.telemetry.stage_done("storage.write", started_ns, ended_ns,
+                                      {"vna.store": store.store_id, "vna.tier": self.tier.value})
+            if isinstance(stat, StorageError):
+                log.warning("replica %s failed to write %s: %s", store.store_id, key, stat)
+                out.append(ReplicaWrite(store.store_id, key, False, error=str(stat)))
+            elif stat.size != size:
+                store.delete(key)
+                out.append(ReplicaWrite(store.store_id, key, False, error=f"wrote {stat.size} bytes of {size}"))
+            else:
+                out.append(ReplicaWrite(store.store_id, key, True, sha256, size))
+        return out
 
     def write(
         self, key: str, source: Callable[[], Iterable[bytes]], content_sha256: str

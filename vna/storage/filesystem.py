@@ -7,18 +7,23 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from vna.checksum import read_chunks
+from vna.dicom import native as native_ext
 from vna.domain import BlobStat
-from vna.errors import BlobExists, BlobNotFound, StorageUnavailable
+from vna.errors import BlobExists, BlobNotFound, ConfigError, StorageError, StorageUnavailable
 from vna.storage.base import safe_key
 
-__all__ = ["FilesystemBlobStore", "write_all"]
+if TYPE_CHECKING:
+    from vna_native import BlobDir
+
+__all__ = ["FilesystemBlobStore", "native_replicas", "put_file_replicas", "write_all"]
 
 _TMP = ".tmp"
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 _QUARANTINE = ".quarantine"
+_NEEDED_BY = "the native blob writer"
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP}  # a hard link is not possible here
 
 
@@ -45,9 +50,15 @@ class FilesystemBlobStore:
     path (the link fails if the key exists: create-new), removes the temp name
     and fsyncs the directories it touched. A crash leaves at most a temp file,
     never a partial blob under a key.
+
+    ``native``: write through the native writer of ``vna_native`` (``BlobDir``,
+    GIL released, SHA-256 of ``put``'s bytes in its ``BlobStat``); False: the
+    Python reference implementation below; None: native when the extension is
+    installed. Both keep the same contract, checked by the same tests.
     """
 
-    def __init__(self, store_id: str, root: Path, *, fsync: bool = True, file_mode: int = 0o600) -> None:
+    def __init__(self, store_id: str, root: Path, *, fsync: bool = True, file_mode: int = 0o600,
+                 native: bool | None = None) -> None:
         self.store_id = store_id
         self.root = Path(root)
         self.fsync = fsync
@@ -58,6 +69,19 @@ class FilesystemBlobStore:
             (self.root / _TMP).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageUnavailable(f"{store_id}: cannot create {self.root}: {exc.strerror}") from exc
+        #: the native writer of this directory (``vna_native.BlobDir``), None on the Python reference path
+        self.native_dir: BlobDir | None = None
+        if native or (native is None and native_ext.available()):
+            blob_dir = getattr(native_ext.load(_NEEDED_BY), "BlobDir", None)
+            if blob_dir is not None:
+                self.native_dir = blob_dir(self._root_s, fsync=fsync, file_mode=file_mode)
+            elif native:
+                raise ConfigError(f"{_NEEDED_BY}: the installed vna_native predates it: {native_ext.BUILD_HINT}")
+
+    @property
+    def native(self) -> bool:
+        """True when writes go through the native writer."""
+        return self.native_dir is not None
 
     def __repr__(self) -> str:
         return f"FilesystemBlobStore({self.store_id!r}, {str(self.root)!r})"
@@ -84,6 +108,9 @@ class FilesystemBlobStore:
                 _fsync_dir(d.parent)
 
     def put(self, key: str, chunks: Iterable[bytes]) -> BlobStat:
+        if self.native_dir is not None:
+            return self._put_native(self.native_dir, key, chunks)
+
         def write(fd: int) -> int:
             size = 0
             for data in chunks:
@@ -104,6 +131,13 @@ class FilesystemBlobStore:
             stat = self._adopt(key, source)
             if stat is not None:
                 return stat
+        if self.native_dir is not None:
+            safe_key(key)
+            try:
+                return BlobStat(key=key, size=self._native_call(key, self.native_dir.put_file, key, str(source)))
+            except OSError as exc:
+                raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
+
         def copy(fd: int) -> int:
             with open(source, "rb") as src:
                 total = os.fstat(src.fileno()).st_size
@@ -130,6 +164,13 @@ class FilesystemBlobStore:
 
     def _adopt(self, key: str, source: Path) -> BlobStat | None:
         """Link ``source`` under ``key`` (after fsync); None if it is on another filesystem."""
+        if self.native_dir is not None:
+            safe_key(key)
+            try:
+                size = self._native_call(key, self.native_dir.adopt, key, str(source))
+            except OSError as exc:
+                raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
+            return None if size is None else BlobStat(key=key, size=size)
         try:
             fd = os.open(source, os.O_RDONLY)
             try:
@@ -146,6 +187,27 @@ class FilesystemBlobStore:
         except OSError as exc:
             raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
         return BlobStat(key=key, size=st.st_size)
+
+    def _native_call(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` of the native writer, whose FileExistsError (the key exists) is BlobExists."""
+        try:
+            return fn(*args)
+        except FileExistsError:
+            raise BlobExists(f"{self.store_id}: {key} already exists") from None
+
+    def _put_native(self, native: BlobDir, key: str, chunks: Iterable[bytes]) -> BlobStat:
+        safe_key(key)
+        try:
+            writer = native.writer()
+            try:
+                for data in chunks:
+                    writer.write(data if type(data) is bytes else bytes(data))
+                size, sha256 = self._native_call(key, writer.commit, key)
+            finally:
+                writer.close()
+        except OSError as exc:
+            raise StorageUnavailable(f"{self.store_id}: cannot write {key}: {exc.strerror}") from exc
+        return BlobStat(key=key, size=size, sha256=sha256)
 
     def _publish(self, key: str, source: str, *, may_decline: bool = False) -> bool:
         """Hard-link the fsynced ``source`` as ``key``'s file (create-new) and fsync its directory.
@@ -262,3 +324,35 @@ class FilesystemBlobStore:
                 key = f"{rel}/{name}" if rel else name
                 if key.startswith(prefix):
                     yield key
+
+
+def native_replicas(stores: Sequence[object]) -> bool:
+    """True when every store is a FilesystemBlobStore on the native writer (:func:`put_file_replicas` takes them)."""
+    return bool(stores) and all(isinstance(s, FilesystemBlobStore) and s.native_dir is not None for s in stores)
+
+
+def put_file_replicas(stores: Sequence[FilesystemBlobStore], key: str, source: Path, *, adopt: bool = False
+                      ) -> list[tuple[BlobStat | StorageError, int, int]]:
+    """``put_file(key, source)`` on every store at once: one native call, the stores written in parallel
+    with the GIL released; with ``adopt`` the first store may take ``source`` over (``put_file(adopt=True)``).
+
+    Per store, in order: its BlobStat or the error its ``put_file`` would have raised (BlobExists,
+    StorageUnavailable), and when its write started and ended (``time.time_ns()``). Every store must be
+    on the native writer (:func:`native_replicas`); ValueError for an unsafe key.
+    """
+    safe_key(key)
+    dirs = [s.native_dir for s in stores]
+    if not all(dirs):
+        raise ValueError("put_file_replicas needs stores on the native writer")
+    raw = native_ext.load(_NEEDED_BY).write_replicas(dirs, key, str(source), adopt)
+    out: list[tuple[BlobStat | StorageError, int, int]] = []
+    for store, (result, started_ns, ended_ns) in zip(stores, raw):
+        outcome: BlobStat | StorageError
+        if isinstance(result, FileExistsError):
+            outcome = BlobExists(f"{store.store_id}: {key} already exists")
+        elif isinstance(result, OSError):
+            outcome = StorageUnavailable(f"{store.store_id}: cannot write {key}: {result.strerror}")
+        else:
+            outcome = BlobStat(key=key, size=result)
+        out.append((outcome, started_ns, ended_ns))
+    return out

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod blob;
 mod codec;
 
 use pyo3::exceptions::{PyStopIteration, PyValueError};
@@ -623,6 +624,7 @@ fn vna_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Request>()?;
     m.add_function(wrap_pyfunction!(max_associate_rq, m)?)?;
     codec::register(m)?;
+    blob::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
