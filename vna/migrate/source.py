@@ -1,8 +1,9 @@
 """A legacy DIMSE archive as a migration source: C-FIND to enumerate, C-MOVE or C-GET to pull.
 
 Uses pynetdicom's public API only (``AE.associate``, ``send_c_find``,
-``send_c_move``, ``send_c_get``, ``evt.EVT_C_STORE``). Every operation opens
-its own association, so workers on several threads pull at once.
+``send_c_move``, ``send_c_get``, ``evt.EVT_C_STORE``). Each thread keeps one
+association for its C-FINDs and C-MOVEs (set up once, not per study), so
+workers on several threads pull at once; a C-GET has its own association.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from vna.config import MigrateSource
+from vna.dicom.commitment import nodelay
 from vna.errors import VnaError
 
 __all__ = ["SourceError", "FoundStudy", "PullResult", "DimseSource", "Window"]
@@ -146,26 +148,37 @@ class DimseSource:
         return ae
 
     def _assoc(self, ae: AE, **kwargs: Any) -> Any:
-        assoc = ae.associate(self.src.host, self.src.port, ae_title=self.src.ae_title, **kwargs)
+        """An established association with the source, Nagle off (a request's command and identifier are
+        separate writes: with Nagle on, each waits for the peer's delayed ACK)."""
+        handlers = [(evt.EVT_CONN_OPEN, nodelay), *kwargs.pop("evt_handlers", [])]
+        assoc = ae.associate(self.src.host, self.src.port, ae_title=self.src.ae_title, evt_handlers=handlers,
+                             **kwargs)
         if not assoc.is_established:
             raise SourceError(f"source {self.src.ae_title}: association not established "
                               f"({self.src.host}:{self.src.port})")
         return assoc
 
+    def _kept(self) -> tuple[Any, bool]:
+        """This thread's kept association (C-FIND and C-MOVE contexts): (association, reused)."""
+        assoc: Any = getattr(self._local, "assoc", None)
+        if assoc is not None and assoc.is_established:
+            return assoc, True
+        self.close()
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)  # a C-GET source may refuse it
+        assoc = self._local.assoc = self._assoc(ae)
+        return assoc, False
+
     # -- C-FIND -------------------------------------------------------------------
     def find(self, identifier: Dataset) -> tuple[list[Dataset], int, str]:
         """One C-FIND (Study Root): (answers, final status, comment); status -1 when cut off.
 
-        The association is kept open for the next C-FIND of this thread (see :meth:`close`);
-        a kept association that no longer answers is replaced once.
+        Runs on this thread's kept association (see :meth:`close`); a kept association that no
+        longer answers is replaced once.
         """
         for attempt in (1, 2):
-            assoc: Any = getattr(self._local, "find", None)
-            reused = assoc is not None and assoc.is_established
-            if not reused:
-                ae = self._ae()
-                ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-                assoc = self._local.find = self._assoc(ae)
+            assoc, reused = self._kept()
             self.find_queries += 1
             answers: list[Dataset] = []
             final, comment = -1, "no final response"
@@ -184,9 +197,9 @@ class DimseSource:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Release this thread's kept C-FIND association."""
-        assoc = getattr(self._local, "find", None)
-        self._local.find = None
+        """Release this thread's kept association."""
+        assoc = getattr(self._local, "assoc", None)
+        self._local.assoc = None
         if assoc is not None:
             if assoc.is_established:
                 assoc.release()
@@ -331,17 +344,28 @@ class DimseSource:
 
     def move(self, destination: str, study_uid: str, series_uid: str = "",
              sops: list[str] | None = None) -> PullResult:
-        """C-MOVE the study (or these SOP instances of one series) to ``destination``."""
-        ae = self._ae()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)  # some SCPs expect both
-        assoc = self._assoc(ae)
-        try:
-            return self._final(assoc.send_c_move(self._identifier(study_uid, series_uid, sops), destination,
-                                                 StudyRootQueryRetrieveInformationModelMove))
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        """C-MOVE the study (or these SOP instances of one series) to ``destination``, on this thread's
+        kept association (one association per worker, set up once, not per study). A kept association
+        that gives no response at all is replaced once; an answer cut off after it began is returned
+        as it is (status -1)."""
+        identifier = self._identifier(study_uid, series_uid, sops)
+        for attempt in (1, 2):
+            assoc, reused = self._kept()
+            answered = [False]
+
+            def responses() -> Iterator[tuple[Dataset, Dataset | None]]:
+                for status, ident in assoc.send_c_move(identifier, destination,
+                                                       StudyRootQueryRetrieveInformationModelMove):
+                    answered[0] = answered[0] or "Status" in status
+                    yield status, ident
+
+            result = self._final(responses())
+            if result.status == -1:
+                self.close()
+                if reused and attempt == 1 and not answered[0]:
+                    continue
+            return result
+        raise AssertionError("unreachable")
 
     def get(self, study_uid: str, sop_classes: set[str], store: Callable[[Path, str], int],
             spool: Path, series_uid: str = "", sops: list[str] | None = None) -> PullResult:
