@@ -124,7 +124,8 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         vna = [sys.executable, "-m", "vna.cli"]
         common = ["--config", str(conf), "--data-dir", str(data)]
         serve = subprocess.Popen([*vna, "serve", *common, "--dicom-port", str(vna_port), "--ae-title", "VNA",
-                                  "--host", HOST], stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=nodelay_env())
+                                  "--host", HOST], stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                                 env=nodelay_env({"VNA_WEB_PORT": "0"}))  # DICOMweb off: no fixed port
         procs.append(serve)
         wait_until(lambda: "vna ready" in log.read_text(errors="replace"), 60, "vna", serve, log)
         t0 = time.perf_counter()
