@@ -220,10 +220,13 @@ def enumeration(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     port = free_port()
 
-    def serve() -> None:   # in its own process, as a real source would be
+    def serve() -> None:   # in its own process, Nagle off, as the real sources (DCMTK, Orthanc) are run here
+        from vna.dicom.commitment import nodelay
+
         ae = AE(ae_title="CAPPED")
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.start_server((HOST, port), block=True, evt_handlers=[(evt.EVT_C_FIND, handler)])
+        ae.start_server((HOST, port), block=True,
+                        evt_handlers=[(evt.EVT_C_FIND, handler), (evt.EVT_CONN_OPEN, nodelay)])
 
     server = multiprocessing.get_context("fork").Process(target=serve, daemon=True)
     server.start()
