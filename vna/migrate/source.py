@@ -22,6 +22,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -127,6 +128,18 @@ def _int(value: Any) -> int:
         return -1
 
 
+class _Received:
+    """C-FIND responses that reached one association, counted as pynetdicom decodes them (EVT_DIMSE_RECV,
+    on the association's own thread), whether or not they are then delivered to the request."""
+
+    def __init__(self) -> None:
+        self.find = 0
+
+    def on_recv(self, event: Any) -> None:
+        if isinstance(event.message, C_FIND_RSP):
+            self.find += 1
+
+
 def _status_of(status: Dataset) -> tuple[int, str]:
     if "Status" not in status:
         return -1, "no answer (association aborted or timed out)"
@@ -167,7 +180,9 @@ class DimseSource:
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)  # a C-GET source may refuse it
-        assoc = self._local.assoc = self._assoc(ae)
+        received = _Received()
+        assoc = self._assoc(ae, evt_handlers=[(evt.EVT_DIMSE_RECV, received.on_recv)])
+        self._local.assoc, self._local.received = assoc, received
         return assoc, False
 
     # -- C-FIND -------------------------------------------------------------------
@@ -175,26 +190,38 @@ class DimseSource:
         """One C-FIND (Study Root): (answers, final status, comment); status -1 when cut off.
 
         Runs on this thread's kept association (see :meth:`close`); a kept association that no
-        longer answers is replaced once.
+        longer answers is replaced once. When more responses reached the association than the
+        request was given (pynetdicom's reactor can take a response that arrives while the request
+        is being sent, and drops it), the answers are incomplete: the query is asked again on a
+        new association, and SourceError is raised if that keeps happening.
         """
-        for attempt in (1, 2):
+        for attempt in range(1, 5):
             assoc, reused = self._kept()
+            received: _Received = self._local.received
+            before = received.find
             self.find_queries += 1
             answers: list[Dataset] = []
+            seen = 0
             final, comment = -1, "no final response"
             for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
                 code, comment = _status_of(status)
+                seen += code != -1
                 if code in _PENDING:
                     if ident is not None:
                         answers.append(ident)
                     continue
                 final = code
+            if received.find - before > seen:
+                log.warning("source %s: %d C-FIND responses reached the association, %d were delivered: "
+                            "asking again", self.src.ae_title, received.find - before, seen)
+                self.close()
+                continue
             if final == -1:
                 self.close()
                 if reused and attempt == 1 and not answers:
                     continue
             return answers, final, comment
-        raise AssertionError("unreachable")
+        raise SourceError(f"source {self.src.ae_title}: C-FIND responses were lost on every attempt")
 
     def close(self) -> None:
         """Release this thread's kept association."""
