@@ -3,11 +3,13 @@
 1. The same studies moved out of one Orthanc 1.10 (the legacy PACS): by ``vna migrate
    plan`` + ``vna migrate run`` into vna (C-MOVE to vna's port, verification of every
    study included), and by C-MOVE into a second Orthanc (same pynetdicom C-MOVE client,
-   same number of parallel associations, no verification). Same corpus, same run.
+   same number of parallel associations, each kept for study after study, no verification).
+   Same corpus, same run.
 2. Enumeration of a source that caps C-FIND answers (a pynetdicom C-FIND SCP answering at
    most ``--cap`` studies, then 0xA700) holding ``--enum-studies`` studies.
 
     .venv/bin/python -m benchmarks.migrate [--studies 20] [--per-study 10] [--enum-studies 10000]
+        [--skip-enumeration] [--py-spy PATH --profile-dir DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -121,22 +124,50 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         vna = [sys.executable, "-m", "vna.cli"]
         common = ["--config", str(conf), "--data-dir", str(data)]
         serve = subprocess.Popen([*vna, "serve", *common, "--dicom-port", str(vna_port), "--ae-title", "VNA",
-                                  "--host", HOST], stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=nodelay_env())
+                                  "--host", HOST], stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+                                 env=nodelay_env({"VNA_WEB_PORT": "0"}))  # DICOMweb off: no fixed port
         procs.append(serve)
         wait_until(lambda: "vna ready" in log.read_text(errors="replace"), 60, "vna", serve, log)
         t0 = time.perf_counter()
         subprocess.run([*vna, "migrate", "plan", "--source", "PACS", *common], check=True, capture_output=True)
         t_plan = time.perf_counter() - t0
-        r = subprocess.run([*vna, "migrate", "run", *common, "--json"], capture_output=True, text=True)
+        run = [*vna, "migrate", "run", *common, "--json"]
+        spies: list[subprocess.Popen[bytes]] = []
+        if args.py_spy:   # sample both processes (collapsed stacks, all threads, native frames off)
+            prof = Path(args.profile_dir)
+            prof.mkdir(parents=True, exist_ok=True)
+            spies.append(subprocess.Popen([args.py_spy, "record", "-f", "raw", "-r", "200", "-o",
+                                           str(prof / "serve.txt"), "--pid", str(serve.pid)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            run = [args.py_spy, "record", "-f", "raw", "-r", "200", "-o", str(prof / "run.txt"), "--", *run]
+        r = subprocess.run(run, capture_output=True, text=True)
         t_vna = time.perf_counter() - t0
-        report = json.loads(r.stdout)
+        for spy in spies:
+            spy.send_signal(2)
+            spy.wait(30)
+        # the report is the first JSON object (py-spy prints its summary after it)
+        report = json.JSONDecoder().raw_decode(r.stdout[r.stdout.find("{"):])[0]
         assert r.returncode == 0 and report["done"] == args.studies, r.stderr[-2000:]
 
         studies = sorted({d["study_uid"] for d in report["details"]})
         mover = DimseSource(MigrateSource("PACS", HOST, src_port, timeout=120), "BENCH")
         t0 = time.perf_counter()
+        todo, results, lock = iter(studies), [], threading.Lock()
+
+        def mover_thread() -> None:   # as vna's workers: one kept association per thread, study after study
+            try:
+                while True:
+                    with lock:
+                        uid = next(todo, None)
+                    if uid is None:
+                        return
+                    results.append(mover.move("DEST", uid))
+            finally:
+                mover.close()
+
         with ThreadPoolExecutor(args.associations) as pool:
-            results = list(pool.map(lambda uid: mover.move("DEST", uid), studies))
+            for f in [pool.submit(mover_thread) for _ in range(args.associations)]:
+                f.result()
         t_orthanc = time.perf_counter() - t0
         assert all(x.status == 0 for x in results) and orthanc_count(dst_http) == len(files)
     finally:
@@ -189,10 +220,13 @@ def enumeration(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     port = free_port()
 
-    def serve() -> None:   # in its own process, as a real source would be
+    def serve() -> None:   # in its own process, Nagle off, as the real sources (DCMTK, Orthanc) are run here
+        from vna.dicom.commitment import nodelay
+
         ae = AE(ae_title="CAPPED")
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
-        ae.start_server((HOST, port), block=True, evt_handlers=[(evt.EVT_C_FIND, handler)])
+        ae.start_server((HOST, port), block=True,
+                        evt_handlers=[(evt.EVT_C_FIND, handler), (evt.EVT_CONN_OPEN, nodelay)])
 
     server = multiprocessing.get_context("fork").Process(target=serve, daemon=True)
     server.start()
@@ -221,6 +255,9 @@ def main() -> None:
     ap.add_argument("--enum-studies", type=int, default=10_000)
     ap.add_argument("--cap", type=int, default=100)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-enumeration", action="store_true")
+    ap.add_argument("--py-spy", default="", help="py-spy executable: profile `migrate run` and the server")
+    ap.add_argument("--profile-dir", default="migrate-profile", help="where --py-spy writes collapsed stacks")
     args = ap.parse_args()
     os.environ.setdefault("TCP_NODELAY", "1")
     out: dict[str, Any] = {}
@@ -229,8 +266,9 @@ def main() -> None:
         if not args.skip_throughput:
             out["throughput"] = throughput(args, work)
             print(json.dumps(out["throughput"]), flush=True)
-        out["enumeration"] = enumeration(args, work)
-        print(json.dumps(out["enumeration"]), flush=True)
+        if not args.skip_enumeration:
+            out["enumeration"] = enumeration(args, work)
+            print(json.dumps(out["enumeration"]), flush=True)
 
 
 if __name__ == "__main__":

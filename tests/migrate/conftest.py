@@ -1,10 +1,13 @@
-"""A real DIMSE source for migration tests: DCMTK dcmqrscp loaded with a generated corpus."""
+"""Migration test fixtures: a real DIMSE source (DCMTK dcmqrscp loaded with a generated corpus) and a TCP
+relay that holds a source's C-STORE sub-operations mid-study."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -79,3 +82,89 @@ def source_config(port: int, **extra: Any) -> str:
 def cli_json(srv: VnaServer, *args: str) -> Any:
     r = srv.cli("migrate", *args, "--json")
     return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None), r.stderr
+
+
+class HoldingRelay:
+    """A TCP relay on a free loopback port to ``target_port``, standing between a source and vna's receiver.
+
+    Bytes towards the target pass while ``budget`` lasts; then the relay stops reading (the connection stays
+    open, the sender waits) until :meth:`release`. Bytes back pass freely.
+    """
+
+    def __init__(self, target_port: int, budget: int) -> None:
+        self.target_port = target_port
+        self._budget: int | None = budget
+        self._cond = threading.Condition()
+        self._closed = False
+        self._socks: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            with self._cond:
+                self._socks += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, metered: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                while data:
+                    n = len(data)
+                    if metered:
+                        with self._cond:
+                            while self._budget is not None and self._budget <= 0 and not self._closed:
+                                self._cond.wait()
+                            if self._closed:
+                                return
+                            if self._budget is not None:
+                                n = min(n, self._budget)
+                                self._budget -= n
+                    dst.sendall(data[:n])
+                    data = data[n:]
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        """Let everything through from now on."""
+        with self._cond:
+            self._budget = None
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            socks, self._socks = self._socks, []
+        self._listener.close()
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture
+def holding_relay() -> Iterator[Callable[[int, int], HoldingRelay]]:
+    """Factory: ``HoldingRelay(target_port, budget)``, closed at the end of the test."""
+    relays: list[HoldingRelay] = []
+
+    def make(target_port: int, budget: int) -> HoldingRelay:
+        relays.append(HoldingRelay(target_port, budget))
+        return relays[-1]
+
+    yield make
+    for r in relays:
+        r.close()

@@ -116,3 +116,17 @@ def test_lease_of_a_dead_process_is_taken_over(ledger: MigrationLedger) -> None:
     live = new_owner()
     assert [p.study_uid for p in ledger.claim("PACS", live, 600, 1001.0, 1, 5)] == ["1.2.0"]
     assert ledger.claim("PACS", new_owner(), 600, 1002.0, 1, 5) == []   # a live owner's lease holds
+
+
+def test_renew_extends_only_the_holders_lease(ledger: MigrationLedger) -> None:
+    ledger.add_planned(plans(1))
+    a, b = new_owner(), new_owner()
+    (s,) = ledger.claim("PACS", a, 10, 1000.0, 1, 5)
+    assert ledger.renew("PACS", s.study_uid, a, 10, 1008.0)   # now held until 1018
+    assert ledger.claim("PACS", b, 10, 1015.0, 1, 5) == []    # past the first expiry: still a's
+    assert not ledger.renew("PACS", s.study_uid, b, 10, 1015.0)
+    assert ledger.claim("PACS", b, 10, 1019.0, 1, 5)          # not renewed again: expired, taken over
+    assert not ledger.renew("PACS", s.study_uid, a, 10, 1020.0)
+    with pytest.raises(LeaseHeld):
+        ledger.finish("PACS", s.study_uid, a, ok(), 1021.0, 0.0)
+    assert not ledger.renew("PACS", "1.2.unknown", a, 10, 1022.0)

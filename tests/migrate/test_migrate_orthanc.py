@@ -18,11 +18,14 @@ from tests.migrate.conftest import cli_json, source_config
 from tests.migrate.test_migrate_dcmqrscp import assert_byte_identical
 
 
-def start_orthanc(work: Path, vna_port: int, limit: int, aet: str = "PACS") -> tuple[subprocess.Popen[bytes], int]:
+def start_orthanc(work: Path, vna_port: int, limit: int, aet: str = "PACS",
+                  port: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """An Orthanc (DICOM ``port``, free when None) whose storage is under ``work`` (kept across restarts),
+    sending C-MOVE sub-operations for ``VNA`` to ``vna_port``."""
     exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     if not Path(exe).exists():
         pytest.fail("Orthanc is missing: run `make system-deps`")
-    port, http = free_port(), free_port()
+    port, http = port or free_port(), free_port()
     cfg = {"Name": "legacy", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
            "DicomAet": aet, "DicomPort": port, "HttpPort": http, "DicomCheckCalledAet": False,
            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],

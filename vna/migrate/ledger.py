@@ -3,8 +3,9 @@
 A study of a source is in one state: ``planned`` (to pull), ``done`` (pulled
 and verified) or ``failed`` (the last attempt did not verify; retried after
 ``next_attempt_at`` until ``max_attempts``). A worker holds a study through a
-lease (owner, expiry); a lease whose owner process is dead on this host, or
-whose expiry has passed, may be taken over. Counters per (source, state) are
+lease (owner, expiry), renewed while it works on the study; a lease whose
+owner process is dead on this host, or whose expiry has passed, may be taken
+over. Counters per (source, state) are
 kept incrementally with every transition, so ``status`` reads no study rows.
 """
 
@@ -92,6 +93,11 @@ class MigrationLedger(Protocol):
     def claim(self, source: str, owner: str, ttl: float, now: float, limit: int,
               max_attempts: int) -> list[StudyPlan]:
         """Lease up to ``limit`` due studies (planned, or failed and due for a retry) to ``owner``."""
+        ...
+
+    def renew(self, source: str, study_uid: str, owner: str, ttl: float, now: float) -> bool:
+        """Extend ``owner``'s lease on the study to ``now + ttl``; False (nothing changed) when ``owner``
+        no longer holds it."""
         ...
 
     def finish(self, source: str, study_uid: str, owner: str, outcome: Outcome, now: float,
@@ -279,6 +285,14 @@ class SqliteLedger:
                     out.append(row_plan(r))
             return out
         return list(self._tx(run))
+
+    def renew(self, source: str, study_uid: str, owner: str, ttl: float, now: float) -> bool:
+        """Extend the lease if ``owner`` holds it."""
+        def run(db: sqlite3.Connection) -> bool:
+            cur = db.execute("UPDATE migrate_study SET lease_expires = ? WHERE source = ? AND study_uid = ? AND "
+                             "lease_owner = ?", (now + ttl, source, study_uid, owner))
+            return cur.rowcount == 1
+        return bool(self._tx(run))
 
     def finish(self, source: str, study_uid: str, owner: str, outcome: Outcome, now: float,
                retry_at: float) -> str:

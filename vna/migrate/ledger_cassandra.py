@@ -153,6 +153,12 @@ class CassandraLedger:
                         out.append(row_plan({**r, "source": source}))
         return out
 
+    def renew(self, source: str, study_uid: str, owner: str, ttl: float, now: float) -> bool:
+        """Extend the lease with a compare-and-set on its owner."""
+        rs = self._x("UPDATE {ks}.migrate_study SET lease_expires = ? WHERE source = ? AND bucket = ? AND"
+                     " study_uid = ? IF lease_owner = ?", (now + ttl, source, bucket_of(study_uid), study_uid, owner))
+        return bool(rs.was_applied)
+
     def finish(self, source: str, study_uid: str, owner: str, outcome: Outcome, now: float,
                retry_at: float) -> str:
         """Record the outcome with a compare-and-set on the lease, then move the due row and counters."""

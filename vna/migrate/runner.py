@@ -6,8 +6,9 @@ source lists at least as many instances as its STUDY keys counted. Anything
 else is ``failed`` with the missing UIDs, the DIMSE status and comment, and
 retried with doubling back-off until ``migrate.max_attempts``. A run killed
 at any point leaves leased studies that the next run takes over (the dead
-worker's lease is recognised by its pid, or expires): ingest is idempotent for
-identical bytes, so a re-pull duplicates nothing.
+worker's lease is recognised by its pid, or expires; a live worker renews the
+leases of the studies it holds every third of ``migrate.lease_seconds``):
+ingest is idempotent for identical bytes, so a re-pull duplicates nothing.
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class MigrationJob:
         source = DimseSource(src, self.cfg.dicom.ae_title)
         throttle = Throttle(src.instances_per_second, src.mb_per_second)
         lock = threading.Lock()
+        leased: set[str] = set()     # studies this run's workers hold, their leases renewed until finished
 
         def take() -> StudyPlan | None:
             with lock:
@@ -190,6 +192,7 @@ class MigrationJob:
                                         self.mc.max_attempts)
                 if got:
                     left[0] -= 1
+                    leased.add(got[0].study_uid)
                 return got[0] if got else None
 
         def worker() -> None:
@@ -202,7 +205,11 @@ class MigrationJob:
                 wait = throttle.delay()
                 if wait:
                     time.sleep(wait)
-                detail = self._study(source, plan, throttle, dry_run)
+                try:
+                    detail = self._study(source, plan, throttle, dry_run)
+                finally:
+                    with lock:
+                        leased.discard(plan.study_uid)
                 with lock:
                     report.examined += 1
                     report.details.append(detail)
@@ -212,9 +219,32 @@ class MigrationJob:
                     else:
                         report.findings += 1
 
-        with ThreadPoolExecutor(max_workers=src.max_associations, thread_name_prefix="vna-migrate") as pool:
-            for f in [pool.submit(worker) for _ in range(src.max_associations)]:
-                f.result()
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(src.ae_title, leased, lock, stop),
+                                   name="vna-migrate-lease", daemon=True)
+        renewer.start()
+        try:
+            with ThreadPoolExecutor(max_workers=src.max_associations, thread_name_prefix="vna-migrate") as pool:
+                for f in [pool.submit(worker) for _ in range(src.max_associations)]:
+                    f.result()
+        finally:
+            stop.set()
+            renewer.join()
+
+    def _renew(self, source: str, leased: set[str], lock: threading.Lock, stop: threading.Event) -> None:
+        """Until ``stop``: every third of ``lease_seconds``, extend the lease of each study in ``leased``, so a
+        study that takes longer than one lease is not taken over while this process still works on it. A
+        lease found lost is logged (its worker's ``finish`` is then refused: ``lost-lease``)."""
+        ttl = self.mc.lease_seconds
+        while not stop.wait(ttl / 3):
+            with lock:
+                uids = sorted(leased)
+            for uid in uids:
+                try:
+                    if not self.ledger.renew(source, uid, self.owner, ttl, time.time()):
+                        log.warning("migrate %s: the lease on study %s was lost (taken over)", source, uid)
+                except VnaError as exc:   # the ledger did not answer: try again at the next tick
+                    log.warning("migrate %s: lease of study %s not renewed: %s", source, uid, exc)
 
     def _study(self, source: DimseSource, plan: StudyPlan, throttle: Throttle, dry_run: bool) -> dict[str, Any]:
         """Pull (what is missing of) one leased study, verify, and record the outcome."""

@@ -1,8 +1,9 @@
 """A legacy DIMSE archive as a migration source: C-FIND to enumerate, C-MOVE or C-GET to pull.
 
 Uses pynetdicom's public API only (``AE.associate``, ``send_c_find``,
-``send_c_move``, ``send_c_get``, ``evt.EVT_C_STORE``). Every operation opens
-its own association, so workers on several threads pull at once.
+``send_c_move``, ``send_c_get``, ``evt.EVT_C_STORE``). Each thread keeps one
+association for its C-FINDs and C-MOVEs (set up once, not per study), so
+workers on several threads pull at once; a C-GET has its own association.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -28,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from vna.config import MigrateSource
+from vna.dicom.commitment import nodelay
 from vna.errors import VnaError
 
 __all__ = ["SourceError", "FoundStudy", "PullResult", "DimseSource", "Window"]
@@ -125,6 +128,18 @@ def _int(value: Any) -> int:
         return -1
 
 
+class _Received:
+    """C-FIND responses that reached one association, counted as pynetdicom decodes them (EVT_DIMSE_RECV,
+    on the association's own thread), whether or not they are then delivered to the request."""
+
+    def __init__(self) -> None:
+        self.find = 0
+
+    def on_recv(self, event: Any) -> None:
+        if isinstance(event.message, C_FIND_RSP):
+            self.find += 1
+
+
 def _status_of(status: Dataset) -> tuple[int, str]:
     if "Status" not in status:
         return -1, "no answer (association aborted or timed out)"
@@ -146,47 +161,72 @@ class DimseSource:
         return ae
 
     def _assoc(self, ae: AE, **kwargs: Any) -> Any:
-        assoc = ae.associate(self.src.host, self.src.port, ae_title=self.src.ae_title, **kwargs)
+        """An established association with the source, Nagle off (a request's command and identifier are
+        separate writes: with Nagle on, each waits for the peer's delayed ACK)."""
+        handlers = [(evt.EVT_CONN_OPEN, nodelay), *kwargs.pop("evt_handlers", [])]
+        assoc = ae.associate(self.src.host, self.src.port, ae_title=self.src.ae_title, evt_handlers=handlers,
+                             **kwargs)
         if not assoc.is_established:
             raise SourceError(f"source {self.src.ae_title}: association not established "
                               f"({self.src.host}:{self.src.port})")
         return assoc
 
+    def _kept(self) -> tuple[Any, bool]:
+        """This thread's kept association (C-FIND and C-MOVE contexts): (association, reused)."""
+        assoc: Any = getattr(self._local, "assoc", None)
+        if assoc is not None and assoc.is_established:
+            return assoc, True
+        self.close()
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)  # a C-GET source may refuse it
+        received = _Received()
+        assoc = self._assoc(ae, evt_handlers=[(evt.EVT_DIMSE_RECV, received.on_recv)])
+        self._local.assoc, self._local.received = assoc, received
+        return assoc, False
+
     # -- C-FIND -------------------------------------------------------------------
     def find(self, identifier: Dataset) -> tuple[list[Dataset], int, str]:
         """One C-FIND (Study Root): (answers, final status, comment); status -1 when cut off.
 
-        The association is kept open for the next C-FIND of this thread (see :meth:`close`);
-        a kept association that no longer answers is replaced once.
+        Runs on this thread's kept association (see :meth:`close`); a kept association that no
+        longer answers is replaced once. When more responses reached the association than the
+        request was given (pynetdicom's reactor can take a response that arrives while the request
+        is being sent, and drops it), the answers are incomplete: the query is asked again on a
+        new association, and SourceError is raised if that keeps happening.
         """
-        for attempt in (1, 2):
-            assoc: Any = getattr(self._local, "find", None)
-            reused = assoc is not None and assoc.is_established
-            if not reused:
-                ae = self._ae()
-                ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-                assoc = self._local.find = self._assoc(ae)
+        for attempt in range(1, 5):
+            assoc, reused = self._kept()
+            received: _Received = self._local.received
+            before = received.find
             self.find_queries += 1
             answers: list[Dataset] = []
+            seen = 0
             final, comment = -1, "no final response"
             for status, ident in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
                 code, comment = _status_of(status)
+                seen += code != -1
                 if code in _PENDING:
                     if ident is not None:
                         answers.append(ident)
                     continue
                 final = code
+            if received.find - before > seen:
+                log.warning("source %s: %d C-FIND responses reached the association, %d were delivered: "
+                            "asking again", self.src.ae_title, received.find - before, seen)
+                self.close()
+                continue
             if final == -1:
                 self.close()
                 if reused and attempt == 1 and not answers:
                     continue
             return answers, final, comment
-        raise AssertionError("unreachable")
+        raise SourceError(f"source {self.src.ae_title}: C-FIND responses were lost on every attempt")
 
     def close(self) -> None:
-        """Release this thread's kept C-FIND association."""
-        assoc = getattr(self._local, "find", None)
-        self._local.find = None
+        """Release this thread's kept association."""
+        assoc = getattr(self._local, "assoc", None)
+        self._local.assoc = None
         if assoc is not None:
             if assoc.is_established:
                 assoc.release()
@@ -331,17 +371,28 @@ class DimseSource:
 
     def move(self, destination: str, study_uid: str, series_uid: str = "",
              sops: list[str] | None = None) -> PullResult:
-        """C-MOVE the study (or these SOP instances of one series) to ``destination``."""
-        ae = self._ae()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)  # some SCPs expect both
-        assoc = self._assoc(ae)
-        try:
-            return self._final(assoc.send_c_move(self._identifier(study_uid, series_uid, sops), destination,
-                                                 StudyRootQueryRetrieveInformationModelMove))
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        """C-MOVE the study (or these SOP instances of one series) to ``destination``, on this thread's
+        kept association (one association per worker, set up once, not per study). A kept association
+        that gives no response at all is replaced once; an answer cut off after it began is returned
+        as it is (status -1)."""
+        identifier = self._identifier(study_uid, series_uid, sops)
+        for attempt in (1, 2):
+            assoc, reused = self._kept()
+            answered = [False]
+
+            def responses() -> Iterator[tuple[Dataset, Dataset | None]]:
+                for status, ident in assoc.send_c_move(identifier, destination,
+                                                       StudyRootQueryRetrieveInformationModelMove):
+                    answered[0] = answered[0] or "Status" in status
+                    yield status, ident
+
+            result = self._final(responses())
+            if result.status == -1:
+                self.close()
+                if reused and attempt == 1 and not answered[0]:
+                    continue
+            return result
+        raise AssertionError("unreachable")
 
     def get(self, study_uid: str, sop_classes: set[str], store: Callable[[Path, str], int],
             spool: Path, series_uid: str = "", sops: list[str] | None = None) -> PullResult:
