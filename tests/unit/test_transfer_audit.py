@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+
+import pytest
 
 from vna.audit import Actor, AuditLog, _now_iso, iter_records, verify
 from vna.config import AuditConfig
+from vna.errors import AuditUnavailable
 from vna.transfer_audit import AssociationAudit, TransferAudit, _write_record
 
 
@@ -88,3 +92,77 @@ def test_a_large_journal_is_rewritten_with_the_open_batches(tmp_path: Path) -> N
     listed = [i["sop_uid"] for r in _transfers(trail) for i in r["details"]["instances"]]  # type: ignore[index]
     assert len(listed) == len(set(listed)) == 2501
     audit.close()
+
+
+def _started(tmp_path: Path, cfg: AuditConfig | None = None) -> tuple[AuditLog, Path, TransferAudit]:
+    trail = tmp_path / "audit.log"
+    audit = AuditLog(cfg or AuditConfig(), trail)
+    t = TransferAudit(audit, tmp_path / "journal", 600)
+    t.start()
+    return audit, trail, t
+
+
+def test_an_instance_stored_after_its_association_closed_is_recorded(tmp_path: Path) -> None:
+    """EVT_CONN_CLOSE (the connection's thread) closes the audit while a handler still stores: the late
+    instance is journaled and recorded at once, not left in a batch nobody writes (then truncated away)."""
+    audit, trail, t = _started(tmp_path)
+    a = t.association(Actor("CT1", "ae", "10.0.0.1"))
+    b = t.association(Actor("CT2", "ae", "10.0.0.2"))
+    _store(b, "9.9", 0)
+    a.close()
+    _store(a, "1.2.3", 0)
+    assert [r["study_uids"] for r in _transfers(trail)] == [["1.2.3"]]
+    b.close()
+    t.close()
+    assert sorted(r["study_uids"][0] for r in _transfers(trail)) == ["1.2.3", "9.9"]  # type: ignore[index]
+    assert t._assocs == set()
+    audit.close()
+
+
+def test_an_instance_stored_after_the_journal_closed_gets_its_own_record(tmp_path: Path) -> None:
+    """A store that outlives the server's stop grace: its record is written directly."""
+    audit, trail, t = _started(tmp_path)
+    a = t.association(Actor("CT1", "ae", "10.0.0.1"))
+    t.close()
+    _store(a, "1.2.3", 0)
+    (rec,) = _transfers(trail)
+    assert rec["details"]["instances"][0]["sop_uid"] == "1.2.3.0"  # type: ignore[index]
+    audit.close()
+
+
+def test_a_failing_journal_falls_back_to_a_record_and_refuses_the_next_store(tmp_path: Path) -> None:
+    """The journal's disk is full: the stored instance gets its own record; the next store is refused first."""
+    audit, trail, t = _started(tmp_path)
+    a = t.association(Actor("CT1", "ae", "10.0.0.1"))
+    _store(a, "1.2.3", 0)
+    assert t._fd is not None
+    os.close(t._fd)
+    t._fd = os.open("/dev/full", os.O_WRONLY | os.O_APPEND)   # every write: ENOSPC
+    _store(a, "1.2.3", 1)
+    (rec,) = _transfers(trail)
+    assert [i["sop_uid"] for i in rec["details"]["instances"]] == ["1.2.3.1"]  # type: ignore[index]
+    with pytest.raises(AuditUnavailable, match="journal"):
+        a.instance()
+    t.close()   # the journaled batch cannot be marked: its journal is kept for recovery
+    assert [p.suffix for p in (tmp_path / "journal").iterdir()] == [".jnl"]
+    assert TransferAudit.recover(audit, tmp_path / "journal") == 1
+    listed = [i["sop_uid"] for r in _transfers(trail) for i in r["details"]["instances"]]  # type: ignore[index]
+    assert sorted(listed) == ["1.2.3.0", "1.2.3.1"]
+    audit.close()
+
+
+def test_a_recovery_stopped_halfway_does_not_write_its_records_again(tmp_path: Path) -> None:
+    """The first recovery writes one batch and fails on the next: the next recovery writes only that one."""
+    audit, trail, t = _started(tmp_path)
+    for n, study in enumerate(("1.1", "2.2")):
+        _store(t.association(Actor(f"CT{n}", "ae", "10.0.0.1")), study, 0)
+    _crash(t)
+    (tmp_path / "notadir").write_text("")
+    failing = AuditLog(AuditConfig(on_failure="buffer", buffer_max=1), tmp_path / "notadir" / "audit.log")
+    assert TransferAudit.recover(failing, tmp_path / "journal") == 1   # held in memory, then the buffer is full
+    failing.close()
+    assert TransferAudit.recover(audit, tmp_path / "journal") == 1
+    assert [r["study_uids"] for r in _transfers(trail)] == [["2.2"]]
+    assert not list((tmp_path / "journal").iterdir())
+    audit.close()
+
