@@ -34,10 +34,12 @@ a live process's journal is never touched -- writes the batches without a
 ``done`` line as records marked ``"recovered": true`` and removes the
 journal, marking each batch it writes (``writing`` before, ``done`` after),
 so a recovery stopped halfway is not repeated for what it wrote. It reads only
-those journals (never the catalogue). A journal is created under a temporary
-name and locked before it is renamed into place; a recovering process checks
-that the file it locked is still linked, so two starting processes never
-recover one journal twice.
+those journals (never the catalogue). A
+journal is created under a temporary name and locked before it is renamed
+into place (with ``fsync``: the directory is fsynced after each rename, a
+rewritten journal before it); a recovering process checks that the file it
+locked is still linked, so two starting processes never recover one journal
+twice.
 
 An instance that cannot be journaled gets a record of its own at once: when
 the journal cannot be written (then, under ``on_failure = "refuse"``, the
@@ -414,8 +416,11 @@ class TransferAudit:
                         for b in open_)
         try:
             _write_all(fd, data)
+            if self.audit.cfg.fsync:
+                os.fdatasync(fd)
             assert self._path is not None
             os.rename(tmp, self._path)
+            self._sync_dir()
         except OSError:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -433,9 +438,24 @@ class TransferAudit:
         if not final:
             return fd, tmp
         path = self.dir / f"{name}{_SUFFIX}"
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+            self._sync_dir()
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
         self._size = 0
         return fd, path
+
+    def _sync_dir(self) -> None:
+        """With ``fsync``: make a rename in the journals' directory durable. Raises OSError."""
+        if self.audit.cfg.fsync:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     def _append(self, data: bytes) -> None:
         assert self._fd is not None

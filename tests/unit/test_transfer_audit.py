@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -166,3 +169,42 @@ def test_a_recovery_stopped_halfway_does_not_write_its_records_again(tmp_path: P
     assert not list((tmp_path / "journal").iterdir())
     audit.close()
 
+
+_COMPACT = """
+import sys
+from pathlib import Path
+from vna.audit import Actor, AuditLog
+from vna.config import AuditConfig
+from vna.transfer_audit import TransferAudit
+d = Path(sys.argv[1])
+audit = AuditLog(AuditConfig(fsync_interval=600), d / "audit.log")
+t = TransferAudit(audit, d / "journal", 600)
+t.start()
+for actor, n in (("OPEN", 1), ("BUSY", 1100)):
+    assoc = t.association(Actor(actor, "ae", ""))
+    for i in range(n):
+        with assoc.instance() as scope:
+            scope.study_uids.append(actor)
+            scope.details.update({"sop_uid": f"{actor}.{i}", "note": "x" * 1000})
+assoc.close()
+t.close()
+audit.close()
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_journal_renames_are_durable_with_fsync(tmp_path: Path) -> None:
+    """With fsync on: a rewritten journal is fdatasynced before it is renamed into place, and the directory
+    is fsynced after each rename (creation and rewrite), as the system calls show."""
+    trace = tmp_path / "strace.log"
+    subprocess.run(["strace", "-f", "-y", "-e", "trace=fdatasync,fsync,rename,renameat,renameat2", "-o",
+                    str(trace), sys.executable, "-c", _COMPACT, str(tmp_path)], check=True)
+    jdir = str(tmp_path / "journal")
+    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines()
+             if jdir in line and "audit.log" not in line and "resumed" not in line]
+    renames = [i for i, c in enumerate(calls) if c.startswith("rename")]
+    assert len(renames) == 2                                  # created, then rewritten once
+    for i in renames:
+        assert calls[i + 1].startswith("fsync(") and calls[i + 1].split("<", 1)[1].startswith(jdir + ">")
+    src = calls[renames[1]].split('"')[1]
+    assert calls[renames[1] - 1].startswith("fdatasync(") and f"<{src}>" in calls[renames[1] - 1]
