@@ -39,7 +39,7 @@ journal is created under a temporary name and locked before it is renamed
 into place (with ``fsync``: the directory is fsynced after each rename, a
 rewritten journal before it); a recovering process checks that the file it
 locked is still linked, so two starting processes never recover one journal
-twice.
+twice, and removes only ``.tmp`` files left unlocked for ``_STALE_TMP`` seconds.
 
 An instance that cannot be journaled gets a record of its own at once: when
 the journal cannot be written (then, under ``on_failure = "refuse"``, the
@@ -84,6 +84,7 @@ _MAX_INSTANCES = 1000       # instances listed per record at most (a larger batc
 _ROTATE_BYTES = 1 << 20     # rewrite the journal with the open batches once it is larger
 _SUFFIX = ".jnl"
 _PROBE_INTERVAL = 1.0       # seconds between checks of the journal's free space, and retries of a failing journal
+_STALE_TMP = 30.0           # seconds after which an unlocked .tmp journal is a dead creator's leftover
 
 
 def journal_dir(data_dir_audit: Path) -> Path:
@@ -547,7 +548,9 @@ class TransferAudit:
                 fd = os.open(stale, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
-            try:
+            try:   # a young one may be between its creator's open and flock
+                if time.time() - os.fstat(fd).st_mtime < _STALE_TMP:
+                    continue
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 stale.unlink(missing_ok=True)
             except OSError:

@@ -3,6 +3,7 @@ record and its done line, and a rotated journal. Real files, the real audit writ
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -167,6 +168,20 @@ def test_a_recovery_stopped_halfway_does_not_write_its_records_again(tmp_path: P
     assert TransferAudit.recover(audit, tmp_path / "journal") == 1
     assert [r["study_uids"] for r in _transfers(trail)] == [["2.2"]]
     assert not list((tmp_path / "journal").iterdir())
+    audit.close()
+
+
+def test_a_young_tmp_journal_is_not_swept(tmp_path: Path) -> None:
+    """A .tmp between its creator's open and flock is left alone; an old unlocked one is removed."""
+    audit, _, t = _started(tmp_path)
+    jdir = tmp_path / "journal"
+    young, old = jdir / "1-young.tmp", jdir / "2-old.tmp"
+    young.write_text("")
+    old.write_text("")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    TransferAudit.recover(audit, jdir)
+    assert young.exists() and not old.exists()
+    t.close()
     audit.close()
 
 
