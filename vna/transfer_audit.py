@@ -34,7 +34,8 @@ a live process's journal is never touched -- writes the batches without a
 ``done`` line as records marked ``"recovered": true`` and removes the
 journal, marking each batch it writes (``writing`` before, ``done`` after),
 so a recovery stopped halfway is not repeated for what it wrote. It reads only
-those journals (never the catalogue). A
+those journals (never the catalogue) and skips the journals its own process
+created (on NFS ``flock`` does not exclude a second lock of one process). A
 journal is created under a temporary name and locked before it is renamed
 into place (with ``fsync``: the directory is fsynced after each rename, a
 rewritten journal before it); a recovering process checks that the file it
@@ -85,6 +86,8 @@ _ROTATE_BYTES = 1 << 20     # rewrite the journal with the open batches once it 
 _SUFFIX = ".jnl"
 _PROBE_INTERVAL = 1.0       # seconds between checks of the journal's free space, and retries of a failing journal
 _STALE_TMP = 30.0           # seconds after which an unlocked .tmp journal is a dead creator's leftover
+
+_OWN: set[Path] = set()     # the journals this process created (flock is per process on NFS: never recover them)
 
 
 def journal_dir(data_dir_audit: Path) -> Path:
@@ -289,6 +292,8 @@ class TransferAudit:
                           len(self._retry), path)
             elif path is not None:
                 path.unlink(missing_ok=True)
+            if path is not None:
+                _OWN.discard(path)
             if fd is not None:
                 self._sync(fd)
                 os.close(fd)
@@ -446,6 +451,7 @@ class TransferAudit:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
+        _OWN.add(path)
         self._size = 0
         return fd, path
 
@@ -499,13 +505,15 @@ class TransferAudit:
     def recover(audit: AuditLog, directory: Path) -> int:
         """Write the records left in the journals of dead processes (marked recovered) and remove those
         journals; returns the number of records written. A journal whose records cannot be written is
-        kept for the next start. Journals of live processes (locked) are left alone. Each recovered batch
-        gets a ``writing`` line before its record and a ``done`` line after it in the dead journal, so a
-        recovery that stops halfway is not repeated for the batches it wrote."""
+        kept for the next start. Journals of live processes (locked, or created by this process) are left
+        alone. Each recovered batch gets a ``writing`` line before its record and a ``done`` line after it in
+        the dead journal, so a recovery that stops halfway is not repeated for the batches it wrote."""
         if not audit.enabled or not directory.is_dir():
             return 0
         written = 0
         for path in sorted(directory.glob(f"*{_SUFFIX}")):
+            if path in _OWN:
+                continue           # a live journal of this process (its flock does not exclude us on NFS)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
             except FileNotFoundError:

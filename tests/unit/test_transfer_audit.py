@@ -17,7 +17,7 @@ import pytest
 from vna.audit import Actor, AuditLog, _now_iso, iter_records, verify
 from vna.config import AuditConfig
 from vna.errors import AuditUnavailable
-from vna.transfer_audit import AssociationAudit, TransferAudit, _write_record
+from vna.transfer_audit import _OWN, AssociationAudit, TransferAudit, _write_record
 
 
 def _store(assoc: AssociationAudit, study: str, n: int, pad: int = 0) -> None:
@@ -36,9 +36,10 @@ def _transfers(path: Path) -> list[dict[str, object]]:
 def _crash(t: TransferAudit) -> None:
     """As kill -9 leaves it: the journal's descriptor closed (its lock released), nothing else done."""
     t._stop.set()
-    assert t._fd is not None
+    assert t._fd is not None and t._path is not None
     os.close(t._fd)
     t._fd = None
+    _OWN.discard(t._path)   # the process is gone, and with it its list of own journals
 
 
 def test_a_record_written_before_a_crash_is_not_recovered_twice(tmp_path: Path) -> None:
@@ -182,6 +183,19 @@ def test_a_young_tmp_journal_is_not_swept(tmp_path: Path) -> None:
     TransferAudit.recover(audit, jdir)
     assert young.exists() and not old.exists()
     t.close()
+    audit.close()
+
+
+def test_a_live_journal_of_this_process_is_not_recovered(tmp_path: Path) -> None:
+    """On NFS a second flock of the same process succeeds: the process's own journals are skipped."""
+    audit, trail, t = _started(tmp_path)
+    _store(t.association(Actor("CT1", "ae", "10.0.0.1")), "1.2.3", 0)
+    assert t._fd is not None and t._path is not None
+    fcntl.flock(t._fd, fcntl.LOCK_UN)   # as NFS sees a second lock of one process
+    assert TransferAudit.recover(audit, tmp_path / "journal") == 0
+    assert t._path.exists() and _transfers(trail) == []
+    t.close()
+    assert len(_transfers(trail)) == 1
     audit.close()
 
 
