@@ -32,10 +32,23 @@ server starts (``vna serve``, a restarted worker), :meth:`TransferAudit.recover`
 takes every journal of the directory whose lock it can get -- its owner died;
 a live process's journal is never touched -- writes the batches without a
 ``done`` line as records marked ``"recovered": true`` and removes the
-journal. It reads only those journals (never the catalogue). A journal is
-created under a temporary name and locked before it is renamed into place,
-and a recovering process checks that the file it locked is still linked, so
-two starting processes never recover one journal twice.
+journal, marking each batch it writes (``writing`` before, ``done`` after),
+so a recovery stopped halfway is not repeated for what it wrote. It reads only
+those journals (never the catalogue) and skips the journals its own process
+created (on NFS ``flock`` does not exclude a second lock of one process). A
+journal is created under a temporary name and locked before it is renamed
+into place (with ``fsync``: the directory is fsynced after each rename, a
+rewritten journal before it); a recovering process checks that the file it
+locked is still linked, so two starting processes never recover one journal
+twice, and removes only ``.tmp`` files left unlocked for ``_STALE_TMP`` seconds.
+
+An instance that cannot be journaled gets a record of its own at once: when
+the journal cannot be written (then, under ``on_failure = "refuse"``, the
+next stores are refused before storing, as while the journal's filesystem has
+less than ``min_free_mb`` free), when the journal is closed (a store that
+outlived the server's stop) and, journaled first, when its association is
+already closed (pynetdicom closes the connection from another thread than
+the store's).
 
 A crash between a ``writing`` line and its ``done`` line leaves recovery in
 doubt: it reads the audit trail's tail back to that time (never more) and
@@ -71,6 +84,10 @@ log = logging.getLogger(__name__)
 _MAX_INSTANCES = 1000       # instances listed per record at most (a larger batch is written at once)
 _ROTATE_BYTES = 1 << 20     # rewrite the journal with the open batches once it is larger
 _SUFFIX = ".jnl"
+_PROBE_INTERVAL = 1.0       # seconds between checks of the journal's free space, and retries of a failing journal
+_STALE_TMP = 30.0           # seconds after which an unlocked .tmp journal is a dead creator's leftover
+
+_OWN: set[Path] = set()     # the journals this process created (flock is per process on NFS: never recover them)
 
 
 def journal_dir(data_dir_audit: Path) -> Path:
@@ -162,9 +179,10 @@ class AssociationAudit:
     def instance(self) -> _Instance:
         """A block around one C-STORE: :meth:`AuditLog.require` first (raises AuditUnavailable), then the
         block fills the yielded scope as for :meth:`AuditLog.operation`; when it ends the instance is
-        journaled (to the kernel) before this returns. If the block succeeded and the journal cannot be
-        written, AuditUnavailable is raised: the caller answers a failure."""
-        self.owner.audit.require()
+        journaled (to the kernel) before this returns; if the journal cannot be written, or the association
+        or the journal is already closed, the instance gets a record of its own at once instead. If the block
+        succeeded and neither can be written, AuditUnavailable is raised: the caller answers a failure."""
+        self.owner.require()
         return _Instance(self)
 
     def add(self, scope: AuditScope, outcome: int) -> None:
@@ -195,6 +213,10 @@ class TransferAudit:
         self._size = 0
         self._dirty = False
         self._failing = False                 # the last record could not be written
+        self._journal_error: str | None = None   # the last append failed (cleared by the next that succeeds)
+        self._journal_failed_at = 0.0
+        self._space_checked = 0.0
+        self._space_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -213,6 +235,35 @@ class TransferAudit:
                               f"({exc.strerror or exc}): check the data directory's owner and free space") from exc
         self._thread = threading.Thread(target=self._background, name="vna-audit-transfers", daemon=True)
         self._thread.start()
+
+    def require(self) -> None:
+        """:meth:`AuditLog.require`, and under ``on_failure = "refuse"`` the journal too: raise AuditUnavailable
+        while its last append failed (retried at most once a second) or its filesystem has less than
+        ``min_free_mb`` free."""
+        self.audit.require()
+        cfg = self.audit.cfg
+        if not self.enabled or cfg.on_failure != "refuse":
+            return
+        now = time.monotonic()
+        if self._journal_error is not None and now - self._journal_failed_at < _PROBE_INTERVAL:
+            raise AuditUnavailable(f"audit: the transfer journal cannot be written ({self._journal_error}); "
+                                   "operation refused")
+        if cfg.min_free_mb:
+            if now - self._space_checked >= _PROBE_INTERVAL:
+                self._space_checked = now
+                try:
+                    st = os.statvfs(self.dir)
+                    free = st.f_bavail * st.f_frsize
+                except OSError as exc:
+                    self._space_error = f"{self.dir}: {exc.strerror or exc}"
+                else:
+                    self._space_error = (f"{self.dir} has {free // (1024 * 1024)} MiB free, below audit.min_free_mb"
+                                         f" = {cfg.min_free_mb}" if free < cfg.min_free_mb * 1024 * 1024 else None)
+                    if self._space_error is not None:
+                        log.error("audit: %s; operations are refused", self._space_error)
+            if self._space_error is not None:
+                raise AuditUnavailable(f"audit: the transfer journal cannot be written ({self._space_error}); "
+                                       "operation refused")
 
     def association(self, actor: Actor) -> AssociationAudit:
         """The audit of a new association of ``actor``."""
@@ -241,18 +292,25 @@ class TransferAudit:
                           len(self._retry), path)
             elif path is not None:
                 path.unlink(missing_ok=True)
+            if path is not None:
+                _OWN.discard(path)
             if fd is not None:
                 self._sync(fd)
                 os.close(fd)
 
     # -- recording ----------------------------------------------------------------------
     def add(self, assoc: AssociationAudit, scope: AuditScope, outcome: int) -> None:
+        """Journal one instance; if the journal is closed or failing, write its own record at once. An instance
+        of an association already closed (its handler outlived the connection) is journaled and its record
+        written at once. Raises AuditUnavailable when the instance can be neither journaled nor recorded."""
         if not self.enabled:
             return
         study = scope.study_uids[0] if scope.study_uids else ""
+        patient = scope.patient_ids[0] if scope.patient_ids else ""
         with self._lock:
-            if self._fd is None:
-                raise AuditUnavailable("audit: the transfer journal is closed")
+            if self._fd is None:   # a store that outlived the server's stop
+                self._write_alone(assoc, study, outcome, patient, dict(scope.details), "the journal is closed")
+                return
             key = (study, outcome)
             batch = assoc.batches.get(key)
             out = b""
@@ -260,7 +318,6 @@ class TransferAudit:
                 batch = assoc.batches[key] = _Batch(self._next, assoc.id, assoc.actor.as_dict(), study, outcome)
                 self._next += 1
                 out = _line(batch.header())
-            patient = scope.patient_ids[0] if scope.patient_ids else ""
             item = dict(scope.details)
             out += _line({"b": batch.id, "p": patient, "i": item})
             try:
@@ -268,13 +325,25 @@ class TransferAudit:
             except OSError as exc:
                 if not batch.instances:
                     del assoc.batches[key]
-                raise AuditUnavailable(f"audit: the transfer journal cannot be written: {exc}") from None
+                self._journal_error, self._journal_failed_at = str(exc), time.monotonic()
+                self._write_alone(assoc, study, outcome, patient, item, f"the journal cannot be written: {exc}")
+                return
+            self._journal_error = None
             batch.add(patient, item)
-            if len(batch.instances) >= _MAX_INSTANCES:
+            if assoc.closed or len(batch.instances) >= _MAX_INSTANCES:
                 del assoc.batches[key]
                 self._retry.append(batch)   # written below, outside the per-instance path's usual lock
         if self._retry:
             self._write_retry()
+
+    def _write_alone(self, assoc: AssociationAudit, study: str, outcome: int, patient: str,
+                     item: dict[str, Any], why: str) -> None:
+        """One instance's own record, not journaled (lock held). Raises AuditUnavailable."""
+        batch = _Batch(-1, assoc.id, assoc.actor.as_dict(), study, outcome)
+        batch.add(patient, item)
+        log.error("audit: %s; the C-STORE of %s by %s gets a record of its own", why, item.get("sop_uid"),
+                  assoc.actor.id)
+        _write_record(self.audit, batch)
 
     def end(self, assoc: AssociationAudit) -> None:
         if not self.enabled:
@@ -309,8 +378,13 @@ class TransferAudit:
         if due and self._fd is not None:
             try:   # a crash before the done line: recovery looks for these records before writing them
                 self._append(_line({"writing": [b.id for b in due], "ts": _now_iso()}))
-            except OSError as exc:
-                log.error("audit: the transfer journal %s cannot be written: %s", self._path, exc)
+            except OSError as exc:   # written now, they could be written again by a recovery: retried later
+                if self._journal_error is None:
+                    log.error("audit: the transfer journal %s cannot be written: %s; %d transfer records are "
+                              "held for a retry", self._path, exc, len(due))
+                self._journal_error, self._journal_failed_at = str(exc), time.monotonic()
+                self._retry.extend(due)
+                return
         for i, batch in enumerate(due):
             try:
                 _write_record(self.audit, batch)
@@ -348,8 +422,11 @@ class TransferAudit:
                         for b in open_)
         try:
             _write_all(fd, data)
+            if self.audit.cfg.fsync:
+                os.fdatasync(fd)
             assert self._path is not None
             os.rename(tmp, self._path)
+            self._sync_dir()
         except OSError:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -367,9 +444,25 @@ class TransferAudit:
         if not final:
             return fd, tmp
         path = self.dir / f"{name}{_SUFFIX}"
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+            self._sync_dir()
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        _OWN.add(path)
         self._size = 0
         return fd, path
+
+    def _sync_dir(self) -> None:
+        """With ``fsync``: make a rename in the journals' directory durable. Raises OSError."""
+        if self.audit.cfg.fsync:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     def _append(self, data: bytes) -> None:
         assert self._fd is not None
@@ -412,13 +505,17 @@ class TransferAudit:
     def recover(audit: AuditLog, directory: Path) -> int:
         """Write the records left in the journals of dead processes (marked recovered) and remove those
         journals; returns the number of records written. A journal whose records cannot be written is
-        kept for the next start. Journals of live processes (locked) are left alone."""
+        kept for the next start. Journals of live processes (locked, or created by this process) are left
+        alone. Each recovered batch gets a ``writing`` line before its record and a ``done`` line after it in
+        the dead journal, so a recovery that stops halfway is not repeated for the batches it wrote."""
         if not audit.enabled or not directory.is_dir():
             return 0
         written = 0
         for path in sorted(directory.glob(f"*{_SUFFIX}")):
+            if path in _OWN:
+                continue           # a live journal of this process (its flock does not exclude us on NFS)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
@@ -430,10 +527,21 @@ class TransferAudit:
                     raise
                 if os.fstat(fd).st_nlink == 0:
                     continue       # recovered and removed by another process meanwhile
-                batches = _not_in_trail(audit.path, list(_unfinished(_read_all(fd))))
+                data = _read_all(fd)
+                batches = _not_in_trail(audit.path, list(_unfinished(data)))
+                sep = b"\n" if data and not data.endswith(b"\n") else b""   # after a torn last line
                 for batch in batches:
+                    try:
+                        _write_all(fd, sep + _line({"writing": [batch.id], "ts": _now_iso()}))
+                    except OSError as exc:
+                        raise AuditUnavailable(f"the journal cannot be marked: {exc}") from None
+                    sep = b""
                     _write_record(audit, batch, recovered=True)
                     written += 1
+                    try:
+                        _write_all(fd, _line({"done": [batch.id]}))
+                    except OSError as exc:   # its writing line lets the next recovery find the record
+                        log.error("audit: the transfer journal %s cannot be marked: %s", path, exc)
                 if batches:
                     log.warning("audit: wrote %d transfer records of %d instances from %s, left by a process "
                                 "that stopped without writing them (marked recovered)", len(batches),
@@ -448,7 +556,9 @@ class TransferAudit:
                 fd = os.open(stale, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
-            try:
+            try:   # a young one may be between its creator's open and flock
+                if time.time() - os.fstat(fd).st_mtime < _STALE_TMP:
+                    continue
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 stale.unlink(missing_ok=True)
             except OSError:

@@ -497,7 +497,9 @@ class DicomServer:
         assoc.kill()  # as pynetdicom after its own rejections: the A-ASSOCIATE-RJ is sent before the close
 
     def _transfer(self, event: evt.Event) -> AssociationAudit:
-        """The C-STORE audit of the event's association (made at its first C-STORE)."""
+        """The C-STORE audit of the event's association (made at its first C-STORE). After the association
+        ended (EVT_CONN_CLOSE comes from the connection's thread, maybe while a handler still stores) it is
+        the closed one, which records each instance at once; an ended association gets no new one."""
         with self._transfers_lock:
             transfer = self._transfers.get(event.assoc)
             if transfer is None:
@@ -505,11 +507,15 @@ class DicomServer:
         return transfer
 
     def _transfer_over(self, event: evt.Event) -> None:
-        """Released, aborted or closed: the association's C-STORE audit records are written (once)."""
+        """Released, aborted or closed: the association's C-STORE audit records are written (once). Its
+        closed audit stays in ``_transfers`` (weak keys: until the association object is gone)."""
         with self._transfers_lock:
-            transfer = self._transfers.pop(event.assoc, None)
-        if transfer is not None:
-            transfer.close()
+            transfer = self._transfers.get(event.assoc)
+            if transfer is None:
+                transfer = self._transfers[event.assoc] = self.transfers.association(_actor(event))
+            elif transfer.closed:
+                return
+        transfer.close()
 
     def _on_assoc_over(self, event: evt.Event) -> None:
         """Released or aborted (in the association's thread, after its last handler): close its index connection."""
