@@ -88,6 +88,9 @@ system-deps:
 	@command -v npm >/dev/null 2>&1 || { \
 	  echo "installing nodejs + npm (apt; fetches the OHIF viewer)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@command -v strace >/dev/null 2>&1 || { \
+	  echo "installing strace (apt; the journal fsync-order test of tests/unit/test_transfer_audit.py)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; }
 	@command -v java >/dev/null 2>&1 || { \
 	  echo "installing Java 17 + Maven (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
