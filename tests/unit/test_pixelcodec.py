@@ -266,15 +266,21 @@ def _frames() -> list[bytes]:
 @given(st.sampled_from(range(3)), st.data())
 def test_corrupted_frame_never_returns_wrong_bytes(which: int, data: st.DataObject) -> None:
     original = [_ct_small(), b"not dicom at all " * 50, b""][which]
-    frame = bytearray(_frames()[which])
+    assert_damage_is_caught(original, _frames()[which], data)
+
+
+def assert_damage_is_caught(original: bytes, frame: bytes, data: st.DataObject) -> None:
+    """Flip one to three drawn bytes of ``frame`` (which encodes ``original``): decoding raises
+    IntegrityError or restores ``original`` exactly (a change zstd ignores, e.g. window size)."""
+    damaged = bytearray(frame)
     for _ in range(data.draw(st.integers(1, 3))):
-        pos = data.draw(st.integers(0, len(frame) - 1))
-        frame[pos] ^= data.draw(st.integers(1, 255))
+        pos = data.draw(st.integers(0, len(damaged) - 1))
+        damaged[pos] ^= data.draw(st.integers(1, 255))
     try:
-        out = decode(bytes(frame))
+        out = decode(bytes(damaged))
     except IntegrityError:
         return
-    assert out == original  # a change zstd ignores (e.g. window size) must still restore exactly
+    assert out == original
 
 
 @pytest.mark.parametrize("which", range(3))
@@ -287,7 +293,7 @@ def test_truncated_or_extended_frame_raises(which: int) -> None:
         decode(frame + b"\x00")
 
 
-def _reheader(frame: bytes, **changes: int) -> bytes:
+def reheader(frame: bytes, **changes: int) -> bytes:
     """Rewrite header fields with a valid CRC: a frame that lies consistently."""
     names = ["magic", "version", "method", "kind", "flags", "content_size", "content_crc", "pixel_offset",
              "pixel_length", "rows", "cols", "frames", "tile", "reserved", "meta_zlen"]
@@ -305,13 +311,13 @@ def _reheader(frame: bytes, **changes: int) -> bytes:
 def test_consistent_lies_in_the_header_raise(changes: dict[str, int]) -> None:
     frame = encode(_ct_small(), 3)
     with pytest.raises(IntegrityError):
-        decode(_reheader(frame, **changes))
+        decode(reheader(frame, **changes))
 
 
 def test_zstd_method_rejects_pixel_fields() -> None:
     frame = encode(b"abc" * 100, 3)
     with pytest.raises(IntegrityError):
-        decode(_reheader(frame, rows=1))
+        decode(reheader(frame, rows=1))
 
 
 def test_verify_falls_back_to_zstd_when_native_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
