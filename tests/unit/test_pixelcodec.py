@@ -3,7 +3,9 @@ damaged frames that raise IntegrityError instead of returning wrong bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -19,8 +21,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLE
 
 from benchmarks.corpus import write_corpus
 from vna import pixelcodec
+from vna.codec import get_codec
 from vna.errors import IntegrityError
 from vna.pixelcodec import Method, PixelKind, decode, encode, frame_info
+from vna.storage.bundle import BundleWriter, decode_frame
 
 def examples(n: int) -> settings:
     return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -327,3 +331,49 @@ def test_verify_falls_back_to_zstd_when_native_is_wrong(monkeypatch: pytest.Monk
     frame = encode(data, 3, verify=True)
     assert frame_info(frame).method is Method.ZSTD
     assert decode(frame) == data
+
+
+# ----------------------------------------------------------------------------- shared with px2 and px3
+
+
+def assert_native_cuts_raise(frame: bytes) -> None:
+    """A native-coded ``frame`` cut inside its header, at and inside its pixel stream, or extended by a
+    byte, raises IntegrityError."""
+    info = frame_info(frame)
+    cuts = {0, pixelcodec.HEADER_SIZE - 1, pixelcodec.HEADER_SIZE, pixelcodec.HEADER_SIZE + info.meta_zlen,
+            pixelcodec.HEADER_SIZE + info.meta_zlen + 7, len(frame) - 1}
+    for cut in cuts:
+        with pytest.raises(IntegrityError):
+            decode(frame[:cut])
+    with pytest.raises(IntegrityError):
+        decode(frame + b"\x00")
+
+
+def assert_committed_frames_decode(folder: Path) -> dict[str, dict[str, object]]:
+    """Each frame ``folder/manifest.json`` lists has the version, kind and flags it lists and decodes to
+    the content of its size and SHA-256. Returns the manifest."""
+    manifest: dict[str, dict[str, object]] = json.loads((folder / "manifest.json").read_text())
+    for name, want in manifest.items():
+        frame = (folder / name).read_bytes()
+        info = frame_info(frame)
+        assert (info.version, info.kind.name if info.kind else None, info.flags) == (
+            want["version"], want["kind"], want["flags"]), name
+        out = decode(frame)
+        assert (len(out), hashlib.sha256(out).hexdigest()) == (want["size"], want["sha256"]), name
+    return manifest
+
+
+def assert_codec_and_bundle_carry(codec_name: str, version: int) -> None:
+    """The codec registered as ``codec_name`` roundtrips split content, and a bundle written with it
+    holds a frame of format ``version`` that decodes back."""
+    data = _ct_small()
+    codec = get_codec(codec_name)
+    assert codec.name == codec_name
+    assert b"".join(codec.decode(codec.encode([data[:100], data[100:]]))) == data
+    writer = BundleWriter(3, codec=codec_name)
+    entry = writer.add("1.2.3", 1, data)
+    _, chunks = writer.finish()
+    blob = b"".join(chunks)
+    frame = blob[entry.offset : entry.offset + entry.length]
+    assert entry.codec == codec_name and frame_info(frame).version == version
+    assert decode_frame(frame, entry) == data

@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_files
 
 from benchmarks.corpus import write_corpus
-from tests.unit.test_pixelcodec import (_ct_small, _native16, assert_damage_is_caught, dicom_files, examples,
-                                         mutated_ct_small, reheader)
+from tests.unit.test_pixelcodec import (_ct_small, _native16, assert_codec_and_bundle_carry,
+                                         assert_committed_frames_decode, assert_damage_is_caught,
+                                         assert_native_cuts_raise, dicom_files, examples, mutated_ct_small, reheader)
 from vna import pixelcodec, pixelcodec_native
-from vna.codec import get_codec
 from vna.errors import IntegrityError
 from vna.pixelcodec import CODEC_NAME_PX2, FORMAT_VERSION_PX2, Method, PixelKind, decode, encode, frame_info
-from vna.storage.bundle import BundleWriter, decode_frame
+from vna.storage.bundle import BundleWriter
 
 pytestmark = pytest.mark.skipif(not pixelcodec_native.available(), reason="vna_native is not installed")
 
@@ -117,14 +117,7 @@ def test_corrupted_frame_never_returns_wrong_bytes(which: int, data: st.DataObje
 @pytest.mark.parametrize("which", range(2))
 def test_truncated_or_extended_frame_raises(which: int) -> None:
     _, frame = _frames2()[which]
-    info = frame_info(frame)
-    cuts = {0, pixelcodec.HEADER_SIZE - 1, pixelcodec.HEADER_SIZE, pixelcodec.HEADER_SIZE + info.meta_zlen,
-            pixelcodec.HEADER_SIZE + info.meta_zlen + 7, len(frame) - 1}
-    for cut in cuts:
-        with pytest.raises(IntegrityError):
-            decode(frame[:cut])
-    with pytest.raises(IntegrityError):
-        decode(frame + b"\x00")
+    assert_native_cuts_raise(frame)
 
 
 @pytest.mark.parametrize("changes", [
@@ -172,30 +165,12 @@ def test_committed_px1_frames_decode_unchanged() -> None:
 
 
 def test_codec_registry_and_bundle_carry_px2() -> None:
-    data = _ct_small()
-    codec = get_codec(CODEC_NAME_PX2)
-    assert codec.name == CODEC_NAME_PX2
-    assert b"".join(codec.decode(codec.encode([data[:100], data[100:]]))) == data
-    writer = BundleWriter(3, codec=CODEC_NAME_PX2)
-    entry = writer.add("1.2.3", 1, data)
-    _, chunks = writer.finish()
-    blob = b"".join(chunks)
-    frame = blob[entry.offset : entry.offset + entry.length]
-    assert entry.codec == CODEC_NAME_PX2 and frame_info(frame).version == FORMAT_VERSION_PX2
-    assert decode_frame(frame, entry) == data
+    assert_codec_and_bundle_carry(CODEC_NAME_PX2, FORMAT_VERSION_PX2)
     with pytest.raises(ValueError):
         BundleWriter(3, codec="zstd")
 
 
 def test_committed_px2_frames_decode_unchanged() -> None:
     """The px2 stream format is frozen: frames written by this version decode forever."""
-    fixtures = FIXTURES.parent / "px2"
-    manifest = json.loads((fixtures / "manifest.json").read_text())
+    manifest = assert_committed_frames_decode(FIXTURES.parent / "px2")
     assert {m["kind"] for m in manifest.values()} == {"GRAY16_AC", "GRAY8_AC"}
-    for name, want in manifest.items():
-        frame = (fixtures / name).read_bytes()
-        info = frame_info(frame)
-        assert (info.version, info.kind.name if info.kind else None, info.flags) == (
-            want["version"], want["kind"], want["flags"]), name
-        out = decode(frame)
-        assert (len(out), hashlib.sha256(out).hexdigest()) == (want["size"], want["sha256"]), name
