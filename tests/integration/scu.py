@@ -198,6 +198,15 @@ def getscu_roundtrip(port: int, corpus: list[Path], out: Path) -> int:
 
 
 # -- Storage Commitment ---------------------------------------------------------------------
+def commitment_items(paths: list[Path]) -> list[tuple[str, str]]:
+    """(SOP class, SOP instance) of each file, in order: what a commitment request references."""
+    items = []
+    for p in paths:
+        d = dcmread(p, stop_before_pixels=True)
+        items.append((str(d.SOPClassUID), str(d.SOPInstanceUID)))
+    return items
+
+
 def commitment_request(items: list[tuple[str, str]]) -> Dataset:
     """N-ACTION information asking to commit (SOP class, SOP instance) pairs, with a new TransactionUID."""
     req = Dataset()
@@ -267,5 +276,5 @@ def pdata(*pdvs: tuple[int, int, bytes]) -> bytes:
     return struct.pack(">BBI", 4, 0, len(body)) + body
 
 
-__all__ = ["store", "store_dataset", "find", "get", "move", "echo", "getscu_roundtrip", "commitment_request",
+__all__ = ["store", "store_dataset", "find", "get", "move", "echo", "getscu_roundtrip", "commitment_items", "commitment_request",
            "request_commitment", "commitment_scp", "associate_rq", "pdata", "StoragePresentationContexts"]

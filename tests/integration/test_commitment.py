@@ -20,10 +20,7 @@ def test_storage_commitment_reports_committed_and_failed(make_server: Factory, c
     with scu.commitment_scp(port) as reports:
         srv = make_server(f'[[dicom.remote]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n')
         assert all(r.Status == 0 for r in scu.store(srv.port, corpus[:2], ae_title="MODALITY"))
-        items = []
-        for p in corpus[:2]:
-            d = dcmread(p, stop_before_pixels=True)
-            items.append((str(d.SOPClassUID), str(d.SOPInstanceUID)))
+        items = scu.commitment_items(corpus[:2])
         items.append((items[0][0], "1.2.3.999"))
         req, status = scu.request_commitment(srv.port, "MODALITY", items)
         assert status == 0

@@ -257,10 +257,7 @@ def test_storage_commitment_report_reaches_a_pynetdicom_scp(make_server: Factory
     with scu.commitment_scp(port) as reports:
         nv = make_server(NATIVE + f'[[dicom.remote]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n')
         assert all(r.Status == 0 for r in scu.store(nv.port, corpus[:2], ae_title="MODALITY"))
-        items = []
-        for p in corpus[:2]:
-            d = dcmread(p, stop_before_pixels=True)
-            items.append((str(d.SOPClassUID), str(d.SOPInstanceUID)))
+        items = scu.commitment_items(corpus[:2])
         items.append((items[0][0], "1.2.3.4.5.404"))
         req = scu.commitment_request(items)
         ae = AE(ae_title="MODALITY")
