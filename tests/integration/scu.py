@@ -37,6 +37,14 @@ def _ae() -> AE:
     return ae
 
 
+def _identifier(keys: dict[str, Any]) -> Dataset:
+    """A query/retrieve identifier holding ``keys`` (keyword -> value)."""
+    ds = Dataset()
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
 def store(port: int, paths: list[Path], ae_title: str = "TESTSCU") -> list[Dataset]:
     """C-STORE each file on one association; returns the response datasets (Status, ErrorComment)."""
     ae = _ae()
@@ -92,9 +100,7 @@ def find(port: int, identifier: dict[str, Any], patient_root: bool = False) -> t
     model = PatientRootQueryRetrieveInformationModelFind if patient_root else StudyRootQueryRetrieveInformationModelFind
     ae = _ae()
     ae.add_requested_context(model)
-    ds = Dataset()
-    for k, v in identifier.items():
-        setattr(ds, k, v)
+    ds = _identifier(identifier)
     assoc = ae.associate("127.0.0.1", port, ae_title="VNA")
     assert assoc.is_established
     out: list[Dataset] = []
@@ -130,9 +136,7 @@ def get(port: int, identifier: dict[str, Any], sop_classes: list[str], syntaxes:
         raw[str(ds.SOPInstanceUID)] = event.request.DataSet.getvalue()
         return 0
 
-    ds = Dataset()
-    for k, v in identifier.items():
-        setattr(ds, k, v)
+    ds = _identifier(identifier)
     assoc = ae.associate("127.0.0.1", port, ae_title="VNA", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
     final = Dataset()
@@ -149,9 +153,7 @@ def move(port: int, identifier: dict[str, Any], destination: str) -> tuple[list[
     """C-MOVE; returns (all responses, final response)."""
     ae = _ae()
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    ds = Dataset()
-    for k, v in identifier.items():
-        setattr(ds, k, v)
+    ds = _identifier(identifier)
     assoc = ae.associate("127.0.0.1", port, ae_title="VNA")
     assert assoc.is_established
     responses: list[Dataset] = []
