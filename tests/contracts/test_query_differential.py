@@ -229,25 +229,23 @@ def test_find_matches_sqlite_and_brute_force(data: st.DataObject, cassandra_inde
             sqlite.close()
 
 
+def _assert_person_name_pushdown_folds_non_ascii(index: Index) -> None:
+    """A study of "ÉRIC^Anne" matches PatientName queries that differ from it in case and accents."""
+    record = InstanceRecord(
+        sop_uid="1.4", series_uid="1.3", study_uid="1.2", sop_class_uid=SOP_CLASS, transfer_syntax_uid=TS[0],
+        version=1, content_sha256="0" * 64, content_size=1, received_at=1.0, source_ae="",
+        attrs={"PatientName": "ÉRIC^Anne", "PatientID": "P"})
+    index.register(record, [])
+    for query in ("éric^anne", "ÉRIC^ANNE", "é*", "*ANNE", "Éric^Ann?"):
+        rows = list(index.find(QueryLevel.STUDY, _conditions({"PatientName": query})))
+        assert [r["StudyInstanceUID"] for r in rows] == ["1.2"], query
+
+
 def test_sqlite_person_name_pushdown_folds_non_ascii(tmp_path: Path) -> None:
     idx = SqliteIndex(tmp_path / "index.sqlite")
     idx.migrate()
-    record = InstanceRecord(
-        sop_uid="1.4", series_uid="1.3", study_uid="1.2", sop_class_uid=SOP_CLASS, transfer_syntax_uid=TS[0],
-        version=1, content_sha256="0" * 64, content_size=1, received_at=1.0, source_ae="",
-        attrs={"PatientName": "ÉRIC^Anne", "PatientID": "P"})
-    idx.register(record, [])
-    for query in ("éric^anne", "ÉRIC^ANNE", "é*", "*ANNE", "Éric^Ann?"):
-        rows = list(idx.find(QueryLevel.STUDY, _conditions({"PatientName": query})))
-        assert [r["StudyInstanceUID"] for r in rows] == ["1.2"], query
+    _assert_person_name_pushdown_folds_non_ascii(idx)
 
 
 def test_cassandra_person_name_pushdown_folds_non_ascii(cassandra_index: CassandraIndex) -> None:
-    record = InstanceRecord(
-        sop_uid="1.4", series_uid="1.3", study_uid="1.2", sop_class_uid=SOP_CLASS, transfer_syntax_uid=TS[0],
-        version=1, content_sha256="0" * 64, content_size=1, received_at=1.0, source_ae="",
-        attrs={"PatientName": "ÉRIC^Anne", "PatientID": "P"})
-    cassandra_index.register(record, [])
-    for query in ("éric^anne", "ÉRIC^ANNE", "é*", "*ANNE", "Éric^Ann?"):
-        rows = list(cassandra_index.find(QueryLevel.STUDY, _conditions({"PatientName": query})))
-        assert [r["StudyInstanceUID"] for r in rows] == ["1.2"], query
+    _assert_person_name_pushdown_folds_non_ascii(cassandra_index)

@@ -1,4 +1,5 @@
-"""A raw DICOM peer for the hostile-peer tests: hand-built PDUs on a plain socket, no state machine."""
+"""A raw DICOM peer for the hostile-peer tests: hand-built PDUs on a plain socket, no state machine;
+and the waits and spool look-ups those tests share."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import socket
 import struct
 import time
 from io import BytesIO
+from pathlib import Path
+from typing import Callable
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -13,6 +16,8 @@ from pydicom.filewriter import write_dataset
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 from pynetdicom.presentation import build_context
+
+from tests.conftest import VnaServer
 
 VERIFICATION = "1.2.840.10008.1.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -137,3 +142,18 @@ class RawPeer:
             except OSError:
                 return True
         return False
+
+
+def spool(srv: VnaServer) -> list[Path]:
+    """The files in the server's incoming spool, sorted."""
+    incoming = srv.data_dir / "spool" / "incoming"
+    return sorted(incoming.iterdir()) if incoming.exists() else []
+
+
+def wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
+    """Poll ``cond`` until it holds; AssertionError naming ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within} s")
+        time.sleep(0.05)

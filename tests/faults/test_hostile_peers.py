@@ -26,7 +26,7 @@ from pydicom.uid import generate_uid
 
 from tests.conftest import DCMTK_ENV, VnaServer, dataset_bytes, with_receiver
 from tests.faults.hostile import (EXPLICIT_LE, IMPLICIT_LE, RELEASE_RQ, VERIFICATION, RawPeer, associate_rq,
-                                  command_set, p_data)
+                                  command_set, p_data, spool, wait_for)
 
 Factory = Callable[..., VnaServer]
 MB = 1 << 20
@@ -87,11 +87,6 @@ def _instances(srv: VnaServer) -> int:
     return int(json.loads(r.stdout)["instances"])
 
 
-def _spool(srv: VnaServer) -> list[Path]:
-    spool = srv.data_dir / "spool" / "incoming"
-    return sorted(spool.iterdir()) if spool.exists() else []
-
-
 def _log(srv: VnaServer) -> str:
     return srv.log.read_text(errors="replace")
 
@@ -117,7 +112,7 @@ def _still_serving(srv: VnaServer, good: Path, fuzzed: bool = False) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     r = _storescu(srv, [good])
     assert r.returncode == 0 and "Success" in r.stdout + r.stderr, r.stdout + r.stderr
-    assert _spool(srv) == []
+    assert spool(srv) == []
     log = _log(srv)
     assert "Exception in thread" not in log
     if not fuzzed:
@@ -133,14 +128,6 @@ def _send_quietly(peer: RawPeer, data: bytes) -> bool:
         return True
     except OSError:
         return False
-
-
-def _wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within} s")
-        time.sleep(0.05)
 
 
 def _ct(corpus: list[Path]) -> tuple[Path, str, str]:
@@ -214,7 +201,7 @@ def test_one_byte_connections_do_not_lock_out_dimse(make_server: Factory, corpus
             pool.submit(trickle)
             for p in peers:
                 p.send(b"\x01")
-            _wait_for(lambda: _sockets(srv) >= sockets + 41, 30, "41 connections accepted")
+            wait_for(lambda: _sockets(srv) >= sockets + 41, 30, "41 connections accepted")
             r = _echoscu(srv)
             assert r.returncode == 0, r.stdout + r.stderr
             r = _storescu(srv, [corpus[0]])
@@ -260,7 +247,7 @@ def test_per_address_connection_limit(make_server: Factory, corpus: list[Path]) 
                 return False
             p.send(RELEASE_RQ)
             return p.recv_pdu()[0] == 0x06
-    _wait_for(associates, 30, "a new association from 127.0.0.2")
+    wait_for(associates, 30, "a new association from 127.0.0.2")
     _still_serving(srv, corpus[0])
 
 
@@ -275,7 +262,7 @@ def test_association_limit_counts_associations_only(make_server: Factory, corpus
         r = _echoscu(srv)
         assert r.returncode != 0 and "Local Limit Exceeded" in r.stdout + r.stderr, r.stdout + r.stderr
         held.pop().close()
-        _wait_for(lambda: _echoscu(srv).returncode == 0, 30, "an association slot given back")
+        wait_for(lambda: _echoscu(srv).returncode == 0, 30, "an association slot given back")
     finally:
         for p in held + half_open:
             p.close()
@@ -303,11 +290,11 @@ def test_connection_counts_are_exported(make_server: Factory) -> None:
     associated = RawPeer(srv.port)
     try:
         associated.associate([(VERIFICATION, [IMPLICIT_LE])])
-        _wait_for(lambda: (gauge("half_open"), gauge("associated")) == (3, 1), 30, "3 half-open and 1 associated")
+        wait_for(lambda: (gauge("half_open"), gauge("associated")) == (3, 1), 30, "3 half-open and 1 associated")
     finally:
         for p in half_open + [associated]:
             p.close()
-    _wait_for(lambda: (gauge("half_open"), gauge("associated")) == (0, 0), 30, "no connection left")
+    wait_for(lambda: (gauge("half_open"), gauge("associated")) == (0, 0), 30, "no connection left")
 
 
 # -- garbage ------------------------------------------------------------------------------------------
@@ -352,7 +339,7 @@ def test_c_store_rq_without_a_required_element(make_server: Factory, corpus: lis
         else:
             assert answer.Status not in (0x0000,) and answer.Status >> 12 in (0xA, 0xC), answer
     assert "association aborted" in _log(srv) and missing in _log(srv)
-    _wait_for(lambda: _spool(srv) == [], 30, "spool emptied")
+    wait_for(lambda: spool(srv) == [], 30, "spool emptied")
     assert _instances(srv) == 0
     _still_serving(srv, corpus[1])
 
@@ -498,7 +485,7 @@ def test_seeded_fuzz_of_associate_and_p_data(make_server: Factory, corpus: list[
     _still_serving(srv, corpus[1], fuzzed=True)
     grown = _status(srv, "VmHWM") - before
     assert grown < 100 * 1024, f"peak RSS grew by {grown} kB"
-    _wait_for(lambda: _spool(srv) == [], 30, "spool emptied")
+    wait_for(lambda: spool(srv) == [], 30, "spool emptied")
     # nothing partial: every stored fuzz instance was sent whole (its data set as long as the original's)
     stored: dict[str, int] = {}
     for blob in (srv.data_dir / "hot").rglob("*"):

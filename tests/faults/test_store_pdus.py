@@ -17,7 +17,7 @@ from pydicom import dcmread
 
 from benchmarks.corpus import write_corpus
 from tests.conftest import VnaServer, dataset_bytes, with_receiver
-from tests.faults.hostile import RawPeer, command_set, p_data
+from tests.faults.hostile import RawPeer, command_set, p_data, spool, wait_for
 
 Factory = Callable[..., VnaServer]
 
@@ -31,23 +31,10 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return sorted(d.glob("*.dcm"))
 
 
-def _spool(srv: VnaServer) -> list[Path]:
-    spool = srv.data_dir / "spool" / "incoming"
-    return sorted(spool.iterdir()) if spool.exists() else []
-
-
 def _instances(srv: VnaServer) -> int:
     r = srv.cli("index", "stats", "--json")
     assert r.returncode == 0, r.stderr
     return int(json.loads(r.stdout)["instances"])
-
-
-def _wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within} s")
-        time.sleep(0.05)
 
 
 def _command(path: Path, msg_id: int = 7) -> bytes:
@@ -75,7 +62,7 @@ def test_store_pdus(make_server: Factory, receiver: str, small: list[Path]) -> N
     time.sleep(0.5)
     peer.send(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-ABORT
     peer.close()
-    _wait_for(lambda: _spool(srv) == [], 30, "spool removed after A-ABORT")
+    wait_for(lambda: spool(srv) == [], 30, "spool removed after A-ABORT")
     assert _instances(srv) == 0
 
     # 2. a command set split over two PDVs, the data set in one: stored, Success
@@ -100,4 +87,4 @@ def test_store_pdus(make_server: Factory, receiver: str, small: list[Path]) -> N
     assert not isinstance(rsp, int) and rsp.Status == 0 and rsp.MessageIDBeingRespondedTo == 9, rsp
     assert _instances(srv) == 2
     peer.close()
-    _wait_for(lambda: _spool(srv) == [], 30, "spool emptied")
+    wait_for(lambda: spool(srv) == [], 30, "spool emptied")

@@ -1,5 +1,8 @@
 """Run a test module on both DIMSE receivers: ``from tests.integration.receivers import make_server``
-overrides the suite's factory with one parametrized over ``dicom.receiver`` ("python", "native")."""
+overrides the suite's factory with one parametrized over ``dicom.receiver`` ("python", "native").
+
+``NATIVE`` is the config that selects the native receiver; importing ``native_built`` into a module
+fails each of its tests when the native extension is not built."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from tests.conftest import VnaServer
 Factory = Callable[..., VnaServer]
 
 RECEIVERS = ["python", "native"]
+NATIVE = '[dicom]\nreceiver = "native"\n'
 
 
 def with_receiver(receiver: str, config: str) -> str:
@@ -28,3 +32,12 @@ def make_server(request: pytest.FixtureRequest, make_server: Factory) -> Factory
     def factory(config: str = "", **kwargs: object) -> VnaServer:
         return make_server(with_receiver(request.param, config), **kwargs)
     return factory
+
+
+@pytest.fixture(autouse=True)
+def native_built() -> None:
+    """Fails the test when the native extension is not built (autouse where it is imported)."""
+    try:
+        import vna_native  # noqa: F401
+    except ImportError:
+        pytest.fail("the native extension is not built: run `make install`")

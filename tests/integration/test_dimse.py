@@ -42,19 +42,7 @@ def test_storescu_then_getscu_roundtrip_is_byte_identical(make_server: Factory, 
     assert stats["instances"] == len(corpus)
     assert stats["tiers"]["hot"]["by_state"] == {"OK": 2 * len(corpus)}
 
-    out = tmp_path / "got"
-    out.mkdir()
-    first = dcmread(corpus[0], stop_before_pixels=True)
-    r = subprocess.run(["getscu", "-S", "-aec", "VNA", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
-                        "-k", f"StudyInstanceUID={first.StudyInstanceUID}", "127.0.0.1", str(srv.port)],
-                       env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    got = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in out.iterdir()}
-    sent = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in corpus
-            if dcmread(p, stop_before_pixels=True).StudyInstanceUID == first.StudyInstanceUID}
-    assert set(got) == set(sent) and len(sent) == 3
-    for uid, p in sent.items():
-        assert dataset_bytes(got[uid]) == dataset_bytes(p)
+    assert scu.getscu_roundtrip(srv.port, corpus, tmp_path / "got") == 3
 
 
 def test_c_get_pynetdicom_counts_and_bytes(make_server: Factory, corpus: list[Path]) -> None:

@@ -39,6 +39,17 @@ def _get_study(srv: VnaServer, path: Path) -> tuple[object, dict[str, bytes]]:
     return final, raw
 
 
+def _assert_every_study_recalls(srv: VnaServer, corpus: list[Path]) -> None:
+    """A C-GET of each study in ``corpus`` succeeds and returns each instance it sends byte for byte."""
+    for first in {dcmread(p, stop_before_pixels=True).StudyInstanceUID: p for p in corpus}.values():
+        final, raw = _get_study(srv, first)
+        assert final.Status == 0  # type: ignore[attr-defined]
+        for p in corpus:
+            d = dcmread(p, stop_before_pixels=True)
+            if str(d.SOPInstanceUID) in raw:
+                assert raw[str(d.SOPInstanceUID)] == dataset_bytes(p)
+
+
 def test_migrate_recall_and_nearline(make_server: Factory, corpus: list[Path], storescp: StoreScp) -> None:
     srv = make_server(LIFECYCLE + f'[[dicom.remote]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {storescp.port}\n')
     assert all(r.Status == 0 for r in scu.store(srv.port, corpus))
@@ -60,13 +71,7 @@ def test_migrate_recall_and_nearline(make_server: Factory, corpus: list[Path], s
     assert {r.InstanceAvailability for r in rows} == {"NEARLINE"}
 
     # recall over C-GET (every study) and C-MOVE (one study), bit-exact
-    for first in {dcmread(p, stop_before_pixels=True).StudyInstanceUID: p for p in corpus}.values():
-        final, raw = _get_study(srv, first)
-        assert final.Status == 0  # type: ignore[attr-defined]
-        for p in corpus:
-            d = dcmread(p, stop_before_pixels=True)
-            if str(d.SOPInstanceUID) in raw:
-                assert raw[str(d.SOPInstanceUID)] == dataset_bytes(p)
+    _assert_every_study_recalls(srv, corpus)
     ds = dcmread(corpus[0], stop_before_pixels=True)
     _, final = scu.move(srv.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ds.StudyInstanceUID}, "DEST")
     assert final.Status == 0 and final.NumberOfCompletedSuboperations == 3
@@ -220,10 +225,4 @@ def test_cold_codec_px3_migrates_and_recalls_bit_exact(make_server: Factory, cor
             versions.add(pixelcodec.frame_info(frame).version)
             decode_frame(frame, entry)
     assert pixelcodec.FORMAT_VERSION_PX3 in versions
-    for first in {dcmread(p, stop_before_pixels=True).StudyInstanceUID: p for p in corpus}.values():
-        final, raw = _get_study(srv, first)
-        assert final.Status == 0  # type: ignore[attr-defined]
-        for p in corpus:
-            d = dcmread(p, stop_before_pixels=True)
-            if str(d.SOPInstanceUID) in raw:
-                assert raw[str(d.SOPInstanceUID)] == dataset_bytes(p)
+    _assert_every_study_recalls(srv, corpus)

@@ -7,7 +7,6 @@ answers, the retrieved bytes, the sub-operation counts and statuses.
 
 from __future__ import annotations
 
-import queue
 import socket
 import struct
 import subprocess
@@ -18,29 +17,17 @@ from typing import Any, Callable, Iterator
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, StudyRootQueryRetrieveInformationModelGet
 
 from tests.conftest import DCMTK_ENV, StoreScp, VnaServer, dataset_bytes, free_port
 from tests.integration import scu
-from tests.integration.test_native_receiver import associate_rq, pdata
+from tests.integration.receivers import NATIVE, native_built  # noqa: F401 -- autouse
+from tests.integration.scu import EXPLICIT, IMPLICIT, STUDY_FIND, associate_rq, pdata
 
 pytestmark = pytest.mark.dcmtk
 
 Factory = Callable[..., VnaServer]
-NATIVE = '[dicom]\nreceiver = "native"\n'
-IMPLICIT = "1.2.840.10008.1.2"
-EXPLICIT = "1.2.840.10008.1.2.1"
-STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-
-
-@pytest.fixture(autouse=True)
-def _native_built() -> None:
-    try:
-        import vna_native  # noqa: F401
-    except ImportError:
-        pytest.fail("the native extension is not built: run `make install`")
 
 
 def _pair(make_server: Factory, corpus: list[Path], extra: str = "") -> tuple[VnaServer, VnaServer]:
@@ -120,19 +107,7 @@ def test_c_get_bytes_counts_and_failures_are_the_python_receivers(make_server: F
 def test_getscu_roundtrip_is_byte_identical(make_server: Factory, corpus: list[Path], tmp_path: Path) -> None:
     srv = make_server(NATIVE)
     assert all(s.Status == 0 for s in scu.store(srv.port, corpus))
-    first = dcmread(corpus[0], stop_before_pixels=True)
-    out = tmp_path / "got"
-    out.mkdir()
-    r = subprocess.run(["getscu", "-S", "-aec", "VNA", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
-                        "-k", f"StudyInstanceUID={first.StudyInstanceUID}", "127.0.0.1", str(srv.port)],
-                       env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    got = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in out.iterdir()}
-    sent = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in corpus
-            if dcmread(p, stop_before_pixels=True).StudyInstanceUID == first.StudyInstanceUID}
-    assert set(got) == set(sent) and len(sent) == 3
-    for uid, p in sent.items():
-        assert dataset_bytes(got[uid]) == dataset_bytes(p)
+    assert scu.getscu_roundtrip(srv.port, corpus, tmp_path / "got") == 3
 
 
 def _hot_copies(srv: VnaServer, uid: str) -> list[Path]:
@@ -278,43 +253,22 @@ def test_c_cancel_of_a_c_get_stops_its_sub_operations(make_server: Factory, corp
 
 
 def test_storage_commitment_report_reaches_a_pynetdicom_scp(make_server: Factory, corpus: list[Path]) -> None:
-    reports: "queue.Queue[tuple[int, Dataset]]" = queue.Queue()
-
-    def on_report(event: Any) -> tuple[int, None]:
-        reports.put((int(event.event_type), event.event_information))
-        return 0x0000, None
-
     port = free_port()
-    listener = AE(ae_title="MODALITY")
-    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-    server = listener.start_server(("127.0.0.1", port), block=False,
-                                   evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
-    try:
+    with scu.commitment_scp(port) as reports:
         nv = make_server(NATIVE + f'[[dicom.remote]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n')
         assert all(r.Status == 0 for r in scu.store(nv.port, corpus[:2], ae_title="MODALITY"))
-        req = Dataset()
-        req.TransactionUID = generate_uid()
-        items = []
-        for p in corpus[:2]:
-            d = dcmread(p, stop_before_pixels=True)
-            items.append((str(d.SOPClassUID), str(d.SOPInstanceUID)))
+        items = scu.commitment_items(corpus[:2])
         items.append((items[0][0], "1.2.3.4.5.404"))
-        refs = []
-        for cls, uid in items:
-            item = Dataset()
-            item.ReferencedSOPClassUID = cls
-            item.ReferencedSOPInstanceUID = uid
-            refs.append(item)
-        req.ReferencedSOPSequence = refs
+        req = scu.commitment_request(items)
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(StorageCommitmentPushModel)
         assoc = ae.associate("127.0.0.1", nv.port, ae_title="VNA")
         assert assoc.is_established
-        status, _ = assoc.send_n_action(req, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        status, _ = assoc.send_n_action(req, 1, StorageCommitmentPushModel, scu.COMMITMENT_INSTANCE)
         # malformed action information: invalid argument value, as the Python receiver answers
         bad = Dataset()
         bad.PatientID = "no TransactionUID"
-        status2, _ = assoc.send_n_action(bad, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        status2, _ = assoc.send_n_action(bad, 1, StorageCommitmentPushModel, scu.COMMITMENT_INSTANCE)
         assoc.release()
         assert int(status.Status) == 0
         assert int(status2.Status) == 0x0115
@@ -325,8 +279,6 @@ def test_storage_commitment_report_reaches_a_pynetdicom_scp(make_server: Factory
             u for _, u in items[:2])
         assert [(str(i.ReferencedSOPInstanceUID), int(i.FailureReason)) for i in info.FailedSOPSequence] == [
             ("1.2.3.4.5.404", 0x0112)]
-    finally:
-        server.shutdown()
 
 
 def test_c_move_to_storescp_counts_bytes_and_refusals_are_the_python_receivers(

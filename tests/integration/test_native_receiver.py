@@ -23,22 +23,12 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import DCMTK_ENV, ROOT, VNA, VnaServer, dataset_bytes, free_port, write_config
+from tests.integration.receivers import NATIVE, native_built  # noqa: F401 -- autouse
+from tests.integration.scu import EXPLICIT, IMPLICIT, STUDY_FIND, associate_rq, pdata
 
 pytestmark = pytest.mark.dcmtk
 
-NATIVE = '[dicom]\nreceiver = "native"\n'
 VERIFICATION = "1.2.840.10008.1.1"
-IMPLICIT = "1.2.840.10008.1.2"
-EXPLICIT = "1.2.840.10008.1.2.1"
-STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-
-
-@pytest.fixture(autouse=True)
-def _native_built() -> None:
-    try:
-        import vna_native  # noqa: F401
-    except ImportError:
-        pytest.fail("the native extension is not built: run `make install`")
 
 
 def storescu(port: int, paths: list[Path], *opts: str, aet: str = "STORESCU") -> subprocess.CompletedProcess[str]:
@@ -103,26 +93,7 @@ def wait_for(pred: Callable[[], bool], what: str, timeout: float = 15.0) -> None
     raise AssertionError(what)
 
 
-# -- hand-built PDUs ----------------------------------------------------------------------
-def _item(kind: int, value: bytes) -> bytes:
-    return struct.pack(">BBH", kind, 0, len(value)) + value
-
-
-def associate_rq(contexts: list[tuple[int, str, list[str]]], calling: str = "RAWSCU", max_pdu: int = 16384) -> bytes:
-    body = struct.pack(">HH", 1, 0) + b"VNA".ljust(16) + calling.encode().ljust(16) + bytes(32)
-    body += _item(0x10, b"1.2.840.10008.3.1.1.1")
-    for cx_id, abstract, syntaxes in contexts:
-        sub = _item(0x30, abstract.encode()) + b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
-        body += _item(0x20, bytes([cx_id, 0, 0, 0]) + sub)
-    body += _item(0x50, _item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, b"1.2.3.4"))
-    return struct.pack(">BBI", 1, 0, len(body)) + body
-
-
-def pdata(*pdvs: tuple[int, int, bytes]) -> bytes:
-    body = b"".join(struct.pack(">IBB", len(d) + 2, cx, mch) + d for cx, mch, d in pdvs)
-    return struct.pack(">BBI", 4, 0, len(body)) + body
-
-
+# -- hand-built PDUs (associate_rq and pdata are in scu.py) ----------------------------------
 def _elem(elem: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0, elem, len(value)) + value
 

@@ -48,6 +48,17 @@ def _write(out: Path, study_no: int, seed: int, **attrs: Any) -> list[Path]:
     return paths
 
 
+def _add_other_patient_id(paths: list[Path], patient_id: str, issuer: str) -> None:
+    """Rewrite each file with one Other Patient IDs item: ``patient_id`` of ``issuer``."""
+    for p in paths:
+        ds = dcmread(p)
+        item = Dataset()
+        item.PatientID = patient_id
+        item.IssuerOfPatientID = issuer
+        ds.OtherPatientIDsSequence = Sequence([item])
+        ds.save_as(p, enforce_file_format=True)
+
+
 def _storescu(port: int, calling: str, paths: list[Path]) -> None:
     if shutil.which("storescu") is None:
         pytest.fail("DCMTK storescu is missing: run `make system-deps`")
@@ -92,13 +103,7 @@ def test_two_hospitals_same_patient_id_are_two_patients(make_server: Callable[..
     a = _write(out, 0, 31, PatientID="12345", IssuerOfPatientID="HOSP_A", PatientName="ALPHA^ANNA")
     b = _write(out, 0, 32, PatientID="12345", PatientName="BETA^BERT")  # no issuer in the objects
     linked = _write(out, 0, 33, PatientID="A-1", IssuerOfPatientID="HOSP_A", PatientName="GAMMA^GUS")
-    for p in linked:  # hospital A's study of a patient hospital B knows as B-777
-        ds = dcmread(p)
-        item = Dataset()
-        item.PatientID = "B-777"
-        item.IssuerOfPatientID = "HOSP_B"
-        ds.OtherPatientIDsSequence = Sequence([item])
-        ds.save_as(p, enforce_file_format=True)
+    _add_other_patient_id(linked, "B-777", "HOSP_B")  # hospital A's study of a patient hospital B knows as B-777
     assert "IssuerOfPatientID" not in dcmread(b[0])
     _storescu(srv.port, "PACS_A", a + linked)
     _storescu(srv.port, "PACS_B", b)
@@ -197,13 +202,7 @@ def test_patient_level_retrieve_sends_only_the_patient_of_the_issuer(
     a = _write(out, 0, 41, PatientID="12345", IssuerOfPatientID="HOSP_A", PatientName="ALPHA^ANNA")
     b = _write(out, 0, 42, PatientID="12345", PatientName="BETA^BERT")  # HOSP_B assigned by [[dicom.sender]]
     linked = _write(out, 0, 43, PatientID="A-1", IssuerOfPatientID="HOSP_A", PatientName="GAMMA^GUS")
-    for p in linked:  # lists B's patient as another ID
-        ds = dcmread(p)
-        item = Dataset()
-        item.PatientID = "12345"
-        item.IssuerOfPatientID = "HOSP_B"
-        ds.OtherPatientIDsSequence = Sequence([item])
-        ds.save_as(p, enforce_file_format=True)
+    _add_other_patient_id(linked, "12345", "HOSP_B")  # lists B's patient as another ID
     _storescu(srv.port, "PACS_A", a + linked)
     _storescu(srv.port, "PACS_B", b)
     sops = {name: {str(dcmread(p).SOPInstanceUID) for p in paths} for name, paths in

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,6 +47,15 @@ def config_error(r: subprocess.CompletedProcess[str], *needles: str) -> str:
     return errors[0]
 
 
+@contextmanager
+def _taken_port() -> Iterator[int]:
+    """A loopback port another socket listens on inside the block."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield int(taken.getsockname()[1])
+
+
 def test_dicom_port_of_a_running_vna(make_server: Factory, tmp_path: Path) -> None:
     first = make_server()
     data = tmp_path / "second"
@@ -64,10 +74,7 @@ def test_grpc_port_in_use(make_server: Factory, tmp_path: Path) -> None:
 
 
 def test_health_port_in_use(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with _taken_port() as port:
         data = tmp_path / "data"
         config_error(serve(tmp_path, f"[health]\nport = {port}\n", data), "health.port", str(port), "in use")
     assert not data.exists()
@@ -153,10 +160,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 
 
 def test_prometheus_port_in_use(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with _taken_port() as port:
         data = tmp_path / "data"
         toml = f'[telemetry]\nenabled = true\nprometheus_host = "127.0.0.1"\nprometheus_port = {port}\n'
         config_error(serve(tmp_path, toml, data), "telemetry.prometheus_port", str(port), "in use")

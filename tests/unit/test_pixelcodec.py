@@ -3,7 +3,9 @@ damaged frames that raise IntegrityError instead of returning wrong bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -19,8 +21,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLE
 
 from benchmarks.corpus import write_corpus
 from vna import pixelcodec
+from vna.codec import get_codec
 from vna.errors import IntegrityError
 from vna.pixelcodec import Method, PixelKind, decode, encode, frame_info
+from vna.storage.bundle import BundleWriter, decode_frame
 
 def examples(n: int) -> settings:
     return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -266,15 +270,21 @@ def _frames() -> list[bytes]:
 @given(st.sampled_from(range(3)), st.data())
 def test_corrupted_frame_never_returns_wrong_bytes(which: int, data: st.DataObject) -> None:
     original = [_ct_small(), b"not dicom at all " * 50, b""][which]
-    frame = bytearray(_frames()[which])
+    assert_damage_is_caught(original, _frames()[which], data)
+
+
+def assert_damage_is_caught(original: bytes, frame: bytes, data: st.DataObject) -> None:
+    """Flip one to three drawn bytes of ``frame`` (which encodes ``original``): decoding raises
+    IntegrityError or restores ``original`` exactly (a change zstd ignores, e.g. window size)."""
+    damaged = bytearray(frame)
     for _ in range(data.draw(st.integers(1, 3))):
-        pos = data.draw(st.integers(0, len(frame) - 1))
-        frame[pos] ^= data.draw(st.integers(1, 255))
+        pos = data.draw(st.integers(0, len(damaged) - 1))
+        damaged[pos] ^= data.draw(st.integers(1, 255))
     try:
-        out = decode(bytes(frame))
+        out = decode(bytes(damaged))
     except IntegrityError:
         return
-    assert out == original  # a change zstd ignores (e.g. window size) must still restore exactly
+    assert out == original
 
 
 @pytest.mark.parametrize("which", range(3))
@@ -287,7 +297,7 @@ def test_truncated_or_extended_frame_raises(which: int) -> None:
         decode(frame + b"\x00")
 
 
-def _reheader(frame: bytes, **changes: int) -> bytes:
+def reheader(frame: bytes, **changes: int) -> bytes:
     """Rewrite header fields with a valid CRC: a frame that lies consistently."""
     names = ["magic", "version", "method", "kind", "flags", "content_size", "content_crc", "pixel_offset",
              "pixel_length", "rows", "cols", "frames", "tile", "reserved", "meta_zlen"]
@@ -305,13 +315,13 @@ def _reheader(frame: bytes, **changes: int) -> bytes:
 def test_consistent_lies_in_the_header_raise(changes: dict[str, int]) -> None:
     frame = encode(_ct_small(), 3)
     with pytest.raises(IntegrityError):
-        decode(_reheader(frame, **changes))
+        decode(reheader(frame, **changes))
 
 
 def test_zstd_method_rejects_pixel_fields() -> None:
     frame = encode(b"abc" * 100, 3)
     with pytest.raises(IntegrityError):
-        decode(_reheader(frame, rows=1))
+        decode(reheader(frame, rows=1))
 
 
 def test_verify_falls_back_to_zstd_when_native_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,3 +331,49 @@ def test_verify_falls_back_to_zstd_when_native_is_wrong(monkeypatch: pytest.Monk
     frame = encode(data, 3, verify=True)
     assert frame_info(frame).method is Method.ZSTD
     assert decode(frame) == data
+
+
+# ----------------------------------------------------------------------------- shared with px2 and px3
+
+
+def assert_native_cuts_raise(frame: bytes) -> None:
+    """A native-coded ``frame`` cut inside its header, at and inside its pixel stream, or extended by a
+    byte, raises IntegrityError."""
+    info = frame_info(frame)
+    cuts = {0, pixelcodec.HEADER_SIZE - 1, pixelcodec.HEADER_SIZE, pixelcodec.HEADER_SIZE + info.meta_zlen,
+            pixelcodec.HEADER_SIZE + info.meta_zlen + 7, len(frame) - 1}
+    for cut in cuts:
+        with pytest.raises(IntegrityError):
+            decode(frame[:cut])
+    with pytest.raises(IntegrityError):
+        decode(frame + b"\x00")
+
+
+def assert_committed_frames_decode(folder: Path) -> dict[str, dict[str, object]]:
+    """Each frame ``folder/manifest.json`` lists has the version, kind and flags it lists and decodes to
+    the content of its size and SHA-256. Returns the manifest."""
+    manifest: dict[str, dict[str, object]] = json.loads((folder / "manifest.json").read_text())
+    for name, want in manifest.items():
+        frame = (folder / name).read_bytes()
+        info = frame_info(frame)
+        assert (info.version, info.kind.name if info.kind else None, info.flags) == (
+            want["version"], want["kind"], want["flags"]), name
+        out = decode(frame)
+        assert (len(out), hashlib.sha256(out).hexdigest()) == (want["size"], want["sha256"]), name
+    return manifest
+
+
+def assert_codec_and_bundle_carry(codec_name: str, version: int) -> None:
+    """The codec registered as ``codec_name`` roundtrips split content, and a bundle written with it
+    holds a frame of format ``version`` that decodes back."""
+    data = _ct_small()
+    codec = get_codec(codec_name)
+    assert codec.name == codec_name
+    assert b"".join(codec.decode(codec.encode([data[:100], data[100:]]))) == data
+    writer = BundleWriter(3, codec=codec_name)
+    entry = writer.add("1.2.3", 1, data)
+    _, chunks = writer.finish()
+    blob = b"".join(chunks)
+    frame = blob[entry.offset : entry.offset + entry.length]
+    assert entry.codec == codec_name and frame_info(frame).version == version
+    assert decode_frame(frame, entry) == data

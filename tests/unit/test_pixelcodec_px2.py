@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,12 +15,13 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_files
 
 from benchmarks.corpus import write_corpus
-from tests.unit.test_pixelcodec import _ct_small, _native16, dicom_files, examples, mutated_ct_small
+from tests.unit.test_pixelcodec import (_ct_small, _native16, assert_codec_and_bundle_carry,
+                                         assert_committed_frames_decode, assert_damage_is_caught,
+                                         assert_native_cuts_raise, dicom_files, examples, mutated_ct_small, reheader)
 from vna import pixelcodec, pixelcodec_native
-from vna.codec import get_codec
 from vna.errors import IntegrityError
 from vna.pixelcodec import CODEC_NAME_PX2, FORMAT_VERSION_PX2, Method, PixelKind, decode, encode, frame_info
-from vna.storage.bundle import BundleWriter, decode_frame
+from vna.storage.bundle import BundleWriter
 
 pytestmark = pytest.mark.skipif(not pixelcodec_native.available(), reason="vna_native is not installed")
 
@@ -112,37 +111,13 @@ def _frames2() -> list[tuple[bytes, bytes]]:
 @given(st.sampled_from(range(2)), st.data())
 def test_corrupted_frame_never_returns_wrong_bytes(which: int, data: st.DataObject) -> None:
     original, good = _frames2()[which]
-    frame = bytearray(good)
-    for _ in range(data.draw(st.integers(1, 3))):
-        pos = data.draw(st.integers(0, len(frame) - 1))
-        frame[pos] ^= data.draw(st.integers(1, 255))
-    try:
-        out = decode(bytes(frame))
-    except IntegrityError:
-        return
-    assert out == original
+    assert_damage_is_caught(original, good, data)
 
 
 @pytest.mark.parametrize("which", range(2))
 def test_truncated_or_extended_frame_raises(which: int) -> None:
     _, frame = _frames2()[which]
-    info = frame_info(frame)
-    cuts = {0, pixelcodec.HEADER_SIZE - 1, pixelcodec.HEADER_SIZE, pixelcodec.HEADER_SIZE + info.meta_zlen,
-            pixelcodec.HEADER_SIZE + info.meta_zlen + 7, len(frame) - 1}
-    for cut in cuts:
-        with pytest.raises(IntegrityError):
-            decode(frame[:cut])
-    with pytest.raises(IntegrityError):
-        decode(frame + b"\x00")
-
-
-def _reheader(frame: bytes, **changes: int) -> bytes:
-    names = ["magic", "version", "method", "kind", "flags", "content_size", "content_crc", "pixel_offset",
-             "pixel_length", "rows", "cols", "frames", "tile", "reserved", "meta_zlen"]
-    fields = dict(zip(names, pixelcodec._HEADER.unpack_from(frame, 0)))
-    fields.update(changes)
-    head = pixelcodec._HEADER.pack(*fields.values())
-    return head + struct.pack("<I", zlib.crc32(head)) + frame[pixelcodec.HEADER_SIZE:]
+    assert_native_cuts_raise(frame)
 
 
 @pytest.mark.parametrize("changes", [
@@ -153,15 +128,15 @@ def _reheader(frame: bytes, **changes: int) -> bytes:
 def test_consistent_lies_in_the_header_raise(changes: dict[str, int]) -> None:
     frame = encode(_ct_small(), 3, version=2)  # CT_small is signed: flags == FLAG_SIGNED
     with pytest.raises(IntegrityError):
-        decode(_reheader(frame, **changes))
+        decode(reheader(frame, **changes))
 
 
 def test_px1_decoder_kinds_refused_in_version_2_and_native_kinds_in_version_1() -> None:
     px1 = encode(_ct_small(), 3)
     with pytest.raises(IntegrityError):
-        decode(_reheader(px1, version=2))
+        decode(reheader(px1, version=2))
     with pytest.raises(IntegrityError):
-        decode(_reheader(px1, kind=int(PixelKind.GRAY16_AC), tile=0))
+        decode(reheader(px1, kind=int(PixelKind.GRAY16_AC), tile=0))
 
 
 def test_native_stream_errors_become_integrity_errors() -> None:
@@ -190,30 +165,12 @@ def test_committed_px1_frames_decode_unchanged() -> None:
 
 
 def test_codec_registry_and_bundle_carry_px2() -> None:
-    data = _ct_small()
-    codec = get_codec(CODEC_NAME_PX2)
-    assert codec.name == CODEC_NAME_PX2
-    assert b"".join(codec.decode(codec.encode([data[:100], data[100:]]))) == data
-    writer = BundleWriter(3, codec=CODEC_NAME_PX2)
-    entry = writer.add("1.2.3", 1, data)
-    _, chunks = writer.finish()
-    blob = b"".join(chunks)
-    frame = blob[entry.offset : entry.offset + entry.length]
-    assert entry.codec == CODEC_NAME_PX2 and frame_info(frame).version == FORMAT_VERSION_PX2
-    assert decode_frame(frame, entry) == data
+    assert_codec_and_bundle_carry(CODEC_NAME_PX2, FORMAT_VERSION_PX2)
     with pytest.raises(ValueError):
         BundleWriter(3, codec="zstd")
 
 
 def test_committed_px2_frames_decode_unchanged() -> None:
     """The px2 stream format is frozen: frames written by this version decode forever."""
-    fixtures = FIXTURES.parent / "px2"
-    manifest = json.loads((fixtures / "manifest.json").read_text())
+    manifest = assert_committed_frames_decode(FIXTURES.parent / "px2")
     assert {m["kind"] for m in manifest.values()} == {"GRAY16_AC", "GRAY8_AC"}
-    for name, want in manifest.items():
-        frame = (fixtures / name).read_bytes()
-        info = frame_info(frame)
-        assert (info.version, info.kind.name if info.kind else None, info.flags) == (
-            want["version"], want["kind"], want["flags"]), name
-        out = decode(frame)
-        assert (len(out), hashlib.sha256(out).hexdigest()) == (want["size"], want["sha256"]), name

@@ -42,12 +42,19 @@ def _crash(t: TransferAudit) -> None:
     _OWN.discard(t._path)   # the process is gone, and with it its list of own journals
 
 
-def test_a_record_written_before_a_crash_is_not_recovered_twice(tmp_path: Path) -> None:
+def _started(tmp_path: Path) -> tuple[Path, AuditLog, Path, TransferAudit]:
+    """A started TransferAudit journaling in ``tmp_path/journal`` for an audit trail at ``tmp_path/audit.log``:
+    (trail, audit log, journal directory, transfer audit)."""
     trail = tmp_path / "audit.log"
     audit = AuditLog(AuditConfig(), trail)
     jdir = tmp_path / "journal"
     t = TransferAudit(audit, jdir, 600)
     t.start()
+    return trail, audit, jdir, t
+
+
+def test_a_record_written_before_a_crash_is_not_recovered_twice(tmp_path: Path) -> None:
+    trail, audit, jdir, t = _started(tmp_path)
     assoc = t.association(Actor("CT1", "ae", "10.0.0.1"))
     for i in range(3):
         _store(assoc, "1.2.3", i)
@@ -74,11 +81,7 @@ def test_a_record_written_before_a_crash_is_not_recovered_twice(tmp_path: Path) 
 def test_a_large_journal_is_rewritten_with_the_open_batches(tmp_path: Path) -> None:
     """More than a mebibyte of journal: once records are written it is replaced by a file holding only the open
     batch; after a crash that batch alone is recovered."""
-    trail = tmp_path / "audit.log"
-    audit = AuditLog(AuditConfig(), trail)
-    jdir = tmp_path / "journal"
-    t = TransferAudit(audit, jdir, 600)
-    t.start()
+    trail, audit, jdir, t = _started(tmp_path)
     open_ = t.association(Actor("OPEN", "ae", "10.0.0.1"))
     _store(open_, "7.7", 0)
     busy = t.association(Actor("BUSY", "ae", "10.0.0.2"))

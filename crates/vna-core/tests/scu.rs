@@ -61,11 +61,7 @@ fn storescp(name: &str, extra: &[&str]) -> Option<StoreScp> {
     let dir = std::env::temp_dir().join(format!("vna-scu-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("out")).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let log = std::fs::File::create(dir.join("storescp.log")).unwrap();
     let child = Command::new("storescp")
         .args(["-od"])
@@ -92,6 +88,40 @@ fn storescp(name: &str, extra: &[&str]) -> Option<StoreScp> {
         assert!(Instant::now() < deadline, "storescp not listening");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A free TCP port on loopback (bound, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An association to `port` on loopback proposing `contexts`, without role selection.
+fn request(
+    port: u16,
+    cfg: ScuConfig,
+    contexts: &[ContextProposal],
+) -> Result<Association, AssociateError> {
+    Association::request("127.0.0.1", port, cfg, contexts, &[])
+}
+
+/// [`request`] over TLS with `client`, announcing a 16 KiB maximum PDU.
+fn request_tls(
+    port: u16,
+    client: &TlsClient,
+    contexts: &[ContextProposal],
+) -> Result<Association, AssociateError> {
+    Association::request_over(
+        "127.0.0.1",
+        port,
+        Some(client),
+        config(16384),
+        contexts,
+        &[],
+    )
 }
 
 fn test_files() -> Option<PathBuf> {
@@ -224,14 +254,7 @@ fn sends_every_transfer_syntax_bit_exact() {
         return;
     };
     let files: Vec<Stored> = CORPUS.iter().map(|n| Stored::load(&dir.join(n))).collect();
-    let mut assoc = Association::request(
-        "127.0.0.1",
-        scp.port,
-        config(16384),
-        &proposals(&files),
-        &[],
-    )
-    .unwrap();
+    let mut assoc = request(scp.port, config(16384), &proposals(&files)).unwrap();
     assert_eq!(assoc.accepted().len(), proposals(&files).len());
     assert_eq!(assoc.peer_max_pdu(), 16384);
     for f in &files {
@@ -260,8 +283,7 @@ fn sends_every_transfer_syntax_bit_exact() {
         abstract_syntax: deflated.sop_class().to_string(),
         transfer_syntaxes: vec![deflated.layout.transfer_syntax.clone()],
     };
-    let mut assoc =
-        Association::request("127.0.0.1", scp.port, config(16384), &[proposal], &[]).unwrap();
+    let mut assoc = request(scp.port, config(16384), &[proposal]).unwrap();
     let err = assoc.send_store(&deflated.instance(), None).unwrap_err();
     assert!(matches!(err, SendError::Unusable(_)), "{err}");
     assert!(assoc.is_open());
@@ -279,8 +301,7 @@ fn a_small_peer_maximum_is_respected() {
         .map(|n| Stored::load(&dir.join(n)))
         .collect();
     // we announce no maximum: storescp may send us PDUs of any size
-    let mut assoc =
-        Association::request("127.0.0.1", scp.port, config(0), &proposals(&files), &[]).unwrap();
+    let mut assoc = request(scp.port, config(0), &proposals(&files)).unwrap();
     assert_eq!(assoc.peer_max_pdu(), 4096);
     for f in &files {
         let out = assoc.send_store(&f.instance(), None).unwrap();
@@ -344,12 +365,10 @@ fn a_file_above_the_whole_read_bound_is_streamed() {
     large_file(&path, size, "1.2.826.0.1.3680043.10.1137.99.3");
     let f = Stored::load(&path);
     assert!(f.bytes.len() as u64 > send::WHOLE_READ_LIMIT);
-    let mut assoc = Association::request(
-        "127.0.0.1",
+    let mut assoc = request(
         scp.port,
         config(16384),
         &proposals(std::slice::from_ref(&f)),
-        &[],
     )
     .unwrap();
     let out = assoc.send_store(&f.instance(), None).unwrap();
@@ -379,14 +398,7 @@ fn a_digest_mismatch_sends_nothing_and_the_association_carries_on() {
     let ct = Stored::load(&dir.join("CT_small.dcm"));
     let mr = Stored::load(&dir.join("MR_small_implicit.dcm"));
     let files = [ct, mr];
-    let mut assoc = Association::request(
-        "127.0.0.1",
-        scp.port,
-        config(16384),
-        &proposals(&files),
-        &[],
-    )
-    .unwrap();
+    let mut assoc = request(scp.port, config(16384), &proposals(&files)).unwrap();
     let err = assoc
         .send_store(
             &Instance {
@@ -427,12 +439,10 @@ fn a_refused_association_is_reported() {
         return;
     };
     let ct = Stored::load(&dir.join("CT_small.dcm"));
-    let err = Association::request(
-        "127.0.0.1",
+    let err = request(
         scp.port,
         config(16384),
         &proposals(std::slice::from_ref(&ct)),
-        &[],
     )
     .unwrap_err();
     assert!(
@@ -443,19 +453,15 @@ fn a_refused_association_is_reported() {
 
 #[test]
 fn nothing_listening_is_a_connect_error() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let cx = ContextProposal {
         abstract_syntax: SECONDARY_CAPTURE.into(),
         transfer_syntaxes: vec![EXPLICIT.into()],
     };
-    let err = Association::request("127.0.0.1", port, config(16384), &[cx], &[]).unwrap_err();
+    let err = request(port, config(16384), &[cx]).unwrap_err();
     assert!(matches!(err, AssociateError::Connect(_)), "{err}");
     // a malformed proposal is refused before connecting
-    let err = Association::request("127.0.0.1", port, config(16384), &[], &[]).unwrap_err();
+    let err = request(port, config(16384), &[]).unwrap_err();
     assert!(matches!(err, AssociateError::Invalid(_)), "{err}");
 }
 
@@ -466,14 +472,7 @@ fn a_peer_abort_mid_send_ends_the_association() {
     };
     let ct = Stored::load(&dir.join("CT_small.dcm"));
     let files = [ct];
-    let mut assoc = Association::request(
-        "127.0.0.1",
-        scp.port,
-        config(16384),
-        &proposals(&files),
-        &[],
-    )
-    .unwrap();
+    let mut assoc = request(scp.port, config(16384), &proposals(&files)).unwrap();
     let err = assoc.send_store(&files[0].instance(), None).unwrap_err();
     assert!(
         matches!(
@@ -492,8 +491,7 @@ fn a_peer_abort_mid_send_ends_the_association() {
     let path = scp.dir.join("big.dcm");
     large_file(&path, 8 * 1024 * 1024, "1.2.826.0.1.3680043.10.1137.99.4");
     let big = [Stored::load(&path)];
-    let mut assoc =
-        Association::request("127.0.0.1", scp.port, config(16384), &proposals(&big), &[]).unwrap();
+    let mut assoc = request(scp.port, config(16384), &proposals(&big)).unwrap();
     let err = assoc.send_store(&big[0].instance(), None).unwrap_err();
     assert!(
         matches!(
@@ -513,8 +511,7 @@ fn a_stalled_peer_times_out_and_is_aborted() {
     let files = [Stored::load(&dir.join("CT_small.dcm"))];
     let mut cfg = config(16384);
     cfg.dimse_timeout = Duration::from_millis(800);
-    let mut assoc =
-        Association::request("127.0.0.1", scp.port, cfg, &proposals(&files), &[]).unwrap();
+    let mut assoc = request(scp.port, cfg, &proposals(&files)).unwrap();
     // storescp answers after 5 s: only a working response deadline ends this in a timeout
     let err = assoc.send_store(&files[0].instance(), None).unwrap_err();
     assert!(
@@ -555,14 +552,7 @@ fn a_silent_or_garbled_acceptor_fails_the_association() {
     cfg.acse_timeout = Duration::from_millis(500);
     // silent: ARTIM expires
     let (port, thread) = hostile_acceptor(None);
-    let err = Association::request(
-        "127.0.0.1",
-        port,
-        cfg.clone(),
-        std::slice::from_ref(&cx),
-        &[],
-    )
-    .unwrap_err();
+    let err = request(port, cfg.clone(), std::slice::from_ref(&cx)).unwrap_err();
     assert!(
         matches!(err, AssociateError::Failed(LinkError::Timeout(_))),
         "{err}"
@@ -572,14 +562,7 @@ fn a_silent_or_garbled_acceptor_fails_the_association() {
     let mut huge = vec![0x02, 0];
     huge.extend_from_slice(&(1u32 << 30).to_be_bytes());
     let (port, thread) = hostile_acceptor(Some(huge));
-    let err = Association::request(
-        "127.0.0.1",
-        port,
-        cfg.clone(),
-        std::slice::from_ref(&cx),
-        &[],
-    )
-    .unwrap_err();
+    let err = request(port, cfg.clone(), std::slice::from_ref(&cx)).unwrap_err();
     assert!(
         matches!(err, AssociateError::Failed(LinkError::Protocol(_))),
         "{err}"
@@ -587,7 +570,7 @@ fn a_silent_or_garbled_acceptor_fails_the_association() {
     thread.join().unwrap();
     // an A-ASSOCIATE-AC too short for its fixed fields
     let (port, thread) = hostile_acceptor(Some(vec![0x02, 0, 0, 0, 0, 4, 0, 1, 0, 0]));
-    let err = Association::request("127.0.0.1", port, cfg, &[cx], &[]).unwrap_err();
+    let err = request(port, cfg, &[cx]).unwrap_err();
     assert!(
         matches!(err, AssociateError::Failed(LinkError::Protocol(_))),
         "{err}"
@@ -726,15 +709,8 @@ fn tls_sends_bit_exact_to_a_peer_the_ca_signed() {
     };
     let files: Vec<Stored> = CORPUS.iter().map(|n| Stored::load(&dir.join(n))).collect();
     let client = tls_client(&ca.0, None);
-    let mut assoc = Association::request_over(
-        "127.0.0.1",
-        scp.port,
-        Some(&client),
-        config(16384),
-        &proposals(&files),
-        &[],
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", scp.log()));
+    let mut assoc = request_tls(scp.port, &client, &proposals(&files))
+        .unwrap_or_else(|e| panic!("{e}\n{}", scp.log()));
     for f in &files {
         let out = assoc
             .send_store(&f.instance(), None)
@@ -764,29 +740,14 @@ fn tls_mutual_with_a_self_signed_peer_certificate_from_the_bundle() {
     let ct = Stored::load(&dir.join("CT_small.dcm"));
     let cx = proposals(std::slice::from_ref(&ct));
     let anonymous = tls_client(&dest.0, None);
-    let err = Association::request_over(
-        "127.0.0.1",
-        scp.port,
-        Some(&anonymous),
-        config(16384),
-        &cx,
-        &[],
-    )
-    .unwrap_err();
+    let err = request_tls(scp.port, &anonymous, &cx).unwrap_err();
     assert!(
         matches!(err, AssociateError::Failed(_) | AssociateError::Connect(_)),
         "{err}"
     );
     let client = tls_client(&dest.0, Some(&ours));
-    let mut assoc = Association::request_over(
-        "127.0.0.1",
-        scp.port,
-        Some(&client),
-        config(16384),
-        &cx,
-        &[],
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", scp.log()));
+    let mut assoc =
+        request_tls(scp.port, &client, &cx).unwrap_or_else(|e| panic!("{e}\n{}", scp.log()));
     assert_eq!(
         assoc
             .send_store(&ct.instance(), None)
@@ -841,15 +802,8 @@ fn tls_a_peer_that_cannot_be_verified_gets_no_dicom_byte() {
         let Some(scp) = tls_storescp(&format!("tls-{name}"), pair, &["-ic"]) else {
             return;
         };
-        let err = Association::request_over(
-            "127.0.0.1",
-            scp.port,
-            Some(&client),
-            config(16384),
-            &proposals(std::slice::from_ref(&ct)),
-            &[],
-        )
-        .unwrap_err();
+        let err =
+            request_tls(scp.port, &client, &proposals(std::slice::from_ref(&ct))).unwrap_err();
         assert!(
             matches!(&err, AssociateError::Connect(e) if e.contains("TLS handshake") && e.contains(why)),
             "{name}: {err}"
