@@ -125,6 +125,7 @@ def start_vna(work: Path, port: int, extra_args: list[str], workers: int | None,
     venv_bin = Path(sys.executable).parent
     vna = str(venv_bin / "vna") if (venv_bin / "vna").exists() else "vna"
     extra_env = {"VNA_DICOM_WORKERS": str(workers)} if workers else {}
+    extra_env.setdefault("VNA_WEB_PORT", os.environ.get("VNA_WEB_PORT", "0"))   # DICOMweb off: no fixed port
     if receiver:
         extra_env["VNA_DICOM_RECEIVER"] = receiver
     env = nodelay_env(extra_env or None)
