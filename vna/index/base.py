@@ -241,14 +241,20 @@ class Index(Protocol):
         in (due, study UID) order. A study may have several entries (at different due times)."""
         ...
 
+    @property
+    def queue_margin(self) -> float:
+        """See :meth:`requeue`."""
+        ...
+
     def enqueue(self, entry: QueueEntry) -> None:
         """Add ``entry`` (a job parking a study in a queue of its own); idempotent."""
         ...
 
     def requeue(self, entry: QueueEntry, due: float | None, *, seen_at: float) -> None:
         """Move ``entry`` to ``due`` (remove it when None), unless it was written again after ``seen_at``
-        (the caller's clock before it read the study): a change since then keeps its entry (an adapter may
-        keep entries written a bounded time before ``seen_at`` too, and may add the moved one anyway)."""
+        (the caller's clock before it read the study): a change since then keeps its entry (so does any
+        write within the adapter's ``queue_margin`` seconds before ``seen_at``; a kept entry may be
+        moved anyway, leaving both)."""
         ...
 
     def job_cursor(self, name: str) -> QueueEntry | None:

@@ -1754,11 +1754,16 @@ class CassandraIndex:
                 if not rows and not clauses:
                     self._exec(f"DELETE FROM {self._t('study_queue_buckets')} USING TIMESTAMP ? "
                                "WHERE queue = ? AND bucket = ?",
-                               (max(1, int((started - self.stale_claim_after) * 1_000_000)), queue, day))
+                               (max(1, int((started - self.queue_margin) * 1_000_000)), queue, day))
                 out += [QueueEntry(float(r["due"]), r["study_uid"], queue) for r in rows]
                 if len(out) >= limit:
                     break
         return out
+
+    @property
+    def queue_margin(self) -> float:
+        """Seconds before ``seen_at`` within which ``requeue`` keeps an entry written (``stale_claim_after``)."""
+        return self.stale_claim_after
 
     def enqueue(self, entry: QueueEntry) -> None:
         with self._errors("enqueue"):
@@ -1772,7 +1777,7 @@ class CassandraIndex:
             stmts.append((self._prep(
                 f"DELETE FROM {self._t('study_queue')} USING TIMESTAMP ? "
                 "WHERE queue = ? AND bucket = ? AND due = ? AND study_uid = ?"),
-                (max(1, int((seen_at - self.stale_claim_after) * 1_000_000)), entry.queue,
+                (max(1, int((seen_at - self.queue_margin) * 1_000_000)), entry.queue,
                  math.floor(entry.due / _QUEUE_BUCKET), entry.due, entry.study_uid)))
             self._groups.write(stmts)
 

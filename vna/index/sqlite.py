@@ -18,7 +18,7 @@ Work queues (schema v5, the Index port's ``queued`` / ``requeue``): table
 ``study_queue`` keyed (queue, due, study), so a job reads a range of its
 primary key in due order instead of every study. The registration and
 ``add_placements`` write entries in their transaction; ``written_at`` lets
-``requeue`` leave an entry written after the job read the study.
+``requeue`` leave an entry written after the job read the study (``queue_margin``).
 ``iter_studies`` (every study) is for operator commands only.
 """
 
@@ -102,10 +102,13 @@ class _Registration:
 class SqliteIndex:
     """Index on one SQLite file."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        """``busy_timeout``: seconds a writer waits for its turn (lock, gate, SQLite's busy handler) before failing."""
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, queue_rewrite: float = 60.0) -> None:
+        """``busy_timeout``: seconds a writer waits for its turn (lock, gate, SQLite's busy handler) before failing.
+        ``queue_rewrite``: a work-queue entry's ``written_at`` is rewritten at most this often (registrations
+        into one study then touch its entry once, not each time)."""
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.queue_rewrite = queue_rewrite
         self._local = threading.local()
         # connections are per thread (pynetdicom runs each association in a new thread); one is
         # closed when its thread ends and nothing else uses it, so associations do not leak files
@@ -380,14 +383,22 @@ class SqliteIndex:
             if v is not None:
                 self._enqueue(conn, copy_logs([new]), log_due(time.time()), v["study_uid"])
 
-    @staticmethod
-    def _enqueue(conn: sqlite3.Connection, queues: set[str], due: float, study_uid: str) -> None:
-        """Put the study in ``queues`` at ``due`` (in the caller's transaction); marks the entry written now."""
+    def _enqueue(self, conn: sqlite3.Connection, queues: set[str], due: float, study_uid: str) -> None:
+        """Put the study in ``queues`` at ``due`` (in the caller's transaction); marks the entry written now,
+        unless it was marked less than ``queue_rewrite`` seconds ago (see :attr:`queue_margin`)."""
         now = time.time()
         conn.executemany(
             "INSERT INTO study_queue (queue, due, study_uid, written_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (queue, due, study_uid) DO UPDATE SET written_at = excluded.written_at",
-            [(q, due, study_uid, now) for q in sorted(queues)])
+            "ON CONFLICT (queue, due, study_uid) DO UPDATE SET written_at = excluded.written_at "
+            "WHERE written_at < excluded.written_at - ?",
+            [(q, due, study_uid, now, self.queue_rewrite) for q in sorted(queues)])
+
+    @property
+    def queue_margin(self) -> float:
+        """Seconds before ``seen_at`` within which ``requeue`` keeps an entry written: a write it may not have
+        seen marked the entry at most ``queue_rewrite`` before it began, and began at most ``busy_timeout``
+        before it committed."""
+        return self.queue_rewrite + self.busy_timeout
 
     @staticmethod
     def _identities(conn: sqlite3.Connection, study_uid: str, study: dict[str, str]) -> dict[str, str]:
@@ -629,7 +640,7 @@ class SqliteIndex:
             with self._write() as conn:
                 gone = conn.execute(
                     "DELETE FROM study_queue WHERE queue = ? AND due = ? AND study_uid = ? AND written_at <= ?",
-                    (entry.queue, entry.due, entry.study_uid, seen_at)).rowcount
+                    (entry.queue, entry.due, entry.study_uid, seen_at - self.queue_margin)).rowcount
                 if gone and due is not None:
                     conn.execute("INSERT OR IGNORE INTO study_queue (queue, due, study_uid, written_at) "
                                  "VALUES (?, ?, ?, ?)", (entry.queue, due, entry.study_uid, seen_at))
