@@ -157,7 +157,7 @@ def test_sqlite_database_of_schema_v3_is_upgraded_in_place(tmp_path: Path) -> No
     idx = SqliteIndex(path)
     try:
         assert [r[0] for r in idx._read("SELECT version FROM schema_version")] == [1, 2, 3]
-        assert idx.migrate() == SQLITE_SCHEMA == 4
+        assert idx.migrate() == SQLITE_SCHEMA == 5
         assert patients(idx, PatientID="12345") == {("12345", "HOSP_A", "1"), ("12345", "HOSP_B", "1")}
         assert uids(idx, QueryLevel.STUDY, PatientID="12345", IssuerOfPatientID="HOSP_B") == {"1.8"}
         assert uids(idx, QueryLevel.IMAGE, PatientID="12345", IssuerOfPatientID="HOSP_A") == {"1.9.1.1", "1.9.1.2"}
@@ -166,7 +166,7 @@ def test_sqlite_database_of_schema_v3_is_upgraded_in_place(tmp_path: Path) -> No
         idx.register(make_record("1.6.1.1", "1.6.1", "1.6", attrs={
             "PatientID": "777", OTHER_IDS_KEY: encode_other_ids([("12345", "HOSP_B")])}), [make_placement("1.6.1.1")])
         assert uids(idx, QueryLevel.STUDY, PatientID="12345", IssuerOfPatientID="HOSP_B") == {"1.6", "1.8"}
-        assert idx.migrate() == 4
+        assert idx.migrate() == 5
     finally:
         idx.close()
 
@@ -183,7 +183,7 @@ def test_cassandra_keyspace_before_schema_v7_is_upgraded(cassandra_config: Calla
         cassandra_admin.execute(f"DELETE FROM {ks}.schema_version WHERE version = 7")
         idx.close()
         idx = CassandraIndex(cfg)
-        assert idx.migrate() == CASSANDRA_SCHEMA == 7
+        assert idx.migrate() == CASSANDRA_SCHEMA == 8
         load(idx)
         assert patients(idx, PatientID="12345") == {("12345", "HOSP_A", "2"), ("12345", "HOSP_B", "1")}
         assert uids(idx, QueryLevel.STUDY, PatientID="B-777", IssuerOfPatientID="HOSP_B") == {"1.4", "1.5"}
@@ -201,10 +201,10 @@ def test_sqlite_migrate_applies_a_version_missing_below_the_highest(tmp_path: Pa
             conn.execute("DROP INDEX instances_study_cover")
             conn.execute("DELETE FROM schema_version WHERE version = 3")
         assert idx.migrate() == SQLITE_SCHEMA
-        assert sorted(r[0] for r in idx._read("SELECT version FROM schema_version")) == [1, 2, 3, 4]
+        assert sorted(r[0] for r in idx._read("SELECT version FROM schema_version")) == list(range(1, SQLITE_SCHEMA + 1))
         assert idx._read("SELECT name FROM sqlite_master WHERE name = 'instances_study_cover'")
         assert idx.migrate() == SQLITE_SCHEMA  # idempotent
-        assert sorted(r[0] for r in idx._read("SELECT version FROM schema_version")) == [1, 2, 3, 4]
+        assert sorted(r[0] for r in idx._read("SELECT version FROM schema_version")) == list(range(1, SQLITE_SCHEMA + 1))
     finally:
         idx.close()
 

@@ -13,13 +13,72 @@ Contract (every adapter, checked by ``tests/contracts/test_index.py``):
 
 from __future__ import annotations
 
+import datetime as _dt
+import math
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Mapping, Protocol, Sequence
 
-from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
+from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier, site_of
 from vna.index.query import Condition
 
-__all__ = ["Index", "IndexStats", "TierStats", "StudySummary", "AbandonedRegistration"]
+__all__ = ["Index", "IndexStats", "TierStats", "StudySummary", "AbandonedRegistration", "QueueEntry",
+           "lifecycle_queue", "lifecycle_queues", "queue_due", "study_date_epoch", "copy_log", "copy_logs",
+           "log_due", "LOG_STEP"]
+
+#: seconds of change time per entry of a copy log (a study changed within one step has one entry)
+LOG_STEP = 60.0
+
+
+def lifecycle_queue(site: str) -> str:
+    """The work queue of the lifecycle job of ``site``: studies that may hold a hot copy there."""
+    return f"hot:{site}"
+
+
+def lifecycle_queues(placements: Iterable[Placement]) -> set[str]:
+    """The lifecycle queues a study enters when these placements are written (one per site with a hot copy)."""
+    return {lifecycle_queue(site_of(p.store_id)) for p in placements if p.tier is Tier.HOT}
+
+
+def copy_log(site: str) -> str:
+    """The log of ``site``'s holdings: studies by the time one of their instances got a verified copy there."""
+    return f"held:{site}"
+
+
+def copy_logs(placements: Iterable[Placement]) -> set[str]:
+    """The copy logs a study enters when these placements are written or become OK (one per site)."""
+    return {copy_log(site_of(p.store_id)) for p in placements if p.state is PlacementState.OK}
+
+
+def log_due(changed_at: float) -> float:
+    """The copy-log key of a change: its time, down to a multiple of ``LOG_STEP``."""
+    return math.floor(changed_at / LOG_STEP) * LOG_STEP
+
+
+def queue_due(received_at: float, attrs: Mapping[str, object]) -> float:
+    """The lifecycle queue key of an instance: a time its study's age cannot precede under any
+    ``lifecycle.age_basis``: 00:00 UTC of its reception day, or of its StudyDate if earlier (so the
+    instances of a study received on one day share one entry)."""
+    received = math.floor(received_at / 86400.0) * 86400.0
+    day = study_date_epoch(str(attrs.get("StudyDate", "")))
+    return received if day is None else min(received, day)
+
+
+def study_date_epoch(value: str) -> float | None:
+    """00:00 UTC of a StudyDate (its first 8 characters, YYYYMMDD), None if it is not one."""
+    try:
+        d = _dt.datetime.strptime(value.strip()[:8], "%Y%m%d").replace(tzinfo=_dt.timezone.utc)
+    except ValueError:
+        return None
+    return d.timestamp()
+
+
+@dataclass(frozen=True, order=True)
+class QueueEntry:
+    """One entry of a study work queue (ordered by ``due``, then study UID)."""
+
+    due: float
+    study_uid: str
+    queue: str
 
 
 @dataclass(frozen=True)
@@ -166,6 +225,50 @@ class Index(Protocol):
 
     def iter_studies(self, *, received_before: float | None = None, limit: int | None = None) -> Iterator[StudySummary]:
         """Studies (optionally only those whose newest instance arrived before the time), oldest first."""
+        ...
+
+    def study_summary(self, study_uid: str) -> StudySummary | None:
+        """The summary of one study (as :meth:`iter_studies` gives it), None if it has no visible instance."""
+        ...
+
+    # -- study work queues (jobs) ----------------------------------------------
+    # A queue lists studies a job may have work on, by due time; the index adds
+    # entries when it writes placements (``register`` and ``add_placements`` put
+    # a study in ``lifecycle_queue(site)`` of every site with a hot copy in them,
+    # due ``queue_due`` of the instance); only the job removes or moves them
+    # (``requeue``), after it has seen the study has nothing to do before then.
+    # A *copy log* (``copy_log(site)``) is a queue nobody removes from: a study
+    # enters it, due ``log_due(now)``, whenever one of its instances gets an OK
+    # copy at the site (``register``, ``add_placements``, and ``transition`` /
+    # ``replace_placement`` to OK); readers keep a cursor (``job_cursor``).
+    def queued(self, queue: str, *, upto: float | None = None, after: QueueEntry | None = None,
+               limit: int = 1000) -> list[QueueEntry]:
+        """At most ``limit`` entries of ``queue`` due at or before ``upto``, strictly after ``after``,
+        in (due, study UID) order. A study may have several entries (at different due times)."""
+        ...
+
+    @property
+    def queue_margin(self) -> float:
+        """See :meth:`requeue`."""
+        ...
+
+    def enqueue(self, entry: QueueEntry) -> None:
+        """Add ``entry`` (a job parking a study in a queue of its own); idempotent."""
+        ...
+
+    def requeue(self, entry: QueueEntry, due: float | None, *, seen_at: float) -> None:
+        """Move ``entry`` to ``due`` (remove it when None), unless it was written again after ``seen_at``
+        (the caller's clock before it read the study): a change since then keeps its entry (so does any
+        write within the adapter's ``queue_margin`` seconds before ``seen_at``; a kept entry may be
+        moved anyway, leaving both)."""
+        ...
+
+    def job_cursor(self, name: str) -> QueueEntry | None:
+        """The entry a job's pass over a queue last finished (None: from the start)."""
+        ...
+
+    def set_job_cursor(self, name: str, entry: QueueEntry) -> None:
+        """Record how far the job ``name`` has read."""
         ...
 
     def record_access(self, study_uid: str, when: float) -> None:

@@ -163,10 +163,39 @@ Job operations (schema v2)
     so two copies cannot be retired concurrently. ``iter_placements`` uses SAI
     on tier/state/store_id and hides uncommitted versions (SAI on
     ``registrations.state``, and on ``complete`` for schema-v4 claims);
-    ``iter_studies`` scans every study with its partitions. Both order in
+    ``iter_studies`` scans every study with its partitions (operator commands
+    only: ``vna lifecycle`` reads its work queue). Both order in
     memory (a heap of ``limit`` when given). ``record_access`` writes with
     ``USING TIMESTAMP`` = the access time, so the newest access wins without a
     read; holds are a plain table.
+
+Work queues (schema v8, the Index port's ``queued`` / ``requeue``)
+    The lifecycle job of a site reads the studies that may hold a hot copy
+    there (queue ``hot:<site>``), by due time up to its cutoff, instead of
+    every study. Table ``study_queue``: partition (queue, day of ``due``),
+    clustering (due, study_uid); ``study_queue_buckets``: partition queue,
+    clustering day, the days that may hold entries. *Why buckets, not SAI*:
+    at 10 billion instances over 10 sites (about 10^8 studies, each in the
+    queue of every site holding a hot copy) a queue must be read in due
+    order, a page at a time, from the oldest entry; SAI answers in token
+    order over every node and a range on ``due`` would touch the whole queue
+    per page. A day partition holds the studies of one site and day (a few
+    thousand at the sizes above, more on a day a backlog of priors lands,
+    whose StudyDate sets their due day: still bounded by that day's ingest),
+    a page is one clustering slice on one replica set, and the day list
+    (at most one row per calendar day with studies) makes empty days cost
+    nothing. Writers: the registration's rows batch and ``add_placements``
+    (before its rows) write the entry and its day row, plain and idempotent
+    (the same study and due rewrite the same row). Only the job removes or
+    moves entries (``requeue``), and a day row leaves the list when a read
+    finds the day empty, each by a delete ``USING TIMESTAMP`` of the
+    reader's clock before it read, less ``stale_claim_after``: a write the
+    reader may have missed (one that landed after its read, from a writer
+    whose rows and commit follow its entry within ``stale_claim_after/2``,
+    clocks within the other half) has a later timestamp and stays. Cost per
+    registration: two plain rows in its existing batch. Duplicate entries
+    of a study (several due times) are allowed; the job handles a study once
+    per pass and removes the extra entries.
 
 ``stats()`` reads the counter ledger (schema v6, :mod:`vna.index.cassandra_counters`):
 per-change idempotent delta rows written in the commit's batch (after the LWT for
@@ -207,7 +236,8 @@ from cassandra.util import unix_time_from_uuid1
 from vna.config import CassandraConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
 from vna.errors import ConfigError, IndexUnavailable, InvalidInput, StateConflict
-from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
+from vna.index.base import (AbandonedRegistration, IndexStats, QueueEntry, StudySummary, TierStats, copy_logs,
+                            lifecycle_queues, log_due, queue_due)
 from vna.index.cassandra_counters import CassandraCounters
 from vna.index.cassandra_group import WriteGroups
 from vna.index.query import (COMPUTED_KEYS, IDENTITY_KEYS, LEVEL_KEYS, MAX_OTHER_IDS, OTHER_IDS_KEY, Condition,
@@ -217,10 +247,11 @@ __all__ = ["CassandraIndex"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 _MIGRATIONS = {1: "cql/001_initial.cql", 2: "cql/002_lifecycle.cql", 3: "cql/003_name_keys.cql",
                4: "cql/004_study_summary.cql", 5: "cql/005_registrations.cql", 6: "cql/006_counters.cql",
-               7: "cql/007_patient_identity.cql"}
+               7: "cql/007_patient_identity.cql", 8: "cql/008_work_queue.cql"}
+_QUEUE_BUCKET = 86400.0  # seconds of due time per work-queue partition (one day)
 _FETCH_SIZE = 500
 _IN_CHUNK = 100  # partition keys per IN query (a guardrail may warn beyond)
 _DETAIL_BATCH = 32  # candidate studies whose partitions find() reads together
@@ -589,6 +620,8 @@ class CassandraIndex:
                     self._backfill_summaries()
                 if version == 6:
                     self._counters.recount(repair=True)  # totals of what v5 and older wrote
+                if version == 8:
+                    self._backfill_queues()
                 self._session.execute(
                     f"INSERT INTO {self._t('schema_version')} (version, applied_at) VALUES (%s, %s)",
                     (version, time.time()))
@@ -628,6 +661,38 @@ class CassandraIndex:
                 return
             log.info("schema v3: name keys of %d studies backfilled", fixed)
         raise IndexUnavailable("Cassandra index: schema v3 name-key backfill did not settle")
+
+    def _backfill_queues(self) -> None:
+        """Schema v8: queue every study with a hot copy, and log every study with an OK copy, written
+        before it (idempotent; one scan of the placement ledger, an operator's upgrade step)."""
+        done = 0
+        todo: list[Placement] = []
+
+        def flush() -> None:
+            nonlocal done
+            versions = self._concurrent(
+                f"SELECT study_uid, received_at, attrs FROM {self._t('instance_versions')} "
+                "WHERE sop_uid = ? AND version = ?", [(p.sop_uid, p.version) for p in todo])
+            for p, rows in zip(todo, versions):
+                if rows:
+                    r = rows[0]
+                    self._groups.write(
+                        self._enqueue(lifecycle_queues([p]), queue_due(float(r["received_at"]),
+                                                                       json.loads(r["attrs"] or "{}")), r["study_uid"])
+                        + self._enqueue(copy_logs([p]), log_due(float(r["received_at"])), r["study_uid"]))
+                    done += 1
+            todo.clear()
+
+        for r in self._session.execute(SimpleStatement(
+                f"SELECT * FROM {self._t('placements')}", fetch_size=_FETCH_SIZE)):
+            p = self._placement(r)
+            if lifecycle_queues([p]) or copy_logs([p]):
+                todo.append(p)
+            if len(todo) >= _FETCH_SIZE:
+                flush()
+        flush()
+        if done:
+            log.info("schema v8: %d copies queued for the lifecycle and copy jobs", done)
 
     def _backfill_summaries(self) -> None:
         """Schema v4: summarise every study written before it (idempotent, resumable).
@@ -1086,6 +1151,9 @@ class CassandraIndex:
                 p.sop_uid, p.version, p.store_id, p.tier.value, p.blob_key, p.codec, p.content_sha256,
                 p.content_size, p.stored_sha256, p.stored_size, p.state.value, p.created_at, p.verified_at,
                 p.offset, p.length, stamp)))
+        batch += self._enqueue(lifecycle_queues(placements), queue_due(record.received_at, record.attrs),
+                               record.study_uid)
+        batch += self._enqueue(copy_logs(placements), log_due(time.time()), record.study_uid)
         mine = {p.store_id for p in placements}
         drop = self._prep(f"DELETE FROM {self._t('placements')} USING TIMESTAMP ? "
                           "WHERE sop_uid = ? AND version = ? AND store_id = ?")
@@ -1357,6 +1425,7 @@ class CassandraIndex:
         with self._errors("transition"), self._changing(
                 self._studies_of(p.sop_uid, p.version)
                 if _flags(p.state, p.tier) != _flags(new_state, p.tier) else ()):
+            self._log_ok(p, replace(p, state=new_state))
             if new_state is not PlacementState.TO_DELETE:
                 ok = bool(self._exec(update, params).was_applied)
             else:
@@ -1408,6 +1477,17 @@ class CassandraIndex:
         ok = dict.fromkeys((p.sop_uid, p.version) for p in placements if p.state is PlacementState.OK)
         with self._errors("add_placements"), self._changing(
                 u for sop, version in ok for u in self._studies_of(sop, version)):
+            queued = [p for p in placements if lifecycle_queues([p]) or copy_logs([p])]
+            versions = self._concurrent(
+                f"SELECT study_uid, received_at, attrs FROM {self._t('instance_versions')} "
+                "WHERE sop_uid = ? AND version = ?", [(p.sop_uid, p.version) for p in queued])
+            now = log_due(time.time())
+            entries = [stmt for p, rows in zip(queued, versions) if rows
+                       for stmt in self._enqueue(lifecycle_queues([p]), queue_due(
+                           float(rows[0]["received_at"]), json.loads(rows[0]["attrs"] or "{}")), rows[0]["study_uid"])
+                       + self._enqueue(copy_logs([p]), now, rows[0]["study_uid"])]
+            if entries:  # before the rows: a job that sees no hot copy yet keeps an entry written since
+                self._groups.write(entries)
             try:
                 for sop, group in groups.items():
                     if not self._insert_placements(group):
@@ -1442,6 +1522,7 @@ class CassandraIndex:
         with self._errors("replace_placement"), self._changing(
                 self._studies_of(old.sop_uid, old.version)
                 if _flags(old.state, old.tier) != _flags(new.state, new.tier) else ()):
+            self._log_ok(old, new)
             if new.state is PlacementState.TO_DELETE and old.state is not PlacementState.TO_DELETE:
                 ok = self._guarded(old, update, params)
             else:
@@ -1449,6 +1530,15 @@ class CassandraIndex:
         if ok:
             self._counters.placements_changed([old], [new])
         return ok
+
+    def _log_ok(self, old: Placement, new: Placement) -> None:
+        """A copy about to become OK puts its study in its site's copy log (before the change: a reader
+        that misses the change finds the entry)."""
+        if new.state is PlacementState.OK and old.state is not PlacementState.OK:
+            stmts = [stmt for study in self._studies_of(new.sop_uid, new.version)
+                     for stmt in self._enqueue(copy_logs([new]), log_due(time.time()), study)]
+            if stmts:
+                self._groups.write(stmts)
 
     def delete_placement(self, placement: Placement) -> bool:
         p = placement
@@ -1603,23 +1693,27 @@ class CassandraIndex:
         records = [self._record(r[0]) for r in rows if r]
         return sorted(records, key=lambda r: (r.series_uid, r.sop_uid))
 
+    def _study_summary(self, raw: Row, held: bool) -> StudySummary | None:
+        uid = raw["study_uid"]
+        insts = self._instances(uid, None, False)
+        if not insts:
+            return None
+        series = self._series_rows(uid)
+        mods = {series[s]["Modality"] for s in {i.row["series_uid"] for i in insts} if s in series}
+        return StudySummary(
+            study_uid=uid, study_date=_s(raw["study_date"]), modalities=tuple(sorted(m for m in mods if m)),
+            source_aes=tuple(sorted({_s(i.row["source_ae"]) for i in insts} - {""})),
+            last_received=max(float(i.row["received_at"]) for i in insts), last_access=raw["last_access"],
+            held=held, instances=len(insts))
+
     def iter_studies(self, *, received_before: float | None = None, limit: int | None = None) -> Iterator[StudySummary]:
-        """A paged scan of every study with its partitions; sorted in memory (a heap of ``limit`` when given)."""
+        """A paged scan of every study with its partitions; sorted in memory (a heap of ``limit`` when given).
+        O(catalogue): for operator commands that want every study (the jobs read work queues)."""
         def summaries(held: set[str]) -> Iterator[StudySummary]:
             for raw in self._exec(f"SELECT study_uid, study_date, last_access FROM {self._t('studies')}"):
-                uid = raw["study_uid"]
-                insts = self._instances(uid, None, False)
-                if not insts:
-                    continue
-                last = max(float(i.row["received_at"]) for i in insts)
-                if received_before is not None and not last < received_before:
-                    continue
-                series = self._series_rows(uid)
-                mods = {series[s]["Modality"] for s in {i.row["series_uid"] for i in insts} if s in series}
-                yield StudySummary(
-                    study_uid=uid, study_date=_s(raw["study_date"]), modalities=tuple(sorted(m for m in mods if m)),
-                    source_aes=tuple(sorted({_s(i.row["source_ae"]) for i in insts} - {""})),
-                    last_received=last, last_access=raw["last_access"], held=uid in held, instances=len(insts))
+                summary = self._study_summary(raw, raw["study_uid"] in held)
+                if summary is not None and (received_before is None or summary.last_received < received_before):
+                    yield summary
 
         def order(s: StudySummary) -> tuple[float, str]:
             return s.last_received, s.study_uid
@@ -1629,6 +1723,93 @@ class CassandraIndex:
             found = summaries(held)
             selected = heapq.nsmallest(limit, found, key=order) if limit is not None else sorted(found, key=order)
         yield from selected
+
+    def study_summary(self, study_uid: str) -> StudySummary | None:
+        with self._errors("study_summary"):
+            raw = self._exec(f"SELECT study_uid, study_date, last_access FROM {self._t('studies')} "
+                             "WHERE study_uid = ?", (study_uid,)).one()
+            return None if raw is None else self._study_summary(raw, self.is_held(study_uid))
+
+    # -- work queues (schema v8) ---------------------------------------------------
+    def _enqueue(self, queues: Iterable[str], due: float,
+                 study_uid: str) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """The statements that put the study in ``queues`` at ``due``: the entry and its day's bucket row."""
+        bucket = math.floor(due / _QUEUE_BUCKET)
+        out: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
+        for q in sorted(queues):
+            out.append((self._prep(f"INSERT INTO {self._t('study_queue')} (queue, bucket, due, study_uid) "
+                                   "VALUES (?, ?, ?, ?)"), (q, bucket, due, study_uid)))
+            out.append((self._prep(f"INSERT INTO {self._t('study_queue_buckets')} (queue, bucket) VALUES (?, ?)"),
+                        (q, bucket)))
+        return out
+
+    def queued(self, queue: str, *, upto: float | None = None, after: QueueEntry | None = None,
+               limit: int = 1000) -> list[QueueEntry]:
+        """The queue's day list from ``after``'s day to ``upto``'s, then a clustering slice of each day in
+        order until ``limit``; a day found empty over its whole range leaves the day list (housekeeping,
+        ``USING TIMESTAMP`` of the read less ``stale_claim_after``, so a day written since stays)."""
+        lo = math.floor(after.due / _QUEUE_BUCKET) if after is not None else None
+        hi = math.floor(upto / _QUEUE_BUCKET) if upto is not None else None
+        out: list[QueueEntry] = []
+        with self._errors("queued"):
+            started = time.time()
+            where = [w for w, v in (("bucket >= ?", lo), ("bucket <= ?", hi)) if v is not None]
+            days = [int(r["bucket"]) for r in self._exec(
+                f"SELECT bucket FROM {self._t('study_queue_buckets')} WHERE queue = ?"
+                + "".join(f" AND {w}" for w in where), (queue, *(v for v in (lo, hi) if v is not None)))]
+            for day in sorted(days):
+                clauses: list[str] = []
+                params: list[Any] = []
+                if upto is not None and day == hi:
+                    clauses.append("due <= ?")
+                    params.append(upto)
+                if after is not None and day == lo:
+                    clauses.append("(due, study_uid) > (?, ?)")
+                    params += [after.due, after.study_uid]
+                rows = list(self._exec(
+                    f"SELECT due, study_uid FROM {self._t('study_queue')} WHERE queue = ? AND bucket = ?"
+                    + "".join(f" AND {c}" for c in clauses) + f" LIMIT {int(limit - len(out))}",
+                    (queue, day, *params)))
+                if not rows and not clauses:
+                    self._exec(f"DELETE FROM {self._t('study_queue_buckets')} USING TIMESTAMP ? "
+                               "WHERE queue = ? AND bucket = ?",
+                               (max(1, int((started - self.queue_margin) * 1_000_000)), queue, day))
+                out += [QueueEntry(float(r["due"]), r["study_uid"], queue) for r in rows]
+                if len(out) >= limit:
+                    break
+        return out
+
+    @property
+    def queue_margin(self) -> float:
+        """Seconds before ``seen_at`` within which ``requeue`` keeps an entry written (``stale_claim_after``)."""
+        return self.stale_claim_after
+
+    def enqueue(self, entry: QueueEntry) -> None:
+        with self._errors("enqueue"):
+            self._groups.write(self._enqueue([entry.queue], entry.due, entry.study_uid))
+
+    def requeue(self, entry: QueueEntry, due: float | None, *, seen_at: float) -> None:
+        """The old entry is deleted ``USING TIMESTAMP`` of ``seen_at`` less ``stale_claim_after``: an entry
+        written later (a registration or copy the caller may not have seen) stays."""
+        with self._errors("requeue"):
+            stmts = self._enqueue([entry.queue], due, entry.study_uid) if due is not None else []
+            stmts.append((self._prep(
+                f"DELETE FROM {self._t('study_queue')} USING TIMESTAMP ? "
+                "WHERE queue = ? AND bucket = ? AND due = ? AND study_uid = ?"),
+                (max(1, int((seen_at - self.queue_margin) * 1_000_000)), entry.queue,
+                 math.floor(entry.due / _QUEUE_BUCKET), entry.due, entry.study_uid)))
+            self._groups.write(stmts)
+
+    def job_cursor(self, name: str) -> QueueEntry | None:
+        with self._errors("job_cursor"):
+            r = self._exec(f"SELECT queue, due, study_uid FROM {self._t('job_cursors')} WHERE name = ?",
+                           (name,)).one()
+        return None if r is None else QueueEntry(float(r["due"]), r["study_uid"], r["queue"])
+
+    def set_job_cursor(self, name: str, entry: QueueEntry) -> None:
+        with self._errors("set_job_cursor"):
+            self._exec(f"INSERT INTO {self._t('job_cursors')} (name, queue, due, study_uid) VALUES (?, ?, ?, ?)",
+                       (name, entry.queue, entry.due, entry.study_uid))
 
     def record_access(self, study_uid: str, when: float) -> None:
         """The write timestamp is the access time, so the newest access wins (no read-modify-write)."""

@@ -13,6 +13,13 @@ Patient identity (schema v4, ``docs/patient-identity.md``): ``patient_ids`` hold
 every identity of every study (primary and Other Patient IDs), exactly the
 current ones; PatientID / IssuerOfPatientID conditions are pushed down jointly
 as one subquery on it. PATIENT rows group by (PatientID, IssuerOfPatientID).
+
+Work queues (schema v5, the Index port's ``queued`` / ``requeue``): table
+``study_queue`` keyed (queue, due, study), so a job reads a range of its
+primary key in due order instead of every study. The registration and
+``add_placements`` write entries in their transaction; ``written_at`` lets
+``requeue`` leave an entry written after the job read the study (``queue_margin``).
+``iter_studies`` (every study) is for operator commands only.
 """
 
 from __future__ import annotations
@@ -25,23 +32,25 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier
+from vna.domain import InstanceRecord, Placement, PlacementState, QueryLevel, Tier, site_of
 from vna.errors import IndexUnavailable, StateConflict
-from vna.index.base import AbandonedRegistration, IndexStats, StudySummary, TierStats
+from vna.index.base import (AbandonedRegistration, IndexStats, QueueEntry, StudySummary, TierStats, copy_logs,
+                            lifecycle_queues, log_due, queue_due)
 from vna.index.query import (IDENTITY_KEYS, LEVEL_KEYS, OTHER_IDS_KEY, Condition, MatchKind, decode_other_ids,
                              encode_other_ids, matches_all, merge_other_ids)
 
 __all__ = ["SqliteIndex"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _IN_CHUNK = 500   # UIDs per IN (...) list: below SQLITE_MAX_VARIABLE_NUMBER of older builds (999)
 _MIGRATIONS = {1: "sql/001_initial.sql", 2: "sql/002_lifecycle.sql", 3: "sql/003_study_cover.sql",
-               4: "sql/004_patient_identity.sql"}
+               4: "sql/004_patient_identity.sql", 5: "sql/005_work_queue.sql"}
 
 _TABLE = {
     QueryLevel.PATIENT: "st",
@@ -94,10 +103,13 @@ class _Registration:
 class SqliteIndex:
     """Index on one SQLite file."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        """``busy_timeout``: seconds a writer waits for its turn (lock, gate, SQLite's busy handler) before failing."""
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, queue_rewrite: float = 60.0) -> None:
+        """``busy_timeout``: seconds a writer waits for its turn (lock, gate, SQLite's busy handler) before failing.
+        ``queue_rewrite``: a work-queue entry's ``written_at`` is rewritten at most this often (registrations
+        into one study then touch its entry once, not each time)."""
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.queue_rewrite = queue_rewrite
         self._local = threading.local()
         # connections are per thread (pynetdicom runs each association in a new thread); one is
         # closed when its thread ends and nothing else uses it, so associations do not leak files
@@ -251,6 +263,11 @@ class SqliteIndex:
     def migrate(self) -> int:
         try:
             conn = self._conn()
+            # functions the migrations call (v5 backfills the work queues)
+            conn.create_function("vna_site_of", 1, site_of, deterministic=True)
+            conn.create_function("vna_log_due", 1, log_due, deterministic=True)
+            conn.create_function("vna_queue_due", 2, lambda received, date: queue_due(received, {"StudyDate": date}),
+                                 deterministic=True)
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             for version, name in sorted(_MIGRATIONS.items()):
                 # every version not recorded, in order (one row per version: a gap is applied too)
@@ -356,6 +373,33 @@ class SqliteIndex:
         self._upsert(conn, "instances", "SOPInstanceUID", record.sop_uid, inst)
         for p in placements:
             self._insert_placement(conn, p)
+        self._enqueue(conn, lifecycle_queues(placements), queue_due(record.received_at, a), record.study_uid)
+        self._enqueue(conn, copy_logs(placements), log_due(time.time()), record.study_uid)
+
+    def _log_ok(self, conn: sqlite3.Connection, old: Placement, new: Placement) -> None:
+        """A copy that became OK (``old`` is ``new`` for a new row) puts its study in its site's copy log."""
+        if new.state is PlacementState.OK and (old is new or old.state is not PlacementState.OK):
+            v = conn.execute("SELECT study_uid FROM instance_versions WHERE sop_uid = ? AND version = ?",
+                             (new.sop_uid, new.version)).fetchone()
+            if v is not None:
+                self._enqueue(conn, copy_logs([new]), log_due(time.time()), v["study_uid"])
+
+    def _enqueue(self, conn: sqlite3.Connection, queues: set[str], due: float, study_uid: str) -> None:
+        """Put the study in ``queues`` at ``due`` (in the caller's transaction); marks the entry written now,
+        unless it was marked less than ``queue_rewrite`` seconds ago (see :attr:`queue_margin`)."""
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO study_queue (queue, due, study_uid, written_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (queue, due, study_uid) DO UPDATE SET written_at = excluded.written_at "
+            "WHERE written_at < excluded.written_at - ?",
+            [(q, due, study_uid, now, self.queue_rewrite) for q in sorted(queues)])
+
+    @property
+    def queue_margin(self) -> float:
+        """Seconds before ``seen_at`` within which ``requeue`` keeps an entry written: a write it may not have
+        seen marked the entry at most ``queue_rewrite`` before it began, and began at most ``busy_timeout``
+        before it committed."""
+        return self.queue_rewrite + self.busy_timeout
 
     @staticmethod
     def _identities(conn: sqlite3.Connection, study_uid: str, study: dict[str, str]) -> dict[str, str]:
@@ -444,6 +488,8 @@ class SqliteIndex:
                     "WHERE sop_uid = ? AND version = ? AND store_id = ? AND state = ? AND blob_key = ?",
                     (new_state.value, verified_at, p.sop_uid, p.version, p.store_id, p.state.value, p.blob_key),
                 )
+                if cur.rowcount == 1:
+                    self._log_ok(conn, p, replace(p, state=new_state))
                 return cur.rowcount == 1
         except sqlite3.Error as exc:
             raise IndexUnavailable(f"SQLite transition failed: {exc}") from exc
@@ -460,6 +506,12 @@ class SqliteIndex:
                              p.verified_at, p.offset, p.length))
                     except sqlite3.IntegrityError:
                         raise StateConflict(f"placement of {p.sop_uid} v{p.version} on {p.store_id} exists") from None
+                    queues = lifecycle_queues([p])
+                    v = conn.execute("SELECT study_uid, received_at, attrs FROM instance_versions "
+                                     "WHERE sop_uid = ? AND version = ?", (p.sop_uid, p.version)).fetchone()
+                    if queues and v is not None:
+                        self._enqueue(conn, queues, queue_due(v["received_at"], json.loads(v["attrs"])), v["study_uid"])
+                    self._log_ok(conn, p, p)
         except sqlite3.Error as exc:
             raise IndexUnavailable(f"SQLite add_placements failed: {exc}") from exc
 
@@ -482,6 +534,8 @@ class SqliteIndex:
                     (new.tier.value, new.blob_key, new.codec, new.content_sha256, new.content_size,
                      new.stored_sha256, new.stored_size, new.state.value, new.created_at, new.verified_at,
                      new.offset, new.length, old.sop_uid, old.version, old.store_id, old.state.value, old.blob_key))
+                if cur.rowcount == 1:
+                    self._log_ok(conn, old, new)
                 return cur.rowcount == 1
         except sqlite3.Error as exc:
             raise IndexUnavailable(f"SQLite replace_placement failed: {exc}") from exc
@@ -538,15 +592,26 @@ class SqliteIndex:
             received_at=r["received_at"], source_ae=r["source_ae"], attrs=json.loads(r["attrs"]),
         )
 
+    _SUMMARY_SQL = (
+        "SELECT st.StudyInstanceUID AS uid, st.StudyDate AS date, st.last_access AS last_access, "
+        "max(i.received_at) AS last_received, count(i.SOPInstanceUID) AS n, "
+        "group_concat(DISTINCT se.Modality) AS mods, group_concat(DISTINCT i.source_ae) AS aes, "
+        "(SELECT 1 FROM holds h WHERE h.study_uid = st.StudyInstanceUID) AS held "
+        "FROM studies st JOIN instances i ON i.StudyInstanceUID = st.StudyInstanceUID "
+        "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID ")
+
+    @staticmethod
+    def _summary(r: sqlite3.Row) -> StudySummary:
+        return StudySummary(
+            study_uid=r["uid"], study_date=r["date"],
+            modalities=tuple(sorted(m for m in (r["mods"] or "").split(",") if m)),
+            source_aes=tuple(sorted(a for a in (r["aes"] or "").split(",") if a)),
+            last_received=r["last_received"], last_access=r["last_access"], held=bool(r["held"]),
+            instances=r["n"])
+
     def iter_studies(self, *, received_before: float | None = None, limit: int | None = None) -> Iterator[StudySummary]:
-        sql = (
-            "SELECT st.StudyInstanceUID AS uid, st.StudyDate AS date, st.last_access AS last_access, "
-            "max(i.received_at) AS last_received, count(i.SOPInstanceUID) AS n, "
-            "group_concat(DISTINCT se.Modality) AS mods, group_concat(DISTINCT i.source_ae) AS aes, "
-            "(SELECT 1 FROM holds h WHERE h.study_uid = st.StudyInstanceUID) AS held "
-            "FROM studies st JOIN instances i ON i.StudyInstanceUID = st.StudyInstanceUID "
-            "JOIN series se ON se.SeriesInstanceUID = i.SeriesInstanceUID "
-            "GROUP BY st.StudyInstanceUID")
+        """Every study: O(catalogue), for operator commands that want them all (the jobs read queues)."""
+        sql = self._SUMMARY_SQL + "GROUP BY st.StudyInstanceUID"
         params: list[Any] = []
         if received_before is not None:
             sql += " HAVING max(i.received_at) < ?"
@@ -555,12 +620,57 @@ class SqliteIndex:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         for r in self._read(sql, params):
-            yield StudySummary(
-                study_uid=r["uid"], study_date=r["date"],
-                modalities=tuple(sorted(m for m in (r["mods"] or "").split(",") if m)),
-                source_aes=tuple(sorted(a for a in (r["aes"] or "").split(",") if a)),
-                last_received=r["last_received"], last_access=r["last_access"], held=bool(r["held"]),
-                instances=r["n"])
+            yield self._summary(r)
+
+    def study_summary(self, study_uid: str) -> StudySummary | None:
+        rows = self._read(self._SUMMARY_SQL + "WHERE st.StudyInstanceUID = ? GROUP BY st.StudyInstanceUID",
+                          (study_uid,))
+        return self._summary(rows[0]) if rows else None
+
+    def queued(self, queue: str, *, upto: float | None = None, after: QueueEntry | None = None,
+               limit: int = 1000) -> list[QueueEntry]:
+        """One range read of the primary key (queue, due, study)."""
+        sql = "SELECT due, study_uid FROM study_queue WHERE queue = ?"
+        params: list[Any] = [queue]
+        if upto is not None:
+            sql += " AND due <= ?"
+            params.append(upto)
+        if after is not None:
+            sql += " AND (due, study_uid) > (?, ?)"
+            params += [after.due, after.study_uid]
+        sql += f" ORDER BY due, study_uid LIMIT {int(limit)}"
+        return [QueueEntry(r["due"], r["study_uid"], queue) for r in self._read(sql, params)]
+
+    def enqueue(self, entry: QueueEntry) -> None:
+        try:
+            with self._write() as conn:
+                self._enqueue(conn, {entry.queue}, entry.due, entry.study_uid)
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"SQLite enqueue failed: {exc}") from exc
+
+    def requeue(self, entry: QueueEntry, due: float | None, *, seen_at: float) -> None:
+        try:
+            with self._write() as conn:
+                gone = conn.execute(
+                    "DELETE FROM study_queue WHERE queue = ? AND due = ? AND study_uid = ? AND written_at <= ?",
+                    (entry.queue, entry.due, entry.study_uid, seen_at - self.queue_margin)).rowcount
+                if gone and due is not None:
+                    conn.execute("INSERT OR IGNORE INTO study_queue (queue, due, study_uid, written_at) "
+                                 "VALUES (?, ?, ?, ?)", (entry.queue, due, entry.study_uid, seen_at))
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"SQLite requeue failed: {exc}") from exc
+
+    def job_cursor(self, name: str) -> QueueEntry | None:
+        rows = self._read("SELECT due, study_uid, queue FROM job_cursors WHERE name = ?", (name,))
+        return QueueEntry(rows[0]["due"], rows[0]["study_uid"], rows[0]["queue"]) if rows else None
+
+    def set_job_cursor(self, name: str, entry: QueueEntry) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute("INSERT OR REPLACE INTO job_cursors (name, due, study_uid, queue) VALUES (?, ?, ?, ?)",
+                             (name, entry.due, entry.study_uid, entry.queue))
+        except sqlite3.Error as exc:
+            raise IndexUnavailable(f"SQLite set_job_cursor failed: {exc}") from exc
 
     def record_access(self, study_uid: str, when: float) -> None:
         try:

@@ -39,7 +39,7 @@ from vna.audit import INSTANCES_ACCESSED, Actor, AuditLog
 from vna.config import ColdTierConfig, LifecycleConfig
 from vna.domain import InstanceRecord, Placement, PlacementState, Tier, site_of
 from vna.errors import BlobNotFound, IntegrityError, StateConflict, StorageError, VnaError
-from vna.index.base import Index, StudySummary
+from vna.index.base import Index, QueueEntry, StudySummary, lifecycle_queue, study_date_epoch
 from vna.jobs import NO_PROGRESS, JobReport, Progress, count_left
 from vna.lifecycle.copies import CopyPolicy
 from vna.lifecycle.rules import evaluate
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: due studies counted at most past a run's limit (each costs index reads) when telling how many are left
 _LEFT_STUDIES = 100
+#: lifecycle queue entries read per index query
+_QUEUE_PAGE = 500
 
 
 @lru_cache(maxsize=4)
@@ -232,17 +234,52 @@ class Migrator:
 
     # -- selection -----------------------------------------------------------
     def due(self, now: float | None = None, held: list[StudySummary] | None = None) -> Iterator[StudySummary]:
-        """Studies the rules select now, oldest first; ``held`` collects those due but under legal hold."""
+        """Studies the rules select now, in queue order (oldest first); ``held`` collects those due but under
+        legal hold.
+
+        Reads this site's lifecycle queue up to the cutoff (every basis's age is at least the queue key), not
+        every study: an entry whose study has no hot copy here left is removed, one too recent is moved to
+        its basis time; the others (rules exclude it, legal hold) stay."""
         now = time.time() if now is None else now
-        received_before = None
-        if self.rules.age_basis == "ingest":
-            received_before = now - self.rules.min_age_days * 86400.0
-        for study in self.index.iter_studies(received_before=received_before):
-            if evaluate(study, self.rules, now).migrate and self._has_hot(study.study_uid):
-                yield study
-            elif (held is not None and study.held and evaluate(replace(study, held=False), self.rules, now).migrate
-                  and self._has_hot(study.study_uid)):
-                held.append(study)
+        queue = lifecycle_queue(self.site)
+        cutoff = now - self.rules.min_age_days * 86400.0
+        seen: set[str] = set()
+        after: QueueEntry | None = None
+        while True:
+            seen_at = time.time()
+            page = self.index.queued(queue, upto=cutoff, after=after, limit=_QUEUE_PAGE)
+            for entry in page:
+                after = entry
+                if entry.study_uid in seen:  # another entry of a study this pass has handled
+                    self.index.requeue(entry, None, seen_at=seen_at)
+                    continue
+                seen.add(entry.study_uid)
+                study = self.index.study_summary(entry.study_uid)
+                decision = evaluate(study, self.rules, now) if study is not None else None
+                if study is None or decision is None:
+                    self.index.requeue(entry, None, seen_at=seen_at)
+                elif study.held:
+                    if (held is not None and evaluate(replace(study, held=False), self.rules, now).migrate
+                            and self._has_hot(study.study_uid)):
+                        held.append(study)
+                elif decision.reason == "too recent":
+                    when = self._basis_time(study)
+                    if when is not None and when > entry.due:
+                        self.index.requeue(entry, when, seen_at=seen_at)
+                elif not self._has_hot(study.study_uid):  # nothing here to move: out of the queue
+                    self.index.requeue(entry, None, seen_at=seen_at)
+                elif decision.migrate:
+                    yield study
+            if len(page) < _QUEUE_PAGE:
+                return
+
+    def _basis_time(self, study: StudySummary) -> float | None:
+        """The time the study's age counts from under ``lifecycle.age_basis`` (None: no usable StudyDate)."""
+        if self.rules.age_basis == "study_date":
+            return study_date_epoch(study.study_date)
+        if self.rules.age_basis == "last_access":
+            return max(study.last_access or 0.0, study.last_received)
+        return study.last_received
 
     def _has_hot(self, study_uid: str) -> bool:
         """True if some instance of the study still has a hot copy here that a run would move or retire."""

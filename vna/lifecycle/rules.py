@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass
 
 from vna.config import LifecycleConfig
-from vna.index.base import StudySummary
+from vna.index.base import StudySummary, study_date_epoch
 
 __all__ = ["Decision", "evaluate"]
 
@@ -20,21 +19,13 @@ class Decision:
     reason: str
 
 
-def _study_date_epoch(value: str) -> float | None:
-    try:
-        d = _dt.datetime.strptime(value.strip()[:8], "%Y%m%d").replace(tzinfo=_dt.timezone.utc)
-    except ValueError:
-        return None
-    return d.timestamp()
-
-
 def evaluate(study: StudySummary, rules: LifecycleConfig, now: float) -> Decision:
     """Apply the rules to one study (holds first: a held study never moves)."""
     if study.held:
         return Decision(study.study_uid, False, "legal hold")
     cutoff = now - rules.min_age_days * 86400.0
     if rules.age_basis == "study_date":
-        when = _study_date_epoch(study.study_date)
+        when = study_date_epoch(study.study_date)
         if when is None:
             return Decision(study.study_uid, False, "no usable StudyDate")
     elif rules.age_basis == "last_access":
