@@ -30,10 +30,10 @@ import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import islice
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from vna.audit import INSTANCES_ACCESSED, Actor, AuditLog
 from vna.config import ColdTierConfig, LifecycleConfig
@@ -46,12 +46,15 @@ from vna.lifecycle.rules import evaluate
 from vna.services.retrieve import RetrieveService
 from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.storage.base import BlobStore
-from vna.storage.bundle import BundleEntry, BundleWriter, decode_frame
+from vna.storage.bundle import BundleEntry, BundleWriter, EncodedFrame, decode_frame
 from vna.telemetry import Telemetry
 
 __all__ = ["Migrator", "Purger", "StudyPlan"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 #: due studies counted at most past a run's limit (each costs index reads) when telling how many are left
 _LEFT_STUDIES = 100
@@ -223,7 +226,7 @@ class Migrator:
         self.rules = rules
         self.cold_cfg = cold_cfg
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._verified_now: set[str] = set()
+        self._retired_now: set[str] = set()  # instances this study's run has retired already
         self.copies = copies if copies is not None else CopyPolicy()
         self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold}, audit=self.audit, copies=self.copies)
         self.site = self.purger.site
@@ -355,16 +358,18 @@ class Migrator:
             if not self._hot_here(inst) and not self._cold_ok(inst):
                 continue  # held only at another site: that site migrates it
             groups[study_uid if self.cold_cfg.bundle_by == "study" else inst.series_uid].append(inst)
-        self._verified_now = set()
+        self._retired_now = set()
+        freed = 0
         for group_uid, instances in sorted(groups.items()):
             todo = [i for i in instances if not self._cold_ok(i)]
             if todo:
                 if not self.index.acquire_lease(f"lifecycle:{study_uid}", self.owner, self.rules.lease_seconds):
                     raise StateConflict(f"lost the lease of study {study_uid}")
-                self._migrate_group(study_uid, group_uid, todo)
-        freed = 0
+                freed += self._migrate_group(study_uid, group_uid, todo)
+        # instances this run did not migrate (their cold copy is from an earlier run)
         for inst in self.index.study_instances(study_uid):
-            freed += self._retire_hot(inst, verified_now=inst.sop_uid in self._verified_now)
+            if inst.sop_uid not in self._retired_now:
+                freed += self._retire_hot(inst, verified_now=False)
         return freed
 
     def _cold_ok(self, inst: InstanceRecord) -> bool:
@@ -413,37 +418,56 @@ class Migrator:
         except StorageError as exc:
             log.warning("could not delete abandoned bundle %s: %s", key, exc)
 
-    def _migrate_group(self, study_uid: str, group_uid: str, instances: list[InstanceRecord]) -> None:
+    def _map(self, fn: Callable[[_T], _R], items: list[_T]) -> Iterator[_R]:
+        """``fn`` over ``items``, results in order: on the encode pool when there is one.
+
+        Every call's heavy part (file reads, hashing, the codec) releases the GIL, so
+        the pool keeps every core busy while the caller consumes results in order.
+        """
+        if self._encode_pool is None:
+            return map(fn, items)
+        return self._encode_pool.map(fn, items)
+
+    def _read_encode(self, writer: BundleWriter, inst: InstanceRecord) -> EncodedFrame:
+        """Read one verified hot copy and encode it (a pool task)."""
+        with self.retrieve.open_verified(inst.sop_uid, local_only=True) as verified:
+            content = verified.path.read_bytes()
+        if len(content) != inst.content_size:
+            raise IntegrityError(f"hot copy of {inst.sop_uid} changed after it was verified")
+        # the digest open_verified checked: the read-back of the bundle proves the frame restores it
+        return writer.encode_frame(content, content_sha256=inst.content_sha256)
+
+    def _migrate_group(self, study_uid: str, group_uid: str, instances: list[InstanceRecord]) -> int:
+        """Write, verify and claim one bundle of ``instances``, retiring each one's hot copies as soon
+        as its frame verifies; the hot bytes freed."""
         now = time.time()
         key = f"{study_uid}/{group_uid}.{uuid.uuid4().hex[:12]}.bundle"
         pending = self._pending_rows(instances, key, now)
         writer = BundleWriter(self.cold_cfg.zstd_level, codec=self.cold_cfg.codec)
-        # read in order, encode on every core (the coders release the GIL), at most two
-        # instances per worker in memory at a time besides the bundle's frames
-        it = iter(instances)
-        while window := list(islice(it, 2 * self._encode_workers)):
-            contents = []
-            for inst in window:
-                with self.retrieve.open_verified(inst.sop_uid, local_only=True) as verified:
-                    contents.append(verified.path.read_bytes())
-            frames = list(self._encode_pool.map(writer.encode, contents)) if self._encode_pool else [None] * len(window)
-            for inst, content, frame in zip(window, contents, frames):
-                writer.add(inst.sop_uid, inst.version, content, frame)
+        # read, hash and encode on every core; frames are added in order (the bundle holds them until the put)
+        for inst, encoded in zip(instances, self._map(partial(self._read_encode, writer), instances)):
+            writer.add_frame(inst.sop_uid, inst.version, encoded)
         entries, data = writer.finish()
         self.cold_store.put(key, [data] if isinstance(data, bytes) else data)
         by_uid = {e.sop_uid: e for e in entries}
+        by_inst = {i.sop_uid: i for i in instances}
         verified_at = time.time()
-        for row in pending:
+        freed = 0
+        # read back and decode on every core; each frame verified is claimed, then its hot copies retired
+        checks = self._map(partial(self._verify_frame, key), [by_uid[row.sop_uid] for row in pending])
+        for row, _ in zip(pending, checks):
             entry = by_uid[row.sop_uid]
-            self._verify_frame(key, entry)
             done = replace(row, codec=entry.codec, stored_sha256=entry.stored_sha256, stored_size=entry.length,
                            offset=entry.offset, length=entry.length, state=PlacementState.OK, verified_at=verified_at)
             if not self.index.replace_placement(row, done):
                 raise StateConflict(f"cold placement of {row.sop_uid} changed during migration")
-            self._verified_now.add(row.sop_uid)
+            freed += self._retire_hot(by_inst[row.sop_uid], verified_now=True)
+            self._retired_now.add(row.sop_uid)
         log.info("bundle %s: %d instances of study %s on %s", key, len(entries), study_uid, self.cold_store.store_id)
+        return freed
 
     def _verify_frame(self, key: str, entry: BundleEntry) -> None:
+        """Read ``entry``'s frame back from the bundle and check both digests (a pool task)."""
         frame = b"".join(self.cold_store.open(key, entry.offset, entry.length))
         decode_frame(frame, entry)  # raises IntegrityError on any mismatch
 
