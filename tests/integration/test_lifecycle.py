@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
 from pydicom import dcmread
 
 from tests.conftest import ROOT, VNA, StoreScp, VnaServer, dataset_bytes
 from tests.faults.test_storage_faults import mount, remount  # noqa: F401  (fixture)
 from tests.integration import scu
+from vna.archive import Archive
 from vna.config import S3Config
+from vna.storage.bundle import BundleEntry, load_manifest
 from vna.storage.s3 import S3BlobStore
 
 Factory = Callable[..., VnaServer]
@@ -226,3 +229,43 @@ def test_cold_codec_px3_migrates_and_recalls_bit_exact(make_server: Factory, cor
             decode_frame(frame, entry)
     assert pixelcodec.FORMAT_VERSION_PX3 in versions
     _assert_every_study_recalls(srv, corpus)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serial_and_pooled_migration_write_the_same_verified_bundles(tmp_path: Path, workers: int) -> None:
+    """cold.encode_workers = 1 runs the per-study pipeline inline, more runs it on a pool: either way
+    every instance lands in its series' bundle, claimed once its frame restores it, its hot copies purged."""
+    from benchmarks.corpus import write_corpus
+    from vna.config import load_config
+    from vna.domain import PlacementState, Tier
+    from vna.storage.bundle import decode_frame
+
+    files = write_corpus(tmp_path / "c", "mr", studies=2, per_study=5, seed=3)
+    files += write_corpus(tmp_path / "c", "small", studies=1, per_study=3, seed=4)
+    cfg = load_config(env={}, overrides={"archive": {"data_dir": str(tmp_path / "data"), "min_copies": 1},
+                                         "lifecycle": {"min_age_days": 0}, "cold": {"encode_workers": workers}})
+    archive = Archive(cfg)
+    try:
+        results = [archive.ingest.ingest_file(f) for f in files]
+        report = archive.migrator().run_once()
+        assert (report.done, report.failures) == (3, 0)
+        bundles: set[str] = set()
+        for f, r in zip(files, results):
+            rows = archive.index.placements(r.sop_uid, r.version)
+            assert [(p.tier, p.state) for p in rows] == [(Tier.COLD, PlacementState.OK)]
+            cold = rows[0]
+            assert cold.offset is not None and cold.length is not None
+            frame = b"".join(archive.cold.stores[0].open(cold.blob_key, cold.offset, cold.length))
+            entry = next(e for e in _manifest(archive, cold.blob_key) if e.sop_uid == r.sop_uid)
+            assert decode_frame(frame, entry) == f.read_bytes()
+            bundles.add(cold.blob_key)
+        assert len(bundles) == 3
+        assert not [p for p in (tmp_path / "data" / "hot").rglob("*.dcm") if ".tmp" not in p.parts]
+    finally:
+        archive.close()
+
+
+def _manifest(archive: Archive, key: str) -> list[BundleEntry]:
+    store = archive.cold.stores[0]
+    size = store.stat(key).size
+    return load_manifest(lambda off, n: b"".join(store.open(key, off, n)), size)

@@ -15,6 +15,7 @@ from vna.storage.bundle import (
     FOOTER_SIZE,
     BundleEntry,
     BundleWriter,
+    EncodedFrame,
     decode_frame,
     footer_range,
     load_manifest,
@@ -200,6 +201,43 @@ def test_writer_misuse() -> None:
         w.finish()
     blob = b"".join(chunks)
     assert blob.startswith(bmod.MAGIC) and load_manifest(lambda o, n: blob[o : o + n], len(blob)) == entries
+
+
+def test_frames_encoded_in_a_pool_make_the_same_bundle(contents: list[bytes]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    serial = BundleWriter(3)
+    for i, c in enumerate(contents):
+        serial.add(f"1.2.3.{i}", 1, c)
+    pooled = BundleWriter(3)
+    with ThreadPoolExecutor(4) as pool:
+        encoded = list(pool.map(pooled.encode_frame, contents))
+    for i, e in enumerate(encoded):
+        assert isinstance(e, EncodedFrame) and e.content_sha256 == hashlib.sha256(contents[i]).hexdigest()
+        pooled.add_frame(f"1.2.3.{i}", 1, e)
+    (a, chunks_a), (b, chunks_b) = serial.finish(), pooled.finish()
+    assert a == b and b"".join(chunks_a) == b"".join(chunks_b)
+    with pytest.raises(ValueError):
+        pooled.add_frame("1.2.3.x", 1, encoded[0])  # finished
+    w = BundleWriter(3)
+    w.add_frame("1.2", 1, encoded[0])
+    with pytest.raises(ValueError):
+        w.add_frame("1.2", 1, encoded[1])  # duplicate key
+
+
+def test_a_wrong_trusted_content_digest_is_caught_when_read_back(contents: list[bytes]) -> None:
+    """encode_frame may take the digest the caller verified the content against; a wrong one
+    (bytes changed after that check) makes the frame fail decode_frame, never restore wrong bytes."""
+    w = BundleWriter(3)
+    right = w.encode_frame(contents[0], content_sha256=hashlib.sha256(contents[0]).hexdigest())
+    assert right == w.encode_frame(contents[0])
+    w.add_frame("1.2.1", 1, right)
+    w.add_frame("1.2.2", 1, w.encode_frame(contents[0], content_sha256=hashlib.sha256(contents[1]).hexdigest()))
+    entries, chunks = w.finish()
+    blob = b"".join(chunks)
+    assert decode_frame(blob[entries[0].offset : entries[0].offset + entries[0].length], entries[0]) == contents[0]
+    with pytest.raises(IntegrityError):
+        decode_frame(blob[entries[1].offset : entries[1].offset + entries[1].length], entries[1])
 
 
 def test_empty_bundle() -> None:

@@ -8,12 +8,17 @@ Per study (crash-safe; architecture §5):
 3. read every instance from the hot tier, verifying its digests;
 4. compress each into an independent frame of a seekable bundle; put the bundle;
 5. read every frame back with a ranged read and verify both digests;
-6. cold placements ``OK`` (with frame offsets), then hot placements ``TO_DELETE`` —
+6. as each frame verifies: its cold placement ``OK`` (with frame offsets), then its hot
+   placements ``TO_DELETE`` —
    the index refuses that unless another copy of the instance is OK — but only
    while the copies left still count ``archive.min_copies`` (:mod:`vna.lifecycle.copies`):
    a cold copy that counts 1 against a minimum of 2 keeps one hot copy;
 7. purge: delete each hot blob, then its row (re-checking the minimum);
 8. release the lease.
+
+Steps 3-5 run on every core (``cold.encode_workers``), and steps 5-7 of one
+study on a claim thread while steps 1-4 of the next run: each study keeps its
+own lease and order of steps.
 
 Killed at any step, the next run finishes the job: a ``PENDING`` cold row is
 restarted under a fresh key (its half-written bundle is deleted), ``OK`` rows
@@ -30,10 +35,11 @@ import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from contextlib import ExitStack
+from functools import lru_cache, partial
 from itertools import islice
-from dataclasses import dataclass, replace
-from typing import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, TypeVar
 
 from vna.audit import INSTANCES_ACCESSED, Actor, AuditLog
 from vna.config import ColdTierConfig, LifecycleConfig
@@ -46,12 +52,15 @@ from vna.lifecycle.rules import evaluate
 from vna.services.retrieve import RetrieveService
 from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.storage.base import BlobStore
-from vna.storage.bundle import BundleEntry, BundleWriter, decode_frame
+from vna.storage.bundle import BundleEntry, BundleWriter, EncodedFrame, decode_frame
 from vna.telemetry import Telemetry
 
 __all__ = ["Migrator", "Purger", "StudyPlan"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 #: due studies counted at most past a run's limit (each costs index reads) when telling how many are left
 _LEFT_STUDIES = 100
@@ -63,6 +72,41 @@ _QUEUE_PAGE = 500
 def _encode_pool(workers: int) -> ThreadPoolExecutor:
     """One process-wide pool per worker count for encoding cold frames (its threads idle between runs)."""
     return ThreadPoolExecutor(workers, thread_name_prefix="vna-cold-encode")
+
+
+@lru_cache(maxsize=1)
+def _claim_pool() -> ThreadPoolExecutor:
+    """The one thread verifying and claiming a study's bundles while the next study's are written."""
+    return ThreadPoolExecutor(1, thread_name_prefix="vna-cold-claim")
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """A bundle put on the cold tier, its frames not yet verified or claimed."""
+
+    key: str
+    pending: list[Placement]
+    entries: list[BundleEntry]
+    instances: list[InstanceRecord]
+
+
+@dataclass
+class _Written:
+    """The first half of a study's migration: its bundles written, and the error that stopped it, if any."""
+
+    study_uid: str
+    bundles: list[_Bundle] = field(default_factory=list)
+    error: VnaError | None = None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A study whose second half is under way on the claim thread, or still to run here: ``result`` waits
+    for it (or runs it) and returns the hot bytes freed."""
+
+    study_uid: str
+    lease: str
+    result: Callable[[], int]
 
 
 @dataclass(frozen=True)
@@ -225,12 +269,12 @@ class Migrator:
         self.rules = rules
         self.cold_cfg = cold_cfg
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._verified_now: set[str] = set()
         self.copies = copies if copies is not None else CopyPolicy()
         self.purger = Purger(index, {Tier.HOT: hot, Tier.COLD: cold}, audit=self.audit, copies=self.copies)
         self.site = self.purger.site
         self._encode_workers = cold_cfg.encode_workers or os.cpu_count() or 1
         self._encode_pool = _encode_pool(self._encode_workers) if self._encode_workers > 1 else None
+        self._claim_pool = _claim_pool() if self._encode_pool is not None else None
 
     # -- selection -----------------------------------------------------------
     def due(self, now: float | None = None, held: list[StudySummary] | None = None) -> Iterator[StudySummary]:
@@ -337,47 +381,95 @@ class Migrator:
         report = JobReport(self.name, dry_run=dry_run, limit_setting="lifecycle.batch_limit")
         due = self.due()
         progress.begin("migrating studies", limit, "studies")
-        for study in due:
-            if limit is not None and report.examined >= limit:
-                left, capped = count_left(due, max(limit, _LEFT_STUDIES))
-                report.stopped_at_limit(left + 1, capped)
-                break
-            progress.advance()
-            report.examined += 1
-            if dry_run:
-                plan = self.plan_one(study.study_uid)
-                report.details.append({"study": plan.study_uid, "instances": plan.instances, "bytes": plan.hot_bytes})
-                report.bytes += plan.hot_bytes
-                continue
-            lease = f"lifecycle:{study.study_uid}"
-            if not self.index.acquire_lease(lease, self.owner, self.rules.lease_seconds):
-                log.info("study %s is leased by another worker (or one that died: retried when it expires)",
-                         study.study_uid)
-                report.details.append({"study": study.study_uid, "skipped": "leased"})
-                continue
-            try:
-                moved = self._audited_migrate(study.study_uid)
-                report.done += 1
-                report.bytes += moved
-                self.telemetry.lifecycle_studies.add(1, {"outcome": "migrated"})
-            except VnaError as exc:
-                log.error("migration of study %s failed (will be retried): %s", study.study_uid, exc)
-                report.failures += 1
-                self.telemetry.lifecycle_studies.add(1, {"outcome": "failed"})
-            finally:
-                self.index.release_lease(lease, self.owner)
+        # a study's bundles are written (read, encode, put) while the previous study's are
+        # verified and claimed, and its hot copies retired, on the claim thread
+        claiming: _Claim | None = None
+        try:
+            for study in due:
+                if limit is not None and report.examined >= limit:
+                    left, capped = count_left(due, max(limit, _LEFT_STUDIES))
+                    report.stopped_at_limit(left + 1, capped)
+                    break
+                progress.advance()
+                report.examined += 1
+                if dry_run:
+                    plan = self.plan_one(study.study_uid)
+                    report.details.append({"study": plan.study_uid, "instances": plan.instances,
+                                           "bytes": plan.hot_bytes})
+                    report.bytes += plan.hot_bytes
+                    continue
+                lease = f"lifecycle:{study.study_uid}"
+                if not self.index.acquire_lease(lease, self.owner, self.rules.lease_seconds):
+                    log.info("study %s is leased by another worker (or one that died: retried when it expires)",
+                             study.study_uid)
+                    report.details.append({"study": study.study_uid, "skipped": "leased"})
+                    continue
+                try:
+                    finish = self._start_migration(study.study_uid)
+                except VnaError as exc:
+                    self._count(report, study.study_uid, None, exc)
+                    self.index.release_lease(lease, self.owner)
+                    continue
+                except BaseException:
+                    self.index.release_lease(lease, self.owner)
+                    raise
+                if self._claim_pool is None:  # serial: both halves here, in order
+                    self._settle(_Claim(study.study_uid, lease, finish), report)
+                    continue
+                previous, claiming = claiming, _Claim(study.study_uid, lease, self._claim_pool.submit(finish).result)
+                self._settle(previous, report)
+        finally:
+            self._settle(claiming, report)
         return report
+
+    def _settle(self, claim: _Claim | None, report: JobReport) -> None:
+        """Wait for (or run) the second half of a study's migration, count it, release its lease."""
+        if claim is None:
+            return
+        try:
+            try:
+                freed = claim.result()
+            except VnaError as exc:
+                self._count(report, claim.study_uid, None, exc)
+            else:
+                self._count(report, claim.study_uid, freed, None)
+        finally:
+            self.index.release_lease(claim.lease, self.owner)
+
+    def _count(self, report: JobReport, study_uid: str, freed: int | None, exc: VnaError | None) -> None:
+        if exc is not None:
+            log.error("migration of study %s failed (will be retried): %s", study_uid, exc)
+            report.failures += 1
+            self.telemetry.lifecycle_studies.add(1, {"outcome": "failed"})
+        else:
+            report.done += 1
+            report.bytes += freed or 0
+            self.telemetry.lifecycle_studies.add(1, {"outcome": "migrated"})
 
     def _audited_migrate(self, study_uid: str) -> int:
         """:meth:`migrate_study` as one audited change ("DICOM Instances Accessed", action U)."""
+        return self._start_migration(study_uid)()
+
+    def _start_migration(self, study_uid: str) -> Callable[[], int]:
+        """The first half of an audited :meth:`migrate_study` (the study's bundles written); returns
+        the second half (verify, claim, retire, then the audit record), which returns the hot bytes freed."""
         instances = self.index.study_instances(study_uid)
-        with self.audit.operation(INSTANCES_ACCESSED, "U", Actor.process("vna-lifecycle"), study_uids=[study_uid],
-                                  patient_ids={i.attrs.get("PatientID", "") for i in instances},
-                                  details={"change": "migrated to cold tier", "instances": len(instances),
-                                           "store": self.cold_store.store_id}) as rec:
-            freed = self.migrate_study(study_uid)
-            rec.details["hot_bytes_freed"] = freed
-            return freed
+        with ExitStack() as stack:
+            rec = stack.enter_context(self.audit.operation(
+                INSTANCES_ACCESSED, "U", Actor.process("vna-lifecycle"), study_uids=[study_uid],
+                patient_ids={i.attrs.get("PatientID", "") for i in instances},
+                details={"change": "migrated to cold tier", "instances": len(instances),
+                         "store": self.cold_store.store_id}))
+            written = self._write_study(study_uid)
+            audited = stack.pop_all()
+
+        def finish() -> int:
+            with audited:
+                freed = self._claim_study(written)
+                rec.details["hot_bytes_freed"] = freed
+                return freed
+
+        return finish
 
     def plan_one(self, study_uid: str) -> StudyPlan:
         instances = self.index.study_instances(study_uid)
@@ -385,23 +477,50 @@ class Migrator:
 
     def migrate_study(self, study_uid: str) -> int:
         """Move one study (the caller holds its lease). Returns hot bytes freed."""
+        return self._claim_study(self._write_study(study_uid))
+
+    def _write_study(self, study_uid: str) -> _Written | None:
+        """First half of :meth:`migrate_study`: each bundle's PENDING rows recorded, the bundle put.
+
+        None for a study under legal hold. A bundle that cannot be written stops the study; those
+        written before it are claimed by :meth:`_claim_study`, which then raises its error.
+        """
         if self.index.is_held(study_uid):
-            return 0
+            return None
         groups: dict[str, list[InstanceRecord]] = defaultdict(list)
         for inst in self.index.study_instances(study_uid):
             if not self._hot_here(inst) and not self._cold_ok(inst):
                 continue  # held only at another site: that site migrates it
             groups[study_uid if self.cold_cfg.bundle_by == "study" else inst.series_uid].append(inst)
-        self._verified_now = set()
-        for group_uid, instances in sorted(groups.items()):
-            todo = [i for i in instances if not self._cold_ok(i)]
-            if todo:
-                if not self.index.acquire_lease(f"lifecycle:{study_uid}", self.owner, self.rules.lease_seconds):
-                    raise StateConflict(f"lost the lease of study {study_uid}")
-                self._migrate_group(study_uid, group_uid, todo)
-        freed = 0
-        for inst in self.index.study_instances(study_uid):
-            freed += self._retire_hot(inst, verified_now=inst.sop_uid in self._verified_now)
+        written = _Written(study_uid)
+        try:
+            for group_uid, instances in sorted(groups.items()):
+                todo = [i for i in instances if not self._cold_ok(i)]
+                if todo:
+                    if not self.index.acquire_lease(f"lifecycle:{study_uid}", self.owner, self.rules.lease_seconds):
+                        raise StateConflict(f"lost the lease of study {study_uid}")
+                    written.bundles.append(self._write_bundle(study_uid, group_uid, todo))
+        except VnaError as exc:
+            if not written.bundles:
+                raise
+            written.error = exc
+        return written
+
+    def _claim_study(self, written: _Written | None) -> int:
+        """Second half of :meth:`migrate_study`: every frame verified and claimed, hot copies retired."""
+        if written is None:
+            return 0
+        if written.bundles and not self.index.acquire_lease(f"lifecycle:{written.study_uid}", self.owner,
+                                                            self.rules.lease_seconds):
+            raise StateConflict(f"lost the lease of study {written.study_uid}")  # its bundles stay unclaimed
+        retired: set[str] = set()
+        freed = sum(self._claim_bundle(bundle, retired) for bundle in written.bundles)
+        if written.error is not None:
+            raise written.error
+        # instances this run did not migrate (their cold copy is from an earlier run)
+        for inst in self.index.study_instances(written.study_uid):
+            if inst.sop_uid not in retired:
+                freed += self._retire_hot(inst, verified_now=False)
         return freed
 
     def _cold_ok(self, inst: InstanceRecord) -> bool:
@@ -450,37 +569,60 @@ class Migrator:
         except StorageError as exc:
             log.warning("could not delete abandoned bundle %s: %s", key, exc)
 
-    def _migrate_group(self, study_uid: str, group_uid: str, instances: list[InstanceRecord]) -> None:
+    def _map(self, fn: Callable[[_T], _R], items: list[_T]) -> Iterator[_R]:
+        """``fn`` over ``items``, results in order: on the encode pool when there is one.
+
+        Every call's heavy part (file reads, hashing, the codec) releases the GIL, so
+        the pool keeps every core busy while the caller consumes results in order.
+        """
+        if self._encode_pool is None:
+            return map(fn, items)
+        return self._encode_pool.map(fn, items)
+
+    def _read_encode(self, writer: BundleWriter, inst: InstanceRecord) -> EncodedFrame:
+        """Read one verified hot copy and encode it (a pool task)."""
+        with self.retrieve.open_verified(inst.sop_uid, local_only=True) as verified:
+            content = verified.path.read_bytes()
+        if len(content) != inst.content_size:
+            raise IntegrityError(f"hot copy of {inst.sop_uid} changed after it was verified")
+        # the digest open_verified checked: the read-back of the bundle proves the frame restores it
+        return writer.encode_frame(content, content_sha256=inst.content_sha256)
+
+    def _write_bundle(self, study_uid: str, group_uid: str, instances: list[InstanceRecord]) -> _Bundle:
+        """Record the group's PENDING cold rows, then encode its instances into one bundle and put it."""
         now = time.time()
         key = f"{study_uid}/{group_uid}.{uuid.uuid4().hex[:12]}.bundle"
         pending = self._pending_rows(instances, key, now)
         writer = BundleWriter(self.cold_cfg.zstd_level, codec=self.cold_cfg.codec)
-        # read in order, encode on every core (the coders release the GIL), at most two
-        # instances per worker in memory at a time besides the bundle's frames
-        it = iter(instances)
-        while window := list(islice(it, 2 * self._encode_workers)):
-            contents = []
-            for inst in window:
-                with self.retrieve.open_verified(inst.sop_uid, local_only=True) as verified:
-                    contents.append(verified.path.read_bytes())
-            frames = list(self._encode_pool.map(writer.encode, contents)) if self._encode_pool else [None] * len(window)
-            for inst, content, frame in zip(window, contents, frames):
-                writer.add(inst.sop_uid, inst.version, content, frame)
+        # read, hash and encode on every core; frames are added in order (the bundle holds them until the put)
+        for inst, encoded in zip(instances, self._map(partial(self._read_encode, writer), instances)):
+            writer.add_frame(inst.sop_uid, inst.version, encoded)
         entries, data = writer.finish()
         self.cold_store.put(key, [data] if isinstance(data, bytes) else data)
-        by_uid = {e.sop_uid: e for e in entries}
+        log.info("bundle %s: %d instances of study %s on %s", key, len(entries), study_uid, self.cold_store.store_id)
+        return _Bundle(key, pending, entries, instances)
+
+    def _claim_bundle(self, bundle: _Bundle, retired: set[str]) -> int:
+        """Read back every frame of a written bundle; claim each that verifies (cold row OK) and retire
+        that instance's hot copies at once (adding it to ``retired``). The hot bytes freed."""
+        by_uid = {e.sop_uid: e for e in bundle.entries}
+        by_inst = {i.sop_uid: i for i in bundle.instances}
         verified_at = time.time()
-        for row in pending:
+        freed = 0
+        # read back and decode on every core; the index writes and purges here overlap the decodes
+        checks = self._map(partial(self._verify_frame, bundle.key), [by_uid[row.sop_uid] for row in bundle.pending])
+        for row, _ in zip(bundle.pending, checks):
             entry = by_uid[row.sop_uid]
-            self._verify_frame(key, entry)
             done = replace(row, codec=entry.codec, stored_sha256=entry.stored_sha256, stored_size=entry.length,
                            offset=entry.offset, length=entry.length, state=PlacementState.OK, verified_at=verified_at)
             if not self.index.replace_placement(row, done):
                 raise StateConflict(f"cold placement of {row.sop_uid} changed during migration")
-            self._verified_now.add(row.sop_uid)
-        log.info("bundle %s: %d instances of study %s on %s", key, len(entries), study_uid, self.cold_store.store_id)
+            freed += self._retire_hot(by_inst[row.sop_uid], verified_now=True)
+            retired.add(row.sop_uid)
+        return freed
 
     def _verify_frame(self, key: str, entry: BundleEntry) -> None:
+        """Read ``entry``'s frame back from the bundle and check both digests (a pool task)."""
         frame = b"".join(self.cold_store.open(key, entry.offset, entry.length))
         decode_frame(frame, entry)  # raises IntegrityError on any mismatch
 

@@ -41,6 +41,7 @@ from vna.errors import ConfigError, IntegrityError
 __all__ = [
     "BundleEntry",
     "BundleWriter",
+    "EncodedFrame",
     "FOOTER_SIZE",
     "HEADER_SIZE",
     "TAIL_READ",
@@ -127,6 +128,21 @@ def _field(obj: Mapping[str, Any], name: str, typ: type) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class EncodedFrame:
+    """One instance encoded as a frame, with the digests its :class:`BundleEntry` records."""
+
+    frame: bytes
+    content_sha256: str
+    content_size: int
+    stored_sha256: str
+
+    @classmethod
+    def of(cls, content: bytes, frame: bytes) -> EncodedFrame:
+        """``frame`` (the encoding of ``content``) with both digests computed."""
+        return cls(frame, hashlib.sha256(content).hexdigest(), len(content), hashlib.sha256(frame).hexdigest())
+
+
 class BundleWriter:
     """Builds one bundle in memory: ``add`` each instance, then ``finish`` once.
 
@@ -162,23 +178,39 @@ class BundleWriter:
         zstd release the GIL), so callers may encode in a pool and ``add`` the frames in order."""
         return pixelcodec.encode(content, self.codec_level, verify=self.verify, version=self._version)
 
+    def encode_frame(self, content: bytes, *, content_sha256: str | None = None) -> EncodedFrame:
+        """:meth:`encode` plus the digests :meth:`add_frame` records: the frame's SHA-256, and
+        ``content_sha256`` (the digest ``content`` was verified against; computed when None).
+
+        Thread-safe, and all of its work releases the GIL: a pool of these keeps every core busy.
+        A wrong ``content_sha256`` is caught by :func:`decode_frame`, so bundles written with one
+        must be read back and checked before they are relied on (migration always does).
+        """
+        frame = self.encode(content)
+        digest = hashlib.sha256(content).hexdigest() if content_sha256 is None else content_sha256
+        return EncodedFrame(frame, digest, len(content), hashlib.sha256(frame).hexdigest())
+
     def add(self, sop_uid: str, version: int, content: bytes, frame: bytes | None = None) -> BundleEntry:
         """Append ``content`` as the next frame (``frame``: what :meth:`encode` returned for it, or
         None to encode here); raises ValueError after finish or on a duplicate key."""
-        if self._finished:
-            raise ValueError("bundle already finished")
-        if (sop_uid, version) in self._keys:
-            raise ValueError(f"bundle already holds {sop_uid} version {version}")
+        self._check_new(sop_uid, version)
         if frame is None:
             frame = self.encode(content)
+        return self.add_frame(sop_uid, version, EncodedFrame.of(content, frame))
+
+    def add_frame(self, sop_uid: str, version: int, encoded: EncodedFrame) -> BundleEntry:
+        """Append what :meth:`encode_frame` returned as the next frame (its digests are trusted: the
+        caller verifies the written bundle); raises ValueError after finish or on a duplicate key."""
+        self._check_new(sop_uid, version)
+        frame = encoded.frame
         entry = BundleEntry(
             sop_uid=sop_uid,
             version=version,
             offset=self._pos,
             length=len(frame),
-            content_sha256=hashlib.sha256(content).hexdigest(),
-            content_size=len(content),
-            stored_sha256=hashlib.sha256(frame).hexdigest(),
+            content_sha256=encoded.content_sha256,
+            content_size=encoded.content_size,
+            stored_sha256=encoded.stored_sha256,
             codec=self.codec,
         )
         self._keys.add((sop_uid, version))
@@ -186,6 +218,12 @@ class BundleWriter:
         self._entries.append(entry)
         self._pos += len(frame)
         return entry
+
+    def _check_new(self, sop_uid: str, version: int) -> None:
+        if self._finished:
+            raise ValueError("bundle already finished")
+        if (sop_uid, version) in self._keys:
+            raise ValueError(f"bundle already holds {sop_uid} version {version}")
 
     def finish(self) -> tuple[list[BundleEntry], Iterator[bytes]]:
         """Close the bundle: its entries (for the index) and its bytes as chunks (for ``BlobStore.put``).
