@@ -308,24 +308,33 @@ def scan_part10(fp: BinaryIO, size: int, wanted: Mapping[int, str]) -> Part10Hea
 
 
 
-@lru_cache(maxsize=8)
-def _native_scanner(wanted: tuple[tuple[int, str], ...]) -> Part10Scanner | None:
-    if not native_ext.available():
-        return None
-    cls = getattr(native_ext.load(), "Part10Scanner", None)
-    if cls is None:
-        return None  # an extension built before the scanner
-    # the dictionaries dictionary_VR reads (pydicom.datadict's, documented with add_dict_entries)
-    from pydicom.datadict import DicomDictionary, RepeatersDictionary, masks  # type: ignore[attr-defined]
-    tags = {int(tag): entry[0] == "SQ" for tag, entry in DicomDictionary.items()}
-    repeaters = [(m1, m2, RepeatersDictionary[mask][0] == "SQ") for mask, (m1, m2) in masks.items()]
-    scanner: Part10Scanner = cls(dict(wanted), tags, repeaters)
-    return scanner
+_SCANNERS: dict[int, tuple[dict[int, str], Part10Scanner | None]] = {}
 
 
 def native_scanner(wanted: Mapping[int, str]) -> Part10Scanner | None:
-    """The native scanner for ``wanted`` (built once per distinct mapping); None without the extension."""
-    return _native_scanner(tuple(sorted(wanted.items())))
+    """The native scanner for ``wanted`` (built once per mapping, with pydicom's data dictionary as it is
+    then); None without the extension or with one built before the scanner."""
+    known = _SCANNERS.get(id(wanted))
+    if known is not None and known[0] == wanted:
+        return known[1]
+    scanner: Part10Scanner | None = None
+    cls = getattr(native_ext.load(), "Part10Scanner", None) if native_ext.available() else None
+    if cls is not None:
+        # the dictionaries dictionary_VR reads (pydicom.datadict's, documented with add_dict_entries)
+        from pydicom.datadict import DicomDictionary, RepeatersDictionary, masks  # type: ignore[attr-defined]
+        tags = {int(tag): entry[0] == "SQ" for tag, entry in DicomDictionary.items()}
+        repeaters = [(m1, m2, RepeatersDictionary[mask][0] == "SQ") for mask, (m1, m2) in masks.items()]
+        scanner = cls(dict(wanted), tags, repeaters)
+    if len(_SCANNERS) >= 16:
+        _SCANNERS.clear()
+    _SCANNERS[id(wanted)] = (dict(wanted), scanner)
+    return scanner
+
+
+@lru_cache(maxsize=64)
+def _transfer_syntax(raw: bytes) -> Any:
+    """pydicom's conversion of a raw TransferSyntaxUID value (once per distinct value)."""
+    return convert_raw_data_element(RawDataElement(BaseTag(_TS_TAG), "UI", len(raw), raw, 0, False, True)).value
 
 
 def scan_part10_file(path: str | os.PathLike[str], wanted: Mapping[int, str], *,
@@ -344,9 +353,8 @@ def scan_part10_file(path: str | os.PathLike[str], wanted: Mapping[int, str], *,
     found = scanner.scan(os.fspath(path), list(PrivateTransferSyntaxes))
     if found is None:
         return None
-    _, ts_bytes, ts_offset, implicit, elements = found
-    ts = convert_raw_data_element(
-        RawDataElement(BaseTag(_TS_TAG), "UI", len(ts_bytes), ts_bytes, ts_offset, False, True)).value
+    _, ts_bytes, _, implicit, elements = found
+    ts = _transfer_syntax(ts_bytes)
     kept: dict[int, RawDataElement] = {}
     for tag, vr, length, value, vpos in elements:
         raw = value if length else cast("bytes | None", empty_value_for_VR(vr, raw=True))
