@@ -5,8 +5,8 @@ Imported only by ``vna.dicom.native``.
 
 from typing import Any, Callable, Optional, final
 
-__all__ = ["BlobDir", "BlobWriter", "Listener", "Request", "StoreRecord", "gray3_decode", "gray3_encode", "gray_decode",
-           "gray_encode", "max_associate_rq", "write_replicas", "__version__"]
+__all__ = ["BlobDir", "BlobWriter", "Listener", "Part10Scanner", "Request", "StoreRecord", "gray3_decode", "gray3_encode",
+           "gray_decode", "gray_encode", "max_associate_rq", "write_replicas", "__version__"]
 __version__: str
 
 @final
@@ -196,3 +196,18 @@ def write_replicas(dirs: list[BlobDir], key: str, source: str, adopt: bool) -> l
     """Write ``source`` under ``key`` to every store of ``dirs`` in parallel (with ``adopt`` the first store
     takes the file over if it can, see :meth:`BlobDir.adopt`); per store (the size written or the OSError --
     FileExistsError: the key exists -- that stopped it, started ns, ended ns since the epoch)."""
+
+@final
+class Part10Scanner:
+    """The Part 10 header scanner (a port of ``vna.services.part10.scan_part10``) for the top-level tags
+    ``wanted`` (tag to dictionary VR); ``tags`` maps every tag of pydicom's main dictionary to whether its
+    VR is SQ, ``repeaters`` lists pydicom's repeater masks in order as (mask1, mask2, VR is SQ)."""
+
+    def __new__(cls, wanted: dict[int, str], tags: dict[int, bool],
+                repeaters: list[tuple[int, int, bool]]) -> Part10Scanner: ...
+    def scan(self, path: str, private_ts: list[str]) -> Optional[
+            tuple[str, bytes, int, bool, list[tuple[int, Optional[str], int, bytes, int]]]]:
+        """Scan the file at ``path`` (GIL released): (transfer syntax UID, its raw value, its offset,
+        implicit VR, [(tag, VR or None, length, value, value offset)] of the wanted elements found), or None
+        wherever the Python scanner declines. ``private_ts``: pydicom's PrivateTransferSyntaxes. Raises
+        OSError."""

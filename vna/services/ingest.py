@@ -49,7 +49,7 @@ from vna.index.query import (ISSUER_ASSIGNED_KEY, LEVEL_KEYS, MAX_OTHER_IDS, OTH
                              encode_other_ids)
 from vna.integrity.repair import new_blob_key
 from vna.services.dataset_identity import same_dataset
-from vna.services.part10 import scan_part10
+from vna.services.part10 import scan_part10_file
 from vna.storage.accessor import TierAccessor, site_of_tiers
 from vna.telemetry import Telemetry, series_key
 
@@ -213,8 +213,7 @@ def read_header_fast(path: Path) -> _Header | None:
     reports any error in its own words.
     """
     try:
-        with open(path, "rb", buffering=0) as fp:
-            scanned = scan_part10(fp, os.fstat(fp.fileno()).st_size, _WANTED)
+        scanned = scan_part10_file(path, _WANTED)
         if scanned is None:
             return None
         elems = scanned.elements

@@ -25,14 +25,20 @@ items instead. Where the bytes are in memory anyway the two are checked to
 agree; top-level pixel data outside the initial read is not read, so a
 fragment that happens to contain the delimiter's bytes is accepted here
 (pydicom would misparse that file).
+
+:func:`scan_part10_file` runs the same scan natively (``vna_native.Part10Scanner``,
+crates/vna-core/src/part10.rs, a port of this module) when the extension has it;
+this module is the reference it is tested against.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, BinaryIO, cast
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.datadict import dictionary_VR
@@ -45,7 +51,12 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32
 
-__all__ = ["Part10Header", "PREFIX_SIZE", "scan_part10"]
+from vna.dicom import native as native_ext
+
+if TYPE_CHECKING:
+    from vna_native import Part10Scanner
+
+__all__ = ["Part10Header", "PREFIX_SIZE", "native_scanner", "scan_part10", "scan_part10_file"]
 
 #: Bytes read up front (the whole file if smaller); anything beyond is read per header.
 PREFIX_SIZE = 64 * 1024
@@ -295,3 +306,57 @@ def scan_part10(fp: BinaryIO, size: int, wanted: Mapping[int, str]) -> Part10Hea
     except _Decline:
         return None
 
+
+
+_SCANNERS: dict[int, tuple[dict[int, str], Part10Scanner | None]] = {}
+
+
+def native_scanner(wanted: Mapping[int, str]) -> Part10Scanner | None:
+    """The native scanner for ``wanted`` (built once per mapping, with pydicom's data dictionary as it is
+    then); None without the extension or with one built before the scanner."""
+    known = _SCANNERS.get(id(wanted))
+    if known is not None and known[0] == wanted:
+        return known[1]
+    scanner: Part10Scanner | None = None
+    cls = getattr(native_ext.load(), "Part10Scanner", None) if native_ext.available() else None
+    if cls is not None:
+        # the dictionaries dictionary_VR reads (pydicom.datadict's, documented with add_dict_entries)
+        from pydicom.datadict import DicomDictionary, RepeatersDictionary, masks  # type: ignore[attr-defined]
+        tags = {int(tag): entry[0] == "SQ" for tag, entry in DicomDictionary.items()}
+        repeaters = [(m1, m2, RepeatersDictionary[mask][0] == "SQ") for mask, (m1, m2) in masks.items()]
+        scanner = cls(dict(wanted), tags, repeaters)
+    if len(_SCANNERS) >= 16:
+        _SCANNERS.clear()
+    _SCANNERS[id(wanted)] = (dict(wanted), scanner)
+    return scanner
+
+
+@lru_cache(maxsize=64)
+def _transfer_syntax(raw: bytes) -> Any:
+    """pydicom's conversion of a raw TransferSyntaxUID value (once per distinct value)."""
+    return convert_raw_data_element(RawDataElement(BaseTag(_TS_TAG), "UI", len(raw), raw, 0, False, True)).value
+
+
+def scan_part10_file(path: str | os.PathLike[str], wanted: Mapping[int, str], *,
+                     native: bool | None = None) -> Part10Header | None:
+    """:func:`scan_part10` of the file at ``path``: the same result, natively when the extension has the scanner.
+
+    ``native``: None uses the native scanner when available, False the Python one,
+    True requires the native one (ValueError without it). Raises OSError.
+    """
+    scanner = native_scanner(wanted) if native is not False else None
+    if scanner is None:
+        if native:
+            raise ValueError("the installed vna_native has no Part10Scanner")
+        with open(path, "rb", buffering=0) as fp:
+            return scan_part10(fp, os.fstat(fp.fileno()).st_size, wanted)
+    found = scanner.scan(os.fspath(path), list(PrivateTransferSyntaxes))
+    if found is None:
+        return None
+    _, ts_bytes, _, implicit, elements = found
+    ts = _transfer_syntax(ts_bytes)
+    kept: dict[int, RawDataElement] = {}
+    for tag, vr, length, value, vpos in elements:
+        raw = value if length else cast("bytes | None", empty_value_for_VR(vr, raw=True))
+        kept[tag] = RawDataElement(BaseTag(tag), vr, length, raw, vpos, implicit, True)
+    return Part10Header(ts, implicit, kept)

@@ -120,6 +120,7 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "unlimited": bytes([0]) + pdv(3, 1, store_rq()[:20]) + pdv(3, 3, store_rq()[20:]),
         },
         "file_meta": {"part10": part10()},
+        "part10": {"part10": part10()},
         "store_rsp": {
             "ok": bytes([200]) + pdu(4, pdv(3, 3, store_rsp())),
             "cancel": bytes([7]) + pdu(4, pdv(3, 3, cancel_rq())) + pdu(4, pdv(3, 1, store_rsp(9, 0xB000)[:30]))

@@ -13,6 +13,7 @@
 pub mod blob;
 pub mod dimse;
 pub mod negotiate;
+pub mod part10;
 pub mod pdu;
 pub mod scu;
 pub mod send;

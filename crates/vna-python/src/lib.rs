@@ -10,6 +10,7 @@ use std::time::Duration;
 
 mod blob;
 mod codec;
+mod part10;
 
 use pyo3::exceptions::{PyStopIteration, PyValueError};
 use pyo3::prelude::*;
@@ -625,6 +626,7 @@ fn vna_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(max_associate_rq, m)?)?;
     codec::register(m)?;
     blob::register(m)?;
+    part10::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
