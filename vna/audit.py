@@ -154,6 +154,14 @@ class AuditScope:
     details: dict[str, Any] = field(default_factory=dict)
     outcome: int | None = None      # None: 0 unless the block raised
 
+    def ended(self, exc: BaseException | None) -> int:
+        """The outcome of the block that ended with ``exc`` (None: it did not raise); its error is noted
+        in ``details``."""
+        if exc is None:
+            return self.outcome or 0
+        self.details.setdefault("error", "cancelled" if isinstance(exc, GeneratorExit) else str(exc)[:200])
+        return outcome_for(exc)
+
 
 #: json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str), built once
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -263,11 +271,9 @@ class _Operation:
 
     def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         scope = self.scope
-        if exc is not None:
-            scope.details.setdefault("error", "cancelled" if isinstance(exc, GeneratorExit) else str(exc)[:200])
+        outcome = scope.ended(exc)
         try:
-            self.audit.record(self.event, self.action, self.actor,
-                              outcome=(scope.outcome or 0) if exc is None else outcome_for(exc),
+            self.audit.record(self.event, self.action, self.actor, outcome=outcome,
                               event_type=self.event_type, patient_ids=scope.patient_ids,
                               study_uids=scope.study_uids, details=scope.details)
         except AuditUnavailable as aexc:

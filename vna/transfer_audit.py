@@ -74,7 +74,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator
 
-from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope, _now_iso, outcome_for
+from vna.audit import INSTANCES_TRANSFERRED, Actor, AuditLog, AuditScope, _now_iso
 from vna.errors import AuditUnavailable, ConfigError
 
 __all__ = ["TransferAudit", "AssociationAudit", "journal_dir"]
@@ -154,9 +154,7 @@ class _Instance:
 
     def __exit__(self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         scope = self.scope
-        if exc is not None:
-            scope.details.setdefault("error", "cancelled" if isinstance(exc, GeneratorExit) else str(exc)[:200])
-        outcome = (scope.outcome or 0) if exc is None else outcome_for(exc)
+        outcome = scope.ended(exc)
         try:
             self.assoc.add(scope, outcome)
         except AuditUnavailable as aexc:

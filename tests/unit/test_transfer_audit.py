@@ -42,11 +42,11 @@ def _crash(t: TransferAudit) -> None:
     _OWN.discard(t._path)   # the process is gone, and with it its list of own journals
 
 
-def _started(tmp_path: Path) -> tuple[Path, AuditLog, Path, TransferAudit]:
+def _started(tmp_path: Path, cfg: AuditConfig | None = None) -> tuple[Path, AuditLog, Path, TransferAudit]:
     """A started TransferAudit journaling in ``tmp_path/journal`` for an audit trail at ``tmp_path/audit.log``:
     (trail, audit log, journal directory, transfer audit)."""
     trail = tmp_path / "audit.log"
-    audit = AuditLog(AuditConfig(), trail)
+    audit = AuditLog(cfg or AuditConfig(), trail)
     jdir = tmp_path / "journal"
     t = TransferAudit(audit, jdir, 600)
     t.start()
@@ -102,18 +102,10 @@ def test_a_large_journal_is_rewritten_with_the_open_batches(tmp_path: Path) -> N
     audit.close()
 
 
-def _started(tmp_path: Path, cfg: AuditConfig | None = None) -> tuple[AuditLog, Path, TransferAudit]:
-    trail = tmp_path / "audit.log"
-    audit = AuditLog(cfg or AuditConfig(), trail)
-    t = TransferAudit(audit, tmp_path / "journal", 600)
-    t.start()
-    return audit, trail, t
-
-
 def test_an_instance_stored_after_its_association_closed_is_recorded(tmp_path: Path) -> None:
     """EVT_CONN_CLOSE (the connection's thread) closes the audit while a handler still stores: the late
     instance is journaled and recorded at once, not left in a batch nobody writes (then truncated away)."""
-    audit, trail, t = _started(tmp_path)
+    trail, audit, _jdir, t = _started(tmp_path)
     a = t.association(Actor("CT1", "ae", "10.0.0.1"))
     b = t.association(Actor("CT2", "ae", "10.0.0.2"))
     _store(b, "9.9", 0)
@@ -129,7 +121,7 @@ def test_an_instance_stored_after_its_association_closed_is_recorded(tmp_path: P
 
 def test_an_instance_stored_after_the_journal_closed_gets_its_own_record(tmp_path: Path) -> None:
     """A store that outlives the server's stop grace: its record is written directly."""
-    audit, trail, t = _started(tmp_path)
+    trail, audit, _jdir, t = _started(tmp_path)
     a = t.association(Actor("CT1", "ae", "10.0.0.1"))
     t.close()
     _store(a, "1.2.3", 0)
@@ -140,7 +132,7 @@ def test_an_instance_stored_after_the_journal_closed_gets_its_own_record(tmp_pat
 
 def test_a_failing_journal_falls_back_to_a_record_and_refuses_the_next_store(tmp_path: Path) -> None:
     """The journal's disk is full: the stored instance gets its own record; the next store is refused first."""
-    audit, trail, t = _started(tmp_path)
+    trail, audit, _jdir, t = _started(tmp_path)
     a = t.association(Actor("CT1", "ae", "10.0.0.1"))
     _store(a, "1.2.3", 0)
     assert t._fd is not None
@@ -161,7 +153,7 @@ def test_a_failing_journal_falls_back_to_a_record_and_refuses_the_next_store(tmp
 
 def test_a_recovery_stopped_halfway_does_not_write_its_records_again(tmp_path: Path) -> None:
     """The first recovery writes one batch and fails on the next: the next recovery writes only that one."""
-    audit, trail, t = _started(tmp_path)
+    trail, audit, _jdir, t = _started(tmp_path)
     for n, study in enumerate(("1.1", "2.2")):
         _store(t.association(Actor(f"CT{n}", "ae", "10.0.0.1")), study, 0)
     _crash(t)
@@ -177,7 +169,7 @@ def test_a_recovery_stopped_halfway_does_not_write_its_records_again(tmp_path: P
 
 def test_a_young_tmp_journal_is_not_swept(tmp_path: Path) -> None:
     """A .tmp between its creator's open and flock is left alone; an old unlocked one is removed."""
-    audit, _, t = _started(tmp_path)
+    _trail, audit, _jdir, t = _started(tmp_path)
     jdir = tmp_path / "journal"
     young, old = jdir / "1-young.tmp", jdir / "2-old.tmp"
     young.write_text("")
@@ -191,7 +183,7 @@ def test_a_young_tmp_journal_is_not_swept(tmp_path: Path) -> None:
 
 def test_a_live_journal_of_this_process_is_not_recovered(tmp_path: Path) -> None:
     """On NFS a second flock of the same process succeeds: the process's own journals are skipped."""
-    audit, trail, t = _started(tmp_path)
+    trail, audit, _jdir, t = _started(tmp_path)
     _store(t.association(Actor("CT1", "ae", "10.0.0.1")), "1.2.3", 0)
     assert t._fd is not None and t._path is not None
     fcntl.flock(t._fd, fcntl.LOCK_UN)   # as NFS sees a second lock of one process
