@@ -7,6 +7,9 @@ server is started once on fresh storage and loaded with ``storescu``; then every
 timed from the start of the client process until it exits. A retrieve is
 complete when the client exits 0 and the final response reports every instance
 completed and none failed; the exit code is 1 if any retrieve is incomplete.
+Then the latency of a C-ECHO (the floor) and of a STUDY-level C-FIND (``findscu``,
+every study, each answer checked) is timed the same way, ``4 x --repeat`` times
+per server, and printed with Orthanc/vna.
 
     .venv/bin/python -m benchmarks.retrieve [--ct 100] [--small 500] [--repeat 5] [--json out.json]
 """
@@ -41,7 +44,7 @@ NOTES = {
     "vna": "vna serve defaults (SQLite index, 2 fsynced hot replicas, audit on) + Prometheus telemetry, "
            "the native receiver",
     "vna-python": "the same with dicom.receiver = \"python\" (plain pynetdicom, the reference)",
-    "orthanc": "Orthanc 1.10 defaults, DicomAlwaysAllowGet/Move, the destination in DicomModalities",
+    "orthanc": "Orthanc 1.10 defaults, DicomAlwaysAllowGet/Move/Find, the destination in DicomModalities",
 }
 _COUNT = re.compile(r"(Remaining|Completed|Failed|Warning) Suboperations\s*:\s*(\d+)")
 _GET_STATUS = re.compile(r"Received C-GET Response \(([^)]*)\)")
@@ -115,7 +118,7 @@ def start_server(name: str, work: Path, args: argparse.Namespace) -> Receiver:
     base, dest = args.port_base, args.port_base + 3
     if name == "orthanc":
         return start_orthanc(work, base + 1, base + 2, args.start_timeout, extra={
-            "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
+            "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True, "DicomAlwaysAllowFind": True,
             "DicomModalities": {DEST_AET: [DEST_AET, HOST, dest]}})
     python = name == "vna-python"
     conf = work / "vna.toml"
@@ -175,6 +178,27 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def latency_cmds(srv: Receiver) -> dict[str, list[str]]:
+    """The latency probes of a server: C-ECHO (the floor: process start, association, release) and a STUDY-level
+    C-FIND of every study (``PatientID=*``, Study Root), each a DCMTK client process."""
+    peer = ["-aet", CLIENT_AET, "-aec", srv.aet, HOST, str(srv.port)]
+    return {"echo": ["echoscu", *peer],
+            "find": ["findscu", "-v", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=*", "-k", "StudyInstanceUID",
+                     *peer]}
+
+
+def latency_table(latency: dict[str, dict[str, float]]) -> str:
+    """Median milliseconds per probe and server, with Orthanc/vna for each (above 1: vna answers sooner)."""
+    lines = [f"{'server':10s} {'echo ms':>8s} {'find ms':>8s}  {'orthanc/vna echo':>16s} {'orthanc/vna find':>16s}"]
+    o = latency.get("orthanc")
+    for name, lat in latency.items():
+        ratios = ["", ""]
+        if name.startswith("vna") and o is not None:
+            ratios = [f"{o[k] / lat[k]:.2f}" for k in ("echo", "find")]
+        lines.append(f"{name:10s} {lat['echo']:8.1f} {lat['find']:8.1f}  {ratios[0]:>16s} {ratios[1]:>16s}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Start the servers, load the studies, time every retrieve, print the table."""
     args = parse_args(argv)
-    for tool in ("storescu", "getscu", "movescu", "storescp", "echoscu"):
+    for tool in ("storescu", "getscu", "movescu", "storescp", "echoscu", "findscu"):
         if not shutil.which(tool):
             print(f"missing tool: {tool} (apt-get install dcmtk)", file=sys.stderr)
             return 2
@@ -261,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(Result(name, c.name, op, n, secs, n / secs, c.nbytes / secs / 1e6,
                                           round(1e3 * statistics.median(cpus[name]) / n, 3), bad[name],
                                           [round(t, 4) for t in times[name]]))
+        probes: dict[str, dict[str, list[float]]] = {n: {"echo": [], "find": []} for n in args.servers}
+        for _ in range(args.repeat * 4):   # short probes: more samples, the servers interleaved
+            for name in args.servers:
+                for probe, cmd in latency_cmds(servers[name]).items():
+                    p0 = time.perf_counter()
+                    r = subprocess.run(cmd, capture_output=True, text=True, env=nodelay_env(), timeout=args.timeout)
+                    probes[name][probe].append(1e3 * (time.perf_counter() - p0))
+                    if r.returncode != 0 or (probe == "find" and "Find Response" not in r.stdout + r.stderr):
+                        raise RuntimeError(f"{name}: {probe} failed (exit {r.returncode}): {r.stderr[-300:]}")
+        latency = {n: {k: statistics.median(v) for k, v in p.items()} for n, p in probes.items()}
         total, load1 = time.monotonic() - t0, os.getloadavg()
     finally:
         for srv in servers.values():
@@ -272,12 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "results": [asdict(r) for r in results],
+            "latency_ms": latency,
             "settings": {"ct": args.ct, "small": args.small, "repeat": args.repeat, "ops": args.ops,
                          "vna_args": args.vna_args, "fs": fs, "cpus": os.cpu_count(),
                          "loadavg_before": load0, "loadavg_after": load1},
             "notes": NOTES,
         }, indent=2))
     print(table(results))
+    print()
+    print(latency_table(latency))
     print(f"\nclients: DCMTK getscu --ignore, movescu -> storescp --ignore, TCP_NODELAY=1, timed from process start "
           f"to exit; median of {args.repeat}, servers interleaved; storage fs: {fs}; cores: {os.cpu_count()}; "
           f"load average {load0[0]:.2f} before, {load1[0]:.2f} after; wall {total:.0f} s")

@@ -62,3 +62,11 @@ def test_arguments() -> None:
     for bad in (["--servers", "vna,pacs"], ["--ops", "find"], ["--repeat", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_latency_table_gives_orthanc_over_vna() -> None:
+    from benchmarks.retrieve import latency_table
+
+    out = latency_table({"vna": {"echo": 20.0, "find": 25.0}, "orthanc": {"echo": 30.0, "find": 50.0}})
+    vna_row = next(line for line in out.splitlines() if line.startswith("vna"))
+    assert vna_row.split()[-2:] == ["1.50", "2.00"]
