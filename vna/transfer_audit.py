@@ -586,16 +586,21 @@ def _read_all(fd: int) -> bytes:
         pos += len(chunk)
 
 
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """The JSON object on a journal or trail line; None for a torn, empty or non-object line."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _unfinished(data: bytes) -> Iterator[_Batch]:
     """The batches of a journal without their ``done`` line, in journal order (a torn last line is ignored)."""
     batches: dict[int, _Batch] = {}
     done: set[int] = set()
     for raw in data.split(b"\n"):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            continue
-        if not isinstance(obj, dict):
+        if (obj := _json_object(raw)) is None:
             continue
         if "done" in obj:
             done.update(int(b) for b in obj["done"])
@@ -652,11 +657,7 @@ def _tail_since(trail: Path, since: str) -> Iterator[dict[str, Any]]:
             lines = (fh.read(step) + rest).split(b"\n")
             rest = lines[0] if pos > 0 else b""
             for raw in reversed(lines[1:] if pos > 0 else lines):
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    continue
-                if not isinstance(rec, dict):
+                if (rec := _json_object(raw)) is None:
                     continue
                 if str(rec.get("ts", ""))[:19] < _seconds_before(since):
                     return
